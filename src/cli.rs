@@ -1,0 +1,359 @@
+//! Command-line arguments, hand-rolled: `--help` text and validation whose
+//! messages say what to type instead.
+
+use std::path::PathBuf;
+
+use crate::store::check_size;
+
+pub const HELP: &str = "\
+nbd-vram: idle NVIDIA GPU memory as a Linux swap tier, through /dev/nbdN
+
+USAGE
+  nbd-vram [OPTIONS]                 allocate VRAM, attach /dev/nbdN, swapon, serve
+  nbd-vram serve --listen ADDR [OPTIONS]
+                                     serve the store to NBD clients (no kernel, no swap)
+  nbd-vram gpus [--libcuda PATH]     list GPUs with total and free memory
+  nbd-vram stop DEVICE               swapoff and detach DEVICE served by a running daemon
+  nbd-vram status [--json]           show running instances
+  nbd-vram bench --connect ADDR [--seconds N]
+                                     measure an NBD server the way the kernel drives it
+
+STORE OPTIONS
+  --size SIZE        store size; plain numbers are MiB, or give a K, M, G or T
+                     suffix; a positive multiple of 4 KiB (default 1024)
+  --store KIND       vram (default) or host (ordinary RAM; for tests)
+  --gpu N            CUDA device index (default 0)
+  --step SIZE        when SIZE cannot be allocated, retry this much smaller
+                     (default 512)
+  --min-size SIZE    give up below this (default 512)
+  --libcuda PATH     the CUDA driver library (default: libcuda.so.1, then
+                     libcuda.so; also the NBD_VRAM_LIBCUDA variable)
+
+SWAP DAEMON OPTIONS
+  --device DEV       /dev/nbdN, or auto for the first free one (default auto)
+  --priority N       swap priority, 0..32767 (default 100: before disks)
+  --discard          let swap discard freed pages (SWAP_FLAG_DISCARD)
+  --timeout S        kernel request timeout in seconds; 0 (default) waits for
+                     ever, as failing a swap request kills its process
+  --no-swap          only export the block device, without swapon
+
+SERVE OPTIONS
+  --listen ADDR      unix:PATH (created mode 0600) or tcp:HOST:PORT
+
+BENCH OPTIONS
+  --connect ADDR     unix:PATH or tcp:HOST:PORT of a running NBD server
+  --seconds N        time per pattern (default 3)
+
+GENERAL
+  -q, --quiet        only errors
+  -v, --verbose      also debug messages
+  -h, --help         this text
+  -V, --version      the version
+
+EXIT CODES
+  0  success           1  other failure       2  bad arguments
+  3  CUDA unavailable (no driver, version mismatch, no such GPU)
+  4  not enough free VRAM for --min-size
+  5  nbd unavailable (module not loaded, no /dev/nbdN)
+  6  device busy (in use by another server or already swap)
+  7  permission denied (run as root, or with CAP_SYS_ADMIN)
+  8  swap failure (swapon or swapoff refused)
+";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    Host,
+    Vram,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreOpts {
+    pub kind: StoreKind,
+    pub size: u64,
+    pub gpu: u32,
+    pub step: u64,
+    pub min_size: u64,
+    pub libcuda: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Addr {
+    Unix(PathBuf),
+    Tcp(String),
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct SwapOpts {
+    pub store: StoreOpts,
+    /// `None` picks the first free /dev/nbdN.
+    pub device: Option<PathBuf>,
+    pub priority: i32,
+    pub discard: bool,
+    pub timeout: u32,
+    pub swap: bool,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Command {
+    Swap(SwapOpts),
+    Serve { store: StoreOpts, listen: Addr },
+    Gpus { libcuda: Option<PathBuf> },
+    Stop { device: PathBuf },
+    Status { json: bool },
+    Bench { connect: Addr, seconds: u32 },
+    Help,
+    Version,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct Parsed {
+    pub command: Command,
+    pub log_level: u8,
+}
+
+const MIB: u64 = 1 << 20;
+
+/// Parses `args` (without the program name).
+pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed, String> {
+    let mut args = args.into_iter().peekable();
+    let sub = match args.peek().map(String::as_str) {
+        Some(s @ ("serve" | "gpus" | "stop" | "status" | "bench")) => {
+            let s = s.to_string();
+            args.next();
+            s
+        }
+        _ => String::new(),
+    };
+    let mut store = StoreOpts {
+        kind: StoreKind::Vram,
+        size: 1024 * MIB,
+        gpu: 0,
+        step: 512 * MIB,
+        min_size: 512 * MIB,
+        libcuda: None,
+    };
+    let mut swap = SwapOpts { store: store.clone(), device: None, priority: 100, discard: false, timeout: 0, swap: true };
+    let (mut listen, mut connect, mut positional) = (None, None, None);
+    let (mut json, mut seconds, mut log_level) = (false, 3, crate::log::INFO);
+
+    while let Some(arg) = args.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
+            _ => (arg.clone(), None),
+        };
+        let mut value = |name: &str| -> Result<String, String> {
+            inline.clone().or_else(|| args.next()).ok_or(format!("{name} needs a value (see nbd-vram --help)"))
+        };
+        // Which modes take the flag: s store, d swap daemon, g gpus,
+        // l serve, b bench, t status.
+        let group = match flag.as_str() {
+            "-h" | "--help" => return Ok(Parsed { command: Command::Help, log_level }),
+            "-V" | "--version" => return Ok(Parsed { command: Command::Version, log_level }),
+            "-q" | "--quiet" => {
+                log_level = crate::log::ERR;
+                ""
+            }
+            "-v" | "--verbose" => {
+                log_level = crate::log::DEBUG;
+                ""
+            }
+            "--size" => {
+                store.size = size(&flag, &value(&flag)?)?;
+                "sv"
+            }
+            "--store" => {
+                store.kind = match value(&flag)?.as_str() {
+                    "vram" => StoreKind::Vram,
+                    "host" => StoreKind::Host,
+                    other => return Err(format!("--store {other}: expected vram or host")),
+                };
+                "sv"
+            }
+            "--gpu" => {
+                store.gpu = number(&flag, &value(&flag)?, 0, u32::MAX)?;
+                "sv"
+            }
+            "--step" => {
+                store.step = size(&flag, &value(&flag)?)?;
+                "sv"
+            }
+            "--min-size" => {
+                store.min_size = size(&flag, &value(&flag)?)?;
+                "sv"
+            }
+            "--libcuda" => {
+                store.libcuda = Some(PathBuf::from(value(&flag)?));
+                "svg"
+            }
+            "--device" => {
+                let v = value(&flag)?;
+                swap.device = if v == "auto" { None } else { Some(PathBuf::from(v)) };
+                "d"
+            }
+            "--priority" => {
+                swap.priority = number(&flag, &value(&flag)?, 0, 32767)?;
+                "d"
+            }
+            "--timeout" => {
+                swap.timeout = number(&flag, &value(&flag)?, 0, 86400)?;
+                "d"
+            }
+            "--discard" => {
+                swap.discard = true;
+                "d"
+            }
+            "--no-swap" => {
+                swap.swap = false;
+                "d"
+            }
+            "--listen" => {
+                listen = Some(addr(&value(&flag)?)?);
+                "l"
+            }
+            "--connect" => {
+                connect = Some(addr(&value(&flag)?)?);
+                "b"
+            }
+            "--seconds" => {
+                seconds = number(&flag, &value(&flag)?, 1, 3600)?;
+                "b"
+            }
+            "--json" => {
+                json = true;
+                "t"
+            }
+            _ if !arg.starts_with('-') && sub == "stop" && positional.is_none() => {
+                positional = Some(PathBuf::from(&arg));
+                ""
+            }
+            _ => return Err(format!("unknown argument '{arg}' (see nbd-vram --help)")),
+        };
+        let fits = match sub.as_str() {
+            "" => group.contains('s') || group.contains('d'),
+            "serve" => group.contains('s') || group == "l",
+            "gpus" => group.contains('g'),
+            "status" => group == "t",
+            "bench" => group == "b",
+            _ => false,
+        };
+        if !group.is_empty() && !fits {
+            let mode = if sub.is_empty() { "the swap daemon" } else { sub.as_str() };
+            return Err(format!("{flag} does not apply to {mode} (see nbd-vram --help)"));
+        }
+    }
+    if store.min_size > store.size {
+        store.min_size = store.size;
+    }
+    let command = match sub.as_str() {
+        "" => Command::Swap(SwapOpts { store, ..swap }),
+        "serve" => {
+            let listen = listen.ok_or("serve needs --listen unix:PATH or --listen tcp:HOST:PORT")?;
+            Command::Serve { store, listen }
+        }
+        "gpus" => Command::Gpus { libcuda: store.libcuda },
+        "stop" => Command::Stop { device: positional.ok_or("stop needs a device, e.g. nbd-vram stop /dev/nbd0")? },
+        "status" => Command::Status { json },
+        _ => {
+            let connect = connect.ok_or("bench needs --connect unix:PATH or --connect tcp:HOST:PORT")?;
+            Command::Bench { connect, seconds }
+        }
+    };
+    Ok(Parsed { command, log_level })
+}
+
+/// A size: plain numbers are MiB; K, M, G, T suffixes (binary) are allowed.
+fn size(flag: &str, v: &str) -> Result<u64, String> {
+    let digits = v.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    let unit = match v[digits.len()..].to_ascii_uppercase().as_str() {
+        "" | "M" | "MB" | "MIB" => MIB,
+        "K" | "KB" | "KIB" => 1 << 10,
+        "G" | "GB" | "GIB" => 1 << 30,
+        "T" | "TB" | "TIB" => 1 << 40,
+        _ => return Err(format!("{flag} {v}: unknown unit (use K, M, G or T; plain numbers are MiB)")),
+    };
+    let n: u64 = digits.parse().map_err(|_| format!("{flag} {v}: not a size (e.g. 7168 for 7168 MiB, or 7G)"))?;
+    let bytes = n.checked_mul(unit).ok_or(format!("{flag} {v}: too large"))?;
+    check_size(bytes).map_err(|e| format!("{flag} {v}: {e}"))
+}
+
+fn number<T: TryFrom<i64> + std::fmt::Display + Copy>(flag: &str, v: &str, lo: T, hi: T) -> Result<T, String>
+where
+    i64: From<T>,
+{
+    let range = || format!("{flag} {v}: expected a whole number from {lo} to {hi}");
+    let n: i64 = v.parse().map_err(|_| range())?;
+    if n < i64::from(lo) || n > i64::from(hi) {
+        return Err(range());
+    }
+    T::try_from(n).map_err(|_| range())
+}
+
+fn addr(v: &str) -> Result<Addr, String> {
+    match v.split_once(':') {
+        Some(("unix", path)) if !path.is_empty() => Ok(Addr::Unix(PathBuf::from(path))),
+        Some(("tcp", hostport)) if hostport.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()) => {
+            Ok(Addr::Tcp(hostport.to_string()))
+        }
+        _ => Err(format!("address '{v}': expected unix:PATH or tcp:HOST:PORT")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> Result<Command, String> {
+        parse(s.split_whitespace().map(String::from)).map(|p| p.command)
+    }
+
+    #[test]
+    fn product_line_parses() {
+        let Command::Swap(o) = p("--size 7168 --device /dev/nbd0 --priority 100").unwrap() else { panic!() };
+        assert_eq!(o.store.size, 7168 * MIB);
+        assert_eq!(o.device, Some(PathBuf::from("/dev/nbd0")));
+        assert_eq!(o.priority, 100);
+        assert_eq!(o.store.kind, StoreKind::Vram);
+        assert!(o.swap);
+    }
+
+    #[test]
+    fn serve_with_units_and_equals() {
+        let c = p("serve --listen=unix:/tmp/s --store host --size 64K").unwrap();
+        let Command::Serve { store, listen } = c else { panic!() };
+        assert_eq!(store.size, 64 << 10);
+        assert_eq!(store.kind, StoreKind::Host);
+        assert_eq!(listen, Addr::Unix("/tmp/s".into()));
+        assert!(matches!(p("serve --listen tcp:127.0.0.1:10809").unwrap(), Command::Serve { .. }));
+    }
+
+    #[test]
+    fn bad_input_says_what_is_wrong() {
+        assert!(p("--size 6K").unwrap_err().contains("multiple of 4 KiB"));
+        assert!(p("--size 0").unwrap_err().contains("positive"));
+        assert!(p("--size abc").unwrap_err().contains("not a size"));
+        assert!(p("--size 5X").unwrap_err().contains("unknown unit"));
+        assert!(p("--size 99999999999T").unwrap_err().contains("too large"));
+        assert!(p("--priority 40000").unwrap_err().contains("0 to 32767"));
+        assert!(p("--bogus").unwrap_err().contains("unknown argument"));
+        assert!(p("--size").unwrap_err().contains("needs a value"));
+        assert!(p("serve --size 4").unwrap_err().contains("--listen"));
+        assert!(p("serve --listen foo").unwrap_err().contains("unix:PATH"));
+        assert!(p("serve --listen unix:/x --priority 3").unwrap_err().contains("does not apply to serve"));
+        assert!(p("stop").unwrap_err().contains("needs a device"));
+    }
+
+    #[test]
+    fn subcommands() {
+        assert_eq!(p("stop /dev/nbd3").unwrap(), Command::Stop { device: "/dev/nbd3".into() });
+        assert_eq!(p("status --json").unwrap(), Command::Status { json: true });
+        assert_eq!(p("gpus").unwrap(), Command::Gpus { libcuda: None });
+        assert_eq!(p("-h").unwrap(), Command::Help);
+        assert!(matches!(p("bench --connect unix:/s --seconds 2").unwrap(), Command::Bench { seconds: 2, .. }));
+    }
+
+    #[test]
+    fn min_size_never_exceeds_size() {
+        let Command::Swap(o) = p("--size 256").unwrap() else { panic!() };
+        assert_eq!(o.store.min_size, 256 * MIB);
+    }
+}

@@ -1,0 +1,5 @@
+//! The NBD protocol: wire format, the transmission loop, and the kernel side.
+
+pub mod bindings;
+pub mod proto;
+pub mod serve;

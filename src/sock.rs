@@ -1,0 +1,25 @@
+//! The few socket calls std lacks, behind safe signatures.
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+/// Reads what is already queued on a socket, without blocking: `Ok(None)`
+/// when nothing is, `Ok(Some(0))` at end of stream.
+pub fn recv_nowait(fd: BorrowedFd, buf: &mut [u8]) -> io::Result<Option<usize>> {
+    loop {
+        // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the
+        // whole call, and `fd` is a live descriptor borrowed for it.
+        let n = unsafe {
+            libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT)
+        };
+        if n >= 0 {
+            return Ok(Some(n as usize));
+        }
+        let err = io::Error::last_os_error();
+        match err.kind() {
+            io::ErrorKind::WouldBlock => return Ok(None),
+            io::ErrorKind::Interrupted => continue,
+            _ => return Err(err),
+        }
+    }
+}

@@ -1,0 +1,47 @@
+//! The block store behind an export: a fixed number of bytes, addressed by
+//! byte offset. The protocol never knows what holds them (host RAM, VRAM).
+
+mod host;
+
+use std::io;
+use std::ops::DerefMut;
+
+pub use host::HostStore;
+
+/// A fixed-size byte store. Callers check ranges against `size()` first.
+///
+/// Operations may be queued and finish only at the next `sync`, which is
+/// how a GPU store batches its copies: the caller must neither read a
+/// buffer given to `read` nor change one given to `write` before `sync`
+/// returns. Errors are plain errnos so that reporting them never allocates.
+pub trait Store {
+    /// Staging memory the store copies from and to fastest (pinned for a GPU).
+    type Buf: DerefMut<Target = [u8]>;
+
+    fn size(&self) -> u64;
+    /// Allocates `len` bytes of staging memory, once, before serving.
+    fn staging(&mut self, len: usize) -> io::Result<Self::Buf>;
+    fn read(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    fn write(&mut self, offset: u64, buf: &[u8]) -> io::Result<()>;
+    fn zero(&mut self, offset: u64, len: u64) -> io::Result<()>;
+    /// A discarded range reads back as zeroes: swap may trim, and a store
+    /// that returned stale bytes there would leak one tenant's pages.
+    fn trim(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        self.zero(offset, len)
+    }
+    /// Waits for every queued operation; an error fails the whole batch.
+    fn sync(&mut self) -> io::Result<()>;
+    /// Memory is volatile either way: a flush only has to order writes.
+    fn flush(&mut self) -> io::Result<()> {
+        self.sync()
+    }
+}
+
+/// Validates a store size given in bytes: positive and 4 KiB aligned, as
+/// swap and the kernel's 4 KiB NBD block size require.
+pub fn check_size(bytes: u64) -> Result<u64, String> {
+    if bytes == 0 || bytes % 4096 != 0 {
+        return Err(format!("size {bytes} bytes is not a positive multiple of 4 KiB"));
+    }
+    Ok(bytes)
+}
