@@ -14,6 +14,8 @@ fn main() {
         .allowlist_var("NBD_.*")
         .allowlist_type("nbd_vram_.*")
         .allowlist_item("NBD_.*")
+        .allowlist_var("SWAP_FLAG_.*")
+        .allowlist_var("PR_SET_IO_FLUSHER")
         .prepend_enum_name(false)
         .generate()
         .expect("bindgen could not read wrapper.h: install linux-libc-dev and libclang-dev")

@@ -30,3 +30,7 @@ enum nbd_vram_write_zeroes { NBD_VRAM_CMD_WRITE_ZEROES = NBD_CMD_WRITE_ZEROES };
 #define NBD_FLAG_SEND_WRITE_ZEROES (1 << 6)
 enum nbd_vram_write_zeroes { NBD_VRAM_CMD_WRITE_ZEROES = 6 };
 #endif
+
+/* Also used by the swap daemon, and not in the libc crate for glibc targets. */
+#include <sys/swap.h>    /* SWAP_FLAG_PREFER, SWAP_FLAG_DISCARD, SWAP_FLAG_PRIO_MASK */
+#include <linux/prctl.h> /* PR_SET_IO_FLUSHER (Linux 5.6) */

@@ -11,10 +11,18 @@ use crate::fail::{Code, Failure};
 use crate::nbd::proto::{self, Export, Negotiated};
 use crate::nbd::serve::{self, Buffers};
 use crate::stats::Stats;
-use crate::store::Store;
+use crate::store::{Store, UseStore};
 use crate::{info, warn};
 
-pub fn serve<S: Store>(store: &mut S, addr: &Addr) -> Result<(), Failure> {
+pub struct Serve<'a>(pub &'a Addr);
+
+impl UseStore for Serve<'_> {
+    fn run<S: Store>(self, store: &mut S) -> Result<(), Failure> {
+        serve(store, self.0)
+    }
+}
+
+fn serve<S: Store>(store: &mut S, addr: &Addr) -> Result<(), Failure> {
     let export = Export::new(store.size());
     let mut bufs = Buffers::new(store).map_err(|e| Failure::os("allocating staging buffers", e))?;
     let stats = Stats::default();
@@ -67,7 +75,10 @@ where
 fn accept_failed(e: io::Error) -> Result<(), Failure> {
     match e.kind() {
         ErrorKind::Interrupted | ErrorKind::ConnectionAborted => Ok(()),
-        _ if e.raw_os_error() == Some(libc::EMFILE) => Ok(warn!("accept: {e}")),
+        _ if e.raw_os_error() == Some(libc::EMFILE) => {
+            warn!("accept: {e}");
+            Ok(())
+        }
         _ => Err(Failure::os("accept", e)),
     }
 }

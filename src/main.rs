@@ -1,19 +1,26 @@
 //! nbd-vram: parse, dispatch, map errors to exit codes. Nothing else.
 
 mod cli;
+mod cuda;
+mod daemon;
 mod fail;
+mod gpu;
 mod listen;
 mod log;
 mod nbd;
+mod notify;
+mod pressure;
+mod signals;
 mod sock;
 mod stats;
+mod stop;
 mod store;
+mod swap;
 
 use std::process::ExitCode;
 
-use cli::{Command, StoreKind, StoreOpts};
+use cli::Command;
 use fail::{Code, Failure};
-use store::HostStore;
 
 fn main() -> ExitCode {
     let parsed = match cli::parse(std::env::args().skip(1)) {
@@ -37,15 +44,11 @@ fn run(command: Command) -> Result<(), Failure> {
     match command {
         Command::Help => print!("{}", cli::HELP),
         Command::Version => println!("nbd-vram {}", env!("CARGO_PKG_VERSION")),
-        Command::Serve { store, listen } => match store.kind {
-            StoreKind::Host => listen::serve(&mut host_store(&store)?, &listen)?,
-            StoreKind::Vram => return Err(Failure::new(Code::Cuda, "the VRAM store is not built yet: use --store host")),
-        },
+        Command::Serve { store, listen } => store::with_store(&store, listen::Serve(&listen))?,
+        Command::Swap(opts) => store::with_store(&opts.store, daemon::Daemon(&opts))?,
+        Command::Gpus { libcuda } => gpu::list(libcuda.as_deref())?,
+        Command::Stop { device } => stop::stop(&device)?,
         _ => return Err(Failure::new(Code::Other, "not implemented yet")),
     }
     Ok(())
-}
-
-fn host_store(opts: &StoreOpts) -> Result<HostStore, Failure> {
-    HostStore::new(opts.size).map_err(|e| Failure::os(format!("allocating {} MiB of RAM", opts.size >> 20), e))
 }

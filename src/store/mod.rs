@@ -2,11 +2,17 @@
 //! byte offset. The protocol never knows what holds them (host RAM, VRAM).
 
 mod host;
+mod vram;
 
 use std::io;
 use std::ops::DerefMut;
 
+use crate::cli::{StoreKind, StoreOpts};
+use crate::fail::Failure;
+use crate::gpu;
+
 pub use host::HostStore;
+pub use vram::{AllocError, VramStore};
 
 /// A fixed-size byte store. Callers check ranges against `size()` first.
 ///
@@ -34,6 +40,30 @@ pub trait Store {
     /// Memory is volatile either way: a flush only has to order writes.
     fn flush(&mut self) -> io::Result<()> {
         self.sync()
+    }
+}
+
+/// What runs on a store, whichever kind the user picked; generic, so the
+/// data path is compiled for each store with no dynamic dispatch.
+pub trait UseStore {
+    fn run<S: Store>(self, store: &mut S) -> Result<(), Failure>;
+}
+
+/// Builds the store `opts` describe and hands it to `user`. A VRAM store
+/// borrows its CUDA context, which lives exactly as long as this call.
+pub fn with_store<U: UseStore>(opts: &StoreOpts, user: U) -> Result<(), Failure> {
+    match opts.kind {
+        StoreKind::Host => {
+            let mut store = HostStore::new(opts.size)
+                .map_err(|e| Failure::os(format!("allocating {} MiB of RAM", opts.size >> 20), e))?;
+            user.run(&mut store)
+        }
+        StoreKind::Vram => {
+            let cuda = gpu::init(opts.libcuda.as_deref())?;
+            let ctx = gpu::open(&cuda, opts.gpu)?;
+            let mut store = gpu::allocate(&ctx, opts)?;
+            user.run(&mut store)
+        }
     }
 }
 

@@ -1,0 +1,320 @@
+//! Safe owners over the CUDA driver API: every handle is freed by `Drop`,
+//! every `CUresult` becomes an `Error` naming the call and CUDA's own words.
+
+mod sys;
+
+use std::ffi::{c_char, c_void, CStr};
+use std::fmt;
+use std::ops::{Deref, DerefMut};
+
+use sys::{Api, CUcontext, CUdevice, CUdeviceptr, CUresult, CUstream};
+
+pub use sys::{LoadError, CUDA_ERROR_NO_DEVICE, CUDA_ERROR_OUT_OF_MEMORY};
+pub use sys::{CUDA_ERROR_COMPAT_NOT_SUPPORTED_ON_DEVICE, CUDA_ERROR_SYSTEM_DRIVER_MISMATCH};
+
+/// A failed driver call. Copy and allocation-free, so that the serve loop
+/// can report one under memory pressure.
+#[derive(Clone, Copy, Debug)]
+pub struct Error {
+    pub call: &'static str,
+    pub code: CUresult,
+    name: &'static str,
+    text: &'static str,
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "{}: {} ({})", self.call, self.name, self.text)
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// The loaded driver. Cheap to copy: the table lives for the process.
+#[derive(Clone, Copy)]
+pub struct Cuda {
+    api: &'static Api,
+}
+
+/// The library names tried when no path is given, most specific first.
+pub const DEFAULT_LIBS: [&str; 2] = ["libcuda.so.1", "libcuda.so"];
+
+impl Cuda {
+    /// Loads libcuda (`path`, else `DEFAULT_LIBS`) and runs `cuInit`.
+    pub fn init(path: Option<&str>) -> Result<Cuda, InitError> {
+        let tried: Vec<&str> = path.map_or(DEFAULT_LIBS.to_vec(), |p| vec![p]);
+        let api = sys::load(&tried).map_err(|e| InitError::Load(tried.join(", then "), e))?;
+        let cuda = Cuda { api };
+        // SAFETY: cuInit takes flags by value; 0 is the only valid value.
+        cuda.check("cuInit", unsafe { (api.cuInit)(0) }).map_err(InitError::Init)?;
+        Ok(cuda)
+    }
+
+    fn check(&self, call: &'static str, code: CUresult) -> Result<(), Error> {
+        if code == sys::CUDA_SUCCESS {
+            return Ok(());
+        }
+        let (mut name, mut text): (*const c_char, *const c_char) = (std::ptr::null(), std::ptr::null());
+        // SAFETY: both calls write a pointer to a static string (or fail and
+        // leave the null we passed); the library is never unloaded.
+        let (name, text) = unsafe {
+            (self.api.cuGetErrorName)(code, &mut name);
+            (self.api.cuGetErrorString)(code, &mut text);
+            (static_str(name), static_str(text))
+        };
+        Err(Error { call, code, name: name.unwrap_or("CUDA_ERROR_UNKNOWN"), text: text.unwrap_or("unknown error") })
+    }
+
+    pub fn driver_version(&self) -> Result<i32, Error> {
+        let mut v = 0;
+        // SAFETY: writes one int to a live local.
+        self.check("cuDriverGetVersion", unsafe { (self.api.cuDriverGetVersion)(&mut v) })?;
+        Ok(v)
+    }
+
+    pub fn device_count(&self) -> Result<usize, Error> {
+        let mut n = 0;
+        // SAFETY: writes one int to a live local.
+        self.check("cuDeviceGetCount", unsafe { (self.api.cuDeviceGetCount)(&mut n) })?;
+        Ok(n.max(0) as usize)
+    }
+
+    pub fn device(&self, ordinal: u32) -> Result<Device, Error> {
+        let mut handle = 0;
+        let ordinal_c = i32::try_from(ordinal).unwrap_or(i32::MAX);
+        // SAFETY: writes one CUdevice to a live local.
+        self.check("cuDeviceGet", unsafe { (self.api.cuDeviceGet)(&mut handle, ordinal_c) })?;
+        Ok(Device { cuda: *self, handle })
+    }
+}
+
+/// Why CUDA could not start, kept apart so that the message can say what
+/// to do about each cause.
+#[derive(Debug)]
+pub enum InitError {
+    Load(String, LoadError),
+    Init(Error),
+}
+
+/// # Safety
+/// `p` is null or points to a NUL-terminated string that lives as long as
+/// the process.
+unsafe fn static_str(p: *const c_char) -> Option<&'static str> {
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: non-null, and static by the caller's promise.
+    unsafe { CStr::from_ptr(p) }.to_str().ok()
+}
+
+#[derive(Clone, Copy)]
+pub struct Device {
+    cuda: Cuda,
+    handle: CUdevice,
+}
+
+impl Device {
+    pub fn name(&self) -> Result<String, Error> {
+        let mut buf = [0 as c_char; 256];
+        // SAFETY: the driver writes at most `len` bytes, NUL included.
+        let r = unsafe { (self.cuda.api.cuDeviceGetName)(buf.as_mut_ptr(), buf.len() as i32, self.handle) };
+        self.cuda.check("cuDeviceGetName", r)?;
+        // SAFETY: the driver NUL-terminated it within the buffer.
+        Ok(unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned())
+    }
+
+    pub fn total_mem(&self) -> Result<u64, Error> {
+        let mut n = 0usize;
+        // SAFETY: writes one size_t to a live local.
+        self.cuda.check("cuDeviceTotalMem_v2", unsafe { (self.cuda.api.cuDeviceTotalMem_v2)(&mut n, self.handle) })?;
+        Ok(n as u64)
+    }
+
+    /// Retains the device's primary context (the one the runtime API
+    /// shares) and makes it current on this thread.
+    pub fn context(&self) -> Result<Context, Error> {
+        let mut ctx: CUcontext = std::ptr::null_mut();
+        // SAFETY: writes one context handle to a live local.
+        let r = unsafe { (self.cuda.api.cuDevicePrimaryCtxRetain)(&mut ctx, self.handle) };
+        self.cuda.check("cuDevicePrimaryCtxRetain", r)?;
+        let context = Context { cuda: self.cuda, device: self.handle, ctx };
+        context.make_current()?;
+        Ok(context)
+    }
+}
+
+/// A retained primary context. Every allocation, copy and stream below
+/// borrows it, so none outlives it; CUDA calls need it current on the
+/// calling thread, which `make_current` does.
+pub struct Context {
+    cuda: Cuda,
+    device: CUdevice,
+    ctx: CUcontext,
+}
+
+impl Context {
+    pub fn make_current(&self) -> Result<(), Error> {
+        // SAFETY: `ctx` is a live retained context.
+        self.cuda.check("cuCtxSetCurrent", unsafe { (self.cuda.api.cuCtxSetCurrent)(self.ctx) })
+    }
+
+    /// (free, total) bytes of device memory.
+    pub fn mem_info(&self) -> Result<(u64, u64), Error> {
+        let (mut free, mut total) = (0usize, 0usize);
+        // SAFETY: writes two size_t to live locals.
+        let r = unsafe { (self.cuda.api.cuMemGetInfo_v2)(&mut free, &mut total) };
+        self.cuda.check("cuMemGetInfo_v2", r)?;
+        Ok((free as u64, total as u64))
+    }
+
+    pub fn alloc(&self, len: u64) -> Result<DeviceMem<'_>, Error> {
+        let mut ptr: CUdeviceptr = 0;
+        let len = usize::try_from(len).unwrap_or(usize::MAX);
+        // SAFETY: writes one device pointer to a live local.
+        self.cuda.check("cuMemAlloc_v2", unsafe { (self.cuda.api.cuMemAlloc_v2)(&mut ptr, len) })?;
+        Ok(DeviceMem { ctx: self, ptr, len: len as u64 })
+    }
+
+    /// Page-locked host memory, which async copies need to be async.
+    pub fn pinned(&self, len: usize) -> Result<Pinned<'_>, Error> {
+        let mut ptr: *mut c_void = std::ptr::null_mut();
+        // SAFETY: writes one host pointer to a live local; flags 0 = plain.
+        self.cuda.check("cuMemHostAlloc", unsafe { (self.cuda.api.cuMemHostAlloc)(&mut ptr, len, 0) })?;
+        Ok(Pinned { ctx: self, ptr: ptr.cast(), len })
+    }
+
+    pub fn stream(&self) -> Result<Stream<'_>, Error> {
+        let mut stream: CUstream = std::ptr::null_mut();
+        // SAFETY: writes one stream handle to a live local; flags 0 = default.
+        self.cuda.check("cuStreamCreate", unsafe { (self.cuda.api.cuStreamCreate)(&mut stream, 0) })?;
+        Ok(Stream { ctx: self, stream })
+    }
+}
+
+impl Drop for Context {
+    fn drop(&mut self) {
+        // SAFETY: releases the reference `Device::context` retained.
+        let r = unsafe { (self.cuda.api.cuDevicePrimaryCtxRelease_v2)(self.device) };
+        if let Err(e) = self.cuda.check("cuDevicePrimaryCtxRelease_v2", r) {
+            crate::warn!("{e}");
+        }
+    }
+}
+
+/// One device allocation, freed on drop.
+pub struct DeviceMem<'c> {
+    ctx: &'c Context,
+    ptr: CUdeviceptr,
+    len: u64,
+}
+
+impl DeviceMem<'_> {
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    fn at(&self, offset: u64, len: usize) -> CUdeviceptr {
+        debug_assert!(offset + len as u64 <= self.len, "callers split I/O at chunk bounds");
+        self.ptr + offset
+    }
+}
+
+impl Drop for DeviceMem<'_> {
+    fn drop(&mut self) {
+        // SAFETY: `ptr` came from cuMemAlloc_v2 and is freed only here.
+        let r = unsafe { (self.ctx.cuda.api.cuMemFree_v2)(self.ptr) };
+        if let Err(e) = self.ctx.cuda.check("cuMemFree_v2", r) {
+            crate::error!("{e}");
+        }
+    }
+}
+
+/// Pinned host memory, freed on drop.
+pub struct Pinned<'c> {
+    ctx: &'c Context,
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl Deref for Pinned<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: `ptr` points to `len` bytes that `self` owns.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+impl DerefMut for Pinned<'_> {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and `&mut self` makes the access unique.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl Drop for Pinned<'_> {
+    fn drop(&mut self) {
+        // SAFETY: `ptr` came from cuMemHostAlloc and is freed only here.
+        let r = unsafe { (self.ctx.cuda.api.cuMemFreeHost)(self.ptr.cast()) };
+        if let Err(e) = self.ctx.cuda.check("cuMemFreeHost", r) {
+            crate::error!("{e}");
+        }
+    }
+}
+
+/// A stream: copies queued on it run in order; `sync` waits for them.
+pub struct Stream<'c> {
+    ctx: &'c Context,
+    stream: CUstream,
+}
+
+impl Stream<'_> {
+    fn api(&self) -> &'static Api {
+        self.ctx.cuda.api
+    }
+
+    /// Queues device → host. The caller keeps `dst` untouched until `sync`.
+    pub fn read(&self, src: &DeviceMem, offset: u64, dst: &mut [u8]) -> Result<(), Error> {
+        let from = src.at(offset, dst.len());
+        // SAFETY: `dst` is valid for `dst.len()` bytes and, by the caller's
+        // promise, stays so until `sync`; the device range is inside `src`.
+        let r = unsafe { (self.api().cuMemcpyDtoHAsync_v2)(dst.as_mut_ptr().cast(), from, dst.len(), self.stream) };
+        self.ctx.cuda.check("cuMemcpyDtoHAsync_v2", r)
+    }
+
+    /// Queues host → device. The caller keeps `src` unchanged until `sync`.
+    pub fn write(&self, dst: &DeviceMem, offset: u64, src: &[u8]) -> Result<(), Error> {
+        let to = dst.at(offset, src.len());
+        // SAFETY: as in `read`, with the roles swapped.
+        let r = unsafe { (self.api().cuMemcpyHtoDAsync_v2)(to, src.as_ptr().cast(), src.len(), self.stream) };
+        self.ctx.cuda.check("cuMemcpyHtoDAsync_v2", r)
+    }
+
+    /// Zeroes a whole allocation now, synchronously.
+    pub fn clear(&self, mem: &DeviceMem) -> Result<(), Error> {
+        // SAFETY: the range is exactly the allocation; no host memory involved.
+        let r = unsafe { (self.api().cuMemsetD8_v2)(mem.ptr, 0, mem.len as usize) };
+        self.ctx.cuda.check("cuMemsetD8_v2", r)
+    }
+
+    pub fn zero(&self, dst: &DeviceMem, offset: u64, len: usize) -> Result<(), Error> {
+        let to = dst.at(offset, len);
+        // SAFETY: the device range is inside `dst`; no host memory involved.
+        let r = unsafe { (self.api().cuMemsetD8Async)(to, 0, len, self.stream) };
+        self.ctx.cuda.check("cuMemsetD8Async", r)
+    }
+
+    pub fn sync(&self) -> Result<(), Error> {
+        // SAFETY: `stream` is live.
+        self.ctx.cuda.check("cuStreamSynchronize", unsafe { (self.api().cuStreamSynchronize)(self.stream) })
+    }
+}
+
+impl Drop for Stream<'_> {
+    fn drop(&mut self) {
+        // SAFETY: `stream` came from cuStreamCreate and is destroyed only here.
+        let r = unsafe { (self.api().cuStreamDestroy_v2)(self.stream) };
+        if let Err(e) = self.ctx.cuda.check("cuStreamDestroy_v2", r) {
+            crate::warn!("{e}");
+        }
+    }
+}

@@ -1,0 +1,107 @@
+//! The CUDA driver API, by hand: the types, and one table of the entry
+//! points nbd-vram calls, resolved once from libcuda by their versioned
+//! names (the `_v2` names are what `cuda.h` maps the plain ones to).
+
+#![allow(non_snake_case)]
+
+use std::ffi::{c_char, c_int, c_uint, c_void};
+use std::sync::OnceLock;
+
+use libloading::Library;
+
+pub type CUresult = c_int;
+pub type CUdevice = c_int;
+pub type CUdeviceptr = u64;
+pub type CUcontext = *mut c_void;
+pub type CUstream = *mut c_void;
+
+pub const CUDA_SUCCESS: CUresult = 0;
+pub const CUDA_ERROR_OUT_OF_MEMORY: CUresult = 2;
+pub const CUDA_ERROR_NO_DEVICE: CUresult = 100;
+pub const CUDA_ERROR_SYSTEM_DRIVER_MISMATCH: CUresult = 803;
+pub const CUDA_ERROR_COMPAT_NOT_SUPPORTED_ON_DEVICE: CUresult = 804;
+
+macro_rules! api {
+    ($($name:ident($($arg:ty),*);)*) => {
+        /// Entry points into a libcuda that stays loaded for the process's life.
+        pub struct Api {
+            $(pub $name: unsafe extern "C" fn($($arg),*) -> CUresult,)*
+        }
+
+        impl Api {
+            fn resolve(lib: &Library) -> Result<Api, String> {
+                Ok(Api {
+                    $($name: {
+                        let name = concat!(stringify!($name), "\0").as_bytes();
+                        // SAFETY: the symbol is declared in cuda.h with
+                        // exactly this signature (checked against the CUDA
+                        // 12 header by hand), and `lib` is never unloaded
+                        // (see `load`), so the pointer stays valid.
+                        unsafe { *lib.get(name).map_err(|_| stringify!($name).to_string())? }
+                    },)*
+                })
+            }
+        }
+    };
+}
+
+api! {
+    cuInit(c_uint);
+    cuDriverGetVersion(*mut c_int);
+    cuDeviceGet(*mut CUdevice, c_int);
+    cuDeviceGetCount(*mut c_int);
+    cuDeviceGetName(*mut c_char, c_int, CUdevice);
+    cuDeviceTotalMem_v2(*mut usize, CUdevice);
+    cuDevicePrimaryCtxRetain(*mut CUcontext, CUdevice);
+    cuDevicePrimaryCtxRelease_v2(CUdevice);
+    cuCtxSetCurrent(CUcontext);
+    cuMemGetInfo_v2(*mut usize, *mut usize);
+    cuMemAlloc_v2(*mut CUdeviceptr, usize);
+    cuMemFree_v2(CUdeviceptr);
+    cuMemcpyHtoDAsync_v2(CUdeviceptr, *const c_void, usize, CUstream);
+    cuMemcpyDtoHAsync_v2(*mut c_void, CUdeviceptr, usize, CUstream);
+    cuMemsetD8_v2(CUdeviceptr, u8, usize);
+    cuMemsetD8Async(CUdeviceptr, u8, usize, CUstream);
+    cuMemHostAlloc(*mut *mut c_void, usize, c_uint);
+    cuMemFreeHost(*mut c_void);
+    cuStreamCreate(*mut CUstream, c_uint);
+    cuStreamSynchronize(CUstream);
+    cuStreamDestroy_v2(CUstream);
+    cuGetErrorName(CUresult, *mut *const c_char);
+    cuGetErrorString(CUresult, *mut *const c_char);
+}
+
+/// Why the driver library could not be used.
+#[derive(Debug)]
+pub enum LoadError {
+    /// No candidate could be opened: the tried names and the last dlerror.
+    NotFound(String),
+    /// The library lacks an entry point: too old, or not libcuda.
+    MissingSymbol { path: String, symbol: String },
+}
+
+static API: OnceLock<Api> = OnceLock::new();
+
+/// Opens libcuda once per process and never closes it: libcuda registers
+/// exit handlers and hands out static strings, neither of which survives
+/// an unload. Later calls return the same table whatever `candidates` say.
+pub fn load(candidates: &[&str]) -> Result<&'static Api, LoadError> {
+    if let Some(api) = API.get() {
+        return Ok(api);
+    }
+    let mut last = String::new();
+    for &path in candidates {
+        // SAFETY: loading libcuda runs its initialisers, which only set up
+        // the driver's own state; no other thread calls dlopen with us.
+        match unsafe { Library::new(path) } {
+            Ok(lib) => {
+                let api = Api::resolve(&lib)
+                    .map_err(|symbol| LoadError::MissingSymbol { path: path.to_string(), symbol })?;
+                std::mem::forget(lib);
+                return Ok(API.get_or_init(|| api));
+            }
+            Err(e) => last = e.to_string(),
+        }
+    }
+    Err(LoadError::NotFound(last))
+}

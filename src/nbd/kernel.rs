@@ -1,0 +1,131 @@
+//! The kernel side: raw ioctls on /dev/nbdN, one method each, on a type
+//! that owns the open device.
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use super::bindings as sys;
+
+/// An open /dev/nbdN. Ioctls take `&self`: `do_it` blocks in one thread
+/// while another calls `disconnect`, as the kernel intends.
+pub struct NbdDevice {
+    file: File,
+    path: PathBuf,
+}
+
+/// Why a device cannot be used.
+#[derive(Debug)]
+pub enum OpenError {
+    /// No /dev/nbdN: the nbd module is not loaded.
+    NoModule(PathBuf),
+    /// Another server (this pid, this program) has it.
+    Busy { path: PathBuf, pid: u32, comm: String },
+    Os(PathBuf, io::Error),
+    /// `auto` found every device in use.
+    NoneFree,
+}
+
+impl NbdDevice {
+    /// Opens `path` if no server is attached to it. A device in use is an
+    /// error, never taken over.
+    pub fn open(path: &Path) -> Result<NbdDevice, OpenError> {
+        if !path.exists() {
+            return Err(OpenError::NoModule(path.to_path_buf()));
+        }
+        if let Some((pid, comm)) = server_of(path) {
+            return Err(OpenError::Busy { path: path.to_path_buf(), pid, comm });
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| OpenError::Os(path.to_path_buf(), e))?;
+        Ok(NbdDevice { file, path: path.to_path_buf() })
+    }
+
+    /// The first /dev/nbdN with no server, in numeric order.
+    pub fn open_first_free() -> Result<NbdDevice, OpenError> {
+        let mut numbers: Vec<u32> = fs::read_dir("/sys/block")
+            .map_err(|e| OpenError::Os("/sys/block".into(), e))?
+            .filter_map(|e| e.ok()?.file_name().to_str()?.strip_prefix("nbd")?.parse().ok())
+            .collect();
+        if numbers.is_empty() {
+            return Err(OpenError::NoModule("/dev/nbd0".into()));
+        }
+        numbers.sort_unstable();
+        for n in numbers {
+            match NbdDevice::open(Path::new(&format!("/dev/nbd{n}"))) {
+                Err(OpenError::Busy { .. }) => continue,
+                other => return other,
+            }
+        }
+        Err(OpenError::NoneFree)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn ioctl(&self, name: &str, request: u32, arg: libc::c_ulong) -> io::Result<()> {
+        // SAFETY: every NBD ioctl takes its argument by value (a number or a
+        // descriptor), never a pointer, so no memory is lent to the kernel.
+        let r = unsafe { libc::ioctl(self.file.as_raw_fd(), libc::c_ulong::from(request), arg) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            return Err(io::Error::new(e.kind(), format!("{}: {name}: {e}", self.path.display())));
+        }
+        Ok(())
+    }
+
+    /// Sizes the device in 4 KiB blocks (the page size swap uses), says
+    /// which commands the server takes, and how long the kernel waits for a
+    /// reply (0: the kernel default, which only warns and waits on).
+    pub fn configure(&self, size: u64, flags: u16, timeout: u32) -> io::Result<()> {
+        self.ioctl("NBD_SET_BLKSIZE", sys::NBD_VRAM_SET_BLKSIZE, 4096)?;
+        self.ioctl("NBD_SET_SIZE_BLOCKS", sys::NBD_VRAM_SET_SIZE_BLOCKS, (size / 4096) as libc::c_ulong)?;
+        self.ioctl("NBD_SET_FLAGS", sys::NBD_VRAM_SET_FLAGS, libc::c_ulong::from(flags))?;
+        if timeout > 0 {
+            self.ioctl("NBD_SET_TIMEOUT", sys::NBD_VRAM_SET_TIMEOUT, libc::c_ulong::from(timeout))?;
+        }
+        Ok(())
+    }
+
+    /// Hands the kernel its end of the socketpair.
+    pub fn set_sock(&self, sock: &OwnedFd) -> io::Result<()> {
+        self.ioctl("NBD_SET_SOCK", sys::NBD_VRAM_SET_SOCK, sock.as_raw_fd() as libc::c_ulong)
+    }
+
+    /// Runs the device: blocks until it is disconnected.
+    pub fn do_it(&self) -> io::Result<()> {
+        self.ioctl("NBD_DO_IT", sys::NBD_VRAM_DO_IT, 0)
+    }
+
+    /// Asks the kernel to send `NBD_CMD_DISC` and end `do_it`.
+    pub fn disconnect(&self) -> io::Result<()> {
+        self.ioctl("NBD_DISCONNECT", sys::NBD_VRAM_DISCONNECT, 0)
+    }
+
+    /// Forgets the socket, so the device can be attached again.
+    pub fn clear_sock(&self) -> io::Result<()> {
+        self.ioctl("NBD_CLEAR_SOCK", sys::NBD_VRAM_CLEAR_SOCK, 0)
+    }
+}
+
+/// /sys/block/nbdN for /dev/nbdN.
+pub fn sysfs_dir(dev: &Path) -> PathBuf {
+    let name = dev.file_name().map_or_else(Default::default, |n| n.to_owned());
+    Path::new("/sys/block").join(name)
+}
+
+/// The process serving `dev`, if any: the kernel publishes the pid of the
+/// `NBD_DO_IT` caller (a thread id) while the device runs.
+pub fn server_of(dev: &Path) -> Option<(u32, String)> {
+    let tid: u32 = fs::read_to_string(sysfs_dir(dev).join("pid")).ok()?.trim().parse().ok()?;
+    let status = fs::read_to_string(format!("/proc/{tid}/status")).unwrap_or_default();
+    let field = |key: &str| status.lines().find_map(|l| l.strip_prefix(key)).map(|v| v.trim().to_string());
+    let pid = field("Tgid:").and_then(|v| v.parse().ok()).unwrap_or(tid);
+    let comm = fs::read_to_string(format!("/proc/{pid}/comm")).map(|c| c.trim().to_string());
+    Some((pid, comm.unwrap_or_else(|_| "exited".into())))
+}

@@ -1,0 +1,48 @@
+//! What lets a swap server make progress when the machine has no free
+//! page: every measure the serve loop relies on, taken once, at start.
+
+use std::io;
+
+use crate::fail::Failure;
+use crate::nbd::bindings as uapi;
+use crate::warn;
+
+/// Call after every buffer is allocated and before serving; threads
+/// started afterwards inherit the I/O-flusher mark.
+pub fn prepare() -> Result<(), Failure> {
+    lock_memory()?;
+    // Reclaim triggered by our own allocations (there should be none)
+    // must not issue I/O to the device we serve, and our writes are not
+    // throttled as dirty-page producers: PF_MEMALLOC_NOIO|PF_LOCAL_THROTTLE.
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(uapi::PR_SET_IO_FLUSHER as libc::c_int, 1, 0, 0, 0) } < 0 {
+        return Err(Failure::os("prctl(PR_SET_IO_FLUSHER)", io::Error::last_os_error()));
+    }
+    // The OOM killer must never choose the process that holds swapped pages.
+    if let Err(e) = std::fs::write("/proc/self/oom_score_adj", "-1000") {
+        warn!("cannot set oom_score_adj to -1000: {e}; the OOM killer may pick nbd-vram");
+    }
+    Ok(())
+}
+
+/// Locks every page we have and will map, so that serving a swap-in
+/// never waits for a swap-in of our own code, stack or buffers.
+fn lock_memory() -> Result<(), Failure> {
+    // SAFETY: mlockall takes flags only.
+    if unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE) } == 0 {
+        return Ok(());
+    }
+    let first = io::Error::last_os_error();
+    // libcuda reserves large address ranges; if populating them all is too
+    // much, lock pages as they are touched: ours are already touched, so
+    // they are locked at once.
+    // SAFETY: as above.
+    if unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE | libc::MCL_ONFAULT) } == 0 {
+        warn!("mlockall: {first}; locked with MCL_ONFAULT instead (pages lock when first touched)");
+        return Ok(());
+    }
+    Err(Failure::os(
+        "mlockall (raise the memlock limit: LimitMEMLOCK=infinity, or run as root)",
+        io::Error::last_os_error(),
+    ))
+}

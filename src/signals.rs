@@ -1,0 +1,49 @@
+//! Signals as events: the daemon blocks the ones it handles in every
+//! thread and one thread takes them with `sigtimedwait`, so no handler ever
+//! runs in the middle of the serve loop.
+
+use std::time::Duration;
+
+pub const STOP: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
+/// Sent by the daemon to itself when the kernel link ends on its own.
+pub const WAKE: libc::c_int = libc::SIGUSR1;
+
+#[derive(Clone, Copy)]
+pub struct Signals {
+    set: libc::sigset_t,
+}
+
+impl Signals {
+    /// Blocks `STOP` and `WAKE` in this thread and the threads it starts.
+    pub fn block() -> Signals {
+        // SAFETY: sigset_t is plain data that sigemptyset initialises.
+        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `set` is a live sigset_t; the signal numbers are valid, so
+        // these calls cannot fail.
+        unsafe {
+            libc::sigemptyset(&mut set);
+            for sig in STOP.iter().chain([&WAKE]) {
+                libc::sigaddset(&mut set, *sig);
+            }
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        }
+        Signals { set }
+    }
+
+    /// The next blocked signal, or `None` after `timeout`.
+    pub fn wait(&self, timeout: Duration) -> Option<libc::c_int> {
+        let ts = libc::timespec {
+            tv_sec: timeout.as_secs() as libc::time_t,
+            tv_nsec: timeout.subsec_nanos() as libc::c_long,
+        };
+        // SAFETY: `set` and `ts` are live for the call; no siginfo wanted.
+        let sig = unsafe { libc::sigtimedwait(&self.set, std::ptr::null_mut(), &ts) };
+        (sig > 0).then_some(sig)
+    }
+
+    /// Sends `sig` to this process, for the thread that waits to take.
+    pub fn raise(sig: libc::c_int) {
+        // SAFETY: kill on our own pid with a valid signal number.
+        unsafe { libc::kill(libc::getpid(), sig) };
+    }
+}

@@ -1,0 +1,47 @@
+//! `nbd-vram stop DEVICE`: what `ExecStop=` runs. Asks the daemon serving
+//! DEVICE to swapoff and detach, and waits until it has exited, so that no
+//! one frees VRAM the kernel may still read.
+
+use std::path::Path;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::fail::{Code, Failure};
+use crate::nbd::kernel;
+use crate::{info, swap};
+
+/// swapoff of many GiB can take minutes; systemd's stop timeout bounds us too.
+const PATIENCE: Duration = Duration::from_secs(600);
+
+pub fn stop(dev: &Path) -> Result<(), Failure> {
+    let Some((pid, comm)) = kernel::server_of(dev) else {
+        if swap::active(dev).is_some() {
+            return Err(Failure::new(
+                Code::Swap,
+                format!("{} is swap but no daemon serves it (it died; its pages are lost): run `swapoff {}`", dev.display(), dev.display()),
+            ));
+        }
+        info!("{} is not attached: nothing to stop", dev.display());
+        return Ok(());
+    };
+    if comm != "nbd-vram" {
+        return Err(Failure::new(Code::Busy, format!("{} is served by pid {pid} ({comm}), not by nbd-vram", dev.display())));
+    }
+    // SAFETY: kill with a pid read from the kernel and a valid signal.
+    if unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) } < 0 {
+        return Err(Failure::os(format!("signalling pid {pid}"), std::io::Error::last_os_error()));
+    }
+    info!("asked pid {pid} to stop {}; waiting for swapoff and detach", dev.display());
+    let start = Instant::now();
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        if start.elapsed() > PATIENCE {
+            return Err(Failure::new(
+                Code::Swap,
+                format!("pid {pid} still runs after {} s (swapoff waits for free RAM); see its log", PATIENCE.as_secs()),
+            ));
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    info!("{} stopped", dev.display());
+    Ok(())
+}

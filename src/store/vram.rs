@@ -1,0 +1,172 @@
+//! `VramStore`: the bytes live in GPU memory, reached with async copies on
+//! one stream, so a batch of requests costs one synchronisation.
+
+use std::io;
+
+use super::Store;
+use crate::cuda::{Context, DeviceMem, Error, Pinned, Stream, CUDA_ERROR_OUT_OF_MEMORY};
+use crate::{error, info};
+
+const MIB: u64 = 1 << 20;
+/// The smallest chunk tried when the whole size will not come as one
+/// allocation (fragmentation, or a per-allocation limit): CUDA's own
+/// allocation granularity.
+const MIN_CHUNK: u64 = 2 * MIB;
+
+pub struct VramStore<'c> {
+    ctx: &'c Context,
+    stream: Stream<'c>,
+    /// Every chunk but the last is `chunk_len` long.
+    chunks: Vec<DeviceMem<'c>>,
+    chunk_len: u64,
+    size: u64,
+}
+
+/// Allocation ended below the floor.
+#[derive(Debug)]
+pub struct NoVram {
+    pub wanted: u64,
+    pub min: u64,
+    pub free: u64,
+    pub total: u64,
+}
+
+pub enum AllocError {
+    NoVram(NoVram),
+    Cuda(Error),
+}
+
+impl From<Error> for AllocError {
+    fn from(e: Error) -> AllocError {
+        AllocError::Cuda(e)
+    }
+}
+
+impl<'c> VramStore<'c> {
+    /// Allocates `want` bytes, or `step` less each time it cannot, down to
+    /// `min`; logs each step and the size obtained.
+    pub fn allocate(ctx: &'c Context, want: u64, step: u64, min: u64) -> Result<VramStore<'c>, AllocError> {
+        let mut size = want;
+        loop {
+            let (free, total) = ctx.mem_info()?;
+            if size <= free {
+                if let Some((chunks, chunk_len)) = allocate_chunks(ctx, size)? {
+                    info!("allocated {} MiB of VRAM in {} chunk(s); {} MiB of {} MiB were free", size / MIB, chunks.len(), free / MIB, total / MIB);
+                    let mut store = VramStore { ctx, stream: ctx.stream()?, chunks, chunk_len, size };
+                    store.clear()?;
+                    return Ok(store);
+                }
+            }
+            let failed = format!("cannot allocate {} MiB of VRAM ({} MiB free of {} MiB)", size / MIB, free / MIB, total / MIB);
+            if size < min.saturating_add(step) || step == 0 {
+                info!("{failed}");
+                return Err(AllocError::NoVram(NoVram { wanted: want, min, free, total }));
+            }
+            size -= step;
+            info!("{failed}; trying {} MiB", size / MIB);
+        }
+    }
+
+    /// Fresh VRAM holds whatever its last user left: never export that.
+    fn clear(&mut self) -> Result<(), Error> {
+        self.chunks.iter().try_for_each(|chunk| self.stream.clear(chunk))
+    }
+
+    /// The (chunk, offset in chunk, length) pieces of a byte range.
+    fn pieces(&self, offset: u64, len: u64) -> impl Iterator<Item = (&DeviceMem<'c>, u64, u64)> + '_ {
+        let mut at = offset;
+        let end = offset + len;
+        std::iter::from_fn(move || {
+            if at >= end {
+                return None;
+            }
+            let chunk = &self.chunks[(at / self.chunk_len) as usize];
+            let inner = at % self.chunk_len;
+            let n = (end - at).min(chunk.len() - inner);
+            at += n;
+            Some((chunk, inner, n))
+        })
+    }
+
+    fn check(&self, offset: u64, len: u64) -> io::Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(io::Error::from_raw_os_error(libc::EINVAL)),
+        }
+    }
+}
+
+/// `None` when the size does not fit in any chunking; other errors are real.
+fn allocate_chunks(ctx: &Context, size: u64) -> Result<Option<(Vec<DeviceMem<'_>>, u64)>, Error> {
+    // The whole size, then powers of two below it, halving.
+    let below = size.checked_next_power_of_two().map_or(1 << 63, |p| p / 2);
+    let halves = std::iter::successors(Some(below), |c| Some(c / 2)).take_while(|&c| c >= MIN_CHUNK);
+    let sizes = std::iter::once(size).chain(halves.filter(move |&c| c < size));
+    'sizes: for chunk_len in sizes {
+        let count = size.div_ceil(chunk_len);
+        let mut chunks = Vec::with_capacity(count as usize);
+        for i in 0..count {
+            match ctx.alloc(chunk_len.min(size - i * chunk_len)) {
+                Ok(mem) => chunks.push(mem),
+                Err(e) if e.code == CUDA_ERROR_OUT_OF_MEMORY => continue 'sizes, // frees `chunks`
+                Err(e) => return Err(e),
+            }
+        }
+        return Ok(Some((chunks, chunk_len)));
+    }
+    Ok(None)
+}
+
+/// A failed copy is logged with CUDA's words and answered `EIO`.
+fn eio(e: Error) -> io::Error {
+    error!("{e}");
+    io::Error::from_raw_os_error(libc::EIO)
+}
+
+impl<'c> Store for VramStore<'c> {
+    type Buf = Pinned<'c>;
+
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn staging(&mut self, len: usize) -> io::Result<Pinned<'c>> {
+        let mut buf = self.ctx.pinned(len).map_err(|e| io::Error::other(e.to_string()))?;
+        buf.fill(0); // fault every page in now, never while serving
+        Ok(buf)
+    }
+
+    fn read(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.check(offset, buf.len() as u64)?;
+        let mut rest = buf;
+        for (chunk, inner, n) in self.pieces(offset, rest.len() as u64) {
+            let (now, later) = rest.split_at_mut(n as usize);
+            self.stream.read(chunk, inner, now).map_err(eio)?;
+            rest = later;
+        }
+        Ok(())
+    }
+
+    fn write(&mut self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        self.check(offset, buf.len() as u64)?;
+        let mut rest = buf;
+        for (chunk, inner, n) in self.pieces(offset, rest.len() as u64) {
+            let (now, later) = rest.split_at(n as usize);
+            self.stream.write(chunk, inner, now).map_err(eio)?;
+            rest = later;
+        }
+        Ok(())
+    }
+
+    fn zero(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        self.check(offset, len)?;
+        for (chunk, inner, n) in self.pieces(offset, len) {
+            self.stream.zero(chunk, inner, n as usize).map_err(eio)?;
+        }
+        Ok(())
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        self.stream.sync().map_err(eio)
+    }
+}

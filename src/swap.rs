@@ -1,0 +1,130 @@
+//! Swap by itself, no util-linux: the swap header, swapon(2), swapoff(2)
+//! and what /proc/swaps says.
+
+use std::ffi::CString;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+use crate::nbd::bindings as uapi;
+
+pub const PAGE: usize = 4096;
+const LABEL: &[u8] = b"nbd-vram";
+
+/// The first page of a swap area, as mkswap writes it: `SWAPSPACE2`
+/// magic at the page's end, version 1, the last usable page, no bad pages,
+/// a random version-4 UUID and a label (`union swap_header` in
+/// include/linux/swap.h).
+pub fn header(size: u64) -> io::Result<[u8; PAGE]> {
+    let pages = size / PAGE as u64;
+    if pages < 10 {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "swap needs at least 10 pages (40 KiB)"));
+    }
+    let last = u32::try_from(pages - 1)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "swap areas end at 16 TiB"))?;
+    let mut page = [0u8; PAGE];
+    page[1024..1028].copy_from_slice(&1u32.to_ne_bytes());
+    page[1028..1032].copy_from_slice(&last.to_ne_bytes());
+    let uuid = &mut page[1036..1052];
+    getrandom(uuid)?;
+    uuid[6] = (uuid[6] & 0x0f) | 0x40;
+    uuid[8] = (uuid[8] & 0x3f) | 0x80;
+    page[1052..1052 + LABEL.len()].copy_from_slice(LABEL);
+    page[PAGE - 10..].copy_from_slice(b"SWAPSPACE2");
+    Ok(page)
+}
+
+fn getrandom(buf: &mut [u8]) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let rest = &mut buf[done..];
+        // SAFETY: `rest` is valid for writes of its length.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        } else {
+            done += n as usize;
+        }
+    }
+    Ok(())
+}
+
+fn c_path(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+pub fn swapon(path: &Path, priority: i32, discard: bool) -> io::Result<()> {
+    let mut flags = uapi::SWAP_FLAG_PREFER | (priority as u32 & uapi::SWAP_FLAG_PRIO_MASK);
+    if discard {
+        flags |= uapi::SWAP_FLAG_DISCARD;
+    }
+    let path = c_path(path)?;
+    // SAFETY: `path` is a NUL-terminated string that outlives the call.
+    if unsafe { libc::swapon(path.as_ptr(), flags as libc::c_int) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Moves every page back into RAM first, so it can fail with ENOMEM.
+pub fn swapoff(path: &Path) -> io::Result<()> {
+    let path = c_path(path)?;
+    // SAFETY: `path` is a NUL-terminated string that outlives the call.
+    if unsafe { libc::swapoff(path.as_ptr()) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// One line of /proc/swaps.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Active {
+    pub size_kib: u64,
+    pub used_kib: u64,
+    pub priority: i32,
+}
+
+/// `path`'s entry in /proc/swaps, if it is swap now.
+pub fn active(path: &Path) -> Option<Active> {
+    parse_swaps(&std::fs::read_to_string("/proc/swaps").ok()?, path)
+}
+
+fn parse_swaps(text: &str, path: &Path) -> Option<Active> {
+    text.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 5 || Path::new(f[0]) != path {
+            return None;
+        }
+        Some(Active { size_kib: f[2].parse().ok()?, used_kib: f[3].parse().ok()?, priority: f[4].parse().ok()? })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_matches_mkswap_layout() {
+        let h = header(64 << 20).unwrap();
+        assert_eq!(&h[PAGE - 10..], b"SWAPSPACE2");
+        assert_eq!(u32::from_ne_bytes(h[1024..1028].try_into().unwrap()), 1);
+        assert_eq!(u32::from_ne_bytes(h[1028..1032].try_into().unwrap()), 16383);
+        assert_eq!(h[1042] >> 4, 4, "UUID version 4");
+        assert_eq!(&h[1052..1060], b"nbd-vram");
+        assert_ne!(header(64 << 20).unwrap()[1036..1052], h[1036..1052], "UUIDs differ");
+        assert!(header(9 * 4096).is_err());
+        assert!(header(1 << 45).is_err());
+    }
+
+    #[test]
+    fn proc_swaps_lines_parse() {
+        let text = "Filename\tType\tSize\tUsed\tPriority\n/dev/nbd0  partition\t786428\t1024\t100\n/dev/zram0 partition 100 0 -2\n";
+        let a = parse_swaps(text, Path::new("/dev/nbd0")).unwrap();
+        assert_eq!(a, Active { size_kib: 786428, used_kib: 1024, priority: 100 });
+        assert_eq!(parse_swaps(text, Path::new("/dev/zram0")).unwrap().priority, -2);
+        assert!(parse_swaps(text, Path::new("/dev/nbd1")).is_none());
+    }
+}
