@@ -264,6 +264,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed, String> 
 /// A size: plain numbers are MiB; K, M, G, T suffixes (binary) are allowed.
 fn size(flag: &str, v: &str) -> Result<u64, String> {
     let digits = v.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    let n: u64 = digits.parse().map_err(|_| format!("{flag} {v}: not a size (e.g. 7168 for 7168 MiB, or 7G)"))?;
     let unit = match v[digits.len()..].to_ascii_uppercase().as_str() {
         "" | "M" | "MB" | "MIB" => MIB,
         "K" | "KB" | "KIB" => 1 << 10,
@@ -271,7 +272,6 @@ fn size(flag: &str, v: &str) -> Result<u64, String> {
         "T" | "TB" | "TIB" => 1 << 40,
         _ => return Err(format!("{flag} {v}: unknown unit (use K, M, G or T; plain numbers are MiB)")),
     };
-    let n: u64 = digits.parse().map_err(|_| format!("{flag} {v}: not a size (e.g. 7168 for 7168 MiB, or 7G)"))?;
     let bytes = n.checked_mul(unit).ok_or(format!("{flag} {v}: too large"))?;
     check_size(bytes).map_err(|e| format!("{flag} {v}: {e}"))
 }

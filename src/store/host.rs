@@ -80,7 +80,7 @@ mod tests {
         assert_eq!(buf, [0, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 0]);
         s.trim(4092, 4).unwrap();
         s.read(4089, &mut buf).unwrap();
-        assert_eq!(buf, [0, 7, 7, 7, 0, 0, 0, 0, 7, 7, 7, 0]);
+        assert_eq!(buf, [0, 7, 7, 0, 0, 0, 0, 7, 7, 7, 7, 0]);
     }
 
     #[test]
