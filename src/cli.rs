@@ -15,7 +15,7 @@ USAGE
   nbd-vram gpus [--libcuda PATH]     list GPUs with total and free memory
   nbd-vram stop DEVICE               swapoff and detach DEVICE served by a running daemon
   nbd-vram status [--json]           show running instances
-  nbd-vram bench --connect ADDR [--seconds N]
+  nbd-vram bench --connect ADDR [--seconds N | --verify]
                                      measure an NBD server the way the kernel drives it
 
 STORE OPTIONS
@@ -43,6 +43,7 @@ SERVE OPTIONS
 BENCH OPTIONS
   --connect ADDR     unix:PATH or tcp:HOST:PORT of a running NBD server
   --seconds N        time per pattern (default 3)
+  --verify           instead: write the whole export, read it back, compare
 
 GENERAL
   -q, --quiet        only errors
@@ -76,10 +77,29 @@ pub struct StoreOpts {
     pub libcuda: Option<PathBuf>,
 }
 
+impl StoreOpts {
+    /// For logs and `status`: `vram (GPU 0)` or `host`.
+    pub fn describe(&self) -> String {
+        match self.kind {
+            StoreKind::Vram => format!("vram (GPU {})", self.gpu),
+            StoreKind::Host => "host".into(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Addr {
     Unix(PathBuf),
     Tcp(String),
+}
+
+impl std::fmt::Display for Addr {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        match self {
+            Addr::Unix(p) => write!(f, "unix:{}", p.display()),
+            Addr::Tcp(h) => write!(f, "tcp:{h}"),
+        }
+    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -100,7 +120,7 @@ pub enum Command {
     Gpus { libcuda: Option<PathBuf> },
     Stop { device: PathBuf },
     Status { json: bool },
-    Bench { connect: Addr, seconds: u32 },
+    Bench { connect: Addr, seconds: u32, verify: bool },
     Help,
     Version,
 }
@@ -135,6 +155,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed, String> 
     let mut swap = SwapOpts { store: store.clone(), device: None, priority: 100, discard: false, timeout: 0, swap: true };
     let (mut listen, mut connect, mut positional) = (None, None, None);
     let (mut json, mut seconds, mut log_level) = (false, 3, crate::log::INFO);
+    let mut verify = false;
 
     while let Some(arg) = args.next() {
         let (flag, inline) = match arg.split_once('=') {
@@ -218,6 +239,10 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed, String> 
                 seconds = number(&flag, &value(&flag)?, 1, 3600)?;
                 "b"
             }
+            "--verify" => {
+                verify = true;
+                "b"
+            }
             "--json" => {
                 json = true;
                 "t"
@@ -255,7 +280,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed, String> 
         "status" => Command::Status { json },
         _ => {
             let connect = connect.ok_or("bench needs --connect unix:PATH or --connect tcp:HOST:PORT")?;
-            Command::Bench { connect, seconds }
+            Command::Bench { connect, seconds, verify }
         }
     };
     Ok(Parsed { command, log_level })

@@ -23,6 +23,7 @@ use crate::nbd::proto::Export;
 use crate::nbd::serve::{self, Buffers};
 use crate::signals::{Signals, STOP, WAKE};
 use crate::stats::Stats;
+use crate::status::{self, Instance};
 use crate::store::{Store, UseStore};
 use crate::{error, info, notify, pressure, swap, warn};
 
@@ -64,14 +65,28 @@ fn run<S: Store>(opts: &SwapOpts, store: &mut S) -> Result<(), Failure> {
     let theirs = OwnedFd::from(theirs);
     dev.configure(export.size, export.flags, opts.timeout).map_err(|e| Failure::os("configuring the device", e))?;
     dev.set_sock(&theirs).map_err(|e| Failure::os("attaching the socket", e))?;
-    pressure::prepare()?;
+    pressure::prepare(true)?;
     info!("{} attached: {} MiB", path.display(), export.size >> 20);
 
     let stats = Stats::default();
+    let instance = Instance {
+        name: path.file_name().map_or("nbd".into(), |n| n.to_string_lossy().into_owned()),
+        target: path.display().to_string(),
+        store: opts.store.describe(),
+        size: export.size,
+        priority: opts.swap.then_some(opts.priority),
+    };
     let link_down = AtomicBool::new(false);
     let outcome = thread::scope(|s| {
         let kernel = spawn(s, "nbd-do-it", || run_device(&dev, &ours));
         let control = spawn(s, "nbd-control", || control(&dev, opts, &signals, &link_down));
+        let status = spawn(s, "nbd-status", || {
+            status::publish(&instance, &stats, || {
+                thread::sleep(Duration::from_secs(1));
+                !link_down.load(Ordering::SeqCst)
+            });
+            Ok(())
+        });
         let mut conn = &ours;
         let served = serve::transmit(store, &mut bufs, &export, &stats, &mut conn);
         // The kernel sees end of stream only when every descriptor of our
@@ -81,6 +96,7 @@ fn run<S: Store>(opts: &SwapOpts, store: &mut S) -> Result<(), Failure> {
         Signals::raise(WAKE);
         let kernel = join(kernel, "NBD_DO_IT");
         let control = join(control, "control");
+        let _ = join(status, "status");
         match served {
             Ok(end) => info!("kernel link closed ({end:?})"),
             Err(e) => error!("kernel link broke: {e}"),

@@ -34,8 +34,9 @@ impl Failure {
             Some(libc::EBUSY) => Code::Busy,
             _ => Code::Other,
         };
+        let what = what.to_string();
         let hint = match code {
-            Code::Permission => " (run as root, or with CAP_SYS_ADMIN)",
+            Code::Permission if !what.contains("needs") => " (run as root, or with CAP_SYS_ADMIN)",
             _ => "",
         };
         Failure::new(code, format!("{what}: {err}{hint}"))

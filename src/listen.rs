@@ -4,64 +4,114 @@
 use std::io::{self, ErrorKind};
 use std::net::TcpListener;
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::fd::AsFd;
+use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 
-use crate::cli::Addr;
+use std::thread;
+use std::time::Duration;
+
+use crate::cli::{Addr, StoreOpts};
+use crate::signals::{Signals, STOP};
+use crate::sock::set_recv_timeout;
+use crate::status::{self, Instance};
 use crate::fail::{Code, Failure};
 use crate::nbd::proto::{self, Export, Negotiated};
 use crate::nbd::serve::{self, Buffers};
 use crate::stats::Stats;
 use crate::store::{Store, UseStore};
-use crate::{info, warn};
+use crate::{info, pressure, warn};
 
-pub struct Serve<'a>(pub &'a Addr);
+/// How long a client may take to negotiate.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct Serve<'a> {
+    pub addr: &'a Addr,
+    pub store: &'a StoreOpts,
+}
 
 impl UseStore for Serve<'_> {
     fn run<S: Store>(self, store: &mut S) -> Result<(), Failure> {
-        serve(store, self.0)
+        serve(store, &self)
     }
 }
 
-fn serve<S: Store>(store: &mut S, addr: &Addr) -> Result<(), Failure> {
+fn serve<S: Store>(store: &mut S, how: &Serve) -> Result<(), Failure> {
+    let signals = Signals::block();
     let export = Export::new(store.size());
     let mut bufs = Buffers::new(store).map_err(|e| Failure::os("allocating staging buffers", e))?;
-    let stats = Stats::default();
-    match addr {
-        Addr::Unix(path) => {
-            let listener = bind_unix(path)?;
-            info!("serving {} MiB on unix:{}", export.size >> 20, path.display());
-            loop {
-                match listener.accept() {
-                    Ok((mut conn, _)) => session(store, &mut bufs, &export, &stats, &mut conn),
-                    Err(e) => accept_failed(e)?,
-                }
-            }
+    // Shared with the status thread, which may outlive this frame at exit.
+    let stats: &'static Stats = Box::leak(Box::default());
+    // A served device may be someone's swap (nbd-client): same measures.
+    pressure::prepare(false)?;
+    let addr = how.addr;
+    let listener = match addr {
+        Addr::Unix(path) => Listener::Unix(bind_unix(path)?),
+        Addr::Tcp(hostport) => Listener::Tcp(TcpListener::bind(hostport).map_err(|e| Failure::os(addr, e))?),
+    };
+    let instance = Instance {
+        name: format!("serve-{}", std::process::id()),
+        target: addr.to_string(),
+        store: how.store.describe(),
+        size: export.size,
+        priority: None,
+    };
+    let socket = match addr {
+        Addr::Unix(path) => Some(path.clone()),
+        Addr::Tcp(_) => None,
+    };
+    let stopper = move || {
+        status::publish(&instance, stats, || signals.wait(Duration::from_secs(1)).is_none_or(|sig| !STOP.contains(&sig)));
+        if let Some(path) = socket {
+            let _ = std::fs::remove_file(path);
         }
-        Addr::Tcp(hostport) => {
-            let listener = TcpListener::bind(hostport).map_err(|e| Failure::os(format!("tcp:{hostport}"), e))?;
-            info!("serving {} MiB on tcp:{hostport}", export.size >> 20);
-            loop {
-                match listener.accept() {
-                    Ok((mut conn, peer)) => {
-                        // Replies leave in one writev per batch: do not wait for more.
-                        let _ = conn.set_nodelay(true);
-                        info!("client {peer} connected");
-                        session(store, &mut bufs, &export, &stats, &mut conn)
-                    }
-                    Err(e) => accept_failed(e)?,
-                }
+        info!("stopped");
+        Signals::exit_now(0)
+    };
+    thread::Builder::new()
+        .name("nbd-status".into())
+        .stack_size(256 * 1024)
+        .spawn(stopper)
+        .map_err(|e| Failure::os("starting the status thread", e))?;
+    info!("serving {} MiB on {addr}", export.size >> 20);
+    match listener {
+        Listener::Unix(listener) => loop {
+            match listener.accept() {
+                Ok((mut conn, _)) => session(store, &mut bufs, &export, stats, &mut conn),
+                Err(e) => accept_failed(e)?,
             }
-        }
+        },
+        Listener::Tcp(listener) => loop {
+            match listener.accept() {
+                Ok((mut conn, peer)) => {
+                    // Replies leave in one writev per batch: do not wait for more.
+                    let _ = conn.set_nodelay(true);
+                    info!("client {peer} connected");
+                    session(store, &mut bufs, &export, stats, &mut conn)
+                }
+                Err(e) => accept_failed(e)?,
+            }
+        },
     }
 }
 
+enum Listener {
+    Unix(UnixListener),
+    Tcp(TcpListener),
+}
 /// A failing client never ends the server: log and take the next one.
 fn session<S, T>(store: &mut S, bufs: &mut Buffers<S::Buf>, export: &Export, stats: &Stats, conn: &mut T)
 where
     S: Store,
-    T: io::Read + io::Write + std::os::fd::AsFd,
+    T: io::Read + io::Write + AsFd,
 {
-    match proto::handshake(conn, export) {
+    // One client at a time: one that connects and says nothing must not
+    // hold the server. Transmission has no such limit, as the kernel's
+    // client may idle for hours between requests.
+    let _ = set_recv_timeout(conn.as_fd(), Some(HANDSHAKE_TIMEOUT));
+    let negotiated = proto::handshake(conn, export);
+    let _ = set_recv_timeout(conn.as_fd(), None);
+    match negotiated {
         Ok(Negotiated::Transmission) => {}
         Ok(Negotiated::Aborted) => return,
         Err(e) => return warn!("handshake failed: {e}"),
@@ -86,7 +136,10 @@ fn accept_failed(e: io::Error) -> Result<(), Failure> {
 /// Binds `path` mode 0600. A socket left by a dead server is replaced; one
 /// that still answers is someone else's.
 fn bind_unix(path: &Path) -> Result<UnixListener, Failure> {
-    if path.exists() {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(Failure::new(Code::Busy, format!("{} exists and is not a socket: choose another path", path.display())));
+        }
         if UnixStream::connect(path).is_ok() {
             return Err(Failure::new(Code::Busy, format!("{}: another server is listening there", path.display())));
         }

@@ -1,5 +1,6 @@
 //! nbd-vram: parse, dispatch, map errors to exit codes. Nothing else.
 
+mod bench;
 mod cli;
 mod cuda;
 mod daemon;
@@ -13,6 +14,7 @@ mod pressure;
 mod signals;
 mod sock;
 mod stats;
+mod status;
 mod stop;
 mod store;
 mod swap;
@@ -44,11 +46,13 @@ fn run(command: Command) -> Result<(), Failure> {
     match command {
         Command::Help => print!("{}", cli::HELP),
         Command::Version => println!("nbd-vram {}", env!("CARGO_PKG_VERSION")),
-        Command::Serve { store, listen } => store::with_store(&store, listen::Serve(&listen))?,
+        Command::Serve { store, listen } => store::with_store(&store, listen::Serve { addr: &listen, store: &store })?,
         Command::Swap(opts) => store::with_store(&opts.store, daemon::Daemon(&opts))?,
         Command::Gpus { libcuda } => gpu::list(libcuda.as_deref())?,
         Command::Stop { device } => stop::stop(&device)?,
-        _ => return Err(Failure::new(Code::Other, "not implemented yet")),
+        Command::Bench { connect, verify: true, .. } => bench::verify(&connect, 0x6e62_642d_7672_616d)?,
+        Command::Bench { connect, seconds, .. } => bench::run(&connect, seconds)?,
+        Command::Status { json } => status::show(json)?,
     }
     Ok(())
 }

@@ -5,18 +5,30 @@ use std::io;
 
 use crate::fail::Failure;
 use crate::nbd::bindings as uapi;
-use crate::warn;
+use crate::{info, warn};
 
 /// Call after every buffer is allocated and before serving; threads
-/// started afterwards inherit the I/O-flusher mark.
-pub fn prepare() -> Result<(), Failure> {
+/// started afterwards inherit the I/O-flusher mark. The swap daemon
+/// requires all of it; serve mode (`strict` false) only warns, so that it
+/// runs unprivileged too.
+pub fn prepare(strict: bool) -> Result<(), Failure> {
+    match prepare_all() {
+        Err(f) if !strict => warn!("{f}: serving anyway"),
+        other => other?,
+    }
+    Ok(())
+}
+
+fn prepare_all() -> Result<(), Failure> {
+    let t = std::time::Instant::now();
     lock_memory()?;
+    info!("memory locked in {:.0} ms: {}", t.elapsed().as_secs_f64() * 1e3, locked());
     // Reclaim triggered by our own allocations (there should be none)
     // must not issue I/O to the device we serve, and our writes are not
     // throttled as dirty-page producers: PF_MEMALLOC_NOIO|PF_LOCAL_THROTTLE.
     // SAFETY: prctl with integer arguments only.
     if unsafe { libc::prctl(uapi::PR_SET_IO_FLUSHER as libc::c_int, 1, 0, 0, 0) } < 0 {
-        return Err(Failure::os("prctl(PR_SET_IO_FLUSHER)", io::Error::last_os_error()));
+        return Err(Failure::os("prctl(PR_SET_IO_FLUSHER) (needs CAP_SYS_RESOURCE)", io::Error::last_os_error()));
     }
     // The OOM killer must never choose the process that holds swapped pages.
     if let Err(e) = std::fs::write("/proc/self/oom_score_adj", "-1000") {
@@ -45,4 +57,11 @@ fn lock_memory() -> Result<(), Failure> {
         "mlockall (raise the memlock limit: LimitMEMLOCK=infinity, or run as root)",
         io::Error::last_os_error(),
     ))
+}
+
+/// What /proc/self/status says is locked and resident, for the log.
+fn locked() -> String {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |k: &str| status.lines().find(|l| l.starts_with(k)).map_or("?", |l| l[k.len()..].trim());
+    format!("VmLck {}, VmRSS {}", field("VmLck:"), field("VmRSS:"))
 }

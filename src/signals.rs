@@ -46,4 +46,11 @@ impl Signals {
         // SAFETY: kill on our own pid with a valid signal number.
         unsafe { libc::kill(libc::getpid(), sig) };
     }
+
+    /// Ends the process at once, skipping exit handlers: another thread
+    /// may be inside libcuda, whose handlers would tear it down under it.
+    pub fn exit_now(code: i32) -> ! {
+        // SAFETY: _exit only ends the process; nothing is left to unwind.
+        unsafe { libc::_exit(code) }
+    }
 }

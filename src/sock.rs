@@ -23,3 +23,23 @@ pub fn recv_nowait(fd: BorrowedFd, buf: &mut [u8]) -> io::Result<Option<usize>> 
         }
     }
 }
+
+/// Bounds how long a blocking read waits (`None`: for ever).
+pub fn set_recv_timeout(fd: BorrowedFd, timeout: Option<std::time::Duration>) -> io::Result<()> {
+    let t = timeout.unwrap_or_default();
+    let tv = libc::timeval { tv_sec: t.as_secs() as libc::time_t, tv_usec: t.subsec_micros() as libc::suseconds_t };
+    // SAFETY: `tv` is a live timeval and the length passed is its size.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

@@ -11,6 +11,11 @@ pub struct Stats {
     pub read_bytes: AtomicU64,
     pub written_bytes: AtomicU64,
     pub errors: AtomicU64,
+    /// Batches answered, and the time from a batch's last request read to
+    /// its replies sent: what the store and the reply cost.
+    pub batches: AtomicU64,
+    pub busy_ns: AtomicU64,
+    pub max_batch_ns: AtomicU64,
 }
 
 impl Stats {
@@ -25,5 +30,13 @@ impl Stats {
             sys::NBD_CMD_WRITE => self.written_bytes.fetch_add(u64::from(len), Relaxed),
             _ => 0,
         };
+    }
+}
+
+impl Stats {
+    pub fn record_batch(&self, nanos: u64) {
+        self.batches.fetch_add(1, Relaxed);
+        self.busy_ns.fetch_add(nanos, Relaxed);
+        self.max_batch_ns.fetch_max(nanos, Relaxed);
     }
 }

@@ -9,29 +9,29 @@ use std::io::{self, Read, Write};
 
 use super::bindings as sys;
 
-const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
-const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
-const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
+pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
+pub const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 
-const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
-const FLAG_NO_ZEROES: u16 = 1 << 1;
+pub const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
+pub const FLAG_NO_ZEROES: u16 = 1 << 1;
 const CLIENT_FLAGS_KNOWN: u32 = (FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES) as u32;
 
-const OPT_EXPORT_NAME: u32 = 1;
+pub const OPT_EXPORT_NAME: u32 = 1;
 const OPT_ABORT: u32 = 2;
 const OPT_LIST: u32 = 3;
 const OPT_INFO: u32 = 6;
-const OPT_GO: u32 = 7;
+pub const OPT_GO: u32 = 7;
 
-const REP_ACK: u32 = 1;
+pub const REP_ACK: u32 = 1;
 const REP_SERVER: u32 = 2;
-const REP_INFO: u32 = 3;
-const REP_ERR_UNSUP: u32 = 0x8000_0001;
+pub const REP_INFO: u32 = 3;
+pub const REP_ERR_UNSUP: u32 = 0x8000_0001;
 const REP_ERR_INVALID: u32 = 0x8000_0003;
 const REP_ERR_TOO_BIG: u32 = 0x8000_0009;
 
-const INFO_EXPORT: u16 = 0;
-const INFO_BLOCK_SIZE: u16 = 3;
+pub const INFO_EXPORT: u16 = 0;
+pub const INFO_BLOCK_SIZE: u16 = 3;
 
 /// Option data beyond this is refused: names are at most 4 KiB ("Option types").
 const MAX_OPTION_LEN: u32 = 16 * 1024;
@@ -96,7 +96,7 @@ impl Request {
         })
     }
 
-    #[cfg(test)]
+    /// The client side of `parse` (bench mode sends requests).
     pub fn encode(&self) -> [u8; REQUEST_LEN] {
         let mut b = [0u8; REQUEST_LEN];
         b[0..4].copy_from_slice(&sys::NBD_REQUEST_MAGIC.to_be_bytes());

@@ -11,6 +11,7 @@
 use std::io::{self, IoSlice, Read, Write};
 use std::ops::Range;
 use std::os::fd::AsFd;
+use std::time::Instant;
 
 use super::bindings as sys;
 use super::proto::{self, Export, Request, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, MAX_PAYLOAD, REPLY_LEN, REQUEST_LEN};
@@ -87,6 +88,7 @@ where
     let mut link = Link { store, bufs, export, stats, conn };
     loop {
         let (n, end) = link.gather();
+        let started = Instant::now();
         let sync_failed = link.store.sync().is_err();
         if sync_failed {
             crate::error!("store failed to complete a batch of {n} requests: answering EIO");
@@ -94,6 +96,7 @@ where
         let mut answered = Ok(());
         if n > 0 {
             answered = link.answer(n, sync_failed);
+            link.stats.record_batch(started.elapsed().as_nanos() as u64);
         }
         match end {
             Some(Ok(end)) => return Ok(end),

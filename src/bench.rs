@@ -1,0 +1,295 @@
+//! Bench mode: measures an NBD server (ours or any other) the way the
+//! kernel drives it, with many requests pipelined on one connection, and
+//! prints one table row per access pattern plus a `bench: key=value` line
+//! per row for scripts.
+//!
+//! The export is written once first (up to `MAX_REGION`), so every read
+//! hits data this run wrote, and every block read is checked for the stamp
+//! its write left (see `engine`).
+
+mod client;
+mod engine;
+mod verify;
+
+pub use verify::run as verify;
+
+use std::io::Write;
+use std::time::Duration;
+
+use crate::cli::Addr;
+use crate::fail::{Code, Failure};
+use crate::info;
+use crate::nbd::bindings as sys;
+use client::{Conn, Shown};
+use engine::{Bufs, Spec, Stop, BLOCK};
+
+const KIB: u32 = 1024;
+const MIB: u32 = 1024 * KIB;
+/// Patterns touch at most this much of the export, so that writing it
+/// first stays quick on a large one.
+const MAX_REGION: u64 = 4 << 30;
+/// Latency samples kept per pattern (a uniform sample beyond that).
+const SAMPLES: usize = 1 << 20;
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One access pattern.
+#[derive(Clone, Copy, Debug)]
+pub struct Pattern {
+    pub name: &'static str,
+    pub write: bool,
+    pub len: u32,
+    pub depth: usize,
+    pub random: bool,
+}
+
+const fn pattern(name: &'static str, write: bool, len: u32, depth: usize, random: bool) -> Pattern {
+    Pattern { name, write, len, depth, random }
+}
+
+/// Sequential patterns run at depth 8, like the kernel's readahead and
+/// writeback; random 4 KiB ones at depth 1 (latency) and 32 (throughput).
+pub const PATTERNS: [Pattern; 8] = [
+    pattern("seq-write-1m", true, MIB, 8, false),
+    pattern("seq-read-1m", false, MIB, 8, false),
+    pattern("seq-write-128k", true, 128 * KIB, 8, false),
+    pattern("seq-read-128k", false, 128 * KIB, 8, false),
+    pattern("rand-read-4k-qd1", false, 4 * KIB, 1, true),
+    pattern("rand-write-4k-qd1", true, 4 * KIB, 1, true),
+    pattern("rand-read-4k-qd32", false, 4 * KIB, 32, true),
+    pattern("rand-write-4k-qd32", true, 4 * KIB, 32, true),
+];
+
+/// The figures for one pattern.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Row {
+    pub pattern: &'static str,
+    pub len: u32,
+    pub depth: usize,
+    /// Requests completed in the measured time.
+    pub ios: u64,
+    /// 10^6 bytes per second.
+    pub mbps: f64,
+    pub iops: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+}
+
+impl Row {
+    /// The machine-readable line.
+    pub fn line(&self) -> String {
+        format!(
+            "bench: pattern={} mbps={:.1} iops={:.0} p50_us={:.1} p99_us={:.1}",
+            self.pattern, self.mbps, self.iops, self.p50_us, self.p99_us
+        )
+    }
+
+    fn table_row(&self) -> String {
+        format!(
+            "{:<20} {:>6} {:>3} {:>9.1} {:>9.0} {:>9.1} {:>9.1}",
+            self.pattern,
+            size(self.len),
+            self.depth,
+            self.mbps,
+            self.iops,
+            self.p50_us,
+            self.p99_us
+        )
+    }
+}
+
+fn table_head() -> String {
+    format!("{:<20} {:>6} {:>3} {:>9} {:>9} {:>9} {:>9}", "pattern", "size", "qd", "MB/s", "IOPS", "p50 µs", "p99 µs")
+}
+
+/// `nbd-vram bench`: runs every pattern for `seconds` and prints the table,
+/// then the `bench:` lines.
+pub fn run(connect: &Addr, seconds: u32) -> Result<(), Failure> {
+    say(&format!("nbd-vram bench: {}, {seconds} s per pattern", Shown(connect)));
+    say(&table_head());
+    let rows = run_patterns(connect, seconds, |row| say(&row.table_row()))?;
+    for row in &rows {
+        say(&row.line());
+    }
+    Ok(())
+}
+
+/// Connects, writes the region once, then runs every pattern in `PATTERNS`
+/// for `seconds` each after a short warm-up, calling `each` as a row is
+/// done. Disconnects cleanly at the end.
+pub fn run_patterns(connect: &Addr, seconds: u32, mut each: impl FnMut(&Row)) -> Result<Vec<Row>, Failure> {
+    let at = Shown(connect);
+    let fail = |what: String| Failure::new(Code::Other, format!("{at}: {what}"));
+    let mut conn = Conn::connect(connect)?;
+    conn.set_timeouts(HANDSHAKE_TIMEOUT).map_err(|e| Failure::os(format!("{at}: setting timeouts"), e))?;
+    let export = client::handshake(&mut conn).map_err(|e| fail(format!("handshake: {e}")))?;
+    let region = check_export(&export).map_err(fail)?;
+    info!(
+        "{at}: export of {} bytes ({} MiB), flags {:#06x}, requests of {}..{} bytes; benchmarking the first {} MiB",
+        export.size,
+        export.size >> 20,
+        export.flags,
+        export.min_block,
+        export.max_block,
+        region >> 20
+    );
+    conn.set_nonblocking(true).map_err(|e| Failure::os(format!("{at}: setting non-blocking"), e))?;
+
+    let depth = PATTERNS.iter().map(|p| p.depth).max().unwrap_or(1);
+    let payload = PATTERNS.iter().map(|p| p.depth * p.len as usize).max().unwrap_or(0);
+    let mut bufs = Bufs::new(depth, payload, SAMPLES);
+
+    let fill = Spec { write: true, len: MIB, depth: 8, random: false, seed: 1 };
+    info!("{at}: writing {} MiB once, so that reads find data", region >> 20);
+    let t = engine::drive(&mut conn, region, &fill, Stop::Count(region / u64::from(MIB)), &mut bufs)
+        .map_err(|e| fail(format!("writing the export: {e}")))?;
+    info!("{at}: written in {:.2} s ({:.0} MB/s)", t.secs, t.bytes as f64 / t.secs.max(1e-9) / 1e6);
+
+    let measure = Duration::from_secs(u64::from(seconds));
+    let warmup = (measure / 5).min(Duration::from_millis(500));
+    let mut rows = Vec::with_capacity(PATTERNS.len());
+    for (i, p) in PATTERNS.iter().enumerate() {
+        let spec = Spec { write: p.write, len: p.len, depth: p.depth, random: p.random, seed: 0x9e37_79b9 + i as u64 };
+        let t = engine::drive(&mut conn, region, &spec, Stop::Timed { warmup, measure }, &mut bufs)
+            .map_err(|e| fail(format!("{}: {e}", p.name)))?;
+        bufs.samples.sort_unstable();
+        let row = Row {
+            pattern: p.name,
+            len: p.len,
+            depth: p.depth,
+            ios: t.ios,
+            mbps: t.bytes as f64 / t.secs / 1e6,
+            iops: t.ios as f64 / t.secs,
+            p50_us: percentile(&bufs.samples, 50.0) as f64 / 1e3,
+            p99_us: percentile(&bufs.samples, 99.0) as f64 / 1e3,
+        };
+        if row.ios == 0 {
+            return Err(fail(format!("{}: no request completed in {seconds} s", p.name)));
+        }
+        each(&row);
+        rows.push(row);
+    }
+    goodbye(conn);
+    Ok(rows)
+}
+
+/// The bytes the patterns use: whole MiB, at most `MAX_REGION`. Refuses
+/// exports the patterns cannot run on.
+fn check_export(e: &client::Export) -> Result<u64, String> {
+    if u32::from(e.flags) & sys::NBD_FLAG_READ_ONLY != 0 {
+        return Err("the export is read-only, and bench writes".into());
+    }
+    let region = e.size.min(MAX_REGION) / u64::from(MIB) * u64::from(MIB);
+    if region == 0 {
+        return Err(format!("the export has {} bytes; bench needs at least 1 MiB", e.size));
+    }
+    if BLOCK % u64::from(e.min_block) != 0 {
+        return Err(format!("the server needs requests in multiples of {} bytes; bench sends 4 KiB ones", e.min_block));
+    }
+    if e.max_block < MIB {
+        return Err(format!("the server takes requests of at most {} bytes; bench sends 1 MiB ones", e.max_block));
+    }
+    Ok(region)
+}
+
+/// Sends `NBD_CMD_DISC`, so the server sees a clean end; failing that is
+/// harmless, as the socket closes anyway.
+fn goodbye(mut conn: Conn) {
+    if conn.set_nonblocking(false).is_ok() {
+        let _ = conn.write_all(&disconnect());
+    }
+}
+
+fn disconnect() -> [u8; crate::nbd::proto::REQUEST_LEN] {
+    crate::nbd::proto::Request { flags: 0, command: sys::NBD_CMD_DISC, cookie: [0; 8], offset: 0, len: 0 }.encode()
+}
+
+/// Nearest-rank percentile of ascending `sorted`; 0 when empty.
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = (p / 100.0 * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn size(len: u32) -> String {
+    if len % MIB == 0 {
+        format!("{}M", len / MIB)
+    } else {
+        format!("{}K", len / KIB)
+    }
+}
+
+/// A line on stdout; a closed stdout (`| head`) is not worth failing over.
+fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_use_the_nearest_rank() {
+        let v: Vec<u64> = (1..=100).collect();
+        assert_eq!(percentile(&v, 50.0), 50);
+        assert_eq!(percentile(&v, 99.0), 99);
+        assert_eq!(percentile(&v, 100.0), 100);
+        assert_eq!(percentile(&v, 0.0), 1);
+        assert_eq!(percentile(&[7], 50.0), 7);
+        assert_eq!(percentile(&[7], 99.0), 7);
+        assert_eq!(percentile(&[1, 2], 50.0), 1);
+        assert_eq!(percentile(&[1, 2], 99.0), 2);
+        assert_eq!(percentile(&[], 50.0), 0);
+        let v: Vec<u64> = (1..=1000).collect();
+        assert_eq!(percentile(&v, 99.0), 990);
+    }
+
+    #[test]
+    fn rows_print_for_people_and_scripts() {
+        let row = Row {
+            pattern: "rand-read-4k-qd32",
+            len: 4096,
+            depth: 32,
+            ios: 9,
+            mbps: 123.456,
+            iops: 30140.2,
+            p50_us: 51.25,
+            p99_us: 250.0,
+        };
+        assert_eq!(row.line(), "bench: pattern=rand-read-4k-qd32 mbps=123.5 iops=30140 p50_us=51.2 p99_us=250.0");
+        let t = row.table_row();
+        assert!(t.starts_with("rand-read-4k-qd32        4K  32     123.5     30140"), "{t}");
+        assert_eq!(t.chars().count(), table_head().chars().count());
+        assert_eq!(size(1 << 20), "1M");
+        assert_eq!(size(128 << 10), "128K");
+    }
+
+    #[test]
+    fn patterns_are_the_documented_eight() {
+        let names: Vec<&str> = PATTERNS.iter().map(|p| p.name).collect();
+        assert_eq!(names.len(), 8);
+        assert!(PATTERNS.iter().all(|p| p.len % BLOCK as u32 == 0 && (p.depth == 8) != p.random));
+        assert!(PATTERNS.iter().filter(|p| p.random).all(|p| p.len == 4096 && [1, 32].contains(&p.depth)));
+    }
+
+    #[test]
+    fn exports_bench_cannot_use_are_refused() {
+        let ok = client::Export { size: 5 << 30, flags: 1, min_block: 512, max_block: 32 << 20 };
+        assert_eq!(check_export(&ok), Ok(MAX_REGION));
+        assert_eq!(check_export(&client::Export { size: (64 << 20) + 4096, ..ok }), Ok(64 << 20));
+        assert!(check_export(&client::Export { flags: 3, ..ok }).unwrap_err().contains("read-only"));
+        assert!(check_export(&client::Export { size: 4096, ..ok }).unwrap_err().contains("at least 1 MiB"));
+        assert!(check_export(&client::Export { min_block: 8192, ..ok }).unwrap_err().contains("multiples"));
+        assert!(check_export(&client::Export { max_block: 65536, ..ok }).unwrap_err().contains("at most 65536"));
+    }
+
+    #[test]
+    fn disconnect_is_a_bare_disc_request() {
+        let d = disconnect();
+        assert_eq!(&d[4..8], &[0, 0, 0, 2]);
+        assert!(d[8..].iter().all(|&b| b == 0));
+    }
+}

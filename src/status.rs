@@ -1,0 +1,193 @@
+//! `nbd-vram status`: each running instance publishes a small file under
+//! /run/nbd-vram/ once a second (from its own thread, never from the serve
+//! loop); `status` reads them back.
+
+use std::fmt::Write as _;
+use std::fs;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::fail::{Code, Failure};
+use crate::stats::Stats;
+use crate::swap;
+
+pub const DIR: &str = "/run/nbd-vram";
+/// A file older than this means its daemon no longer publishes.
+const STALE: u64 = 5;
+
+/// What an instance is, fixed at start.
+pub struct Instance {
+    /// `nbd0` for the swap daemon, `serve-PID` for serve mode.
+    pub name: String,
+    /// /dev/nbdN or the listening address.
+    pub target: String,
+    pub store: String,
+    pub size: u64,
+    pub priority: Option<i32>,
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Publishes after each `tick` (which waits about a second) until it
+/// returns false, then removes the file.
+pub fn publish(inst: &Instance, stats: &Stats, mut tick: impl FnMut() -> bool) {
+    let path = PathBuf::from(DIR).join(format!("{}.status", inst.name));
+    if let Err(e) = fs::create_dir_all(DIR) {
+        return crate::warn!("{DIR}: {e}; `nbd-vram status` will not see this instance");
+    }
+    let started = now();
+    loop {
+        let text = render(inst, stats, started);
+        let tmp = path.with_extension("tmp");
+        if let Err(e) = fs::write(&tmp, text).and_then(|()| fs::rename(&tmp, &path)) {
+            crate::debug!("{}: {e}", path.display());
+        }
+        if !tick() {
+            break;
+        }
+    }
+    let _ = fs::remove_file(&path);
+}
+
+/// One `key=value` a line: trivially written and read, no JSON parser.
+fn render(inst: &Instance, stats: &Stats, started: u64) -> String {
+    let mut s = String::new();
+    let mut kv = |k: &str, v: &dyn std::fmt::Display| {
+        let _ = writeln!(s, "{k}={v}");
+    };
+    kv("pid", &std::process::id());
+    kv("target", &inst.target);
+    kv("store", &inst.store);
+    kv("size_bytes", &inst.size);
+    kv("priority", &inst.priority.map_or("-".into(), |p| p.to_string()));
+    kv("started", &started);
+    kv("updated", &now());
+    kv("requests", &stats.requests.load(Relaxed));
+    kv("read_bytes", &stats.read_bytes.load(Relaxed));
+    kv("written_bytes", &stats.written_bytes.load(Relaxed));
+    kv("errors", &stats.errors.load(Relaxed));
+    kv("batches", &stats.batches.load(Relaxed));
+    kv("busy_ns", &stats.busy_ns.load(Relaxed));
+    kv("max_batch_ns", &stats.max_batch_ns.load(Relaxed));
+    s
+}
+
+fn field<'a>(text: &'a str, key: &str) -> &'a str {
+    text.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix('=')).unwrap_or("")
+}
+
+fn num(text: &str, key: &str) -> u64 {
+    field(text, key).parse().unwrap_or(0)
+}
+
+pub fn show(json: bool) -> Result<(), Failure> {
+    let mut files: Vec<PathBuf> = match fs::read_dir(DIR) {
+        Ok(d) => d.filter_map(|e| Some(e.ok()?.path())).filter(|p| p.extension().is_some_and(|x| x == "status")).collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(Failure::os(DIR, e)),
+    };
+    files.sort();
+    let mut rows: Vec<Row> = files.iter().filter_map(|p| Row::read(p)).collect();
+    // A dead instance matters only while the kernel still swaps to its
+    // device; otherwise its file is litter from a kill -9.
+    rows.retain(|r| {
+        let keep = r.health() != "dead" || r.swap.is_some();
+        if !keep {
+            let _ = fs::remove_file(PathBuf::from(DIR).join(format!("{}.status", r.name)));
+        }
+        keep
+    });
+    if json {
+        let items: Vec<String> = rows.iter().map(Row::json).collect();
+        println!("[{}]", items.join(",\n "));
+    } else if rows.is_empty() {
+        println!("no nbd-vram instance is running");
+    } else {
+        println!("{:<10} {:<22} {:>7} {:>9} {:>5} {:>11} {:>10} {:>9} {:>9} {:>6} {:>8}  HEALTH",
+            "NAME", "TARGET", "PID", "SIZE MiB", "PRIO", "SWAP USED", "REQUESTS", "READ MiB", "WROTE MiB", "ERRORS", "LAT µs");
+        for r in &rows {
+            println!("{:<10} {:<22} {:>7} {:>9} {:>5} {:>11} {:>10} {:>9} {:>9} {:>6} {:>8}  {}",
+                r.name, r.target, r.pid, r.size >> 20, r.priority, r.swap_used(), r.requests,
+                r.read >> 20, r.written >> 20, r.errors, r.latency_us(), r.health());
+        }
+    }
+    if rows.iter().any(|r| r.health() != "ok") {
+        return Err(Failure::new(Code::Other, "an instance is unhealthy (see HEALTH)"));
+    }
+    Ok(())
+}
+
+struct Row {
+    name: String,
+    target: String,
+    store: String,
+    pid: u64,
+    size: u64,
+    priority: String,
+    updated: u64,
+    requests: u64,
+    read: u64,
+    written: u64,
+    errors: u64,
+    batches: u64,
+    busy_ns: u64,
+    swap: Option<swap::Active>,
+}
+
+impl Row {
+    fn read(path: &std::path::Path) -> Option<Row> {
+        let t = fs::read_to_string(path).ok()?;
+        let target = field(&t, "target").to_string();
+        Some(Row {
+            name: path.file_stem()?.to_string_lossy().into_owned(),
+            swap: swap::active(std::path::Path::new(&target)),
+            target,
+            store: field(&t, "store").to_string(),
+            pid: num(&t, "pid"),
+            size: num(&t, "size_bytes"),
+            priority: field(&t, "priority").to_string(),
+            updated: num(&t, "updated"),
+            requests: num(&t, "requests"),
+            read: num(&t, "read_bytes"),
+            written: num(&t, "written_bytes"),
+            errors: num(&t, "errors"),
+            batches: num(&t, "batches"),
+            busy_ns: num(&t, "busy_ns"),
+        })
+    }
+
+    fn health(&self) -> &'static str {
+        let alive = std::path::Path::new(&format!("/proc/{}", self.pid)).exists();
+        if !alive {
+            "dead"
+        } else if now().saturating_sub(self.updated) > STALE {
+            "stalled"
+        } else {
+            "ok"
+        }
+    }
+
+    fn swap_used(&self) -> String {
+        self.swap.as_ref().map_or("-".into(), |a| format!("{} MiB", a.used_kib >> 10))
+    }
+
+    /// Mean service time of a batch, the kernel's wait beyond the socket.
+    fn latency_us(&self) -> u64 {
+        self.busy_ns / self.batches.max(1) / 1000
+    }
+
+    fn json(&self) -> String {
+        let swap = self.swap.as_ref().map_or("null".into(), |a| {
+            format!("{{\"size_kib\":{},\"used_kib\":{},\"priority\":{}}}", a.size_kib, a.used_kib, a.priority)
+        });
+        format!(
+            "{{\"name\":{:?},\"target\":{:?},\"store\":{:?},\"pid\":{},\"size_bytes\":{},\"swap\":{swap},\"requests\":{},\
+             \"read_bytes\":{},\"written_bytes\":{},\"errors\":{},\"mean_batch_us\":{},\"health\":{:?}}}",
+            self.name, self.target, self.store, self.pid, self.size, self.requests,
+            self.read, self.written, self.errors, self.latency_us(), self.health()
+        )
+    }
+}

@@ -1,0 +1,185 @@
+//! Shared by the integration tests: a scratch directory, an `nbd-vram serve`
+//! child on a unique unix socket (killed on drop), running client tools
+//! with a time limit, and a raw NBD client (`raw`).
+//!
+//! Each test binary uses only some of these.
+#![allow(dead_code)]
+
+pub mod raw;
+
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_nbd-vram");
+
+/// Python with the libnbd bindings (python3-libnbd installs for this one).
+pub const PYTHON: &str = "/usr/bin/python3";
+
+pub const KIB: u64 = 1 << 10;
+pub const MIB: u64 = 1 << 20;
+
+/// A fresh, empty directory, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new() -> TempDir {
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("nbd-vram-test-{}-{n}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("creating a scratch directory");
+        TempDir(dir)
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running `nbd-vram serve --store host`; its stderr goes to `server.log`.
+pub struct Server {
+    pub child: Child,
+    pub sock: PathBuf,
+    /// The export size in bytes.
+    pub size: u64,
+    /// Last field: removed only after the child is dead.
+    pub dir: TempDir,
+}
+
+impl Server {
+    /// Serves `size` bytes on `DIR/sock`.
+    pub fn start(size: u64) -> Server {
+        let dir = TempDir::new();
+        let sock = dir.path("sock");
+        let listen = format!("unix:{}", sock.display());
+        Server::start_listen(dir, sock, &listen, size)
+    }
+
+    /// Serves on any `--listen` address; `sock` is only remembered.
+    pub fn start_listen(dir: TempDir, sock: PathBuf, listen: &str, size: u64) -> Server {
+        let log = fs::File::create(dir.path("server.log")).expect("creating server.log");
+        let child = Command::new(BIN)
+            .args(["serve", "--listen", listen, "--store", "host", "--size", &format!("{}K", size / KIB)])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting nbd-vram serve");
+        let mut server = Server { child, sock, size, dir };
+        // The "serving" line is logged once the socket listens.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !server.log().contains("serving") {
+            if let Some(status) = server.child.try_wait().expect("try_wait") {
+                panic!("nbd-vram serve exited early ({status}):\n{}", server.log());
+            }
+            assert!(Instant::now() < deadline, "nbd-vram serve did not start:\n{}", server.log());
+            thread::sleep(Duration::from_millis(10));
+        }
+        server
+    }
+
+    /// The NBD URI of the export, for qemu and libnbd.
+    pub fn uri(&self) -> String {
+        format!("nbd+unix:///?socket={}", self.sock.display())
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.path("server.log")).unwrap_or_default()
+    }
+
+    /// Panics (with the server's log) unless the process is still running.
+    pub fn assert_alive(&mut self) {
+        if let Some(status) = self.child.try_wait().expect("try_wait") {
+            panic!("nbd-vram serve died ({status}); its log:\n{}", self.log());
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if thread::panicking() {
+            eprintln!("--- server log ({}) ---\n{}", self.sock.display(), self.log());
+        }
+    }
+}
+
+/// What a finished command printed.
+pub struct Output {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Output {
+    /// Panics, showing everything, unless the command exited 0.
+    pub fn assert_success(&self, what: &str) {
+        assert!(self.status.success(), "{what} failed ({}):\nstdout:\n{}\nstderr:\n{}", self.status, self.stdout, self.stderr);
+    }
+}
+
+/// Runs `cmd` to completion, killing it (and failing) after `limit`.
+pub fn run(cmd: &mut Command, limit: Duration) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
+    let drain = |mut r: Box<dyn Read + Send>| {
+        thread::spawn(move || {
+            let mut s = String::new();
+            let _ = r.read_to_string(&mut s);
+            s
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().expect("stdout")));
+    let err = drain(Box::new(child.stderr.take().expect("stderr")));
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd:?} still running after {limit:?}: killed");
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    let stdout = out.join().expect("stdout reader");
+    let stderr = err.join().expect("stderr reader");
+    Output { status, stdout, stderr }
+}
+
+/// Deterministic bytes (xorshift), so that failures reproduce.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// `sha256sum FILE`, the hex digest.
+pub fn sha256(file: &Path) -> String {
+    let out = run(Command::new("sha256sum").arg(file), Duration::from_secs(60));
+    out.assert_success("sha256sum");
+    out.stdout.split_whitespace().next().expect("a digest").to_string()
+}

@@ -1,0 +1,463 @@
+/* Self-test of the fake libcuda: dlopens it and checks every knob.
+ * Each scenario runs in a forked child with its own FAKE_CUDA_* variables,
+ * since the fake reads them once, at cuInit.
+ *
+ *   cc -Wall -Wextra -Werror -O2 -pthread -o DIR/check tests/fake_cuda/check.c
+ *   DIR/check DIR/libcuda.so.1      # exit status 0: all checks passed
+ */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+typedef int CUresult;
+typedef int CUdevice;
+typedef unsigned long long CUdeviceptr;
+typedef struct CUctx_st *CUcontext;
+typedef struct CUstream_st *CUstream;
+
+#define APIS(X) \
+    X(cuInit, (unsigned)) X(cuDriverGetVersion, (int *)) X(cuDeviceGet, (CUdevice *, int)) \
+    X(cuDeviceGetCount, (int *)) X(cuDeviceGetName, (char *, int, CUdevice)) \
+    X(cuDeviceTotalMem_v2, (size_t *, CUdevice)) X(cuDevicePrimaryCtxRetain, (CUcontext *, CUdevice)) \
+    X(cuDevicePrimaryCtxRelease_v2, (CUdevice)) X(cuCtxSetCurrent, (CUcontext)) \
+    X(cuMemGetInfo_v2, (size_t *, size_t *)) X(cuMemAlloc_v2, (CUdeviceptr *, size_t)) \
+    X(cuMemFree_v2, (CUdeviceptr)) X(cuMemcpyHtoD_v2, (CUdeviceptr, const void *, size_t)) \
+    X(cuMemcpyDtoH_v2, (void *, CUdeviceptr, size_t)) \
+    X(cuMemcpyHtoDAsync_v2, (CUdeviceptr, const void *, size_t, CUstream)) \
+    X(cuMemcpyDtoHAsync_v2, (void *, CUdeviceptr, size_t, CUstream)) \
+    X(cuMemsetD8_v2, (CUdeviceptr, unsigned char, size_t)) \
+    X(cuMemsetD8Async, (CUdeviceptr, unsigned char, size_t, CUstream)) \
+    X(cuMemHostAlloc, (void **, size_t, unsigned)) X(cuMemFreeHost, (void *)) \
+    X(cuStreamCreate, (CUstream *, unsigned)) X(cuStreamSynchronize, (CUstream)) \
+    X(cuStreamDestroy_v2, (CUstream)) X(cuGetErrorName, (CUresult, const char **)) \
+    X(cuGetErrorString, (CUresult, const char **))
+
+#define FIELD(name, args) CUresult(*name) args;
+static struct { APIS(FIELD) } cu;
+
+#define MIB (1ULL << 20)
+static const char *lib, *scenario;
+static char tmp[64];
+static int fails;
+
+#define EQ(a, b) do { long long a_ = (long long)(a), b_ = (long long)(b); if (a_ != b_) { \
+    fprintf(stderr, "%s:%d [%s] %s == %lld, want %lld\n", __FILE__, __LINE__, scenario, #a, a_, b_); \
+    fails++; } } while (0)
+#define STR(a, b) do { const char *a_ = (a); if (!a_ || strcmp(a_, b)) { \
+    fprintf(stderr, "%s:%d [%s] %s == \"%s\", want \"%s\"\n", __FILE__, __LINE__, scenario, #a, \
+            a_ ? a_ : "(null)", b); fails++; } } while (0)
+
+/* cuInit, then the primary context of device `dev` made current. */
+static CUcontext start(CUdevice dev)
+{
+    CUcontext ctx = NULL;
+    EQ(cu.cuInit(0), 0);
+    EQ(cu.cuDevicePrimaryCtxRetain(&ctx, dev), 0);
+    EQ(cu.cuCtxSetCurrent(ctx), 0);
+    return ctx;
+}
+
+static void fill(unsigned char *p, size_t n, unsigned seed)
+{
+    for (size_t i = 0; i < n; i++) p[i] = (unsigned char)(i * 7 + seed);
+}
+
+static void *other_thread(void *arg)
+{
+    size_t f, t;
+    EQ(cu.cuMemGetInfo_v2(&f, &t), 201);   /* the current context is per thread */
+    EQ(cu.cuCtxSetCurrent(arg), 0);
+    EQ(cu.cuMemGetInfo_v2(&f, &t), 0);
+    return NULL;
+}
+
+static void s_basic(void)
+{
+    int v, n;
+    char name[64];
+    size_t total, f, t;
+    CUdeviceptr d, z;
+    CUdevice dev;
+    const char *s;
+    EQ(cu.cuDriverGetVersion(&v), 0);
+    EQ(v, 12040);
+    EQ(cu.cuDeviceGetCount(&n), 3);
+    EQ(cu.cuMemAlloc_v2(&d, 4096), 3);
+    EQ(cu.cuGetErrorName(2, &s), 0);
+    STR(s, "CUDA_ERROR_OUT_OF_MEMORY");
+    EQ(cu.cuGetErrorString(2, &s), 0);
+    STR(s, "out of memory");
+    EQ(cu.cuGetErrorString(400, &s), 0);
+    STR(s, "invalid resource handle");
+    EQ(cu.cuGetErrorName(12345, &s), 1);
+    EQ(s == NULL, 1);
+    EQ(cu.cuInit(1), 1);
+    CUcontext ctx = NULL;
+    EQ(cu.cuInit(0), 0);
+    EQ(cu.cuDeviceGetCount(&n), 0);
+    EQ(n, 1);
+    EQ(cu.cuDeviceGet(&dev, 0), 0);
+    EQ(cu.cuDeviceGet(&dev, 1), 101);
+    EQ(cu.cuDeviceGet(&dev, -1), 101);
+    EQ(cu.cuDeviceGetName(name, sizeof name, 0), 0);
+    STR(name, "Fake GPU 0 (nbd-vram test)");
+    EQ(cu.cuDeviceGetName(name, 5, 0), 0);
+    STR(name, "Fake");
+    EQ(cu.cuDeviceTotalMem_v2(&total, 0), 0);
+    EQ(total, 16384 * MIB);
+    EQ(cu.cuMemAlloc_v2(&d, 4096), 201);   /* no current context yet */
+    EQ(cu.cuCtxSetCurrent((CUcontext)&v), 201);
+    ctx = start(0);
+    EQ(cu.cuMemGetInfo_v2(&f, &t), 0);
+    EQ(f, 16384 * MIB);
+    EQ(t, 16384 * MIB);
+    EQ(cu.cuMemAlloc_v2(&d, 0), 1);
+    EQ(cu.cuMemAlloc_v2(&d, MIB), 0);
+    EQ(cu.cuMemGetInfo_v2(&f, &t), 0);
+    EQ(f, 16383 * MIB);
+
+    static unsigned char in[MIB], out[MIB];
+    fill(in, MIB, 1);
+    EQ(cu.cuMemcpyHtoD_v2(d, in, MIB), 0);
+    EQ(cu.cuMemcpyDtoH_v2(out, d, MIB), 0);
+    EQ(memcmp(in, out, MIB), 0);
+    EQ(cu.cuMemsetD8_v2(d + 100, 0xab, 50), 0);
+    EQ(cu.cuMemcpyDtoH_v2(out, d, 200), 0);
+    EQ(out[99] == in[99] && out[100] == 0xab && out[149] == 0xab && out[150] == in[150], 1);
+
+    CUstream st;
+    EQ(cu.cuStreamCreate(&st, 2), 1);
+    EQ(cu.cuStreamCreate(&st, 0), 0);
+    fill(in, MIB, 2);
+    EQ(cu.cuMemcpyHtoDAsync_v2(d, in, MIB, st), 0);
+    EQ(cu.cuMemsetD8Async(d, 7, 10, st), 0);
+    EQ(cu.cuMemcpyDtoHAsync_v2(out, d, MIB, NULL), 0);   /* the default stream */
+    EQ(cu.cuStreamSynchronize(st), 0);
+    EQ(out[9] == 7 && out[10] == in[10] && !memcmp(in + 10, out + 10, MIB - 10), 1);
+    EQ(cu.cuMemcpyHtoDAsync_v2(d, in, 1, (CUstream)&v), 400);
+    EQ(cu.cuStreamDestroy_v2(st), 0);
+    EQ(cu.cuMemsetD8Async(d, 0, 1, st), 400);
+    EQ(cu.cuStreamSynchronize(st), 400);
+    EQ(cu.cuStreamDestroy_v2(st), 400);
+
+    EQ(cu.cuMemcpyHtoD_v2(d + MIB - 10, in, 20), 1);   /* runs past the end */
+    EQ(cu.cuMemcpyHtoD_v2(d + MIB - 10, in, 10), 0);
+    EQ(cu.cuMemcpyDtoH_v2(out, d - 1, 1), 1);
+    EQ(cu.cuMemcpyDtoH_v2(out, 0, 1), 1);
+    EQ(cu.cuMemcpyDtoH_v2(NULL, d, 1), 1);
+    EQ(cu.cuMemcpyDtoH_v2(out, d, 0), 0);
+    EQ(cu.cuMemAlloc_v2(&z, 4096), 0);   /* two allocations: no range spans them */
+    EQ(cu.cuMemsetD8_v2(z, 1, 4097), 1);
+    EQ(cu.cuMemFree_v2(z), 0);
+    EQ(cu.cuMemFree_v2(d + 4096), 1);
+    EQ(cu.cuMemFree_v2(d), 0);
+    EQ(cu.cuMemFree_v2(d), 1);
+    EQ(cu.cuMemsetD8_v2(d, 0, 1), 1);
+    EQ(cu.cuMemGetInfo_v2(&f, &t), 0);
+    EQ(f, 16384 * MIB);
+
+    void *h;
+    EQ(cu.cuMemHostAlloc(&h, 8192, 8), 1);
+    EQ(cu.cuMemHostAlloc(&h, 8192, 0), 0);
+    memset(h, 1, 8192);
+    EQ(cu.cuMemFreeHost(h), 0);
+    EQ(cu.cuMemFreeHost(h), 1);
+
+    pthread_t th;
+    EQ(pthread_create(&th, NULL, other_thread, ctx), 0);
+    pthread_join(th, NULL);
+
+    EQ(cu.cuDevicePrimaryCtxRelease_v2(0), 0);
+    EQ(cu.cuDevicePrimaryCtxRelease_v2(0), 201);
+    EQ(cu.cuDevicePrimaryCtxRelease_v2(1), 101);
+    EQ(cu.cuMemAlloc_v2(&d, 4096), 201);   /* the current context was destroyed */
+    EQ(cu.cuCtxSetCurrent(ctx), 201);
+    EQ(cu.cuCtxSetCurrent(NULL), 0);
+}
+
+static void s_init_803(void)
+{
+    int n;
+    const char *s;
+    EQ(cu.cuInit(0), 803);
+    EQ(cu.cuInit(0), 803);   /* sticky, as in CUDA */
+    EQ(cu.cuDeviceGetCount(&n), 3);
+    EQ(cu.cuGetErrorName(803, &s), 0);
+    STR(s, "CUDA_ERROR_SYSTEM_DRIVER_MISMATCH");
+    EQ(cu.cuGetErrorString(803, &s), 0);
+    STR(s, "system has unsupported display driver / cuda driver combination");
+}
+
+static void s_no_device(void) { EQ(cu.cuInit(0), 100); }
+static void s_bad_knob(void) { EQ(cu.cuInit(0), 999); }
+
+static void s_oom(void)   /* TOTAL 8192, FREE 6000 */
+{
+    CUdeviceptr a, b, c;
+    size_t f, t, total;
+    start(0);
+    EQ(cu.cuDeviceTotalMem_v2(&total, 0), 0);
+    EQ(total, 8192 * MIB);
+    EQ(cu.cuMemGetInfo_v2(&f, &t), 0);
+    EQ(f, 6000 * MIB);
+    EQ(t, 8192 * MIB);
+    EQ(cu.cuMemAlloc_v2(&a, 7ULL << 30), 2);
+    EQ(cu.cuMemAlloc_v2(&a, 2560 * MIB), 0);
+    EQ(cu.cuMemAlloc_v2(&b, 2560 * MIB), 0);
+    EQ(cu.cuMemAlloc_v2(&c, 2560 * MIB), 2);
+    EQ(cu.cuMemAlloc_v2(&c, 880 * MIB), 0);
+    EQ(cu.cuMemGetInfo_v2(&f, &t), 0);
+    EQ(f, 0);
+    EQ(cu.cuMemAlloc_v2(&b, 1), 2);
+    EQ(cu.cuMemsetD8_v2(a + 2560 * MIB - 1, 1, 1), 0);
+    EQ(cu.cuMemFree_v2(a), 0);
+    EQ(cu.cuMemFree_v2(b), 0);
+    EQ(cu.cuMemFree_v2(c), 0);
+    EQ(cu.cuMemGetInfo_v2(&f, &t), 0);
+    EQ(f, 6000 * MIB);
+}
+
+static void s_max_alloc(void)   /* MAX_ALLOC 1024 */
+{
+    CUdeviceptr d[4];
+    start(0);
+    EQ(cu.cuMemAlloc_v2(d, 1025 * MIB), 2);
+    for (int i = 0; i < 4; i++) EQ(cu.cuMemAlloc_v2(&d[i], 1024 * MIB), 0);
+    for (int i = 0; i < 4; i++) EQ(cu.cuMemFree_v2(d[i]), 0);
+}
+
+static void s_two_devices(void)   /* DEVICES 2, TOTAL 64 */
+{
+    CUcontext c1 = NULL;
+    CUdeviceptr a, b;
+    size_t f, t;
+    char name[64];
+    CUcontext c0 = start(0);
+    EQ(cu.cuMemAlloc_v2(&a, 4 * MIB), 0);
+    EQ(cu.cuDeviceGetName(name, sizeof name, 1), 0);
+    STR(name, "Fake GPU 1 (nbd-vram test)");
+    EQ(cu.cuDevicePrimaryCtxRetain(&c1, 1), 0);
+    EQ(cu.cuCtxSetCurrent(c1), 0);
+    EQ(cu.cuMemAlloc_v2(&b, 16 * MIB), 0);
+    EQ(cu.cuMemGetInfo_v2(&f, &t), 0);
+    EQ(f, 48 * MIB);
+    EQ(cu.cuMemsetD8_v2(a, 3, 4 * MIB), 0);   /* unified addressing: any context may copy */
+    EQ(cu.cuDevicePrimaryCtxRelease_v2(1), 0);   /* reclaims b */
+    EQ(cu.cuCtxSetCurrent(c0), 0);
+    EQ(cu.cuMemGetInfo_v2(&f, &t), 0);
+    EQ(f, 60 * MIB);
+    EQ(cu.cuMemFree_v2(b), 1);
+    EQ(cu.cuDevicePrimaryCtxRetain(&c1, 1), 0);
+    EQ(cu.cuCtxSetCurrent(c1), 0);
+    EQ(cu.cuMemGetInfo_v2(&f, &t), 0);
+    EQ(f, 64 * MIB);
+    EQ(cu.cuMemFree_v2(a), 0);
+}
+
+static void s_fail_copy(void)   /* FAIL_COPY 3 */
+{
+    CUdeviceptr d;
+    unsigned char buf[64] = {0}, out[64];
+    start(0);
+    EQ(cu.cuMemAlloc_v2(&d, 4096), 0);
+    EQ(cu.cuMemcpyHtoD_v2(d, buf, 64), 0);     /* 1 */
+    EQ(cu.cuMemsetD8_v2(d, 9, 8192), 1);       /* invalid: not counted */
+    EQ(cu.cuMemsetD8_v2(d, 9, 16), 0);         /* 2 */
+    memset(buf, 5, sizeof buf);
+    EQ(cu.cuMemcpyHtoDAsync_v2(d, buf, 64, NULL), 700);   /* 3: fails, copies nothing */
+    EQ(cu.cuMemcpyDtoH_v2(out, d, 64), 0);     /* 4 */
+    EQ(out[0] == 9 && out[15] == 9 && out[16] == 0, 1);
+    EQ(cu.cuMemcpyHtoD_v2(d, buf, 64), 0);     /* 5 */
+    EQ(cu.cuMemFree_v2(d), 0);
+}
+
+static long long file_byte(const char *path, long off)
+{
+    unsigned char c = 0;
+    int fd = open(path, O_RDONLY);
+    long long r = fd >= 0 && pread(fd, &c, 1, off) == 1 ? c : -1;
+    if (fd >= 0) close(fd);
+    return r;
+}
+
+static void make_file(const char *path, long size, const char *text)
+{
+    int fd = open(path, O_RDWR | O_CREAT | O_TRUNC, 0600);
+    EQ(fd >= 0, 1);
+    if (text) EQ(write(fd, text, strlen(text)), (long long)strlen(text));
+    if (size) EQ(ftruncate(fd, size), 0);
+    close(fd);
+}
+
+static void s_backing(void)   /* BACKING tmp/backing, 64 MiB */
+{
+    CUdeviceptr d[4], e, x, y;
+    size_t f, t;
+    char path[128];
+    snprintf(path, sizeof path, "%s/backing", tmp);
+    start(0);
+    EQ(cu.cuMemGetInfo_v2(&f, &t), 0);
+    EQ(f, 64 * MIB);
+    EQ(t, 64 * MIB);
+    for (int i = 0; i < 4; i++) EQ(cu.cuMemAlloc_v2(&d[i], 16 * MIB), 0);
+    EQ(d[1] - d[0], 16 * MIB);
+    EQ(d[3] - d[0], 48 * MIB);
+    EQ(cu.cuMemAlloc_v2(&e, 4096), 2);
+    EQ(cu.cuMemsetD8_v2(d[2] + 5, 0x5a, 1), 0);
+    EQ(file_byte(path, 32 * MIB + 5), 0x5a);   /* device memory is the file */
+    EQ(cu.cuMemFree_v2(d[1]), 0);
+    EQ(cu.cuMemAlloc_v2(&x, 5000), 0);          /* first fit reuses the hole */
+    EQ(x, d[1]);
+    EQ(cu.cuMemAlloc_v2(&y, 8 * MIB), 0);
+    EQ(y, d[1] + 8192);                          /* page-aligned */
+    EQ(cu.cuMemAlloc_v2(&e, 8 * MIB), 2);
+    EQ(cu.cuMemFree_v2(x), 0);
+    EQ(cu.cuMemFree_v2(y), 0);
+    EQ(cu.cuMemFree_v2(d[1]), 1);   /* already freed */
+    EQ(cu.cuMemFree_v2(d[0]), 0);
+    EQ(cu.cuMemFree_v2(d[2]), 0);
+    EQ(cu.cuMemFree_v2(d[3]), 0);
+    EQ(cu.cuMemGetInfo_v2(&f, &t), 0);
+    EQ(f, 64 * MIB);
+}
+
+static void s_backing_capped(void)   /* BACKING 64 MiB, TOTAL 32 */
+{
+    size_t total;
+    EQ(cu.cuInit(0), 0);
+    EQ(cu.cuDeviceTotalMem_v2(&total, 0), 0);
+    EQ(total, 32 * MIB);
+}
+
+static void s_ivshmem(void)   /* a fake sysfs with an ivshmem device */
+{
+    CUdeviceptr d;
+    size_t total;
+    char path[128], buf[8] = "";
+    start(0);
+    EQ(cu.cuDeviceTotalMem_v2(&total, 0), 0);
+    EQ(total, 8 * MIB);
+    EQ(cu.cuMemAlloc_v2(&d, 8 * MIB), 0);
+    EQ(cu.cuMemsetD8_v2(d + 8 * MIB - 1, 0x77, 1), 0);
+    snprintf(path, sizeof path, "%s/pci/0000:00:05.0/resource2", tmp);
+    EQ(file_byte(path, 8 * MIB - 1), 0x77);
+    snprintf(path, sizeof path, "%s/pci/0000:00:05.0/enable", tmp);
+    int fd = open(path, O_RDONLY);
+    EQ(read(fd, buf, sizeof buf - 1), 2);
+    close(fd);
+    STR(buf, "1\n");   /* "1" written over the "0\n" */
+    EQ(cu.cuMemFree_v2(d), 0);
+}
+
+static void s_log(void)   /* LOG, TOTAL 8192, FREE 6000 */
+{
+    CUdeviceptr a, b;
+    char path[128], buf[1024] = "";
+    snprintf(path, sizeof path, "%s/log", tmp);
+    start(0);
+    EQ(cu.cuMemAlloc_v2(&a, 7516192768ULL), 2);
+    EQ(cu.cuMemAlloc_v2(&a, 2684354560ULL), 0);
+    EQ(cu.cuMemAlloc_v2(&b, 2684354560ULL), 0);
+    EQ(cu.cuMemFree_v2(a), 0);
+    EQ(cu.cuMemFree_v2(a), 1);
+    EQ(cu.cuDevicePrimaryCtxRelease_v2(0), 0);   /* b leaks */
+    start(0);
+    EQ(cu.cuDevicePrimaryCtxRelease_v2(0), 0);
+    int fd = open(path, O_RDONLY);
+    EQ(read(fd, buf, sizeof buf - 1) > 0, 1);
+    close(fd);
+    char want[512];
+    snprintf(want, sizeof want,
+             "init -> ok\nalloc 7516192768 -> OUT_OF_MEMORY\nalloc 2684354560 -> ok\n"
+             "alloc 2684354560 -> ok\nfree 2684354560\nfree 0x%llx -> INVALID_VALUE\n"
+             "release 0 -> ok refs=0 leaked=2684354560 leaked_host=0\ninit -> ok\n"
+             "release 0 -> ok refs=0\n", a);
+    STR(buf, want);
+}
+
+static int run(const char *name, void (*fn)(void), const char *env)
+{
+    fflush(stdout);
+    pid_t pid = fork();
+    if (pid == 0) {
+        scenario = name;
+        static const char *const knobs[] = {"DEVICES", "TOTAL_MIB", "FREE_MIB", "MAX_ALLOC_MIB",
+            "INIT_ERROR", "FAIL_COPY", "LOG", "BACKING", "PCI_DIR"};
+        char var[32], *e = strdup(env), *save = NULL;   /* "K=V K=V" */
+        for (size_t i = 0; i < sizeof knobs / sizeof *knobs; i++) {
+            snprintf(var, sizeof var, "FAKE_CUDA_%s", knobs[i]);
+            unsetenv(var);
+        }
+        for (char *kv = strtok_r(e, " ", &save), *eq; kv; kv = strtok_r(NULL, " ", &save))
+            if ((eq = strchr(kv, '='))) { *eq = 0; setenv(kv, eq + 1, 1); }
+        free(e);
+        void *h = dlopen(lib, RTLD_NOW | RTLD_LOCAL);
+        if (!h) { fprintf(stderr, "%s\n", dlerror()); _exit(2); }
+#define LOAD(n, args) if (!(*(void **)&cu.n = dlsym(h, #n))) { fprintf(stderr, "no %s\n", #n); _exit(2); }
+        APIS(LOAD)
+        fn();
+        fflush(stderr);
+        _exit(fails ? 1 : 0);
+    }
+    int st = 0;
+    waitpid(pid, &st, 0);
+    int ok = WIFEXITED(st) && WEXITSTATUS(st) == 0;
+    printf("%-16s %s\n", name, ok ? "ok" : "FAILED");
+    return !ok;
+}
+
+int main(int argc, char **argv)
+{
+    char env[512], path[160];
+    int bad = 0;
+    lib = argc > 1 ? argv[1] : "./libcuda.so.1";
+    snprintf(tmp, sizeof tmp, "/tmp/fake_cuda_check.XXXXXX");
+    if (!mkdtemp(tmp)) { perror("mkdtemp"); return 2; }
+    snprintf(path, sizeof path, "%s/backing", tmp);
+    make_file(path, 64 * MIB, NULL);
+    snprintf(path, sizeof path, "%s/pci", tmp);
+    mkdir(path, 0700);
+    static const char *const pci[][2] = {
+        {"0000:00:04.0/vendor", "0x8086\n"}, {"0000:00:04.0/device", "0x1110\n"},
+        {"0000:00:05.0/vendor", "0x1af4\n"}, {"0000:00:05.0/device", "0x1110\n"},
+        {"0000:00:05.0/enable", "0\n"}, {"0000:00:05.0/resource2", NULL},
+    };
+    snprintf(path, sizeof path, "%s/pci/0000:00:04.0", tmp);
+    mkdir(path, 0700);
+    snprintf(path, sizeof path, "%s/pci/0000:00:05.0", tmp);
+    mkdir(path, 0700);
+    for (size_t i = 0; i < sizeof pci / sizeof *pci; i++) {
+        snprintf(path, sizeof path, "%s/pci/%s", tmp, pci[i][0]);
+        make_file(path, pci[i][1] ? 0 : 8 * MIB, pci[i][1]);
+    }
+    bad |= run("basic", s_basic, "");
+    bad |= run("init_error_803", s_init_803, "FAKE_CUDA_INIT_ERROR=803");
+    bad |= run("init_error_100", s_no_device, "FAKE_CUDA_INIT_ERROR=100");
+    bad |= run("no_device", s_no_device, "FAKE_CUDA_DEVICES=0");
+    bad |= run("bad_knob", s_bad_knob, "FAKE_CUDA_TOTAL_MIB=12x");
+    bad |= run("oom", s_oom, "FAKE_CUDA_TOTAL_MIB=8192 FAKE_CUDA_FREE_MIB=6000");
+    bad |= run("max_alloc", s_max_alloc, "FAKE_CUDA_MAX_ALLOC_MIB=1024");
+    bad |= run("two_devices", s_two_devices, "FAKE_CUDA_DEVICES=2 FAKE_CUDA_TOTAL_MIB=64");
+    bad |= run("fail_copy", s_fail_copy, "FAKE_CUDA_FAIL_COPY=3");
+    snprintf(env, sizeof env, "FAKE_CUDA_BACKING=%s/backing", tmp);
+    bad |= run("backing_file", s_backing, env);
+    snprintf(env, sizeof env, "FAKE_CUDA_BACKING=%s/backing FAKE_CUDA_TOTAL_MIB=32", tmp);
+    bad |= run("backing_capped", s_backing_capped, env);
+    snprintf(env, sizeof env, "FAKE_CUDA_BACKING=ivshmem FAKE_CUDA_PCI_DIR=%s/pci", tmp);
+    bad |= run("ivshmem", s_ivshmem, env);
+    snprintf(env, sizeof env, "FAKE_CUDA_BACKING=ivshmem FAKE_CUDA_PCI_DIR=%s", tmp);
+    bad |= run("ivshmem_missing", s_no_device, env);
+    snprintf(env, sizeof env, "FAKE_CUDA_LOG=%s/log FAKE_CUDA_TOTAL_MIB=8192 FAKE_CUDA_FREE_MIB=6000", tmp);
+    bad |= run("log", s_log, env);
+    snprintf(env, sizeof env, "rm -rf '%s'", tmp);
+    if (system(env) != 0) fprintf(stderr, "could not remove %s\n", tmp);
+    printf("%s\n", bad ? "FAILED" : "all passed");
+    return bad;
+}

@@ -1,0 +1,549 @@
+/* A fake CUDA driver (libcuda.so.1) for testing nbd-vram without a GPU.
+ *
+ * It exports the 25 driver entry points nbd-vram resolves, with the real
+ * ABI, and backs "device memory" with ordinary memory of this process, so a
+ * CUdeviceptr is a real address here. Behaviour is tuned by FAKE_CUDA_*
+ * variables read once, at the first cuInit(0); see README.md beside this
+ * file. Build: cc -shared -fPIC -O2 -Wall -Wextra -o DIR/libcuda.so.1 libcuda.c
+ */
+#define _GNU_SOURCE
+#include <dirent.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#define API __attribute__((visibility("default")))
+
+typedef int CUresult;
+typedef int CUdevice;
+typedef unsigned long long CUdeviceptr;
+typedef struct CUctx_st *CUcontext;
+typedef struct CUstream_st *CUstream;
+
+enum {
+    OK = 0, E_VALUE = 1, E_OOM = 2, E_NOT_INIT = 3, E_NO_DEVICE = 100,
+    E_DEVICE = 101, E_CONTEXT = 201, E_HANDLE = 400, E_ILLEGAL = 700,
+    E_UNKNOWN = 999,
+};
+
+/* Names and texts exactly as the real cuGetErrorName/cuGetErrorString. */
+static const struct { CUresult code; const char *name, *text; } errors[] = {
+    {0, "CUDA_SUCCESS", "no error"},
+    {1, "CUDA_ERROR_INVALID_VALUE", "invalid argument"},
+    {2, "CUDA_ERROR_OUT_OF_MEMORY", "out of memory"},
+    {3, "CUDA_ERROR_NOT_INITIALIZED", "initialization error"},
+    {4, "CUDA_ERROR_DEINITIALIZED", "driver shutting down"},
+    {34, "CUDA_ERROR_STUB_LIBRARY", "CUDA driver is a stub library"},
+    {100, "CUDA_ERROR_NO_DEVICE", "no CUDA-capable device is detected"},
+    {101, "CUDA_ERROR_INVALID_DEVICE", "invalid device ordinal"},
+    {201, "CUDA_ERROR_INVALID_CONTEXT", "invalid device context"},
+    {400, "CUDA_ERROR_INVALID_HANDLE", "invalid resource handle"},
+    {700, "CUDA_ERROR_ILLEGAL_ADDRESS", "an illegal memory access was encountered"},
+    {803, "CUDA_ERROR_SYSTEM_DRIVER_MISMATCH",
+     "system has unsupported display driver / cuda driver combination"},
+    {804, "CUDA_ERROR_COMPAT_NOT_SUPPORTED_ON_DEVICE",
+     "forward compatibility was attempted on non supported HW"},
+    {999, "CUDA_ERROR_UNKNOWN", "unknown error"},
+};
+
+#define MIB (1ULL << 20)
+#define PAGE 4096ULL
+#define MAX_DEVICES 16
+
+struct CUctx_st { int dev, refs; };        /* a device's primary context */
+struct CUstream_st { int dev; struct CUstream_st *next; };
+struct block { char *p; size_t size; int dev; struct block *next; };
+
+static struct device {
+    size_t total, free;   /* bytes; "free" also counts FAKE_CUDA_FREE_MIB's phantom use */
+    char *base;           /* backing mode: this device's slice of the mapping */
+    struct CUctx_st ctx;
+} devs[MAX_DEVICES];
+
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static CUresult init_rc = -1;             /* -1: cuInit(0) not called yet */
+static int ndev;
+static size_t max_alloc = SIZE_MAX;
+static unsigned long long fail_copy, copies;
+static char log_path[PATH_MAX];
+static struct block *allocs;              /* device memory, sorted by address */
+static struct block *host_allocs;         /* cuMemHostAlloc memory */
+static struct CUstream_st *streams;
+/* As in CUDA, the current context is per thread. */
+static __thread struct CUctx_st *current;
+
+static const char *short_name(CUresult rc)
+{
+    static __thread char buf[16];
+    if (rc == OK) return "ok";
+    for (size_t i = 0; i < sizeof errors / sizeof *errors; i++)
+        if (errors[i].code == rc) return errors[i].name + strlen("CUDA_ERROR_");
+    snprintf(buf, sizeof buf, "%d", rc);
+    return buf;
+}
+
+/* One line to FAKE_CUDA_LOG, opened per line with O_APPEND. Lock held. */
+__attribute__((format(printf, 1, 2))) static void logf_(const char *fmt, ...)
+{
+    char line[256];
+    va_list ap;
+    if (!log_path[0]) return;
+    va_start(ap, fmt);
+    int n = vsnprintf(line, sizeof line - 1, fmt, ap);
+    va_end(ap);
+    if (n < 0) return;
+    if (n > (int)sizeof line - 2) n = sizeof line - 2;
+    line[n++] = '\n';
+    int fd = open(log_path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
+    if (fd < 0) return;
+    if (write(fd, line, n) != n) { /* nothing sensible to do */ }
+    close(fd);
+}
+
+/* Reads an unsigned knob; 0 if unset (keeps *out), 1 if set, -1 if bad. */
+static int knob(const char *name, unsigned long long *out)
+{
+    const char *s = getenv(name);
+    char *end;
+    if (!s || !*s) return 0;
+    unsigned long long v = strtoull(s, &end, 10);
+    if (*end || *s == '-') {
+        fprintf(stderr, "fake libcuda: bad %s=%s\n", name, s);
+        return -1;
+    }
+    *out = v;
+    return 1;
+}
+
+static int knob_mib(const char *name, size_t *out)
+{
+    unsigned long long v;
+    int r = knob(name, &v);
+    if (r == 1 && v > SIZE_MAX / MIB) { fprintf(stderr, "fake libcuda: %s too big\n", name); r = -1; }
+    if (r == 1) *out = v * MIB;
+    return r;
+}
+
+static unsigned long sysfs_hex(const char *dir, const char *dev, const char *file)
+{
+    char path[PATH_MAX], buf[32] = "";
+    snprintf(path, sizeof path, "%s/%s/%s", dir, dev, file);
+    FILE *f = fopen(path, "re");
+    if (!f) return 0;
+    if (!fgets(buf, sizeof buf, f)) buf[0] = 0;
+    fclose(f);
+    return strtoul(buf, NULL, 16);
+}
+
+/* Finds the ivshmem-plain device (1af4:1110), enables it, returns the path
+ * of its BAR 2 (the shared memory). FAKE_CUDA_PCI_DIR overrides the sysfs
+ * directory, for tests of this scan. */
+static int find_ivshmem(char *out, size_t len)
+{
+    const char *dir = getenv("FAKE_CUDA_PCI_DIR");
+    if (!dir || !*dir) dir = "/sys/bus/pci/devices";
+    DIR *d = opendir(dir);
+    struct dirent *e;
+    int found = -1;
+    while (d && (e = readdir(d))) {
+        if (e->d_name[0] == '.' || sysfs_hex(dir, e->d_name, "vendor") != 0x1af4 ||
+            sysfs_hex(dir, e->d_name, "device") != 0x1110)
+            continue;
+        snprintf(out, len, "%s/%s/enable", dir, e->d_name);
+        int fd = open(out, O_WRONLY | O_CLOEXEC);
+        if (fd >= 0) { if (write(fd, "1", 1) != 1) { /* may be enabled already */ } close(fd); }
+        snprintf(out, len, "%s/%s/resource2", dir, e->d_name);
+        found = 0;
+        break;
+    }
+    if (d) closedir(d);
+    return found;
+}
+
+/* Maps FAKE_CUDA_BACKING; 0 ok, else the cuInit error. */
+static CUresult map_backing(const char *what, char **base, size_t *size)
+{
+    char path[PATH_MAX];
+    struct stat st;
+    if (!strcmp(what, "ivshmem")) {
+        if (find_ivshmem(path, sizeof path)) {
+            fprintf(stderr, "fake libcuda: no ivshmem PCI device (1af4:1110)\n");
+            return E_NO_DEVICE;
+        }
+    } else {
+        snprintf(path, sizeof path, "%s", what);
+    }
+    int fd = open(path, O_RDWR | O_CLOEXEC);
+    /* fstat, not lseek: a sysfs resource file gives the BAR size in st_size */
+    if (fd < 0 || fstat(fd, &st) || st.st_size < (off_t)PAGE) {
+        fprintf(stderr, "fake libcuda: cannot use backing %s\n", path);
+        if (fd >= 0) close(fd);
+        return E_UNKNOWN;
+    }
+    *size = (size_t)st.st_size;
+    *base = mmap(NULL, *size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);   /* the mapping outlives the descriptor, and the process */
+    if (*base == MAP_FAILED) {
+        fprintf(stderr, "fake libcuda: cannot map backing %s\n", path);
+        return E_UNKNOWN;
+    }
+    return OK;
+}
+
+static CUresult do_init(void)
+{
+    unsigned long long v = 1;
+    size_t total = 16384 * MIB, free = 0, bsize = 0;
+    char *base = NULL;
+    const char *backing = getenv("FAKE_CUDA_BACKING");
+    int r;
+
+    if ((r = knob("FAKE_CUDA_INIT_ERROR", &v)) == 1 && v != 0) return (CUresult)v;
+    if (r < 0) return E_UNKNOWN;
+    v = 1;
+    if (knob("FAKE_CUDA_DEVICES", &v) < 0 || v > MAX_DEVICES) return E_UNKNOWN;
+    if (v == 0) return E_NO_DEVICE;
+    ndev = (int)v;
+    int total_set = knob_mib("FAKE_CUDA_TOTAL_MIB", &total);
+    int free_set = knob_mib("FAKE_CUDA_FREE_MIB", &free);
+    if (total_set < 0 || free_set < 0 || knob_mib("FAKE_CUDA_MAX_ALLOC_MIB", &max_alloc) < 0 ||
+        knob("FAKE_CUDA_FAIL_COPY", &fail_copy) < 0)
+        return E_UNKNOWN;
+    if (backing && *backing) {
+        CUresult rc = map_backing(backing, &base, &bsize);
+        if (rc) return rc;
+        /* each device gets an equal page-aligned slice of the one mapping */
+        bsize = bsize / ndev / PAGE * PAGE;
+        if (!total_set || total > bsize) total = bsize;
+    }
+    for (int i = 0; i < ndev; i++) {
+        devs[i].total = total;
+        devs[i].free = free_set && free < total ? free : total;
+        devs[i].base = base ? base + (size_t)i * bsize : NULL;
+        devs[i].ctx.dev = i;
+    }
+    return OK;
+}
+
+API CUresult cuInit(unsigned flags)
+{
+    pthread_mutex_lock(&lock);
+    if (!log_path[0] && getenv("FAKE_CUDA_LOG"))
+        snprintf(log_path, sizeof log_path, "%s", getenv("FAKE_CUDA_LOG"));
+    CUresult rc = E_VALUE;   /* CUDA defines no flags: anything else is invalid */
+    if (flags == 0) {
+        if (init_rc < 0) init_rc = do_init();   /* like CUDA, the outcome sticks */
+        rc = init_rc;
+    }
+    logf_("init -> %s", short_name(rc));
+    pthread_mutex_unlock(&lock);
+    return rc;
+}
+
+API CUresult cuDriverGetVersion(int *v)
+{
+    if (!v) return E_VALUE;
+    *v = 12040;   /* CUDA 12.4 */
+    return OK;
+}
+
+/* Every call below takes the lock and starts with one of these. */
+static CUresult need_init(void) { return init_rc == OK ? OK : E_NOT_INIT; }
+static CUresult need_dev(CUdevice d) { return need_init() ? E_NOT_INIT : d < 0 || d >= ndev ? E_DEVICE : OK; }
+static CUresult need_ctx(void)
+{
+    return need_init() ? E_NOT_INIT : current && current->refs > 0 ? OK : E_CONTEXT;
+}
+#define LOCKED(expr) do { pthread_mutex_lock(&lock); CUresult rc_ = (expr); \
+                          pthread_mutex_unlock(&lock); return rc_; } while (0)
+
+static CUresult device_get(CUdevice *d, int ordinal)
+{
+    CUresult rc = need_init() ? E_NOT_INIT : !d ? E_VALUE : need_dev(ordinal);
+    if (!rc) *d = ordinal;
+    return rc;
+}
+API CUresult cuDeviceGet(CUdevice *d, int ordinal) { LOCKED(device_get(d, ordinal)); }
+
+static CUresult device_count(int *n)
+{
+    CUresult rc = need_init() ? E_NOT_INIT : !n ? E_VALUE : OK;
+    if (!rc) *n = ndev;
+    return rc;
+}
+API CUresult cuDeviceGetCount(int *n) { LOCKED(device_count(n)); }
+
+static CUresult device_name(char *name, int len, CUdevice d)
+{
+    CUresult rc = need_init() ? E_NOT_INIT : !name || len <= 0 ? E_VALUE : need_dev(d);
+    if (!rc) snprintf(name, (size_t)len, "Fake GPU %d (nbd-vram test)", d);
+    return rc;
+}
+API CUresult cuDeviceGetName(char *name, int len, CUdevice d) { LOCKED(device_name(name, len, d)); }
+
+static CUresult total_mem(size_t *bytes, CUdevice d)
+{
+    CUresult rc = need_init() ? E_NOT_INIT : !bytes ? E_VALUE : need_dev(d);
+    if (!rc) *bytes = devs[d].total;
+    return rc;
+}
+API CUresult cuDeviceTotalMem_v2(size_t *bytes, CUdevice d) { LOCKED(total_mem(bytes, d)); }
+
+static CUresult ctx_retain(CUcontext *ctx, CUdevice d)
+{
+    CUresult rc = need_init() ? E_NOT_INIT : !ctx ? E_VALUE : need_dev(d);
+    if (!rc) { devs[d].ctx.refs++; *ctx = &devs[d].ctx; }
+    return rc;
+}
+API CUresult cuDevicePrimaryCtxRetain(CUcontext *ctx, CUdevice d) { LOCKED(ctx_retain(ctx, d)); }
+
+/* The last release destroys the primary context; like CUDA, that frees the
+ * memory and streams made in it. The log line says what was still live. */
+static CUresult ctx_release(CUdevice d)
+{
+    CUresult rc = need_dev(d);
+    if (!rc && devs[d].ctx.refs == 0) rc = E_CONTEXT;
+    if (rc) { logf_("release %d -> %s", d, short_name(rc)); return rc; }
+    size_t leaked = 0, leaked_host = 0;
+    if (--devs[d].ctx.refs == 0) {
+        for (struct block **pp = &allocs, *b; (b = *pp);) {
+            if (b->dev != d) { pp = &b->next; continue; }
+            leaked += b->size;
+            devs[d].free += b->size;
+            if (!devs[d].base) munmap(b->p, b->size);
+            *pp = b->next;
+            free(b);
+        }
+        for (struct block **pp = &host_allocs, *b; (b = *pp);) {
+            if (b->dev != d) { pp = &b->next; continue; }
+            leaked_host += b->size;
+            munmap(b->p, b->size);
+            *pp = b->next;
+            free(b);
+        }
+        for (struct CUstream_st **pp = &streams, *s; (s = *pp);) {
+            if (s->dev != d) { pp = &s->next; continue; }
+            *pp = s->next;
+            free(s);
+        }
+    }
+    char extra[64] = "";
+    if (leaked || leaked_host) snprintf(extra, sizeof extra, " leaked=%zu leaked_host=%zu", leaked, leaked_host);
+    logf_("release %d -> ok refs=%d%s", d, devs[d].ctx.refs, extra);
+    return OK;
+}
+API CUresult cuDevicePrimaryCtxRelease_v2(CUdevice d) { LOCKED(ctx_release(d)); }
+
+static CUresult ctx_set(CUcontext ctx)
+{
+    if (need_init()) return E_NOT_INIT;
+    if (ctx) {   /* must be one of ours, and not destroyed */
+        int i = 0;
+        while (i < ndev && ctx != &devs[i].ctx) i++;
+        if (i == ndev || ctx->refs == 0) return E_CONTEXT;
+    }
+    current = ctx;   /* NULL unbinds, as in CUDA */
+    return OK;
+}
+API CUresult cuCtxSetCurrent(CUcontext ctx) { LOCKED(ctx_set(ctx)); }
+
+static CUresult mem_info(size_t *free, size_t *total)
+{
+    CUresult rc = need_ctx() ? need_ctx() : !free || !total ? E_VALUE : OK;
+    if (!rc) { *free = devs[current->dev].free; *total = devs[current->dev].total; }
+    return rc;
+}
+API CUresult cuMemGetInfo_v2(size_t *free, size_t *total) { LOCKED(mem_info(free, total)); }
+
+/* Backing mode: first fit, page-aligned, in the gaps between the live
+ * blocks of this device's slice (freed space is reused; no fragmentation
+ * handling beyond that). Returns where to link the new block, or NULL. */
+static struct block **place(struct device *dv, size_t size, char **out)
+{
+    char *at = dv->base, *end = dv->base + dv->total;
+    size_t need = (size + PAGE - 1) / PAGE * PAGE;
+    struct block **pp = &allocs;
+    for (; *pp && (*pp)->p < end; pp = &(*pp)->next) {
+        if ((*pp)->p < dv->base) continue;
+        if ((size_t)((*pp)->p - at) >= need) break;
+        at = (*pp)->p + ((*pp)->size + PAGE - 1) / PAGE * PAGE;
+    }
+    if (need < size || (size_t)(end - at) < need) return NULL;
+    *out = at;
+    return pp;
+}
+
+static CUresult mem_alloc(CUdeviceptr *dptr, size_t size)
+{
+    CUresult rc = need_ctx() ? need_ctx() : !dptr || size == 0 ? E_VALUE : OK;
+    struct device *dv = rc ? NULL : &devs[current->dev];
+    struct block **pp = NULL, *b = NULL;
+    char *p = NULL;
+    /* free is exact bytes; CUDA would round up to its page size */
+    if (!rc && (size > dv->free || size > max_alloc)) rc = E_OOM;
+    if (!rc && dv->base && !(pp = place(dv, size, &p))) rc = E_OOM;
+    if (!rc && !dv->base) {
+        p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (p == MAP_FAILED) rc = E_OOM;
+        for (pp = &allocs; !rc && *pp && (*pp)->p < p;) pp = &(*pp)->next;
+    }
+    if (!rc && !(b = malloc(sizeof *b))) {
+        if (!dv->base) munmap(p, size);
+        rc = E_OOM;
+    }
+    if (!rc) {
+        *b = (struct block){p, size, current->dev, *pp};
+        *pp = b;
+        dv->free -= size;
+        *dptr = (CUdeviceptr)(uintptr_t)p;
+    }
+    logf_("alloc %zu -> %s", size, short_name(rc));
+    return rc;
+}
+API CUresult cuMemAlloc_v2(CUdeviceptr *dptr, size_t size) { LOCKED(mem_alloc(dptr, size)); }
+
+static CUresult mem_free(CUdeviceptr dptr)
+{
+    CUresult rc = need_ctx();
+    struct block **pp = &allocs, *b = NULL;
+    while (!rc && *pp && (*pp)->p != (char *)(uintptr_t)dptr) pp = &(*pp)->next;
+    if (!rc && !(b = *pp)) rc = E_VALUE;
+    if (rc) { logf_("free 0x%llx -> %s", dptr, short_name(rc)); return rc; }
+    *pp = b->next;
+    devs[b->dev].free += b->size;
+    if (!devs[b->dev].base) munmap(b->p, b->size);
+    logf_("free %zu", b->size);
+    free(b);
+    return OK;
+}
+API CUresult cuMemFree_v2(CUdeviceptr dptr) { LOCKED(mem_free(dptr)); }
+
+/* NULL (the legacy default stream), CU_STREAM_LEGACY (1) and
+ * CU_STREAM_PER_THREAD (2) are always valid, as in CUDA. */
+static int stream_ok(CUstream s)
+{
+    if ((uintptr_t)s <= 2) return 1;
+    for (struct CUstream_st *t = streams; t; t = t->next)
+        if (t == s) return 1;
+    return 0;
+}
+
+enum copy_kind { H2D, D2H, SET };
+
+/* All copies and memsets. Async forms run synchronously. FAKE_CUDA_FAIL_COPY
+ * counts the calls that pass every check, zero-length ones included. */
+static CUresult copy(enum copy_kind kind, CUdeviceptr dptr, void *host, unsigned char val,
+                     size_t n, int async, CUstream s)
+{
+    CUresult rc = need_ctx();
+    char *p = (char *)(uintptr_t)dptr;
+    if (!rc && async && !stream_ok(s)) rc = E_HANDLE;
+    if (!rc && kind != SET && !host) rc = E_VALUE;
+    if (!rc && n) {   /* the range must lie inside one live allocation */
+        struct block *b = allocs;
+        while (b && !(p >= b->p && p < b->p + b->size)) b = b->next;
+        if (!b || n > b->size - (size_t)(p - b->p)) rc = E_VALUE;
+    }
+    if (!rc && ++copies == fail_copy) rc = E_ILLEGAL;   /* CUDA makes this sticky; we don't */
+    if (!rc && n) {
+        if (kind == H2D) memcpy(p, host, n);
+        else if (kind == D2H) memcpy(host, p, n);
+        else memset(p, val, n);
+    }
+    return rc;
+}
+
+API CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void *src, size_t n)
+{ LOCKED(copy(H2D, dst, (void *)src, 0, n, 0, NULL)); }
+API CUresult cuMemcpyDtoH_v2(void *dst, CUdeviceptr src, size_t n)
+{ LOCKED(copy(D2H, src, dst, 0, n, 0, NULL)); }
+API CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void *src, size_t n, CUstream s)
+{ LOCKED(copy(H2D, dst, (void *)src, 0, n, 1, s)); }
+API CUresult cuMemcpyDtoHAsync_v2(void *dst, CUdeviceptr src, size_t n, CUstream s)
+{ LOCKED(copy(D2H, src, dst, 0, n, 1, s)); }
+API CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char uc, size_t n)
+{ LOCKED(copy(SET, dst, NULL, uc, n, 0, NULL)); }
+API CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char uc, size_t n, CUstream s)
+{ LOCKED(copy(SET, dst, NULL, uc, n, 1, s)); }
+
+static CUresult host_alloc(void **pp, size_t size, unsigned flags)
+{
+    /* PORTABLE | DEVICEMAP | WRITECOMBINED are the only flags CUDA knows */
+    CUresult rc = need_ctx() ? need_ctx() : !pp || size == 0 || (flags & ~7u) ? E_VALUE : OK;
+    void *p = MAP_FAILED;
+    struct block *b = NULL;
+    if (!rc) p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (!rc && (p == MAP_FAILED || !(b = malloc(sizeof *b)))) rc = E_OOM;
+    if (rc) { if (p != MAP_FAILED) munmap(p, size); return rc; }
+    *b = (struct block){p, size, current->dev, host_allocs};
+    host_allocs = b;
+    *pp = p;
+    return OK;
+}
+API CUresult cuMemHostAlloc(void **pp, size_t size, unsigned flags) { LOCKED(host_alloc(pp, size, flags)); }
+
+static CUresult free_host(void *p)
+{
+    CUresult rc = need_ctx();
+    struct block **pp = &host_allocs, *b = NULL;
+    while (!rc && *pp && (*pp)->p != p) pp = &(*pp)->next;
+    if (!rc && !(b = *pp)) rc = E_VALUE;
+    if (rc) return rc;
+    *pp = b->next;
+    munmap(b->p, b->size);
+    free(b);
+    return OK;
+}
+API CUresult cuMemFreeHost(void *p) { LOCKED(free_host(p)); }
+
+static CUresult stream_create(CUstream *ps, unsigned flags)
+{
+    /* CU_STREAM_DEFAULT 0 and CU_STREAM_NON_BLOCKING 1 are the only flags */
+    CUresult rc = need_ctx() ? need_ctx() : !ps || flags > 1 ? E_VALUE : OK;
+    struct CUstream_st *s = rc ? NULL : malloc(sizeof *s);
+    if (!rc && !s) rc = E_OOM;
+    if (rc) return rc;
+    *s = (struct CUstream_st){current->dev, streams};
+    streams = *ps = s;
+    return OK;
+}
+API CUresult cuStreamCreate(CUstream *ps, unsigned flags) { LOCKED(stream_create(ps, flags)); }
+
+static CUresult stream_sync(CUstream s) { return need_ctx() ? need_ctx() : stream_ok(s) ? OK : E_HANDLE; }
+API CUresult cuStreamSynchronize(CUstream s) { LOCKED(stream_sync(s)); }
+
+static CUresult stream_destroy(CUstream s)
+{
+    CUresult rc = need_ctx();
+    struct CUstream_st **pp = &streams;
+    while (!rc && *pp && *pp != s) pp = &(*pp)->next;
+    if (!rc && !*pp) rc = E_HANDLE;   /* includes the built-in streams */
+    if (rc) return rc;
+    *pp = s->next;
+    free(s);
+    return OK;
+}
+API CUresult cuStreamDestroy_v2(CUstream s) { LOCKED(stream_destroy(s)); }
+
+/* Like CUDA: unknown codes give CUDA_ERROR_INVALID_VALUE and *str = NULL. */
+static CUresult error_text(CUresult code, const char **str, int want_name)
+{
+    if (!str) return E_VALUE;
+    for (size_t i = 0; i < sizeof errors / sizeof *errors; i++)
+        if (errors[i].code == code) {
+            *str = want_name ? errors[i].name : errors[i].text;
+            return OK;
+        }
+    *str = NULL;
+    return E_VALUE;
+}
+API CUresult cuGetErrorName(CUresult code, const char **str) { return error_text(code, str, 1); }
+API CUresult cuGetErrorString(CUresult code, const char **str) { return error_text(code, str, 0); }

@@ -1,0 +1,156 @@
+//! The fixed-newstyle handshake from a raw socket: every supported option,
+//! and the ways a client can get it wrong. After each, a fresh connection
+//! must still be served.
+
+mod common;
+
+use std::io::{Read, Write};
+
+use common::raw::*;
+use common::{Server, MIB};
+
+/// HAS_FLAGS | SEND_FLUSH | SEND_FUA | SEND_TRIM | SEND_WRITE_ZEROES, not READ_ONLY.
+const TRANSMISSION_FLAGS: u16 = 1 | 4 | 8 | 32 | 64;
+
+/// `NBD_OPT_INFO`/`GO` data: name, then info requests.
+fn info_data(name: &[u8], requests: &[u16]) -> Vec<u8> {
+    let mut d = (name.len() as u32).to_be_bytes().to_vec();
+    d.extend(name);
+    d.extend((requests.len() as u16).to_be_bytes());
+    requests.iter().for_each(|r| d.extend(r.to_be_bytes()));
+    d
+}
+
+/// A fresh connection does I/O, and the server still runs.
+fn still_serves(server: &mut Server) {
+    let mut c = Nbd::connect(&server.sock);
+    assert_eq!(c.write(4095, b"still here"), 0);
+    assert_eq!(c.read(4095, 10), Ok(b"still here".to_vec()));
+    c.disconnect();
+    server.assert_alive();
+}
+
+#[test]
+fn info_reports_size_flags_and_block_sizes_then_go_with_any_name() {
+    let mut server = Server::start(MIB);
+    let mut s = greet(&server.sock);
+    send_option(&mut s, OPT_INFO, &info_data(b"", &[INFO_BLOCK_SIZE]));
+    let (mut export, mut sizes) = (None, None);
+    loop {
+        let (opt, kind, d) = option_reply(&mut s);
+        assert_eq!(opt, OPT_INFO);
+        if kind == REP_ACK {
+            break;
+        }
+        assert_eq!(kind, REP_INFO);
+        match u16::from_be_bytes([d[0], d[1]]) {
+            INFO_EXPORT => export = Some(d),
+            INFO_BLOCK_SIZE => sizes = Some(d),
+            other => panic!("unrequested info {other}"),
+        }
+    }
+    let export = export.expect("NBD_INFO_EXPORT");
+    assert_eq!(export.len(), 12);
+    assert_eq!(u64::from_be_bytes(export[2..10].try_into().unwrap()), MIB);
+    assert_eq!(u16::from_be_bytes([export[10], export[11]]), TRANSMISSION_FLAGS);
+    let sizes = sizes.expect("NBD_INFO_BLOCK_SIZE, as requested");
+    let word = |i: usize| u32::from_be_bytes(sizes[i..i + 4].try_into().unwrap());
+    assert_eq!((sizes.len(), word(2), word(6), word(10)), (14, 1, 4096, 32 << 20));
+    // INFO leaves the handshake going: GO, for a name the server ignores.
+    let mut c = Nbd::go_named(s, b"whatever");
+    assert_eq!((c.size, c.flags), (MIB, TRANSMISSION_FLAGS));
+    assert_eq!(c.write(0, b"hello"), 0);
+    assert_eq!(c.read(0, 5), Ok(b"hello".to_vec()));
+    c.disconnect();
+    still_serves(&mut server);
+}
+
+#[test]
+fn list_names_the_one_default_export() {
+    let mut server = Server::start(MIB);
+    let mut s = greet(&server.sock);
+    send_option(&mut s, OPT_LIST, &[]);
+    assert_eq!(option_reply(&mut s), (OPT_LIST, REP_SERVER, vec![0, 0, 0, 0]));
+    assert_eq!(option_reply(&mut s), (OPT_LIST, REP_ACK, vec![]));
+    send_option(&mut s, OPT_LIST, b"data is not allowed");
+    assert_eq!(option_reply(&mut s).1, REP_ERR_INVALID);
+    // Malformed GO data: an error, and negotiation goes on.
+    send_option(&mut s, OPT_GO, &[0, 0, 0, 9, 1]);
+    assert_eq!(option_reply(&mut s).1, REP_ERR_INVALID);
+    Nbd::go(s).disconnect();
+    still_serves(&mut server);
+}
+
+#[test]
+fn export_name_enters_transmission_with_and_without_zeroes() {
+    let mut server = Server::start(MIB);
+    for (flags, padding) in [(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES, 0), (FLAG_FIXED_NEWSTYLE, 124)] {
+        let mut s = greet_with(&server.sock, flags);
+        send_option(&mut s, OPT_EXPORT_NAME, b"");
+        let mut reply = vec![0u8; 10 + padding];
+        s.read_exact(&mut reply).unwrap();
+        assert_eq!(u64::from_be_bytes(reply[0..8].try_into().unwrap()), MIB);
+        assert_eq!(u16::from_be_bytes([reply[8], reply[9]]), TRANSMISSION_FLAGS);
+        assert!(reply[10..].iter().all(|&b| b == 0), "the padding is zeroes");
+        // Exactly that much: the next bytes are the reply to a read.
+        let mut c = Nbd::transmission(s, MIB, TRANSMISSION_FLAGS);
+        assert_eq!(c.read(0, 4), Ok(vec![0; 4]));
+        c.disconnect();
+    }
+    still_serves(&mut server);
+}
+
+#[test]
+fn abort_is_acknowledged_then_closed() {
+    let mut server = Server::start(MIB);
+    let mut s = greet(&server.sock);
+    send_option(&mut s, OPT_ABORT, &[]);
+    assert_eq!(option_reply(&mut s), (OPT_ABORT, REP_ACK, vec![]));
+    expect_closed(&mut s);
+    still_serves(&mut server);
+}
+
+#[test]
+fn bad_client_flags_close_the_connection() {
+    let mut server = Server::start(MIB);
+    // Not fixed-newstyle, and an unknown flag.
+    for flags in [0, FLAG_FIXED_NEWSTYLE | 1 << 7] {
+        let mut s = greet_with(&server.sock, flags);
+        // The server may have closed already: this write may fail.
+        let _ = s.write_all(&[IHAVEOPT.as_slice(), &OPT_GO.to_be_bytes(), &[0, 0, 0, 6, 0, 0, 0, 0, 0, 0]].concat());
+        expect_closed(&mut s);
+    }
+    still_serves(&mut server);
+}
+
+#[test]
+fn bad_option_magic_and_huge_options_close_the_connection() {
+    let mut server = Server::start(MIB);
+    let mut s = greet(&server.sock);
+    let mut m = b"IHAVEOPX".to_vec();
+    m.extend(OPT_GO.to_be_bytes());
+    m.extend(6u32.to_be_bytes());
+    m.extend([0; 6]);
+    s.write_all(&m).unwrap();
+    expect_closed(&mut s);
+
+    // 16 MiB of option data is announced (and not sent): refused, then closed.
+    let mut s = greet(&server.sock);
+    let mut m = IHAVEOPT.to_vec();
+    m.extend(OPT_GO.to_be_bytes());
+    m.extend((16u32 << 20).to_be_bytes());
+    s.write_all(&m).unwrap();
+    assert_eq!(option_reply(&mut s).1, REP_ERR_TOO_BIG);
+    expect_closed(&mut s);
+    still_serves(&mut server);
+}
+
+#[test]
+fn client_leaving_mid_handshake_does_not_stop_the_server() {
+    let mut server = Server::start(MIB);
+    drop(greet(&server.sock));
+    let mut s = greet(&server.sock);
+    s.write_all(&IHAVEOPT[..5]).unwrap();
+    drop(s);
+    still_serves(&mut server);
+}

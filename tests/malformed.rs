@@ -1,0 +1,234 @@
+//! Malformed and hostile input on a raw socket. Each test writes known data,
+//! misbehaves on a connection of its own, then checks that a fresh
+//! connection reads the known data back intact and the server still runs.
+
+mod common;
+
+use std::io::Write;
+use std::net::Shutdown;
+
+use common::raw::*;
+use common::{pattern, Server, MIB};
+
+const SIZE: u64 = 4 * MIB;
+/// Known data: 64 KiB at an unaligned offset, and the store's last 4 KiB.
+const AT: u64 = 4096 + 100;
+const LEN: u32 = 64 * 1024;
+const TAIL: u64 = SIZE - 4096;
+
+fn setup() -> Server {
+    let server = Server::start(SIZE);
+    let mut c = Nbd::connect(&server.sock);
+    assert_eq!(c.size, SIZE);
+    assert_eq!(c.write(AT, &pattern(1, LEN as usize)), 0);
+    assert_eq!(c.write(TAIL, &pattern(2, 4096)), 0);
+    c.disconnect();
+    server
+}
+
+/// Checks the known data on `c`, which must still be usable.
+fn assert_known(c: &mut Nbd) {
+    assert!(c.read(AT, LEN) == Ok(pattern(1, LEN as usize)), "known data changed");
+    assert!(c.read(TAIL, 4096) == Ok(pattern(2, 4096)), "known tail changed");
+}
+
+/// A fresh connection sees the known data, and the server lives.
+fn assert_intact(server: &mut Server) {
+    let mut c = Nbd::connect(&server.sock);
+    assert_known(&mut c);
+    c.disconnect();
+    server.assert_alive();
+}
+
+#[test]
+fn garbage_instead_of_a_request_closes_the_connection() {
+    let mut server = setup();
+    let mut c = Nbd::connect(&server.sock);
+    c.s.write_all(&pattern(3, 100)).unwrap();
+    c.expect_closed();
+    assert_intact(&mut server);
+}
+
+#[test]
+fn bad_request_magic_closes_the_connection() {
+    let mut server = setup();
+    let mut c = Nbd::connect(&server.sock);
+    let mut h = header(0, CMD_READ, 1, 0, 512);
+    h[0] ^= 0x80;
+    c.s.write_all(&h).unwrap();
+    c.expect_closed();
+    assert_intact(&mut server);
+}
+
+#[test]
+fn truncated_request_closes_the_connection() {
+    let mut server = setup();
+    let mut c = Nbd::connect(&server.sock);
+    c.s.write_all(&header(0, CMD_READ, 1, AT, 512)[..14]).unwrap();
+    c.s.shutdown(Shutdown::Write).unwrap();
+    c.expect_closed();
+    assert_intact(&mut server);
+}
+
+#[test]
+fn truncated_write_payload_is_not_applied() {
+    let mut server = setup();
+    let mut c = Nbd::connect(&server.sock);
+    c.s.write_all(&header(0, CMD_WRITE, 1, AT, LEN)).unwrap();
+    c.s.write_all(&[0xee; 1000]).unwrap();
+    c.s.shutdown(Shutdown::Write).unwrap();
+    c.expect_closed();
+    assert_intact(&mut server);
+}
+
+#[test]
+fn unknown_command_gets_einval_and_the_connection_goes_on() {
+    let mut server = setup();
+    let mut c = Nbd::connect(&server.sock);
+    for cmd in [5, 7, 99, 0xffff] {
+        assert_eq!(c.command(0, cmd, 0, 4096), EINVAL, "command {cmd}");
+    }
+    assert_known(&mut c);
+    c.disconnect();
+    assert_intact(&mut server);
+}
+
+#[test]
+fn zero_length_io_gets_einval() {
+    let mut server = setup();
+    let mut c = Nbd::connect(&server.sock);
+    assert_eq!(c.read(AT, 0), Err(EINVAL));
+    assert_eq!(c.write(AT, &[]), EINVAL);
+    assert_eq!(c.command(0, CMD_TRIM, AT, 0), EINVAL);
+    assert_eq!(c.command(0, CMD_WRITE_ZEROES, AT, 0), EINVAL);
+    assert_known(&mut c);
+    c.disconnect();
+    assert_intact(&mut server);
+}
+
+#[test]
+fn read_and_trim_past_the_end_get_einval() {
+    let mut server = setup();
+    let mut c = Nbd::connect(&server.sock);
+    assert_eq!(c.read(SIZE - 512, 1024), Err(EINVAL), "straddling the end");
+    assert_eq!(c.read(SIZE, 1), Err(EINVAL), "just past the end");
+    assert_eq!(c.read(u64::MAX - 10, 512), Err(EINVAL), "offset + length overflows");
+    assert_eq!(c.read(0, 33 * MIB as u32), Err(EINVAL), "over the 32 MiB maximum");
+    assert_eq!(c.command(0, CMD_TRIM, TAIL, 8192), EINVAL, "trim past the end");
+    assert_eq!(c.command(0, CMD_FLUSH, 0, 4096), EINVAL, "flush with a length");
+    assert!(c.read(SIZE - 1, 1).is_ok(), "the last byte reads");
+    assert_known(&mut c);
+    c.disconnect();
+    assert_intact(&mut server);
+}
+
+#[test]
+fn write_past_the_end_gets_enospc_and_its_payload_is_consumed() {
+    let mut server = setup();
+    let mut c = Nbd::connect(&server.sock);
+    // The payloads look like requests: unconsumed, they would be parsed.
+    let fake = header(0, CMD_WRITE_ZEROES, 77, AT, LEN).repeat(200);
+    assert_eq!(c.write(SIZE - 4096, &fake), ENOSPC, "straddling the end");
+    assert_eq!(c.write(SIZE, &fake[..28]), ENOSPC, "just past the end");
+    assert_eq!(c.write(u64::MAX - 10, &fake[..28]), ENOSPC, "offset + length overflows");
+    assert_eq!(c.command(0, CMD_WRITE_ZEROES, TAIL, 8192), ENOSPC, "write-zeroes past the end");
+    assert_known(&mut c);
+    c.disconnect();
+    assert_intact(&mut server);
+}
+
+#[test]
+fn oversized_write_gets_einval_and_its_payload_is_consumed() {
+    let mut server = setup();
+    let mut c = Nbd::connect(&server.sock);
+    let len = 32 * MIB as usize + 4096;
+    let fake = header(0, CMD_WRITE_ZEROES, 77, AT, LEN).repeat(len / 28 + 1);
+    assert_eq!(c.write(0, &fake[..len]), EINVAL);
+    assert_known(&mut c);
+    c.disconnect();
+    assert_intact(&mut server);
+}
+
+#[test]
+fn unknown_command_flag_gets_einval_and_the_payload_is_not_written() {
+    let mut server = setup();
+    let mut c = Nbd::connect(&server.sock);
+    let junk = header(0, CMD_WRITE_ZEROES, 77, AT, LEN).repeat(100);
+    assert_eq!(c.write_flags(1 << 15, AT, &junk), EINVAL);
+    assert_eq!(c.write_flags(FLAG_FUA | 1 << 2, AT, &junk), EINVAL, "DF is for reads only");
+    assert_eq!(c.command(1 << 9, CMD_FLUSH, 0, 0), EINVAL);
+    assert_known(&mut c);
+    // Known flags still work: FUA on a write, then put the data back.
+    assert_eq!(c.write_flags(FLAG_FUA, AT, &[9; 10]), 0);
+    assert_eq!(c.read(AT, 10), Ok(vec![9; 10]));
+    assert_eq!(c.write(AT, &pattern(1, 10)), 0);
+    c.disconnect();
+    assert_intact(&mut server);
+}
+
+#[test]
+fn unknown_option_gets_err_unsup_then_go_works() {
+    let mut server = setup();
+    let mut s = greet(&server.sock);
+    for opt in [OPT_STRUCTURED_REPLY, 5, 0x1234_5678] {
+        send_option(&mut s, opt, b"some data");
+        let (o, kind, data) = option_reply(&mut s);
+        assert_eq!((o, kind), (opt, REP_ERR_UNSUP), "option {opt:#x}");
+        let _ = data; // an optional message
+    }
+    let mut c = Nbd::go(s);
+    assert_eq!(c.size, SIZE);
+    assert_known(&mut c);
+    c.disconnect();
+    assert_intact(&mut server);
+}
+
+#[test]
+fn client_vanishing_mid_read_reply_does_not_hurt_the_server() {
+    let mut server = setup();
+    // A read of the whole store, far more than a socket buffer holds, of
+    // which only the reply header is taken before closing.
+    let mut c = Nbd::connect(&server.sock);
+    c.send(0, CMD_READ, 0, SIZE as u32, &[]);
+    assert_eq!(c.reply().0, 0);
+    drop(c);
+    // Pipelined reads, none of whose replies is read.
+    let mut c = Nbd::connect(&server.sock);
+    for _ in 0..8 {
+        c.send(0, CMD_READ, 0, SIZE as u32, &[]);
+    }
+    drop(c);
+    assert_intact(&mut server);
+}
+
+#[test]
+fn pipelined_requests_are_all_answered() {
+    let mut server = setup();
+    let mut c = Nbd::connect(&server.sock);
+    // 100 writes in flight at once, then 100 reads of them. Replies may come
+    // in any order: the cookie says which request each answers.
+    let at = |i: u64| MIB + i * 1000;
+    let mut writes = std::collections::HashSet::new();
+    for i in 0..100 {
+        writes.insert(c.send(0, CMD_WRITE, at(i), 1000, &pattern(10 + i, 1000)));
+    }
+    while !writes.is_empty() {
+        let (error, cookie) = c.reply();
+        assert_eq!(error, 0, "write {cookie}");
+        assert!(writes.remove(&cookie), "unknown or repeated cookie {cookie}");
+    }
+    let mut reads = std::collections::HashMap::new();
+    for i in 0..100 {
+        reads.insert(c.send(0, CMD_READ, at(i), 1000, &[]), i);
+    }
+    while !reads.is_empty() {
+        let (error, cookie) = c.reply();
+        assert_eq!(error, 0, "read {cookie}");
+        let i = reads.remove(&cookie).expect("a known cookie, once");
+        let mut data = vec![0u8; 1000];
+        std::io::Read::read_exact(&mut c.s, &mut data).unwrap();
+        assert!(data == pattern(10 + i, 1000), "read {i}: wrong data");
+    }
+    c.disconnect();
+    assert_intact(&mut server);
+}

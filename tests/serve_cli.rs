@@ -1,0 +1,142 @@
+//! What a user of `nbd-vram serve` sees: the socket's mode, a second server
+//! on a live socket, a stale socket, TCP, bad flags, `--help`.
+
+mod common;
+
+use std::net::TcpListener;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::UnixListener;
+use std::process::Command;
+use std::time::Duration;
+
+use common::raw::Nbd;
+use common::{run, Output, Server, TempDir, BIN, MIB};
+
+fn nbd_vram(args: &[&str]) -> Output {
+    run(Command::new(BIN).args(args), Duration::from_secs(30))
+}
+
+/// Exit status `code`, and stderr mentioning each of `says`.
+fn assert_fails(out: &Output, code: i32, says: &[&str]) {
+    assert_eq!(out.status.code(), Some(code), "stderr:\n{}", out.stderr);
+    for s in says {
+        assert!(out.stderr.contains(s), "stderr should mention {s:?}:\n{}", out.stderr);
+    }
+}
+
+#[test]
+fn unix_socket_is_mode_0600() {
+    let server = Server::start(MIB);
+    let meta = std::fs::metadata(&server.sock).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+}
+
+#[test]
+fn second_server_on_a_live_socket_fails_and_leaves_the_first_serving() {
+    let mut first = Server::start(MIB);
+    let mut c = Nbd::connect(&first.sock);
+    assert_eq!(c.write(0, b"first"), 0);
+    c.disconnect();
+    let listen = format!("unix:{}", first.sock.display());
+    let out = nbd_vram(&["serve", "--listen", &listen, "--store", "host", "--size", "1"]);
+    assert!(!out.status.success());
+    assert_fails(&out, 6, &[first.sock.to_str().unwrap(), "another server is listening"]);
+    // The first server still owns the path, with its data.
+    let mut c = Nbd::connect(&first.sock);
+    assert_eq!(c.size, MIB);
+    assert_eq!(c.read(0, 5), Ok(b"first".to_vec()));
+    c.disconnect();
+    first.assert_alive();
+}
+
+#[test]
+fn stale_socket_is_replaced() {
+    let dir = TempDir::new();
+    let sock = dir.path("sock");
+    drop(UnixListener::bind(&sock).unwrap()); // leaves the file, with nobody listening
+    let listen = format!("unix:{}", sock.display());
+    let mut server = Server::start_listen(dir, sock, &listen, MIB);
+    let c = Nbd::connect(&server.sock);
+    assert_eq!(c.size, MIB);
+    c.disconnect();
+    server.assert_alive();
+}
+
+/// Only a stale socket may be replaced: as root, `--listen unix:/etc/passwd`
+/// must not delete /etc/passwd.
+#[test]
+fn an_existing_regular_file_is_left_alone() {
+    let dir = TempDir::new();
+    let path = dir.path("notes.txt");
+    std::fs::write(&path, "precious").unwrap();
+    let listen = format!("unix:{}", path.display());
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", &listen, "--store", "host", "--size", "1"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        match child.try_wait().unwrap() {
+            Some(status) => break Some(status),
+            None if std::time::Instant::now() > deadline => break None,
+            None => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(std::fs::read_to_string(&path).ok().as_deref(), Some("precious"), "the file was replaced");
+    assert!(status.is_some_and(|s| !s.success()), "serve should refuse the path, got {status:?}");
+}
+
+#[test]
+fn serves_over_tcp() {
+    // A port that was free a moment ago.
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let dir = TempDir::new();
+    let listen = format!("tcp:127.0.0.1:{port}");
+    let mut server = Server::start_listen(dir, Default::default(), &listen, 2 * MIB);
+    let uri = format!("nbd://127.0.0.1:{port}");
+    let out = run(Command::new("qemu-io").args(["-f", "raw", &uri, "-c", "write -P 0x7e 4095 70000", "-c", "read -P 0x7e 4095 70000"]), Duration::from_secs(30));
+    out.assert_success("qemu-io over tcp");
+    assert!(out.stdout.contains("read 70000/70000") && !out.stdout.contains("fail"), "{}", out.stdout);
+    let info = run(Command::new("nbdinfo").args(["--size", &uri]), Duration::from_secs(30));
+    assert_eq!(info.stdout.trim(), (2 * MIB).to_string());
+    server.assert_alive();
+}
+
+#[test]
+fn bad_size_exits_2_and_says_why() {
+    let dir = TempDir::new();
+    let listen = format!("unix:{}", dir.path("sock").display());
+    let out = nbd_vram(&["serve", "--listen", &listen, "--store", "host", "--size", "6K"]);
+    assert_fails(&out, 2, &["--size 6K", "multiple of 4 KiB"]);
+    let out = nbd_vram(&["serve", "--listen", &listen, "--store", "host", "--size", "0"]);
+    assert_fails(&out, 2, &["--size 0", "positive"]);
+    let out = nbd_vram(&["serve", "--listen", &listen, "--store", "host", "--size", "1.5"]);
+    assert_fails(&out, 2, &["--size 1.5", "not a size"]);
+    assert!(!dir.path("sock").exists(), "no socket for a refused command line");
+}
+
+#[test]
+fn unknown_flag_and_missing_listen_exit_2() {
+    let out = nbd_vram(&["serve", "--bogus"]);
+    assert_fails(&out, 2, &["unknown argument '--bogus'", "--help"]);
+    let out = nbd_vram(&["serve", "--store", "host", "--size", "1"]);
+    assert_fails(&out, 2, &["--listen"]);
+    let out = nbd_vram(&["serve", "--listen", "nowhere"]);
+    assert_fails(&out, 2, &["nowhere", "unix:PATH"]);
+    let out = nbd_vram(&["serve", "--listen", "unix:/x", "--priority", "3"]);
+    assert_fails(&out, 2, &["--priority", "does not apply to serve"]);
+}
+
+#[test]
+fn help_exits_0_and_documents_listen() {
+    for flag in ["--help", "-h"] {
+        let out = nbd_vram(&[flag]);
+        out.assert_success(flag);
+        assert!(out.stdout.contains("--listen") && out.stdout.contains("serve"), "{}", out.stdout);
+        assert!(out.stdout.contains("EXIT CODES"), "{}", out.stdout);
+    }
+}
