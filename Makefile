@@ -26,3 +26,61 @@ test: deps lint
 
 clean:
 	$(CARGO) clean
+
+# ---- Installation (files from dist/) ----------------------------------------
+# make install [PREFIX=/usr/local] [DESTDIR=/staging]: the binary and man page
+# under PREFIX; units, modules-load.d, initramfs-tools and dracut files where
+# systemd, kmod and the initramfs builders look, whatever PREFIX is. The
+# units, the initramfs hooks and the man page name the binary by its full
+# path: /usr/local/bin is rewritten to $(PREFIX)/bin as they are installed.
+# /etc/default/nbd-vram is installed only where none exists; uninstall
+# removes it only if it is still the shipped one. install builds first (a
+# no-op when up to date); where root has no cargo: `make && sudo make
+# install CARGO=true`.
+DESTDIR ?=
+BINDIR = $(PREFIX)/bin
+MAN8DIR = $(PREFIX)/share/man/man8
+UNITDIR ?= /lib/systemd/system
+MODLOADDIR ?= /usr/lib/modules-load.d
+ITDIR ?= /usr/share/initramfs-tools
+DRACUTDIR ?= /usr/lib/dracut/modules.d/90nbd-vram
+DEFAULTDIR ?= /etc/default
+INSTALL ?= install
+REPREFIX = sed 's|/usr/local/bin|$(BINDIR)|g'
+
+.PHONY: install uninstall tiny
+install: $(BIN)
+	$(INSTALL) -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(MAN8DIR) $(DESTDIR)$(UNITDIR) \
+		$(DESTDIR)$(MODLOADDIR) $(DESTDIR)$(ITDIR)/hooks \
+		$(DESTDIR)$(ITDIR)/scripts/init-premount $(DESTDIR)$(DRACUTDIR) \
+		$(DESTDIR)$(DEFAULTDIR)
+	$(INSTALL) -m 0755 $(BIN) $(DESTDIR)$(BINDIR)/nbd-vram
+	$(REPREFIX) dist/nbd-vram.8 >$(DESTDIR)$(MAN8DIR)/nbd-vram.8 && chmod 0644 $(DESTDIR)$(MAN8DIR)/nbd-vram.8
+	for u in nbd-vram.service nbd-vram@.service; do \
+		$(REPREFIX) dist/systemd/$$u >$(DESTDIR)$(UNITDIR)/$$u && chmod 0644 $(DESTDIR)$(UNITDIR)/$$u || exit 1; \
+	done
+	$(INSTALL) -m 0644 dist/modules-load.d/nbd-vram.conf $(DESTDIR)$(MODLOADDIR)/nbd-vram.conf
+	$(REPREFIX) dist/initramfs-tools/hooks/nbd-vram >$(DESTDIR)$(ITDIR)/hooks/nbd-vram && chmod 0755 $(DESTDIR)$(ITDIR)/hooks/nbd-vram
+	$(INSTALL) -m 0755 dist/initramfs-tools/scripts/init-premount/nbd-vram $(DESTDIR)$(ITDIR)/scripts/init-premount/nbd-vram
+	$(REPREFIX) dist/dracut/90nbd-vram/module-setup.sh >$(DESTDIR)$(DRACUTDIR)/module-setup.sh && chmod 0755 $(DESTDIR)$(DRACUTDIR)/module-setup.sh
+	$(INSTALL) -m 0755 dist/dracut/90nbd-vram/nbd-vram-start.sh $(DESTDIR)$(DRACUTDIR)/nbd-vram-start.sh
+	[ -e $(DESTDIR)$(DEFAULTDIR)/nbd-vram ] || $(INSTALL) -m 0644 dist/default/nbd-vram $(DESTDIR)$(DEFAULTDIR)/nbd-vram
+	@echo "installed; then: systemctl daemon-reload && systemctl enable --now nbd-vram (or nbd-vram@0 ...)"
+
+uninstall:
+	rm -f $(DESTDIR)$(BINDIR)/nbd-vram $(DESTDIR)$(MAN8DIR)/nbd-vram.8 \
+		$(DESTDIR)$(UNITDIR)/nbd-vram.service $(DESTDIR)$(UNITDIR)/nbd-vram@.service \
+		$(DESTDIR)$(MODLOADDIR)/nbd-vram.conf $(DESTDIR)$(ITDIR)/hooks/nbd-vram \
+		$(DESTDIR)$(ITDIR)/scripts/init-premount/nbd-vram \
+		$(DESTDIR)$(DRACUTDIR)/module-setup.sh $(DESTDIR)$(DRACUTDIR)/nbd-vram-start.sh
+	rmdir $(DESTDIR)$(DRACUTDIR) 2>/dev/null || true
+	! cmp -s dist/default/nbd-vram $(DESTDIR)$(DEFAULTDIR)/nbd-vram || rm -f $(DESTDIR)$(DEFAULTDIR)/nbd-vram
+
+# The smallest binary stable Rust makes: the release profile (LTO, one
+# codegen unit, panic=abort, strip) optimised for size ([profile.tiny] in
+# Cargo.toml). Prints both sizes when a release build exists.
+tiny:
+	$(CARGO) build --profile tiny
+	@for f in target/tiny/nbd-vram $(BIN); do \
+		[ ! -e $$f ] || echo "$$(stat -c %s $$f) bytes  $$f"; \
+	done

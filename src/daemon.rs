@@ -219,6 +219,8 @@ fn swapoff_until_done(path: &Path, signals: &Signals, link_down: &AtomicBool) {
         match swap::swapoff(path) {
             Ok(()) => return info!("swapoff {} done in {:.1} s", path.display(), t.elapsed().as_secs_f64()),
             Err(e) if link_down.load(Ordering::SeqCst) => return error!("swapoff {}: {e}, and the link is gone", path.display()),
+            // systemd's own dev-nbdN.swap unit may have swapped it off first.
+            Err(_) if swap::active(path).is_none() => return info!("{} is no longer swap", path.display()),
             Err(e) => error!(
                 "swapoff {}: {e}: RAM cannot take the swapped pages back yet; still serving them, retrying in {} s",
                 path.display(),

@@ -1,0 +1,417 @@
+//! `make install` / `make uninstall` into a scratch DESTDIR, and what the
+//! installed files must be: modes, paths rewritten to PREFIX, units that
+//! `systemd-analyze verify` accepts, a man page that renders without a
+//! warning, an initramfs-tools hook and a dracut module that put the
+//! expected files in an image. Needs make, systemd-analyze (package
+//! systemd), man (man-db) and groff (groff-base); not root.
+//!
+//! The initramfs-tools hook runs against the real
+//! /usr/share/initramfs-tools/hook-functions where initramfs-tools is
+//! installed, else against a small stub with the same copy_file/copy_exec
+//! contract (tests/deps.sh does not install initramfs-tools-core: on
+//! Debian 12 it drags in a udev that upgrades systemd in the test image).
+//! Either way manual_add_modules is replaced by a logger, since the test
+//! machine has no /lib/modules for the modules it names. dracut is never
+//! installed: module-setup.sh is sourced with stubbed inst_* functions.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+const BIN: &str = env!("CARGO_BIN_EXE_nbd-vram");
+
+/// Every file `make install PREFIX=/usr` puts, with its mode.
+const FILES: &[(&str, u32)] = &[
+    ("usr/bin/nbd-vram", 0o755),
+    ("usr/share/man/man8/nbd-vram.8", 0o644),
+    ("lib/systemd/system/nbd-vram.service", 0o644),
+    ("lib/systemd/system/nbd-vram@.service", 0o644),
+    ("usr/lib/modules-load.d/nbd-vram.conf", 0o644),
+    ("usr/share/initramfs-tools/hooks/nbd-vram", 0o755),
+    ("usr/share/initramfs-tools/scripts/init-premount/nbd-vram", 0o755),
+    ("usr/lib/dracut/modules.d/90nbd-vram/module-setup.sh", 0o755),
+    ("usr/lib/dracut/modules.d/90nbd-vram/nbd-vram-start.sh", 0o755),
+    ("etc/default/nbd-vram", 0o644),
+];
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("install-{}-{name}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let shown = format!("{cmd:?}");
+    let out = cmd.output().unwrap_or_else(|e| panic!("{shown}: {e}"));
+    assert!(
+        out.status.success(),
+        "{shown}: {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn need(tool: &str, package: &str) {
+    let found = Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().is_ok_and(|o| o.status.success());
+    assert!(found, "{tool} not found: install the Debian package `{package}` (tests/deps.sh does)");
+}
+
+/// `make TARGET DESTDIR=dest PREFIX=/usr`, with the binary cargo already
+/// built for this test: CARGO=true keeps make from running a second cargo
+/// inside this one.
+fn make(target: &str, dest: &Path) {
+    run(Command::new("make")
+        .current_dir(ROOT)
+        .arg("--no-print-directory")
+        .arg(target)
+        .arg(format!("DESTDIR={}", dest.display()))
+        .arg("PREFIX=/usr")
+        .arg(format!("BIN={BIN}"))
+        .arg("CARGO=true")
+        .env_remove("MAKEFLAGS")
+        .env_remove("MFLAGS")
+        .env_remove("MAKELEVEL"));
+}
+
+/// Every file or link left under `dir`.
+fn leftovers(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for entry in fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let kind = fs::symlink_metadata(&path).unwrap().file_type();
+        if kind.is_dir() {
+            found.extend(leftovers(&path));
+        } else {
+            found.push(path);
+        }
+    }
+    found
+}
+
+fn text(path: &Path) -> String {
+    fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+#[test]
+fn install_verify_uninstall() {
+    for (tool, package) in [("make", "make"), ("systemd-analyze", "systemd"), ("man", "man-db"), ("groff", "groff-base")] {
+        need(tool, package);
+    }
+    let dest = scratch("dest");
+    make("install", &dest);
+
+    for (file, mode) in FILES {
+        let path = dest.join(file);
+        let meta = fs::metadata(&path).unwrap_or_else(|e| panic!("{file} not installed: {e}"));
+        assert!(meta.is_file(), "{file} is not a file");
+        assert_eq!(meta.permissions().mode() & 0o7777, *mode, "{file}: mode {:o}, expected {mode:o}", meta.permissions().mode());
+    }
+    assert_eq!(leftovers(&dest).len(), FILES.len(), "install put files not in the list: {:?}", leftovers(&dest));
+    assert_eq!(fs::read(dest.join("usr/bin/nbd-vram")).unwrap(), fs::read(BIN).unwrap(), "the installed binary is not the built one");
+    for (file, _) in FILES.iter().filter(|(f, _)| !f.ends_with("bin/nbd-vram")) {
+        assert!(!text(&dest.join(file)).contains("/usr/local"), "{file} still names /usr/local after install with PREFIX=/usr");
+    }
+
+    units(&dest);
+    man_page(&dest);
+    initramfs_tools(&dest);
+    dracut(&dest);
+
+    make("uninstall", &dest);
+    assert_eq!(leftovers(&dest), Vec::<PathBuf>::new(), "uninstall left files behind");
+    let _ = fs::remove_dir_all(&dest);
+}
+
+fn units(dest: &Path) {
+    let unit_dir = dest.join("lib/systemd/system");
+    let single = text(&unit_dir.join("nbd-vram.service"));
+    assert!(single.contains("\nExecStart=/usr/bin/nbd-vram --size 7168 --device /dev/nbd0 --priority 100\n"), "{single}");
+    assert!(single.contains("\nExecStop=/usr/bin/nbd-vram stop /dev/nbd0\n"));
+    let template = text(&unit_dir.join("nbd-vram@.service"));
+    assert!(template.contains("\nExecStart=/usr/bin/nbd-vram --gpu %i "), "{template}");
+    assert!(template.contains("--device auto --priority 100\n"));
+    assert!(!template.contains("\nExecStop="), "the template cannot know its auto device");
+    for unit in [&single, &template] {
+        for line in [
+            "Type=notify",
+            "NotifyAccess=main",
+            "OOMScoreAdjust=-1000",
+            "LimitMEMLOCK=infinity",
+            "DefaultDependencies=no",
+            "Conflicts=shutdown.target",
+            "Before=shutdown.target",
+            "Before=swap.target",
+            "After=systemd-modules-load.service",
+            "Wants=systemd-modules-load.service",
+            "WantedBy=swap.target",
+            "SendSIGKILL=no",
+            "KillMode=mixed",
+            "Restart=no",
+            "ConditionPathExists=!/run/nbd-vram/initramfs",
+        ] {
+            assert!(unit.lines().any(|l| l == line), "a unit lacks {line}");
+        }
+    }
+    // --root: executables and the unit are looked up in the DESTDIR tree,
+    // so ExecStart=/usr/bin/nbd-vram is checked against the installed
+    // binary; MANPATH: Documentation=man:nbd-vram(8) against the installed
+    // page. Unknown keys and bad values only warn: any output fails.
+    for unit in ["nbd-vram.service", "nbd-vram@.service"] {
+        let out = run(Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(format!("--root={}", dest.display()))
+            .arg(format!("/lib/systemd/system/{unit}"))
+            .env("MANPATH", dest.join("usr/share/man"))
+            .env("SYSTEMD_LOG_COLOR", "0"));
+        let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(said.trim().is_empty(), "systemd-analyze verify {unit}:\n{said}");
+    }
+}
+
+fn man_page(dest: &Path) {
+    let page = dest.join("usr/share/man/man8/nbd-vram.8");
+    let out = run(Command::new("man")
+        .args(["--warnings", "-l"])
+        .arg(&page)
+        .env("MANWIDTH", "80")
+        .env("MANPAGER", "cat")
+        .env("PAGER", "cat")
+        .env("LC_ALL", "C"));
+    let rendered = String::from_utf8_lossy(&out.stdout);
+    assert!(out.stderr.is_empty(), "man warns:\n{}", String::from_utf8_lossy(&out.stderr));
+    for heading in [
+        "NAME", "SYNOPSIS", "DESCRIPTION", "OPTIONS", "EXIT STATUS", "FILES", "ENVIRONMENT", "TROUBLESHOOTING", "IF THE DAEMON DIES",
+        "SEE ALSO",
+    ] {
+        assert!(rendered.lines().any(|l| l == heading), "the man page has no {heading} section (is man-db minimised?)");
+    }
+    // Every flag and exit code of --help is documented.
+    let help = run(Command::new(BIN).arg("--help")).stdout;
+    let help = String::from_utf8_lossy(&help);
+    for word in help.split_whitespace().filter(|w| w.starts_with('-')) {
+        let flag = word.trim_end_matches(|c: char| !c.is_ascii_alphanumeric());
+        assert!(rendered.contains(flag), "the man page does not mention {flag}");
+    }
+    for code in 0..=8 {
+        assert!(rendered.lines().any(|l| l.trim_start().starts_with(&format!("{code}  "))), "exit code {code} undocumented");
+    }
+    for sub in ["serve", "gpus", "stop", "status [--json]", "bench"] {
+        assert!(rendered.contains(&format!("nbd-vram {sub}")), "SYNOPSIS lacks {sub}");
+    }
+    let out = run(Command::new("groff").args(["-man", "-ww", "-z"]).arg(&page));
+    assert!(out.stderr.is_empty(), "groff warns:\n{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A stand-in for initramfs-tools' hook-functions where that is not
+/// installed: copy_file and copy_exec copy into $DESTDIR (creating the
+/// directories, returning 1 for a file already there), as the real ones do.
+const HOOK_FUNCTIONS_STUB: &str = r#"
+copy_file() {
+	src=$2; target=${3:-$2}
+	[ -f "$src" ] || return 2
+	[ -e "${DESTDIR}/${target}" ] && return 1
+	mkdir -p "${DESTDIR}/${target%/*}" && cp -pL "$src" "${DESTDIR}/${target}"
+}
+copy_exec() { copy_file binary "$1" "${2:-$1}" || return $(($? - 1)); }
+"#;
+
+fn initramfs_tools(dest: &Path) {
+    let work = scratch("initramfs-tools");
+    let stage = work.join("stage");
+    fs::create_dir(&stage).unwrap();
+    let real = Path::new("/usr/share/initramfs-tools/hook-functions");
+    let functions = if real.exists() {
+        eprintln!("initramfs-tools hook: with the installed {}", real.display());
+        real.to_path_buf()
+    } else {
+        eprintln!("initramfs-tools hook: initramfs-tools not installed, with a stub hook-functions");
+        let stub = work.join("hook-functions");
+        fs::write(&stub, HOOK_FUNCTIONS_STUB).unwrap();
+        stub
+    };
+    let shim = work.join("shim");
+    fs::write(&shim, "manual_add_modules() { echo \"$*\" >>\"$DESTDIR/../modules\"; }\n").unwrap();
+    let libcuda = work.join("libcuda.so.1");
+    fs::copy(BIN, &libcuda).unwrap();
+    let config = work.join("nbd-vram.conf");
+    let installed_bin = dest.join("usr/bin/nbd-vram");
+
+    // The installed hook, pointed at the scratch tree: its three paths of
+    // this machine are the only lines changed.
+    let hook_src = text(&dest.join("usr/share/initramfs-tools/hooks/nbd-vram"));
+    let mut replaced = 0;
+    let hook: String = hook_src
+        .lines()
+        .map(|l| {
+            let new = match l {
+                ". /usr/share/initramfs-tools/hook-functions" => format!(". {}; . {}", functions.display(), shim.display()),
+                "BIN=/usr/bin/nbd-vram" => format!("BIN={}", installed_bin.display()),
+                "CONFIG=/etc/default/nbd-vram" => format!("CONFIG={}", config.display()),
+                _ => return format!("{l}\n"),
+            };
+            replaced += 1;
+            format!("{new}\n")
+        })
+        .collect();
+    assert_eq!(replaced, 3, "the hook no longer has its BIN=, CONFIG= or hook-functions lines:\n{hook_src}");
+    let hook_path = work.join("hook");
+    fs::write(&hook_path, hook).unwrap();
+    let run_hook = || {
+        run(Command::new("sh").arg(&hook_path).env("DESTDIR", &stage).env("verbose", "n").env("version", "0.0.0-test"))
+    };
+
+    let prereqs = run(Command::new("sh").arg(&hook_path).arg("prereqs"));
+    assert_eq!(String::from_utf8_lossy(&prereqs.stdout).trim(), "");
+
+    // Off (the shipped default): the hook adds nothing.
+    fs::copy(dest.join("etc/default/nbd-vram"), &config).unwrap();
+    assert!(text(&config).contains("\nNBD_VRAM_INITRAMFS=no\n"));
+    run_hook();
+    assert!(leftovers(&stage).is_empty(), "NBD_VRAM_INITRAMFS=no still added {:?}", leftovers(&stage));
+
+    // On, with a libcuda to take along.
+    let on = format!(
+        "{}\nNBD_VRAM_INITRAMFS=yes\nNBD_VRAM_LIBCUDA={}\n",
+        text(&config).replace("NBD_VRAM_INITRAMFS=no", "").replace("NBD_VRAM_LIBCUDA=", "#"),
+        libcuda.display()
+    );
+    fs::write(&config, on).unwrap();
+    run_hook();
+    let image_bin = stage.join("usr/bin/nbd-vram");
+    assert_eq!(fs::read(&image_bin).unwrap(), fs::read(BIN).unwrap(), "no nbd-vram in the image");
+    assert!(fs::metadata(&image_bin).unwrap().permissions().mode() & 0o111 != 0, "nbd-vram not executable in the image");
+    assert_eq!(text(&stage.join("etc/default/nbd-vram")), text(&config));
+    let image_lib = stage.join(libcuda.strip_prefix("/").unwrap());
+    assert!(image_lib.is_file(), "libcuda.so.1 not copied to {}", image_lib.display());
+    assert_eq!(text(&stage.join("conf/nbd-vram.conf")).trim(), format!("NBD_VRAM_LIBCUDA_IMAGE='{}'", libcuda.display()));
+    let modules = text(&work.join("modules"));
+    assert_eq!(modules.lines().collect::<Vec<_>>(), ["nbd", "nvidia nvidia_uvm"], "modules asked for");
+
+    // The boot script: its prerequisite, and syntax for every shell an
+    // initramfs may run it with.
+    let script = dest.join("usr/share/initramfs-tools/scripts/init-premount/nbd-vram");
+    let prereqs = run(Command::new("sh").arg(&script).arg("prereqs"));
+    assert_eq!(String::from_utf8_lossy(&prereqs.stdout).trim(), "udev");
+    syntax(&script);
+    let _ = fs::remove_dir_all(&work);
+}
+
+/// `sh -n` with every POSIX shell present (dash, busybox ash, bash).
+fn syntax(script: &Path) {
+    let mut checked = 0;
+    for shell in [&["sh"][..], &["dash"], &["busybox", "sh"], &["bash", "--posix"]] {
+        let present = Command::new("sh").args(["-c", &format!("command -v {}", shell[0])]).output().is_ok_and(|o| o.status.success());
+        if present {
+            run(Command::new(shell[0]).args(&shell[1..]).arg("-n").arg(script));
+            checked += 1;
+        }
+    }
+    assert!(checked > 0);
+}
+
+fn dracut(dest: &Path) {
+    let work = scratch("dracut");
+    let moddir = dest.join("usr/lib/dracut/modules.d/90nbd-vram");
+    let setup = moddir.join("module-setup.sh");
+    assert!(text(&setup).contains("\nNBD_VRAM_BIN=/usr/bin/nbd-vram\n"), "module-setup.sh not rewritten to PREFIX");
+    let config = work.join("nbd-vram.conf");
+    let libcuda = work.join("libcuda.so.1");
+    fs::copy(BIN, &libcuda).unwrap();
+    let initdir = work.join("initdir");
+    fs::create_dir(&initdir).unwrap();
+    let log = work.join("calls");
+
+    // dracut sources module-setup.sh in bash and calls its functions; the
+    // inst_* helpers record their arguments here.
+    let driver = format!(
+        r#"
+log() {{ echo "$*" >>"{log}"; }}
+inst_binary() {{ log inst_binary "$@"; }}
+inst_simple() {{ log inst_simple "$@"; }}
+inst_library() {{ log inst_library "$@"; }}
+inst_multiple() {{ log inst_multiple "$@"; }}
+inst_hook() {{ log inst_hook "$@"; }}
+instmods() {{ log instmods "hostonly=$hostonly" "$@"; }}
+dwarn() {{ log dwarn "$@"; }}
+hostonly=yes
+moddir="{moddir}"
+initdir="{initdir}"
+. "{setup}"
+NBD_VRAM_CONFIG="{config}"
+check; echo "check-missing-config=$?"
+printf 'NBD_VRAM_INITRAMFS=no\n' >"$NBD_VRAM_CONFIG"
+check; echo "check-off=$?"
+printf 'NBD_VRAM_INITRAMFS=yes\nNBD_VRAM_LIBCUDA={libcuda}\n' >"$NBD_VRAM_CONFIG"
+check; echo "check-on=$?"
+depends; echo "depends=$?"
+installkernel; echo "installkernel=$?"
+install; echo "install=$?"
+NBD_VRAM_BIN=/nonexistent/nbd-vram
+check; echo "check-no-binary=$?"
+"#,
+        log = log.display(),
+        moddir = moddir.display(),
+        initdir = initdir.display(),
+        setup = setup.display(),
+        config = config.display(),
+        libcuda = libcuda.display(),
+    );
+    // module-setup.sh names the installed binary, which is in DESTDIR here.
+    let driver = driver.replace(
+        &format!(". \"{}\"\n", setup.display()),
+        &format!(". \"{}\"\nNBD_VRAM_BIN=\"{}\"\n", setup.display(), dest.join("usr/bin/nbd-vram").display()),
+    );
+    let out = run(Command::new("bash").arg("-c").arg(&driver));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        said.lines().collect::<Vec<_>>(),
+        [
+            "check-missing-config=255",
+            "check-off=255",
+            "check-on=0",
+            "depends=0",
+            "installkernel=0",
+            "install=0",
+            "check-no-binary=1"
+        ],
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let calls = text(&log);
+    let expected = [
+        "instmods hostonly=yes nbd".to_string(),
+        "instmods hostonly= nvidia nvidia_uvm".to_string(),
+        format!("inst_binary {} /usr/bin/nbd-vram", dest.join("usr/bin/nbd-vram").display()),
+        format!("inst_simple {} /etc/default/nbd-vram", config.display()),
+        format!("inst_library {}", libcuda.display()),
+        "inst_multiple -o nvidia-modprobe mknod sed grep".to_string(),
+        format!("inst_hook pre-mount 50 {}/nbd-vram-start.sh", moddir.display()),
+    ];
+    assert_eq!(calls.lines().collect::<Vec<_>>(), expected);
+    assert_eq!(
+        text(&initdir.join("etc/nbd-vram/initramfs.conf")).trim(),
+        format!("NBD_VRAM_LIBCUDA_IMAGE='{}'", libcuda.display())
+    );
+    syntax(&moddir.join("nbd-vram-start.sh"));
+    let _ = fs::remove_dir_all(&work);
+}
+
+/// An /etc/default/nbd-vram of the admin's own survives install and
+/// uninstall.
+#[test]
+fn admin_config_is_kept() {
+    let dest = scratch("keep");
+    let config = dest.join("etc/default/nbd-vram");
+    fs::create_dir_all(config.parent().unwrap()).unwrap();
+    fs::write(&config, "NBD_VRAM_INITRAMFS=yes\n").unwrap();
+    make("install", &dest);
+    assert_eq!(text(&config), "NBD_VRAM_INITRAMFS=yes\n", "install overwrote the admin's config");
+    make("uninstall", &dest);
+    assert_eq!(leftovers(&dest), vec![config], "uninstall removed the admin's config or left others");
+    let _ = fs::remove_dir_all(&dest);
+}
