@@ -24,7 +24,7 @@ pub struct Error {
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        write!(f, "{}: {} ({})", self.call, self.name, self.text)
+        write!(f, "{}: {} ({}, code {})", self.call, self.name, self.text, self.code)
     }
 }
 

@@ -58,11 +58,12 @@ impl<'c> VramStore<'c> {
                 }
             }
             let failed = format!("cannot allocate {} MiB of VRAM ({} MiB free of {} MiB)", size / MIB, free / MIB, total / MIB);
-            if size < min.saturating_add(step) || step == 0 {
+            if size <= min || step == 0 {
                 info!("{failed}");
                 return Err(AllocError::NoVram(NoVram { wanted: want, min, free, total }));
             }
-            size -= step;
+            // The floor itself is always tried, even off the step grid.
+            size = size.saturating_sub(step).max(min);
             info!("{failed}; trying {} MiB", size / MIB);
         }
     }

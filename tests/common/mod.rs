@@ -77,9 +77,10 @@ impl Server {
             .spawn()
             .expect("starting nbd-vram serve");
         let mut server = Server { child, sock, size, dir };
-        // The "serving" line is logged once the socket listens.
+        // "serving N MiB on ADDR" is logged once the socket listens (earlier
+        // warnings may say "serving anyway").
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !server.log().contains("serving") {
+        while !server.log().contains("MiB on ") {
             if let Some(status) = server.child.try_wait().expect("try_wait") {
                 panic!("nbd-vram serve exited early ({status}):\n{}", server.log());
             }
