@@ -3,7 +3,7 @@ PREFIX ?= /usr/local
 CARGO ?= cargo
 BIN := target/release/nbd-vram
 
-.PHONY: all deps test lint clean
+.PHONY: all deps test test-vm lint clean
 all: $(BIN)
 
 $(BIN): FORCE
@@ -20,9 +20,16 @@ lint:
 	$(CARGO) clippy --release --all-targets -- -D warnings
 
 # Unit tests, then integration tests against real NBD clients (qemu-io,
-# nbdinfo, nbdcopy, nbdsh), all on the release binary.
+# nbdinfo, nbdcopy, nbdsh) and the fake libcuda, all on the release binary;
+# then the kernel path in a VM.
 test: deps lint
 	$(CARGO) test --release
+	$(MAKE) test-vm
+
+# The real kernel (Debian's, in qemu) swapping to nbd-vram under a memory
+# hog 1.5x its RAM, fake VRAM outside guest RAM. One PASS/FAIL line.
+test-vm: $(BIN)
+	sh tests/vm/run.sh
 
 clean:
 	$(CARGO) clean
