@@ -33,7 +33,7 @@ pub fn stop(dev: &Path) -> Result<(), Failure> {
     }
     info!("asked pid {pid} to stop {}; waiting for swapoff and detach", dev.display());
     let start = Instant::now();
-    while Path::new(&format!("/proc/{pid}")).exists() {
+    while running(pid) {
         if start.elapsed() > PATIENCE {
             return Err(Failure::new(
                 Code::Swap,
@@ -44,4 +44,13 @@ pub fn stop(dev: &Path) -> Result<(), Failure> {
     }
     info!("{} stopped", dev.display());
     Ok(())
+}
+
+/// Alive and not a zombie: a parent that has not reaped it yet (a shell in
+/// an initramfs, say) must not make us wait for ever.
+fn running(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    // The state follows the command name, which is in parentheses.
+    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
+    state != Some("Z")
 }
