@@ -88,6 +88,7 @@ fn run<S: Store>(opts: &SwapOpts, store: &mut S) -> Result<(), Failure> {
             Ok(())
         });
         let mut conn = &ours;
+        pressure::realtime();
         let served = serve::transmit(store, &mut bufs, &export, &stats, &mut conn);
         // The kernel sees end of stream only when every descriptor of our
         // end is shut, the kernel thread's copy included.
@@ -177,7 +178,9 @@ fn run_device(dev: &NbdDevice, ours: &UnixStream) -> Result<(), Failure> {
 fn control(dev: &NbdDevice, opts: &SwapOpts, signals: &Signals, link_down: &AtomicBool) -> Result<(), Failure> {
     let path = dev.path();
     let started = wait_for(Duration::from_secs(10), || {
-        link_down.load(Ordering::SeqCst) || kernel::server_of(path).is_some()
+        // The kernel publishes the pid before it sizes the disk: swapon
+        // in between finds no swap signature.
+        link_down.load(Ordering::SeqCst) || (kernel::server_of(path).is_some() && kernel::sectors(path) > 0)
     });
     if !started || link_down.load(Ordering::SeqCst) {
         let _ = dev.disconnect();

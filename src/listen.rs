@@ -73,6 +73,7 @@ fn serve<S: Store>(store: &mut S, how: &Serve) -> Result<(), Failure> {
         .stack_size(256 * 1024)
         .spawn(stopper)
         .map_err(|e| Failure::os("starting the status thread", e))?;
+    pressure::realtime();
     info!("serving {} MiB on {addr}", export.size >> 20);
     match listener {
         Listener::Unix(listener) => loop {

@@ -65,3 +65,20 @@ fn locked() -> String {
     let field = |k: &str| status.lines().find(|l| l.starts_with(k)).map_or("?", |l| l[k.len()..].trim());
     format!("VmLck {}, VmRSS {}", field("VmLck:"), field("VmRSS:"))
 }
+
+/// Makes the calling thread (the serve loop) SCHED_FIFO. Besides keeping
+/// it ahead of the processes that fill memory, this is the one way a user
+/// thread reaches the page allocator's reserve below the min watermark
+/// (`ALLOC_HARDER` for rt tasks in mm/page_alloc.c of 6.1, `ALLOC_MIN_RESERVE`
+/// from 6.3): the reply to a swap-out
+/// write needs a socket buffer exactly when memory is exhausted, and with
+/// I/O-less reclaim and no OOM kill for such an allocation, waiting for it
+/// would wait for ever. Call after starting the other threads: they would
+/// inherit the policy.
+pub fn realtime() {
+    let param = libc::sched_param { sched_priority: 1 };
+    // SAFETY: pid 0 is this thread; `param` is live for the call.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } < 0 {
+        warn!("SCHED_FIFO: {}; under memory pressure replies may stall", io::Error::last_os_error());
+    }
+}

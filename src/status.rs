@@ -4,6 +4,7 @@
 
 use std::fmt::Write as _;
 use std::fs;
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -32,17 +33,24 @@ fn now() -> u64 {
 }
 
 /// Publishes after each `tick` (which waits about a second) until it
-/// returns false, then removes the file.
+/// returns false, then removes the file. After the first round it
+/// allocates nothing: one open file rewritten in place from one reused
+/// buffer, since under memory pressure even this thread should not wait
+/// in reclaim.
 pub fn publish(inst: &Instance, stats: &Stats, mut tick: impl FnMut() -> bool) {
     let path = PathBuf::from(DIR).join(format!("{}.status", inst.name));
-    if let Err(e) = fs::create_dir_all(DIR) {
-        return crate::warn!("{DIR}: {e}; `nbd-vram status` will not see this instance");
-    }
+    let file = fs::create_dir_all(DIR).and_then(|()| fs::File::create(&path));
+    let file = match file {
+        Ok(f) => f,
+        Err(e) => return crate::warn!("{}: {e}; `nbd-vram status` will not see this instance", path.display()),
+    };
     let started = now();
+    let mut text = String::with_capacity(4096);
     loop {
-        let text = render(inst, stats, started);
-        let tmp = path.with_extension("tmp");
-        if let Err(e) = fs::write(&tmp, text).and_then(|()| fs::rename(&tmp, &path)) {
+        text.clear();
+        render(&mut text, inst, stats, started);
+        let written = file.write_all_at(text.as_bytes(), 0).and_then(|()| file.set_len(text.len() as u64));
+        if let Err(e) = written {
             crate::debug!("{}: {e}", path.display());
         }
         if !tick() {
@@ -53,8 +61,7 @@ pub fn publish(inst: &Instance, stats: &Stats, mut tick: impl FnMut() -> bool) {
 }
 
 /// One `key=value` a line: trivially written and read, no JSON parser.
-fn render(inst: &Instance, stats: &Stats, started: u64) -> String {
-    let mut s = String::new();
+fn render(s: &mut String, inst: &Instance, stats: &Stats, started: u64) {
     let mut kv = |k: &str, v: &dyn std::fmt::Display| {
         let _ = writeln!(s, "{k}={v}");
     };
@@ -62,7 +69,10 @@ fn render(inst: &Instance, stats: &Stats, started: u64) -> String {
     kv("target", &inst.target);
     kv("store", &inst.store);
     kv("size_bytes", &inst.size);
-    kv("priority", &inst.priority.map_or("-".into(), |p| p.to_string()));
+    match inst.priority {
+        Some(p) => kv("priority", &p),
+        None => kv("priority", &"-"),
+    }
     kv("started", &started);
     kv("updated", &now());
     kv("requests", &stats.requests.load(Relaxed));
@@ -72,7 +82,6 @@ fn render(inst: &Instance, stats: &Stats, started: u64) -> String {
     kv("batches", &stats.batches.load(Relaxed));
     kv("busy_ns", &stats.busy_ns.load(Relaxed));
     kv("max_batch_ns", &stats.max_batch_ns.load(Relaxed));
-    s
 }
 
 fn field<'a>(text: &'a str, key: &str) -> &'a str {

@@ -129,3 +129,8 @@ pub fn server_of(dev: &Path) -> Option<(u32, String)> {
     let comm = fs::read_to_string(format!("/proc/{pid}/comm")).map(|c| c.trim().to_string());
     Some((pid, comm.unwrap_or_else(|_| "exited".into())))
 }
+
+/// The device's size in 512-byte sectors as the block layer sees it.
+pub fn sectors(dev: &Path) -> u64 {
+    fs::read_to_string(sysfs_dir(dev).join("size")).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
+}

@@ -21,6 +21,8 @@ use crate::store::Store;
 
 /// Requests answered per `writev`; the kernel's queue depth is 128 at most.
 pub const MAX_BATCH: usize = 64;
+/// iovecs the kernel copies without allocating (`UIO_FASTIOV`, uio.h).
+const UIO_FASTIOV: usize = 8;
 /// Socket reads land here first; a batch of small requests fits at once.
 const INPUT_LEN: usize = 256 * 1024;
 
@@ -54,6 +56,8 @@ pub struct Buffers<B> {
     start: usize,
     end: usize,
     slots: Box<[Slot]>,
+    /// The batch's reply headers, end to end.
+    heads: Box<[u8]>,
 }
 
 impl<B: std::ops::DerefMut<Target = [u8]>> Buffers<B> {
@@ -65,6 +69,7 @@ impl<B: std::ops::DerefMut<Target = [u8]>> Buffers<B> {
             start: 0,
             end: 0,
             slots: vec![empty; MAX_BATCH].into_boxed_slice(),
+            heads: vec![0u8; REPLY_LEN * MAX_BATCH].into_boxed_slice(),
         })
     }
 }
@@ -217,28 +222,39 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
         }
     }
 
-    /// Sends the replies of slots `0..n`, with read data, in one `writev`
-    /// where the socket takes it all.
+    /// Sends the replies of slots `0..n`, with read data. Headers are laid
+    /// end to end, so a batch of writes is one iovec; each `writev` takes at
+    /// most `UIO_FASTIOV` iovecs, which the kernel keeps on its stack: a
+    /// longer vector is kmalloc'ed, and under memory pressure that
+    /// allocation (no I/O allowed, no OOM kill for it) waits for ever while
+    /// the kernel waits for this very reply.
     fn answer(&mut self, n: usize, sync_failed: bool) -> io::Result<()> {
-        let mut iov = [IoSlice::new(&[]); 2 * MAX_BATCH];
-        let mut count = 0;
-        for slot in &mut self.bufs.slots[..n] {
+        let b = &mut *self.bufs;
+        for (slot, head) in b.slots[..n].iter_mut().zip(b.heads.chunks_exact_mut(REPLY_LEN)) {
             if sync_failed && slot.queued {
                 slot.reply[4..8].copy_from_slice(&EIO.to_be_bytes());
             }
+            head.copy_from_slice(&slot.reply);
         }
-        for slot in &self.bufs.slots[..n] {
-            iov[count] = IoSlice::new(&slot.reply);
-            count += 1;
-            let ok = slot.reply[4..8] == [0; 4];
-            if ok && !slot.data.is_empty() {
-                iov[count] = IoSlice::new(&self.bufs.staging[slot.data.clone()]);
-                count += 1;
+        let mut iov = [IoSlice::new(&[]); 2 * MAX_BATCH + 1];
+        let mut count = 0;
+        let mut run = 0; // first header not yet in an iovec
+        for (i, slot) in b.slots[..n].iter().enumerate() {
+            if slot.reply[4..8] == [0; 4] && !slot.data.is_empty() {
+                iov[count] = IoSlice::new(&b.heads[run * REPLY_LEN..(i + 1) * REPLY_LEN]);
+                iov[count + 1] = IoSlice::new(&b.staging[slot.data.clone()]);
+                count += 2;
+                run = i + 1;
             }
+        }
+        if run < n {
+            iov[count] = IoSlice::new(&b.heads[run * REPLY_LEN..n * REPLY_LEN]);
+            count += 1;
         }
         let mut iov = &mut iov[..count];
         while !iov.is_empty() {
-            match self.conn.write_vectored(iov) {
+            let take = iov.len().min(UIO_FASTIOV);
+            match self.conn.write_vectored(&iov[..take]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(sent) => IoSlice::advance_slices(&mut iov, sent),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}

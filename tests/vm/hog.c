@@ -1,6 +1,6 @@
 /* hog: a memory hog that proves what it wrote comes back.
  *
- *     hog [-f FILE] MIB [SEED]
+ *     hog [-f FILE] [-z N] MIB [SEED]
  *
  * Maps MIB MiB, writes into every 8-byte word a pattern derived from the
  * word's address and SEED (default: from the clock, so stale data from an
@@ -10,6 +10,11 @@
  *
  * -f FILE maps FILE MAP_SHARED instead of anonymous memory, e.g. a PCI BAR's
  * sysfs resourceN (its size comes from fstat: lseek does not work there).
+ *
+ * -z N keeps the pattern in the first 1/N of each 4 KiB page only and
+ * zeroes the rest (still every word checked), so pages compress about N:1,
+ * as real swap does, and zram can hold more than guest RAM: random data
+ * would just fill zram's RAM and get the hog OOM-killed.
  *
  * Built static (gcc -static -O2) so the VM's initramfs needs no libraries.
  */
@@ -45,18 +50,24 @@ static double now(void)
 
 static int usage(void)
 {
-    fprintf(stderr, "usage: hog [-f FILE] MIB [SEED]\n");
+    fprintf(stderr, "usage: hog [-f FILE] [-z N] MIB [SEED]\n");
     return 2;
 }
 
 int main(int argc, char **argv)
 {
     const char *file = NULL;
+    unsigned long z = 1;
     int opt;
-    while ((opt = getopt(argc, argv, "f:")) != -1) {
-        if (opt != 'f') return usage();
-        file = optarg;
+    while ((opt = getopt(argc, argv, "f:z:")) != -1) {
+        if (opt == 'f')
+            file = optarg;
+        else if (opt == 'z' && (z = strtoul(optarg, NULL, 0)) >= 1 && z <= 512)
+            continue;
+        else
+            return usage();
     }
+    size_t keep = 4096 / z; /* bytes of pattern at the start of each page */
     if (optind >= argc || argc - optind > 2) return usage();
     unsigned long mib = strtoul(argv[optind], NULL, 0);
     uint64_t seed = argc - optind == 2 ? strtoull(argv[optind + 1], NULL, 0)
@@ -89,13 +100,13 @@ int main(int argc, char **argv)
         printf("hog: FAIL mmap %lu MiB: %s\n", mib, strerror(errno));
         return 1;
     }
-    printf("hog: %lu MiB at %p%s%s, seed %#" PRIx64 "\n", mib, (void *)p,
-           file ? " of " : "", file ? file : "", seed);
+    printf("hog: %lu MiB at %p%s%s, seed %#" PRIx64 ", %zu pattern bytes a page\n", mib,
+           (void *)p, file ? " of " : "", file ? file : "", seed, keep);
 
     size_t words = len / 8, per_step = STEP / 8;
     double t0 = now();
     for (size_t i = 0; i < words; i++) {
-        p[i] = pattern((uintptr_t)&p[i], seed);
+        p[i] = (i * 8) % 4096 < keep ? pattern((uintptr_t)&p[i], seed) : 0;
         if ((i + 1) % per_step == 0 || i + 1 == words)
             printf("hog: wrote %zu/%lu MiB\n", (i + 1) * 8 / MIB, mib);
     }
@@ -104,7 +115,7 @@ int main(int argc, char **argv)
     size_t bad = 0, first = 0;
     uint64_t got = 0, want = 0;
     for (size_t i = 0; i < words; i++) {
-        uint64_t w = pattern((uintptr_t)&p[i], seed);
+        uint64_t w = (i * 8) % 4096 < keep ? pattern((uintptr_t)&p[i], seed) : 0;
         if (p[i] != w && bad++ == 0) {
             first = i;
             got = p[i];

@@ -8,9 +8,12 @@
 #   (default)  nbd-vram as swap under a hog 1.5x guest RAM, then SIGTERM
 #   --check    the VM itself: modules load, ivshmem BAR works, hog and
 #              nbd-vram --help run, the hog is OOM-killed without swap
-#   --bench    the same hog timed on nbd-vram, zram and a virtio disk
+#   --bench    the same hog (pages compressing 8:1) timed on zram, a virtio
+#              disk and nbd-vram: one VM-STAT line each
 # Exits 0 when the guest prints "VM-TEST: PASS", 1 otherwise. Kernel and
 # modules are cached under target/vm/kernel (delete it to fetch again).
+# Knobs: VM_TIMEOUT (s), VM_SILENT (s, the hang watchdog), VM_INIT (a /init
+# of your own, to debug). The console log is target/vm/console-MODE.log.
 set -eu
 cd "$(dirname "$0")/../.."
 
@@ -29,6 +32,12 @@ R=$VM/root
 MODULES="drivers/block/nbd mm/zsmalloc drivers/block/zram/zram
   drivers/virtio/virtio_ring drivers/virtio/virtio drivers/virtio/virtio_pci_legacy_dev
   drivers/virtio/virtio_pci_modern_dev drivers/virtio/virtio_pci drivers/block/virtio_blk"
+
+# One run at a time: runs share target/vm (and two TCG guests would starve
+# each other anyway).
+mkdir -p $VM
+exec 9>$VM/lock
+flock -n 9 || { echo "run.sh: waiting for another VM run to finish"; flock 9; }
 
 # 1. Debian's kernel, downloaded once. Built into a temporary directory and
 # renamed at the end, so an interrupted download leaves no half cache.
@@ -68,7 +77,7 @@ done | sort -u | while read -r lib; do
     cp -L $lib $R$lib
 done
 cp $K/*.ko $R/lib/modules/
-cp ${VM_INIT:-tests/vm/init} $R/init # VM_INIT=FILE: a /init of your own, to debug
+cp ${VM_INIT:-tests/vm/init} $R/init
 chmod 755 $R/init
 CPIO=cpio
 command -v cpio >/dev/null || CPIO="busybox cpio"
@@ -104,21 +113,23 @@ timeout $TIMEOUT qemu-system-x86_64 -accel tcg -m 256M -smp 2 -nographic -no-reb
     -append "console=ttyS0 quiet panic=-1 vmtest=$MODE" \
     -object memory-backend-file,id=vram,size=1G,mem-path=$SHM,share=on \
     -device ivshmem-plain,memdev=vram -monitor pipe:$VM/monitor "$@" \
-    </dev/null >$LOG 2>&1 3>&- &
+    </dev/null >$LOG 2>&1 3>&- 9>&- &
 qemu=$!
-# Silence watchdog: the guest prints a heartbeat every 20 s, so a console
-# silent for $SILENT s means a wedged guest (the swap deadlock this test is
-# about). Dump its state with sysrq (w: blocked tasks, l: CPUs, m: memory)
-# and stop it, rather than burn CPU until the timeout.
+# Silence watchdog: guest userspace prints at least a heartbeat every 20 s,
+# so no new line from it (kernel lines, "[ time ] ...", do not count: a
+# stuck nbd request is reported every 30 s) for $SILENT s means a wedged
+# guest, the swap deadlock this test is about. Dump its state with sysrq
+# (m: memory, l: CPUs, t: all tasks, w: blocked tasks, last so it lands in
+# the tail) and stop it, rather than burn CPU until the timeout.
 SILENT=${VM_SILENT:-90}
-size=0 quiet=0
+lines=0 quiet=0
 while kill -0 $qemu 2>/dev/null; do
     sleep 1
-    new=$(wc -c <$LOG)
-    if [ "$new" != "$size" ]; then size=$new quiet=0; else quiet=$((quiet + 1)); fi
+    new=$(tr -d '\r' <$LOG | grep -acv '^\[' || true)
+    if [ "$new" != "$lines" ]; then lines=$new quiet=0; else quiet=$((quiet + 1)); fi
     if [ $quiet = "$SILENT" ]; then
-        echo "run.sh: console silent for $SILENT s: guest hung? sysrq dumps, then stop"
-        for k in 8 w l m; do echo "sendkey alt-sysrq-$k" >&3; sleep 2; done
+        echo "run.sh: no line from guest userspace for $SILENT s: hung; sysrq dumps into $LOG, then stop"
+        for k in 8 m l t w; do echo "sendkey alt-sysrq-$k" >&3; sleep 3; done
         sleep 10
         kill $qemu
     fi
@@ -134,7 +145,12 @@ if [ "$result" = "VM-TEST: PASS" ]; then
     echo "$result"
     exit 0
 fi
-echo "--- last 60 lines of $LOG ---"
-tr -d '\r' <$LOG | tail -n 60
+if [ $quiet -ge "$SILENT" ]; then
+    # What the CPUs were doing (sysrq l): for a livelock, the culprit.
+    echo "--- CPU backtraces from $LOG (unreliable '?' frames left out) ---"
+    tr -d '\r' <$LOG | sed -n '/sysrq: Show backtrace of all active CPUs/,/sysrq: Show State/p' | grep -v ' ? '
+fi
+echo "--- last 40 lines of $LOG ---"
+tr -d '\r' <$LOG | tail -n 40
 echo "${result:-VM-TEST: FAIL no verdict on the console}"
 exit 1
