@@ -22,22 +22,30 @@ pub const CUDA_ERROR_SYSTEM_DRIVER_MISMATCH: CUresult = 803;
 pub const CUDA_ERROR_COMPAT_NOT_SUPPORTED_ON_DEVICE: CUresult = 804;
 
 macro_rules! api {
-    ($($name:ident($($arg:ty),*);)*) => {
-        /// Entry points into a libcuda that stays loaded for the process's life.
+    (required { $($name:ident($($arg:ty),*);)* } optional { $($opt:ident($($oarg:ty),*);)* }) => {
+        /// Entry points into a libcuda that stays loaded for the process's
+        /// life; the optional ones only newer drivers have.
         pub struct Api {
             $(pub $name: unsafe extern "C" fn($($arg),*) -> CUresult,)*
+            $(pub $opt: Option<unsafe extern "C" fn($($oarg),*) -> CUresult>,)*
         }
 
         impl Api {
             fn resolve(lib: &Library) -> Result<Api, String> {
+                // SAFETY (every `get` below): the symbol is declared in
+                // cuda.h with exactly this signature (checked against the
+                // CUDA 13 header by hand), and `lib` is never unloaded (see
+                // `load`), so the pointer stays valid.
                 Ok(Api {
                     $($name: {
                         let name = concat!(stringify!($name), "\0").as_bytes();
-                        // SAFETY: the symbol is declared in cuda.h with
-                        // exactly this signature (checked against the CUDA
-                        // 12 header by hand), and `lib` is never unloaded
-                        // (see `load`), so the pointer stays valid.
+                        // SAFETY: see above.
                         unsafe { *lib.get(name).map_err(|_| stringify!($name).to_string())? }
+                    },)*
+                    $($opt: {
+                        let name = concat!(stringify!($opt), "\0").as_bytes();
+                        // SAFETY: see above.
+                        unsafe { lib.get(name).ok().map(|f| *f) }
                     },)*
                 })
             }
@@ -45,30 +53,49 @@ macro_rules! api {
     };
 }
 
+/// `CUmemcpyAttributes` (CUDA 12.8+): how a batch of copies reads its sources.
+#[repr(C)]
+pub struct CUmemcpyAttributes {
+    pub src_access_order: u32,
+    pub src_loc_hint: [u32; 2],
+    pub dst_loc_hint: [u32; 2],
+    pub flags: u32,
+}
+
+/// `CU_MEMCPY_SRC_ACCESS_ORDER_STREAM`: sources are read in stream order.
+pub const CU_MEMCPY_SRC_ACCESS_ORDER_STREAM: u32 = 1;
+
 api! {
-    cuInit(c_uint);
-    cuDriverGetVersion(*mut c_int);
-    cuDeviceGet(*mut CUdevice, c_int);
-    cuDeviceGetCount(*mut c_int);
-    cuDeviceGetName(*mut c_char, c_int, CUdevice);
-    cuDeviceTotalMem_v2(*mut usize, CUdevice);
-    cuDevicePrimaryCtxRetain(*mut CUcontext, CUdevice);
-    cuDevicePrimaryCtxRelease_v2(CUdevice);
-    cuCtxSetCurrent(CUcontext);
-    cuMemGetInfo_v2(*mut usize, *mut usize);
-    cuMemAlloc_v2(*mut CUdeviceptr, usize);
-    cuMemFree_v2(CUdeviceptr);
-    cuMemcpyHtoDAsync_v2(CUdeviceptr, *const c_void, usize, CUstream);
-    cuMemcpyDtoHAsync_v2(*mut c_void, CUdeviceptr, usize, CUstream);
-    cuMemsetD8_v2(CUdeviceptr, u8, usize);
-    cuMemsetD8Async(CUdeviceptr, u8, usize, CUstream);
-    cuMemHostAlloc(*mut *mut c_void, usize, c_uint);
-    cuMemFreeHost(*mut c_void);
-    cuStreamCreate(*mut CUstream, c_uint);
-    cuStreamSynchronize(CUstream);
-    cuStreamDestroy_v2(CUstream);
-    cuGetErrorName(CUresult, *mut *const c_char);
-    cuGetErrorString(CUresult, *mut *const c_char);
+    required {
+        cuInit(c_uint);
+        cuDriverGetVersion(*mut c_int);
+        cuDeviceGet(*mut CUdevice, c_int);
+        cuDeviceGetCount(*mut c_int);
+        cuDeviceGetName(*mut c_char, c_int, CUdevice);
+        cuDeviceTotalMem_v2(*mut usize, CUdevice);
+        cuDevicePrimaryCtxRetain(*mut CUcontext, CUdevice);
+        cuDevicePrimaryCtxRelease_v2(CUdevice);
+        cuCtxSetCurrent(CUcontext);
+        cuMemGetInfo_v2(*mut usize, *mut usize);
+        cuMemAlloc_v2(*mut CUdeviceptr, usize);
+        cuMemFree_v2(CUdeviceptr);
+        cuMemcpyHtoDAsync_v2(CUdeviceptr, *const c_void, usize, CUstream);
+        cuMemcpyDtoHAsync_v2(*mut c_void, CUdeviceptr, usize, CUstream);
+        cuMemsetD8_v2(CUdeviceptr, u8, usize);
+        cuMemsetD8Async(CUdeviceptr, u8, usize, CUstream);
+        cuMemHostAlloc(*mut *mut c_void, usize, c_uint);
+        cuMemFreeHost(*mut c_void);
+        cuStreamCreate(*mut CUstream, c_uint);
+        cuStreamSynchronize(CUstream);
+        cuStreamDestroy_v2(CUstream);
+        cuGetErrorName(CUresult, *mut *const c_char);
+        cuGetErrorString(CUresult, *mut *const c_char);
+    }
+    optional {
+        // CUDA 13's form (12.8's had one more argument, a failure index).
+        cuMemcpyBatchAsync_v2(*mut CUdeviceptr, *mut CUdeviceptr, *mut usize, usize,
+            *mut CUmemcpyAttributes, *mut usize, usize, CUstream);
+    }
 }
 
 /// Why the driver library could not be used.

@@ -4,7 +4,7 @@
 use std::io;
 
 use super::Store;
-use crate::cuda::{Context, DeviceMem, Error, Pinned, Stream, CUDA_ERROR_OUT_OF_MEMORY};
+use crate::cuda::{Context, CopyBatch, DeviceMem, Error, Pinned, Stream, CUDA_ERROR_OUT_OF_MEMORY};
 use crate::{error, info};
 
 const MIB: u64 = 1 << 20;
@@ -20,6 +20,19 @@ pub struct VramStore<'c> {
     chunks: Vec<DeviceMem<'c>>,
     chunk_len: u64,
     size: u64,
+    /// Copies waiting for one batched driver call, all in one direction.
+    batch: Option<Batch>,
+}
+
+/// Pieces a batch holds before it is issued: a full batch of 4 KiB
+/// requests, each split at most once at a chunk boundary.
+const BATCH_PIECES: usize = 256;
+
+struct Batch {
+    copies: CopyBatch,
+    writes: bool,
+    /// A batched call failed: the whole batch answers EIO at `sync`.
+    failed: bool,
 }
 
 /// Allocation ended below the floor.
@@ -52,7 +65,13 @@ impl<'c> VramStore<'c> {
             if size <= free {
                 if let Some((chunks, chunk_len)) = allocate_chunks(ctx, size)? {
                     info!("allocated {} MiB of VRAM in {} chunk(s); {} MiB of {} MiB were free", size / MIB, chunks.len(), free / MIB, total / MIB);
-                    let mut store = VramStore { ctx, stream: ctx.stream()?, chunks, chunk_len, size };
+                    let stream = ctx.stream()?;
+                    let batch = batching(&stream).then(|| Batch {
+                        copies: CopyBatch::with_capacity(BATCH_PIECES),
+                        writes: false,
+                        failed: false,
+                    });
+                    let mut store = VramStore { ctx, stream, chunks, chunk_len, size, batch };
                     store.clear()?;
                     return Ok(store);
                 }
@@ -73,20 +92,51 @@ impl<'c> VramStore<'c> {
         self.chunks.iter().try_for_each(|chunk| self.stream.clear(chunk))
     }
 
-    /// The (chunk, offset in chunk, length) pieces of a byte range.
-    fn pieces(&self, offset: u64, len: u64) -> impl Iterator<Item = (&DeviceMem<'c>, u64, u64)> + '_ {
+    /// The (chunk index, offset in chunk, length) pieces of a byte range.
+    fn piece_list(&self, offset: u64, len: u64) -> impl Iterator<Item = (usize, u64, u64)> {
+        let chunk_len = self.chunk_len;
         let mut at = offset;
         let end = offset + len;
+        let last = self.chunks.len() - 1;
+        let tail = self.size - last as u64 * chunk_len;
         std::iter::from_fn(move || {
             if at >= end {
                 return None;
             }
-            let chunk = &self.chunks[(at / self.chunk_len) as usize];
-            let inner = at % self.chunk_len;
-            let n = (end - at).min(chunk.len() - inner);
+            let index = (at / chunk_len) as usize;
+            let inner = at % chunk_len;
+            let this_len = if index == last { tail } else { chunk_len };
+            let n = (end - at).min(this_len - inner);
             at += n;
-            Some((chunk, inner, n))
+            Some((index, inner, n))
         })
+    }
+
+    /// `piece_list` with the chunks themselves.
+    fn pieces(&self, offset: u64, len: u64) -> impl Iterator<Item = (&DeviceMem<'c>, u64, u64)> + '_ {
+        self.piece_list(offset, len).map(|(index, inner, n)| (&self.chunks[index], inner, n))
+    }
+
+    /// Issues the waiting batch, if any; a failure shows at `sync`.
+    fn flush(&mut self) {
+        if let Some(b) = &mut self.batch {
+            if let Err(e) = self.stream.copy_batch(&mut b.copies, b.writes) {
+                error!("{e}");
+                b.failed = true;
+            }
+        }
+    }
+
+    /// Makes room in the batch for copies in direction `writes`.
+    fn batch_for(&mut self, writes: bool) -> bool {
+        let Some(b) = &self.batch else { return false };
+        if b.writes != writes || b.copies.is_full() {
+            self.flush();
+        }
+        if let Some(b) = &mut self.batch {
+            b.writes = writes;
+        }
+        true
     }
 
     fn check(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -139,6 +189,19 @@ impl<'c> Store for VramStore<'c> {
 
     fn read(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.check(offset, buf.len() as u64)?;
+        if self.batch_for(false) {
+            let mut at = 0;
+            for (index, inner, n) in self.piece_list(offset, buf.len() as u64) {
+                if self.batch.as_ref().is_some_and(|b| b.copies.is_full()) {
+                    self.flush();
+                }
+                if let Some(b) = &mut self.batch {
+                    b.copies.read(&self.chunks[index], inner, &mut buf[at..at + n as usize]);
+                }
+                at += n as usize;
+            }
+            return Ok(());
+        }
         let mut rest = buf;
         for (chunk, inner, n) in self.pieces(offset, rest.len() as u64) {
             let (now, later) = rest.split_at_mut(n as usize);
@@ -150,6 +213,19 @@ impl<'c> Store for VramStore<'c> {
 
     fn write(&mut self, offset: u64, buf: &[u8]) -> io::Result<()> {
         self.check(offset, buf.len() as u64)?;
+        if self.batch_for(true) {
+            let mut at = 0;
+            for (index, inner, n) in self.piece_list(offset, buf.len() as u64) {
+                if self.batch.as_ref().is_some_and(|b| b.copies.is_full()) {
+                    self.flush();
+                }
+                if let Some(b) = &mut self.batch {
+                    b.copies.write(&self.chunks[index], inner, &buf[at..at + n as usize]);
+                }
+                at += n as usize;
+            }
+            return Ok(());
+        }
         let mut rest = buf;
         for (chunk, inner, n) in self.pieces(offset, rest.len() as u64) {
             let (now, later) = rest.split_at(n as usize);
@@ -161,6 +237,7 @@ impl<'c> Store for VramStore<'c> {
 
     fn zero(&mut self, offset: u64, len: u64) -> io::Result<()> {
         self.check(offset, len)?;
+        self.flush(); // the memset is ordered after queued copies only once they are issued
         for (chunk, inner, n) in self.pieces(offset, len) {
             self.stream.zero(chunk, inner, n as usize).map_err(eio)?;
         }
@@ -168,6 +245,23 @@ impl<'c> Store for VramStore<'c> {
     }
 
     fn sync(&mut self) -> io::Result<()> {
-        self.stream.sync().map_err(eio)
+        self.flush();
+        self.stream.sync().map_err(eio)?;
+        match &mut self.batch {
+            Some(b) if b.failed => {
+                b.failed = false;
+                Err(io::Error::from_raw_os_error(libc::EIO))
+            }
+            _ => Ok(()),
+        }
     }
+}
+
+/// Batched copies where the driver has them, unless `NBD_VRAM_BATCH=0`
+/// (to compare the two on one machine).
+fn batching(stream: &Stream) -> bool {
+    let wanted = std::env::var("NBD_VRAM_BATCH").map_or(true, |v| v != "0");
+    let on = wanted && stream.can_batch();
+    info!("copies: {}", if on { "batched (cuMemcpyBatchAsync_v2)" } else { "one driver call each" });
+    on
 }

@@ -474,6 +474,38 @@ API CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char uc, size_t n)
 API CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char uc, size_t n, CUstream s)
 { LOCKED(copy(SET, dst, NULL, uc, n, 1, s)); }
 
+static int is_device(CUdeviceptr ptr)
+{
+    char *p = (char *)(uintptr_t)ptr;
+    for (struct block *b = allocs; b; b = b->next)
+        if (p >= b->p && p < b->p + b->size) return 1;
+    return 0;
+}
+
+/* CUDA 13's cuMemcpyBatchAsync_v2. CUDA runs a batch's copies in any order;
+ * this runs them last to first, so a caller that puts dependent copies in
+ * one batch reads stale data here too. */
+typedef struct { unsigned order; struct { unsigned type; int id; } src_hint, dst_hint; unsigned flags; } memcpy_attrs;
+static CUresult batch(CUdeviceptr *dsts, CUdeviceptr *srcs, size_t *sizes, size_t count,
+                      memcpy_attrs *attrs, size_t *idxs, size_t nattrs, CUstream s)
+{
+    CUresult rc = need_ctx();
+    if (!rc && (!dsts || !srcs || !sizes || !count || !attrs || !idxs || !nattrs || nattrs > count || idxs[0] != 0))
+        rc = E_VALUE;
+    for (size_t a = 0; !rc && a < nattrs; a++)   /* STREAM, DURING_API_CALL or ANY */
+        if (attrs[a].order < 1 || attrs[a].order > 3 || (a && idxs[a] <= idxs[a - 1])) rc = E_VALUE;
+    for (size_t i = count; !rc && i-- > 0;) {
+        if (is_device(dsts[i]))
+            rc = copy(H2D, dsts[i], (void *)(uintptr_t)srcs[i], 0, sizes[i], 1, s);
+        else
+            rc = copy(D2H, srcs[i], (void *)(uintptr_t)dsts[i], 0, sizes[i], 1, s);
+    }
+    return rc;
+}
+API CUresult cuMemcpyBatchAsync_v2(CUdeviceptr *dsts, CUdeviceptr *srcs, size_t *sizes, size_t count,
+                                   void *attrs, size_t *idxs, size_t nattrs, CUstream s)
+{ LOCKED(batch(dsts, srcs, sizes, count, attrs, idxs, nattrs, s)); }
+
 static CUresult host_alloc(void **pp, size_t size, unsigned flags)
 {
     /* PORTABLE | DEVICEMAP | WRITECOMBINED are the only flags CUDA knows */

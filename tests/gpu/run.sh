@@ -54,15 +54,20 @@ step "bench: VRAM store"
 "$B" bench --connect "unix:$T/vram.sock" --seconds "$SECONDS_PER" | tee "$T/vram.txt"
 kill %1; wait %1 2>/dev/null
 
+step "bench: VRAM store, one driver call per copy (NBD_VRAM_BATCH=0)"
+NBD_VRAM_BATCH=0 serve "$T/single.sock" --size "$SIZE" || fail=1
+"$B" bench --connect "unix:$T/single.sock" --seconds "$SECONDS_PER" | tee "$T/single.txt"
+kill %1; wait %1 2>/dev/null
+
 step "bench: host store, same run"
 serve "$T/host.sock" --store host --size "$SIZE" || fail=1
 "$B" bench --connect "unix:$T/host.sock" --seconds "$SECONDS_PER" | tee "$T/host.txt"
 kill %1; wait %1 2>/dev/null
 
-step "VRAM / host per pattern"
-join <(grep '^bench:' "$T/vram.txt" | sed 's/.*pattern=\([^ ]*\) mbps=\([^ ]*\).*/\1 \2/' | sort) \
-     <(grep '^bench:' "$T/host.txt" | sed 's/.*pattern=\([^ ]*\) mbps=\([^ ]*\).*/\1 \2/' | sort) |
-	awk '{printf "%-16s vram %9.1f MB/s  host %9.1f MB/s  ratio %5.1f%%\n", $1, $2, $3, 100*$2/$3}'
+step "VRAM (batched, single) / host per pattern"
+mbps() { grep '^bench:' "$1" | sed 's/.*pattern=\([^ ]*\) mbps=\([^ ]*\).*/\1 \2/' | sort; }
+join <(mbps "$T/vram.txt") <(mbps "$T/single.txt") | join - <(mbps "$T/host.txt") |
+	awk '{printf "%-18s batched %8.1f  single %8.1f  host %8.1f MB/s  batched/host %5.1f%%  single/host %5.1f%%\n", $1, $2, $3, $4, 100*$2/$4, 100*$3/$4}'
 
 step "server log"
 cat "$T/serve.log"
