@@ -9,24 +9,9 @@ use std::time::Duration;
 
 use common::{run, Server, KIB, MIB};
 
-/// Runs one qemu-io session (one NBD connection) of `cmds`, and asserts each
-/// I/O command reported success: qemu-io can exit 0 after a failed command,
-/// so the output is checked too. Returns the output.
+/// `common::qemu_io` on this server, which must survive it.
 fn qemu_io(server: &mut Server, cmds: &[String]) -> String {
-    let mut cmd = Command::new("qemu-io");
-    cmd.args(["-f", "raw", &server.uri()]);
-    for c in cmds {
-        cmd.args(["-c", c]);
-    }
-    let out = run(&mut cmd, Duration::from_secs(60));
-    let text = format!("{}{}", out.stdout, out.stderr);
-    out.assert_success("qemu-io");
-    let lower = text.to_lowercase();
-    assert!(!lower.contains("fail") && !lower.contains("error"), "qemu-io reported a failure:\n{text}");
-    // One "read N/N bytes", "wrote N/N bytes" or "discard N/N bytes" line per I/O command.
-    let io = cmds.iter().filter(|c| !c.starts_with("flush") && !c.starts_with("aio_flush")).count();
-    let done = text.lines().filter(|l| l.starts_with("read ") || l.starts_with("wrote ") || l.starts_with("discard ")).count();
-    assert_eq!(done, io, "expected {io} completed I/O commands:\n{text}");
+    let text = common::qemu_io(&server.uri(), cmds);
     server.assert_alive();
     text
 }

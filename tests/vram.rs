@@ -21,22 +21,9 @@ use fake_cuda_env::{checker, libcuda, run_nbd_vram, Serve, VramServer};
 /// Linux's EIO, as NBD replies carry it.
 const EIO: u32 = 5;
 
-/// One qemu-io session (one connection) of `cmds`. qemu-io can exit 0 after
-/// a failed command, so the output must also show no failure and one
-/// completion line per I/O command.
+/// `common::qemu_io` on this server, which must survive it.
 fn qemu_io(server: &mut VramServer, cmds: &[String]) -> String {
-    let mut cmd = Command::new("qemu-io");
-    cmd.args(["-f", "raw", &server.uri()]);
-    for c in cmds {
-        cmd.args(["-c", c]);
-    }
-    let out = run(&mut cmd, Duration::from_secs(60));
-    let text = format!("{}{}", out.stdout, out.stderr);
-    out.assert_success("qemu-io");
-    let lower = text.to_lowercase();
-    assert!(!lower.contains("fail") && !lower.contains("error"), "qemu-io reported a failure:\n{text}");
-    let done = text.lines().filter(|l| l.starts_with("read ") || l.starts_with("wrote ") || l.starts_with("discard ")).count();
-    assert_eq!(done, cmds.len(), "expected {} completed I/O commands:\n{text}", cmds.len());
+    let text = common::qemu_io(&server.uri(), cmds);
     server.assert_alive();
     text
 }

@@ -184,3 +184,23 @@ pub fn sha256(file: &Path) -> String {
     out.assert_success("sha256sum");
     out.stdout.split_whitespace().next().expect("a digest").to_string()
 }
+
+/// One qemu-io session (one NBD connection) of `cmds` against `uri`.
+/// qemu-io can exit 0 after a failed command, so the output must also show
+/// no failure and one "read/wrote/discard N/N bytes" line per I/O command.
+pub fn qemu_io(uri: &str, cmds: &[String]) -> String {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "raw", uri]);
+    for c in cmds {
+        cmd.args(["-c", c]);
+    }
+    let out = run(&mut cmd, Duration::from_secs(60));
+    let text = format!("{}{}", out.stdout, out.stderr);
+    out.assert_success("qemu-io");
+    let lower = text.to_lowercase();
+    assert!(!lower.contains("fail") && !lower.contains("error"), "qemu-io reported a failure:\n{text}");
+    let io = cmds.iter().filter(|c| !c.starts_with("flush") && !c.starts_with("aio_flush")).count();
+    let done = text.lines().filter(|l| l.starts_with("read ") || l.starts_with("wrote ") || l.starts_with("discard ")).count();
+    assert_eq!(done, io, "expected {io} completed I/O commands:\n{text}");
+    text
+}
