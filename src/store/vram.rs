@@ -2,6 +2,7 @@
 //! one stream, so a batch of requests costs one synchronisation.
 
 use std::io;
+use std::ops::Range;
 
 use super::Store;
 use crate::cuda::{Context, CopyBatch, DeviceMem, Error, Pinned, Stream, CUDA_ERROR_OUT_OF_MEMORY};
@@ -139,6 +140,26 @@ impl<'c> VramStore<'c> {
         true
     }
 
+    /// Adds the pieces of a request to the batch, `add` getting each
+    /// chunk, offset in it, and range of the request's buffer. False when
+    /// copies are not batched.
+    fn queue(&mut self, offset: u64, len: u64, writes: bool, mut add: impl FnMut(&mut CopyBatch, &DeviceMem, u64, Range<usize>)) -> bool {
+        if !self.batch_for(writes) {
+            return false;
+        }
+        let mut at = 0;
+        for (index, inner, n) in self.piece_list(offset, len) {
+            if self.batch.as_ref().is_some_and(|b| b.copies.is_full()) {
+                self.flush();
+            }
+            if let Some(b) = &mut self.batch {
+                add(&mut b.copies, &self.chunks[index], inner, at..at + n as usize);
+            }
+            at += n as usize;
+        }
+        true
+    }
+
     fn check(&self, offset: u64, len: u64) -> io::Result<()> {
         match offset.checked_add(len) {
             Some(end) if end <= self.size => Ok(()),
@@ -189,17 +210,8 @@ impl<'c> Store for VramStore<'c> {
 
     fn read(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.check(offset, buf.len() as u64)?;
-        if self.batch_for(false) {
-            let mut at = 0;
-            for (index, inner, n) in self.piece_list(offset, buf.len() as u64) {
-                if self.batch.as_ref().is_some_and(|b| b.copies.is_full()) {
-                    self.flush();
-                }
-                if let Some(b) = &mut self.batch {
-                    b.copies.read(&self.chunks[index], inner, &mut buf[at..at + n as usize]);
-                }
-                at += n as usize;
-            }
+        let len = buf.len() as u64;
+        if self.queue(offset, len, false, |b, chunk, inner, r| b.read(chunk, inner, &mut buf[r])) {
             return Ok(());
         }
         let mut rest = buf;
@@ -213,17 +225,7 @@ impl<'c> Store for VramStore<'c> {
 
     fn write(&mut self, offset: u64, buf: &[u8]) -> io::Result<()> {
         self.check(offset, buf.len() as u64)?;
-        if self.batch_for(true) {
-            let mut at = 0;
-            for (index, inner, n) in self.piece_list(offset, buf.len() as u64) {
-                if self.batch.as_ref().is_some_and(|b| b.copies.is_full()) {
-                    self.flush();
-                }
-                if let Some(b) = &mut self.batch {
-                    b.copies.write(&self.chunks[index], inner, &buf[at..at + n as usize]);
-                }
-                at += n as usize;
-            }
+        if self.queue(offset, buf.len() as u64, true, |b, chunk, inner, r| b.write(chunk, inner, &buf[r])) {
             return Ok(());
         }
         let mut rest = buf;
