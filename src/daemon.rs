@@ -11,7 +11,7 @@
 use std::io;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -49,22 +49,10 @@ fn run<S: Store>(opts: &SwapOpts, store: &mut S) -> Result<(), Failure> {
         store.write(0, &header).and_then(|()| store.sync()).map_err(|e| Failure::os("writing the swap header", e))?;
     }
     let mut bufs = Buffers::new(store).map_err(|e| Failure::os("allocating staging buffers", e))?;
-    let dev = open_device(opts)?;
-    let path = dev.path().to_path_buf();
-    if let Some(stale) = swap::active(&path) {
-        return Err(Failure::new(
-            Code::Busy,
-            format!(
-                "{} is still swap ({} KiB used), left by a daemon that died: those pages are lost. \
-                 Run `swapoff {}` (it may fail if they are needed; then reboot) before starting again",
-                path.display(), stale.used_kib, path.display()
-            ),
-        ));
-    }
     let (ours, theirs) = UnixStream::pair().map_err(|e| Failure::os("socketpair", e))?;
     let theirs = OwnedFd::from(theirs);
-    dev.configure(export.size, export.flags, opts.timeout).map_err(|e| Failure::os("configuring the device", e))?;
-    dev.set_sock(&theirs).map_err(|e| Failure::os("attaching the socket", e))?;
+    let dev = attach(opts, &export, &theirs)?;
+    let path = dev.path().to_path_buf();
     pressure::prepare(true)?;
     info!("{} attached: {} MiB", path.display(), export.size >> 20);
 
@@ -105,7 +93,7 @@ fn run<S: Store>(opts: &SwapOpts, store: &mut S) -> Result<(), Failure> {
         control.and(kernel)
     });
     if let Err(e) = dev.clear_sock() {
-        warn!("{e}");
+        warn!("{}: NBD_CLEAR_SOCK: {e}", path.display());
     }
     drop(theirs);
     info!("{} detached; freeing the store", path.display());
@@ -126,14 +114,47 @@ fn join(h: io::Result<thread::ScopedJoinHandle<'_, Result<(), Failure>>>, what: 
     }
 }
 
-fn open_device(opts: &SwapOpts) -> Result<NbdDevice, Failure> {
+/// Opens, sizes and hands the kernel its socket. With `--device auto`, a
+/// device that turns out taken (another instance starting at the same
+/// moment claimed it first: `NBD_SET_SOCK` says EBUSY) or still swap is
+/// passed over for the next one.
+fn attach(opts: &SwapOpts, export: &Export, theirs: &OwnedFd) -> Result<NbdDevice, Failure> {
+    let auto = opts.device.is_none();
+    let mut skip = Vec::new();
+    loop {
+        let dev = open_device(opts, &skip)?;
+        let path = dev.path().to_path_buf();
+        if let Some(stale) = swap::active(&path) {
+            if auto {
+                skip.push(path);
+                continue;
+            }
+            return Err(Failure::new(
+                Code::Busy,
+                format!(
+                    "{} is still swap ({} KiB used), left by a daemon that died: those pages are lost. \
+                     Run `swapoff {}` (it may fail if they are needed; then reboot) before starting again",
+                    path.display(), stale.used_kib, path.display()
+                ),
+            ));
+        }
+        dev.configure(export.size, export.flags, opts.timeout).map_err(|e| Failure::os(format!("{}: configuring (NBD_SET_BLKSIZE/SIZE_BLOCKS/FLAGS/TIMEOUT)", path.display()), e))?;
+        match dev.set_sock(theirs) {
+            Ok(()) => return Ok(dev),
+            Err(e) if auto && e.raw_os_error() == Some(libc::EBUSY) => skip.push(path),
+            Err(e) => return Err(Failure::os(format!("{}: NBD_SET_SOCK", path.display()), e)),
+        }
+    }
+}
+
+fn open_device(opts: &SwapOpts, skip: &[PathBuf]) -> Result<NbdDevice, Failure> {
     let opened = match &opts.device {
         Some(path) => NbdDevice::open(path).or_else(|e| match e {
             OpenError::NoModule(_) if modprobe_nbd() => NbdDevice::open(path),
             e => Err(e),
         }),
-        None => NbdDevice::open_first_free().or_else(|e| match e {
-            OpenError::NoModule(_) if modprobe_nbd() => NbdDevice::open_first_free(),
+        None => NbdDevice::open_first_free(skip).or_else(|e| match e {
+            OpenError::NoModule(_) if modprobe_nbd() => NbdDevice::open_first_free(skip),
             e => Err(e),
         }),
     };
@@ -171,7 +192,7 @@ fn run_device(dev: &NbdDevice, ours: &UnixStream) -> Result<(), Failure> {
     let done = dev.do_it();
     // Whatever ended the device, the serve loop must not wait on for it.
     let _ = ours.shutdown(std::net::Shutdown::Both);
-    done.map_err(|e| Failure::os("running the device", e))
+    done.map_err(|e| Failure::os(format!("{}: NBD_DO_IT", dev.path().display()), e))
 }
 
 /// swapon, wait for a stop signal, swapoff, disconnect.
@@ -212,7 +233,7 @@ fn control(dev: &NbdDevice, opts: &SwapOpts, signals: &Signals, link_down: &Atom
     if opts.swap {
         swapoff_until_done(path, signals, link_down);
     }
-    dev.disconnect().map_err(|e| Failure::os("disconnecting", e))
+    dev.disconnect().map_err(|e| Failure::os(format!("{}: NBD_DISCONNECT", path.display()), e))
 }
 
 /// Never gives up: while swap holds pages, the VRAM must stay served.

@@ -45,8 +45,9 @@ impl NbdDevice {
         Ok(NbdDevice { file, path: path.to_path_buf() })
     }
 
-    /// The first /dev/nbdN with no server, in numeric order.
-    pub fn open_first_free() -> Result<NbdDevice, OpenError> {
+    /// The first /dev/nbdN with no server, in numeric order, passing over
+    /// `skip` (devices another starter took between our look and our claim).
+    pub fn open_first_free(skip: &[PathBuf]) -> Result<NbdDevice, OpenError> {
         let mut numbers: Vec<u32> = fs::read_dir("/sys/block")
             .map_err(|e| OpenError::Os("/sys/block".into(), e))?
             .filter_map(|e| e.ok()?.file_name().to_str()?.strip_prefix("nbd")?.parse().ok())
@@ -56,7 +57,11 @@ impl NbdDevice {
         }
         numbers.sort_unstable();
         for n in numbers {
-            match NbdDevice::open(Path::new(&format!("/dev/nbd{n}"))) {
+            let path = PathBuf::from(format!("/dev/nbd{n}"));
+            if skip.contains(&path) {
+                continue;
+            }
+            match NbdDevice::open(&path) {
                 Err(OpenError::Busy { .. }) => continue,
                 other => return other,
             }
@@ -73,8 +78,10 @@ impl NbdDevice {
         // descriptor), never a pointer, so no memory is lent to the kernel.
         let r = unsafe { libc::ioctl(self.file.as_raw_fd(), libc::c_ulong::from(request), arg) };
         if r < 0 {
+            // The raw errno stays, so that callers can tell EBUSY from EPERM.
             let e = io::Error::last_os_error();
-            return Err(io::Error::new(e.kind(), format!("{}: {name}: {e}", self.path.display())));
+            crate::debug!("{}: {name}: {e}", self.path.display());
+            return Err(e);
         }
         Ok(())
     }
