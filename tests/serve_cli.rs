@@ -140,3 +140,41 @@ fn help_exits_0_and_documents_listen() {
         assert!(out.stdout.contains("EXIT CODES"), "{}", out.stdout);
     }
 }
+
+/// `nbd-vram status` lists a running serve instance with the traffic it
+/// served, as a table and as JSON; a killed one stops being listed.
+#[test]
+fn status_shows_a_running_server_and_its_traffic() {
+    let mut server = Server::start(4 * MIB);
+    let mut c = Nbd::connect(&server.sock);
+    assert_eq!(c.write(0, &[7u8; 8192]), 0);
+    assert_eq!(c.read(0, 4096).unwrap(), vec![7u8; 4096]);
+    c.disconnect();
+    std::thread::sleep(Duration::from_millis(1500)); // published once a second
+    let target = format!("unix:{}", server.sock.display());
+    let table = nbd_vram(&["status"]);
+    let line = table.stdout.lines().find(|l| l.contains(&target)).unwrap_or_else(|| panic!("{target} not in:\n{}", table.stdout));
+    assert!(line.ends_with(" ok"), "not healthy: {line}");
+    let json = nbd_vram(&["status", "--json"]);
+    let entry = json.stdout.split("},").find(|e| e.contains(&target)).expect("instance in --json");
+    assert!(entry.contains("\"written_bytes\":8192") && entry.contains("\"read_bytes\":4096"), "{entry}");
+    assert!(entry.contains("\"health\":\"ok\""), "{entry}");
+    let _ = server.child.kill();
+    let _ = server.child.wait();
+    let after = nbd_vram(&["status"]);
+    assert!(!after.stdout.contains(&target), "a dead instance is still listed:\n{}", after.stdout);
+}
+
+/// Under systemd (JOURNAL_STREAM set) each log line carries its syslog
+/// priority instead of the program name.
+#[test]
+fn journal_lines_carry_priorities() {
+    let out = run(
+        Command::new(BIN).args(["serve", "--listen", "unix:/nonexistent-dir/s", "--store", "host", "--size", "1"]).env("JOURNAL_STREAM", "8:1"),
+        Duration::from_secs(10),
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
+    let last = out.stderr.lines().last().unwrap_or_default();
+    assert!(last.starts_with("<3>") && last.contains("/nonexistent-dir/s"), "{}", out.stderr);
+    assert!(!out.stderr.contains("nbd-vram: "), "{}", out.stderr);
+}
