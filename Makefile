@@ -3,7 +3,7 @@ PREFIX ?= /usr/local
 CARGO ?= cargo
 BIN := target/release/nbd-vram
 
-.PHONY: all deps test test-vm lint clean
+.PHONY: all deps test test-vm lint clean bench
 all: $(BIN)
 
 $(BIN): FORCE
@@ -30,6 +30,12 @@ test: deps lint
 # hog 1.5x its RAM, fake VRAM outside guest RAM. One PASS/FAIL line.
 test-vm: $(BIN)
 	sh tests/vm/run.sh
+
+# nbd-vram serve --store host against nbdkit (memory) and qemu-nbd (/dev/shm
+# file) on unix sockets: bench table with ratios, nbdcopy cross-check, and a
+# request-size sweep plotted to target/bench/throughput.svg. About 3 minutes.
+bench: $(BIN)
+	sh tests/bench/compare.sh $(BIN)
 
 clean:
 	$(CARGO) clean

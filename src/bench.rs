@@ -9,11 +9,13 @@
 
 mod client;
 mod engine;
+mod plot;
 mod verify;
 
 pub use verify::run as verify;
 
 use std::io::Write;
+use std::path::Path;
 use std::time::Duration;
 
 use crate::cli::Addr;
@@ -57,6 +59,22 @@ pub const PATTERNS: [Pattern; 8] = [
     pattern("rand-write-4k-qd1", true, 4 * KIB, 1, true),
     pattern("rand-read-4k-qd32", false, 4 * KIB, 32, true),
     pattern("rand-write-4k-qd32", true, 4 * KIB, 32, true),
+];
+
+/// The request-size sweep: sequential reads and writes at depth 8.
+pub const SWEEP: [Pattern; 12] = [
+    pattern("sweep-read-4k", false, 4 * KIB, 8, false),
+    pattern("sweep-write-4k", true, 4 * KIB, 8, false),
+    pattern("sweep-read-16k", false, 16 * KIB, 8, false),
+    pattern("sweep-write-16k", true, 16 * KIB, 8, false),
+    pattern("sweep-read-64k", false, 64 * KIB, 8, false),
+    pattern("sweep-write-64k", true, 64 * KIB, 8, false),
+    pattern("sweep-read-128k", false, 128 * KIB, 8, false),
+    pattern("sweep-write-128k", true, 128 * KIB, 8, false),
+    pattern("sweep-read-512k", false, 512 * KIB, 8, false),
+    pattern("sweep-write-512k", true, 512 * KIB, 8, false),
+    pattern("sweep-read-1m", false, MIB, 8, false),
+    pattern("sweep-write-1m", true, MIB, 8, false),
 ];
 
 /// The figures for one pattern.
@@ -113,10 +131,46 @@ pub fn run(connect: &Addr, seconds: u32) -> Result<(), Failure> {
     Ok(())
 }
 
+/// `nbd-vram bench --sweep`: runs `SWEEP` against each server in turn,
+/// printing a table and `bench: server=LABEL ...` lines for each, then,
+/// with `svg`, plots MB/s against request size for them all.
+pub fn sweep(servers: &[(Addr, String)], seconds: u32, svg: Option<&Path>) -> Result<(), Failure> {
+    let mut series = Vec::new();
+    for (i, (connect, label)) in servers.iter().enumerate() {
+        say(&format!("nbd-vram bench --sweep: {label} ({}), {seconds} s per point", Shown(connect)));
+        say(&table_head());
+        let rows = run_list(connect, seconds, &SWEEP, |row| say(&row.table_row()))?;
+        for row in &rows {
+            say(&format!("bench: server={label} {}", row.line().trim_start_matches("bench: ")));
+        }
+        for (dir, write) in [("read", false), ("write", true)] {
+            let points = rows
+                .iter()
+                .zip(SWEEP.iter())
+                .filter(|(_, p)| p.write == write)
+                .map(|(r, _)| (f64::from(r.len), r.mbps))
+                .collect();
+            series.push(plot::Series { name: format!("{label} {dir}"), color: i, dashed: write, points });
+        }
+    }
+    if let Some(path) = svg {
+        let title = format!("Sequential throughput at queue depth 8, {seconds} s per point");
+        let doc = plot::svg(&title, "request size (bytes, log2 scale)", "MB/s (10^6 bytes/s)", &series);
+        std::fs::write(path, doc).map_err(|e| Failure::os(format!("writing {}", path.display()), e))?;
+        info!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
 /// Connects, writes the region once, then runs every pattern in `PATTERNS`
 /// for `seconds` each after a short warm-up, calling `each` as a row is
 /// done. Disconnects cleanly at the end.
-pub fn run_patterns(connect: &Addr, seconds: u32, mut each: impl FnMut(&Row)) -> Result<Vec<Row>, Failure> {
+pub fn run_patterns(connect: &Addr, seconds: u32, each: impl FnMut(&Row)) -> Result<Vec<Row>, Failure> {
+    run_list(connect, seconds, &PATTERNS, each)
+}
+
+/// `run_patterns` for any list of patterns.
+fn run_list(connect: &Addr, seconds: u32, patterns: &[Pattern], mut each: impl FnMut(&Row)) -> Result<Vec<Row>, Failure> {
     let at = Shown(connect);
     let fail = |what: String| Failure::new(Code::Other, format!("{at}: {what}"));
     let mut conn = Conn::connect(connect)?;
@@ -134,8 +188,8 @@ pub fn run_patterns(connect: &Addr, seconds: u32, mut each: impl FnMut(&Row)) ->
     );
     conn.set_nonblocking(true).map_err(|e| Failure::os(format!("{at}: setting non-blocking"), e))?;
 
-    let depth = PATTERNS.iter().map(|p| p.depth).max().unwrap_or(1);
-    let payload = PATTERNS.iter().map(|p| p.depth * p.len as usize).max().unwrap_or(0);
+    let depth = patterns.iter().map(|p| p.depth).max().unwrap_or(1);
+    let payload = patterns.iter().map(|p| p.depth * p.len as usize).max().unwrap_or(0);
     let mut bufs = Bufs::new(depth, payload, SAMPLES);
 
     let fill = Spec { write: true, len: MIB, depth: 8, random: false, seed: 1 };
@@ -146,8 +200,8 @@ pub fn run_patterns(connect: &Addr, seconds: u32, mut each: impl FnMut(&Row)) ->
 
     let measure = Duration::from_secs(u64::from(seconds));
     let warmup = (measure / 5).min(Duration::from_millis(500));
-    let mut rows = Vec::with_capacity(PATTERNS.len());
-    for (i, p) in PATTERNS.iter().enumerate() {
+    let mut rows = Vec::with_capacity(patterns.len());
+    for (i, p) in patterns.iter().enumerate() {
         let spec = Spec { write: p.write, len: p.len, depth: p.depth, random: p.random, seed: 0x9e37_79b9 + i as u64 };
         let t = engine::drive(&mut conn, region, &spec, Stop::Timed { warmup, measure }, &mut bufs)
             .map_err(|e| fail(format!("{}: {e}", p.name)))?;
@@ -273,6 +327,10 @@ mod tests {
         assert_eq!(names.len(), 8);
         assert!(PATTERNS.iter().all(|p| p.len % BLOCK as u32 == 0 && (p.depth == 8) != p.random));
         assert!(PATTERNS.iter().filter(|p| p.random).all(|p| p.len == 4096 && [1, 32].contains(&p.depth)));
+        let sizes: Vec<u32> = SWEEP.iter().filter(|p| p.write).map(|p| p.len / KIB).collect();
+        assert_eq!(sizes, [4, 16, 64, 128, 512, 1024]);
+        assert!(SWEEP.chunks(2).all(|c| !c[0].write && c[1].write && c[0].len == c[1].len));
+        assert!(SWEEP.iter().all(|p| p.depth == 8 && !p.random && p.name.starts_with("sweep-")));
     }
 
     #[test]

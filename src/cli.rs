@@ -17,6 +17,8 @@ USAGE
   nbd-vram status [--json]           show running instances
   nbd-vram bench --connect ADDR [--seconds N | --verify]
                                      measure an NBD server the way the kernel drives it
+  nbd-vram bench --sweep [--svg FILE] --connect ADDR [--label NAME]...
+                                     MB/s against request size, for one or more servers
 
 STORE OPTIONS
   --size SIZE        store size; plain numbers are MiB, or give a K, M, G or T
@@ -44,6 +46,13 @@ BENCH OPTIONS
   --connect ADDR     unix:PATH or tcp:HOST:PORT of a running NBD server
   --seconds N        time per pattern (default 3)
   --verify           instead: write the whole export, read it back, compare
+  --sweep            instead: sequential reads and writes at depth 8 of 4K, 16K,
+                     64K, 128K, 512K and 1M requests (--seconds N each), against
+                     every --connect in turn
+  --label NAME       names the --connect before it in the sweep (default: the
+                     address); one word, as it goes into key=value lines
+  --svg FILE         with --sweep: also plot MB/s against request size, one
+                     line per server and direction, as an SVG file
 
 GENERAL
   -q, --quiet        only errors
@@ -120,7 +129,8 @@ pub enum Command {
     Gpus { libcuda: Option<PathBuf> },
     Stop { device: PathBuf },
     Status { json: bool },
-    Bench { connect: Addr, seconds: u32, verify: bool },
+    /// `servers`: each --connect with its --label (one, unless `sweep`).
+    Bench { servers: Vec<(Addr, String)>, seconds: u32, verify: bool, sweep: bool, svg: Option<PathBuf> },
     Help,
     Version,
 }
@@ -153,7 +163,9 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed, String> 
         libcuda: None,
     };
     let mut swap = SwapOpts { store: store.clone(), device: None, priority: 100, discard: false, timeout: 0, swap: true };
-    let (mut listen, mut connect, mut positional) = (None, None, None);
+    let (mut listen, mut positional) = (None, None);
+    let mut servers: Vec<(Addr, Option<String>)> = Vec::new();
+    let (mut sweep, mut svg) = (false, None);
     let (mut json, mut seconds, mut log_level) = (false, 3, crate::log::INFO);
     let mut verify = false;
 
@@ -232,7 +244,23 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed, String> 
                 "l"
             }
             "--connect" => {
-                connect = Some(addr(&value(&flag)?)?);
+                servers.push((addr(&value(&flag)?)?, None));
+                "b"
+            }
+            "--label" => {
+                let v = value(&flag)?;
+                let Some(last) = servers.last_mut() else { return Err("--label names the --connect before it".into()) };
+                if v.is_empty() || v.contains(char::is_whitespace) || last.1.replace(v).is_some() {
+                    return Err("--label takes one word, once per --connect".into());
+                }
+                "b"
+            }
+            "--sweep" => {
+                sweep = true;
+                "b"
+            }
+            "--svg" => {
+                svg = Some(PathBuf::from(value(&flag)?));
                 "b"
             }
             "--seconds" => {
@@ -279,8 +307,17 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed, String> 
         "stop" => Command::Stop { device: positional.ok_or("stop needs a device, e.g. nbd-vram stop /dev/nbd0")? },
         "status" => Command::Status { json },
         _ => {
-            let connect = connect.ok_or("bench needs --connect unix:PATH or --connect tcp:HOST:PORT")?;
-            Command::Bench { connect, seconds, verify }
+            if servers.is_empty() {
+                return Err("bench needs --connect unix:PATH or --connect tcp:HOST:PORT".into());
+            }
+            if !sweep && (servers.len() > 1 || svg.is_some() || servers[0].1.is_some()) {
+                return Err("several --connect, --label and --svg go with --sweep".into());
+            }
+            if sweep && verify {
+                return Err("bench takes --sweep or --verify, not both".into());
+            }
+            let servers = servers.into_iter().map(|(a, l)| (a.clone(), l.unwrap_or_else(|| a.to_string()))).collect();
+            Command::Bench { servers, seconds, verify, sweep, svg }
         }
     };
     Ok(Parsed { command, log_level })
@@ -374,6 +411,20 @@ mod tests {
         assert_eq!(p("gpus").unwrap(), Command::Gpus { libcuda: None });
         assert_eq!(p("-h").unwrap(), Command::Help);
         assert!(matches!(p("bench --connect unix:/s --seconds 2").unwrap(), Command::Bench { seconds: 2, .. }));
+    }
+
+    #[test]
+    fn bench_sweep_takes_several_labelled_servers() {
+        let c = p("bench --connect unix:/a --label ours --connect tcp:h:1 --sweep --svg /t/x.svg --seconds 1").unwrap();
+        let Command::Bench { servers, seconds: 1, verify: false, sweep: true, svg: Some(svg) } = c else { panic!("{c:?}") };
+        assert_eq!(servers, [(Addr::Unix("/a".into()), "ours".into()), (Addr::Tcp("h:1".into()), "tcp:h:1".into())]);
+        assert_eq!(svg, PathBuf::from("/t/x.svg"));
+        assert!(p("bench --connect unix:/a --connect unix:/b").unwrap_err().contains("with --sweep"));
+        assert!(p("bench --connect unix:/a --svg x.svg").unwrap_err().contains("with --sweep"));
+        assert!(p("bench --label x --connect unix:/a --sweep").unwrap_err().contains("before it"));
+        assert!(p("bench --connect unix:/a --label x --label y --sweep").unwrap_err().contains("once per"));
+        assert!(p("bench --connect unix:/a --sweep --verify").unwrap_err().contains("not both"));
+        assert!(p("serve --listen unix:/x --sweep").unwrap_err().contains("does not apply"));
     }
 
     #[test]

@@ -50,8 +50,9 @@ fn run(command: Command) -> Result<(), Failure> {
         Command::Swap(opts) => store::with_store(&opts.store, daemon::Daemon(&opts))?,
         Command::Gpus { libcuda } => gpu::list(libcuda.as_deref())?,
         Command::Stop { device } => stop::stop(&device)?,
-        Command::Bench { connect, verify: true, .. } => bench::verify(&connect, 0x6e62_642d_7672_616d)?,
-        Command::Bench { connect, seconds, .. } => bench::run(&connect, seconds)?,
+        Command::Bench { servers, sweep: true, seconds, svg, .. } => bench::sweep(&servers, seconds, svg.as_deref())?,
+        Command::Bench { servers, verify: true, .. } => bench::verify(&servers[0].0, 0x6e62_642d_7672_616d)?,
+        Command::Bench { servers, seconds, .. } => bench::run(&servers[0].0, seconds)?,
         Command::Status { json } => status::show(json)?,
     }
     Ok(())
