@@ -14,7 +14,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::raw::{Nbd, CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES};
+use common::raw::{Nbd, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES};
 use common::{pattern, run, sha256, KIB, MIB};
 use fake_cuda_env::{checker, libcuda, run_nbd_vram, Serve, VramServer};
 
@@ -420,6 +420,36 @@ fn a_failed_copy_fails_that_request_only() {
         nbd.disconnect();
         server.assert_alive();
         assert_one_copy_error(&server, "cuMemsetD8Async", &format!("{name} at offset 0 length 4096 failed"));
+    }
+}
+
+/// FAKE_CUDA_FAIL_SYNC=N fails the Nth stream or event synchronisation,
+/// and every CUDA call after it, as CUDA's errors on queued work do. A
+/// write is acknowledged once its data is handed to the stream, so its
+/// sync (the 1st) failing means acknowledged data may be gone: from then
+/// on every request is answered EIO, on any connection, and the server
+/// says so once. A read's wait failing (the 2nd) does the same.
+#[test]
+fn a_device_failure_after_handing_over_fails_every_request() {
+    let a = pattern(3, 64 * KIB as usize);
+    for (fail, read_first) in [("1", false), ("2", true)] {
+        let mut server = Serve::new(8).env("FAKE_CUDA_FAIL_SYNC", fail).start();
+        let mut nbd = Nbd::connect(&server.sock);
+        assert_eq!(nbd.write(0, &a), 0, "the write is acknowledged before its sync");
+        if read_first {
+            read_eio(&mut nbd, 0, 4096, "the read whose wait fails");
+        }
+        read_eio(&mut nbd, 0, 4096, "after the failure");
+        assert_eq!(nbd.write(MIB, &a), EIO, "a write after the failure");
+        assert_eq!(nbd.command(0, CMD_FLUSH, 0, 0), EIO, "a flush after the failure");
+        nbd.disconnect();
+        let mut nbd = Nbd::connect(&server.sock);
+        read_eio(&mut nbd, MIB, 4096, "a new connection");
+        nbd.disconnect();
+        server.assert_alive();
+        let log = server.log();
+        assert_eq!(log.matches("their data may be lost").count(), 1, "FAIL_SYNC={fail}:\n{log}");
+        assert!(log.contains("CUDA_ERROR_ILLEGAL_ADDRESS"), "{log}");
     }
 }
 

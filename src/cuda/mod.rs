@@ -7,7 +7,7 @@ use std::ffi::{c_char, c_void, CStr};
 use std::fmt;
 use std::ops::{Deref, DerefMut};
 
-use sys::{Api, CUcontext, CUdevice, CUdeviceptr, CUresult, CUstream};
+use sys::{Api, CUcontext, CUdevice, CUdeviceptr, CUevent, CUresult, CUstream};
 
 pub use sys::{LoadError, CUDA_ERROR_NO_DEVICE, CUDA_ERROR_OUT_OF_MEMORY};
 pub use sys::{CUDA_ERROR_COMPAT_NOT_SUPPORTED_ON_DEVICE, CUDA_ERROR_SYSTEM_DRIVER_MISMATCH};
@@ -189,6 +189,14 @@ impl Context {
         self.cuda.check("cuStreamCreate", unsafe { (self.cuda.api.cuStreamCreate)(&mut stream, 0) })?;
         Ok(Stream { ctx: self, stream })
     }
+
+    pub fn event(&self) -> Result<Event<'_>, Error> {
+        let mut event: CUevent = std::ptr::null_mut();
+        // SAFETY: writes one event handle to a live local.
+        let r = unsafe { (self.cuda.api.cuEventCreate)(&mut event, sys::CU_EVENT_DISABLE_TIMING) };
+        self.cuda.check("cuEventCreate", r)?;
+        Ok(Event { ctx: self, event })
+    }
 }
 
 impl Drop for Context {
@@ -303,6 +311,36 @@ impl Stream<'_> {
         // SAFETY: `stream` is live.
         self.ctx.cuda.check("cuStreamSynchronize", unsafe { (self.api().cuStreamSynchronize)(self.stream) })
     }
+
+    /// Marks the point `event` stands for: the work queued so far.
+    pub fn record(&self, event: &Event) -> Result<(), Error> {
+        // SAFETY: both handles are live and belong to the same context.
+        self.ctx.cuda.check("cuEventRecord", unsafe { (self.api().cuEventRecord)(event.event, self.stream) })
+    }
+}
+
+/// A point in a stream's work: waiting on it waits for what was queued
+/// before `Stream::record`, not for what came after.
+pub struct Event<'c> {
+    ctx: &'c Context,
+    event: CUevent,
+}
+
+impl Event<'_> {
+    pub fn wait(&self) -> Result<(), Error> {
+        // SAFETY: `event` is live.
+        self.ctx.cuda.check("cuEventSynchronize", unsafe { (self.ctx.cuda.api.cuEventSynchronize)(self.event) })
+    }
+}
+
+impl Drop for Event<'_> {
+    fn drop(&mut self) {
+        // SAFETY: `event` came from cuEventCreate and is destroyed only here.
+        let r = unsafe { (self.ctx.cuda.api.cuEventDestroy_v2)(self.event) };
+        if let Err(e) = self.ctx.cuda.check("cuEventDestroy_v2", r) {
+            crate::warn!("{e}");
+        }
+    }
 }
 
 /// Copies gathered for one `cuMemcpyBatchAsync`: one driver call for a
@@ -318,6 +356,10 @@ pub struct CopyBatch {
 impl CopyBatch {
     pub fn with_capacity(n: usize) -> CopyBatch {
         CopyBatch { dsts: Vec::with_capacity(n), srcs: Vec::with_capacity(n), sizes: Vec::with_capacity(n) }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sizes.is_empty()
     }
 
     pub fn is_full(&self) -> bool {

@@ -14,6 +14,7 @@ pub type CUdevice = c_int;
 pub type CUdeviceptr = u64;
 pub type CUcontext = *mut c_void;
 pub type CUstream = *mut c_void;
+pub type CUevent = *mut c_void;
 
 pub const CUDA_SUCCESS: CUresult = 0;
 pub const CUDA_ERROR_OUT_OF_MEMORY: CUresult = 2;
@@ -65,6 +66,9 @@ pub struct CUmemcpyAttributes {
 /// `CU_MEMCPY_SRC_ACCESS_ORDER_STREAM`: sources are read in stream order.
 pub const CU_MEMCPY_SRC_ACCESS_ORDER_STREAM: u32 = 1;
 
+/// `CU_EVENT_DISABLE_TIMING`: an event only for waiting, the cheapest kind.
+pub const CU_EVENT_DISABLE_TIMING: c_uint = 2;
+
 api! {
     required {
         cuInit(c_uint);
@@ -88,6 +92,10 @@ api! {
         cuStreamCreate(*mut CUstream, c_uint);
         cuStreamSynchronize(CUstream);
         cuStreamDestroy_v2(CUstream);
+        cuEventCreate(*mut CUevent, c_uint);
+        cuEventRecord(CUevent, CUstream);
+        cuEventSynchronize(CUevent);
+        cuEventDestroy_v2(CUevent);
         cuGetErrorName(CUresult, *mut *const c_char);
         cuGetErrorString(CUresult, *mut *const c_char);
     }

@@ -3,8 +3,12 @@
 //!
 //! Blocking and single-threaded, and batched: it takes every request that is
 //! already waiting on the socket (up to `MAX_BATCH`, or until the staging
-//! buffer is full), queues all their store operations, waits for the store
-//! once, then answers the whole batch with one `writev`. All memory is
+//! buffer is full) and queues all their store operations. Replies then go
+//! out in groups, each as soon as the store has done its part: reads wait
+//! for their data, a group of `group` of them at a time, so the first
+//! replies are on the wire while the device still copies the rest; writes
+//! are acknowledged once their data is handed to the store, and the store
+//! finishes them while the client reads the replies. All memory is
 //! allocated before the first request, so a swap device served here never
 //! needs a free page to make progress.
 
@@ -39,14 +43,35 @@ pub enum End {
     Closed,
 }
 
+/// Replies that wait for the store, per fence, unless `NBD_VRAM_GROUP`
+/// says otherwise (0: one fence per batch). Fewer fences make bigger
+/// batched copies; more let the first replies leave sooner.
+const GROUP: usize = 8;
+
 /// One answered request of a batch.
 #[derive(Clone)]
 struct Slot {
     reply: [u8; REPLY_LEN],
     /// Bytes of staging holding read data to send after the header.
     data: Range<usize>,
-    /// Queued in the store: fails with the batch if the store's sync fails.
+    /// Queued in the store: fails if the store cannot start its work.
     queued: bool,
+    /// Its reply waits until the store has done the work: a read's data,
+    /// or a write with FUA.
+    waits: bool,
+}
+
+impl Slot {
+    fn ok(&self) -> bool {
+        self.reply[4..8] == [0; 4]
+    }
+
+    /// Turns a queued request's success into `EIO`.
+    fn fail(&mut self) {
+        if self.queued && self.ok() {
+            self.reply[4..8].copy_from_slice(&EIO.to_be_bytes());
+        }
+    }
 }
 
 /// Everything the loop needs, allocated once and reused by every connection.
@@ -58,11 +83,21 @@ pub struct Buffers<B> {
     slots: Box<[Slot]>,
     /// The batch's reply headers, end to end.
     heads: Box<[u8]>,
+    /// Each group of slots: where it ends, and its fence (`None`: the store
+    /// could not start its work, which is answered `EIO`).
+    groups: Box<[(usize, Option<usize>)]>,
+    ngroups: usize,
+    group: usize,
+    /// The store failed after taking work: what it holds is unknown, so
+    /// every request from now on is answered `EIO`.
+    lost: bool,
 }
 
 impl<B: std::ops::DerefMut<Target = [u8]>> Buffers<B> {
     pub fn new<S: Store<Buf = B>>(store: &mut S) -> io::Result<Buffers<B>> {
-        let empty = Slot { reply: [0; REPLY_LEN], data: 0..0, queued: false };
+        const { assert!(MAX_BATCH <= crate::store::FENCES, "a fence per slot at most") };
+        let empty = Slot { reply: [0; REPLY_LEN], data: 0..0, queued: false, waits: false };
+        let group = std::env::var("NBD_VRAM_GROUP").ok().and_then(|v| v.parse().ok()).unwrap_or(GROUP);
         Ok(Buffers {
             staging: store.staging(MAX_PAYLOAD as usize)?,
             input: vec![0u8; INPUT_LEN].into_boxed_slice(),
@@ -70,6 +105,10 @@ impl<B: std::ops::DerefMut<Target = [u8]>> Buffers<B> {
             end: 0,
             slots: vec![empty; MAX_BATCH].into_boxed_slice(),
             heads: vec![0u8; REPLY_LEN * MAX_BATCH].into_boxed_slice(),
+            groups: vec![(0, None); MAX_BATCH].into_boxed_slice(),
+            ngroups: 0,
+            group,
+            lost: false,
         })
     }
 }
@@ -94,13 +133,12 @@ where
     loop {
         let (n, end) = link.gather();
         let started = Instant::now();
-        let sync_failed = link.store.sync().is_err();
-        if sync_failed {
-            crate::error!("store failed to complete a batch of {n} requests: answering EIO");
+        link.close_group(n);
+        let answered = link.answer(n);
+        if link.store.sync().is_err() {
+            link.lose();
         }
-        let mut answered = Ok(());
         if n > 0 {
-            answered = link.answer(n, sync_failed);
             link.stats.record_batch(started.elapsed().as_nanos() as u64);
         }
         match end {
@@ -125,6 +163,8 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
     fn gather(&mut self) -> (usize, Option<io::Result<End>>) {
         let mut n = 0;
         let mut used = 0;
+        let mut waiting = 0;
+        self.bufs.ngroups = 0;
         while n < MAX_BATCH {
             if self.available() < REQUEST_LEN {
                 match self.fill(n == 0) {
@@ -154,16 +194,52 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
                 Ok(slot) => slot,
                 Err(e) => return (n, Some(Err(e))),
             };
+            let waits = slot.waits;
             self.bufs.slots[n] = slot;
             used += staged;
             n += 1;
+            if waits {
+                waiting += 1;
+                if waiting == self.bufs.group {
+                    self.close_group(n);
+                    waiting = 0;
+                }
+            }
         }
         (n, None)
     }
 
+    /// Fences the slots since the last group up to `end`, so that their
+    /// work starts now; if it cannot, they are answered `EIO`.
+    fn close_group(&mut self, end: usize) {
+        let b = &mut *self.bufs;
+        let start = b.ngroups.checked_sub(1).map_or(0, |g| b.groups[g].0);
+        if end == start {
+            return;
+        }
+        let fence = self.store.fence().ok();
+        if fence.is_none() {
+            b.slots[start..end].iter_mut().for_each(Slot::fail);
+        }
+        b.groups[b.ngroups] = (end, fence);
+        b.ngroups += 1;
+    }
+
+    /// The store failed with work already taken: logs it once, and from
+    /// now on nothing is trusted to it.
+    fn lose(&mut self) {
+        if !self.bufs.lost {
+            crate::error!(
+                "the store failed after taking writes, some of which may have been acknowledged: \
+                 their data may be lost. Every request is answered EIO from now on; restart nbd-vram"
+            );
+            self.bufs.lost = true;
+        }
+    }
+
     /// Runs (or queues) one request. `Err` only for a broken stream.
     fn execute(&mut self, req: &Request, stage: Range<usize>) -> io::Result<Slot> {
-        let mut slot = Slot { reply: [0; REPLY_LEN], data: 0..0, queued: false };
+        let mut slot = Slot { reply: [0; REPLY_LEN], data: 0..0, queued: false, waits: false };
         let mut error = self.check(req);
         if req.command == sys::NBD_CMD_WRITE {
             // The payload follows the header whatever we answer.
@@ -186,6 +262,7 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
                 _ => self.store.zero(req.offset, len), // check() let only WRITE_ZEROES through
             };
             slot.queued = true;
+            slot.waits = req.command == sys::NBD_CMD_READ || req.flags & CMD_FLAG_FUA != 0;
             if let Err(e) = done {
                 crate::error!("{} at offset {} length {len} failed: {e}", name(req.command), req.offset);
                 error = EIO;
@@ -198,6 +275,9 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
 
     /// The NBD error a request earns before touching the store ("Error values").
     fn check(&self, req: &Request) -> u32 {
+        if self.bufs.lost {
+            return EIO;
+        }
         let mut allowed = CMD_FLAG_FUA;
         if req.command == sys::NBD_VRAM_CMD_WRITE_ZEROES {
             allowed |= CMD_FLAG_NO_HOLE;
@@ -222,33 +302,53 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
         }
     }
 
-    /// Sends the replies of slots `0..n`, with read data. Headers are laid
-    /// end to end, so a batch of writes is one iovec; each `writev` takes at
-    /// most `UIO_FASTIOV` iovecs, which the kernel keeps on its stack: a
-    /// longer vector is kmalloc'ed, and under memory pressure that
-    /// allocation (no I/O allowed, no OOM kill for it) waits for ever while
-    /// the kernel waits for this very reply.
-    fn answer(&mut self, n: usize, sync_failed: bool) -> io::Result<()> {
-        let b = &mut *self.bufs;
-        for (slot, head) in b.slots[..n].iter_mut().zip(b.heads.chunks_exact_mut(REPLY_LEN)) {
-            if sync_failed && slot.queued {
-                slot.reply[4..8].copy_from_slice(&EIO.to_be_bytes());
+    /// Sends the replies of slots `0..n`, group by group, each once the
+    /// store has done the work its replies wait for.
+    fn answer(&mut self, n: usize) -> io::Result<()> {
+        let mut start = 0;
+        for g in 0..self.bufs.ngroups {
+            let (end, fence) = self.bufs.groups[g];
+            let slots = &self.bufs.slots[start..end];
+            if let Some(token) = fence.filter(|_| slots.iter().any(|s| s.waits && s.ok())) {
+                if self.store.wait(token).is_err() {
+                    self.lose();
+                }
             }
+            if self.bufs.lost {
+                self.bufs.slots[start..end].iter_mut().for_each(Slot::fail);
+            }
+            self.send(start..end)?;
+            start = end;
+        }
+        debug_assert_eq!(start, n, "every slot is in a group");
+        Ok(())
+    }
+
+    /// Sends the replies of `slots`, with read data. Headers are laid end
+    /// to end, so a run of writes is one iovec; each `writev` takes at most
+    /// `UIO_FASTIOV` iovecs, which the kernel keeps on its stack: a longer
+    /// vector is kmalloc'ed, and under memory pressure that allocation (no
+    /// I/O allowed, no OOM kill for it) waits for ever while the kernel
+    /// waits for this very reply.
+    fn send(&mut self, slots: Range<usize>) -> io::Result<()> {
+        let b = &mut *self.bufs;
+        let heads = &mut b.heads[slots.start * REPLY_LEN..slots.end * REPLY_LEN];
+        for (slot, head) in b.slots[slots.clone()].iter().zip(heads.chunks_exact_mut(REPLY_LEN)) {
             head.copy_from_slice(&slot.reply);
         }
         let mut iov = [IoSlice::new(&[]); 2 * MAX_BATCH + 1];
         let mut count = 0;
         let mut run = 0; // first header not yet in an iovec
-        for (i, slot) in b.slots[..n].iter().enumerate() {
-            if slot.reply[4..8] == [0; 4] && !slot.data.is_empty() {
-                iov[count] = IoSlice::new(&b.heads[run * REPLY_LEN..(i + 1) * REPLY_LEN]);
+        for (i, slot) in b.slots[slots.clone()].iter().enumerate() {
+            if slot.ok() && !slot.data.is_empty() {
+                iov[count] = IoSlice::new(&heads[run * REPLY_LEN..(i + 1) * REPLY_LEN]);
                 iov[count + 1] = IoSlice::new(&b.staging[slot.data.clone()]);
                 count += 2;
                 run = i + 1;
             }
         }
-        if run < n {
-            iov[count] = IoSlice::new(&b.heads[run * REPLY_LEN..n * REPLY_LEN]);
+        if run < slots.len() {
+            iov[count] = IoSlice::new(&heads[run * REPLY_LEN..]);
             count += 1;
         }
         let mut iov = &mut iov[..count];

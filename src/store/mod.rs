@@ -16,10 +16,16 @@ pub use vram::{AllocError, VramStore};
 
 /// A fixed-size byte store. Callers check ranges against `size()` first.
 ///
-/// Operations may be queued and finish only at the next `sync`, which is
-/// how a GPU store batches its copies: the caller must neither read a
-/// buffer given to `read` nor change one given to `write` before `sync`
-/// returns. Errors are plain errnos so that reporting them never allocates.
+/// Operations may be queued and finish only later, which is how a GPU
+/// store batches its copies: the caller must neither read a buffer given to
+/// `read` nor change one given to `write` before a `wait` on a later fence,
+/// or `sync`, returns. Errors are plain errnos so that reporting them never
+/// allocates.
+///
+/// Errors come in two kinds. One returned by an operation or by `fence`
+/// means that work was never started: its requests fail, the store is
+/// intact. One returned by `wait` or `sync` means queued work failed on the
+/// device after it was handed over: what it wrote is unknown.
 pub trait Store {
     /// Staging memory the store copies from and to fastest (pinned for a GPU).
     type Buf: DerefMut<Target = [u8]>;
@@ -35,13 +41,27 @@ pub trait Store {
     fn trim(&mut self, offset: u64, len: u64) -> io::Result<()> {
         self.zero(offset, len)
     }
-    /// Waits for every queued operation; an error fails the whole batch.
+    /// Starts everything queued so far and returns a token that `wait`
+    /// takes. An error: some of it since the last fence could not start.
+    /// A token stays valid until `FENCES` more fences or a `sync`.
+    fn fence(&mut self) -> io::Result<usize> {
+        Ok(0)
+    }
+    /// Waits for the work queued before `fence` returned `token`.
+    fn wait(&mut self, token: usize) -> io::Result<()> {
+        let _ = token;
+        Ok(())
+    }
+    /// Waits for every queued operation.
     fn sync(&mut self) -> io::Result<()>;
     /// Memory is volatile either way: a flush only has to order writes.
     fn flush(&mut self) -> io::Result<()> {
         self.sync()
     }
 }
+
+/// Fences a store keeps apart between two `sync`s.
+pub const FENCES: usize = 64;
 
 /// What runs on a store, whichever kind the user picked; generic, so the
 /// data path is compiled for each store with no dynamic dispatch.

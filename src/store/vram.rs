@@ -4,8 +4,8 @@
 use std::io;
 use std::ops::Range;
 
-use super::Store;
-use crate::cuda::{Context, CopyBatch, DeviceMem, Error, Pinned, Stream, CUDA_ERROR_OUT_OF_MEMORY};
+use super::{Store, FENCES};
+use crate::cuda::{Context, CopyBatch, DeviceMem, Error, Event, Pinned, Stream, CUDA_ERROR_OUT_OF_MEMORY};
 use crate::{error, info};
 
 const MIB: u64 = 1 << 20;
@@ -23,6 +23,14 @@ pub struct VramStore<'c> {
     size: u64,
     /// Copies waiting for one batched driver call, all in one direction.
     batch: Option<Batch>,
+    /// One per fence token, created before serving.
+    events: Vec<Event<'c>>,
+    next_fence: usize,
+    /// Hand-overs to the stream so far; what each fence covers; how many
+    /// are known complete. When all are, `sync` need not ask the driver.
+    issued: u64,
+    fenced: [u64; FENCES],
+    done: u64,
 }
 
 /// Pieces a batch holds before it is issued: a full batch of 4 KiB
@@ -72,7 +80,20 @@ impl<'c> VramStore<'c> {
                         writes: false,
                         failed: false,
                     });
-                    let mut store = VramStore { ctx, stream, chunks, chunk_len, size, batch };
+                    let events = (0..FENCES).map(|_| ctx.event()).collect::<Result<_, _>>()?;
+                    let mut store = VramStore {
+                        ctx,
+                        stream,
+                        chunks,
+                        chunk_len,
+                        size,
+                        batch,
+                        events,
+                        next_fence: 0,
+                        issued: 0,
+                        fenced: [0; FENCES],
+                        done: 0,
+                    };
                     store.clear()?;
                     return Ok(store);
                 }
@@ -118,9 +139,13 @@ impl<'c> VramStore<'c> {
         self.piece_list(offset, len).map(|(index, inner, n)| (&self.chunks[index], inner, n))
     }
 
-    /// Issues the waiting batch, if any; a failure shows at `sync`.
+    /// Issues the waiting batch, if any; a failure shows at `fence`.
     fn flush(&mut self) {
         if let Some(b) = &mut self.batch {
+            if b.copies.is_empty() {
+                return;
+            }
+            self.issued += 1;
             if let Err(e) = self.stream.copy_batch(&mut b.copies, b.writes) {
                 error!("{e}");
                 b.failed = true;
@@ -214,6 +239,7 @@ impl<'c> Store for VramStore<'c> {
         if self.queue(offset, len, false, |b, chunk, inner, r| b.read(chunk, inner, &mut buf[r])) {
             return Ok(());
         }
+        self.issued += 1;
         let mut rest = buf;
         for (chunk, inner, n) in self.pieces(offset, rest.len() as u64) {
             let (now, later) = rest.split_at_mut(n as usize);
@@ -228,6 +254,7 @@ impl<'c> Store for VramStore<'c> {
         if self.queue(offset, buf.len() as u64, true, |b, chunk, inner, r| b.write(chunk, inner, &buf[r])) {
             return Ok(());
         }
+        self.issued += 1;
         let mut rest = buf;
         for (chunk, inner, n) in self.pieces(offset, rest.len() as u64) {
             let (now, later) = rest.split_at(n as usize);
@@ -240,20 +267,45 @@ impl<'c> Store for VramStore<'c> {
     fn zero(&mut self, offset: u64, len: u64) -> io::Result<()> {
         self.check(offset, len)?;
         self.flush(); // the memset is ordered after queued copies only once they are issued
+        self.issued += 1;
         for (chunk, inner, n) in self.pieces(offset, len) {
             self.stream.zero(chunk, inner, n as usize).map_err(eio)?;
         }
         Ok(())
     }
 
+    fn fence(&mut self) -> io::Result<usize> {
+        self.flush();
+        let failed = self.batch.as_mut().is_some_and(|b| std::mem::take(&mut b.failed));
+        let token = self.next_fence % FENCES;
+        self.next_fence += 1;
+        self.stream.record(&self.events[token]).map_err(eio)?;
+        self.fenced[token] = self.issued;
+        if failed {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        Ok(token)
+    }
+
+    fn wait(&mut self, token: usize) -> io::Result<()> {
+        if self.fenced[token] > self.done {
+            self.events[token].wait().map_err(eio)?;
+            self.done = self.fenced[token];
+        }
+        Ok(())
+    }
+
+    /// A batch that failed to start is left for the next `fence` to report
+    /// to the requests it holds; here it only fails the wait.
     fn sync(&mut self) -> io::Result<()> {
         self.flush();
-        self.stream.sync().map_err(eio)?;
-        match &mut self.batch {
-            Some(b) if b.failed => {
-                b.failed = false;
-                Err(io::Error::from_raw_os_error(libc::EIO))
-            }
+        self.next_fence = 0;
+        if self.issued > self.done {
+            self.stream.sync().map_err(eio)?;
+            self.done = self.issued;
+        }
+        match &self.batch {
+            Some(b) if b.failed => Err(io::Error::from_raw_os_error(libc::EIO)),
             _ => Ok(()),
         }
     }

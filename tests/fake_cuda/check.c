@@ -9,6 +9,7 @@
 #include <dlfcn.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -21,6 +22,8 @@ typedef int CUdevice;
 typedef unsigned long long CUdeviceptr;
 typedef struct CUctx_st *CUcontext;
 typedef struct CUstream_st *CUstream;
+typedef struct CUevent_st *CUevent;
+typedef struct { unsigned order; struct { unsigned type; int id; } src_hint, dst_hint; unsigned flags; } memcpy_attrs;
 
 #define APIS(X) \
     X(cuInit, (unsigned)) X(cuDriverGetVersion, (int *)) X(cuDeviceGet, (CUdevice *, int)) \
@@ -37,7 +40,10 @@ typedef struct CUstream_st *CUstream;
     X(cuMemHostAlloc, (void **, size_t, unsigned)) X(cuMemFreeHost, (void *)) \
     X(cuStreamCreate, (CUstream *, unsigned)) X(cuStreamSynchronize, (CUstream)) \
     X(cuStreamDestroy_v2, (CUstream)) X(cuGetErrorName, (CUresult, const char **)) \
-    X(cuGetErrorString, (CUresult, const char **))
+    X(cuGetErrorString, (CUresult, const char **)) X(cuEventCreate, (CUevent *, unsigned)) \
+    X(cuEventRecord, (CUevent, CUstream)) X(cuEventSynchronize, (CUevent)) \
+    X(cuEventDestroy_v2, (CUevent)) \
+    X(cuMemcpyBatchAsync_v2, (CUdeviceptr *, CUdeviceptr *, size_t *, size_t, void *, size_t *, size_t, CUstream))
 
 #define FIELD(name, args) CUresult(*name) args;
 static struct { APIS(FIELD) } cu;
@@ -139,7 +145,7 @@ static void s_basic(void)
     EQ(cu.cuMemcpyHtoDAsync_v2(d, in, MIB, st), 0);
     EQ(cu.cuMemsetD8Async(d, 7, 10, st), 0);
     EQ(cu.cuMemcpyDtoHAsync_v2(out, d, MIB, NULL), 0);   /* the default stream */
-    EQ(cu.cuStreamSynchronize(st), 0);
+    EQ(cu.cuStreamSynchronize(st), 0);   /* one queue: syncs the default stream's copy too */
     EQ(out[9] == 7 && out[10] == in[10] && !memcmp(in + 10, out + 10, MIB - 10), 1);
     EQ(cu.cuMemcpyHtoDAsync_v2(d, in, 1, (CUstream)&v), 400);
     EQ(cu.cuStreamDestroy_v2(st), 0);
@@ -278,6 +284,219 @@ static void s_fail_copy(void)   /* FAIL_COPY 3 */
     EQ(cu.cuMemFree_v2(d), 0);
 }
 
+static int all(const unsigned char *p, size_t n, unsigned char c)
+{
+    for (size_t i = 0; i < n; i++) if (p[i] != c) return 0;
+    return 1;
+}
+
+static void s_async(void)   /* deferred async work and events */
+{
+    CUdeviceptr d, e;
+    CUstream st;
+    CUevent ev, ev2;
+    int x;
+    void *h;
+    static unsigned char buf[8192], out[8192], out2[64];
+    EQ(cu.cuInit(0), 0);
+    EQ(cu.cuEventCreate(&ev, 0), 201);   /* needs a current context */
+    CUcontext ctx = start(0);
+    EQ(cu.cuMemAlloc_v2(&d, 8192), 0);
+    EQ(cu.cuStreamCreate(&st, 0), 0);
+    memset(buf, 1, 64);
+    EQ(cu.cuMemcpyHtoD_v2(d, buf, 64), 0);
+
+    /* DtoH: the host buffer is untouched until the sync */
+    memset(out, 0, 64);
+    EQ(cu.cuMemcpyDtoHAsync_v2(out, d, 64, st), 0);
+    EQ(all(out, 64, 0), 1);
+    EQ(cu.cuStreamSynchronize(NULL), 0);   /* any stream's sync runs it all */
+    EQ(all(out, 64, 1), 1);
+
+    /* HtoD reads the host buffer when it runs, not at the call */
+    memset(buf, 2, 64);
+    EQ(cu.cuMemcpyHtoDAsync_v2(d, buf, 64, st), 0);
+    memset(buf, 3, 64);
+    EQ(cu.cuStreamSynchronize(st), 0);
+    memset(buf, 4, 64);
+    EQ(cu.cuMemcpyDtoH_v2(out, d, 64), 0);
+    EQ(all(out, 64, 3), 1);
+
+    /* a synchronous copy or memset runs the pending work first */
+    EQ(cu.cuMemsetD8Async(d, 5, 64, st), 0);
+    EQ(cu.cuMemcpyDtoH_v2(out, d, 64), 0);
+    EQ(all(out, 64, 5), 1);
+    EQ(cu.cuMemcpyDtoHAsync_v2(out, d, 64, st), 0);
+    EQ(cu.cuMemsetD8_v2(d, 6, 64), 0);
+    EQ(all(out, 64, 5), 1);   /* the copy ran before the memset */
+
+    /* events: a sync runs the work recorded before it, no more */
+    EQ(cu.cuEventCreate(NULL, 0), 1);
+    EQ(cu.cuEventCreate(&ev, 8), 1);
+    EQ(cu.cuEventCreate(&ev2, 7), 0);
+    EQ(cu.cuEventCreate(&ev, 2), 0);
+    EQ(cu.cuEventSynchronize(ev), 0);   /* never recorded: at once */
+    memset(out, 0, 64);
+    memset(out2, 0, 64);
+    EQ(cu.cuMemcpyDtoHAsync_v2(out, d, 64, st), 0);
+    EQ(cu.cuEventRecord(ev, st), 0);
+    EQ(cu.cuMemcpyDtoHAsync_v2(out2, d, 64, NULL), 0);
+    EQ(cu.cuEventSynchronize(ev), 0);
+    EQ(all(out, 64, 6), 1);
+    EQ(all(out2, 64, 0), 1);
+    EQ(cu.cuEventSynchronize(ev), 0);   /* again: nothing more runs */
+    EQ(all(out2, 64, 0), 1);
+    EQ(cu.cuEventRecord(ev, NULL), 0);   /* a new record moves it on */
+    EQ(cu.cuEventSynchronize(ev), 0);
+    EQ(all(out2, 64, 6), 1);
+    EQ(cu.cuEventRecord(ev, (CUstream)&x), 400);
+    EQ(cu.cuEventRecord((CUevent)&x, st), 400);
+    EQ(cu.cuEventRecord(NULL, st), 400);
+    EQ(cu.cuEventSynchronize((CUevent)&x), 400);
+    EQ(cu.cuEventSynchronize(NULL), 400);
+    EQ(cu.cuEventDestroy_v2((CUevent)&x), 400);
+    EQ(cu.cuEventDestroy_v2(ev), 0);
+    EQ(cu.cuEventSynchronize(ev), 400);
+    EQ(cu.cuEventRecord(ev, st), 400);
+    EQ(cu.cuEventDestroy_v2(ev), 400);
+
+    /* a full queue runs its oldest op to make room */
+    memset(out, 0, 64);
+    EQ(cu.cuMemcpyDtoHAsync_v2(out, d, 64, st), 0);
+    for (int i = 0; i < 4095; i++) EQ(cu.cuMemsetD8Async(d + 64 + i, (unsigned char)i, 1, st), 0);
+    EQ(all(out, 64, 0), 1);   /* 4096 pending */
+    EQ(cu.cuMemsetD8Async(d + 64 + 4095, 0xff, 1, st), 0);
+    EQ(all(out, 64, 6), 1);
+    EQ(cu.cuMemcpyDtoHAsync_v2(out, d, 8192, st), 0);
+    EQ(cu.cuStreamSynchronize(st), 0);
+    int in_order = 1;
+    for (int i = 0; i < 4095; i++) in_order &= out[64 + i] == (unsigned char)i;
+    EQ(in_order && out[64 + 4095] == 0xff, 1);
+
+    /* a batch is deferred too, its copies run last to first */
+    EQ(cu.cuMemAlloc_v2(&e, 64), 0);
+    memset(buf, 7, 64);
+    memset(out2, 0, 64);
+    memcpy_attrs attrs = {.order = 1};
+    size_t idx = 0, sizes[2] = {64, 64};
+    CUdeviceptr dsts[2] = {e, (CUdeviceptr)(uintptr_t)out2}, srcs[2] = {(CUdeviceptr)(uintptr_t)buf, e};
+    EQ(cu.cuMemsetD8_v2(e, 8, 64), 0);
+    EQ(cu.cuMemcpyBatchAsync_v2(dsts, srcs, sizes, 2, &attrs, &idx, 1, st), 0);
+    memset(buf, 9, 64);
+    EQ(all(out2, 64, 0), 1);
+    EQ(cu.cuStreamSynchronize(st), 0);
+    EQ(all(out2, 64, 8), 1);   /* read before the write */
+    EQ(cu.cuMemcpyDtoH_v2(out, e, 64), 0);
+    EQ(all(out, 64, 9), 1);
+
+    /* frees and destruction run the pending work before freeing */
+    memset(out, 0, 64);
+    EQ(cu.cuMemcpyDtoHAsync_v2(out, e, 64, st), 0);
+    EQ(cu.cuMemFree_v2(e), 0);
+    EQ(all(out, 64, 9), 1);
+    EQ(cu.cuMemHostAlloc(&h, 4096, 0), 0);
+    memset(h, 10, 64);
+    EQ(cu.cuMemcpyHtoDAsync_v2(d, h, 64, st), 0);
+    EQ(cu.cuMemFreeHost(h), 0);   /* would fault if the copy ran later */
+    EQ(cu.cuMemsetD8Async(d + 64, 11, 64, st), 0);
+    EQ(cu.cuMemcpyDtoHAsync_v2(out, d, 128, st), 0);
+    EQ(cu.cuStreamDestroy_v2(st), 0);
+    EQ(all(out, 64, 10) && all(out + 64, 64, 11), 1);
+    memset(out2, 0, 64);
+    EQ(cu.cuMemcpyDtoHAsync_v2(out2, d + 64, 64, NULL), 0);
+    EQ(cu.cuDevicePrimaryCtxRelease_v2(0), 0);   /* frees d and ev2 */
+    EQ(all(out2, 64, 11), 1);
+    ctx = start(0);
+    EQ(cu.cuEventSynchronize(ev2), 400);   /* went with the context */
+    EQ(cu.cuEventDestroy_v2(ev2), 400);
+    (void)ctx;
+}
+
+static void s_fail_copy_batch(void)   /* FAIL_COPY 3: a failing batch queues nothing */
+{
+    CUdeviceptr d;
+    unsigned char a[16], b[16], c[16];
+    memcpy_attrs attrs = {.order = 3};
+    size_t idx = 0, sizes[3] = {16, 16, 16};
+    start(0);
+    EQ(cu.cuMemAlloc_v2(&d, 64), 0);
+    memset(a, 1, 16);
+    memset(b, 2, 16);
+    memset(c, 0xee, 16);
+    CUdeviceptr dsts[3] = {d, d + 16, (CUdeviceptr)(uintptr_t)c};
+    CUdeviceptr srcs[3] = {(CUdeviceptr)(uintptr_t)a, (CUdeviceptr)(uintptr_t)b, d};
+    EQ(cu.cuMemsetD8_v2(d, 0, 64), 0);   /* 1 */
+    /* 2 is its last copy (checked first, passes), 3 its second (fails) */
+    EQ(cu.cuMemcpyBatchAsync_v2(dsts, srcs, sizes, 3, &attrs, &idx, 1, NULL), 700);
+    EQ(cu.cuStreamSynchronize(NULL), 0);
+    unsigned char out[64];
+    EQ(cu.cuMemcpyDtoH_v2(out, d, 64), 0);
+    EQ(all(out, 64, 0) && all(c, 16, 0xee), 1);
+    EQ(cu.cuMemcpyBatchAsync_v2(dsts, srcs, sizes, 3, &attrs, &idx, 1, NULL), 0);
+    EQ(cu.cuStreamSynchronize(NULL), 0);
+    EQ(cu.cuMemcpyDtoH_v2(out, d, 64), 0);
+    EQ(all(out, 16, 1) && all(out + 16, 16, 2) && all(c, 16, 0), 1);
+}
+
+static void s_fail_sync(void)   /* FAIL_SYNC 2 */
+{
+    CUdeviceptr d, e;
+    CUstream st;
+    CUevent ev, ev2;
+    void *h;
+    int x;
+    size_t f, t;
+    unsigned char out[64];
+    start(0);
+    EQ(cu.cuMemAlloc_v2(&d, 4096), 0);
+    EQ(cu.cuMemHostAlloc(&h, 4096, 0), 0);
+    EQ(cu.cuStreamCreate(&st, 0), 0);
+    EQ(cu.cuEventCreate(&ev, 0), 0);
+    EQ(cu.cuMemsetD8_v2(d, 0, 64), 0);
+    EQ(cu.cuMemsetD8Async(d, 1, 64, st), 0);
+    EQ(cu.cuStreamSynchronize((CUstream)&x), 400);   /* invalid: not counted */
+    EQ(cu.cuEventSynchronize((CUevent)&x), 400);
+    EQ(cu.cuStreamSynchronize(st), 0);   /* 1 */
+    EQ(cu.cuMemsetD8Async(d, 2, 64, st), 0);
+    memset(out, 0, 64);
+    EQ(cu.cuMemcpyDtoHAsync_v2(out, d, 64, st), 0);
+    EQ(cu.cuEventRecord(ev, st), 0);
+    EQ(cu.cuEventSynchronize(ev), 700);   /* 2: the pending work is lost */
+    EQ(all(out, 64, 0), 1);
+    /* sticky: everything that needs the context fails */
+    EQ(cu.cuStreamSynchronize(st), 700);
+    EQ(cu.cuEventSynchronize(ev), 700);
+    EQ(cu.cuEventRecord(ev, st), 700);
+    EQ(cu.cuEventCreate(&ev2, 0), 700);
+    EQ(cu.cuMemcpyDtoH_v2(out, d, 64), 700);
+    EQ(cu.cuMemcpyHtoD_v2(d, out, 64), 700);
+    EQ(cu.cuMemsetD8_v2(d, 3, 64), 700);
+    EQ(cu.cuMemsetD8Async(d, 3, 64, st), 700);
+    EQ(cu.cuMemcpyDtoHAsync_v2(out, d, 64, st), 700);
+    EQ(cu.cuMemcpyHtoDAsync_v2(d, out, 64, NULL), 700);
+    EQ(cu.cuMemAlloc_v2(&e, 4096), 700);
+    EQ(cu.cuMemGetInfo_v2(&f, &t), 700);
+    EQ(cu.cuMemHostAlloc(&h, 4096, 0), 700);
+    EQ(cu.cuStreamCreate(&st, 0), 700);
+    EQ(all(out, 64, 0), 1);
+    /* frees still work, so the process can clean up */
+    EQ(cu.cuEventDestroy_v2(ev), 0);
+    EQ(cu.cuStreamDestroy_v2(st), 0);
+    EQ(cu.cuMemFreeHost(h), 0);
+    EQ(cu.cuMemFree_v2(d), 0);
+    EQ(cu.cuMemFree_v2(d), 1);
+    EQ(cu.cuDevicePrimaryCtxRelease_v2(0), 0);
+    EQ(all(out, 64, 0), 1);   /* the lost work never ran, not even at the frees */
+    /* a fresh context is clean, and only the Nth sync fails */
+    start(0);
+    EQ(cu.cuMemAlloc_v2(&d, 4096), 0);
+    EQ(cu.cuMemsetD8Async(d, 4, 64, NULL), 0);
+    EQ(cu.cuStreamSynchronize(NULL), 0);   /* 3 */
+    EQ(cu.cuMemcpyDtoH_v2(out, d, 64), 0);
+    EQ(all(out, 64, 4), 1);
+    EQ(cu.cuMemFree_v2(d), 0);
+}
+
 static long long file_byte(const char *path, long off)
 {
     unsigned char c = 0;
@@ -389,7 +608,7 @@ static int run(const char *name, void (*fn)(void), const char *env)
     if (pid == 0) {
         scenario = name;
         static const char *const knobs[] = {"DEVICES", "TOTAL_MIB", "FREE_MIB", "MAX_ALLOC_MIB",
-            "INIT_ERROR", "FAIL_COPY", "LOG", "BACKING", "PCI_DIR"};
+            "INIT_ERROR", "FAIL_COPY", "FAIL_SYNC", "LOG", "BACKING", "PCI_DIR"};
         char var[32], *e = strdup(env), *save = NULL;   /* "K=V K=V" */
         for (size_t i = 0; i < sizeof knobs / sizeof *knobs; i++) {
             snprintf(var, sizeof var, "FAKE_CUDA_%s", knobs[i]);
@@ -442,10 +661,14 @@ int main(int argc, char **argv)
     bad |= run("init_error_100", s_no_device, "FAKE_CUDA_INIT_ERROR=100");
     bad |= run("no_device", s_no_device, "FAKE_CUDA_DEVICES=0");
     bad |= run("bad_knob", s_bad_knob, "FAKE_CUDA_TOTAL_MIB=12x");
+    bad |= run("bad_knob_sync", s_bad_knob, "FAKE_CUDA_FAIL_SYNC=-1");
     bad |= run("oom", s_oom, "FAKE_CUDA_TOTAL_MIB=8192 FAKE_CUDA_FREE_MIB=6000");
     bad |= run("max_alloc", s_max_alloc, "FAKE_CUDA_MAX_ALLOC_MIB=1024");
     bad |= run("two_devices", s_two_devices, "FAKE_CUDA_DEVICES=2 FAKE_CUDA_TOTAL_MIB=64");
     bad |= run("fail_copy", s_fail_copy, "FAKE_CUDA_FAIL_COPY=3");
+    bad |= run("async", s_async, "");
+    bad |= run("fail_copy_batch", s_fail_copy_batch, "FAKE_CUDA_FAIL_COPY=3");
+    bad |= run("fail_sync", s_fail_sync, "FAKE_CUDA_FAIL_SYNC=2");
     snprintf(env, sizeof env, "FAKE_CUDA_BACKING=%s/backing", tmp);
     bad |= run("backing_file", s_backing, env);
     snprintf(env, sizeof env, "FAKE_CUDA_BACKING=%s/backing FAKE_CUDA_TOTAL_MIB=32", tmp);

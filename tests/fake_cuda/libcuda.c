@@ -1,10 +1,13 @@
 /* A fake CUDA driver (libcuda.so.1) for testing nbd-vram without a GPU.
  *
- * It exports the 25 driver entry points nbd-vram resolves, with the real
- * ABI, and backs "device memory" with ordinary memory of this process, so a
- * CUdeviceptr is a real address here. Behaviour is tuned by FAKE_CUDA_*
- * variables read once, at the first cuInit(0); see README.md beside this
- * file. Build: cc -shared -fPIC -O2 -Wall -Wextra -o DIR/libcuda.so.1 libcuda.c
+ * It exports the 29 driver entry points nbd-vram resolves (and the optional
+ * cuMemcpyBatchAsync_v2), with the real ABI, and backs "device memory" with
+ * ordinary memory of this process, so a CUdeviceptr is a real address here.
+ * Async copies and memsets are deferred to a queue that runs at the latest
+ * legal moment (a sync, a synchronous copy, a free), so a caller that skips a
+ * sync sees stale data. Behaviour is tuned by FAKE_CUDA_* variables read
+ * once, at the first cuInit(0); see README.md beside this file.
+ * Build: cc -shared -fPIC -O2 -Wall -Wextra -o DIR/libcuda.so.1 libcuda.c
  */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -27,6 +30,7 @@ typedef int CUdevice;
 typedef unsigned long long CUdeviceptr;
 typedef struct CUctx_st *CUcontext;
 typedef struct CUstream_st *CUstream;
+typedef struct CUevent_st *CUevent;
 
 enum {
     OK = 0, E_VALUE = 1, E_OOM = 2, E_NOT_INIT = 3, E_NO_DEVICE = 100,
@@ -60,6 +64,8 @@ static const struct { CUresult code; const char *name, *text; } errors[] = {
 
 struct CUctx_st { int dev, refs; };        /* a device's primary context */
 struct CUstream_st { int dev; struct CUstream_st *next; };
+/* seq: the queue position recorded (0: never recorded, syncs at once) */
+struct CUevent_st { int dev; unsigned long long seq; struct CUevent_st *next; };
 struct block { char *p; size_t size; int dev; struct block *next; };
 
 static struct device {
@@ -72,11 +78,13 @@ static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static CUresult init_rc = -1;             /* -1: cuInit(0) not called yet */
 static int ndev;
 static size_t max_alloc = SIZE_MAX;
-static unsigned long long fail_copy, copies;
+static unsigned long long fail_copy, copies, fail_sync, syncs;
+static CUresult sticky;                   /* FAKE_CUDA_FAIL_SYNC's error, once it fired */
 static char log_path[PATH_MAX];
 static struct block *allocs;              /* device memory, sorted by address */
 static struct block *host_allocs;         /* cuMemHostAlloc memory */
 static struct CUstream_st *streams;
+static struct CUevent_st *events;
 /* As in CUDA, the current context is per thread. */
 static __thread struct CUctx_st *current;
 
@@ -215,7 +223,7 @@ static CUresult do_init(void)
     int total_set = knob_mib("FAKE_CUDA_TOTAL_MIB", &total);
     int free_set = knob_mib("FAKE_CUDA_FREE_MIB", &free);
     if (total_set < 0 || free_set < 0 || knob_mib("FAKE_CUDA_MAX_ALLOC_MIB", &max_alloc) < 0 ||
-        knob("FAKE_CUDA_FAIL_COPY", &fail_copy) < 0)
+        knob("FAKE_CUDA_FAIL_COPY", &fail_copy) < 0 || knob("FAKE_CUDA_FAIL_SYNC", &fail_sync) < 0)
         return E_UNKNOWN;
     if (backing && *backing) {
         CUresult rc = map_backing(backing, &base, &bsize);
@@ -258,12 +266,61 @@ API CUresult cuDriverGetVersion(int *v)
 /* Every call below takes the lock and starts with one of these. */
 static CUresult need_init(void) { return init_rc == OK ? OK : E_NOT_INIT; }
 static CUresult need_dev(CUdevice d) { return need_init() ? E_NOT_INIT : d < 0 || d >= ndev ? E_DEVICE : OK; }
-static CUresult need_ctx(void)
+/* Frees use ctx_ok, so a process can clean up after a sticky error; every
+ * other call that needs a context uses need_ctx, which reports it. */
+static CUresult ctx_ok(void)
 {
     return need_init() ? E_NOT_INIT : current && current->refs > 0 ? OK : E_CONTEXT;
 }
+static CUresult need_ctx(void) { return ctx_ok() ? ctx_ok() : sticky; }
 #define LOCKED(expr) do { pthread_mutex_lock(&lock); CUresult rc_ = (expr); \
                           pthread_mutex_unlock(&lock); return rc_; } while (0)
+
+/* The pending async work: one in-order queue for all streams and contexts.
+ * CUDA may run async work at any moment before the sync that waits for it;
+ * running it as late as allowed makes a caller that reads a host buffer
+ * before its sync, or reuses one before its copy ran, see the damage. Op
+ * number seq (counted from 0) lives in queue[seq % QCAP];
+ * [done, queued) are pending. An event records `queued` as its position. */
+enum copy_kind { H2D, D2H, SET };
+struct op { enum copy_kind kind; unsigned char val; char *dev; void *host; size_t n; };
+#define QCAP 4096
+static struct op queue[QCAP];
+static unsigned long long done, queued;
+
+static void run_op(const struct op *o)
+{
+    if (o->kind == H2D) memcpy(o->dev, o->host, o->n);
+    else if (o->kind == D2H) memcpy(o->host, o->dev, o->n);
+    else memset(o->dev, o->val, o->n);
+}
+
+/* Runs the pending ops numbered below seq, oldest first. */
+static void run_until(unsigned long long seq)
+{
+    for (; done < seq && done < queued; done++) run_op(&queue[done % QCAP]);
+}
+static void drain(void) { run_until(queued); }
+
+static void enqueue(const struct op *o)
+{
+    if (queued - done == QCAP) run_until(done + 1);   /* full: the oldest makes room */
+    queue[queued++ % QCAP] = *o;
+}
+
+/* A sync call that passed its checks, waiting for the ops below seq.
+ * FAKE_CUDA_FAIL_SYNC: as when a kernel faults, the pending work is lost
+ * and the context is poisoned until it is destroyed. */
+static CUresult sync_to(unsigned long long seq)
+{
+    if (++syncs == fail_sync) {
+        done = queued;
+        sticky = E_ILLEGAL;
+        return E_ILLEGAL;
+    }
+    run_until(seq);
+    return OK;
+}
 
 static CUresult device_get(CUdevice *d, int ordinal)
 {
@@ -306,7 +363,8 @@ static CUresult ctx_retain(CUcontext *ctx, CUdevice d)
 API CUresult cuDevicePrimaryCtxRetain(CUcontext *ctx, CUdevice d) { LOCKED(ctx_retain(ctx, d)); }
 
 /* The last release destroys the primary context; like CUDA, that frees the
- * memory and streams made in it. The log line says what was still live. */
+ * memory, streams and events made in it, once the pending work has run. The
+ * log line says what was still live. */
 static CUresult ctx_release(CUdevice d)
 {
     CUresult rc = need_dev(d);
@@ -314,6 +372,7 @@ static CUresult ctx_release(CUdevice d)
     if (rc) { logf_("release %d -> %s", d, short_name(rc)); return rc; }
     size_t leaked = 0, leaked_host = 0;
     if (--devs[d].ctx.refs == 0) {
+        drain();
         for (struct block **pp = &allocs, *b; (b = *pp);) {
             if (b->dev != d) { pp = &b->next; continue; }
             leaked += b->size;
@@ -334,6 +393,16 @@ static CUresult ctx_release(CUdevice d)
             *pp = s->next;
             free(s);
         }
+        for (struct CUevent_st **pp = &events, *e; (e = *pp);) {
+            if (e->dev != d) { pp = &e->next; continue; }
+            *pp = e->next;
+            free(e);
+        }
+        /* a fresh context has no sticky error; the fake keeps one for all
+         * contexts, so it lasts until none is left */
+        int live = 0;
+        for (int i = 0; i < ndev; i++) live |= devs[i].ctx.refs > 0;
+        if (!live) sticky = OK;
     }
     char extra[64] = "";
     if (leaked || leaked_host) snprintf(extra, sizeof extra, " leaked=%zu leaked_host=%zu", leaked, leaked_host);
@@ -412,11 +481,12 @@ API CUresult cuMemAlloc_v2(CUdeviceptr *dptr, size_t size) { LOCKED(mem_alloc(dp
 
 static CUresult mem_free(CUdeviceptr dptr)
 {
-    CUresult rc = need_ctx();
+    CUresult rc = ctx_ok();
     struct block **pp = &allocs, *b = NULL;
     while (!rc && *pp && (*pp)->p != (char *)(uintptr_t)dptr) pp = &(*pp)->next;
     if (!rc && !(b = *pp)) rc = E_VALUE;
     if (rc) { logf_("free 0x%llx -> %s", dptr, short_name(rc)); return rc; }
+    drain();   /* cuMemFree synchronises; pending ops may use the block */
     *pp = b->next;
     devs[b->dev].free += b->size;
     if (!devs[b->dev].base) munmap(b->p, b->size);
@@ -436,29 +506,35 @@ static int stream_ok(CUstream s)
     return 0;
 }
 
-enum copy_kind { H2D, D2H, SET };
+/* The checks of every copy and memset, made at the call, async or not.
+ * FAKE_CUDA_FAIL_COPY counts the calls that pass them, zero-length ones
+ * included. */
+static CUresult check_copy(const struct op *o, int async, CUstream s)
+{
+    CUresult rc = need_ctx();
+    char *p = o->dev;
+    if (!rc && async && !stream_ok(s)) rc = E_HANDLE;
+    if (!rc && o->kind != SET && !o->host) rc = E_VALUE;
+    if (!rc && o->n) {   /* the range must lie inside one live allocation */
+        struct block *b = allocs;
+        while (b && !(p >= b->p && p < b->p + b->size)) b = b->next;
+        if (!b || o->n > b->size - (size_t)(p - b->p)) rc = E_VALUE;
+    }
+    if (!rc && ++copies == fail_copy) rc = E_ILLEGAL;   /* CUDA makes this sticky; we don't */
+    return rc;
+}
 
-/* All copies and memsets. Async forms run synchronously. FAKE_CUDA_FAIL_COPY
- * counts the calls that pass every check, zero-length ones included. */
+/* Async forms are queued; synchronous ones run after all pending work
+ * (the legacy stream waits for the others; one queue waits for all). */
 static CUresult copy(enum copy_kind kind, CUdeviceptr dptr, void *host, unsigned char val,
                      size_t n, int async, CUstream s)
 {
-    CUresult rc = need_ctx();
-    char *p = (char *)(uintptr_t)dptr;
-    if (!rc && async && !stream_ok(s)) rc = E_HANDLE;
-    if (!rc && kind != SET && !host) rc = E_VALUE;
-    if (!rc && n) {   /* the range must lie inside one live allocation */
-        struct block *b = allocs;
-        while (b && !(p >= b->p && p < b->p + b->size)) b = b->next;
-        if (!b || n > b->size - (size_t)(p - b->p)) rc = E_VALUE;
-    }
-    if (!rc && ++copies == fail_copy) rc = E_ILLEGAL;   /* CUDA makes this sticky; we don't */
-    if (!rc && n) {
-        if (kind == H2D) memcpy(p, host, n);
-        else if (kind == D2H) memcpy(host, p, n);
-        else memset(p, val, n);
-    }
-    return rc;
+    struct op o = {kind, val, (char *)(uintptr_t)dptr, host, n};
+    CUresult rc = check_copy(&o, async, s);
+    if (rc || !n) return rc;
+    if (async) enqueue(&o);
+    else { drain(); run_op(&o); }
+    return OK;
 }
 
 API CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void *src, size_t n)
@@ -483,8 +559,9 @@ static int is_device(CUdeviceptr ptr)
 }
 
 /* CUDA 13's cuMemcpyBatchAsync_v2. CUDA runs a batch's copies in any order;
- * this runs them last to first, so a caller that puts dependent copies in
- * one batch reads stale data here too. */
+ * this queues them last to first, so a caller that puts dependent copies in
+ * one batch reads stale data here too. All are checked (and counted) before
+ * any is queued, so a failing batch queues nothing. */
 typedef struct { unsigned order; struct { unsigned type; int id; } src_hint, dst_hint; unsigned flags; } memcpy_attrs;
 static CUresult batch(CUdeviceptr *dsts, CUdeviceptr *srcs, size_t *sizes, size_t count,
                       memcpy_attrs *attrs, size_t *idxs, size_t nattrs, CUstream s)
@@ -494,12 +571,14 @@ static CUresult batch(CUdeviceptr *dsts, CUdeviceptr *srcs, size_t *sizes, size_
         rc = E_VALUE;
     for (size_t a = 0; !rc && a < nattrs; a++)   /* STREAM, DURING_API_CALL or ANY */
         if (attrs[a].order < 1 || attrs[a].order > 3 || (a && idxs[a] <= idxs[a - 1])) rc = E_VALUE;
-    for (size_t i = count; !rc && i-- > 0;) {
-        if (is_device(dsts[i]))
-            rc = copy(H2D, dsts[i], (void *)(uintptr_t)srcs[i], 0, sizes[i], 1, s);
-        else
-            rc = copy(D2H, srcs[i], (void *)(uintptr_t)dsts[i], 0, sizes[i], 1, s);
-    }
+    for (int pass = 0; pass < 2 && !rc; pass++)
+        for (size_t i = count; !rc && i-- > 0;) {
+            int h2d = is_device(dsts[i]);
+            struct op o = {h2d ? H2D : D2H, 0, (char *)(uintptr_t)(h2d ? dsts[i] : srcs[i]),
+                           (void *)(uintptr_t)(h2d ? srcs[i] : dsts[i]), sizes[i]};
+            if (pass == 0) rc = check_copy(&o, 1, s);
+            else if (o.n) enqueue(&o);
+        }
     return rc;
 }
 API CUresult cuMemcpyBatchAsync_v2(CUdeviceptr *dsts, CUdeviceptr *srcs, size_t *sizes, size_t count,
@@ -524,11 +603,12 @@ API CUresult cuMemHostAlloc(void **pp, size_t size, unsigned flags) { LOCKED(hos
 
 static CUresult free_host(void *p)
 {
-    CUresult rc = need_ctx();
+    CUresult rc = ctx_ok();
     struct block **pp = &host_allocs, *b = NULL;
     while (!rc && *pp && (*pp)->p != p) pp = &(*pp)->next;
     if (!rc && !(b = *pp)) rc = E_VALUE;
     if (rc) return rc;
+    drain();   /* pending ops may use the pinned buffer */
     *pp = b->next;
     munmap(b->p, b->size);
     free(b);
@@ -549,21 +629,75 @@ static CUresult stream_create(CUstream *ps, unsigned flags)
 }
 API CUresult cuStreamCreate(CUstream *ps, unsigned flags) { LOCKED(stream_create(ps, flags)); }
 
-static CUresult stream_sync(CUstream s) { return need_ctx() ? need_ctx() : stream_ok(s) ? OK : E_HANDLE; }
+/* Any stream's sync runs all the pending work: there is one queue. */
+static CUresult stream_sync(CUstream s)
+{
+    CUresult rc = need_ctx() ? need_ctx() : stream_ok(s) ? OK : E_HANDLE;
+    return rc ? rc : sync_to(queued);
+}
 API CUresult cuStreamSynchronize(CUstream s) { LOCKED(stream_sync(s)); }
 
 static CUresult stream_destroy(CUstream s)
 {
-    CUresult rc = need_ctx();
+    CUresult rc = ctx_ok();
     struct CUstream_st **pp = &streams;
     while (!rc && *pp && *pp != s) pp = &(*pp)->next;
     if (!rc && !*pp) rc = E_HANDLE;   /* includes the built-in streams */
     if (rc) return rc;
+    drain();   /* CUDA finishes a destroyed stream's work; this does it now */
     *pp = s->next;
     free(s);
     return OK;
 }
 API CUresult cuStreamDestroy_v2(CUstream s) { LOCKED(stream_destroy(s)); }
+
+/* Where the handle is a live event, the link pointing at it, else NULL. */
+static struct CUevent_st **find_event(CUevent e)
+{
+    struct CUevent_st **pp = &events;
+    while (*pp && *pp != e) pp = &(*pp)->next;
+    return e && *pp ? pp : NULL;
+}
+
+static CUresult event_create(CUevent *pe, unsigned flags)
+{
+    /* DEFAULT 0, BLOCKING_SYNC 1, DISABLE_TIMING 2, INTERPROCESS 4 */
+    CUresult rc = need_ctx() ? need_ctx() : !pe || (flags & ~7u) ? E_VALUE : OK;
+    struct CUevent_st *e = rc ? NULL : malloc(sizeof *e);
+    if (!rc && !e) rc = E_OOM;
+    if (rc) return rc;
+    *e = (struct CUevent_st){current->dev, 0, events};
+    events = *pe = e;
+    return OK;
+}
+API CUresult cuEventCreate(CUevent *pe, unsigned flags) { LOCKED(event_create(pe, flags)); }
+
+static CUresult event_record(CUevent e, CUstream s)
+{
+    CUresult rc = need_ctx() ? need_ctx() : !find_event(e) || !stream_ok(s) ? E_HANDLE : OK;
+    if (!rc) e->seq = queued;   /* one queue: the stream's work is all work so far */
+    return rc;
+}
+API CUresult cuEventRecord(CUevent e, CUstream s) { LOCKED(event_record(e, s)); }
+
+static CUresult event_sync(CUevent e)
+{
+    CUresult rc = need_ctx() ? need_ctx() : find_event(e) ? OK : E_HANDLE;
+    return rc ? rc : sync_to(e->seq);
+}
+API CUresult cuEventSynchronize(CUevent e) { LOCKED(event_sync(e)); }
+
+static CUresult event_destroy(CUevent e)
+{
+    CUresult rc = ctx_ok();
+    struct CUevent_st **pp = rc ? NULL : find_event(e);
+    if (!rc && !pp) rc = E_HANDLE;
+    if (rc) return rc;
+    *pp = e->next;
+    free(e);
+    return OK;
+}
+API CUresult cuEventDestroy_v2(CUevent e) { LOCKED(event_destroy(e)); }
 
 /* Like CUDA: unknown codes give CUDA_ERROR_INVALID_VALUE and *str = NULL. */
 static CUresult error_text(CUresult code, const char **str, int want_name)
