@@ -169,42 +169,33 @@ pub fn run_patterns(connect: &Addr, seconds: u32, each: impl FnMut(&Row)) -> Res
     run_list(connect, seconds, &PATTERNS, each)
 }
 
-/// `run_patterns` for any list of patterns.
+/// `run_patterns` for any list of patterns. Each pattern runs on a
+/// connection of its own, after the region is written on a first one, so
+/// that a server's per-connection log describes one pattern.
 fn run_list(connect: &Addr, seconds: u32, patterns: &[Pattern], mut each: impl FnMut(&Row)) -> Result<Vec<Row>, Failure> {
     let at = Shown(connect);
     let fail = |what: String| Failure::new(Code::Other, format!("{at}: {what}"));
-    let mut conn = Conn::connect(connect)?;
-    conn.set_timeouts(HANDSHAKE_TIMEOUT).map_err(|e| Failure::os(format!("{at}: setting timeouts"), e))?;
-    let export = client::handshake(&mut conn).map_err(|e| fail(format!("handshake: {e}")))?;
-    let region = check_export(&export).map_err(fail)?;
-    info!(
-        "{at}: export of {} bytes ({} MiB), flags {:#06x}, requests of {}..{} bytes; benchmarking the first {} MiB",
-        export.size,
-        export.size >> 20,
-        export.flags,
-        export.min_block,
-        export.max_block,
-        region >> 20
-    );
-    conn.set_nonblocking(true).map_err(|e| Failure::os(format!("{at}: setting non-blocking"), e))?;
-
     let depth = patterns.iter().map(|p| p.depth).max().unwrap_or(1);
     let payload = patterns.iter().map(|p| p.depth * p.len as usize).max().unwrap_or(0);
-    let mut bufs = Bufs::new(depth, payload, SAMPLES);
+    let mut bufs = Bufs::new(depth.max(8), payload.max(8 * MIB as usize), SAMPLES);
 
+    let (mut conn, region) = open(connect, true)?;
     let fill = Spec { write: true, len: MIB, depth: 8, random: false, seed: 1 };
     info!("{at}: writing {} MiB once, so that reads find data", region >> 20);
     let t = engine::drive(&mut conn, region, &fill, Stop::Count(region / u64::from(MIB)), &mut bufs)
         .map_err(|e| fail(format!("writing the export: {e}")))?;
     info!("{at}: written in {:.2} s ({:.0} MB/s)", t.secs, t.bytes as f64 / t.secs.max(1e-9) / 1e6);
+    goodbye(conn);
 
     let measure = Duration::from_secs(u64::from(seconds));
     let warmup = (measure / 5).min(Duration::from_millis(500));
     let mut rows = Vec::with_capacity(patterns.len());
     for (i, p) in patterns.iter().enumerate() {
+        let (mut conn, region) = open(connect, false)?;
         let spec = Spec { write: p.write, len: p.len, depth: p.depth, random: p.random, seed: 0x9e37_79b9 + i as u64 };
         let t = engine::drive(&mut conn, region, &spec, Stop::Timed { warmup, measure }, &mut bufs)
             .map_err(|e| fail(format!("{}: {e}", p.name)))?;
+        goodbye(conn);
         bufs.samples.sort_unstable();
         let row = Row {
             pattern: p.name,
@@ -222,8 +213,31 @@ fn run_list(connect: &Addr, seconds: u32, patterns: &[Pattern], mut each: impl F
         each(&row);
         rows.push(row);
     }
-    goodbye(conn);
     Ok(rows)
+}
+
+/// Connects, negotiates, and returns the connection, non-blocking, with
+/// the region to use; `tell` logs what the export offers.
+fn open(connect: &Addr, tell: bool) -> Result<(Conn, u64), Failure> {
+    let at = Shown(connect);
+    let fail = |what: String| Failure::new(Code::Other, format!("{at}: {what}"));
+    let mut conn = Conn::connect(connect)?;
+    conn.set_timeouts(HANDSHAKE_TIMEOUT).map_err(|e| Failure::os(format!("{at}: setting timeouts"), e))?;
+    let export = client::handshake(&mut conn).map_err(|e| fail(format!("handshake: {e}")))?;
+    let region = check_export(&export).map_err(fail)?;
+    if tell {
+        info!(
+            "{at}: export of {} bytes ({} MiB), flags {:#06x}, requests of {}..{} bytes; benchmarking the first {} MiB",
+            export.size,
+            export.size >> 20,
+            export.flags,
+            export.min_block,
+            export.max_block,
+            region >> 20
+        );
+    }
+    conn.set_nonblocking(true).map_err(|e| Failure::os(format!("{at}: setting non-blocking"), e))?;
+    Ok((conn, region))
 }
 
 /// The bytes the patterns use: whole MiB, at most `MAX_REGION`. Refuses

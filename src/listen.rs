@@ -117,9 +117,10 @@ where
         Ok(Negotiated::Aborted) => return,
         Err(e) => return warn!("handshake failed: {e}"),
     }
+    let then = stats.snapshot();
     match serve::transmit(store, bufs, export, stats, conn) {
-        Ok(end) => info!("client done ({end:?})"),
-        Err(e) => warn!("connection dropped: {e}"),
+        Ok(end) => info!("client done ({end:?}): {}", stats.since(&then)),
+        Err(e) => warn!("connection dropped: {e}; {}", stats.since(&then)),
     }
 }
 

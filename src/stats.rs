@@ -16,6 +16,22 @@ pub struct Stats {
     pub batches: AtomicU64,
     pub busy_ns: AtomicU64,
     pub max_batch_ns: AtomicU64,
+    /// Where the serve loop's time goes: all of it, blocked waiting for a
+    /// request, in the store (copies, their issue and the waits for them),
+    /// and sending replies. The rest is reading and parsing requests.
+    pub wall_ns: AtomicU64,
+    pub idle_ns: AtomicU64,
+    pub store_ns: AtomicU64,
+    pub send_ns: AtomicU64,
+}
+
+/// The serve loop's time for one batch, by phase (see `Stats`).
+#[derive(Clone, Copy, Default)]
+pub struct Phases {
+    pub wall: u64,
+    pub idle: u64,
+    pub store: u64,
+    pub send: u64,
 }
 
 impl Stats {
@@ -38,5 +54,36 @@ impl Stats {
         self.batches.fetch_add(1, Relaxed);
         self.busy_ns.fetch_add(nanos, Relaxed);
         self.max_batch_ns.fetch_max(nanos, Relaxed);
+    }
+
+    pub fn record_phases(&self, p: &Phases) {
+        self.wall_ns.fetch_add(p.wall, Relaxed);
+        self.idle_ns.fetch_add(p.idle, Relaxed);
+        self.store_ns.fetch_add(p.store, Relaxed);
+        self.send_ns.fetch_add(p.send, Relaxed);
+    }
+
+    /// The counters that `since` compares.
+    pub fn snapshot(&self) -> [u64; 6] {
+        [&self.requests, &self.batches, &self.wall_ns, &self.idle_ns, &self.store_ns, &self.send_ns].map(|c| c.load(Relaxed))
+    }
+
+    /// What the loop did since `then`, for the log when a client leaves:
+    /// the share of its time in each phase names the bottleneck.
+    pub fn since(&self, then: &[u64; 6]) -> String {
+        let now = self.snapshot();
+        let [requests, batches, wall, idle, store, send] = std::array::from_fn(|i| now[i] - then[i]);
+        let pct = |x: u64| 100.0 * x as f64 / wall.max(1) as f64;
+        let recv = wall.saturating_sub(idle + store + send);
+        format!(
+            "{requests} requests in {batches} batches ({:.1} per batch) over {:.2} s: waiting for requests {:.0} %, \
+             reading them {:.0} %, store {:.0} %, replies {:.0} %",
+            requests as f64 / batches.max(1) as f64,
+            wall as f64 / 1e9,
+            pct(idle),
+            pct(recv),
+            pct(store),
+            pct(send)
+        )
     }
 }

@@ -82,6 +82,10 @@ fn render(s: &mut String, inst: &Instance, stats: &Stats, started: u64) {
     kv("batches", &stats.batches.load(Relaxed));
     kv("busy_ns", &stats.busy_ns.load(Relaxed));
     kv("max_batch_ns", &stats.max_batch_ns.load(Relaxed));
+    kv("wall_ns", &stats.wall_ns.load(Relaxed));
+    kv("idle_ns", &stats.idle_ns.load(Relaxed));
+    kv("store_ns", &stats.store_ns.load(Relaxed));
+    kv("send_ns", &stats.send_ns.load(Relaxed));
 }
 
 fn field<'a>(text: &'a str, key: &str) -> &'a str {

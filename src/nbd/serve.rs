@@ -20,7 +20,7 @@ use std::time::Instant;
 use super::bindings as sys;
 use super::proto::{self, Export, Request, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, MAX_PAYLOAD, REPLY_LEN, REQUEST_LEN};
 use crate::sock::recv_nowait;
-use crate::stats::Stats;
+use crate::stats::{Phases, Stats};
 use crate::store::Store;
 
 /// Requests answered per `writev`; the kernel's queue depth is 128 at most.
@@ -29,6 +29,10 @@ pub const MAX_BATCH: usize = 64;
 const UIO_FASTIOV: usize = 8;
 /// Socket reads land here first; a batch of small requests fits at once.
 const INPUT_LEN: usize = 256 * 1024;
+/// After a write this large, input reads stop at the next header, so that
+/// the next payload goes straight from the socket into staging: copying
+/// it out of input would cost more than the extra read.
+const DIRECT_WRITE: u32 = 16 * 1024;
 
 const EINVAL: u32 = libc::EINVAL as u32;
 const ENOSPC: u32 = libc::ENOSPC as u32;
@@ -80,6 +84,8 @@ pub struct Buffers<B> {
     input: Box<[u8]>,
     start: usize,
     end: usize,
+    /// The last request was a write of `DIRECT_WRITE` or more.
+    direct: bool,
     slots: Box<[Slot]>,
     /// The batch's reply headers, end to end.
     heads: Box<[u8]>,
@@ -103,6 +109,7 @@ impl<B: std::ops::DerefMut<Target = [u8]>> Buffers<B> {
             input: vec![0u8; INPUT_LEN].into_boxed_slice(),
             start: 0,
             end: 0,
+            direct: false,
             slots: vec![empty; MAX_BATCH].into_boxed_slice(),
             heads: vec![0u8; REPLY_LEN * MAX_BATCH].into_boxed_slice(),
             groups: vec![(0, None); MAX_BATCH].into_boxed_slice(),
@@ -129,18 +136,24 @@ where
 {
     bufs.start = 0;
     bufs.end = 0;
-    let mut link = Link { store, bufs, export, stats, conn };
+    let mut link = Link { store, bufs, export, stats, conn, phases: Phases::default() };
     loop {
+        let begun = Instant::now();
+        link.phases = Phases::default();
         let (n, end) = link.gather();
         let started = Instant::now();
         link.close_group(n);
         let answered = link.answer(n);
+        let at = Instant::now();
         if link.store.sync().is_err() {
             link.lose();
         }
+        link.phases.store += nanos(at);
         if n > 0 {
-            link.stats.record_batch(started.elapsed().as_nanos() as u64);
+            link.stats.record_batch(nanos(started));
         }
+        link.phases.wall = nanos(begun);
+        link.stats.record_phases(&link.phases);
         match end {
             Some(Ok(end)) => return Ok(end),
             Some(Err(e)) => return Err(e),
@@ -155,6 +168,12 @@ struct Link<'a, S: Store, T> {
     export: &'a Export,
     stats: &'a Stats,
     conn: &'a mut T,
+    /// This batch's time by phase, so far.
+    phases: Phases,
+}
+
+fn nanos(since: Instant) -> u64 {
+    since.elapsed().as_nanos() as u64
 }
 
 impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
@@ -190,6 +209,7 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
             if req.command == sys::NBD_CMD_DISC {
                 return (n, Some(Ok(End::Disconnect)));
             }
+            self.bufs.direct = req.command == sys::NBD_CMD_WRITE && req.len >= DIRECT_WRITE;
             let slot = match self.execute(&req, used..used + staged) {
                 Ok(slot) => slot,
                 Err(e) => return (n, Some(Err(e))),
@@ -217,7 +237,9 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
         if end == start {
             return;
         }
+        let at = Instant::now();
         let fence = self.store.fence().ok();
+        self.phases.store += nanos(at);
         if fence.is_none() {
             b.slots[start..end].iter_mut().for_each(Slot::fail);
         }
@@ -251,6 +273,7 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
         }
         if error == 0 {
             let len = u64::from(req.len);
+            let at = Instant::now();
             let done = match req.command {
                 sys::NBD_CMD_READ => {
                     slot.data = stage.clone();
@@ -261,6 +284,7 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
                 sys::NBD_CMD_TRIM => self.store.trim(req.offset, len),
                 _ => self.store.zero(req.offset, len), // check() let only WRITE_ZEROES through
             };
+            self.phases.store += nanos(at);
             slot.queued = true;
             slot.waits = req.command == sys::NBD_CMD_READ || req.flags & CMD_FLAG_FUA != 0;
             if let Err(e) = done {
@@ -310,14 +334,19 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
             let (end, fence) = self.bufs.groups[g];
             let slots = &self.bufs.slots[start..end];
             if let Some(token) = fence.filter(|_| slots.iter().any(|s| s.waits && s.ok())) {
+                let at = Instant::now();
                 if self.store.wait(token).is_err() {
                     self.lose();
                 }
+                self.phases.store += nanos(at);
             }
             if self.bufs.lost {
                 self.bufs.slots[start..end].iter_mut().for_each(Slot::fail);
             }
-            self.send(start..end)?;
+            let at = Instant::now();
+            let sent = self.send(start..end);
+            self.phases.send += nanos(at);
+            sent?;
             start = end;
         }
         debug_assert_eq!(start, n, "every slot is in a group");
@@ -377,14 +406,19 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
             b.input.copy_within(b.start..b.end, 0);
             (b.start, b.end) = (0, b.end - b.start);
         }
-        let space = &mut b.input[b.end..];
+        // Called with less than a header in input, so `want` is past `end`.
+        let want = if b.direct { (b.start + REQUEST_LEN).min(b.input.len()) } else { b.input.len() };
+        let space = &mut b.input[b.end..want];
         let got = if wait {
-            loop {
+            let at = Instant::now();
+            let got = loop {
                 match self.conn.read(space) {
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     r => break r.map(Some),
                 }
-            }
+            };
+            self.phases.idle += nanos(at);
+            got
         } else {
             recv_nowait(self.conn.as_fd(), space)
         };
@@ -457,3 +491,7 @@ fn truncated(e: io::Error) -> io::Error {
         e
     }
 }
+
+#[cfg(test)]
+#[path = "serve_tests.rs"]
+mod tests;

@@ -1,0 +1,98 @@
+//! The loop against a model, over a real socket, with input cut anywhere.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::thread;
+
+use super::*;
+use crate::store::HostStore;
+
+const SIZE: u64 = 8 << 20;
+/// Payload sizes on both sides of `DIRECT_WRITE`, and one of `INPUT_LEN`.
+const LENS: [u32; 7] = [4096, 12288, 16384, 20480, 65536, 131072, 262144];
+
+/// A tiny xorshift: the same stream on every run, no dependency.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Writes of many sizes with reads among them, the stream sent in pieces
+/// that end inside half the headers: every reply is a success and every
+/// read returns what the model says the writes before it left.
+#[test]
+fn mixed_requests_cut_anywhere_match_the_model() {
+    for seed in [1u64, 0x5eed, 0xdead_beef] {
+        let mut rng = Rng(seed);
+        let mut model = vec![0u8; SIZE as usize];
+        let mut wire = Vec::new();
+        let mut cuts = Vec::new(); // where the sender pauses: inside many headers
+        let mut expect: Vec<Option<Vec<u8>>> = Vec::new(); // per cookie: read data
+        for cookie in 0..600u64 {
+            let len = LENS[rng.below(LENS.len() as u64) as usize];
+            let offset = rng.below((SIZE - u64::from(len)) / 4096) * 4096;
+            let read = rng.below(3) == 0;
+            let command = if read { sys::NBD_CMD_READ } else { sys::NBD_CMD_WRITE };
+            let req = Request { flags: 0, command, cookie: cookie.to_be_bytes(), offset, len };
+            if rng.below(2) == 0 {
+                cuts.push(wire.len() + 1 + rng.below(REQUEST_LEN as u64 - 1) as usize);
+            }
+            wire.extend(req.encode());
+            let range = offset as usize..(offset + u64::from(len)) as usize;
+            if read {
+                expect.push(Some(model[range].to_vec()));
+            } else {
+                let fill = (rng.next() as u8) | 1;
+                let data: Vec<u8> = (0..len).map(|i| fill.wrapping_add(i as u8)).collect();
+                wire.extend(&data);
+                model[range].copy_from_slice(&data);
+                expect.push(None);
+            }
+        }
+        wire.extend(Request { flags: 0, command: sys::NBD_CMD_DISC, cookie: [0; 8], offset: 0, len: 0 }.encode());
+
+        let (mut ours, theirs) = UnixStream::pair().unwrap();
+        let mut sender = theirs.try_clone().unwrap();
+        cuts.push(wire.len());
+        // A pause at each cut lets the server read up to it, and find half
+        // a header at the end of its input.
+        let send = thread::spawn(move || {
+            let mut at = 0;
+            for cut in cuts {
+                sender.write_all(&wire[at..cut]).unwrap();
+                at = cut;
+                thread::sleep(std::time::Duration::from_micros(20));
+            }
+        });
+        let receive = thread::spawn(move || {
+            let mut theirs = theirs;
+            for (cookie, want) in expect.iter().enumerate() {
+                let mut head = [0u8; REPLY_LEN];
+                theirs.read_exact(&mut head).unwrap();
+                assert_eq!(&head[4..8], &[0; 4], "request {cookie} failed");
+                assert_eq!(&head[8..16], &(cookie as u64).to_be_bytes(), "replies come in order here");
+                if let Some(want) = want {
+                    let mut got = vec![0u8; want.len()];
+                    theirs.read_exact(&mut got).unwrap();
+                    assert!(&got == want, "read {cookie} differs from the model");
+                }
+            }
+        });
+        let mut store = HostStore::new(SIZE).unwrap();
+        let mut bufs = Buffers::new(&mut store).unwrap();
+        let stats = Stats::default();
+        let end = transmit(&mut store, &mut bufs, &Export::new(SIZE), &stats, &mut ours).unwrap();
+        assert_eq!(end, End::Disconnect);
+        send.join().unwrap();
+        receive.join().unwrap();
+        assert_eq!(stats.requests.load(std::sync::atomic::Ordering::Relaxed), 600);
+    }
+}
