@@ -26,6 +26,10 @@ pub struct VramStore<'c> {
     /// One per fence token, created before serving.
     events: Vec<Event<'c>>,
     next_fence: usize,
+    /// The last fence, while no work has followed it: its event is
+    /// recorded only when work does, since until then waiting for the
+    /// whole stream is the same and costs one driver call less.
+    unrecorded: Option<usize>,
     /// Hand-overs to the stream so far; what each fence covers; how many
     /// are known complete. When all are, `sync` need not ask the driver.
     issued: u64,
@@ -90,6 +94,7 @@ impl<'c> VramStore<'c> {
                         batch,
                         events,
                         next_fence: 0,
+                        unrecorded: None,
                         issued: 0,
                         fenced: [0; FENCES],
                         done: 0,
@@ -145,12 +150,31 @@ impl<'c> VramStore<'c> {
             if b.copies.is_empty() {
                 return;
             }
-            self.issued += 1;
-            if let Err(e) = self.stream.copy_batch(&mut b.copies, b.writes) {
+            let handed = Self::hand_over(&self.stream, &self.events, &mut self.unrecorded, &mut self.issued, &mut self.done);
+            if let Err(e) = handed.and_then(|()| self.stream.copy_batch(&mut b.copies, b.writes)) {
                 error!("{e}");
                 b.failed = true;
             }
         }
+    }
+
+    /// Counts one more hand-over of work to the stream, recording first
+    /// the event of a fence that it follows. Should recording fail, the
+    /// stream is drained instead, which completes that fence too.
+    fn hand_over(stream: &Stream, events: &[Event], unrecorded: &mut Option<usize>, issued: &mut u64, done: &mut u64) -> Result<(), Error> {
+        if let Some(token) = unrecorded.take() {
+            if let Err(e) = stream.record(&events[token]) {
+                error!("{e}");
+                stream.sync()?;
+                *done = *issued;
+            }
+        }
+        *issued += 1;
+        Ok(())
+    }
+
+    fn next_work(&mut self) -> io::Result<()> {
+        Self::hand_over(&self.stream, &self.events, &mut self.unrecorded, &mut self.issued, &mut self.done).map_err(eio)
     }
 
     /// Makes room in the batch for copies in direction `writes`.
@@ -239,7 +263,7 @@ impl<'c> Store for VramStore<'c> {
         if self.queue(offset, len, false, |b, chunk, inner, r| b.read(chunk, inner, &mut buf[r])) {
             return Ok(());
         }
-        self.issued += 1;
+        self.next_work()?;
         let mut rest = buf;
         for (chunk, inner, n) in self.pieces(offset, rest.len() as u64) {
             let (now, later) = rest.split_at_mut(n as usize);
@@ -254,7 +278,7 @@ impl<'c> Store for VramStore<'c> {
         if self.queue(offset, buf.len() as u64, true, |b, chunk, inner, r| b.write(chunk, inner, &buf[r])) {
             return Ok(());
         }
-        self.issued += 1;
+        self.next_work()?;
         let mut rest = buf;
         for (chunk, inner, n) in self.pieces(offset, rest.len() as u64) {
             let (now, later) = rest.split_at(n as usize);
@@ -267,7 +291,7 @@ impl<'c> Store for VramStore<'c> {
     fn zero(&mut self, offset: u64, len: u64) -> io::Result<()> {
         self.check(offset, len)?;
         self.flush(); // the memset is ordered after queued copies only once they are issued
-        self.issued += 1;
+        self.next_work()?;
         for (chunk, inner, n) in self.pieces(offset, len) {
             self.stream.zero(chunk, inner, n as usize).map_err(eio)?;
         }
@@ -277,10 +301,17 @@ impl<'c> Store for VramStore<'c> {
     fn fence(&mut self) -> io::Result<usize> {
         self.flush();
         let failed = self.batch.as_mut().is_some_and(|b| std::mem::take(&mut b.failed));
-        let token = self.next_fence % FENCES;
-        self.next_fence += 1;
-        self.stream.record(&self.events[token]).map_err(eio)?;
-        self.fenced[token] = self.issued;
+        // A fence with no work since the last one is the same point.
+        let token = match self.unrecorded {
+            Some(last) => last,
+            None => {
+                let token = self.next_fence % FENCES;
+                self.next_fence += 1;
+                self.fenced[token] = self.issued;
+                self.unrecorded = Some(token);
+                token
+            }
+        };
         if failed {
             return Err(io::Error::from_raw_os_error(libc::EIO));
         }
@@ -288,7 +319,13 @@ impl<'c> Store for VramStore<'c> {
     }
 
     fn wait(&mut self, token: usize) -> io::Result<()> {
-        if self.fenced[token] > self.done {
+        if self.fenced[token] <= self.done {
+            return Ok(());
+        }
+        if self.unrecorded == Some(token) {
+            self.stream.sync().map_err(eio)?;
+            self.done = self.issued;
+        } else {
             self.events[token].wait().map_err(eio)?;
             self.done = self.fenced[token];
         }
@@ -300,6 +337,7 @@ impl<'c> Store for VramStore<'c> {
     fn sync(&mut self) -> io::Result<()> {
         self.flush();
         self.next_fence = 0;
+        self.unrecorded = None;
         if self.issued > self.done {
             self.stream.sync().map_err(eio)?;
             self.done = self.issued;

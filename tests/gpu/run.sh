@@ -49,25 +49,43 @@ serve "$T/vram.sock" --size "$SIZE" || fail=1
 grep -E "allocated|locked" "$T/serve.log"
 check "$B" bench --connect "unix:$T/vram.sock" --verify
 nvidia-smi --query-compute-apps=pid,used_memory --format=csv
-
-step "bench: VRAM store"
-"$B" bench --connect "unix:$T/vram.sock" --seconds "$SECONDS_PER" | tee "$T/vram.txt"
 kill %1; wait %1 2>/dev/null
 
-step "bench: VRAM store, one driver call per copy (NBD_VRAM_BATCH=0)"
-NBD_VRAM_BATCH=0 serve "$T/single.sock" --size "$SIZE" || fail=1
-"$B" bench --connect "unix:$T/single.sock" --seconds "$SECONDS_PER" | tee "$T/single.txt"
-kill %1; wait %1 2>/dev/null
+# Benchmarks one server: NAME BINARY [serve options]; the environment
+# passes through. Prints the table, then the server's own account of each
+# pattern's time (one connection per pattern, after the fill's).
+bench_one() {
+	local name=$1 bin=$2; shift 2
+	step "bench: $name ($*${NBD_VRAM_GROUP:+, NBD_VRAM_GROUP=$NBD_VRAM_GROUP})"
+	rm -f "$T/$name.sock"
+	"$bin" serve --listen "unix:$T/$name.sock" "$@" 2>"$T/$name.log" &
+	local pid=$!
+	for _ in $(seq 600); do [ -S "$T/$name.sock" ] && break; sleep 0.1; done
+	"$B" bench --connect "unix:$T/$name.sock" --seconds "$SECONDS_PER" | tee "$T/$name.txt"
+	kill "$pid"; wait "$pid" 2>/dev/null
+	grep -q "client done" "$T/$name.log" || { cat "$T/$name.log"; fail=1; }
+	paste -d' ' <(grep '^bench:' "$T/$name.txt" | sed 's/.*pattern=\([^ ]*\).*/\1/') \
+		<(grep 'client done' "$T/$name.log" | tail -n +2 | sed 's/.*client done ([A-Za-z]*): //')
+	cat "$T/$name.log" >>"$T/serve.log"
+}
 
-step "bench: host store, same run"
-serve "$T/host.sock" --store host --size "$SIZE" || fail=1
-"$B" bench --connect "unix:$T/host.sock" --seconds "$SECONDS_PER" | tee "$T/host.txt"
-kill %1; wait %1 2>/dev/null
-
-step "VRAM (batched, single) / host per pattern"
+# ROUNDS (default 1) repeats the whole set, so that the spread between
+# rounds shows what is noise. target/gpu/nbd-vram-before, if carried, is
+# an older build benchmarked alongside.
 mbps() { grep '^bench:' "$1" | sed 's/.*pattern=\([^ ]*\) mbps=\([^ ]*\).*/\1 \2/' | sort; }
-join <(mbps "$T/vram.txt") <(mbps "$T/single.txt") | join - <(mbps "$T/host.txt") |
-	awk '{printf "%-18s batched %8.1f  single %8.1f  host %8.1f MB/s  batched/host %5.1f%%  single/host %5.1f%%\n", $1, $2, $3, $4, 100*$2/$4, 100*$3/$4}'
+for r in $(seq "${ROUNDS:-1}"); do
+	bench_one "vram-$r" "$B" --size "$SIZE"
+	NBD_VRAM_GROUP=0 bench_one "vram-group0-$r" "$B" --size "$SIZE"
+	[ -x target/gpu/nbd-vram-before ] && bench_one "vram-before-$r" target/gpu/nbd-vram-before --size "$SIZE"
+	bench_one "host-$r" "$B" --store host --size "$SIZE"
+
+	step "round $r: each VRAM server / host per pattern (MB/s)"
+	for name in vram vram-group0 vram-before; do
+		[ -f "$T/$name-$r.txt" ] || continue
+		join <(mbps "$T/$name-$r.txt") <(mbps "$T/host-$r.txt") |
+			awk -v n="$name" '{printf "%-12s %-18s %8.1f  host %8.1f MB/s  %5.1f%%\n", n, $1, $2, $3, 100*$2/$3}'
+	done
+done
 
 step "server log"
 cat "$T/serve.log"
