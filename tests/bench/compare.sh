@@ -13,12 +13,27 @@
 #    request size, plotted to target/bench/throughput.svg.
 #
 # Usage: sh tests/bench/compare.sh [BINARY]   (make bench)
-# Environment: SECONDS_PER_PATTERN (default 2), SECONDS_PER_POINT (sweep,
-# default 2), OUT (default target/bench). Runs in about 3 minutes.
+# Environment: SECONDS_PER_PATTERN (default 2), ROUNDS (default 3: the
+# table shows each figure's median over the rounds and the MB/s range),
+# PIN (default 1 where there are 2+ CPUs: every server on the last CPU, the
+# bench client on the first, so that each server gets one core and the
+# scheduler's placement does not pick the winner; 0: no pinning),
+# SECONDS_PER_POINT (sweep, default 2), OUT (default target/bench).
+# Runs in about 6 minutes.
 set -eu
 
 BIN=${1:-target/release/nbd-vram}
 SECS=${SECONDS_PER_PATTERN:-2}
+ROUNDS=${ROUNDS:-3}
+last=$(($(nproc) - 1))
+PIN=${PIN:-$([ "$last" -gt 0 ] && echo 1 || echo 0)}
+if [ "$PIN" = 1 ]; then
+    on_server() { taskset -c "$last" "$@"; }
+    on_client() { taskset -c 0 "$@"; }
+else
+    on_server() { "$@"; }
+    on_client() { "$@"; }
+fi
 PSECS=${SECONDS_PER_POINT:-2}
 OUT=${OUT:-target/bench}
 for tool in nbdkit qemu-nbd nbdcopy; do
@@ -40,9 +55,10 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 truncate -s 1G "$img"
-"$BIN" serve -q --store host --size 1G --listen "unix:$dir/nbd-vram.sock" & pids="$pids $!"
-nbdkit -f --unix "$dir/nbdkit.sock" memory 1G & pids="$pids $!"
-qemu-nbd -f raw -k "$dir/qemu-nbd.sock" --persistent "$img" & pids="$pids $!"
+# nbd-vram logs its time by phase per connection (one per pattern).
+on_server "$BIN" serve --store host --size 1G --listen "unix:$dir/nbd-vram.sock" 2>"$OUT/nbd-vram.log" & pids="$pids $!"
+on_server nbdkit -f --unix "$dir/nbdkit.sock" memory 1G & pids="$pids $!"
+on_server qemu-nbd -f raw -k "$dir/qemu-nbd.sock" --persistent "$img" & pids="$pids $!"
 SERVERS="nbd-vram nbdkit qemu-nbd"
 for s in $SERVERS; do
     i=0
@@ -54,34 +70,59 @@ for s in $SERVERS; do
 done
 
 echo "compare.sh: $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPUs, $(uname -sr); nbd-vram $("$BIN" --version | cut -d' ' -f2)," \
-    "$(nbdkit --version), $(qemu-nbd --version | head -1), ${SECS} s per pattern"
+    "$(nbdkit --version), $(qemu-nbd --version | head -1), ${SECS} s per pattern, $ROUNDS rounds," \
+    "$([ "$PIN" = 1 ] && echo "servers on CPU $last, client on CPU 0" || echo "not pinned")"
 
-# 1. The kernel's patterns.
-for s in $SERVERS; do
-    echo "compare.sh: nbd-vram bench against $s ..." >&2
-    timeout 120 "$BIN" bench -q --connect "unix:$dir/$s.sock" --seconds "$SECS" >"$dir/$s.out"
+# 1. The kernel's patterns, the servers taking turns in each round.
+for r in $(seq "$ROUNDS"); do
+    for s in $SERVERS; do
+        echo "compare.sh: round $r of $ROUNDS: nbd-vram bench against $s ..." >&2
+        on_client timeout 120 "$BIN" bench -q --connect "unix:$dir/$s.sock" --seconds "$SECS" >"$dir/$s.$r.out"
+    done
 done
 echo
-for s in $SERVERS; do grep '^bench: ' "$dir/$s.out" | sed "s/^bench: /server=$s /"; done | awk '
+for r in $(seq "$ROUNDS"); do
+    for s in $SERVERS; do grep '^bench: ' "$dir/$s.$r.out" | sed "s/^bench: /server=$s /"; done
+done | awk '
 function v(k,   i, kv) { for (i = 1; i <= NF; i++) { split($i, kv, "="); if (kv[1] == k) return kv[2] } return "" }
+# The median of the n values in a[k, 1..n] (insertion sort: n is small).
+function median(a, k, n,   i, j, t, x) {
+    for (i = 1; i <= n; i++) x[i] = a[k, i] + 0
+    for (i = 2; i <= n; i++) { t = x[i]; for (j = i - 1; j >= 1 && x[j] > t; j--) x[j + 1] = x[j]; x[j + 1] = t }
+    return n % 2 ? x[(n + 1) / 2] : (x[n / 2] + x[n / 2 + 1]) / 2
+}
+function lo(a, k, n,   i, m) { m = a[k, 1] + 0; for (i = 2; i <= n; i++) if (a[k, i] + 0 < m) m = a[k, i] + 0; return m }
+function hi(a, k, n,   i, m) { m = a[k, 1] + 0; for (i = 2; i <= n; i++) if (a[k, i] + 0 > m) m = a[k, i] + 0; return m }
 {
-    s = v("server"); p = v("pattern")
+    s = v("server"); p = v("pattern"); k = p SUBSEP s; n = ++count[k]
     if (!(p in seen)) { seen[p] = 1; order[++np] = p }
     if (!(s in sseen)) { sseen[s] = 1; servers[++ns] = s }
-    mbps[p, s] = v("mbps"); iops[p, s] = v("iops"); p50[p, s] = v("p50_us"); p99[p, s] = v("p99_us")
+    mbps[k, n] = v("mbps"); iops[k, n] = v("iops"); p50[k, n] = v("p50_us"); p99[k, n] = v("p99_us")
 }
 END {
-    printf "%-20s %-9s %9s %9s %9s %9s   %s\n", "pattern", "server", "MB/s", "IOPS", "p50 us", "p99 us", "nbd-vram / best peer (MB/s)"
+    printf "%-20s %-9s %9s %15s %9s %9s %9s   %s\n", "pattern", "server", "MB/s", "(range)", "IOPS", "p50 us", "p99 us", "nbd-vram / best peer (MB/s)"
     for (i = 1; i <= np; i++) {
         p = order[i]; best = 0; bs = ""
-        for (j = 1; j <= ns; j++) if (servers[j] != "nbd-vram" && mbps[p, servers[j]] + 0 > best) { best = mbps[p, servers[j]] + 0; bs = servers[j] }
         for (j = 1; j <= ns; j++) {
-            s = servers[j]; r = ""
-            if (s == "nbd-vram" && best > 0) r = sprintf("%.2fx (vs %s)", mbps[p, s] / best, bs)
-            printf "%-20s %-9s %9s %9s %9s %9s   %s\n", (j == 1 ? p : ""), s, mbps[p, s], iops[p, s], p50[p, s], p99[p, s], r
+            k = p SUBSEP servers[j]; m[k] = median(mbps, k, count[k])
+            if (servers[j] != "nbd-vram" && m[k] > best) { best = m[k]; bs = servers[j] }
+        }
+        for (j = 1; j <= ns; j++) {
+            s = servers[j]; k = p SUBSEP s; r = ""; n = count[k]
+            if (s == "nbd-vram" && best > 0) r = sprintf("%.2fx (vs %s)", m[k] / best, bs)
+            printf "%-20s %-9s %9.1f %15s %9.0f %9.1f %9.1f   %s\n", (j == 1 ? p : ""), s, m[k],
+                sprintf("%.0f-%.0f", lo(mbps, k, n), hi(mbps, k, n)), median(iops, k, n), median(p50, k, n), median(p99, k, n), r
         }
     }
 }'
+
+# Where nbd-vram spent its time in round 1: its log has one line per
+# connection, the bench's fill first, then one per pattern.
+echo
+echo "nbd-vram's own account of round 1 (waiting = for the client):"
+grep '^bench: ' "$dir/nbd-vram.1.out" | sed 's/.*pattern=\([^ ]*\).*/\1/' >"$dir/patterns"
+grep 'client done' "$OUT/nbd-vram.log" | sed 's/.*client done ([A-Za-z]*): //' | sed -n "2,$(($(wc -l <"$dir/patterns") + 1))p" >"$dir/phases"
+paste -d' ' "$dir/patterns" "$dir/phases"
 
 # 2. nbdcopy as an independent client.
 echo
@@ -90,9 +131,9 @@ printf '%-9s %22s %22s\n' "nbdcopy" "512 MiB file -> export" "1 GiB export -> nu
 for s in $SERVERS; do
     uri="nbd+unix:///?socket=$dir/$s.sock"
     t0=$(date +%s.%N)
-    timeout 60 nbdcopy -C 1 "$src" "$uri"
+    on_client timeout 60 nbdcopy -C 1 "$src" "$uri"
     t1=$(date +%s.%N)
-    timeout 60 nbdcopy -C 1 "$uri" null:
+    on_client timeout 60 nbdcopy -C 1 "$uri" null:
     t2=$(date +%s.%N)
     echo "$s $t0 $t1 $t2" | awk '{ printf "%-9s %15.0f MB/s %15.0f MB/s\n", $1, 512 * 1048576 / ($3 - $2) / 1e6, 1024 * 1048576 / ($4 - $3) / 1e6 }'
 done
@@ -102,7 +143,7 @@ echo
 echo "compare.sh: nbd-vram bench --sweep against all three, ${PSECS} s per point ..." >&2
 set --
 for s in $SERVERS; do set -- "$@" --connect "unix:$dir/$s.sock" --label "$s"; done
-timeout 150 "$BIN" bench -q --sweep --seconds "$PSECS" --svg "$OUT/throughput.svg" "$@" >"$OUT/sweep.txt"
+on_client timeout 150 "$BIN" bench -q --sweep --seconds "$PSECS" --svg "$OUT/throughput.svg" "$@" >"$OUT/sweep.txt"
 echo "sweep, sequential at QD8, MB/s (${PSECS} s per point):"
 grep '^bench: ' "$OUT/sweep.txt" | awk '
 function v(k,   i, kv) { for (i = 1; i <= NF; i++) { split($i, kv, "="); if (kv[1] == k) return kv[2] } return "" }
