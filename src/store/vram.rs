@@ -44,7 +44,7 @@ const BATCH_PIECES: usize = 256;
 struct Batch {
     copies: CopyBatch,
     writes: bool,
-    /// A batched call failed: the whole batch answers EIO at `sync`.
+    /// A batched call failed: the requests fenced next answer EIO.
     failed: bool,
 }
 
@@ -146,11 +146,11 @@ impl<'c> VramStore<'c> {
 
     /// Issues the waiting batch, if any; a failure shows at `fence`.
     fn flush(&mut self) {
+        if self.batch.as_ref().is_none_or(|b| b.copies.is_empty()) {
+            return;
+        }
+        let handed = self.hand_over();
         if let Some(b) = &mut self.batch {
-            if b.copies.is_empty() {
-                return;
-            }
-            let handed = Self::hand_over(&self.stream, &self.events, &mut self.unrecorded, &mut self.issued, &mut self.done);
             if let Err(e) = handed.and_then(|()| self.stream.copy_batch(&mut b.copies, b.writes)) {
                 error!("{e}");
                 b.failed = true;
@@ -161,20 +161,16 @@ impl<'c> VramStore<'c> {
     /// Counts one more hand-over of work to the stream, recording first
     /// the event of a fence that it follows. Should recording fail, the
     /// stream is drained instead, which completes that fence too.
-    fn hand_over(stream: &Stream, events: &[Event], unrecorded: &mut Option<usize>, issued: &mut u64, done: &mut u64) -> Result<(), Error> {
-        if let Some(token) = unrecorded.take() {
-            if let Err(e) = stream.record(&events[token]) {
+    fn hand_over(&mut self) -> Result<(), Error> {
+        if let Some(token) = self.unrecorded.take() {
+            if let Err(e) = self.stream.record(&self.events[token]) {
                 error!("{e}");
-                stream.sync()?;
-                *done = *issued;
+                self.stream.sync()?;
+                self.done = self.issued;
             }
         }
-        *issued += 1;
+        self.issued += 1;
         Ok(())
-    }
-
-    fn next_work(&mut self) -> io::Result<()> {
-        Self::hand_over(&self.stream, &self.events, &mut self.unrecorded, &mut self.issued, &mut self.done).map_err(eio)
     }
 
     /// Makes room in the batch for copies in direction `writes`.
@@ -263,7 +259,7 @@ impl<'c> Store for VramStore<'c> {
         if self.queue(offset, len, false, |b, chunk, inner, r| b.read(chunk, inner, &mut buf[r])) {
             return Ok(());
         }
-        self.next_work()?;
+        self.hand_over().map_err(eio)?;
         let mut rest = buf;
         for (chunk, inner, n) in self.pieces(offset, rest.len() as u64) {
             let (now, later) = rest.split_at_mut(n as usize);
@@ -278,7 +274,7 @@ impl<'c> Store for VramStore<'c> {
         if self.queue(offset, buf.len() as u64, true, |b, chunk, inner, r| b.write(chunk, inner, &buf[r])) {
             return Ok(());
         }
-        self.next_work()?;
+        self.hand_over().map_err(eio)?;
         let mut rest = buf;
         for (chunk, inner, n) in self.pieces(offset, rest.len() as u64) {
             let (now, later) = rest.split_at(n as usize);
@@ -291,7 +287,7 @@ impl<'c> Store for VramStore<'c> {
     fn zero(&mut self, offset: u64, len: u64) -> io::Result<()> {
         self.check(offset, len)?;
         self.flush(); // the memset is ordered after queued copies only once they are issued
-        self.next_work()?;
+        self.hand_over().map_err(eio)?;
         for (chunk, inner, n) in self.pieces(offset, len) {
             self.stream.zero(chunk, inner, n as usize).map_err(eio)?;
         }
