@@ -401,6 +401,27 @@ fn a_failed_copy_fails_that_request_only() {
     server.assert_alive();
     assert_one_copy_error(&server, "cuMemcpyHtoDAsync_v2", &format!("write at offset {at} length 65536 failed"));
 
+    // Two writes that arrive with a flush, queued together (copies 2 and
+    // 3): the 3rd fails, and with it their batch. The writes fail; the
+    // flush after them succeeds, and the store is trusted still.
+    let mut server = Serve::new(8).env("NBD_VRAM_BATCH", "1").env("FAKE_CUDA_FAIL_COPY", "3").start();
+    let mut nbd = Nbd::connect(&server.sock);
+    let mut wire = Vec::new();
+    for (i, data) in [&a, &b].into_iter().enumerate() {
+        wire.extend(common::raw::header(0, CMD_WRITE, i as u64, i as u64 * MIB, data.len() as u32));
+        wire.extend(data);
+    }
+    wire.extend(common::raw::header(0, CMD_FLUSH, 2, 0, 0));
+    std::io::Write::write_all(&mut nbd.s, &wire).unwrap();
+    assert_eq!(nbd.reply(), (EIO, 0), "the first write of the failed batch");
+    assert_eq!(nbd.reply(), (EIO, 1), "the second");
+    assert_eq!(nbd.reply(), (0, 2), "the flush after them");
+    assert_eq!(nbd.write(0, &a), 0, "the write again");
+    read_ok(&mut nbd, 0, &a, "read back");
+    nbd.disconnect();
+    server.assert_alive();
+    assert!(!server.log().contains("may be lost"), "{}", server.log());
+
     // Write-zeroes, then trim (both memsets): copy 2 is the write, 3 the
     // write-zeroes, 4 the trim.
     for (cmd, name) in [(CMD_WRITE_ZEROES, "write-zeroes"), (CMD_TRIM, "trim")] {
@@ -425,18 +446,24 @@ fn a_failed_copy_fails_that_request_only() {
 
 /// FAKE_CUDA_FAIL_SYNC=N fails the Nth stream or event synchronisation,
 /// and every CUDA call after it, as CUDA's errors on queued work do. A
-/// write is acknowledged once its data is handed to the stream, so its
-/// sync (the 1st) failing means acknowledged data may be gone: from then
-/// on every request is answered EIO, on any connection, and the server
-/// says so once. A read's wait failing (the 2nd) does the same.
+/// write is acknowledged once its data is handed to the stream, and the
+/// loop waits for it only when something needs it: the next read (sync 1),
+/// or a flush. Whichever wait fails, acknowledged data may be gone: from
+/// then on every request is answered EIO, on any connection, and the
+/// server says so once. A later read's wait failing (sync 2) does the same.
 #[test]
 fn a_device_failure_after_handing_over_fails_every_request() {
     let a = pattern(3, 64 * KIB as usize);
-    for (fail, read_first) in [("1", false), ("2", true)] {
+    for (fail, good_reads, flush_fails) in [("1", 0, false), ("2", 1, false), ("1", 0, true)] {
         let mut server = Serve::new(8).env("FAKE_CUDA_FAIL_SYNC", fail).start();
         let mut nbd = Nbd::connect(&server.sock);
-        assert_eq!(nbd.write(0, &a), 0, "the write is acknowledged before its sync");
-        if read_first {
+        assert_eq!(nbd.write(0, &a), 0, "the write is acknowledged before any sync");
+        for _ in 0..good_reads {
+            read_ok(&mut nbd, 0, &a[..4096], "a read before the failure");
+        }
+        if flush_fails {
+            assert_eq!(nbd.command(0, CMD_FLUSH, 0, 0), EIO, "the flush whose sync fails");
+        } else {
             read_eio(&mut nbd, 0, 4096, "the read whose wait fails");
         }
         read_eio(&mut nbd, 0, 4096, "after the failure");

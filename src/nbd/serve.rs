@@ -8,7 +8,9 @@
 //! for their data, a group of `group` of them at a time, so the first
 //! replies are on the wire while the device still copies the rest; writes
 //! are acknowledged once their data is handed to the store, and the store
-//! finishes them while the client reads the replies. All memory is
+//! finishes them while the loop reads the next batch: staging is used as a
+//! ring, so the loop waits for the store's copies out of it only when it
+//! comes round to them again (or for a flush or FUA). All memory is
 //! allocated before the first request, so a swap device served here never
 //! needs a free page to make progress.
 
@@ -81,6 +83,9 @@ impl Slot {
 /// Everything the loop needs, allocated once and reused by every connection.
 pub struct Buffers<B> {
     staging: B,
+    /// Where the next request's staging starts; what lies after it may
+    /// still be in the store's hands.
+    ring: usize,
     input: Box<[u8]>,
     start: usize,
     end: usize,
@@ -106,6 +111,7 @@ impl<B: std::ops::DerefMut<Target = [u8]>> Buffers<B> {
         let group = std::env::var("NBD_VRAM_GROUP").ok().and_then(|v| v.parse().ok()).unwrap_or(GROUP);
         Ok(Buffers {
             staging: store.staging(MAX_PAYLOAD as usize)?,
+            ring: 0,
             input: vec![0u8; INPUT_LEN].into_boxed_slice(),
             start: 0,
             end: 0,
@@ -136,6 +142,7 @@ where
 {
     bufs.start = 0;
     bufs.end = 0;
+    bufs.ring = 0; // the last connection ended with a sync
     let mut link = Link { store, bufs, export, stats, conn, phases: Phases::default() };
     loop {
         let begun = Instant::now();
@@ -144,11 +151,9 @@ where
         let started = Instant::now();
         link.close_group(n);
         let answered = link.answer(n);
-        let at = Instant::now();
-        if link.store.sync().is_err() {
-            link.lose();
+        if end.is_some() || answered.is_err() {
+            link.settle(); // the store is left synced, as the caller expects
         }
-        link.phases.store += nanos(at);
         if n > 0 {
             link.stats.record_batch(nanos(started));
         }
@@ -181,7 +186,6 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
     /// after answering it, how.
     fn gather(&mut self) -> (usize, Option<io::Result<End>>) {
         let mut n = 0;
-        let mut used = 0;
         let mut waiting = 0;
         self.bufs.ngroups = 0;
         while n < MAX_BATCH {
@@ -202,21 +206,32 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
                 return (n, Some(Err(broken("bad request magic"))));
             };
             let staged = staged_len(&req);
-            if n > 0 && used + staged > self.bufs.staging.len() {
-                break; // the next batch starts with it
+            if self.bufs.ring + staged > self.bufs.staging.len() {
+                if n > 0 {
+                    break; // the next batch starts with it
+                }
+                // Round to the start of the ring, whose copies may be queued still.
+                self.settle();
+                self.bufs.ring = 0;
             }
+            let stage = self.bufs.ring..self.bufs.ring + staged;
             self.bufs.start += REQUEST_LEN;
             if req.command == sys::NBD_CMD_DISC {
                 return (n, Some(Ok(End::Disconnect)));
             }
             self.bufs.direct = req.command == sys::NBD_CMD_WRITE && req.len >= DIRECT_WRITE;
-            let slot = match self.execute(&req, used..used + staged) {
+            if req.command == sys::NBD_CMD_FLUSH {
+                // What fails to start before a flush fails its own requests, not the flush.
+                self.close_group(n);
+                waiting = 0;
+            }
+            let slot = match self.execute(&req, stage.clone()) {
                 Ok(slot) => slot,
                 Err(e) => return (n, Some(Err(e))),
             };
             let waits = slot.waits;
             self.bufs.slots[n] = slot;
-            used += staged;
+            self.bufs.ring = stage.end;
             n += 1;
             if waits {
                 waiting += 1;
@@ -245,6 +260,16 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
         }
         b.groups[b.ngroups] = (end, fence);
         b.ngroups += 1;
+    }
+
+    /// Waits for everything the store was given, so that all of staging
+    /// is free again.
+    fn settle(&mut self) {
+        let at = Instant::now();
+        if self.store.sync().is_err() {
+            self.lose();
+        }
+        self.phases.store += nanos(at);
     }
 
     /// The store failed with work already taken: logs it once, and from
@@ -290,6 +315,9 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
             if let Err(e) = done {
                 crate::error!("{} at offset {} length {len} failed: {e}", name(req.command), req.offset);
                 error = EIO;
+                if req.command == sys::NBD_CMD_FLUSH {
+                    self.lose(); // a failed sync: work already taken failed
+                }
             }
         }
         self.stats.record(req.command, req.len, error);
