@@ -23,12 +23,13 @@ if [ "$(id -u)" != 0 ]; then
 	echo "missing packages:$need (run 'sudo make deps')" >&2
 	exit 1
 fi
+export DEBIAN_FRONTEND=noninteractive
+# Before the version lookup: a stale list names a build the mirror no longer has.
+apt-get update -q
 case "$need" in *qemu-system-x86*)
 	# Pair qemu-utils with qemu-system-x86 from the same suite, whatever the base image had.
 	suite=$(apt-cache policy qemu-system-x86 2>/dev/null | awk '/Candidate:/{print $2}')
 	need=$(echo "$need" | sed "s/qemu-utils/qemu-utils=$suite/g") ;;
 esac
-export DEBIAN_FRONTEND=noninteractive
-apt-get update -q
 # shellcheck disable=SC2086
 apt-get install -y -q --no-install-recommends --allow-downgrades $(echo $need | tr ' ' '\n' | sort -u)
