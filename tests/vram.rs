@@ -530,29 +530,66 @@ fn fresh_vram_reads_as_zeroes() {
     qemu_io(&mut server, &[format!("read -P 0 0 {}", 16 * MIB)]);
 }
 
-/// Batched copies (cuMemcpyBatchAsync_v2, which the fake runs last to
-/// first, as CUDA may): the python-libnbd soak, with pipelined reads and
-/// writes over chunk boundaries, must match its model.
+/// Batches go out as copy kernel launches where every piece is small and
+/// 16-byte aligned, else as cuMemcpyBatchAsync_v2 calls; `NBD_VRAM_KERNEL=0`
+/// leaves only the second. The fake runs both last to first, as CUDA may.
+const COPY_PATHS: [(&str, &str); 2] = [("1", "copies: small ones by the copy kernel, others batched"), ("0", "copies: batched")];
+
+/// Kernel launches the fake logged that succeeded.
+fn launches(server: &VramServer) -> usize {
+    server.cuda_log().lines().filter(|l| l.starts_with("launch nbd_vram_copy") && l.ends_with("-> ok")).count()
+}
+
+/// Batched copies, by kernel and by batched call, mixed on one stream:
+/// the python-libnbd soak, with pipelined reads and writes over chunk
+/// boundaries, must match its model.
 #[test]
 fn batched_copies_keep_request_order() {
-    let mut server = Serve::new(32).env("FAKE_CUDA_MAX_ALLOC_MIB", "8").env("NBD_VRAM_BATCH", "1").start();
-    assert!(server.log().contains("copies: batched"), "{}", server.log());
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/soak.py");
-    let out = run(Command::new(common::PYTHON).args([script, &server.uri(), "20251125", "3000"]), Duration::from_secs(120));
-    out.assert_success("soak.py");
-    assert!(out.stdout.contains("soak: ok"), "{}", out.stdout);
-    server.assert_alive();
+    for (kernel, says) in COPY_PATHS {
+        let mut server = Serve::new(32)
+            .env("FAKE_CUDA_MAX_ALLOC_MIB", "8")
+            .env("NBD_VRAM_BATCH", "1")
+            .env("NBD_VRAM_KERNEL", kernel)
+            .start();
+        assert!(server.log().contains(says), "{}", server.log());
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/soak.py");
+        let out = run(Command::new(common::PYTHON).args([script, &server.uri(), "20251125", "3000"]), Duration::from_secs(120));
+        out.assert_success("soak.py");
+        assert!(out.stdout.contains("soak: ok"), "{}", out.stdout);
+        server.assert_alive();
+        assert_eq!(launches(&server) > 0, kernel == "1", "kernel launches with NBD_VRAM_KERNEL={kernel}");
+    }
+}
+
+/// A driver that cannot compile the kernel (no PTX JIT) is told in the
+/// log, and copies go through the copy engine.
+#[test]
+fn without_the_copy_kernel_copies_still_batch() {
+    let mut server = Serve::new(8).env("NBD_VRAM_BATCH", "1").env("FAKE_CUDA_NO_JIT", "1").start();
+    let log = server.log();
+    assert!(log.contains("the copy kernel did not load (cuModuleLoadData: CUDA_ERROR_JIT_COMPILER_NOT_FOUND"), "{log}");
+    assert!(log.contains("copies: batched (cuMemcpyBatchAsync_v2)"), "{log}");
+    let cmds = ["aio_write -P 0x3c 0 4k", "aio_write -P 0x3d 8k 4k", "aio_flush", "read -P 0x3c 0 4k", "read -P 0x3d 8k 4k"];
+    qemu_io(&mut server, &cmds.map(String::from));
+    assert_eq!(launches(&server), 0);
 }
 
 /// Eight writes, eight reads of the same blocks, then again with other
 /// data, sent in one piece so that they land in one batch: every read must
 /// see the write before it, although the fake runs a batched call's copies
-/// last to first (batches start at 8 copies).
+/// last to first, by kernel or batched call (the latter from 8 copies).
 #[test]
 fn batched_copies_read_what_was_just_written() {
+    for (kernel, says) in COPY_PATHS {
+        let mut server = Serve::new(8).env("NBD_VRAM_BATCH", "1").env("NBD_VRAM_KERNEL", kernel).start();
+        assert!(server.log().contains(says), "{}", server.log());
+        read_what_was_just_written(&mut server);
+        assert_eq!(launches(&server) > 0, kernel == "1", "kernel launches with NBD_VRAM_KERNEL={kernel}");
+    }
+}
+
+fn read_what_was_just_written(server: &mut VramServer) {
     use std::io::Write;
-    let mut server = Serve::new(8).env("NBD_VRAM_BATCH", "1").start();
-    assert!(server.log().contains("copies: batched"), "{}", server.log());
     let mut nbd = Nbd::connect(&server.sock);
     let mut wire = Vec::new();
     let mut cookie = 0;

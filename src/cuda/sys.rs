@@ -15,6 +15,8 @@ pub type CUdeviceptr = u64;
 pub type CUcontext = *mut c_void;
 pub type CUstream = *mut c_void;
 pub type CUevent = *mut c_void;
+pub type CUmodule = *mut c_void;
+pub type CUfunction = *mut c_void;
 
 pub const CUDA_SUCCESS: CUresult = 0;
 pub const CUDA_ERROR_OUT_OF_MEMORY: CUresult = 2;
@@ -69,6 +71,9 @@ pub const CU_MEMCPY_SRC_ACCESS_ORDER_STREAM: u32 = 1;
 /// `CU_EVENT_DISABLE_TIMING`: an event only for waiting, the cheapest kind.
 pub const CU_EVENT_DISABLE_TIMING: c_uint = 2;
 
+/// `CU_MEMHOSTALLOC_DEVICEMAP`: pinned memory that kernels may address.
+pub const CU_MEMHOSTALLOC_DEVICEMAP: c_uint = 2;
+
 api! {
     required {
         cuInit(c_uint);
@@ -103,6 +108,12 @@ api! {
         // CUDA 13's form (12.8's had one more argument, a failure index).
         cuMemcpyBatchAsync_v2(*mut CUdeviceptr, *mut CUdeviceptr, *mut usize, usize,
             *mut CUmemcpyAttributes, *mut usize, usize, CUstream);
+        // The copy kernel's (any driver has them; a stripped-down one may not).
+        cuModuleLoadData(*mut CUmodule, *const c_void);
+        cuModuleGetFunction(*mut CUfunction, CUmodule, *const c_char);
+        cuModuleUnload(CUmodule);
+        cuLaunchKernel(CUfunction, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint,
+            CUstream, *mut *mut c_void, *mut *mut c_void);
     }
 }
 

@@ -5,8 +5,8 @@ use std::io;
 use std::ops::Range;
 
 use super::{Store, FENCES};
-use crate::cuda::{Context, CopyBatch, DeviceMem, Error, Event, Pinned, Stream, CUDA_ERROR_OUT_OF_MEMORY};
-use crate::{error, info};
+use crate::cuda::{Context, CopyBatch, DeviceMem, Error, Event, Mover, Pinned, Stream, CUDA_ERROR_OUT_OF_MEMORY};
+use crate::{error, info, warn};
 
 const MIB: u64 = 1 << 20;
 /// The smallest chunk tried when the whole size will not come as one
@@ -23,6 +23,8 @@ pub struct VramStore<'c> {
     size: u64,
     /// Copies waiting for one batched driver call, all in one direction.
     batch: Option<Batch>,
+    /// The copy kernel, for batches of small pieces.
+    mover: Option<Mover<'c>>,
     /// One per fence token, created before serving.
     events: Vec<Event<'c>>,
     next_fence: usize,
@@ -79,7 +81,8 @@ impl<'c> VramStore<'c> {
                 if let Some((chunks, chunk_len)) = allocate_chunks(ctx, size)? {
                     info!("allocated {} MiB of VRAM in {} chunk(s); {} MiB of {} MiB were free", size / MIB, chunks.len(), free / MIB, total / MIB);
                     let stream = ctx.stream()?;
-                    let batch = batching(&stream).then(|| Batch {
+                    let (batched, mover) = copy_path(ctx, &stream);
+                    let batch = batched.then(|| Batch {
                         copies: CopyBatch::with_capacity(BATCH_PIECES),
                         writes: false,
                         failed: false,
@@ -92,6 +95,7 @@ impl<'c> VramStore<'c> {
                         chunk_len,
                         size,
                         batch,
+                        mover,
                         events,
                         next_fence: 0,
                         unrecorded: None,
@@ -151,7 +155,7 @@ impl<'c> VramStore<'c> {
         }
         let handed = self.hand_over();
         if let Some(b) = &mut self.batch {
-            if let Err(e) = handed.and_then(|()| self.stream.copy_batch(&mut b.copies, b.writes)) {
+            if let Err(e) = handed.and_then(|()| self.stream.copy_batch(&mut b.copies, b.writes, self.mover.as_ref())) {
                 error!("{e}");
                 b.failed = true;
             }
@@ -343,11 +347,35 @@ impl<'c> Store for VramStore<'c> {
     }
 }
 
-/// Batched copies where the driver has them, unless `NBD_VRAM_BATCH=0`
-/// (to compare the two on one machine).
-fn batching(stream: &Stream) -> bool {
-    let wanted = std::env::var("NBD_VRAM_BATCH").map_or(true, |v| v != "0");
-    let on = wanted && stream.can_batch();
-    info!("copies: {}", if on { "batched (cuMemcpyBatchAsync_v2)" } else { "one driver call each" });
-    on
+/// How copies are issued: batches of small pieces by the copy kernel
+/// (unless `NBD_VRAM_KERNEL=0`), other batches by cuMemcpyBatchAsync_v2
+/// where the driver has it; `NBD_VRAM_BATCH=0` turns both off, one driver
+/// call per copy. The switches compare the paths on one machine.
+fn copy_path<'c>(ctx: &'c Context, stream: &Stream) -> (bool, Option<Mover<'c>>) {
+    let off = |var| std::env::var(var).is_ok_and(|v| v == "0");
+    let wanted = !off("NBD_VRAM_BATCH");
+    let mover = match (wanted && !off("NBD_VRAM_KERNEL")).then(|| ctx.mover()).flatten() {
+        Some(Ok(mover)) => Some(mover),
+        Some(Err(e)) => {
+            warn!("the copy kernel did not load ({e}): small copies go through the copy engine");
+            None
+        }
+        None => None,
+    };
+    let api = wanted && stream.can_batch();
+    let rest = if api { "batched (cuMemcpyBatchAsync_v2)" } else { "one driver call each" };
+    match mover {
+        Some(_) => info!("copies: small ones by the copy kernel, others {rest}"),
+        None => info!("copies: {rest}"),
+    }
+    (api || mover.is_some(), mover)
+}
+
+impl Drop for VramStore<'_> {
+    /// Nothing queued may outlive the memory, module or staging it uses.
+    fn drop(&mut self) {
+        if let Err(e) = self.stream.sync() {
+            error!("{e}");
+        }
+    }
 }

@@ -43,7 +43,11 @@ typedef struct { unsigned order; struct { unsigned type; int id; } src_hint, dst
     X(cuGetErrorString, (CUresult, const char **)) X(cuEventCreate, (CUevent *, unsigned)) \
     X(cuEventRecord, (CUevent, CUstream)) X(cuEventSynchronize, (CUevent)) \
     X(cuEventDestroy_v2, (CUevent)) \
-    X(cuMemcpyBatchAsync_v2, (CUdeviceptr *, CUdeviceptr *, size_t *, size_t, void *, size_t *, size_t, CUstream))
+    X(cuMemcpyBatchAsync_v2, (CUdeviceptr *, CUdeviceptr *, size_t *, size_t, void *, size_t *, size_t, CUstream)) \
+    X(cuModuleLoadData, (void **, const void *)) X(cuModuleGetFunction, (void **, void *, const char *)) \
+    X(cuModuleUnload, (void *)) \
+    X(cuLaunchKernel, (void *, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, \
+                       CUstream, void **, void **))
 
 #define FIELD(name, args) CUresult(*name) args;
 static struct { APIS(FIELD) } cu;
@@ -412,6 +416,52 @@ static void s_async(void)   /* deferred async work and events */
     (void)ctx;
 }
 
+/* The copy kernel: known by name only, run like a batch, last to first. */
+static const char ptx[] = ".version 7.0\n.visible .entry nbd_vram_copy(.param .u32 count)\n{ ret; }\n";
+static void s_kernel(void)
+{
+    void *mod, *fn, *none;
+    CUdeviceptr d;
+    unsigned char in[64], out[32];
+    start(0);
+    EQ(cu.cuModuleLoadData(&mod, ".version 7.0\n.visible .entry other(\n"), 218);
+    EQ(cu.cuModuleLoadData(&mod, ptx), 0);
+    EQ(cu.cuModuleGetFunction(&none, mod, "other"), 500);
+    EQ(cu.cuModuleGetFunction(&fn, mod, "nbd_vram_copy"), 0);
+    EQ(cu.cuMemAlloc_v2(&d, 64), 0);
+    EQ(cu.cuMemsetD8_v2(d, 5, 64), 0);
+    memset(in, 1, 32);
+    memset(in + 32, 2, 32);
+    memset(out, 0, 32);
+    unsigned long long pieces[3][3] = {
+        {(uintptr_t)out, d + 16, 32},       /* runs last: reads what the others wrote */
+        {d, (uintptr_t)in, 32},
+        {d + 32, (uintptr_t)(in + 32), 32},
+    };
+    unsigned count = 3;
+    void *params[2] = {&count, pieces};
+    EQ(cu.cuLaunchKernel(fn, 2, 1, 1, 256, 1, 1, 0, NULL, params, NULL), 1);   /* grid != count */
+    EQ(cu.cuLaunchKernel(&count, 3, 1, 1, 256, 1, 1, 0, NULL, params, NULL), 400);
+    pieces[1][2] = 24;
+    EQ(cu.cuLaunchKernel(fn, 3, 1, 1, 256, 1, 1, 0, NULL, params, NULL), 716);
+    pieces[1][2] = 32;
+    EQ(cu.cuLaunchKernel(fn, 3, 1, 1, 256, 1, 1, 0, NULL, params, NULL), 0);
+    EQ(all(out, 32, 0), 1);   /* deferred */
+    EQ(cu.cuStreamSynchronize(NULL), 0);
+    EQ(all(out, 16, 1) && all(out + 16, 16, 2), 1);
+    unsigned char back[64];
+    EQ(cu.cuMemcpyDtoH_v2(back, d, 64), 0);
+    EQ(all(back, 32, 1) && all(back + 32, 32, 2), 1);
+    EQ(cu.cuModuleUnload(mod), 0);
+}
+
+static void s_no_jit(void)
+{
+    void *mod;
+    start(0);
+    EQ(cu.cuModuleLoadData(&mod, ptx), 221);
+}
+
 static void s_fail_copy_batch(void)   /* FAIL_COPY 3: a failing batch queues nothing */
 {
     CUdeviceptr d;
@@ -669,6 +719,8 @@ int main(int argc, char **argv)
     bad |= run("async", s_async, "");
     bad |= run("fail_copy_batch", s_fail_copy_batch, "FAKE_CUDA_FAIL_COPY=3");
     bad |= run("fail_sync", s_fail_sync, "FAKE_CUDA_FAIL_SYNC=2");
+    bad |= run("kernel", s_kernel, "");
+    bad |= run("no_jit", s_no_jit, "FAKE_CUDA_NO_JIT=1");
     snprintf(env, sizeof env, "FAKE_CUDA_BACKING=%s/backing", tmp);
     bad |= run("backing_file", s_backing, env);
     snprintf(env, sizeof env, "FAKE_CUDA_BACKING=%s/backing FAKE_CUDA_TOTAL_MIB=32", tmp);

@@ -1,7 +1,8 @@
 /* A fake CUDA driver (libcuda.so.1) for testing nbd-vram without a GPU.
  *
- * It exports the 29 driver entry points nbd-vram resolves (and the optional
- * cuMemcpyBatchAsync_v2), with the real ABI, and backs "device memory" with
+ * It exports the 29 driver entry points nbd-vram needs and the five it uses
+ * where present (cuMemcpyBatchAsync_v2, the copy kernel's module and launch
+ * calls), with the real ABI, and backs "device memory" with
  * ordinary memory of this process, so a CUdeviceptr is a real address here.
  * Async copies and memsets are deferred to a queue that runs at the latest
  * legal moment (a sync, a synchronous copy, a free), so a caller that skips a
@@ -50,11 +51,15 @@ static const struct { CUresult code; const char *name, *text; } errors[] = {
     {101, "CUDA_ERROR_INVALID_DEVICE", "invalid device ordinal"},
     {201, "CUDA_ERROR_INVALID_CONTEXT", "invalid device context"},
     {400, "CUDA_ERROR_INVALID_HANDLE", "invalid resource handle"},
+    {500, "CUDA_ERROR_NOT_FOUND", "named symbol not found"},
     {700, "CUDA_ERROR_ILLEGAL_ADDRESS", "an illegal memory access was encountered"},
+    {716, "CUDA_ERROR_MISALIGNED_ADDRESS", "misaligned address"},
     {803, "CUDA_ERROR_SYSTEM_DRIVER_MISMATCH",
      "system has unsupported display driver / cuda driver combination"},
     {804, "CUDA_ERROR_COMPAT_NOT_SUPPORTED_ON_DEVICE",
      "forward compatibility was attempted on non supported HW"},
+    {218, "CUDA_ERROR_INVALID_PTX", "a PTX JIT compilation failed"},
+    {221, "CUDA_ERROR_JIT_COMPILER_NOT_FOUND", "PTX JIT compiler library not found"},
     {999, "CUDA_ERROR_UNKNOWN", "unknown error"},
 };
 
@@ -78,7 +83,7 @@ static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static CUresult init_rc = -1;             /* -1: cuInit(0) not called yet */
 static int ndev;
 static size_t max_alloc = SIZE_MAX;
-static unsigned long long fail_copy, copies, fail_sync, syncs;
+static unsigned long long fail_copy, copies, fail_sync, syncs, no_jit;
 static CUresult sticky;                   /* FAKE_CUDA_FAIL_SYNC's error, once it fired */
 static char log_path[PATH_MAX];
 static struct block *allocs;              /* device memory, sorted by address */
@@ -223,7 +228,8 @@ static CUresult do_init(void)
     int total_set = knob_mib("FAKE_CUDA_TOTAL_MIB", &total);
     int free_set = knob_mib("FAKE_CUDA_FREE_MIB", &free);
     if (total_set < 0 || free_set < 0 || knob_mib("FAKE_CUDA_MAX_ALLOC_MIB", &max_alloc) < 0 ||
-        knob("FAKE_CUDA_FAIL_COPY", &fail_copy) < 0 || knob("FAKE_CUDA_FAIL_SYNC", &fail_sync) < 0)
+        knob("FAKE_CUDA_FAIL_COPY", &fail_copy) < 0 || knob("FAKE_CUDA_FAIL_SYNC", &fail_sync) < 0 ||
+        knob("FAKE_CUDA_NO_JIT", &no_jit) < 0)
         return E_UNKNOWN;
     if (backing && *backing) {
         CUresult rc = map_backing(backing, &base, &bsize);
@@ -584,6 +590,63 @@ static CUresult batch(CUdeviceptr *dsts, CUdeviceptr *srcs, size_t *sizes, size_
 API CUresult cuMemcpyBatchAsync_v2(CUdeviceptr *dsts, CUdeviceptr *srcs, size_t *sizes, size_t count,
                                    void *attrs, size_t *idxs, size_t nattrs, CUstream s)
 { LOCKED(batch(dsts, srcs, sizes, count, attrs, idxs, nattrs, s)); }
+
+/* Modules: the fake cannot run PTX, so it knows one kernel by name, the
+ * copy kernel whose behaviour it reproduces (see README.md). A module is
+ * a handle to its image; the function is the address of a static. */
+static char copy_kernel;
+#define COPY_KERNEL "nbd_vram_copy"
+
+static CUresult module_load(void **mod, const void *image)
+{
+    CUresult rc = need_ctx() ? need_ctx() : !mod || !image ? E_VALUE : OK;
+    if (!rc && no_jit) rc = 221;
+    if (!rc && !strstr(image, ".entry " COPY_KERNEL "(")) rc = 218;
+    if (!rc) *mod = (void *)image;
+    return rc;
+}
+API CUresult cuModuleLoadData(void **mod, const void *image) { LOCKED(module_load(mod, image)); }
+
+static CUresult module_function(void **fn, void *mod, const char *name)
+{
+    CUresult rc = need_ctx() ? need_ctx() : !fn || !mod || !name ? E_VALUE : OK;
+    if (!rc && strcmp(name, COPY_KERNEL)) rc = 500;   /* CUDA_ERROR_NOT_FOUND */
+    if (!rc) *fn = &copy_kernel;
+    return rc;
+}
+API CUresult cuModuleGetFunction(void **fn, void *mod, const char *name) { LOCKED(module_function(fn, mod, name)); }
+API CUresult cuModuleUnload(void *mod) { return mod ? OK : E_HANDLE; }
+
+/* The copy kernel: params are a u32 count and up to 128 {dst, src, len},
+ * one block each, 16-byte aligned. Queued like a batch, last to first,
+ * since blocks run in any order. */
+static CUresult launch(void *fn, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
+                       unsigned bz, unsigned shared, CUstream s, void **params, void **extra)
+{
+    CUresult rc = need_ctx() ? need_ctx() : fn != &copy_kernel ? E_HANDLE : OK;
+    if (rc) return rc;
+    unsigned count = params ? *(unsigned *)params[0] : 0;
+    const unsigned long long (*pieces)[3] = params ? params[1] : NULL;
+    if (!params || extra || shared || gy != 1 || gz != 1 || by != 1 || bz != 1 || bx == 0 || bx > 1024 ||
+        count == 0 || count > 128 || gx != count)
+        return E_VALUE;
+    CUdeviceptr dsts[128], srcs[128];
+    size_t sizes[128];
+    for (unsigned i = 0; i < count; i++) {
+        if ((pieces[i][0] | pieces[i][1] | pieces[i][2]) % 16) return 716;   /* CUDA_ERROR_MISALIGNED_ADDRESS */
+        dsts[i] = pieces[i][0];
+        srcs[i] = pieces[i][1];
+        sizes[i] = pieces[i][2];
+    }
+    memcpy_attrs attrs = {1, {0, 0}, {0, 0}, 0};
+    size_t first = 0;
+    rc = batch(dsts, srcs, sizes, count, &attrs, &first, 1, s);
+    logf_("launch " COPY_KERNEL " %u -> %s", count, short_name(rc));
+    return rc;
+}
+API CUresult cuLaunchKernel(void *fn, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
+                            unsigned bz, unsigned shared, CUstream s, void **params, void **extra)
+{ LOCKED(launch(fn, gx, gy, gz, bx, by, bz, shared, s, params, extra)); }
 
 static CUresult host_alloc(void **pp, size_t size, unsigned flags)
 {

@@ -1,6 +1,7 @@
 # Random reads, writes (some FUA), write-zeroes, trims and flushes through
 # libnbd, checked against an in-memory model of the export; some rounds keep
-# several async requests in flight at once. Reconnects half-way, and reads
+# several async requests in flight at once, and some bursts of aligned
+# ones, as swap sends them. Reconnects half-way, and reads
 # the whole export back at the end. The seed is printed: pass it back to
 # reproduce a failure.
 #
@@ -52,11 +53,17 @@ def check(op, off, n, got):
                  f"got {got[bad]:#x}, expected {model[off + bad]:#x} (seed {seed})")
 
 
-def disjoint(k):
+def aligned_span():
+    """A 4 KiB-aligned (offset, length) of whole 512-byte sectors."""
+    n = rng.choice([512, 4096, 4096, 8192, 65536])
+    return rng.randrange(0, size - n + 1, 4096), n
+
+
+def disjoint(k, make=span):
     """k non-overlapping spans."""
     spans = []
     while len(spans) < k:
-        off, n = span()
+        off, n = make()
         if all(off + n <= o or o + m <= off for o, m in spans):
             spans.append((off, n))
     return spans
@@ -83,16 +90,40 @@ def async_round(op):
         model[off:off + len(data)] = data
 
 
+def burst(op):
+    """Many aligned writes in flight together, then reads of them and of
+    other ranges, so that each direction fills a batch."""
+    spans = disjoint(rng.randint(8, 40), aligned_span)
+    cookies = []
+    for off, n in spans:
+        data = rng.randbytes(n)
+        cookies.append(h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(data)), off))
+        model[off:off + n] = data
+    while h.aio_in_flight() > 0:
+        h.poll(-1)
+    assert all(h.aio_command_completed(c) for c in cookies)
+    reads = [(off, n, nbd.Buffer(n)) for off, n in spans + disjoint(rng.randint(0, 16), aligned_span)]
+    cookies = [h.aio_pread(buf, off) for off, n, buf in reads]
+    while h.aio_in_flight() > 0:
+        h.poll(-1)
+    for (off, n, buf), cookie in zip(reads, cookies):
+        assert h.aio_command_completed(cookie)
+        check(op, off, n, buf.to_bytearray())
+
+
 start = time.monotonic()
 for op in range(ops):
     if op == ops // 2:
         h.shutdown()
         h = connect()
-    kind = rng.choices(["read", "write", "fua", "zero", "trim", "flush", "async"],
-                       [30, 30, 5, 10, 10, 2, 5])[0]
+    kind = rng.choices(["read", "write", "fua", "zero", "trim", "flush", "async", "burst"],
+                       [30, 30, 5, 10, 10, 2, 5, 3])[0]
     counts[kind] = counts.get(kind, 0) + 1
     if kind == "async":
         async_round(op)
+        continue
+    if kind == "burst":
+        burst(op)
         continue
     if kind == "flush":
         h.flush()
