@@ -148,7 +148,7 @@ pub fn sweep(servers: &[(Addr, String)], seconds: u32, svg: Option<&Path>) -> Re
                 .iter()
                 .zip(SWEEP.iter())
                 .filter(|(_, p)| p.write == write)
-                .map(|(r, _)| (f64::from(r.len), r.mbps))
+                .map(|(r, _)| (u64::from(r.len), r.mbps))
                 .collect();
             series.push(plot::Series { name: format!("{label} {dir}"), color: i, dashed: write, points });
         }

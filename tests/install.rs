@@ -415,3 +415,14 @@ fn admin_config_is_kept() {
     assert_eq!(leftovers(&dest), vec![config], "uninstall removed the admin's config or left others");
     let _ = fs::remove_dir_all(&dest);
 }
+
+/// An initramfs carries the binary with the libraries it names: those must
+/// be libc alone (plus the loader), whatever a change to the code pulls in.
+#[test]
+fn the_binary_needs_only_libc() {
+    let out = Command::new("readelf").args(["--dynamic", BIN]).output().expect("readelf (binutils)");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let needed: Vec<&str> = text.lines().filter(|l| l.contains("(NEEDED)")).filter_map(|l| l.split('[').nth(1)).map(|l| l.trim_end_matches(']')).collect();
+    assert_eq!(needed, ["libc.so.6"], "{text}");
+}

@@ -1,6 +1,7 @@
 //! A line plot as SVG, by plain string formatting: throughput against
 //! request size, the size axis in powers of two (log2), one polyline per
-//! series, with axes, ticks, axis labels and a legend.
+//! series, with axes, ticks, axis labels and a legend. No f64 logarithm or
+//! power: std's would link libm, and the binary links only libc.
 
 use std::fmt::Write;
 
@@ -11,7 +12,8 @@ pub struct Series {
     /// Which colour (series of one server share it).
     pub color: usize,
     pub dashed: bool,
-    pub points: Vec<(f64, f64)>,
+    /// (request bytes, value).
+    pub points: Vec<(u64, f64)>,
 }
 
 const WIDTH: f64 = 860.0;
@@ -22,27 +24,40 @@ const TOP: f64 = 50.0;
 const BOTTOM: f64 = 60.0;
 const COLORS: [&str; 6] = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"];
 
+/// log2 of `x` (≥ 1): exact at powers of two, which the sweep's sizes
+/// are, and linear between them.
+fn octaves(x: u64) -> f64 {
+    let e = x.max(1).ilog2();
+    let base = 1u64 << e;
+    f64::from(e) + (x.max(1) - base) as f64 / base as f64
+}
+
 /// Where `x` lands between `left` and `right` when `lo..hi` spans them on a
 /// log2 scale.
-pub fn log2_place(x: f64, lo: f64, hi: f64, left: f64, right: f64) -> f64 {
-    let (a, b) = (lo.log2(), hi.log2());
+pub fn log2_place(x: u64, lo: u64, hi: u64, left: f64, right: f64) -> f64 {
+    let (a, b) = (octaves(lo), octaves(hi));
     if b <= a {
         return (left + right) / 2.0;
     }
-    left + (x.log2() - a) / (b - a) * (right - left)
+    left + (octaves(x) - a) / (b - a) * (right - left)
 }
 
 /// A round tick step (1, 2 or 5 times a power of ten) giving about five
 /// ticks up to `max`.
 fn nice_step(max: f64) -> f64 {
     let raw = (max / 5.0).max(f64::MIN_POSITIVE);
-    let pow = 10f64.powf(raw.log10().floor());
+    let mut pow = 1.0;
+    while pow * 10.0 <= raw {
+        pow *= 10.0;
+    }
+    while pow > raw {
+        pow /= 10.0;
+    }
     [1.0, 2.0, 5.0, 10.0].iter().map(|m| m * pow).find(|s| *s >= raw).unwrap_or(10.0 * pow)
 }
 
 /// `4096` as `4K`, `1048576` as `1M`.
-pub fn bytes_label(b: f64) -> String {
-    let b = b.round() as u64;
+pub fn bytes_label(b: u64) -> String {
     if b >= 1 << 20 && b % (1 << 20) == 0 {
         format!("{}M", b >> 20)
     } else if b >= 1 << 10 && b % (1 << 10) == 0 {
@@ -59,16 +74,16 @@ fn esc(s: &str) -> String {
 /// The whole SVG document.
 pub fn svg(title: &str, x_label: &str, y_label: &str, series: &[Series]) -> String {
     let all = || series.iter().flat_map(|s| s.points.iter());
-    let lo = all().map(|p| p.0).filter(|x| *x > 0.0).fold(f64::INFINITY, f64::min);
-    let hi = all().map(|p| p.0).fold(0.0, f64::max);
-    let (lo, hi) = if lo.is_finite() && hi > 0.0 { (lo, hi) } else { (1.0, 2.0) };
+    let lo = all().map(|p| p.0).filter(|x| *x > 0).min();
+    let hi = all().map(|p| p.0).max();
+    let (lo, hi) = lo.zip(hi).unwrap_or((1, 2));
     let ymax_data = all().map(|p| p.1).fold(0.0, f64::max);
     let step = nice_step(if ymax_data > 0.0 { ymax_data } else { 1.0 });
     let ymax = (ymax_data / step).ceil().max(1.0) * step;
 
     let (x0, x1) = (LEFT, WIDTH - RIGHT);
     let (y0, y1) = (HEIGHT - BOTTOM, TOP); // y0 is the bottom
-    let px = |x: f64| log2_place(x, lo, hi, x0, x1);
+    let px = |x: u64| log2_place(x, lo, hi, x0, x1);
     let py = |y: f64| y0 - y / ymax * (y0 - y1);
 
     let mut s = String::new();
@@ -91,13 +106,7 @@ pub fn svg(title: &str, x_label: &str, y_label: &str, series: &[Series]) -> Stri
         let _ = writeln!(s, r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{v}</text>"#, x0 - 6.0, y + 4.0);
         v += step;
     }
-    let mut e = lo.log2().floor() as i32;
-    while f64::from(e) <= hi.log2().ceil() {
-        let b = 2f64.powi(e);
-        e += 1;
-        if b < lo * 0.999 || b > hi * 1.001 {
-            continue;
-        }
+    for b in (lo.ilog2()..=hi.ilog2()).map(|e| 1u64 << e).filter(|b| (lo..=hi).contains(b)) {
         let x = px(b);
         let _ = writeln!(s, r##"<line x1="{x:.1}" y1="{y1:.1}" x2="{x:.1}" y2="{y0:.1}" stroke="#eee"/>"##);
         let _ = writeln!(s, r#"<line x1="{x:.1}" y1="{y0:.1}" x2="{x:.1}" y2="{:.1}" stroke="black"/>"#, y0 + 5.0);
@@ -124,13 +133,13 @@ pub fn svg(title: &str, x_label: &str, y_label: &str, series: &[Series]) -> Stri
         let color = COLORS[ser.color % COLORS.len()];
         let dash = if ser.dashed { r#" stroke-dasharray="6 4""# } else { "" };
         let pts: Vec<String> =
-            ser.points.iter().filter(|p| p.0 > 0.0).map(|p| format!("{:.1},{:.1}", px(p.0), py(p.1))).collect();
+            ser.points.iter().filter(|p| p.0 > 0).map(|p| format!("{:.1},{:.1}", px(p.0), py(p.1))).collect();
         let _ = writeln!(
             s,
             r#"<polyline fill="none" stroke="{color}" stroke-width="2"{dash} points="{}"/>"#,
             pts.join(" ")
         );
-        for p in ser.points.iter().filter(|p| p.0 > 0.0) {
+        for p in ser.points.iter().filter(|p| p.0 > 0) {
             let _ = writeln!(s, r#"<circle cx="{:.1}" cy="{:.1}" r="3" fill="{color}"/>"#, px(p.0), py(p.1));
         }
         let ly = y1 + 10.0 + 22.0 * i as f64;
@@ -152,21 +161,25 @@ mod tests {
 
     #[test]
     fn sizes_are_placed_on_a_log2_axis() {
-        let (lo, hi) = (4096.0, 1048576.0); // 2^12 .. 2^20
+        let (lo, hi) = (4096, 1048576); // 2^12 .. 2^20
         assert_eq!(log2_place(lo, lo, hi, 100.0, 900.0), 100.0);
         assert_eq!(log2_place(hi, lo, hi, 100.0, 900.0), 900.0);
-        assert_eq!(log2_place(65536.0, lo, hi, 100.0, 900.0), 500.0, "2^16 is half way");
-        assert_eq!(log2_place(8192.0, lo, hi, 100.0, 900.0), 200.0);
-        assert_eq!(bytes_label(4096.0), "4K");
-        assert_eq!(bytes_label(1048576.0), "1M");
-        assert_eq!(bytes_label(512.0), "512");
+        assert_eq!(log2_place(65536, lo, hi, 100.0, 900.0), 500.0, "2^16 is half way");
+        assert_eq!(log2_place(8192, lo, hi, 100.0, 900.0), 200.0);
+        assert_eq!(log2_place(6144, lo, hi, 100.0, 900.0), 150.0, "linear inside an octave");
+        assert_eq!(log2_place(8192, 8192, 8192, 100.0, 900.0), 500.0, "one size: the middle");
+        assert_eq!(bytes_label(4096), "4K");
+        assert_eq!(bytes_label(1048576), "1M");
+        assert_eq!(bytes_label(512), "512");
         assert_eq!(nice_step(1234.0), 500.0);
         assert_eq!(nice_step(10.0), 2.0);
+        assert!((nice_step(0.3) - 0.1).abs() < 1e-12);
+        assert_eq!(nice_step(6000.0), 2000.0);
     }
 
     #[test]
     fn one_polyline_per_series_with_axes_and_legend() {
-        let pts = |k: f64| [4096.0f64, 65536.0, 1048576.0].iter().map(|&x| (x, k * x.log2())).collect();
+        let pts = |k: f64| [4096u64, 65536, 1048576].iter().map(|&x| (x, k * f64::from(x.ilog2()))).collect();
         let series = [
             Series { name: "a <read>".into(), color: 0, dashed: false, points: pts(100.0) },
             Series { name: "a write".into(), color: 0, dashed: true, points: pts(50.0) },
