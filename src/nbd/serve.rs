@@ -10,7 +10,10 @@
 //! are acknowledged once their data is handed to the store, and the store
 //! finishes them while the loop reads the next batch: staging is used as a
 //! ring, so the loop waits for the store's copies out of it only when it
-//! comes round to them again (or for a flush or FUA). All memory is
+//! comes round to them again (or for a flush or FUA). A store that finishes
+//! each operation before returning (host RAM) gains nothing from the ring,
+//! and every batch starts at the front of staging, which is still in
+//! cache: 5–13 % on sequential patterns, measured. All memory is
 //! allocated before the first request, so a swap device served here never
 //! needs a free page to make progress.
 
@@ -188,6 +191,10 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
         let mut n = 0;
         let mut waiting = 0;
         self.bufs.ngroups = 0;
+        if S::DONE_ON_RETURN {
+            // Nothing is in flight: the front of staging is free and still in cache.
+            self.bufs.ring = 0;
+        }
         while n < MAX_BATCH {
             if self.available() < REQUEST_LEN {
                 match self.fill(n == 0) {

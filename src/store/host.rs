@@ -33,6 +33,7 @@ impl HostStore {
 
 impl Store for HostStore {
     type Buf = Box<[u8]>;
+    const DONE_ON_RETURN: bool = true;
 
     fn size(&self) -> u64 {
         self.bytes.len() as u64

@@ -29,6 +29,8 @@ pub use vram::{AllocError, VramStore};
 pub trait Store {
     /// Staging memory the store copies from and to fastest (pinned for a GPU).
     type Buf: DerefMut<Target = [u8]>;
+    /// Every operation is finished when it returns (no fences needed).
+    const DONE_ON_RETURN: bool = false;
 
     fn size(&self) -> u64;
     /// Allocates `len` bytes of staging memory, once, before serving.
