@@ -165,6 +165,8 @@ pub fn drive<T: Read + Write + AsFd>(
     b.free.clear();
     b.free.extend((0..spec.depth).rev());
     b.samples.clear();
+    // A run that failed mid-parse leaves its finished tags here.
+    b.done.clear();
     for slot in b.slots.iter_mut() {
         slot.busy = false;
     }
