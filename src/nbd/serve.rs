@@ -30,6 +30,10 @@ use crate::store::Store;
 
 /// Requests answered per `writev`; the kernel's queue depth is 128 at most.
 pub const MAX_BATCH: usize = 64;
+/// Requests per batch for a store that finishes each operation on return:
+/// it has no copies to amortise, and answering sooner keeps the client's
+/// queue full (4 KiB QD32 +30–45 % with host RAM, measured).
+const DONE_BATCH: usize = 8;
 /// iovecs the kernel copies without allocating (`UIO_FASTIOV`, uio.h).
 const UIO_FASTIOV: usize = 8;
 /// Socket reads land here first; a batch of small requests fits at once.
@@ -195,7 +199,8 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
             // Nothing is in flight: the front of staging is free and still in cache.
             self.bufs.ring = 0;
         }
-        while n < MAX_BATCH {
+        let most = if S::DONE_ON_RETURN { DONE_BATCH } else { MAX_BATCH };
+        while n < most {
             if self.available() < REQUEST_LEN {
                 match self.fill(n == 0) {
                     Ok(Got::Data) => continue,
