@@ -30,10 +30,12 @@ use crate::store::Store;
 
 /// Requests answered per `writev`; the kernel's queue depth is 128 at most.
 pub const MAX_BATCH: usize = 64;
-/// Requests per batch for a store that finishes each operation on return:
+/// A batch's bounds for a store that finishes each operation on return:
 /// it has no copies to amortise, and answering sooner keeps the client's
-/// queue full (4 KiB QD32 +30–45 % with host RAM, measured).
+/// queue full. Measured with host RAM against bounds of 64 requests and
+/// no bytes: 4 KiB QD32 +30–45 %, sequential 128 KiB +15–30 %.
 const DONE_BATCH: usize = 8;
+const DONE_BYTES: usize = 64 * 1024;
 /// iovecs the kernel copies without allocating (`UIO_FASTIOV`, uio.h).
 const UIO_FASTIOV: usize = 8;
 /// Socket reads land here first; a batch of small requests fits at once.
@@ -199,8 +201,8 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
             // Nothing is in flight: the front of staging is free and still in cache.
             self.bufs.ring = 0;
         }
-        let most = if S::DONE_ON_RETURN { DONE_BATCH } else { MAX_BATCH };
-        while n < most {
+        let (most, bytes) = if S::DONE_ON_RETURN { (DONE_BATCH, DONE_BYTES) } else { (MAX_BATCH, usize::MAX) };
+        while n < most && self.bufs.ring < bytes {
             if self.available() < REQUEST_LEN {
                 match self.fill(n == 0) {
                     Ok(Got::Data) => continue,
