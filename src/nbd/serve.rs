@@ -3,7 +3,8 @@
 //!
 //! Blocking and single-threaded, and batched: it takes every request that is
 //! already waiting on the socket (up to `MAX_BATCH`, or until the staging
-//! buffer is full) and queues all their store operations. Replies then go
+//! buffer is full; for a store with nothing to queue, `DONE_BATCH` or
+//! `DONE_BYTES`) and queues all their store operations. Replies then go
 //! out in groups, each as soon as the store has done its part: reads wait
 //! for their data, a group of `group` of them at a time, so the first
 //! replies are on the wire while the device still copies the rest; writes
