@@ -5,7 +5,7 @@
 # with 256 MiB of RAM and an initramfs holding nbd-vram, a fake libcuda whose
 # "VRAM" is an ivshmem BAR (memory outside guest RAM, as VRAM is), and a
 # memory hog; tests/vm/init does the work in the guest:
-#   (default)  nbd-vram as swap under a hog 1.5x guest RAM, then SIGTERM
+#   (default)  nbd-vram as swap (--discard) under a hog 1.5x guest RAM, then SIGTERM
 #   --check    the VM itself: modules load, ivshmem BAR works, hog and
 #              nbd-vram --help run, the hog is OOM-killed without swap
 #   --bench    the same hog (pages compressing 8:1) timed on zram, a virtio
