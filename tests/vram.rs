@@ -540,25 +540,33 @@ fn launches(server: &VramServer) -> usize {
     server.cuda_log().lines().filter(|l| l.starts_with("launch nbd_vram_copy") && l.ends_with("-> ok")).count()
 }
 
+/// Runs `body` against a server that batches copies, once with the copy
+/// kernel and once without: each logs its path, and launches happen
+/// exactly when the kernel is on.
+fn on_each_copy_path(serve: impl Fn() -> Serve, body: impl Fn(&mut VramServer)) {
+    for (kernel, says) in COPY_PATHS {
+        let mut server = serve().env("NBD_VRAM_BATCH", "1").env("NBD_VRAM_KERNEL", kernel).start();
+        assert!(server.log().contains(says), "{}", server.log());
+        body(&mut server);
+        assert_eq!(launches(&server) > 0, kernel == "1", "kernel launches with NBD_VRAM_KERNEL={kernel}");
+    }
+}
+
 /// Batched copies, by kernel and by batched call, mixed on one stream:
 /// the python-libnbd soak, with pipelined reads and writes over chunk
 /// boundaries, must match its model.
 #[test]
 fn batched_copies_keep_request_order() {
-    for (kernel, says) in COPY_PATHS {
-        let mut server = Serve::new(32)
-            .env("FAKE_CUDA_MAX_ALLOC_MIB", "8")
-            .env("NBD_VRAM_BATCH", "1")
-            .env("NBD_VRAM_KERNEL", kernel)
-            .start();
-        assert!(server.log().contains(says), "{}", server.log());
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/soak.py");
-        let out = run(Command::new(common::PYTHON).args([script, &server.uri(), "20251125", "3000"]), Duration::from_secs(120));
-        out.assert_success("soak.py");
-        assert!(out.stdout.contains("soak: ok"), "{}", out.stdout);
-        server.assert_alive();
-        assert_eq!(launches(&server) > 0, kernel == "1", "kernel launches with NBD_VRAM_KERNEL={kernel}");
-    }
+    on_each_copy_path(
+        || Serve::new(32).env("FAKE_CUDA_MAX_ALLOC_MIB", "8"),
+        |server| {
+            let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/soak.py");
+            let out = run(Command::new(common::PYTHON).args([script, &server.uri(), "20251125", "3000"]), Duration::from_secs(120));
+            out.assert_success("soak.py");
+            assert!(out.stdout.contains("soak: ok"), "{}", out.stdout);
+            server.assert_alive();
+        },
+    );
 }
 
 /// A driver that cannot compile the kernel (no PTX JIT) is told in the
@@ -580,12 +588,7 @@ fn without_the_copy_kernel_copies_still_batch() {
 /// last to first, by kernel or batched call (the latter from 8 copies).
 #[test]
 fn batched_copies_read_what_was_just_written() {
-    for (kernel, says) in COPY_PATHS {
-        let mut server = Serve::new(8).env("NBD_VRAM_BATCH", "1").env("NBD_VRAM_KERNEL", kernel).start();
-        assert!(server.log().contains(says), "{}", server.log());
-        read_what_was_just_written(&mut server);
-        assert_eq!(launches(&server) > 0, kernel == "1", "kernel launches with NBD_VRAM_KERNEL={kernel}");
-    }
+    on_each_copy_path(|| Serve::new(8), read_what_was_just_written);
 }
 
 fn read_what_was_just_written(server: &mut VramServer) {

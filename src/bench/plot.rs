@@ -27,9 +27,10 @@ const COLORS: [&str; 6] = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e"
 /// log2 of `x` (≥ 1): exact at powers of two, which the sweep's sizes
 /// are, and linear between them.
 fn octaves(x: u64) -> f64 {
-    let e = x.max(1).ilog2();
+    let x = x.max(1);
+    let e = x.ilog2();
     let base = 1u64 << e;
-    f64::from(e) + (x.max(1) - base) as f64 / base as f64
+    f64::from(e) + (x - base) as f64 / base as f64
 }
 
 /// Where `x` lands between `left` and `right` when `lo..hi` spans them on a

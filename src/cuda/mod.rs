@@ -407,46 +407,43 @@ impl Stream<'_> {
     /// Queues every copy of `batch` (all host → device if `writes`, else
     /// all device → host), and empties it: by `mover` if given and every
     /// piece is small, else as one batched call. Both cost more than a few
-    /// single copies (measured on an H100: a lone 4 KiB read takes 11.5 µs
-    /// by kernel, 7.9 µs by copy engine), so below `BATCH_MIN` copies they
+    /// single copies (H100, 2026-11-25: a lone 4 KiB read took 11.5 µs by
+    /// kernel, 7.9 µs by copy engine; BENCHMARKS.md), so below `BATCH_MIN` copies they
     /// go one by one.
     pub fn copy_batch(&self, batch: &mut CopyBatch, writes: bool, mover: Option<&Mover>) -> Result<(), Error> {
         let many = batch.sizes.len() >= BATCH_MIN;
-        if let Some(mover) = mover.filter(|_| many && batch.small) {
-            let done = self.launch(mover, batch);
-            batch.clear();
-            return done;
-        }
-        let Some(copy) = self.api().cuMemcpyBatchAsync_v2.filter(|_| many) else {
-            let done = self.copy_each(batch, writes);
-            batch.clear();
-            return done;
-        };
-        let mut attrs = sys::CUmemcpyAttributes {
-            src_access_order: sys::CU_MEMCPY_SRC_ACCESS_ORDER_STREAM,
-            src_loc_hint: [0; 2],
-            dst_loc_hint: [0; 2],
-            flags: 0,
-        };
-        let mut first = 0usize;
-        // SAFETY: the three arrays hold `len` entries each; every range lies
-        // inside a live allocation or a host buffer the caller keeps until
-        // `sync`, as with the single async copies; one attribute entry
-        // applies to all copies from index 0.
-        let r = unsafe {
-            copy(
-                batch.dsts.as_mut_ptr(),
-                batch.srcs.as_mut_ptr(),
-                batch.sizes.as_mut_ptr(),
-                batch.sizes.len(),
-                &mut attrs,
-                &mut first,
-                1,
-                self.stream,
-            )
+        let done = if let Some(mover) = mover.filter(|_| many && batch.small) {
+            self.launch(mover, batch)
+        } else if let Some(copy) = self.api().cuMemcpyBatchAsync_v2.filter(|_| many) {
+            let mut attrs = sys::CUmemcpyAttributes {
+                src_access_order: sys::CU_MEMCPY_SRC_ACCESS_ORDER_STREAM,
+                src_loc_hint: [0; 2],
+                dst_loc_hint: [0; 2],
+                flags: 0,
+            };
+            let mut first = 0usize;
+            // SAFETY: the three arrays hold `len` entries each; every range lies
+            // inside a live allocation or a host buffer the caller keeps until
+            // `sync`, as with the single async copies; one attribute entry
+            // applies to all copies from index 0.
+            let r = unsafe {
+                copy(
+                    batch.dsts.as_mut_ptr(),
+                    batch.srcs.as_mut_ptr(),
+                    batch.sizes.as_mut_ptr(),
+                    batch.sizes.len(),
+                    &mut attrs,
+                    &mut first,
+                    1,
+                    self.stream,
+                )
+            };
+            self.ctx.cuda.check("cuMemcpyBatchAsync_v2", r)
+        } else {
+            self.copy_each(batch, writes)
         };
         batch.clear();
-        self.ctx.cuda.check("cuMemcpyBatchAsync_v2", r)
+        done
     }
 }
 

@@ -14,7 +14,7 @@
 //! comes round to them again (or for a flush or FUA). A store that finishes
 //! each operation before returning (host RAM) gains nothing from the ring,
 //! and every batch starts at the front of staging, which is still in
-//! cache: 5–13 % on sequential patterns, measured. All memory is
+//! cache (sequential 128 KiB 4–16 % faster, measured). All memory is
 //! allocated before the first request, so a swap device served here never
 //! needs a free page to make progress.
 
@@ -33,8 +33,9 @@ use crate::store::Store;
 pub const MAX_BATCH: usize = 64;
 /// A batch's bounds for a store that finishes each operation on return:
 /// it has no copies to amortise, and answering sooner keeps the client's
-/// queue full. Measured with host RAM against bounds of 64 requests and
-/// no bytes: 4 KiB QD32 +30–45 %, sequential 128 KiB +15–30 %.
+/// queue full. Measured with host RAM in alternating runs: 8 requests
+/// against 64, 4 KiB QD32 +28–50 %; 64 KiB against no byte bound,
+/// sequential 128 KiB +7–29 % (BENCHMARKS.md, 2026-12-02).
 const DONE_BATCH: usize = 8;
 const DONE_BYTES: usize = 64 * 1024;
 /// iovecs the kernel copies without allocating (`UIO_FASTIOV`, uio.h).
@@ -198,11 +199,13 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
         let mut n = 0;
         let mut waiting = 0;
         self.bufs.ngroups = 0;
-        if S::DONE_ON_RETURN {
+        let (most, bytes) = if S::DONE_ON_RETURN {
             // Nothing is in flight: the front of staging is free and still in cache.
             self.bufs.ring = 0;
-        }
-        let (most, bytes) = if S::DONE_ON_RETURN { (DONE_BATCH, DONE_BYTES) } else { (MAX_BATCH, usize::MAX) };
+            (DONE_BATCH, DONE_BYTES)
+        } else {
+            (MAX_BATCH, usize::MAX)
+        };
         while n < most && self.bufs.ring < bytes {
             if self.available() < REQUEST_LEN {
                 match self.fill(n == 0) {
