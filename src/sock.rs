@@ -43,3 +43,15 @@ pub fn set_recv_timeout(fd: BorrowedFd, timeout: Option<std::time::Duration>) ->
     }
     Ok(())
 }
+
+/// Bytes queued on a socket, ready to read without waiting (`SIOCINQ`).
+pub fn queued(fd: BorrowedFd) -> io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD stores one c_int through the pointer, which points
+    // at a live local for the whole call.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n as *mut libc::c_int) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n.max(0) as usize)
+}

@@ -86,6 +86,8 @@ fn mixed_requests_cut_anywhere_match_the_model() {
                 }
             }
         });
+        // A wrong read ends the receiver: the server must then fail, not hang.
+        ours.set_write_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
         let mut store = HostStore::new(SIZE).unwrap();
         let mut bufs = Buffers::new(&mut store).unwrap();
         let stats = Stats::default();
@@ -94,5 +96,44 @@ fn mixed_requests_cut_anywhere_match_the_model() {
         send.join().unwrap();
         receive.join().unwrap();
         assert_eq!(stats.requests.load(std::sync::atomic::Ordering::Relaxed), 600);
+    }
+}
+
+/// Reads of a store in memory are sent from the store itself when the
+/// batch is answered: a write or trim of the same bytes later in the same
+/// batch must not reach them first.
+#[test]
+fn a_read_gets_the_bytes_before_a_later_change_in_its_batch() {
+    let req = |command, cookie: u8, len| Request { flags: 0, command, cookie: [cookie; 8], offset: 4096, len };
+    let mut wire = Vec::new();
+    for (cookie, fill) in [(0u8, 0x11u8), (2, 0x22)] {
+        wire.extend(req(sys::NBD_CMD_WRITE, cookie, 4096).encode());
+        wire.extend([fill; 4096]);
+        wire.extend(req(sys::NBD_CMD_READ, cookie + 1, 8192).encode());
+    }
+    wire.extend(req(sys::NBD_CMD_TRIM, 4, 4096).encode());
+    wire.extend(req(sys::NBD_CMD_READ, 5, 8192).encode());
+    wire.extend(req(sys::NBD_CMD_DISC, 6, 0).encode());
+    let (mut ours, mut theirs) = UnixStream::pair().unwrap();
+    theirs.write_all(&wire).unwrap(); // all queued: one batch, if nothing splits it
+
+    let mut store = HostStore::new(SIZE).unwrap();
+    let mut bufs = Buffers::new(&mut store).unwrap();
+    let end = transmit(&mut store, &mut bufs, &Export::new(SIZE), &Stats::default(), &mut ours).unwrap();
+    assert_eq!(end, End::Disconnect);
+    let mut expect = |cookie: u8, data: Option<u8>| {
+        let mut head = [0u8; REPLY_LEN];
+        theirs.read_exact(&mut head).unwrap();
+        assert_eq!((&head[4..8], &head[8..16]), (&[0u8; 4][..], &[cookie; 8][..]));
+        if let Some(fill) = data {
+            let mut got = vec![0u8; 8192];
+            theirs.read_exact(&mut got).unwrap();
+            let (written, after) = got.split_at(4096);
+            assert!(written.iter().all(|&b| b == fill), "read {cookie}: not the data written before it");
+            assert!(after.iter().all(|&b| b == 0), "read {cookie}: bytes nobody wrote");
+        }
+    };
+    for (cookie, data) in [(0, None), (1, Some(0x11)), (2, None), (3, Some(0x22)), (4, None), (5, Some(0))] {
+        expect(cookie, data);
     }
 }

@@ -1,6 +1,7 @@
 //! `HostStore`: the bytes live in ordinary RAM (serve mode, tests, baseline).
 
 use std::io;
+use std::ops::Range;
 
 use super::Store;
 
@@ -21,19 +22,20 @@ impl HostStore {
         Ok(HostStore { bytes })
     }
 
+    fn span(&self, offset: u64, len: usize) -> Option<Range<usize>> {
+        let start = usize::try_from(offset).ok()?;
+        let end = start.checked_add(len).filter(|&e| e <= self.bytes.len())?;
+        Some(start..end)
+    }
+
     fn range(&mut self, offset: u64, len: usize) -> io::Result<&mut [u8]> {
-        let start = usize::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-        let end = start.checked_add(len).filter(|&e| e <= self.bytes.len());
-        match end {
-            Some(end) => Ok(&mut self.bytes[start..end]),
-            None => Err(io::Error::from_raw_os_error(libc::EINVAL)),
-        }
+        self.bytes_mut(offset, len).ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))
     }
 }
 
 impl Store for HostStore {
     type Buf = Box<[u8]>;
-    const DONE_ON_RETURN: bool = true;
+    const IN_MEMORY: bool = true;
 
     fn size(&self) -> u64 {
         self.bytes.len() as u64
@@ -45,6 +47,15 @@ impl Store for HostStore {
             .map_err(|_| io::Error::from_raw_os_error(libc::ENOMEM))?;
         buf.resize(len, 0);
         Ok(buf.into_boxed_slice())
+    }
+
+    fn bytes(&self, offset: u64, len: usize) -> Option<&[u8]> {
+        Some(&self.bytes[self.span(offset, len)?])
+    }
+
+    fn bytes_mut(&mut self, offset: u64, len: usize) -> Option<&mut [u8]> {
+        let span = self.span(offset, len)?;
+        Some(&mut self.bytes[span])
     }
 
     fn read(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
@@ -90,5 +101,7 @@ mod tests {
         let err = s.write(4095, &[1, 2]).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EINVAL));
         assert!(s.zero(u64::MAX, 2).is_err());
+        assert!(s.bytes(4095, 2).is_none() && s.bytes_mut(u64::MAX, 1).is_none());
+        assert_eq!(s.bytes(4095, 1), Some(&[0u8][..]));
     }
 }

@@ -29,8 +29,11 @@ pub use vram::{AllocError, VramStore};
 pub trait Store {
     /// Staging memory the store copies from and to fastest (pinned for a GPU).
     type Buf: DerefMut<Target = [u8]>;
-    /// Every operation is finished when it returns (no fences needed).
-    const DONE_ON_RETURN: bool = false;
+    /// The bytes are plain memory of this process and every operation is
+    /// finished when it returns (no fences needed): the serve loop then
+    /// moves payloads between the socket and `bytes`/`bytes_mut` itself,
+    /// with no copy through staging.
+    const IN_MEMORY: bool = false;
 
     fn size(&self) -> u64;
     /// Allocates `len` bytes of staging memory, once, before serving.
@@ -56,6 +59,16 @@ pub trait Store {
     }
     /// Waits for every queued operation.
     fn sync(&mut self) -> io::Result<()>;
+    /// The stored bytes `offset..offset + len` of an `IN_MEMORY` store;
+    /// `None` out of range, or for any other store.
+    fn bytes(&self, offset: u64, len: usize) -> Option<&[u8]> {
+        let _ = (offset, len);
+        None
+    }
+    fn bytes_mut(&mut self, offset: u64, len: usize) -> Option<&mut [u8]> {
+        let _ = (offset, len);
+        None
+    }
     /// Memory is volatile either way: a flush only has to order writes.
     fn flush(&mut self) -> io::Result<()> {
         self.sync()
