@@ -54,14 +54,18 @@ kill %1; wait %1 2>/dev/null
 # Benchmarks one server: NAME BINARY [serve options]; the environment
 # passes through. Prints the table, then the server's own account of each
 # pattern's time (one connection per pattern, after the fill's).
+# PIN="S C" runs the server on CPU S and the client on CPU C, so that the
+# scheduler's placement does not move the figures between servers.
+read -r PIN_S PIN_C <<<"${PIN:-}"
+pinned() { local cpu=$1; shift; if [ -n "$cpu" ]; then taskset -c "$cpu" "$@"; else "$@"; fi; }
 bench_one() {
 	local name=$1 bin=$2; shift 2
-	step "bench: $name ($*${NBD_VRAM_GROUP:+, NBD_VRAM_GROUP=$NBD_VRAM_GROUP}${NBD_VRAM_KERNEL:+, NBD_VRAM_KERNEL=$NBD_VRAM_KERNEL})"
+	step "bench: $name ($*${NBD_VRAM_GROUP:+, NBD_VRAM_GROUP=$NBD_VRAM_GROUP}${NBD_VRAM_KERNEL:+, NBD_VRAM_KERNEL=$NBD_VRAM_KERNEL}${PIN:+, server on CPU $PIN_S, client on CPU $PIN_C})"
 	rm -f "$T/$name.sock"
-	"$bin" serve --listen "unix:$T/$name.sock" "$@" 2>"$T/$name.log" &
+	pinned "${PIN_S:-}" "$bin" serve --listen "unix:$T/$name.sock" "$@" 2>"$T/$name.log" &
 	local pid=$!
 	for _ in $(seq 600); do [ -S "$T/$name.sock" ] && break; sleep 0.1; done
-	"$B" bench --connect "unix:$T/$name.sock" --seconds "$SECONDS_PER" | tee "$T/$name.txt"
+	pinned "${PIN_C:-}" "$B" bench --connect "unix:$T/$name.sock" --seconds "$SECONDS_PER" | tee "$T/$name.txt"
 	kill "$pid"; wait "$pid" 2>/dev/null
 	grep -q "client done" "$T/$name.log" || { cat "$T/$name.log"; fail=1; }
 	paste -d' ' <(grep '^bench:' "$T/$name.txt" | sed 's/.*pattern=\([^ ]*\).*/\1/') \
