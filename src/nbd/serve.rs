@@ -31,8 +31,9 @@ use crate::store::Store;
 
 /// Requests in a batch at most. Fewer replies per burst keep the client's
 /// queue fuller, and 16 still leaves the copy kernel 8 or more copies per
-/// launch: on an H200 (2026-12-02, pinned, two rounds) 4 KiB QD32 writes
-/// went 9–22 % faster than with 64, sequential patterns no slower.
+/// launch: on an H200 (2026-12-02, pinned, two runs of two rounds) 4 KiB
+/// QD32 writes went 9–38 % faster than with 64, sequential patterns (QD8,
+/// never bound by it) within their noise.
 pub const MAX_BATCH: usize = 16;
 /// A batch's bounds for a store in memory, which finishes each operation on return:
 /// it has no copies to amortise, and answering sooner keeps the client's
@@ -441,9 +442,10 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
         let mut run = 0; // first header not yet in an iovec
         for (i, slot) in b.slots[slots.clone()].iter().enumerate() {
             if slot.ok() && !slot.data.is_empty() {
-                let data = match slot.in_store {
-                    true => store.bytes(slot.data.start as u64, slot.data.len()).ok_or(broken("read left the store"))?,
-                    false => &b.staging[slot.data.clone()],
+                let data = if slot.in_store {
+                    store.bytes(slot.data.start as u64, slot.data.len()).ok_or(broken("read left the store"))?
+                } else {
+                    &b.staging[slot.data.clone()]
                 };
                 iov[count] = IoSlice::new(&heads[run * REPLY_LEN..(i + 1) * REPLY_LEN]);
                 iov[count + 1] = IoSlice::new(data);
@@ -522,8 +524,9 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
     /// queued on the socket) may never arrive whole: the bytes it replaces
     /// wait in staging, and go back if the peer vanishes mid-payload.
     /// Keeping them costs less than landing the payload in staging and
-    /// copying it over: their reading brings the lines the payload then
-    /// lands in into cache (sequential 128 KiB +18 %, measured).
+    /// copying it over: reading them first brings the lines the payload
+    /// lands in into cache (sequential 128 KiB writes +29–49 % per round,
+    /// BENCHMARKS.md, 2026-12-02).
     fn write_in_place(&mut self, req: &Request) -> io::Result<u32> {
         let len = req.len as usize;
         let have = self.available().min(len);
