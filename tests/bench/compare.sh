@@ -27,11 +27,13 @@ SECS=${SECONDS_PER_PATTERN:-2}
 ROUNDS=${ROUNDS:-3}
 last=$(($(nproc) - 1))
 PIN=${PIN:-$([ "$last" -gt 0 ] && echo 1 || echo 0)}
+# on_server runs in the background: it execs, so that $! is the server
+# itself and cleanup's kill reaches it (killing the subshell would not).
 if [ "$PIN" = 1 ]; then
-    on_server() { taskset -c "$last" "$@"; }
+    on_server() { exec taskset -c "$last" "$@"; }
     on_client() { taskset -c 0 "$@"; }
 else
-    on_server() { "$@"; }
+    on_server() { exec "$@"; }
     on_client() { "$@"; }
 fi
 PSECS=${SECONDS_PER_POINT:-2}

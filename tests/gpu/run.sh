@@ -55,17 +55,20 @@ kill %1; wait %1 2>/dev/null
 # passes through. Prints the table, then the server's own account of each
 # pattern's time (one connection per pattern, after the fill's).
 # PIN="S C" runs the server on CPU S and the client on CPU C, so that the
-# scheduler's placement does not move the figures between servers.
+# scheduler's placement does not move the figures between servers. taskset
+# runs either way (unpinned: every CPU), and is called directly, not from
+# a function: `function &` would make $! a subshell, and killing it would
+# leave the server running.
 read -r PIN_S PIN_C <<<"${PIN:-}"
-pinned() { local cpu=$1; shift; if [ -n "$cpu" ]; then taskset -c "$cpu" "$@"; else "$@"; fi; }
+ALL_CPUS=0-$(($(nproc) - 1))
 bench_one() {
 	local name=$1 bin=$2; shift 2
 	step "bench: $name ($*${NBD_VRAM_GROUP:+, NBD_VRAM_GROUP=$NBD_VRAM_GROUP}${NBD_VRAM_KERNEL:+, NBD_VRAM_KERNEL=$NBD_VRAM_KERNEL}${PIN:+, server on CPU $PIN_S, client on CPU $PIN_C})"
 	rm -f "$T/$name.sock"
-	pinned "${PIN_S:-}" "$bin" serve --listen "unix:$T/$name.sock" "$@" 2>"$T/$name.log" &
+	taskset -c "${PIN_S:-$ALL_CPUS}" "$bin" serve --listen "unix:$T/$name.sock" "$@" 2>"$T/$name.log" &
 	local pid=$!
 	for _ in $(seq 600); do [ -S "$T/$name.sock" ] && break; sleep 0.1; done
-	pinned "${PIN_C:-}" "$B" bench --connect "unix:$T/$name.sock" --seconds "$SECONDS_PER" | tee "$T/$name.txt"
+	taskset -c "${PIN_C:-$ALL_CPUS}" "$B" bench --connect "unix:$T/$name.sock" --seconds "$SECONDS_PER" | tee "$T/$name.txt"
 	kill "$pid"; wait "$pid" 2>/dev/null
 	grep -q "client done" "$T/$name.log" || { cat "$T/$name.log"; fail=1; }
 	paste -d' ' <(grep '^bench:' "$T/$name.txt" | sed 's/.*pattern=\([^ ]*\).*/\1/') \
