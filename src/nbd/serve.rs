@@ -523,10 +523,9 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
     /// request's error. A payload that is not all on hand yet (in input or
     /// queued on the socket) may never arrive whole: the bytes it replaces
     /// wait in staging, and go back if the peer vanishes mid-payload.
-    /// Keeping them costs less than landing the payload in staging and
-    /// copying it over: reading them first brings the lines the payload
-    /// lands in into cache (sequential 128 KiB writes +29–49 % per round,
-    /// BENCHMARKS.md, 2026-12-02).
+    /// Against landing the payload in staging and copying it over:
+    /// sequential 128 KiB writes +11–25 % per round, 1 MiB −2 to −13 %,
+    /// near this machine's noise (BENCHMARKS.md, 2026-12-02).
     fn write_in_place(&mut self, req: &Request) -> io::Result<u32> {
         let len = req.len as usize;
         let have = self.available().min(len);
