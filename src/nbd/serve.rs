@@ -227,7 +227,8 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
             if S::IN_MEMORY && self.overwrites_read(&req, n) {
                 break; // the read's reply goes first, from the store as it is
             }
-            let staged = if S::IN_MEMORY { 0 } else { staged_len(&req) };
+            let len = staged_len(&req);
+            let staged = if S::IN_MEMORY { 0 } else { len };
             if self.bufs.ring + staged > self.bufs.staging.len() {
                 if n > 0 {
                     break; // the next batch starts with it
@@ -254,7 +255,7 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
             let waits = slot.waits;
             self.bufs.slots[n] = slot;
             self.bufs.ring = stage.end;
-            payload += staged_len(&req);
+            payload += len;
             n += 1;
             if waits {
                 waiting += 1;
@@ -512,11 +513,7 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
     /// Moves a write payload into staging: first what input already holds.
     fn payload(&mut self, stage: Range<usize>) -> io::Result<()> {
         let b = &mut *self.bufs;
-        let have = (b.end - b.start).min(stage.len());
-        let (dst, rest) = b.staging[stage].split_at_mut(have);
-        dst.copy_from_slice(&b.input[b.start..b.start + have]);
-        b.start += have;
-        self.conn.read_exact(rest).map_err(truncated)
+        take_payload(&b.input[..b.end], &mut b.start, &mut *self.conn, &mut b.staging[stage])
     }
 
     /// Moves a write payload into an `IN_MEMORY` store; returns the
@@ -538,11 +535,9 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
         let b = &mut *self.bufs;
         let undo = &mut b.staging[..if whole { 0 } else { len }];
         undo.copy_from_slice(&dst[..undo.len()]);
-        dst[..have].copy_from_slice(&b.input[b.start..b.start + have]);
-        b.start += have;
-        if let Err(e) = self.conn.read_exact(&mut dst[have..]) {
+        if let Err(e) = take_payload(&b.input[..b.end], &mut b.start, &mut *self.conn, dst) {
             dst[..undo.len()].copy_from_slice(undo);
-            return Err(truncated(e));
+            return Err(e);
         }
         Ok(0)
     }
@@ -565,6 +560,15 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
         }
         Ok(())
     }
+}
+
+/// Fills `dst` with a write payload: first what `input[*start..]` holds,
+/// the rest from the socket.
+fn take_payload(input: &[u8], start: &mut usize, conn: &mut impl Read, dst: &mut [u8]) -> io::Result<()> {
+    let have = (input.len() - *start).min(dst.len());
+    dst[..have].copy_from_slice(&input[*start..*start + have]);
+    *start += have;
+    conn.read_exact(&mut dst[have..]).map_err(truncated)
 }
 
 /// Staging a request occupies: its payload, if it has a valid-sized one.
