@@ -82,3 +82,12 @@ pub fn realtime() {
         warn!("SCHED_FIFO: {}; under memory pressure replies may stall", io::Error::last_os_error());
     }
 }
+
+/// CPUs online. With one, a loop that polls instead of sleeping keeps its
+/// own peer off the CPU (and as SCHED_FIFO, see `realtime`, for as long
+/// as it polls).
+pub fn cpus_online() -> usize {
+    // SAFETY: sysconf takes an integer and touches no memory of ours.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    usize::try_from(n).unwrap_or(1)
+}

@@ -21,7 +21,7 @@
 use std::io::{self, IoSlice, Read, Write};
 use std::ops::Range;
 use std::os::fd::AsFd;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::bindings as sys;
 use super::proto::{self, Export, Request, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, MAX_PAYLOAD, REPLY_LEN, REQUEST_LEN};
@@ -68,6 +68,15 @@ pub enum End {
 /// says otherwise (0: one fence per batch). Fewer fences make bigger
 /// batched copies; more let the first replies leave sooner.
 const GROUP: usize = 8;
+
+/// How long a payload read polls the socket before it sleeps, unless
+/// `NBD_VRAM_SPIN` (µs; 0: never) says otherwise, and only with a second
+/// CPU for the peer. A peer mid-payload is still sending: sleeping costs
+/// a cross-CPU wake-up per socket buffer it sends, and this loop sat idle
+/// a third of the time at 1 MiB writes (2-vCPU VM, 2026-12-02, perf stat).
+/// Polling: sequential 1 MiB writes +20–30 % per round in alternating
+/// runs, 10, 20, 50 and 100 µs alike (BENCHMARKS.md).
+const SPIN: Duration = Duration::from_micros(50);
 
 /// One answered request of a batch.
 #[derive(Clone)]
@@ -116,6 +125,7 @@ pub struct Buffers<B> {
     groups: Box<[(usize, Option<usize>)]>,
     ngroups: usize,
     group: usize,
+    spin: Duration,
     /// The store failed after taking work: what it holds is unknown, so
     /// every request from now on is answered `EIO`.
     lost: bool,
@@ -125,7 +135,13 @@ impl<B: std::ops::DerefMut<Target = [u8]>> Buffers<B> {
     pub fn new<S: Store<Buf = B>>(store: &mut S) -> io::Result<Buffers<B>> {
         const { assert!(MAX_BATCH <= crate::store::FENCES, "a fence per slot at most") };
         let empty = Slot { reply: [0; REPLY_LEN], data: 0..0, in_store: false, queued: false, waits: false };
-        let group = std::env::var("NBD_VRAM_GROUP").ok().and_then(|v| v.parse().ok()).unwrap_or(GROUP);
+        let knob = |name| std::env::var(name).ok().and_then(|v| v.parse().ok());
+        let group = knob("NBD_VRAM_GROUP").unwrap_or(GROUP as u64) as usize;
+        let spin = match knob("NBD_VRAM_SPIN") {
+            _ if crate::pressure::cpus_online() < 2 => Duration::ZERO,
+            Some(us) => Duration::from_micros(us),
+            None => SPIN,
+        };
         Ok(Buffers {
             staging: store.staging(MAX_PAYLOAD as usize)?,
             ring: 0,
@@ -138,6 +154,7 @@ impl<B: std::ops::DerefMut<Target = [u8]>> Buffers<B> {
             groups: vec![(0, None); MAX_BATCH].into_boxed_slice(),
             ngroups: 0,
             group,
+            spin,
             lost: false,
         })
     }
@@ -513,7 +530,7 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
     /// Moves a write payload into staging: first what input already holds.
     fn payload(&mut self, stage: Range<usize>) -> io::Result<()> {
         let b = &mut *self.bufs;
-        take_payload(&b.input[..b.end], &mut b.start, &mut *self.conn, &mut b.staging[stage])
+        take_payload(&b.input[..b.end], &mut b.start, &mut *self.conn, &mut b.staging[stage], b.spin)
     }
 
     /// Moves a write payload into an `IN_MEMORY` store; returns the
@@ -535,7 +552,7 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
         let b = &mut *self.bufs;
         let undo = &mut b.staging[..if whole { 0 } else { len }];
         undo.copy_from_slice(&dst[..undo.len()]);
-        if let Err(e) = take_payload(&b.input[..b.end], &mut b.start, &mut *self.conn, dst) {
+        if let Err(e) = take_payload(&b.input[..b.end], &mut b.start, &mut *self.conn, dst, b.spin) {
             dst[..undo.len()].copy_from_slice(undo);
             return Err(e);
         }
@@ -563,12 +580,34 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
 }
 
 /// Fills `dst` with a write payload: first what `input[*start..]` holds,
-/// the rest from the socket.
-fn take_payload(input: &[u8], start: &mut usize, conn: &mut impl Read, dst: &mut [u8]) -> io::Result<()> {
-    let have = (input.len() - *start).min(dst.len());
-    dst[..have].copy_from_slice(&input[*start..*start + have]);
-    *start += have;
-    conn.read_exact(&mut dst[have..]).map_err(truncated)
+/// the rest from the socket, polling for up to `spin` between pieces
+/// before it sleeps (see `SPIN`).
+fn take_payload<T: Read + AsFd>(input: &[u8], start: &mut usize, conn: &mut T, dst: &mut [u8], spin: Duration) -> io::Result<()> {
+    let mut at = (input.len() - *start).min(dst.len());
+    dst[..at].copy_from_slice(&input[*start..*start + at]);
+    *start += at;
+    let mut since = Instant::now();
+    while at < dst.len() {
+        let got = match recv_nowait(conn.as_fd(), &mut dst[at..])? {
+            Some(n) => n,
+            None if since.elapsed() < spin => {
+                std::hint::spin_loop();
+                continue;
+            }
+            None => loop {
+                match conn.read(&mut dst[at..]) {
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    got => break got?,
+                }
+            },
+        };
+        if got == 0 {
+            return Err(broken("truncated write payload"));
+        }
+        at += got;
+        since = Instant::now();
+    }
+    Ok(())
 }
 
 /// Staging a request occupies: its payload, if it has a valid-sized one.

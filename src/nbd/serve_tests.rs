@@ -27,10 +27,13 @@ impl Rng {
 
 /// Writes of many sizes with reads among them, the stream sent in pieces
 /// that end inside half the headers: every reply is a success and every
-/// read returns what the model says the writes before it left.
+/// read returns what the model says the writes before it left. Payloads
+/// are read by sleeping, by polling for the default time, and by polling
+/// only.
 #[test]
 fn mixed_requests_cut_anywhere_match_the_model() {
-    for seed in [1u64, 0x5eed, 0xdead_beef] {
+    let spins = [Duration::ZERO, SPIN, Duration::from_secs(1)];
+    for (seed, spin) in [1u64, 0x5eed, 0xdead_beef].into_iter().zip(spins) {
         let mut rng = Rng(seed);
         let mut model = vec![0u8; SIZE as usize];
         let mut wire = Vec::new();
@@ -90,6 +93,7 @@ fn mixed_requests_cut_anywhere_match_the_model() {
         ours.set_write_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
         let mut store = HostStore::new(SIZE).unwrap();
         let mut bufs = Buffers::new(&mut store).unwrap();
+        bufs.spin = spin;
         let stats = Stats::default();
         let end = transmit(&mut store, &mut bufs, &Export::new(SIZE), &stats, &mut ours).unwrap();
         assert_eq!(end, End::Disconnect);
