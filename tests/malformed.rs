@@ -81,6 +81,27 @@ fn truncated_write_payload_is_not_applied() {
     assert_intact(&mut server);
 }
 
+/// A 1 MiB write over the known data, cut at several points (the last one
+/// inside the tail's bytes), sent in pieces with pauses, so that the
+/// server finds the socket empty mid-payload: nothing of it is applied.
+#[test]
+fn long_write_payload_cut_anywhere_is_not_applied() {
+    let mut server = setup();
+    for offset in [0, SIZE - MIB] {
+        for cut in [1000, 300 * 1024, MIB as usize - 100] {
+            let mut c = Nbd::connect(&server.sock);
+            c.s.write_all(&header(0, CMD_WRITE, 1, offset, MIB as u32)).unwrap();
+            for piece in pattern(4, cut).chunks(48 * 1024) {
+                c.s.write_all(piece).unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            c.s.shutdown(Shutdown::Write).unwrap();
+            c.expect_closed();
+            assert_intact(&mut server);
+        }
+    }
+}
+
 #[test]
 fn unknown_command_gets_einval_and_the_connection_goes_on() {
     let mut server = setup();

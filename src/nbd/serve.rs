@@ -530,16 +530,16 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
     /// Moves a write payload into staging: first what input already holds.
     fn payload(&mut self, stage: Range<usize>) -> io::Result<()> {
         let b = &mut *self.bufs;
-        take_payload(&b.input[..b.end], &mut b.start, &mut *self.conn, &mut b.staging[stage], b.spin)
+        take_payload(&b.input[..b.end], &mut b.start, &mut *self.conn, &mut b.staging[stage], &mut [], b.spin)
     }
 
     /// Moves a write payload into an `IN_MEMORY` store; returns the
     /// request's error. A payload that is not all on hand yet (in input or
     /// queued on the socket) may never arrive whole: the bytes it replaces
-    /// wait in staging, and go back if the peer vanishes mid-payload.
-    /// Against landing the payload in staging and copying it over:
-    /// sequential 128 KiB writes +11–25 % per round, 1 MiB −2 to −13 %,
-    /// near this machine's noise (BENCHMARKS.md, 2026-12-02).
+    /// are saved in staging as it arrives, and go back if the peer vanishes
+    /// mid-payload. Against landing the payload in staging and copying it
+    /// over: sequential 128 KiB writes +11–25 % per round (BENCHMARKS.md,
+    /// 2026-12-02).
     fn write_in_place(&mut self, req: &Request) -> io::Result<u32> {
         let len = req.len as usize;
         let have = self.available().min(len);
@@ -551,11 +551,7 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
         };
         let b = &mut *self.bufs;
         let undo = &mut b.staging[..if whole { 0 } else { len }];
-        undo.copy_from_slice(&dst[..undo.len()]);
-        if let Err(e) = take_payload(&b.input[..b.end], &mut b.start, &mut *self.conn, dst, b.spin) {
-            dst[..undo.len()].copy_from_slice(undo);
-            return Err(e);
-        }
+        take_payload(&b.input[..b.end], &mut b.start, &mut *self.conn, dst, undo, b.spin)?;
         Ok(0)
     }
 
@@ -581,21 +577,66 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
 
 /// Fills `dst` with a write payload: first what `input[*start..]` holds,
 /// the rest from the socket, polling for up to `spin` between pieces
-/// before it sleeps (see `SPIN`).
-fn take_payload<T: Read + AsFd>(input: &[u8], start: &mut usize, conn: &mut T, dst: &mut [u8], spin: Duration) -> io::Result<()> {
-    let mut at = (input.len() - *start).min(dst.len());
+/// before it sleeps (see `SPIN`). With an `undo` as long as `dst`, each
+/// byte of `dst` is saved there before it is overwritten, and put back if
+/// the payload is cut short.
+fn take_payload<T: Read + AsFd>(
+    input: &[u8],
+    start: &mut usize,
+    conn: &mut T,
+    dst: &mut [u8],
+    undo: &mut [u8],
+    spin: Duration,
+) -> io::Result<()> {
+    let mut saved = if undo.is_empty() { dst.len() } else { 0 };
+    let got = receive(input, start, conn, dst, undo, &mut saved, spin);
+    if got.is_err() && !undo.is_empty() {
+        dst[..saved].copy_from_slice(&undo[..saved]);
+    }
+    got
+}
+
+/// Bytes saved at a time: socket reads go no further than what is saved,
+/// so this is also the least a read may take.
+const SAVE_CHUNK: usize = 64 * 1024;
+
+/// `take_payload`'s loop. The saving runs ahead while the socket is empty,
+/// so that it takes the time a wait for the peer would: sequential 1 MiB
+/// writes +15–24 % per round against saving all first, the rest level
+/// (BENCHMARKS.md, 2026-12-02).
+fn receive<T: Read + AsFd>(
+    input: &[u8],
+    start: &mut usize,
+    conn: &mut T,
+    dst: &mut [u8],
+    undo: &mut [u8],
+    saved: &mut usize,
+    spin: Duration,
+) -> io::Result<()> {
+    let len = dst.len();
+    let mut at = (input.len() - *start).min(len);
+    while *saved < at {
+        save_chunk(dst, undo, saved);
+    }
     dst[..at].copy_from_slice(&input[*start..*start + at]);
     *start += at;
     let mut since = Instant::now();
-    while at < dst.len() {
-        let got = match recv_nowait(conn.as_fd(), &mut dst[at..])? {
+    while at < len {
+        if *saved == at {
+            save_chunk(dst, undo, saved);
+        }
+        let got = match recv_nowait(conn.as_fd(), &mut dst[at..*saved])? {
             Some(n) => n,
+            None if *saved < len => {
+                save_chunk(dst, undo, saved);
+                continue;
+            }
             None if since.elapsed() < spin => {
                 std::hint::spin_loop();
                 continue;
             }
             None => loop {
-                match conn.read(&mut dst[at..]) {
+                match conn.read(&mut dst[at..*saved]) {
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     got => break got?,
                 }
@@ -608,6 +649,13 @@ fn take_payload<T: Read + AsFd>(input: &[u8], start: &mut usize, conn: &mut T, d
         since = Instant::now();
     }
     Ok(())
+}
+
+/// Saves the next `SAVE_CHUNK` bytes of `dst` after `*saved` into `undo`.
+fn save_chunk(dst: &[u8], undo: &mut [u8], saved: &mut usize) {
+    let end = (*saved + SAVE_CHUNK).min(dst.len());
+    undo[*saved..end].copy_from_slice(&dst[*saved..end]);
+    *saved = end;
 }
 
 /// Staging a request occupies: its payload, if it has a valid-sized one.

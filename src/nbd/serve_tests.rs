@@ -141,3 +141,29 @@ fn a_read_gets_the_bytes_before_a_later_change_in_its_batch() {
         expect(cookie, data);
     }
 }
+
+/// A payload cut short puts back every byte it overwrote, however far the
+/// socket let it run ahead of what was saved; one that arrives whole
+/// lands whole. The first bytes come from input, as after a header.
+#[test]
+fn a_cut_payload_puts_back_what_it_overwrote() {
+    const LEN: usize = 150 * 1024; // all of it fits in the socket's queue
+    let old: Vec<u8> = (0..LEN).map(|i| (i % 251) as u8).collect();
+    let new: Vec<u8> = (0..LEN).map(|i| (i % 253) as u8 ^ 0x5a).collect();
+    for (sent, spin) in [(LEN - 100, Duration::ZERO), (LEN - 100, SPIN), (LEN, Duration::ZERO)] {
+        let (mut ours, mut theirs) = UnixStream::pair().unwrap();
+        let input = &new[..1000];
+        theirs.write_all(&new[1000..sent]).unwrap();
+        drop(theirs);
+        let (mut dst, mut undo) = (old.clone(), vec![0u8; LEN]);
+        let mut start = 0;
+        let got = take_payload(input, &mut start, &mut ours, &mut dst, &mut undo, spin);
+        if sent < LEN {
+            assert!(got.is_err(), "a cut payload fails");
+            assert!(dst == old, "a cut payload changed the store");
+        } else {
+            assert!(got.is_ok() && dst == new, "a whole payload lands whole");
+        }
+        assert_eq!(start, input.len(), "input is consumed either way");
+    }
+}
