@@ -2,16 +2,35 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
+use std::time::{Duration, Instant};
 
 /// Reads what is already queued on a socket, without blocking: `Ok(None)`
 /// when nothing is, `Ok(Some(0))` at end of stream.
 pub fn recv_nowait(fd: BorrowedFd, buf: &mut [u8]) -> io::Result<Option<usize>> {
+    recv(fd, buf, libc::MSG_DONTWAIT)
+}
+
+/// Reads from a socket, asking it for up to `spin` before sleeping in the
+/// read: a peer that answers within it costs no wake-up. `Ok(0)` at end of
+/// stream.
+pub fn recv_polling(fd: BorrowedFd, buf: &mut [u8], spin: Duration) -> io::Result<usize> {
+    let start = Instant::now();
+    loop {
+        match recv_nowait(fd, buf)? {
+            Some(n) => return Ok(n),
+            None if start.elapsed() < spin => std::hint::spin_loop(),
+            None => break,
+        }
+    }
+    // `None` only from a receive timeout (SO_RCVTIMEO), which is an error here.
+    recv(fd, buf, 0)?.ok_or_else(|| io::ErrorKind::WouldBlock.into())
+}
+
+fn recv(fd: BorrowedFd, buf: &mut [u8], flags: libc::c_int) -> io::Result<Option<usize>> {
     loop {
         // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the
         // whole call, and `fd` is a live descriptor borrowed for it.
-        let n = unsafe {
-            libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT)
-        };
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), flags) };
         if n >= 0 {
             return Ok(Some(n as usize));
         }

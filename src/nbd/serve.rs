@@ -20,12 +20,12 @@
 
 use std::io::{self, IoSlice, Read, Write};
 use std::ops::Range;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::time::{Duration, Instant};
 
 use super::bindings as sys;
 use super::proto::{self, Export, Request, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, MAX_PAYLOAD, REPLY_LEN, REQUEST_LEN};
-use crate::sock::{queued, recv_nowait};
+use crate::sock::{queued, recv_nowait, recv_polling};
 use crate::stats::{Phases, Stats};
 use crate::store::Store;
 
@@ -69,13 +69,16 @@ pub enum End {
 /// batched copies; more let the first replies leave sooner.
 const GROUP: usize = 8;
 
-/// How long a payload read polls the socket before it sleeps, unless
+/// How long a read polls the socket before it sleeps, unless
 /// `NBD_VRAM_SPIN` (µs; 0: never) says otherwise, and only with a second
-/// CPU for the peer. A peer mid-payload is still sending: sleeping costs
-/// a cross-CPU wake-up per socket buffer it sends, and this loop sat idle
-/// a third of the time at 1 MiB writes (2-vCPU VM, 2026-12-02, perf stat).
-/// Polling: sequential 1 MiB writes +20–30 % per round in alternating
-/// runs, 10, 20, 50 and 100 µs alike (BENCHMARKS.md).
+/// CPU for the peer: as in the kernel's busy polling of network sockets
+/// (`net.core.busy_read`, 50 µs suggested). Each sleep costs a cross-CPU
+/// wake-up when the peer sends. Mid-payload, one per socket buffer it
+/// sends: this loop sat idle a third of the time at 1 MiB writes (2-vCPU
+/// VM, 2026-12-02, perf stat), and polling there gave +20–30 % per round,
+/// 10 to 100 µs alike. Between requests, one per batch: polling for the
+/// next request gave 4 KiB QD1 3.3× and QD8 2–2.3× (BENCHMARKS.md). The
+/// cost: a device that goes quiet is polled 50 µs before the loop sleeps.
 const SPIN: Duration = Duration::from_micros(50);
 
 /// One answered request of a batch.
@@ -506,12 +509,7 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
         let space = &mut b.input[b.end..want];
         let got = if wait {
             let at = Instant::now();
-            let got = loop {
-                match self.conn.read(space) {
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    r => break r.map(Some),
-                }
-            };
+            let got = recv_polling(self.conn.as_fd(), space, b.spin).map(Some);
             self.phases.idle += nanos(at);
             got
         } else {
@@ -530,7 +528,7 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
     /// Moves a write payload into staging: first what input already holds.
     fn payload(&mut self, stage: Range<usize>) -> io::Result<()> {
         let b = &mut *self.bufs;
-        take_payload(&b.input[..b.end], &mut b.start, &mut *self.conn, &mut b.staging[stage], &mut [], b.spin)
+        take_payload(&b.input[..b.end], &mut b.start, self.conn.as_fd(), &mut b.staging[stage], &mut [], b.spin)
     }
 
     /// Moves a write payload into an `IN_MEMORY` store; returns the
@@ -551,7 +549,7 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
         };
         let b = &mut *self.bufs;
         let undo = &mut b.staging[..if whole { 0 } else { len }];
-        take_payload(&b.input[..b.end], &mut b.start, &mut *self.conn, dst, undo, b.spin)?;
+        take_payload(&b.input[..b.end], &mut b.start, self.conn.as_fd(), dst, undo, b.spin)?;
         Ok(0)
     }
 
@@ -580,10 +578,10 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
 /// before it sleeps (see `SPIN`). With an `undo` as long as `dst`, each
 /// byte of `dst` is saved there before it is overwritten, and put back if
 /// the payload is cut short.
-fn take_payload<T: Read + AsFd>(
+fn take_payload(
     input: &[u8],
     start: &mut usize,
-    conn: &mut T,
+    conn: BorrowedFd,
     dst: &mut [u8],
     undo: &mut [u8],
     spin: Duration,
@@ -604,10 +602,10 @@ const SAVE_CHUNK: usize = 64 * 1024;
 /// so that it takes the time a wait for the peer would: sequential 1 MiB
 /// writes +15–24 % per round against saving all first, the rest level
 /// (BENCHMARKS.md, 2026-12-02).
-fn receive<T: Read + AsFd>(
+fn receive(
     input: &[u8],
     start: &mut usize,
-    conn: &mut T,
+    conn: BorrowedFd,
     dst: &mut [u8],
     undo: &mut [u8],
     saved: &mut usize,
@@ -620,33 +618,22 @@ fn receive<T: Read + AsFd>(
     }
     dst[..at].copy_from_slice(&input[*start..*start + at]);
     *start += at;
-    let mut since = Instant::now();
     while at < len {
         if *saved == at {
             save_chunk(dst, undo, saved);
         }
-        let got = match recv_nowait(conn.as_fd(), &mut dst[at..*saved])? {
+        let got = match recv_nowait(conn, &mut dst[at..*saved])? {
             Some(n) => n,
             None if *saved < len => {
                 save_chunk(dst, undo, saved);
                 continue;
             }
-            None if since.elapsed() < spin => {
-                std::hint::spin_loop();
-                continue;
-            }
-            None => loop {
-                match conn.read(&mut dst[at..*saved]) {
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    got => break got?,
-                }
-            },
+            None => recv_polling(conn, &mut dst[at..*saved], spin)?,
         };
         if got == 0 {
             return Err(broken("truncated write payload"));
         }
         at += got;
-        since = Instant::now();
     }
     Ok(())
 }

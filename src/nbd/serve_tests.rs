@@ -151,13 +151,13 @@ fn a_cut_payload_puts_back_what_it_overwrote() {
     let old: Vec<u8> = (0..LEN).map(|i| (i % 251) as u8).collect();
     let new: Vec<u8> = (0..LEN).map(|i| (i % 253) as u8 ^ 0x5a).collect();
     for (sent, spin) in [(LEN - 100, Duration::ZERO), (LEN - 100, SPIN), (LEN, Duration::ZERO)] {
-        let (mut ours, mut theirs) = UnixStream::pair().unwrap();
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
         let input = &new[..1000];
         theirs.write_all(&new[1000..sent]).unwrap();
         drop(theirs);
         let (mut dst, mut undo) = (old.clone(), vec![0u8; LEN]);
         let mut start = 0;
-        let got = take_payload(input, &mut start, &mut ours, &mut dst, &mut undo, spin);
+        let got = take_payload(input, &mut start, ours.as_fd(), &mut dst, &mut undo, spin);
         if sent < LEN {
             assert!(got.is_err(), "a cut payload fails");
             assert!(dst == old, "a cut payload changed the store");
