@@ -10,19 +10,22 @@ pub fn recv_nowait(fd: BorrowedFd, buf: &mut [u8]) -> io::Result<Option<usize>> 
     recv(fd, buf, libc::MSG_DONTWAIT)
 }
 
-/// Reads from a socket, asking it for up to `spin` before sleeping in the
-/// read: a peer that answers within it costs no wake-up. `Ok(0)` at end of
-/// stream.
-pub fn recv_polling(fd: BorrowedFd, buf: &mut [u8], spin: Duration) -> io::Result<usize> {
+/// Reads from a socket, asking it again for up to `spin` while it has
+/// nothing: `Ok(None)` if it has nothing still.
+pub fn recv_within(fd: BorrowedFd, buf: &mut [u8], spin: Duration) -> io::Result<Option<usize>> {
     let start = Instant::now();
     loop {
         match recv_nowait(fd, buf)? {
-            Some(n) => return Ok(n),
             None if start.elapsed() < spin => std::hint::spin_loop(),
-            None => break,
+            got => return Ok(got),
         }
     }
-    // `None` only from a receive timeout (SO_RCVTIMEO), which is an error here.
+}
+
+/// Reads from a socket, sleeping until it has something; `Ok(0)` at end
+/// of stream.
+pub fn recv_wait(fd: BorrowedFd, buf: &mut [u8]) -> io::Result<usize> {
+    // `None` only from a receive timeout (SO_RCVTIMEO), an error here.
     recv(fd, buf, 0)?.ok_or_else(|| io::ErrorKind::WouldBlock.into())
 }
 

@@ -2,5 +2,6 @@
 
 pub mod bindings;
 pub mod kernel;
+mod poll;
 pub mod proto;
 pub mod serve;

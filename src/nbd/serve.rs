@@ -21,11 +21,12 @@
 use std::io::{self, IoSlice, Read, Write};
 use std::ops::Range;
 use std::os::fd::{AsFd, BorrowedFd};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use super::bindings as sys;
 use super::proto::{self, Export, Request, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, MAX_PAYLOAD, REPLY_LEN, REQUEST_LEN};
-use crate::sock::{queued, recv_nowait, recv_polling};
+use super::poll::Poll;
+use crate::sock::{queued, recv_nowait};
 use crate::stats::{Phases, Stats};
 use crate::store::Store;
 
@@ -68,18 +69,6 @@ pub enum End {
 /// says otherwise (0: one fence per batch). Fewer fences make bigger
 /// batched copies; more let the first replies leave sooner.
 const GROUP: usize = 8;
-
-/// How long a read polls the socket before it sleeps, unless
-/// `NBD_VRAM_SPIN` (µs; 0: never) says otherwise, and only with a second
-/// CPU for the peer: as in the kernel's busy polling of network sockets
-/// (`net.core.busy_read`, 50 µs suggested). Each sleep costs a cross-CPU
-/// wake-up when the peer sends. Mid-payload, one per socket buffer it
-/// sends: this loop sat idle a third of the time at 1 MiB writes (2-vCPU
-/// VM, 2026-12-02, perf stat), and polling there gave +20–30 % per round,
-/// 10 to 100 µs alike. Between requests, one per batch: polling for the
-/// next request gave 4 KiB QD1 3.3× and QD8 2–2.3× (BENCHMARKS.md). The
-/// cost: a device that goes quiet is polled 50 µs before the loop sleeps.
-const SPIN: Duration = Duration::from_micros(50);
 
 /// One answered request of a batch.
 #[derive(Clone)]
@@ -128,7 +117,7 @@ pub struct Buffers<B> {
     groups: Box<[(usize, Option<usize>)]>,
     ngroups: usize,
     group: usize,
-    spin: Duration,
+    poll: Poll,
     /// The store failed after taking work: what it holds is unknown, so
     /// every request from now on is answered `EIO`.
     lost: bool,
@@ -138,13 +127,7 @@ impl<B: std::ops::DerefMut<Target = [u8]>> Buffers<B> {
     pub fn new<S: Store<Buf = B>>(store: &mut S) -> io::Result<Buffers<B>> {
         const { assert!(MAX_BATCH <= crate::store::FENCES, "a fence per slot at most") };
         let empty = Slot { reply: [0; REPLY_LEN], data: 0..0, in_store: false, queued: false, waits: false };
-        let knob = |name| std::env::var(name).ok().and_then(|v| v.parse().ok());
-        let group = knob("NBD_VRAM_GROUP").unwrap_or(GROUP as u64) as usize;
-        let spin = match knob("NBD_VRAM_SPIN") {
-            _ if crate::pressure::cpus_online() < 2 => Duration::ZERO,
-            Some(us) => Duration::from_micros(us),
-            None => SPIN,
-        };
+        let group = std::env::var("NBD_VRAM_GROUP").ok().and_then(|v| v.parse().ok()).unwrap_or(GROUP);
         Ok(Buffers {
             staging: store.staging(MAX_PAYLOAD as usize)?,
             ring: 0,
@@ -157,7 +140,7 @@ impl<B: std::ops::DerefMut<Target = [u8]>> Buffers<B> {
             groups: vec![(0, None); MAX_BATCH].into_boxed_slice(),
             ngroups: 0,
             group,
-            spin,
+            poll: Poll::from_env(),
             lost: false,
         })
     }
@@ -509,7 +492,7 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
         let space = &mut b.input[b.end..want];
         let got = if wait {
             let at = Instant::now();
-            let got = recv_polling(self.conn.as_fd(), space, b.spin).map(Some);
+            let got = b.poll.recv(self.conn.as_fd(), space).map(Some);
             self.phases.idle += nanos(at);
             got
         } else {
@@ -528,7 +511,7 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
     /// Moves a write payload into staging: first what input already holds.
     fn payload(&mut self, stage: Range<usize>) -> io::Result<()> {
         let b = &mut *self.bufs;
-        take_payload(&b.input[..b.end], &mut b.start, self.conn.as_fd(), &mut b.staging[stage], &mut [], b.spin)
+        take_payload(&b.input[..b.end], &mut b.start, self.conn.as_fd(), &mut b.staging[stage], &mut [], &mut b.poll)
     }
 
     /// Moves a write payload into an `IN_MEMORY` store; returns the
@@ -549,7 +532,7 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
         };
         let b = &mut *self.bufs;
         let undo = &mut b.staging[..if whole { 0 } else { len }];
-        take_payload(&b.input[..b.end], &mut b.start, self.conn.as_fd(), dst, undo, b.spin)?;
+        take_payload(&b.input[..b.end], &mut b.start, self.conn.as_fd(), dst, undo, &mut b.poll)?;
         Ok(0)
     }
 
@@ -574,8 +557,7 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
 }
 
 /// Fills `dst` with a write payload: first what `input[*start..]` holds,
-/// the rest from the socket, polling for up to `spin` between pieces
-/// before it sleeps (see `SPIN`). With an `undo` as long as `dst`, each
+/// the rest from the socket, through `poll`. With an `undo` as long as `dst`, each
 /// byte of `dst` is saved there before it is overwritten, and put back if
 /// the payload is cut short.
 fn take_payload(
@@ -584,10 +566,10 @@ fn take_payload(
     conn: BorrowedFd,
     dst: &mut [u8],
     undo: &mut [u8],
-    spin: Duration,
+    poll: &mut Poll,
 ) -> io::Result<()> {
     let mut saved = if undo.is_empty() { dst.len() } else { 0 };
-    let got = receive(input, start, conn, dst, undo, &mut saved, spin);
+    let got = receive(input, start, conn, dst, undo, &mut saved, poll);
     if got.is_err() && !undo.is_empty() {
         dst[..saved].copy_from_slice(&undo[..saved]);
     }
@@ -609,7 +591,7 @@ fn receive(
     dst: &mut [u8],
     undo: &mut [u8],
     saved: &mut usize,
-    spin: Duration,
+    poll: &mut Poll,
 ) -> io::Result<()> {
     let len = dst.len();
     let mut at = (input.len() - *start).min(len);
@@ -628,7 +610,7 @@ fn receive(
                 save_chunk(dst, undo, saved);
                 continue;
             }
-            None => recv_polling(conn, &mut dst[at..*saved], spin)?,
+            None => poll.recv(conn, &mut dst[at..*saved])?,
         };
         if got == 0 {
             return Err(broken("truncated write payload"));

@@ -5,6 +5,8 @@ use std::os::unix::net::UnixStream;
 use std::thread;
 
 use super::*;
+use crate::nbd::poll::SPIN;
+use std::time::Duration;
 use crate::store::HostStore;
 
 const SIZE: u64 = 8 << 20;
@@ -93,7 +95,7 @@ fn mixed_requests_cut_anywhere_match_the_model() {
         ours.set_write_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
         let mut store = HostStore::new(SIZE).unwrap();
         let mut bufs = Buffers::new(&mut store).unwrap();
-        bufs.spin = spin;
+        bufs.poll = Poll::new(spin);
         let stats = Stats::default();
         let end = transmit(&mut store, &mut bufs, &Export::new(SIZE), &stats, &mut ours).unwrap();
         assert_eq!(end, End::Disconnect);
@@ -157,7 +159,7 @@ fn a_cut_payload_puts_back_what_it_overwrote() {
         drop(theirs);
         let (mut dst, mut undo) = (old.clone(), vec![0u8; LEN]);
         let mut start = 0;
-        let got = take_payload(input, &mut start, ours.as_fd(), &mut dst, &mut undo, spin);
+        let got = take_payload(input, &mut start, ours.as_fd(), &mut dst, &mut undo, &mut Poll::new(spin));
         if sent < LEN {
             assert!(got.is_err(), "a cut payload fails");
             assert!(dst == old, "a cut payload changed the store");

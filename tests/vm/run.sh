@@ -13,7 +13,9 @@
 # Exits 0 when the guest prints "VM-TEST: PASS", 1 otherwise. Kernel and
 # modules are cached under target/vm/kernel (delete it to fetch again).
 # Knobs: VM_TIMEOUT (s), VM_SILENT (s, the hang watchdog), VM_INIT (a /init
-# of your own, to debug). The console log is target/vm/console-MODE.log.
+# of your own, to debug), VM_APPEND (more kernel command line: KEY=value
+# words the kernel does not know reach /init, and nbd-vram, as environment,
+# e.g. VM_APPEND=NBD_VRAM_SPIN=0). The console log is target/vm/console-MODE.log.
 set -eu
 cd "$(dirname "$0")/../.."
 
@@ -110,7 +112,7 @@ start=$(date +%s)
 # take over the terminal.
 timeout $TIMEOUT qemu-system-x86_64 -accel tcg -m 256M -smp 2 -nographic -no-reboot -nic none \
     -kernel $K/vmlinuz -initrd $VM/initrd.cpio \
-    -append "console=ttyS0 quiet panic=-1 vmtest=$MODE" \
+    -append "console=ttyS0 quiet panic=-1 vmtest=$MODE ${VM_APPEND:-}" \
     -object memory-backend-file,id=vram,size=1G,mem-path=$SHM,share=on \
     -device ivshmem-plain,memdev=vram -monitor pipe:$VM/monitor "$@" \
     </dev/null >$LOG 2>&1 3>&- 9>&- &

@@ -1,0 +1,100 @@
+//! Whether the serve loop polls its socket before it sleeps, and how long.
+
+use std::io;
+use std::os::fd::BorrowedFd;
+use std::time::Duration;
+
+use crate::sock::{recv_wait, recv_within};
+
+/// How long a read polls the socket before it sleeps, unless
+/// `NBD_VRAM_SPIN` (µs; 0: never) says otherwise, and only with a second
+/// CPU for the peer (with one, the SCHED_FIFO loop would keep the peer
+/// off it while polling): as in the kernel's busy polling of network sockets
+/// (`net.core.busy_read`, 50 µs suggested). Each sleep costs a cross-CPU
+/// wake-up when the peer sends. Mid-payload, one per socket buffer it
+/// sends: this loop sat idle a third of the time at 1 MiB writes (2-vCPU
+/// VM, 2026-12-02, perf stat), and polling there gave +20–30 % per round,
+/// 10 to 100 µs alike. Between requests, one per batch: polling for the
+/// next request gave 4 KiB QD1 3.3× and QD8 2–2.3× (BENCHMARKS.md). The
+/// cost: a device that goes quiet is polled 50 µs before the loop sleeps.
+pub const SPIN: Duration = Duration::from_micros(50);
+/// Polls in a row that find nothing before polling pauses, and how many
+/// reads then sleep straight away. Where the peer takes longer than
+/// `SPIN` (requests far apart, or a sender that needs the CPU time we
+/// poll with, as in a qemu TCG guest, whose swap test took 44 % longer
+/// polling every time) polling only spends CPU.
+const MISSES: u32 = 8;
+const PAUSE: u32 = 64;
+
+pub struct Poll {
+    pub spin: Duration,
+    misses: u32,
+    paused: u32,
+}
+
+impl Poll {
+    pub fn new(spin: Duration) -> Poll {
+        Poll { spin, misses: 0, paused: 0 }
+    }
+
+    /// `NBD_VRAM_SPIN` (µs), else `SPIN`; never with one CPU.
+    pub fn from_env() -> Poll {
+        let us = std::env::var("NBD_VRAM_SPIN").ok().and_then(|v| v.parse().ok());
+        Poll::new(match us {
+            _ if crate::pressure::cpus_online() < 2 => Duration::ZERO,
+            Some(us) => Duration::from_micros(us),
+            None => SPIN,
+        })
+    }
+
+    /// Reads from the socket, polling first while polling pays.
+    pub fn recv(&mut self, fd: BorrowedFd, buf: &mut [u8]) -> io::Result<usize> {
+        if self.polls() {
+            let got = recv_within(fd, buf, self.spin)?;
+            self.found(got.is_some());
+            if let Some(n) = got {
+                return Ok(n);
+            }
+        }
+        recv_wait(fd, buf)
+    }
+
+    fn polls(&mut self) -> bool {
+        if self.paused > 0 {
+            self.paused -= 1;
+            return false;
+        }
+        !self.spin.is_zero()
+    }
+
+    fn found(&mut self, hit: bool) {
+        self.misses = if hit { 0 } else { self.misses + 1 };
+        if self.misses == MISSES {
+            (self.misses, self.paused) = (0, PAUSE);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn polling_pauses_after_misses_in_a_row_and_comes_back() {
+        let mut p = Poll::new(SPIN);
+        for _ in 0..MISSES - 1 {
+            assert!(p.polls());
+            p.found(false);
+        }
+        p.found(true); // a hit starts the count again
+        for _ in 0..MISSES {
+            assert!(p.polls());
+            p.found(false);
+        }
+        for _ in 0..PAUSE {
+            assert!(!p.polls(), "paused");
+        }
+        assert!(p.polls(), "polls again after the pause");
+        assert!(!Poll::new(Duration::ZERO).polls(), "0 never polls");
+    }
+}
