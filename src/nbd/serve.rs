@@ -15,6 +15,7 @@
 //! process's memory (host RAM) skips staging: read replies are sent from
 //! the store's own bytes, and write payloads land in it straight from the
 //! socket (a peer that vanishes mid-payload gets the old bytes put back).
+//! Reads poll the socket briefly before they block (`poll.rs`).
 //! All memory is allocated before the first request, so a swap device
 //! served here never needs a free page to make progress.
 
