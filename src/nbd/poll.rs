@@ -15,8 +15,9 @@ use crate::sock::{recv_wait, recv_within};
 /// sends: this loop sat idle a third of the time at 1 MiB writes (2-vCPU
 /// VM, 2026-12-02, perf stat), and polling there gave +20–30 % per round,
 /// 10 to 100 µs alike. Between requests, one per batch: polling for the
-/// next request gave 4 KiB QD1 3.3× and QD8 2–2.3× (BENCHMARKS.md). The
-/// cost: a device that goes quiet is polled 50 µs before the loop sleeps.
+/// next request gave 4 KiB QD1 3.0–3.4× per round and 4 KiB QD8 1.6–2.3×
+/// (BENCHMARKS.md). The cost: up to this much CPU per wait that outlasts
+/// it, which the pause below bounds.
 pub const SPIN: Duration = Duration::from_micros(50);
 /// Polls in a row that find nothing before polling pauses, and how many
 /// reads then sleep straight away. Where the peer takes longer than

@@ -558,9 +558,9 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
 }
 
 /// Fills `dst` with a write payload: first what `input[*start..]` holds,
-/// the rest from the socket, through `poll`. With an `undo` as long as `dst`, each
-/// byte of `dst` is saved there before it is overwritten, and put back if
-/// the payload is cut short.
+/// the rest from the socket, through `poll`. With an `undo` as long as
+/// `dst`, each byte of `dst` is saved there before it is overwritten, and
+/// put back if the payload is cut short.
 fn take_payload(
     input: &[u8],
     start: &mut usize,
