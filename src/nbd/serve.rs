@@ -569,10 +569,12 @@ fn take_payload(
     undo: &mut [u8],
     poll: &mut Poll,
 ) -> io::Result<()> {
-    let mut saved = if undo.is_empty() { dst.len() } else { 0 };
-    let got = receive(input, start, conn, dst, undo, &mut saved, poll);
-    if got.is_err() && !undo.is_empty() {
-        dst[..saved].copy_from_slice(&undo[..saved]);
+    let saved = if undo.is_empty() { dst.len() } else { 0 };
+    let mut landing = Landing { dst, undo, saved };
+    let got = landing.receive(input, start, conn, poll);
+    if got.is_err() && !landing.undo.is_empty() {
+        let saved = landing.saved;
+        landing.dst[..saved].copy_from_slice(&landing.undo[..saved]);
     }
     got
 }
@@ -581,51 +583,52 @@ fn take_payload(
 /// so this is also the least a read may take.
 const SAVE_CHUNK: usize = 64 * 1024;
 
-/// `take_payload`'s loop. The saving runs ahead while the socket is empty,
-/// so that it takes the time a wait for the peer would: sequential 1 MiB
-/// writes +15–24 % per round against saving all first, the rest level
-/// (BENCHMARKS.md, 2026-12-02).
-fn receive(
-    input: &[u8],
-    start: &mut usize,
-    conn: BorrowedFd,
-    dst: &mut [u8],
-    undo: &mut [u8],
-    saved: &mut usize,
-    poll: &mut Poll,
-) -> io::Result<()> {
-    let len = dst.len();
-    let mut at = (input.len() - *start).min(len);
-    while *saved < at {
-        save_chunk(dst, undo, saved);
-    }
-    dst[..at].copy_from_slice(&input[*start..*start + at]);
-    *start += at;
-    while at < len {
-        if *saved == at {
-            save_chunk(dst, undo, saved);
-        }
-        let got = match recv_nowait(conn, &mut dst[at..*saved])? {
-            Some(n) => n,
-            None if *saved < len => {
-                save_chunk(dst, undo, saved);
-                continue;
-            }
-            None => poll.recv(conn, &mut dst[at..*saved])?,
-        };
-        if got == 0 {
-            return Err(broken("truncated write payload"));
-        }
-        at += got;
-    }
-    Ok(())
+/// A write payload on its way into `dst`; `dst[..saved]` is in `undo`.
+struct Landing<'a> {
+    dst: &'a mut [u8],
+    undo: &'a mut [u8],
+    saved: usize,
 }
 
-/// Saves the next `SAVE_CHUNK` bytes of `dst` after `*saved` into `undo`.
-fn save_chunk(dst: &[u8], undo: &mut [u8], saved: &mut usize) {
-    let end = (*saved + SAVE_CHUNK).min(dst.len());
-    undo[*saved..end].copy_from_slice(&dst[*saved..end]);
-    *saved = end;
+impl Landing<'_> {
+    /// `take_payload`'s loop. The saving runs ahead while the socket is
+    /// empty, so that it takes the time a wait for the peer would:
+    /// sequential 1 MiB writes +15–24 % per round against saving all
+    /// first, the rest level (BENCHMARKS.md, 2026-12-02).
+    fn receive(&mut self, input: &[u8], start: &mut usize, conn: BorrowedFd, poll: &mut Poll) -> io::Result<()> {
+        let len = self.dst.len();
+        let mut at = (input.len() - *start).min(len);
+        while self.saved < at {
+            self.save_chunk();
+        }
+        self.dst[..at].copy_from_slice(&input[*start..*start + at]);
+        *start += at;
+        while at < len {
+            if self.saved == at {
+                self.save_chunk();
+            }
+            let got = match recv_nowait(conn, &mut self.dst[at..self.saved])? {
+                Some(n) => n,
+                None if self.saved < len => {
+                    self.save_chunk();
+                    continue;
+                }
+                None => poll.recv(conn, &mut self.dst[at..self.saved])?,
+            };
+            if got == 0 {
+                return Err(broken("truncated write payload"));
+            }
+            at += got;
+        }
+        Ok(())
+    }
+
+    /// Saves the next `SAVE_CHUNK` bytes after `saved`.
+    fn save_chunk(&mut self) {
+        let end = (self.saved + SAVE_CHUNK).min(self.dst.len());
+        self.undo[self.saved..end].copy_from_slice(&self.dst[self.saved..end]);
+        self.saved = end;
+    }
 }
 
 /// Staging a request occupies: its payload, if it has a valid-sized one.
