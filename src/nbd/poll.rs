@@ -28,7 +28,7 @@ const MISSES: u32 = 8;
 const PAUSE: u32 = 64;
 
 pub struct Poll {
-    pub spin: Duration,
+    spin: Duration,
     misses: u32,
     paused: u32,
 }
