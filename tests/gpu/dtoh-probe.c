@@ -1,0 +1,110 @@
+// Latency probe, not part of nbd-vram: five ways to bring one 4 KiB piece
+// of VRAM into pinned host memory, timed from the request to the data
+// being visible to the CPU. Plain C against a dlopen'd libcuda, so it
+// builds here without a CUDA toolkit and runs on the device machine:
+//   mkdir -p target/probe && gcc -O2 -o target/probe/dtoh-probe tests/gpu/dtoh-probe.c -ldl
+//   (carry target/probe)  taskset -c 2 target/probe/dtoh-probe [GAP_US]
+// GAP_US (default 20) is the idle time before each request, as between
+// QD1 requests. Results: BENCHMARKS.md, "Eighth run".
+#include <dlfcn.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+typedef int R; typedef uint64_t DP; typedef void *H;
+static R (*cuInit)(unsigned); static R (*cuDeviceGet)(int*,int); static R (*cuDevicePrimaryCtxRetain)(H*,int);
+static R (*cuCtxSetCurrent)(H); static R (*cuMemAlloc_v2)(DP*,size_t); static R (*cuMemHostAlloc)(void**,size_t,unsigned);
+static R (*cuMemHostGetDevicePointer_v2)(DP*,void*,unsigned); static R (*cuStreamCreate)(H*,unsigned);
+static R (*cuMemcpyDtoHAsync_v2)(void*,DP,size_t,H); static R (*cuStreamSynchronize)(H);
+static R (*cuModuleLoadData)(H*,const void*); static R (*cuModuleGetFunction)(H*,H,const char*);
+static R (*cuLaunchKernel)(H,unsigned,unsigned,unsigned,unsigned,unsigned,unsigned,unsigned,H,void**,void**);
+static R (*cuStreamWaitValue32_v2)(H,DP,uint32_t,unsigned); static R (*cuStreamWriteValue32_v2)(H,DP,uint32_t,unsigned);
+static R (*cuMemsetD8_v2)(DP,unsigned char,size_t);
+#define L(f) do { *(void**)&f = dlsym(lib, #f); if (!f) { printf("no %s\n", #f); exit(1);} } while (0)
+#define C(x) do { R r_ = (x); if (r_) { printf("%s = %d (line %d)\n", #x, r_, __LINE__); exit(1);} } while (0)
+static const char *PTX =
+".version 7.0\n.target sm_75\n.address_size 64\n"
+".visible .entry probe_copy(.param .u64 pb)\n{\n"
+" .reg .pred %p<3>; .reg .b32 %r<12>; .reg .b64 %rd<8>;\n"
+" ld.param.u64 %rd1, [pb];\n"
+" ld.volatile.global.u64 %rd2, [%rd1];\n ld.volatile.global.u64 %rd3, [%rd1+8];\n"
+" ld.volatile.global.u32 %r1, [%rd1+16];\n ld.volatile.global.u32 %r2, [%rd1+20];\n"
+" mov.u32 %r3, %tid.x;\n mul.lo.u32 %r4, %r3, 16;\n mov.u32 %r5, %ntid.x;\n mul.lo.u32 %r6, %r5, 16;\n"
+"LOOP:\n setp.ge.u32 %p1, %r4, %r1;\n @%p1 bra END;\n cvt.u64.u32 %rd4, %r4;\n add.u64 %rd5, %rd2, %rd4;\n"
+" ld.global.v4.u32 {%r7,%r8,%r9,%r10}, [%rd5];\n add.u64 %rd6, %rd3, %rd4;\n st.global.v4.u32 [%rd6], {%r7,%r8,%r9,%r10};\n"
+" add.u32 %r4, %r4, %r6;\n bra LOOP;\nEND:\n membar.sys;\n bar.sync 0;\n setp.ne.u32 %p2, %r3, 0;\n @%p2 bra DONE;\n"
+" st.volatile.global.u32 [%rd1+24], %r2;\nDONE:\n ret;\n}\n";
+static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec * 1e6 + t.tv_nsec / 1e3; }
+static int cmp(const void *a, const void *b) { double x = *(double*)a, y = *(double*)b; return x < y ? -1 : x > y; }
+#define N 3000
+static double lat[N];
+static void report(const char *name, double *extra) {
+	qsort(lat, N, sizeof lat[0], cmp);
+	printf("%-44s p10 %6.2f  p50 %6.2f  p90 %6.2f  p99 %6.2f us", name, lat[N/10], lat[N/2], lat[N*9/10], lat[N*99/100]);
+	if (extra) { qsort(extra, N, sizeof extra[0], cmp); printf("   (arm p50 %.2f us)", extra[N/2]); }
+	printf("\n");
+}
+#define WAITFLAG(s) do { double d_ = now(); while (pb[6] != (s)) if (now() - d_ > 1e6) { printf("timeout line %d\n", __LINE__); exit(2); } } while (0)
+static void spin_us(double us) { double t = now(); while (now() - t < us) ; }
+int main(int argc, char **argv) {
+	double gap = argc > 1 ? atof(argv[1]) : 20;
+	void *lib = dlopen("libcuda.so.1", RTLD_NOW); if (!lib) { printf("%s\n", dlerror()); return 1; }
+	L(cuInit); L(cuDeviceGet); L(cuDevicePrimaryCtxRetain); L(cuCtxSetCurrent); L(cuMemAlloc_v2); L(cuMemHostAlloc);
+	L(cuMemHostGetDevicePointer_v2); L(cuStreamCreate); L(cuMemcpyDtoHAsync_v2); L(cuStreamSynchronize);
+	L(cuModuleLoadData); L(cuModuleGetFunction); L(cuLaunchKernel); L(cuStreamWaitValue32_v2); L(cuStreamWriteValue32_v2); L(cuMemsetD8_v2);
+	int dev; H ctx, st, mod, fn; DP vram, dpb, dstage;
+	C(cuInit(0)); C(cuDeviceGet(&dev, 0)); C(cuDevicePrimaryCtxRetain(&ctx, dev)); C(cuCtxSetCurrent(ctx));
+	size_t vlen = 1ul << 30; C(cuMemAlloc_v2(&vram, vlen)); C(cuMemsetD8_v2(vram, 0x5a, vlen));
+	// One mapped pinned page holds the job and the flags: source u64 at 0,
+	// destination u64 at 8, length at 16, sequence at 20, done flag at 24
+	// (the device writes it), trigger at 32 (the CPU writes it).
+	volatile uint32_t *pb; unsigned char *stage;
+	C(cuMemHostAlloc((void**)&pb, 4096, 2)); C(cuMemHostAlloc((void**)&stage, 1 << 20, 2));
+	C(cuMemHostGetDevicePointer_v2(&dpb, (void*)pb, 0)); C(cuMemHostGetDevicePointer_v2(&dstage, stage, 0));
+	printf("uva: pb %s, stage %s; gap %.0f us\n", dpb == (DP)(uintptr_t)pb ? "same" : "differs", dstage == (DP)(uintptr_t)stage ? "same" : "differs", gap);
+	memset((void*)pb, 0, 4096);
+	C(cuStreamCreate(&st, 1)); C(cuModuleLoadData(&mod, PTX)); C(cuModuleGetFunction(&fn, mod, "probe_copy"));
+	void *args[] = { &dpb };
+	volatile uint64_t *p64 = (volatile uint64_t*)pb;
+	#define OFF() ((uint64_t)(rand() % (vlen / 4096)) * 4096)
+	static double arm[N];
+	for (int rep = 0; rep < 2; rep++) {
+	// A: async copy + stream sync (what nbd-vram does now)
+	for (int i = 0; i < N; i++) { spin_us(gap); double t = now(); C(cuMemcpyDtoHAsync_v2(stage, vram + OFF(), 4096, st)); C(cuStreamSynchronize(st)); lat[i] = now() - t; }
+	report("A copy engine + cuStreamSynchronize", 0);
+	// E: async copy + device writes a flag; CPU spins on it
+	for (int i = 0; i < N; i++) { uint32_t s = 1000000 + i; spin_us(gap); double t = now();
+		C(cuMemcpyDtoHAsync_v2(stage, vram + OFF(), 4096, st)); C(cuStreamWriteValue32_v2(st, dpb + 24, s, 0));
+		WAITFLAG(s);
+		lat[i] = now() - t; }
+	C(cuStreamSynchronize(st)); report("E copy engine + write-value flag, CPU spins", 0);
+	// D: kernel launch, CPU spins on the kernel's flag
+	for (int i = 0; i < N; i++) { uint32_t s = 2000000 + i; spin_us(gap); double t = now();
+		p64[0] = vram + OFF(); p64[1] = dstage; pb[4] = 4096; pb[5] = s;
+		C(cuLaunchKernel(fn, 1, 1, 1, 256, 1, 1, 0, st, args, 0));
+		WAITFLAG(s);
+		lat[i] = now() - t; }
+	C(cuStreamSynchronize(st)); report("D kernel launch, CPU spins on its flag", 0);
+	// F: pre-armed wait-value + copy engine (fixed source) + flag
+	for (int i = 0; i < N; i++) { uint32_t s = 3000000 + i; double a = now();
+		C(cuStreamWaitValue32_v2(st, dpb + 32, s, 0)); C(cuMemcpyDtoHAsync_v2(stage, vram + OFF(), 4096, st)); C(cuStreamWriteValue32_v2(st, dpb + 24, s, 0));
+		arm[i] = now() - a; spin_us(gap); double t = now(); __atomic_store_n(&pb[8], s, __ATOMIC_RELEASE);
+		WAITFLAG(s);
+		lat[i] = now() - t; }
+	C(cuStreamSynchronize(st)); report("F armed wait-value + copy engine + flag", arm);
+	// C: pre-armed wait-value + kernel reading its job from host memory
+	for (int i = 0; i < N; i++) { uint32_t s = 4000000 + i; double a = now();
+		C(cuStreamWaitValue32_v2(st, dpb + 32, s, 0)); C(cuLaunchKernel(fn, 1, 1, 1, 256, 1, 1, 0, st, args, 0));
+		arm[i] = now() - a; spin_us(gap); double t = now();
+		p64[0] = vram + OFF(); p64[1] = dstage; pb[4] = 4096; pb[5] = s; __atomic_store_n(&pb[8], s, __ATOMIC_RELEASE);
+		WAITFLAG(s);
+		lat[i] = now() - t; }
+	C(cuStreamSynchronize(st)); report("C armed wait-value + kernel, CPU spins", arm);
+	}
+	// check data of the last copy
+	for (int k = 0; k < 4096; k++) if (stage[k] != 0x5a) { printf("BAD data at %d\n", k); return 1; }
+	printf("data ok\n");
+	return 0;
+}
