@@ -9,7 +9,7 @@
 //! `NBD_DO_IT` has returned: the kernel can no longer read it.
 
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,6 +25,7 @@ use crate::signals::{Signals, STOP, WAKE};
 use crate::stats::Stats;
 use crate::status::{self, Instance};
 use crate::store::{Store, UseStore};
+use crate::swap::Outcome;
 use crate::{error, info, notify, pressure, swap, warn};
 
 /// How often a refused swapoff is tried again.
@@ -198,6 +199,8 @@ fn run_device(dev: &NbdDevice, ours: &UnixStream) -> Result<(), Failure> {
 /// swapon, wait for a stop signal, swapoff, disconnect.
 fn control(dev: &NbdDevice, opts: &SwapOpts, signals: &Signals, link_down: &AtomicBool) -> Result<(), Failure> {
     let path = dev.path();
+    // Made now, while /proc resolves: after a switch_root it may not.
+    let off = swap::Swapoff::new(path, dev.as_fd());
     let started = wait_for(Duration::from_secs(10), || {
         // The kernel publishes the pid before it sizes the disk: swapon
         // in between finds no swap signature.
@@ -220,7 +223,7 @@ fn control(dev: &NbdDevice, opts: &SwapOpts, signals: &Signals, link_down: &Atom
         if sig == WAKE && link_down.load(Ordering::SeqCst) {
             error!("{}: the kernel link ended by itself; swapped pages may be lost", path.display());
             if opts.swap {
-                let _ = swap::swapoff(path);
+                off.run();
             }
             return Err(Failure::new(Code::Other, format!("{}: kernel link lost", path.display())));
         }
@@ -231,22 +234,29 @@ fn control(dev: &NbdDevice, opts: &SwapOpts, signals: &Signals, link_down: &Atom
     }
     notify::stopping();
     if opts.swap {
-        swapoff_until_done(path, signals, link_down);
+        swapoff_until_done(&off, path, signals, link_down);
     }
     dev.disconnect().map_err(|e| Failure::os(format!("{}: NBD_DISCONNECT", path.display()), e))
 }
 
 /// Never gives up: while swap holds pages, the VRAM must stay served.
-fn swapoff_until_done(path: &Path, signals: &Signals, link_down: &AtomicBool) {
+fn swapoff_until_done(off: &swap::Swapoff, path: &Path, signals: &Signals, link_down: &AtomicBool) {
     loop {
         let t = Instant::now();
-        match swap::swapoff(path) {
-            Ok(()) => return info!("swapoff {} done in {:.1} s", path.display(), t.elapsed().as_secs_f64()),
-            Err(e) if link_down.load(Ordering::SeqCst) => return error!("swapoff {}: {e}, and the link is gone", path.display()),
+        match off.run() {
+            Outcome::Off => return info!("swapoff {} done in {:.1} s", path.display(), t.elapsed().as_secs_f64()),
+            Outcome::Failed(e) if link_down.load(Ordering::SeqCst) => {
+                return error!("swapoff {}: {e}, and the link is gone", path.display())
+            }
             // systemd's own dev-nbdN.swap unit may have swapped it off first.
-            Err(_) if swap::active(path).is_none() => return info!("{} is no longer swap", path.display()),
-            Err(e) => error!(
+            Outcome::NotSwap => return info!("{} is no longer swap", path.display()),
+            Outcome::Failed(e) if e.raw_os_error() == Some(libc::ENOMEM) => error!(
                 "swapoff {}: {e}: RAM cannot take the swapped pages back yet; still serving them, retrying in {} s",
+                path.display(),
+                SWAPOFF_RETRY.as_secs()
+            ),
+            Outcome::Failed(e) => error!(
+                "swapoff {}: {e}; still serving it, retrying in {} s",
                 path.display(),
                 SWAPOFF_RETRY.as_secs()
             ),

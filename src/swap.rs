@@ -2,8 +2,11 @@
 //! and what /proc/swaps says.
 
 use std::ffi::CString;
+use std::fs::OpenOptions;
 use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use crate::nbd::bindings as uapi;
@@ -69,14 +72,82 @@ pub fn swapon(path: &Path, priority: i32, discard: bool) -> io::Result<()> {
     Ok(())
 }
 
-/// Moves every page back into RAM first, so it can fail with ENOMEM.
-pub fn swapoff(path: &Path) -> io::Result<()> {
+fn swapoff(path: &Path) -> io::Result<()> {
     let path = c_path(path)?;
     // SAFETY: `path` is a NUL-terminated string that outlives the call.
     if unsafe { libc::swapoff(path.as_ptr()) } < 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// swapoff(2) of a device this process holds open, named by its
+/// descriptor. A daemon started from the initramfs keeps the old root after
+/// switch_root: /dev/nbdN and /proc no longer resolve there, but the
+/// descriptor still names the device. swapoff takes only a path, so the
+/// path is the descriptor's number, looked up with /proc/self/fd as the
+/// working directory, a directory opened while /proc could still be
+/// reached by name.
+pub struct Swapoff<'a> {
+    path: &'a Path,
+    dev: BorrowedFd<'a>,
+    /// /proc/self/fd, and the working directory to return to; `None` if
+    /// /proc was not mounted when this was made: then the name is all
+    /// there is.
+    dirs: Option<(OwnedFd, OwnedFd)>,
+}
+
+/// What one swapoff found.
+pub enum Outcome {
+    Off,
+    /// The device is not a swap area (any more).
+    NotSwap,
+    /// Still swap, as far as anyone can tell: ENOMEM while RAM cannot take
+    /// the pages back, or whatever else the kernel said.
+    Failed(io::Error),
+}
+
+impl<'a> Swapoff<'a> {
+    pub fn new(path: &'a Path, dev: BorrowedFd<'a>) -> Swapoff<'a> {
+        let dir = |p: &str| {
+            OpenOptions::new().read(true).custom_flags(libc::O_PATH | libc::O_DIRECTORY).open(p).map(OwnedFd::from)
+        };
+        let dirs = dir("/proc/self/fd").and_then(|fds| Ok((fds, dir(".")?))).ok();
+        Swapoff { path, dev, dirs }
+    }
+
+    /// Moves every page back into RAM first, so it can take long or fail.
+    pub fn run(&self) -> Outcome {
+        let result = match &self.dirs {
+            Some((fds, cwd)) => by_descriptor(self.dev, fds, cwd),
+            None => swapoff(self.path),
+        };
+        match result {
+            Ok(()) => Outcome::Off,
+            // The kernel's answer for a file that is no swap area. By
+            // descriptor that file is the device itself; a name may now
+            // lead elsewhere, so then /proc/swaps must agree.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && (self.dirs.is_some() || listed(self.path) == Some(false)) => {
+                Outcome::NotSwap
+            }
+            Err(e) => Outcome::Failed(e),
+        }
+    }
+}
+
+fn by_descriptor(dev: BorrowedFd, fds: &OwnedFd, cwd: &OwnedFd) -> io::Result<()> {
+    let name = dev.as_raw_fd().to_string();
+    // SAFETY: fchdir takes a directory descriptor that `fds` keeps open.
+    // The working directory is the process's, but no other thread resolves
+    // relative paths.
+    if unsafe { libc::fchdir(fds.as_raw_fd()) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let r = swapoff(Path::new(&name));
+    // SAFETY: as above; `cwd` stays open. Should it fail, the working
+    // directory stays /proc/self/fd, which nothing else uses.
+    unsafe { libc::fchdir(cwd.as_raw_fd()) };
+    r
 }
 
 /// One line of /proc/swaps.
@@ -90,6 +161,11 @@ pub struct Active {
 /// `path`'s entry in /proc/swaps, if it is swap now.
 pub fn active(path: &Path) -> Option<Active> {
     parse_swaps(&std::fs::read_to_string("/proc/swaps").ok()?, path)
+}
+
+/// Whether /proc/swaps lists `path`; `None` if it cannot be read.
+fn listed(path: &Path) -> Option<bool> {
+    Some(parse_swaps(&std::fs::read_to_string("/proc/swaps").ok()?, path).is_some())
 }
 
 fn parse_swaps(text: &str, path: &Path) -> Option<Active> {

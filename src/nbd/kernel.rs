@@ -3,7 +3,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use super::bindings as sys;
@@ -117,6 +117,13 @@ impl NbdDevice {
     /// Forgets the socket, so the device can be attached again.
     pub fn clear_sock(&self) -> io::Result<()> {
         self.ioctl("NBD_CLEAR_SOCK", sys::NBD_VRAM_CLEAR_SOCK, 0)
+    }
+}
+
+/// For swapoff by descriptor (`swap::Swapoff`).
+impl AsFd for NbdDevice {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
     }
 }
 

@@ -11,8 +11,8 @@
 # The units cannot adopt it and skip themselves while
 # /run/nbd-vram/initramfs exists (written below; /run moves to the real
 # root). After switch_root its root directory is the old initramfs: it
-# serves on, but its own swapoff cannot find /dev/nbdN any more; see
-# nbd-vram(8), "Starting from the initramfs".
+# serves on, and `nbd-vram stop` still stops it (its swapoff goes through a
+# descriptor, not /dev/nbdN); see nbd-vram(8), "Starting from the initramfs".
 
 nbd_vram_start() {
     local dev="" swap=yes prev="" a pid waited=0 info minor uvm
