@@ -17,7 +17,8 @@ use crate::sock::{recv_wait, recv_within};
 /// 10 to 100 µs alike. Between requests, one per batch: polling for the
 /// next request gave 4 KiB QD1 3.0–3.4× per round and 4 KiB QD8 1.6–2.3×
 /// (BENCHMARKS.md). The cost: up to this much CPU per wait that outlasts
-/// it, which the pause below bounds.
+/// it, which the pause below bounds: 3.5–5.3 µs more per request with
+/// requests 50 µs to 1 ms apart (tests/bench/poll-cost.sh).
 pub const SPIN: Duration = Duration::from_micros(50);
 /// Polls in a row that find nothing before polling pauses, and how many
 /// reads then sleep straight away. Where the peer takes longer than
