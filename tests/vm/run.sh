@@ -6,7 +6,8 @@
 # "VRAM" is an ivshmem BAR (memory outside guest RAM, as VRAM is), and a
 # memory hog; tests/vm/init does the work in the guest:
 #   (default)  nbd-vram as swap (--discard) under a hog 1.5x guest RAM, then
-#              stopped while swap holds pages RAM cannot take back
+#              stopped while swap holds pages RAM cannot take back; again,
+#              stopped from a new root after a simulated switch_root
 #   --check    the VM itself: modules load, ivshmem BAR works, hog and
 #              nbd-vram --help run, the hog is OOM-killed without swap
 #   --bench    the same hog (pages compressing 8:1) timed on zram, a virtio
