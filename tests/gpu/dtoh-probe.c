@@ -1,7 +1,7 @@
 // Latency probe, not part of nbd-vram: five ways to bring one 4 KiB piece
 // of VRAM into pinned host memory, timed from the request to the data
-// being visible to the CPU. Plain C against a dlopen'd libcuda, so it
-// builds here without a CUDA toolkit and runs on the device machine:
+// being visible to the CPU; then what handing over one 4 KiB write costs.
+// Plain C against a dlopen'd libcuda, so it builds here without a CUDA toolkit and runs on the device machine:
 //   mkdir -p target/probe && gcc -O2 -o target/probe/dtoh-probe tests/gpu/dtoh-probe.c -ldl
 //   (carry target/probe)  taskset -c 2 target/probe/dtoh-probe [GAP_US]
 // GAP_US (default 20) is the idle time before each request, as between
@@ -22,6 +22,7 @@ static R (*cuModuleLoadData)(H*,const void*); static R (*cuModuleGetFunction)(H*
 static R (*cuLaunchKernel)(H,unsigned,unsigned,unsigned,unsigned,unsigned,unsigned,unsigned,H,void**,void**);
 static R (*cuStreamWaitValue32_v2)(H,DP,uint32_t,unsigned); static R (*cuStreamWriteValue32_v2)(H,DP,uint32_t,unsigned);
 static R (*cuMemsetD8_v2)(DP,unsigned char,size_t);
+static R (*cuMemcpyHtoDAsync_v2)(DP,const void*,size_t,H); static R (*cuMemcpyHtoD_v2)(DP,const void*,size_t);
 #define L(f) do { *(void**)&f = dlsym(lib, #f); if (!f) { printf("no %s\n", #f); exit(1);} } while (0)
 #define C(x) do { R r_ = (x); if (r_) { printf("%s = %d (line %d)\n", #x, r_, __LINE__); exit(1);} } while (0)
 static const char *PTX =
@@ -54,6 +55,7 @@ int main(int argc, char **argv) {
 	L(cuInit); L(cuDeviceGet); L(cuDevicePrimaryCtxRetain); L(cuCtxSetCurrent); L(cuMemAlloc_v2); L(cuMemHostAlloc);
 	L(cuMemHostGetDevicePointer_v2); L(cuStreamCreate); L(cuMemcpyDtoHAsync_v2); L(cuStreamSynchronize);
 	L(cuModuleLoadData); L(cuModuleGetFunction); L(cuLaunchKernel); L(cuStreamWaitValue32_v2); L(cuStreamWriteValue32_v2); L(cuMemsetD8_v2);
+	L(cuMemcpyHtoDAsync_v2); L(cuMemcpyHtoD_v2);
 	int dev; H ctx, st, mod, fn; DP vram, dpb, dstage;
 	C(cuInit(0)); C(cuDeviceGet(&dev, 0)); C(cuDevicePrimaryCtxRetain(&ctx, dev)); C(cuCtxSetCurrent(ctx));
 	size_t vlen = 1ul << 30; C(cuMemAlloc_v2(&vram, vlen)); C(cuMemsetD8_v2(vram, 0x5a, vlen));
@@ -102,6 +104,22 @@ int main(int argc, char **argv) {
 		WAITFLAG(s);
 		lat[i] = now() - t; }
 	C(cuStreamSynchronize(st)); report("C armed wait-value + kernel, CPU spins", arm);
+	}
+	// Writes: what the call itself costs the CPU (the loop answers a write
+	// once its copy is handed over), then, untimed, a wait for the copy.
+	unsigned char *pageable = aligned_alloc(4096, 1 << 20);
+	memset(pageable, 0x5a, 1 << 20); memset(stage, 0x5a, 1 << 20);
+	for (int rep = 0; rep < 2; rep++) {
+	for (int i = 0; i < N; i++) { spin_us(gap); double t = now(); C(cuMemcpyHtoDAsync_v2(vram + OFF(), stage, 4096, st)); lat[i] = now() - t; C(cuStreamSynchronize(st)); }
+	report("W1 cuMemcpyHtoDAsync from pinned: the call", 0);
+	for (int i = 0; i < N; i++) { spin_us(gap); double t = now(); C(cuMemcpyHtoDAsync_v2(vram + OFF(), pageable, 4096, st)); lat[i] = now() - t; C(cuStreamSynchronize(st)); }
+	report("W2 cuMemcpyHtoDAsync from pageable: the call", 0);
+	for (int i = 0; i < N; i++) { spin_us(gap); double t = now(); C(cuMemcpyHtoD_v2(vram + OFF(), pageable, 4096)); lat[i] = now() - t; C(cuStreamSynchronize(st)); }
+	report("W3 cuMemcpyHtoD from pageable: the call", 0);
+	for (int i = 0; i < N; i++) { spin_us(gap); double t = now(); C(cuMemcpyHtoD_v2(vram + OFF(), stage, 4096)); lat[i] = now() - t; }
+	report("W4 cuMemcpyHtoD from pinned: the call", 0);
+	for (int i = 0; i < N; i++) { spin_us(gap); double t = now(); C(cuMemcpyHtoDAsync_v2(vram + OFF(), stage, 4096, st)); C(cuStreamSynchronize(st)); lat[i] = now() - t; }
+	report("W5 cuMemcpyHtoDAsync from pinned + sync", 0);
 	}
 	// check data of the last copy
 	for (int k = 0; k < 4096; k++) if (stage[k] != 0x5a) { printf("BAD data at %d\n", k); return 1; }
