@@ -466,18 +466,25 @@ fn a_device_failure_after_handing_over_fails_every_request() {
         } else {
             read_eio(&mut nbd, 0, 4096, "the read whose wait fails");
         }
-        read_eio(&mut nbd, 0, 4096, "after the failure");
-        assert_eq!(nbd.write(MIB, &a), EIO, "a write after the failure");
-        assert_eq!(nbd.command(0, CMD_FLUSH, 0, 0), EIO, "a flush after the failure");
-        nbd.disconnect();
-        let mut nbd = Nbd::connect(&server.sock);
-        read_eio(&mut nbd, MIB, 4096, "a new connection");
-        nbd.disconnect();
-        server.assert_alive();
-        let log = server.log();
-        assert_eq!(log.matches("their data may be lost").count(), 1, "FAIL_SYNC={fail}:\n{log}");
-        assert!(log.contains("CUDA_ERROR_ILLEGAL_ADDRESS"), "{log}");
+        assert_lost(&mut server, nbd, "CUDA_ERROR_ILLEGAL_ADDRESS", &format!("FAIL_SYNC={fail}"));
     }
+}
+
+/// After a device failure: every request answers EIO, on a new connection
+/// too, the server lives on, and it said once that data may be lost, with
+/// CUDA's `error`.
+fn assert_lost(server: &mut VramServer, mut nbd: Nbd, error: &str, what: &str) {
+    read_eio(&mut nbd, 0, 4096, "after the failure");
+    assert_eq!(nbd.write(MIB, &[1; 4096]), EIO, "a write after the failure");
+    assert_eq!(nbd.command(0, CMD_FLUSH, 0, 0), EIO, "a flush after the failure");
+    nbd.disconnect();
+    let mut nbd = Nbd::connect(&server.sock);
+    read_eio(&mut nbd, MIB, 4096, "a new connection");
+    nbd.disconnect();
+    server.assert_alive();
+    let log = server.log();
+    assert_eq!(log.matches("their data may be lost").count(), 1, "{what}:\n{log}");
+    assert!(log.contains(error), "{what}:\n{log}");
 }
 
 /// `nbd-vram gpus` lists each fake device with its memory; `--gpu 1` serves.
@@ -623,4 +630,115 @@ fn read_what_was_just_written(server: &mut VramServer) {
         }
     }
     server.assert_alive();
+}
+
+/// The mailbox kernel's jobs the fake ran, and its launches and ends.
+fn mailbox_counts(server: &VramServer) -> (usize, usize, usize) {
+    let log = server.cuda_log();
+    let count = |p: &str| log.lines().filter(|l| l.starts_with(p)).count();
+    let jobs = log.lines().filter(|l| l.starts_with("nbd_vram_mailbox job ") && l.ends_with("-> ok")).count();
+    (jobs, count("launch nbd_vram_mailbox -> ok"), count("nbd_vram_mailbox ended"))
+}
+
+/// The serve loop polls (so requests come back to back, and the mailbox
+/// kernel runs) only with a second CPU. These tests make it poll 100 ms, so
+/// that a busy machine does not make it sleep between their requests.
+fn polls() -> bool {
+    std::thread::available_parallelism().is_ok_and(|n| n.get() > 1)
+}
+const SPIN_US: &str = "100000";
+
+/// Lone 4 KiB reads, back to back, go to the mailbox kernel once it runs,
+/// and each sees the write just before it. A pause parks the kernel (the
+/// loop sleeps); the read that wakes it goes to the copy engine, the next
+/// starts the kernel again (by the copy engine too), the rest are its.
+#[test]
+fn lone_reads_go_through_the_mailbox_kernel() {
+    let serve = Serve::new(16).env("NBD_VRAM_BATCH", "1").env("FAKE_CUDA_MAX_ALLOC_MIB", "8");
+    let mut server = serve.env("NBD_VRAM_SPIN", SPIN_US).start();
+    assert!(server.log().contains("lone small reads: by the mailbox kernel"), "{}", server.log());
+    let mut nbd = Nbd::connect(&server.sock);
+    let blocks: Vec<u64> = (0..24).map(|i| (i * 683 % 4096) * 4096).collect();
+    let mut model: Vec<Vec<u8>> = blocks.iter().map(|_| vec![0u8; 4096]).collect();
+    for round in 0..3u64 {
+        for (i, &at) in blocks.iter().enumerate() {
+            read_ok(&mut nbd, at, &model[i], "a lone read");
+            if (i as u64 + round) % 3 == 0 {
+                model[i] = pattern(round * 100 + i as u64, 4096);
+                assert_eq!(nbd.write(at, &model[i]), 0);
+                read_ok(&mut nbd, at, &model[i], "a read just after its write");
+            }
+            // Not 16-byte aligned: the copy engine's.
+            read_ok(&mut nbd, at + 8, &model[i][8..4000], "an unaligned read");
+        }
+        std::thread::sleep(Duration::from_millis(300)); // the loop sleeps: the kernel parks
+    }
+    nbd.disconnect();
+    server.assert_alive();
+    let (jobs, launched, ended) = mailbox_counts(&server);
+    if !polls() {
+        eprintln!("one CPU: the loop never polls, so the mailbox kernel never starts");
+        return;
+    }
+    // A start per round at least, each ending the one before. Two reads per
+    // start go to the copy engine (90 of 96 for the kernel), and a busy
+    // machine may delay the client past the poll, which costs more.
+    assert!(launched >= 3 && ended == launched - 1, "launched {launched} times, ended {ended} times");
+    let aligned = 3 * 32;
+    assert!(jobs >= aligned / 2, "{jobs} of {aligned} lone aligned reads by the mailbox kernel:\n{}", server.cuda_log());
+}
+
+/// `NBD_VRAM_MAILBOX=0` leaves it out; so does a GPU that limits how long
+/// a kernel runs, which says why.
+#[test]
+fn the_mailbox_kernel_stays_out_when_told_or_limited() {
+    for (var, value, says) in [("NBD_VRAM_MAILBOX", "0", None), ("FAKE_CUDA_EXEC_TIMEOUT", "1", Some("run time limit for kernels"))] {
+        let mut server = Serve::new(8).env("NBD_VRAM_BATCH", "1").env("NBD_VRAM_SPIN", SPIN_US).env(var, value).start();
+        let mut nbd = Nbd::connect(&server.sock);
+        for _ in 0..50 {
+            read_ok(&mut nbd, 4096, &[0; 4096], "a lone read");
+        }
+        nbd.disconnect();
+        server.assert_alive();
+        let log = server.log();
+        assert!(!log.contains("lone small reads"), "{var}={value}:\n{log}");
+        assert!(says.is_none_or(|s| log.contains(s)), "{var}={value}:\n{log}");
+        assert_eq!(mailbox_counts(&server), (0, 0, 0), "{var}={value}");
+    }
+}
+
+/// A fault in the mailbox kernel is a device failure after hand-over: the
+/// read it had answers EIO, and so does every request after it.
+#[test]
+fn a_mailbox_fault_fails_every_request_after_it() {
+    if !polls() {
+        eprintln!("one CPU: the loop never polls, so the mailbox kernel never starts");
+        return;
+    }
+    let serve = Serve::new(8).env("NBD_VRAM_BATCH", "1").env("NBD_VRAM_SPIN", SPIN_US);
+    let mut server = serve.env("FAKE_CUDA_FAIL_MAILBOX", "3").start();
+    let mut nbd = Nbd::connect(&server.sock);
+    let mut good = 0;
+    while let Ok(data) = nbd.read(8192, 4096) {
+        assert_eq!(data, [0; 4096]);
+        good += 1;
+        assert!(good < 100, "no read failed:\n{}", server.cuda_log());
+    }
+    assert!(server.cuda_log().contains("nbd_vram_mailbox job 3 -> ILLEGAL_ADDRESS"), "{}", server.cuda_log());
+    assert_lost(&mut server, nbd, "cuStreamQuery: CUDA_ERROR_ILLEGAL_ADDRESS", "FAIL_MAILBOX=3");
+}
+
+/// `bench --verify`, the GPU script's correctness check, on the fake: the
+/// whole store in 4 MiB requests, then lone 4 KiB reads (most by the
+/// mailbox kernel), some right after a write to their block.
+#[test]
+fn bench_verify_passes_with_the_mailbox_kernel() {
+    let server = Serve::new(32).env("NBD_VRAM_BATCH", "1").env("NBD_VRAM_SPIN", SPIN_US).env("FAKE_CUDA_MAX_ALLOC_MIB", "8").start();
+    let connect = format!("unix:{}", server.sock.display());
+    let out = run_nbd_vram(&["bench", "--connect", &connect, "--verify"], &[]);
+    out.assert_success("bench --verify");
+    assert!(out.stdout.contains("verify: 8192 lone 4 KiB reads"), "{}", out.stdout);
+    assert!(out.stdout.contains("verify: PASS, 32 MiB"), "{}", out.stdout);
+    let (jobs, _, _) = mailbox_counts(&server);
+    assert!(!polls() || jobs > 4096, "{jobs} lone reads by the mailbox kernel");
 }

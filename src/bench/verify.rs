@@ -1,6 +1,8 @@
 //! `nbd-vram bench --verify`: writes the whole export with data derived
 //! from each word's offset, in a scrambled order, then reads it all back
-//! in another order and compares every byte. A correctness check over
+//! in another order and compares every byte. Then lone 4 KiB reads, one at
+//! a time as swap-ins come (the VRAM store's mailbox path), some right
+//! after a write of new data to the same block. A correctness check over
 //! the full range (every chunk of a VRAM store), not a benchmark.
 
 use std::io::{Read, Write};
@@ -14,6 +16,8 @@ use crate::nbd::bindings as sys;
 use crate::nbd::proto::REPLY_LEN;
 
 const CHUNK: u64 = 4 << 20;
+/// Lone 4 KiB reads of the last pass (every fourth block rewritten first).
+const LONE: u64 = 16384;
 
 /// The word stored at byte `offset` (splitmix64 of it and the seed).
 fn word(seed: u64, offset: u64) -> u64 {
@@ -62,30 +66,52 @@ pub fn run(connect: &Addr, seed: u64) -> Result<(), Failure> {
         for i in 0..n {
             let offset = scrambled(i, n, stride) * chunk;
             fill(&mut want, seed, offset);
-            let write = pass == "write";
-            let head = request(write, i as usize, offset, chunk as u32);
-            conn.write_all(&head).and_then(|()| if write { conn.write_all(&want) } else { Ok(()) })
-                .map_err(|e| fail(format!("sending: {e}")))?;
-            let mut reply = [0u8; REPLY_LEN];
-            conn.read_exact(&mut reply).map_err(|e| fail(format!("reply: {e}")))?;
-            let error = u32::from_be_bytes([reply[4], reply[5], reply[6], reply[7]]);
-            if reply[0..4] != sys::NBD_REPLY_MAGIC.to_be_bytes() || reply[8..16] != i.to_be_bytes() {
-                return Err(fail(format!("bad reply to the {pass} at offset {offset}")));
-            }
-            if error != 0 {
-                return Err(fail(format!("{pass} at offset {offset} answered error {error}")));
-            }
-            if !write {
-                conn.read_exact(&mut got).map_err(|e| fail(format!("read data: {e}")))?;
-                if let Some(at) = got.iter().zip(&want).position(|(a, b)| a != b) {
-                    return Err(fail(format!("data differs at byte {}", offset + at as u64)));
-                }
-            }
+            exchange(&mut conn, pass == "write", i, offset, &want, &mut got).map_err(fail)?;
         }
         let secs = start.elapsed().as_secs_f64();
         println!("verify: {pass} {} MiB in {secs:.1} s ({:.0} MB/s)", export.size >> 20, export.size as f64 / secs / 1e6);
     }
+    let blocks = export.size / 4096;
+    let stride = coprime_stride(blocks, blocks / 7 + 3);
+    let (want, got) = (&mut want[..4096], &mut got[..4096]);
+    let start = Instant::now();
+    let lone = LONE.min(blocks);
+    for i in 0..lone {
+        let offset = scrambled(i, blocks, stride) * 4096;
+        fill(want, seed, offset);
+        exchange(&mut conn, false, 3 * i, offset, want, got).map_err(fail)?;
+        if i % 4 == 0 {
+            fill(want, !seed, offset);
+            exchange(&mut conn, true, 3 * i + 1, offset, want, got).map_err(fail)?;
+            exchange(&mut conn, false, 3 * i + 2, offset, want, got).map_err(fail)?;
+        }
+    }
+    println!("verify: {lone} lone 4 KiB reads in {:.2} s, a quarter of them after a write", start.elapsed().as_secs_f64());
     println!("verify: PASS, {} MiB written and read back intact", export.size >> 20);
+    Ok(())
+}
+
+/// One request, answered before the next: a write of `want`, or a read
+/// compared with it (`got` the same length, for the data).
+fn exchange<C: Read + Write>(conn: &mut C, write: bool, cookie: u64, offset: u64, want: &[u8], got: &mut [u8]) -> Result<(), String> {
+    let what = if write { "write" } else { "read" };
+    let head = request(write, cookie as usize, offset, want.len() as u32);
+    conn.write_all(&head).and_then(|()| if write { conn.write_all(want) } else { Ok(()) }).map_err(|e| format!("sending: {e}"))?;
+    let mut reply = [0u8; REPLY_LEN];
+    conn.read_exact(&mut reply).map_err(|e| format!("reply: {e}"))?;
+    let error = u32::from_be_bytes([reply[4], reply[5], reply[6], reply[7]]);
+    if reply[0..4] != sys::NBD_REPLY_MAGIC.to_be_bytes() || reply[8..16] != cookie.to_be_bytes() {
+        return Err(format!("bad reply to the {what} at offset {offset}"));
+    }
+    if error != 0 {
+        return Err(format!("{what} at offset {offset} answered error {error}"));
+    }
+    if !write {
+        conn.read_exact(got).map_err(|e| format!("read data: {e}"))?;
+        if let Some(at) = got.iter().zip(want).position(|(a, b)| a != b) {
+            return Err(format!("data differs at byte {}", offset + at as u64));
+        }
+    }
     Ok(())
 }
 

@@ -71,7 +71,7 @@ pub struct Mover<'c> {
     launch: LaunchKernel,
 }
 
-type LaunchKernel = unsafe extern "C" fn(CUfunction, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, CUstream, *mut *mut c_void, *mut *mut c_void) -> CUresult;
+pub(super) type LaunchKernel = unsafe extern "C" fn(CUfunction, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, CUstream, *mut *mut c_void, *mut *mut c_void) -> CUresult;
 
 impl Context {
     /// Compiles and loads the copy kernel; `None` if this driver lacks the

@@ -2,6 +2,7 @@
 //! every `CUresult` becomes an `Error` naming the call and CUDA's own words.
 
 mod kernel;
+mod mailbox;
 mod sys;
 
 use std::ffi::{c_char, c_void, CStr};
@@ -11,6 +12,7 @@ use std::ops::{Deref, DerefMut};
 use sys::{Api, CUcontext, CUdevice, CUdeviceptr, CUevent, CUresult, CUstream};
 
 pub use kernel::Mover;
+pub use mailbox::Mailbox;
 pub use sys::{LoadError, CUDA_ERROR_NO_DEVICE, CUDA_ERROR_OUT_OF_MEMORY};
 pub use sys::{CUDA_ERROR_COMPAT_NOT_SUPPORTED_ON_DEVICE, CUDA_ERROR_SYSTEM_DRIVER_MISMATCH};
 
@@ -56,6 +58,11 @@ impl Cuda {
         if code == sys::CUDA_SUCCESS {
             return Ok(());
         }
+        Err(self.error(call, code))
+    }
+
+    /// `code` as an `Error` of `call`, in CUDA's words.
+    fn error(&self, call: &'static str, code: CUresult) -> Error {
         let (mut name, mut text): (*const c_char, *const c_char) = (std::ptr::null(), std::ptr::null());
         // SAFETY: both calls write a pointer to a static string (or fail and
         // leave the null we passed); the library is never unloaded.
@@ -64,7 +71,7 @@ impl Cuda {
             (self.api.cuGetErrorString)(code, &mut text);
             (static_str(name), static_str(text))
         };
-        Err(Error { call, code, name: name.unwrap_or("CUDA_ERROR_UNKNOWN"), text: text.unwrap_or("unknown error") })
+        Error { call, code, name: name.unwrap_or("CUDA_ERROR_UNKNOWN"), text: text.unwrap_or("unknown error") }
     }
 
     pub fn driver_version(&self) -> Result<i32, Error> {
@@ -188,9 +195,14 @@ impl Context {
     }
 
     pub fn stream(&self) -> Result<Stream<'_>, Error> {
+        self.stream_with(0)
+    }
+
+    fn stream_with(&self, flags: std::ffi::c_uint) -> Result<Stream<'_>, Error> {
         let mut stream: CUstream = std::ptr::null_mut();
-        // SAFETY: writes one stream handle to a live local; flags 0 = default.
-        self.cuda.check("cuStreamCreate", unsafe { (self.cuda.api.cuStreamCreate)(&mut stream, 0) })?;
+        // SAFETY: writes one stream handle to a live local; the flags are
+        // 0 (default) or CU_STREAM_NON_BLOCKING.
+        self.cuda.check("cuStreamCreate", unsafe { (self.cuda.api.cuStreamCreate)(&mut stream, flags) })?;
         Ok(Stream { ctx: self, stream })
     }
 
@@ -311,6 +323,17 @@ impl Stream<'_> {
         self.ctx.cuda.check("cuMemsetD8Async", r)
     }
 
+    /// Whether everything queued so far is done, without waiting; false
+    /// where the driver cannot say.
+    pub fn is_done(&self) -> Result<bool, Error> {
+        let Some(query) = self.api().cuStreamQuery else { return Ok(false) };
+        // SAFETY: `stream` is live.
+        match unsafe { query(self.stream) } {
+            sys::CUDA_ERROR_NOT_READY => Ok(false),
+            r => self.ctx.cuda.check("cuStreamQuery", r).map(|()| true),
+        }
+    }
+
     pub fn sync(&self) -> Result<(), Error> {
         // SAFETY: `stream` is live.
         self.ctx.cuda.check("cuStreamSynchronize", unsafe { (self.api().cuStreamSynchronize)(self.stream) })
@@ -372,6 +395,14 @@ impl CopyBatch {
         self.sizes.len() == self.sizes.capacity()
     }
 
+    /// (destination, source, length) when the batch holds one copy.
+    pub fn lone(&self) -> Option<(u64, u64, usize)> {
+        match self.sizes[..] {
+            [len] => Some((self.dsts[0], self.srcs[0], len)),
+            _ => None,
+        }
+    }
+
     /// Device → host; the same promise as `Stream::read` holds for `dst`.
     pub fn read(&mut self, src: &DeviceMem, offset: u64, dst: &mut [u8]) {
         self.push(dst.as_mut_ptr() as CUdeviceptr, src.at(offset, dst.len()), dst.len());
@@ -390,7 +421,7 @@ impl CopyBatch {
         self.small &= kernel::takes(dst, src, len);
     }
 
-    fn clear(&mut self) {
+    pub fn clear(&mut self) {
         self.dsts.clear();
         self.srcs.clear();
         self.sizes.clear();

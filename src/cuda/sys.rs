@@ -21,6 +21,9 @@ pub type CUfunction = *mut c_void;
 pub const CUDA_SUCCESS: CUresult = 0;
 pub const CUDA_ERROR_OUT_OF_MEMORY: CUresult = 2;
 pub const CUDA_ERROR_NO_DEVICE: CUresult = 100;
+pub const CUDA_ERROR_UNKNOWN: CUresult = 999;
+/// `cuStreamQuery`: the stream still has work.
+pub const CUDA_ERROR_NOT_READY: CUresult = 600;
 pub const CUDA_ERROR_SYSTEM_DRIVER_MISMATCH: CUresult = 803;
 pub const CUDA_ERROR_COMPAT_NOT_SUPPORTED_ON_DEVICE: CUresult = 804;
 
@@ -71,6 +74,15 @@ pub const CU_MEMCPY_SRC_ACCESS_ORDER_STREAM: u32 = 1;
 /// `CU_EVENT_DISABLE_TIMING`: an event only for waiting, the cheapest kind.
 pub const CU_EVENT_DISABLE_TIMING: c_uint = 2;
 
+/// `CU_STREAM_NON_BLOCKING`: no implicit waits with the legacy default
+/// stream, whose synchronous calls would otherwise wait for a kernel that
+/// never ends by itself.
+pub const CU_STREAM_NON_BLOCKING: c_uint = 1;
+
+/// `CU_DEVICE_ATTRIBUTE_KERNEL_EXEC_TIMEOUT`: the driver kills kernels that
+/// run longer than a few seconds (a GPU that drives a display).
+pub const CU_DEVICE_ATTRIBUTE_KERNEL_EXEC_TIMEOUT: c_int = 17;
+
 /// `CU_MEMHOSTALLOC_DEVICEMAP`: pinned memory that kernels may address.
 pub const CU_MEMHOSTALLOC_DEVICEMAP: c_uint = 2;
 
@@ -114,6 +126,9 @@ api! {
         cuModuleUnload(CUmodule);
         cuLaunchKernel(CUfunction, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint,
             CUstream, *mut *mut c_void, *mut *mut c_void);
+        // The mailbox kernel's, besides the four above.
+        cuStreamQuery(CUstream);
+        cuDeviceGetAttribute(*mut c_int, c_int, CUdevice);
     }
 }
 

@@ -49,8 +49,9 @@ impl Poll {
         })
     }
 
-    /// Reads from the socket, polling first while polling pays.
-    pub fn recv(&mut self, fd: BorrowedFd, buf: &mut [u8]) -> io::Result<usize> {
+    /// Reads from the socket, polling first while polling pays; calls
+    /// `sleeping` before it blocks.
+    pub fn recv(&mut self, fd: BorrowedFd, buf: &mut [u8], sleeping: impl FnOnce()) -> io::Result<usize> {
         if self.polls() {
             let got = recv_within(fd, buf, self.spin)?;
             self.found(got.is_some());
@@ -58,6 +59,7 @@ impl Poll {
                 return Ok(n);
             }
         }
+        sleeping();
         recv_wait(fd, buf)
     }
 

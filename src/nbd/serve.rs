@@ -174,6 +174,7 @@ where
         let answered = link.answer(n);
         if end.is_some() || answered.is_err() {
             link.settle(); // the store is left synced, as the caller expects
+            link.store.idle(); // and the next client may be long in coming
         }
         if n > 0 {
             link.stats.record_batch(nanos(started));
@@ -493,7 +494,7 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
         let space = &mut b.input[b.end..want];
         let got = if wait {
             let at = Instant::now();
-            let got = b.poll.recv(self.conn.as_fd(), space).map(Some);
+            let got = b.poll.recv(self.conn.as_fd(), space, || self.store.idle()).map(Some);
             self.phases.idle += nanos(at);
             got
         } else {
@@ -512,7 +513,8 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
     /// Moves a write payload into staging: first what input already holds.
     fn payload(&mut self, stage: Range<usize>) -> io::Result<()> {
         let b = &mut *self.bufs;
-        take_payload(&b.input[..b.end], &mut b.start, self.conn.as_fd(), &mut b.staging[stage], &mut [], &mut b.poll)
+        let (conn, store) = (self.conn.as_fd(), &mut *self.store);
+        take_payload(&b.input[..b.end], &mut b.start, conn, &mut b.staging[stage], &mut [], &mut b.poll, &mut || store.idle())
     }
 
     /// Moves a write payload into an `IN_MEMORY` store; returns the
@@ -533,7 +535,7 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
         };
         let b = &mut *self.bufs;
         let undo = &mut b.staging[..if whole { 0 } else { len }];
-        take_payload(&b.input[..b.end], &mut b.start, self.conn.as_fd(), dst, undo, &mut b.poll)?;
+        take_payload(&b.input[..b.end], &mut b.start, self.conn.as_fd(), dst, undo, &mut b.poll, &mut || {})?;
         Ok(0)
     }
 
@@ -558,9 +560,9 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
 }
 
 /// Fills `dst` with a write payload: first what `input[*start..]` holds,
-/// the rest from the socket, through `poll`. With an `undo` as long as
-/// `dst`, each byte of `dst` is saved there before it is overwritten, and
-/// put back if the payload is cut short.
+/// the rest from the socket, through `poll`, calling `sleeping` before it
+/// blocks. With an `undo` as long as `dst`, each byte of `dst` is saved
+/// there before it is overwritten, and put back if the payload is cut short.
 fn take_payload(
     input: &[u8],
     start: &mut usize,
@@ -568,10 +570,11 @@ fn take_payload(
     dst: &mut [u8],
     undo: &mut [u8],
     poll: &mut Poll,
+    sleeping: &mut dyn FnMut(),
 ) -> io::Result<()> {
     let saved = if undo.is_empty() { dst.len() } else { 0 };
     let mut landing = Landing { dst, undo, saved };
-    let got = landing.receive(input, start, conn, poll);
+    let got = landing.receive(input, start, conn, poll, sleeping);
     if got.is_err() && !landing.undo.is_empty() {
         let saved = landing.saved;
         landing.dst[..saved].copy_from_slice(&landing.undo[..saved]);
@@ -595,7 +598,7 @@ impl Landing<'_> {
     /// empty, so that it takes the time a wait for the peer would:
     /// sequential 1 MiB writes +15–24 % per round against saving all
     /// first, the rest level (BENCHMARKS.md, 2026-12-02).
-    fn receive(&mut self, input: &[u8], start: &mut usize, conn: BorrowedFd, poll: &mut Poll) -> io::Result<()> {
+    fn receive(&mut self, input: &[u8], start: &mut usize, conn: BorrowedFd, poll: &mut Poll, sleeping: &mut dyn FnMut()) -> io::Result<()> {
         let len = self.dst.len();
         let mut at = (input.len() - *start).min(len);
         while self.saved < at {
@@ -613,7 +616,7 @@ impl Landing<'_> {
                     self.save_chunk();
                     continue;
                 }
-                None => poll.recv(conn, &mut self.dst[at..self.saved])?,
+                None => poll.recv(conn, &mut self.dst[at..self.saved], &mut *sleeping)?,
             };
             if got == 0 {
                 return Err(broken("truncated write payload"));

@@ -159,7 +159,7 @@ fn a_cut_payload_puts_back_what_it_overwrote() {
         drop(theirs);
         let (mut dst, mut undo) = (old.clone(), vec![0u8; LEN]);
         let mut start = 0;
-        let got = take_payload(input, &mut start, ours.as_fd(), &mut dst, &mut undo, &mut Poll::new(spin));
+        let got = take_payload(input, &mut start, ours.as_fd(), &mut dst, &mut undo, &mut Poll::new(spin), &mut || {});
         if sent < LEN {
             assert!(got.is_err(), "a cut payload fails");
             assert!(dst == old, "a cut payload changed the store");

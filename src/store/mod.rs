@@ -69,6 +69,9 @@ pub trait Store {
         let _ = (offset, len);
         None
     }
+    /// The serve loop is about to sleep until the next request: what the
+    /// store keeps busy for back-to-back requests can stop.
+    fn idle(&mut self) {}
     /// Memory is volatile either way: a flush only has to order writes.
     fn flush(&mut self) -> io::Result<()> {
         self.sync()

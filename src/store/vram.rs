@@ -5,7 +5,7 @@ use std::io;
 use std::ops::Range;
 
 use super::{Store, FENCES};
-use crate::cuda::{Context, CopyBatch, DeviceMem, Error, Event, Mover, Pinned, Stream, CUDA_ERROR_OUT_OF_MEMORY};
+use crate::cuda::{Context, CopyBatch, DeviceMem, Error, Event, Mailbox, Mover, Pinned, Stream, CUDA_ERROR_OUT_OF_MEMORY};
 use crate::{error, info, warn};
 
 const MIB: u64 = 1 << 20;
@@ -25,6 +25,14 @@ pub struct VramStore<'c> {
     batch: Option<Batch>,
     /// The copy kernel, for batches of small pieces.
     mover: Option<Mover<'c>>,
+    /// The resident kernel, for a lone small read while requests come
+    /// back to back; the read it has, until `finish`; whether the serve
+    /// loop slept since the last fence (requests are apart: leave it parked).
+    mailbox: Option<Mailbox<'c>>,
+    posted: Option<Posted>,
+    slept: bool,
+    /// A mailbox read failed: the next `wait` or `sync` reports it.
+    post_failed: bool,
     /// One per fence token, created before serving.
     events: Vec<Event<'c>>,
     next_fence: usize,
@@ -42,6 +50,15 @@ pub struct VramStore<'c> {
 /// Pieces a batch holds before it is issued: a full batch of 4 KiB
 /// requests, each split at most once at a chunk boundary.
 const BATCH_PIECES: usize = 256;
+
+/// A read the mailbox kernel has: its job, the staging it goes to, and
+/// its hand-over number.
+struct Posted {
+    seq: u32,
+    dst: u64,
+    len: usize,
+    index: u64,
+}
 
 struct Batch {
     copies: CopyBatch,
@@ -81,7 +98,7 @@ impl<'c> VramStore<'c> {
                 if let Some((chunks, chunk_len)) = allocate_chunks(ctx, size)? {
                     info!("allocated {} MiB of VRAM in {} chunk(s); {} MiB of {} MiB were free", size / MIB, chunks.len(), free / MIB, total / MIB);
                     let stream = ctx.stream()?;
-                    let (batched, mover) = copy_path(ctx, &stream);
+                    let (batched, mover, mailbox) = copy_path(ctx, &stream);
                     let batch = batched.then(|| Batch {
                         copies: CopyBatch::with_capacity(BATCH_PIECES),
                         writes: false,
@@ -96,6 +113,10 @@ impl<'c> VramStore<'c> {
                         size,
                         batch,
                         mover,
+                        mailbox,
+                        posted: None,
+                        slept: true,
+                        post_failed: false,
                         events,
                         next_fence: 0,
                         unrecorded: None,
@@ -150,7 +171,7 @@ impl<'c> VramStore<'c> {
 
     /// Issues the waiting batch, if any; a failure shows at `fence`.
     fn flush(&mut self) {
-        if self.batch.as_ref().is_none_or(|b| b.copies.is_empty()) {
+        if self.batch.as_ref().is_none_or(|b| b.copies.is_empty()) || self.post_lone_read() {
             return;
         }
         let handed = self.hand_over();
@@ -162,10 +183,66 @@ impl<'c> VramStore<'c> {
         }
     }
 
+    /// Gives a batch that is one small read to the mailbox kernel, when
+    /// the stream has nothing left to do (so the read sees every write
+    /// before it; an error asking is left for the next wait to report). Starts the kernel if requests came back to back; the
+    /// read that does it, or finds it not ready yet, goes to the stream.
+    fn post_lone_read(&mut self) -> bool {
+        let (Some(mailbox), Some(b)) = (&mut self.mailbox, &mut self.batch) else { return false };
+        let Some((dst, src, len)) = b.copies.lone().filter(|&(_, src, len)| !b.writes && Mailbox::takes(src, len)) else {
+            return false;
+        };
+        if self.posted.is_some() || self.done != self.issued && !self.stream.is_done().unwrap_or(false) {
+            return false;
+        }
+        self.done = self.issued;
+        if !mailbox.ready() {
+            if !self.slept {
+                if let Err(e) = mailbox.start() {
+                    warn!("the mailbox kernel did not start ({e}): lone reads go through the copy engine");
+                    self.mailbox = None;
+                }
+            }
+            return false;
+        }
+        let seq = mailbox.post(src, len);
+        b.copies.clear();
+        self.unrecorded = None; // every fence so far is complete
+        self.issued += 1;
+        self.posted = Some(Posted { seq, dst, len, index: self.issued });
+        true
+    }
+
+    /// Waits for the mailbox's read and moves its bytes into staging.
+    fn finish(&mut self) -> Result<(), Error> {
+        let (Some(p), Some(mailbox)) = (self.posted.take(), &self.mailbox) else { return Ok(()) };
+        if let Err(e) = mailbox.wait(p.seq) {
+            self.post_failed = true;
+            return Err(e);
+        }
+        // SAFETY: `dst` is the staging buffer given to `read`, which the
+        // caller leaves alone until a wait or sync returns (the trait's
+        // contract), and this is that wait.
+        let dst = unsafe { std::slice::from_raw_parts_mut(p.dst as *mut u8, p.len) };
+        dst.copy_from_slice(mailbox.landed(p.len));
+        self.done = self.done.max(p.index);
+        Ok(())
+    }
+
+    /// `finish`, and a failure of an earlier one, as the trait reports them.
+    fn finished(&mut self) -> io::Result<()> {
+        let finished = self.finish();
+        if std::mem::take(&mut self.post_failed) {
+            return Err(finished.err().map_or(io::Error::from_raw_os_error(libc::EIO), eio));
+        }
+        Ok(())
+    }
+
     /// Counts one more hand-over of work to the stream, recording first
     /// the event of a fence that it follows. Should recording fail, the
     /// stream is drained instead, which completes that fence too.
     fn hand_over(&mut self) -> Result<(), Error> {
+        self.finish()?; // the stream's work comes after the mailbox's
         if let Some(token) = self.unrecorded.take() {
             if let Err(e) = self.stream.record(&self.events[token]) {
                 error!("{e}");
@@ -300,6 +377,7 @@ impl<'c> Store for VramStore<'c> {
 
     fn fence(&mut self) -> io::Result<usize> {
         self.flush();
+        self.slept = false;
         let failed = self.batch.as_mut().is_some_and(|b| std::mem::take(&mut b.failed));
         // A fence with no work since the last one is the same point.
         let token = match self.unrecorded {
@@ -319,6 +397,9 @@ impl<'c> Store for VramStore<'c> {
     }
 
     fn wait(&mut self, token: usize) -> io::Result<()> {
+        if self.post_failed || self.posted.as_ref().is_some_and(|p| p.index <= self.fenced[token]) {
+            self.finished()?;
+        }
         if self.fenced[token] <= self.done {
             return Ok(());
         }
@@ -339,19 +420,35 @@ impl<'c> Store for VramStore<'c> {
         self.flush();
         self.next_fence = 0;
         self.unrecorded = None;
+        let finished = self.finished();
         if self.issued > self.done {
             self.stream.sync().map_err(eio)?;
             self.done = self.issued;
         }
-        Ok(())
+        finished
+    }
+
+    /// Parks the mailbox kernel: a GPU shared with other work gets its SM
+    /// back, and its clocks may drop.
+    fn idle(&mut self) {
+        self.slept = true;
+        if self.mailbox.is_some() {
+            if let Err(e) = self.finish() {
+                error!("{e}");
+            }
+        }
+        if let Some(mailbox) = &mut self.mailbox {
+            mailbox.park();
+        }
     }
 }
 
 /// How copies are issued: batches of small pieces by the copy kernel
 /// (unless `NBD_VRAM_KERNEL=0`), other batches by cuMemcpyBatchAsync_v2
-/// where the driver has it; `NBD_VRAM_BATCH=0` turns both off, one driver
-/// call per copy. The switches compare the paths on one machine.
-fn copy_path<'c>(ctx: &'c Context, stream: &Stream) -> (bool, Option<Mover<'c>>) {
+/// where the driver has it, a lone small read by the mailbox kernel
+/// (unless `NBD_VRAM_MAILBOX=0`); `NBD_VRAM_BATCH=0` turns all three off,
+/// one driver call per copy. The switches compare the paths on one machine.
+fn copy_path<'c>(ctx: &'c Context, stream: &Stream) -> (bool, Option<Mover<'c>>, Option<Mailbox<'c>>) {
     let off = |var| std::env::var(var).is_ok_and(|v| v == "0");
     let wanted = !off("NBD_VRAM_BATCH");
     let mover = match (wanted && !off("NBD_VRAM_KERNEL")).then(|| ctx.mover()).flatten() {
@@ -368,12 +465,30 @@ fn copy_path<'c>(ctx: &'c Context, stream: &Stream) -> (bool, Option<Mover<'c>>)
         Some(_) => info!("copies: small ones by the copy kernel, others {rest}"),
         None => info!("copies: {rest}"),
     }
-    (api || mover.is_some(), mover)
+    let batched = api || mover.is_some();
+    let mailbox = match (batched && !off("NBD_VRAM_MAILBOX")).then(|| ctx.mailbox()).flatten() {
+        Some(Ok(mailbox)) => {
+            info!("lone small reads: by the mailbox kernel while requests come back to back");
+            Some(mailbox)
+        }
+        Some(Err(e)) => {
+            warn!("the mailbox kernel did not load ({e}): lone reads go through the copy engine");
+            None
+        }
+        None => None,
+    };
+    (batched, mover, mailbox)
 }
 
 impl Drop for VramStore<'_> {
-    /// Nothing queued may outlive the memory, module or staging it uses.
+    /// Nothing queued may outlive the memory, module or staging it uses;
+    /// the mailbox kernel goes first, as freeing memory may wait for every
+    /// kernel to end.
     fn drop(&mut self) {
+        if let Err(e) = self.finish() {
+            error!("{e}");
+        }
+        self.mailbox = None;
         if let Err(e) = self.stream.sync() {
             error!("{e}");
         }

@@ -47,7 +47,8 @@ typedef struct { unsigned order; struct { unsigned type; int id; } src_hint, dst
     X(cuModuleLoadData, (void **, const void *)) X(cuModuleGetFunction, (void **, void *, const char *)) \
     X(cuModuleUnload, (void *)) \
     X(cuLaunchKernel, (void *, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, \
-                       CUstream, void **, void **))
+                       CUstream, void **, void **)) \
+    X(cuStreamQuery, (CUstream)) X(cuDeviceGetAttribute, (int *, int, CUdevice))
 
 #define FIELD(name, args) CUresult(*name) args;
 static struct { APIS(FIELD) } cu;
@@ -455,6 +456,107 @@ static void s_kernel(void)
     EQ(cu.cuModuleUnload(mod), 0);
 }
 
+/* The mailbox kernel: alive at launch, each posted job run at the next
+ * query or sync of its stream, length 0 ends it. */
+static const char mailbox_ptx[] = ".version 7.0\n.visible .entry nbd_vram_mailbox(.param .u64 slot)\n{ ret; }\n";
+static void post(unsigned char *slot, CUdeviceptr src, unsigned seq, unsigned len)
+{
+    __atomic_store_n((unsigned long long *)slot, src, __ATOMIC_RELAXED);
+    __atomic_store_n((unsigned long long *)(slot + 8), seq | (unsigned long long)len << 32, __ATOMIC_RELEASE);
+}
+static unsigned flag(unsigned char *slot, int at) { return __atomic_load_n((unsigned *)(slot + at), __ATOMIC_ACQUIRE); }
+
+/* Loads the kernel and launches it on a new non-blocking stream, over
+ * fresh device memory of 8 KiB filled with 7. The slot's sequence is 0,
+ * and the kernel takes it as done. */
+static CUstream mailbox(void **fn, unsigned char **slot, unsigned char **landing, CUdeviceptr *d)
+{
+    unsigned last = 0;
+    void *mod;
+    CUstream st;
+    start(0);
+    EQ(cu.cuModuleLoadData(&mod, mailbox_ptx), 0);
+    EQ(cu.cuModuleGetFunction(fn, mod, "nbd_vram_copy"), 500);   /* not in this module */
+    EQ(cu.cuModuleGetFunction(fn, mod, "nbd_vram_mailbox"), 0);
+    EQ(cu.cuMemHostAlloc((void **)slot, 4096, 2), 0);
+    EQ(cu.cuMemHostAlloc((void **)landing, 65536, 2), 0);
+    EQ(cu.cuMemAlloc_v2(d, 8192), 0);
+    EQ(cu.cuMemsetD8_v2(*d, 7, 8192), 0);
+    EQ(cu.cuStreamCreate(&st, 1), 0);
+    __atomic_store_n((unsigned *)(*slot + 128), ~0u, __ATOMIC_RELEASE);
+    void *params[3] = {slot, landing, &last};
+    EQ(cu.cuLaunchKernel(*fn, 1, 1, 1, 256, 1, 1, 0, st, params, NULL), 0);
+    EQ(flag(*slot, 128), last);   /* alive */
+    return st;
+}
+
+static void s_mailbox(void)
+{
+    void *fn;
+    unsigned char *slot, *landing;
+    CUdeviceptr d;
+    CUstream blocking;
+    int v = -1;
+    CUstream st = mailbox(&fn, &slot, &landing, &d);
+    EQ(cu.cuDeviceGetAttribute(&v, 17, 0), 0);
+    EQ(v, 0);
+    EQ(cu.cuDeviceGetAttribute(&v, 16, 0), 1);
+    unsigned last = 0;
+    void *params[3] = {&slot, &landing, &last};
+    EQ(cu.cuStreamCreate(&blocking, 0), 0);
+    EQ(cu.cuLaunchKernel(fn, 1, 1, 1, 256, 1, 1, 0, blocking, params, NULL), 1);   /* the legacy stream would wait */
+    EQ(cu.cuLaunchKernel(fn, 1, 1, 1, 256, 1, 1, 0, st, params, NULL), 1);         /* behind one that never ends */
+    EQ(cu.cuStreamQuery(st), 600);
+    post(slot, d + 16, 1, 4096);
+    EQ(flag(slot, 64), 0);            /* runs at the query */
+    EQ(cu.cuStreamQuery(st), 600);
+    EQ(flag(slot, 64), 1);
+    EQ(all(landing, 4096, 7), 1);
+    post(slot, 0, 2, 0);              /* end */
+    EQ(cu.cuStreamSynchronize(st), 0);
+    EQ(flag(slot, 64), 2);
+    EQ(cu.cuStreamQuery(st), 0);
+    last = 2;
+    EQ(cu.cuLaunchKernel(fn, 1, 1, 1, 256, 1, 1, 0, st, params, NULL), 0);
+    EQ(flag(slot, 128), 2);
+    EQ(cu.cuMemsetD8Async(d, 9, 16, NULL), 0);
+    post(slot, d, 3, 16);             /* with a memset pending: a race on a GPU */
+    EQ(cu.cuStreamQuery(st), 700);
+    EQ(flag(slot, 64), 2);
+    EQ(cu.cuStreamQuery(st), 700);    /* sticky */
+}
+
+static void s_fail_mailbox(void)   /* FAIL_MAILBOX 2, EXEC_TIMEOUT 1 */
+{
+    void *fn;
+    unsigned char *slot, *landing;
+    CUdeviceptr d;
+    int v = -1;
+    CUstream st = mailbox(&fn, &slot, &landing, &d);
+    EQ(cu.cuDeviceGetAttribute(&v, 17, 0), 0);
+    EQ(v, 1);
+    post(slot, d, 1, 4096);
+    EQ(cu.cuStreamQuery(st), 600);
+    EQ(flag(slot, 64), 1);
+    post(slot, d + 8, 2, 4096);       /* misaligned */
+    EQ(cu.cuStreamQuery(st), 716);
+    EQ(cu.cuMemsetD8_v2(d, 0, 16), 716);
+}
+
+static void s_fail_mailbox_job(void)   /* FAIL_MAILBOX 2 */
+{
+    void *fn;
+    unsigned char *slot, *landing;
+    CUdeviceptr d;
+    CUstream st = mailbox(&fn, &slot, &landing, &d);
+    post(slot, d, 1, 4096);
+    EQ(cu.cuStreamQuery(st), 600);
+    post(slot, d, 2, 4096);
+    EQ(cu.cuStreamQuery(st), 700);
+    EQ(flag(slot, 64), 1);
+    EQ(cu.cuMemsetD8_v2(d, 0, 16), 700);
+}
+
 static void s_no_jit(void)
 {
     void *mod;
@@ -658,7 +760,8 @@ static int run(const char *name, void (*fn)(void), const char *env)
     if (pid == 0) {
         scenario = name;
         static const char *const knobs[] = {"DEVICES", "TOTAL_MIB", "FREE_MIB", "MAX_ALLOC_MIB",
-            "INIT_ERROR", "FAIL_COPY", "FAIL_SYNC", "LOG", "BACKING", "PCI_DIR"};
+            "INIT_ERROR", "FAIL_COPY", "FAIL_SYNC", "LOG", "BACKING", "PCI_DIR", "NO_JIT",
+            "EXEC_TIMEOUT", "FAIL_MAILBOX"};
         char var[32], *e = strdup(env), *save = NULL;   /* "K=V K=V" */
         for (size_t i = 0; i < sizeof knobs / sizeof *knobs; i++) {
             snprintf(var, sizeof var, "FAKE_CUDA_%s", knobs[i]);
@@ -721,6 +824,9 @@ int main(int argc, char **argv)
     bad |= run("fail_sync", s_fail_sync, "FAKE_CUDA_FAIL_SYNC=2");
     bad |= run("kernel", s_kernel, "");
     bad |= run("no_jit", s_no_jit, "FAKE_CUDA_NO_JIT=1");
+    bad |= run("mailbox", s_mailbox, "");
+    bad |= run("mailbox_misalign", s_fail_mailbox, "FAKE_CUDA_EXEC_TIMEOUT=1");
+    bad |= run("fail_mailbox", s_fail_mailbox_job, "FAKE_CUDA_FAIL_MAILBOX=2");
     snprintf(env, sizeof env, "FAKE_CUDA_BACKING=%s/backing", tmp);
     bad |= run("backing_file", s_backing, env);
     snprintf(env, sizeof env, "FAKE_CUDA_BACKING=%s/backing FAKE_CUDA_TOTAL_MIB=32", tmp);

@@ -1,8 +1,9 @@
 /* A fake CUDA driver (libcuda.so.1) for testing nbd-vram without a GPU.
  *
- * It exports the 29 driver entry points nbd-vram needs and the five it uses
- * where present (cuMemcpyBatchAsync_v2, the copy kernel's module and launch
- * calls), with the real ABI, and backs "device memory" with
+ * It exports the 29 driver entry points nbd-vram needs and the seven it uses
+ * where present (cuMemcpyBatchAsync_v2, the copy and mailbox kernels' module
+ * and launch calls, cuStreamQuery, cuDeviceGetAttribute), with the real ABI,
+ * and backs "device memory" with
  * ordinary memory of this process, so a CUdeviceptr is a real address here.
  * Async copies and memsets are deferred to a queue that runs at the latest
  * legal moment (a sync, a synchronous copy, a free), so a caller that skips a
@@ -59,6 +60,7 @@ static const struct { CUresult code; const char *name, *text; } errors[] = {
     {804, "CUDA_ERROR_COMPAT_NOT_SUPPORTED_ON_DEVICE",
      "forward compatibility was attempted on non supported HW"},
     {218, "CUDA_ERROR_INVALID_PTX", "a PTX JIT compilation failed"},
+    {600, "CUDA_ERROR_NOT_READY", "device not ready"},
     {221, "CUDA_ERROR_JIT_COMPILER_NOT_FOUND", "PTX JIT compiler library not found"},
     {999, "CUDA_ERROR_UNKNOWN", "unknown error"},
 };
@@ -68,7 +70,9 @@ static const struct { CUresult code; const char *name, *text; } errors[] = {
 #define MAX_DEVICES 16
 
 struct CUctx_st { int dev, refs; };        /* a device's primary context */
-struct CUstream_st { int dev; struct CUstream_st *next; };
+/* The mailbox kernel resident on a stream, if any (see mailbox_run). */
+struct mailbox { unsigned char *slot, *landing; unsigned last; int running; };
+struct CUstream_st { int dev; unsigned flags; struct mailbox mb; struct CUstream_st *next; };
 /* seq: the queue position recorded (0: never recorded, syncs at once) */
 struct CUevent_st { int dev; unsigned long long seq; struct CUevent_st *next; };
 struct block { char *p; size_t size; int dev; struct block *next; };
@@ -83,7 +87,7 @@ static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static CUresult init_rc = -1;             /* -1: cuInit(0) not called yet */
 static int ndev;
 static size_t max_alloc = SIZE_MAX;
-static unsigned long long fail_copy, copies, fail_sync, syncs, no_jit;
+static unsigned long long fail_copy, copies, fail_sync, syncs, no_jit, exec_timeout, fail_mailbox, mailbox_jobs;
 static CUresult sticky;                   /* FAKE_CUDA_FAIL_SYNC's error, once it fired */
 static char log_path[PATH_MAX];
 static struct block *allocs;              /* device memory, sorted by address */
@@ -229,7 +233,8 @@ static CUresult do_init(void)
     int free_set = knob_mib("FAKE_CUDA_FREE_MIB", &free);
     if (total_set < 0 || free_set < 0 || knob_mib("FAKE_CUDA_MAX_ALLOC_MIB", &max_alloc) < 0 ||
         knob("FAKE_CUDA_FAIL_COPY", &fail_copy) < 0 || knob("FAKE_CUDA_FAIL_SYNC", &fail_sync) < 0 ||
-        knob("FAKE_CUDA_NO_JIT", &no_jit) < 0)
+        knob("FAKE_CUDA_NO_JIT", &no_jit) < 0 || knob("FAKE_CUDA_EXEC_TIMEOUT", &exec_timeout) < 0 ||
+        knob("FAKE_CUDA_FAIL_MAILBOX", &fail_mailbox) < 0)
         return E_UNKNOWN;
     if (backing && *backing) {
         CUresult rc = map_backing(backing, &base, &bsize);
@@ -485,8 +490,20 @@ static CUresult mem_alloc(CUdeviceptr *dptr, size_t size)
 }
 API CUresult cuMemAlloc_v2(CUdeviceptr *dptr, size_t size) { LOCKED(mem_alloc(dptr, size)); }
 
+/* Freeing memory may wait for every kernel to end: with a resident one,
+ * for ever. The fake stops the test instead. */
+static void no_resident_kernel(const char *call)
+{
+    for (struct CUstream_st *s = streams; s; s = s->next)
+        if (s->mb.running) {
+            fprintf(stderr, "fake libcuda: %s while nbd_vram_mailbox runs would wait for ever\n", call);
+            abort();
+        }
+}
+
 static CUresult mem_free(CUdeviceptr dptr)
 {
+    no_resident_kernel("cuMemFree");
     CUresult rc = ctx_ok();
     struct block **pp = &allocs, *b = NULL;
     while (!rc && *pp && (*pp)->p != (char *)(uintptr_t)dptr) pp = &(*pp)->next;
@@ -591,17 +608,18 @@ API CUresult cuMemcpyBatchAsync_v2(CUdeviceptr *dsts, CUdeviceptr *srcs, size_t 
                                    void *attrs, size_t *idxs, size_t nattrs, CUstream s)
 { LOCKED(batch(dsts, srcs, sizes, count, attrs, idxs, nattrs, s)); }
 
-/* Modules: the fake cannot run PTX, so it knows one kernel by name, the
- * copy kernel whose behaviour it reproduces (see README.md). A module is
- * a handle to its image; the function is the address of a static. */
-static char copy_kernel;
+/* Modules: the fake cannot run PTX, so it knows two kernels by name, the
+ * copy and mailbox kernels whose behaviour it reproduces (see README.md).
+ * A module is a handle to its image; a function is the address of a static. */
+static char copy_kernel, mailbox_kernel;
 #define COPY_KERNEL "nbd_vram_copy"
+#define MAILBOX_KERNEL "nbd_vram_mailbox"
 
 static CUresult module_load(void **mod, const void *image)
 {
     CUresult rc = need_ctx() ? need_ctx() : !mod || !image ? E_VALUE : OK;
     if (!rc && no_jit) rc = 221;
-    if (!rc && !strstr(image, ".entry " COPY_KERNEL "(")) rc = 218;
+    if (!rc && !strstr(image, ".entry " COPY_KERNEL "(") && !strstr(image, ".entry " MAILBOX_KERNEL "(")) rc = 218;
     if (!rc) *mod = (void *)image;
     return rc;
 }
@@ -610,8 +628,11 @@ API CUresult cuModuleLoadData(void **mod, const void *image) { LOCKED(module_loa
 static CUresult module_function(void **fn, void *mod, const char *name)
 {
     CUresult rc = need_ctx() ? need_ctx() : !fn || !mod || !name ? E_VALUE : OK;
-    if (!rc && strcmp(name, COPY_KERNEL)) rc = 500;   /* CUDA_ERROR_NOT_FOUND */
-    if (!rc) *fn = &copy_kernel;
+    char entry[64];
+    snprintf(entry, sizeof entry, ".entry %s(", name ? name : "");
+    if (!rc && (strlen(name) > 32 || !strstr(mod, entry))) rc = 500;   /* CUDA_ERROR_NOT_FOUND */
+    if (!rc && strcmp(name, COPY_KERNEL) && strcmp(name, MAILBOX_KERNEL)) rc = 500;
+    if (!rc) *fn = strcmp(name, COPY_KERNEL) ? (void *)&mailbox_kernel : (void *)&copy_kernel;
     return rc;
 }
 API CUresult cuModuleGetFunction(void **fn, void *mod, const char *name) { LOCKED(module_function(fn, mod, name)); }
@@ -620,9 +641,12 @@ API CUresult cuModuleUnload(void *mod) { return mod ? OK : E_HANDLE; }
 /* The copy kernel: params are a u32 count and up to 128 {dst, src, len},
  * one block each, 16-byte aligned. Queued like a batch, last to first,
  * since blocks run in any order. */
+static CUresult mailbox_launch(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
+                               unsigned bz, unsigned shared, CUstream s, void **params, void **extra);
 static CUresult launch(void *fn, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
                        unsigned bz, unsigned shared, CUstream s, void **params, void **extra)
 {
+    if (fn == &mailbox_kernel && !need_ctx()) return mailbox_launch(gx, gy, gz, bx, by, bz, shared, s, params, extra);
     CUresult rc = need_ctx() ? need_ctx() : fn != &copy_kernel ? E_HANDLE : OK;
     if (rc) return rc;
     unsigned count = params ? *(unsigned *)params[0] : 0;
@@ -644,6 +668,108 @@ static CUresult launch(void *fn, unsigned gx, unsigned gy, unsigned gz, unsigned
     logf_("launch " COPY_KERNEL " %u -> %s", count, short_name(rc));
     return rc;
 }
+/* The mailbox kernel: params are the slot page, the landing buffer (both
+ * pinned host memory here) and the sequence taken as done; one block. A
+ * GPU runs it at once and it polls the slot; the fake has no thread for it
+ * (a thread's stack would need memory under the very pressure the VM test
+ * makes): it writes `alive` at the launch and runs the posted job at the
+ * next cuStreamQuery or cuStreamSynchronize of its stream, as late as the
+ * fake runs all async work. A job while async work is pending would race
+ * with it on a GPU: the fake reports it as a fault. */
+#define SLOT_WORD 8
+#define SLOT_DONE 64
+#define SLOT_ALIVE 128
+#define LANDING_MAX 65536
+
+static int is_host(const void *p, size_t n)
+{
+    for (struct block *b = host_allocs; b; b = b->next)
+        if ((const char *)p >= b->p && n <= b->size - (size_t)((const char *)p - b->p)) return 1;
+    return 0;
+}
+
+static CUresult mailbox_run(CUstream s);
+static CUresult mailbox_launch(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
+                               unsigned bz, unsigned shared, CUstream s, void **params, void **extra)
+{
+    if (!params || extra || shared || gx != 1 || gy != 1 || gz != 1 || by != 1 || bz != 1 || bx == 0 || bx > 1024)
+        return E_VALUE;
+    if ((uintptr_t)s <= 2 || !stream_ok(s)) return E_HANDLE;
+    unsigned char *slot = *(unsigned char **)params[0], *landing = *(unsigned char **)params[1];
+    if (!is_host(slot, 4096) || !is_host(landing, LANDING_MAX)) return E_VALUE;
+    CUresult rc = mailbox_run(s);   /* stream order: the last one takes its job (an end?) first */
+    if (rc) return rc;
+    if (!(s->flags & 1)) {
+        fprintf(stderr, "fake libcuda: " MAILBOX_KERNEL " on a blocking stream: the legacy stream's calls would wait for it for ever\n");
+        return E_VALUE;
+    }
+    if (s->mb.running) {
+        fprintf(stderr, "fake libcuda: " MAILBOX_KERNEL " launched behind one that was never told to end: it would never start\n");
+        return E_VALUE;
+    }
+    s->mb = (struct mailbox){slot, landing, *(unsigned *)params[2], 1};
+    __atomic_store_n((unsigned *)(slot + SLOT_ALIVE), s->mb.last, __ATOMIC_RELEASE);
+    logf_("launch " MAILBOX_KERNEL " -> ok");
+    return OK;
+}
+
+/* Runs the job posted on stream s, if any; a fault ends the kernel with
+ * the sticky error, as on a GPU. */
+static CUresult mailbox_run(CUstream s)
+{
+    struct mailbox *m = &s->mb;
+    if (!m->running) return OK;
+    unsigned long long word = __atomic_load_n((unsigned long long *)(m->slot + SLOT_WORD), __ATOMIC_ACQUIRE);
+    unsigned seq = (unsigned)word, len = (unsigned)(word >> 32);
+    if (seq == m->last) return OK;
+    char *src = (char *)(uintptr_t)__atomic_load_n((unsigned long long *)m->slot, __ATOMIC_RELAXED);
+    m->last = seq;
+    CUresult rc = OK;
+    if (len && done != queued) {
+        fprintf(stderr, "fake libcuda: a " MAILBOX_KERNEL " job while async work is pending: it would race with it\n");
+        rc = E_ILLEGAL;
+    } else if (len) {
+        struct op o = {D2H, 0, src, m->landing, len};
+        if (len > LANDING_MAX || ((uintptr_t)src | len) % 16) rc = 716;
+        else if (check_copy(&o, 0, NULL)) rc = E_ILLEGAL;   /* outside device memory */
+        else if (++mailbox_jobs == fail_mailbox) rc = E_ILLEGAL;
+        else run_op(&o);
+    }
+    if (rc) {
+        m->running = 0;
+        sticky = rc;
+        logf_(MAILBOX_KERNEL " job %llu -> %s", mailbox_jobs, short_name(rc));
+        return rc;
+    }
+    if (len) logf_(MAILBOX_KERNEL " job %llu %u -> ok", mailbox_jobs, len);
+    __atomic_store_n((unsigned *)(m->slot + SLOT_DONE), seq, __ATOMIC_RELEASE);
+    if (!len) {
+        m->running = 0;
+        logf_(MAILBOX_KERNEL " ended after %llu jobs", mailbox_jobs);
+    }
+    return OK;
+}
+
+/* A query runs the pending async work (CUDA may run it any time) and the
+ * stream's mailbox job, if any. */
+static CUresult stream_query(CUstream s)
+{
+    CUresult rc = need_ctx() ? need_ctx() : stream_ok(s) ? OK : E_HANDLE;
+    if (!rc && (uintptr_t)s > 2) rc = mailbox_run(s);
+    if (!rc && ((uintptr_t)s > 2 && s->mb.running)) rc = 600;
+    if (!rc) drain();
+    return rc;
+}
+API CUresult cuStreamQuery(CUstream s) { LOCKED(stream_query(s)); }
+
+static CUresult device_attribute(int *v, int attr, CUdevice d)
+{
+    CUresult rc = need_dev(d) ? need_dev(d) : !v || attr != 17 ? E_VALUE : OK;   /* KERNEL_EXEC_TIMEOUT only */
+    if (!rc) *v = exec_timeout != 0;
+    return rc;
+}
+API CUresult cuDeviceGetAttribute(int *v, int attr, CUdevice d) { LOCKED(device_attribute(v, attr, d)); }
+
 API CUresult cuLaunchKernel(void *fn, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
                             unsigned bz, unsigned shared, CUstream s, void **params, void **extra)
 { LOCKED(launch(fn, gx, gy, gz, bx, by, bz, shared, s, params, extra)); }
@@ -666,6 +792,7 @@ API CUresult cuMemHostAlloc(void **pp, size_t size, unsigned flags) { LOCKED(hos
 
 static CUresult free_host(void *p)
 {
+    no_resident_kernel("cuMemFreeHost");
     CUresult rc = ctx_ok();
     struct block **pp = &host_allocs, *b = NULL;
     while (!rc && *pp && (*pp)->p != p) pp = &(*pp)->next;
@@ -686,16 +813,22 @@ static CUresult stream_create(CUstream *ps, unsigned flags)
     struct CUstream_st *s = rc ? NULL : malloc(sizeof *s);
     if (!rc && !s) rc = E_OOM;
     if (rc) return rc;
-    *s = (struct CUstream_st){current->dev, streams};
+    *s = (struct CUstream_st){current->dev, flags, {0}, streams};
     streams = *ps = s;
     return OK;
 }
 API CUresult cuStreamCreate(CUstream *ps, unsigned flags) { LOCKED(stream_create(ps, flags)); }
 
-/* Any stream's sync runs all the pending work: there is one queue. */
+/* Any stream's sync runs all the pending work: there is one queue. A
+ * mailbox kernel that was not told to end would make it wait for ever. */
 static CUresult stream_sync(CUstream s)
 {
     CUresult rc = need_ctx() ? need_ctx() : stream_ok(s) ? OK : E_HANDLE;
+    if (!rc && (uintptr_t)s > 2) rc = mailbox_run(s);
+    if (!rc && (uintptr_t)s > 2 && s->mb.running) {
+        fprintf(stderr, "fake libcuda: cuStreamSynchronize would wait for ever for " MAILBOX_KERNEL "\n");
+        abort();
+    }
     return rc ? rc : sync_to(queued);
 }
 API CUresult cuStreamSynchronize(CUstream s) { LOCKED(stream_sync(s)); }

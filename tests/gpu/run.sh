@@ -63,9 +63,9 @@ read -r PIN_S PIN_C <<<"${PIN:-}"
 ALL_CPUS=0-$(($(nproc) - 1))
 bench_one() {
 	local name=$1 bin=$2; shift 2
-	step "bench: $name ($*${NBD_VRAM_GROUP:+, NBD_VRAM_GROUP=$NBD_VRAM_GROUP}${NBD_VRAM_KERNEL:+, NBD_VRAM_KERNEL=$NBD_VRAM_KERNEL}${PIN:+, server on CPU $PIN_S, client on CPU $PIN_C})"
+	step "bench: $name ($*${NBD_VRAM_GROUP:+, NBD_VRAM_GROUP=$NBD_VRAM_GROUP}${SERVER_ENV:+, $SERVER_ENV}${PIN:+, server on CPU $PIN_S, client on CPU $PIN_C})"
 	rm -f "$T/$name.sock"
-	taskset -c "${PIN_S:-$ALL_CPUS}" "$bin" serve --listen "unix:$T/$name.sock" "$@" 2>"$T/$name.log" &
+	env ${SERVER_ENV:-} taskset -c "${PIN_S:-$ALL_CPUS}" "$bin" serve --listen "unix:$T/$name.sock" "$@" 2>"$T/$name.log" &
 	local pid=$!
 	for _ in $(seq 600); do [ -S "$T/$name.sock" ] && break; sleep 0.1; done
 	taskset -c "${PIN_C:-$ALL_CPUS}" "$B" bench --connect "unix:$T/$name.sock" --seconds "$SECONDS_PER" | tee "$T/$name.txt"
@@ -79,21 +79,23 @@ bench_one() {
 # ROUNDS (default 1) repeats the whole set, so that the spread between
 # rounds shows what is noise. target/gpu/nbd-vram-before, if carried, is
 # an older build benchmarked alongside; GROUP0=1 adds the VRAM store with
-# one fence per batch. vram-nokernel is the same build without the copy
-# kernel (NBD_VRAM_KERNEL=0).
+# one fence per batch. vram-ab is the same build with the server
+# environment AB (default NBD_VRAM_MAILBOX=0: no mailbox kernel; AB= to
+# leave it out).
 mbps() { grep '^bench:' "$1" | sed 's/.*pattern=\([^ ]*\) mbps=\([^ ]*\).*/\1 \2/' | sort; }
 for r in $(seq "${ROUNDS:-1}"); do
 	# Which goes first alternates, so that place in the round cannot pass
 	# for the difference between them.
-	[ $((r % 2)) = 0 ] && NBD_VRAM_KERNEL=0 bench_one "vram-nokernel-$r" "$B" --size "$SIZE"
+	AB=${AB-NBD_VRAM_MAILBOX=0}
+	[ -n "$AB" ] && [ $((r % 2)) = 0 ] && SERVER_ENV=$AB bench_one "vram-ab-$r" "$B" --size "$SIZE"
 	bench_one "vram-$r" "$B" --size "$SIZE"
-	[ $((r % 2)) = 1 ] && NBD_VRAM_KERNEL=0 bench_one "vram-nokernel-$r" "$B" --size "$SIZE"
+	[ -n "$AB" ] && [ $((r % 2)) = 1 ] && SERVER_ENV=$AB bench_one "vram-ab-$r" "$B" --size "$SIZE"
 	[ "${GROUP0:-0}" = 1 ] && NBD_VRAM_GROUP=0 bench_one "vram-group0-$r" "$B" --size "$SIZE"
 	[ -x target/gpu/nbd-vram-before ] && bench_one "vram-before-$r" target/gpu/nbd-vram-before --size "$SIZE"
 	bench_one "host-$r" "$B" --store host --size "$SIZE"
 
 	step "round $r: each VRAM server / host per pattern (MB/s)"
-	for name in vram vram-nokernel vram-group0 vram-before; do
+	for name in vram vram-ab vram-group0 vram-before; do
 		[ -f "$T/$name-$r.txt" ] || continue
 		join <(mbps "$T/$name-$r.txt") <(mbps "$T/host-$r.txt") |
 			awk -v n="$name" '{printf "%-12s %-18s %8.1f  host %8.1f MB/s  %5.1f%%\n", n, $1, $2, $3, 100*$2/$3}'
