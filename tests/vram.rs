@@ -632,12 +632,13 @@ fn read_what_was_just_written(server: &mut VramServer) {
     server.assert_alive();
 }
 
-/// The mailbox kernel's jobs the fake ran, and its launches and ends.
-fn mailbox_counts(server: &VramServer) -> (usize, usize, usize) {
+/// The mailbox kernel's reads and writes the fake ran, and its launches
+/// and ends.
+fn mailbox_counts(server: &VramServer) -> [usize; 4] {
     let log = server.cuda_log();
-    let count = |p: &str| log.lines().filter(|l| l.starts_with(p)).count();
-    let jobs = log.lines().filter(|l| l.starts_with("nbd_vram_mailbox job ") && l.ends_with("-> ok")).count();
-    (jobs, count("launch nbd_vram_mailbox -> ok"), count("nbd_vram_mailbox ended"))
+    let count = |p: &str, q: &str| log.lines().filter(|l| l.starts_with(p) && l.contains(q)).count();
+    let jobs = |what| count("nbd_vram_mailbox job ", &format!(" {what} ")) - count("nbd_vram_mailbox job ", "-> ILLEGAL");
+    [jobs("read"), jobs("write"), count("launch nbd_vram_mailbox -> ok", ""), count("nbd_vram_mailbox ended", "")]
 }
 
 /// The serve loop polls (so requests come back to back, and the mailbox
@@ -648,15 +649,17 @@ fn polls() -> bool {
 }
 const SPIN_US: &str = "100000";
 
-/// Lone 4 KiB reads, back to back, go to the mailbox kernel once it runs,
-/// and each sees the write just before it. A pause parks the kernel (the
-/// loop sleeps); the read that wakes it goes to the copy engine, the next
-/// starts the kernel again (by the copy engine too), the rest are its.
+/// Lone 4 KiB reads and writes, back to back, go to the mailbox kernel
+/// once it runs, and each read sees the write just before it, by the
+/// kernel or by the copy engine (an unaligned read). A pause parks the
+/// kernel (the loop sleeps); the read that wakes it goes to the copy
+/// engine, the next starts the kernel again (by the copy engine too), the
+/// rest are its.
 #[test]
-fn lone_reads_go_through_the_mailbox_kernel() {
+fn lone_copies_go_through_the_mailbox_kernel() {
     let serve = Serve::new(16).env("NBD_VRAM_BATCH", "1").env("FAKE_CUDA_MAX_ALLOC_MIB", "8");
     let mut server = serve.env("NBD_VRAM_SPIN", SPIN_US).start();
-    assert!(server.log().contains("lone small reads: by the mailbox kernel"), "{}", server.log());
+    assert!(server.log().contains("lone small copies: by the mailbox kernel"), "{}", server.log());
     let mut nbd = Nbd::connect(&server.sock);
     let blocks: Vec<u64> = (0..24).map(|i| (i * 683 % 4096) * 4096).collect();
     let mut model: Vec<Vec<u8>> = blocks.iter().map(|_| vec![0u8; 4096]).collect();
@@ -675,7 +678,7 @@ fn lone_reads_go_through_the_mailbox_kernel() {
     }
     nbd.disconnect();
     server.assert_alive();
-    let (jobs, launched, ended) = mailbox_counts(&server);
+    let [jobs, writes, launched, ended] = mailbox_counts(&server);
     if !polls() {
         eprintln!("one CPU: the loop never polls, so the mailbox kernel never starts");
         return;
@@ -686,6 +689,7 @@ fn lone_reads_go_through_the_mailbox_kernel() {
     assert!(launched >= 3 && ended == launched - 1, "launched {launched} times, ended {ended} times");
     let aligned = 3 * 32;
     assert!(jobs >= aligned / 2, "{jobs} of {aligned} lone aligned reads by the mailbox kernel:\n{}", server.cuda_log());
+    assert!(writes >= 24 / 2, "{writes} of 24 lone writes by the mailbox kernel:\n{}", server.cuda_log());
 }
 
 /// `NBD_VRAM_MAILBOX=0` leaves it out; so does a GPU that limits how long
@@ -701,9 +705,9 @@ fn the_mailbox_kernel_stays_out_when_told_or_limited() {
         nbd.disconnect();
         server.assert_alive();
         let log = server.log();
-        assert!(!log.contains("lone small reads"), "{var}={value}:\n{log}");
+        assert!(!log.contains("lone small copies"), "{var}={value}:\n{log}");
         assert!(says.is_none_or(|s| log.contains(s)), "{var}={value}:\n{log}");
-        assert_eq!(mailbox_counts(&server), (0, 0, 0), "{var}={value}");
+        assert_eq!(mailbox_counts(&server), [0; 4], "{var}={value}");
     }
 }
 
@@ -724,7 +728,7 @@ fn a_mailbox_fault_fails_every_request_after_it() {
         good += 1;
         assert!(good < 100, "no read failed:\n{}", server.cuda_log());
     }
-    assert!(server.cuda_log().contains("nbd_vram_mailbox job 3 -> ILLEGAL_ADDRESS"), "{}", server.cuda_log());
+    assert!(server.cuda_log().contains("nbd_vram_mailbox job 3 read -> ILLEGAL_ADDRESS"), "{}", server.cuda_log());
     assert_lost(&mut server, nbd, "cuStreamQuery: CUDA_ERROR_ILLEGAL_ADDRESS", "FAIL_MAILBOX=3");
 }
 
@@ -739,6 +743,35 @@ fn bench_verify_passes_with_the_mailbox_kernel() {
     out.assert_success("bench --verify");
     assert!(out.stdout.contains("verify: 8192 lone 4 KiB reads"), "{}", out.stdout);
     assert!(out.stdout.contains("verify: PASS, 32 MiB"), "{}", out.stdout);
-    let (jobs, _, _) = mailbox_counts(&server);
-    assert!(!polls() || jobs > 4096, "{jobs} lone reads by the mailbox kernel");
+    let [reads, writes, ..] = mailbox_counts(&server);
+    assert!(!polls() || reads > 4096 && writes > 1024, "{reads} lone reads and {writes} writes by the mailbox kernel");
+}
+
+/// Two reads in one batch park the mailbox kernel (batches serve a deeper
+/// queue); lone reads in a row start it again.
+#[test]
+fn a_deeper_queue_parks_the_mailbox_kernel() {
+    use std::io::Write;
+    if !polls() {
+        eprintln!("one CPU: the loop never polls, so the mailbox kernel never starts");
+        return;
+    }
+    let mut server = Serve::new(8).env("NBD_VRAM_BATCH", "1").env("NBD_VRAM_SPIN", SPIN_US).start();
+    let mut nbd = Nbd::connect(&server.sock);
+    let lone = |nbd: &mut Nbd| (0..4).for_each(|_| read_ok(nbd, 4096, &[0; 4096], "a lone read"));
+    lone(&mut nbd);
+    assert_eq!(mailbox_counts(&server)[2], 1, "lone reads start the kernel:\n{}", server.cuda_log());
+    let pair = [common::raw::header(0, CMD_READ, 1, 0, 4096), common::raw::header(0, CMD_READ, 2, 8192, 4096)].concat();
+    nbd.s.write_all(&pair).unwrap();
+    for cookie in [1, 2] {
+        assert_eq!(nbd.reply(), (0, cookie));
+        let mut got = [0u8; 4096];
+        nbd.s.read_exact(&mut got).unwrap();
+    }
+    lone(&mut nbd);
+    nbd.disconnect();
+    server.assert_alive();
+    let [reads, _, launched, ended] = mailbox_counts(&server);
+    assert_eq!((launched, ended), (2, 1), "parked by the pair, started again:\n{}", server.cuda_log());
+    assert_eq!(reads, 4, "two lone reads of each run by the kernel");
 }

@@ -1,13 +1,16 @@
 //! The mailbox kernel: one resident block that polls a job slot in mapped
-//! pinned memory and copies what it names into a landing buffer there. A
-//! lone 4 KiB read then costs no launch and no copy-engine hand-over: 3.4 µs
-//! against 7.0–8.0 µs for `cuMemcpyDtoHAsync` and `cuStreamSynchronize`
-//! (H200, 2026-12-02, tests/gpu/dtoh-probe.c, BENCHMARKS.md "Ninth run").
+//! pinned memory and copies between the VRAM it names and a landing buffer
+//! there. A lone 4 KiB read then costs no launch and no copy-engine
+//! hand-over: 3.4 µs against 7.0–8.0 µs for `cuMemcpyDtoHAsync` and
+//! `cuStreamSynchronize` (H200, 2026-12-02, tests/gpu/dtoh-probe.c,
+//! BENCHMARKS.md "Ninth run"); a lone write is handed over with a memcpy
+//! and a store, where `cuMemcpyHtoDAsync` costs the CPU 2.1–2.6 µs.
 //!
 //! While it runs it holds one SM and keeps the GPU clocked up, and a
 //! kernel that never ends shares the GPU badly with other processes'
-//! work; so it runs only while requests come back to back, and `park`
-//! ends it whenever the serve loop goes to sleep.
+//! work; so the store starts it only for lone copies in a row, and `park`
+//! ends it whenever the serve loop sleeps, a client leaves or the queue
+//! deepens.
 
 use std::ffi::{c_int, c_uint, c_void};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -17,12 +20,14 @@ use super::kernel::LaunchKernel;
 use super::sys::{self, CUfunction, CUmodule, CUresult, CUstream};
 use super::{Context, Error, Pinned, Stream};
 
-/// Thread 0 polls the job (16 bytes: source u64; sequence u32, length u32)
-/// in one read over PCIe; the block copies 16 bytes per thread per step,
-/// bypassing L1, which copies by other kernels and the copy engine do not
-/// keep coherent; after a system-wide fence thread 0 writes the sequence to
-/// `done`. Length 0 ends the kernel. At start it writes `last`, the
-/// sequence it takes as done, to `alive`.
+/// Thread 0 polls the job (16 bytes: VRAM address u64; sequence u32,
+/// length u32 with the top bit set for a write) in one read over PCIe. The
+/// block copies 16 bytes per thread per step between VRAM and the landing
+/// buffer, bypassing L1, which copies by other kernels and the copy engine
+/// do not keep coherent, and reading the landing buffer afresh each time;
+/// after a system-wide fence thread 0 writes the sequence to `done`. Length
+/// 0 ends the kernel. At start it writes `last`, the sequence it takes as
+/// done, to `alive`.
 const PTX: &str = "\
 .version 7.0
 .target sm_75
@@ -30,7 +35,7 @@ const PTX: &str = "\
 
 .visible .entry nbd_vram_mailbox(.param .u64 slot, .param .u64 landing, .param .u32 last)
 {
-	.reg .pred %p<4>;
+	.reg .pred %p<5>;
 	.reg .b32 %r<12>;
 	.reg .b64 %rd<9>;
 	.shared .align 16 .b8 job[16];
@@ -56,15 +61,23 @@ TAKE:
 	cvt.u32.u64 %r1, %rd4;
 	shr.u64 %rd5, %rd4, 32;
 	cvt.u32.u64 %r4, %rd5;
+	setp.ge.u32 %p4, %r4, 0x80000000;
+	and.b32 %r4, %r4, 0x7fffffff;
 	mul.lo.u32 %r5, %r2, 16;
 COPY:
 	setp.ge.u32 %p3, %r5, %r4;
 	@%p3 bra COPIED;
 	cvt.u64.u32 %rd6, %r5;
 	add.u64 %rd7, %rd3, %rd6;
-	ld.global.cg.v4.u32 {%r6, %r7, %r8, %r9}, [%rd7];
 	add.u64 %rd8, %rd2, %rd6;
+	@%p4 bra WRITE;
+	ld.global.cg.v4.u32 {%r6, %r7, %r8, %r9}, [%rd7];
 	st.global.v4.u32 [%rd8], {%r6, %r7, %r8, %r9};
+	bra STEP;
+WRITE:
+	ld.global.cv.v4.u32 {%r6, %r7, %r8, %r9}, [%rd8];
+	st.global.cg.v4.u32 [%rd7], {%r6, %r7, %r8, %r9};
+STEP:
 	add.u32 %r5, %r5, %r10;
 	bra COPY;
 COPIED:
@@ -89,10 +102,12 @@ const THREADS: c_uint = 256;
 const LANDING: usize = 64 * 1024;
 /// Byte offsets in the slot page: the job, then flags the device writes,
 /// each in its own cache line.
-const JOB_SRC: usize = 0;
+const JOB_VRAM: usize = 0;
 const JOB_WORD: usize = 8;
 const DONE: usize = 64;
 const ALIVE: usize = 128;
+/// The length's top bit: the job copies the landing buffer to VRAM.
+const WRITE: u64 = 1 << 31;
 /// How often a wait asks the driver whether the kernel still runs.
 const CHECK: Duration = Duration::from_micros(100);
 
@@ -177,9 +192,9 @@ impl Context {
 }
 
 impl Mailbox<'_> {
-    /// Whether a job of `len` bytes from device address `src` fits.
-    pub fn takes(src: u64, len: usize) -> bool {
-        len > 0 && len <= LANDING && (src | len as u64) % 16 == 0
+    /// Whether a job of `len` bytes at device address `vram` fits.
+    pub fn takes(vram: u64, len: usize) -> bool {
+        len > 0 && len <= LANDING && (vram | len as u64) % 16 == 0
     }
 
     fn u32_at(&self, at: usize) -> &AtomicU32 {
@@ -223,15 +238,28 @@ impl Mailbox<'_> {
         Ok(())
     }
 
-    /// Posts a job; the caller has waited for the one before. Returns its
-    /// sequence, for `wait`.
-    pub fn post(&mut self, src: u64, len: usize) -> u32 {
-        debug_assert!(len == 0 || Mailbox::takes(src, len));
+    /// Posts a read of `len` bytes at `src`, into the landing buffer; the
+    /// caller has waited for the job before. Returns its sequence, for `wait`.
+    pub fn post_read(&mut self, src: u64, len: usize) -> u32 {
+        debug_assert!(Mailbox::takes(src, len));
+        self.post(src, len as u64)
+    }
+
+    /// Posts a write of `data` to `dst`, through the landing buffer; the
+    /// caller has waited for the job before. Returns its sequence.
+    pub fn post_write(&mut self, dst: u64, data: &[u8]) -> u32 {
+        debug_assert!(Mailbox::takes(dst, data.len()));
+        self.landing[..data.len()].copy_from_slice(data);
+        self.post(dst, data.len() as u64 | WRITE)
+    }
+
+    fn post(&mut self, vram: u64, len: u64) -> u32 {
         self.seq = self.seq.wrapping_add(1);
-        self.u64_at(JOB_SRC).store(src, Ordering::Relaxed);
+        self.u64_at(JOB_VRAM).store(vram, Ordering::Relaxed);
         // Release: the kernel reads both words in one access, and a new
-        // sequence in it must come with the new source.
-        self.u64_at(JOB_WORD).store(u64::from(self.seq) | (len as u64) << 32, Ordering::Release);
+        // sequence in it must come with the new address (and a write with
+        // its data in the landing buffer).
+        self.u64_at(JOB_WORD).store(u64::from(self.seq) | len << 32, Ordering::Release);
         self.seq
     }
 
@@ -259,7 +287,7 @@ impl Mailbox<'_> {
         Ok(())
     }
 
-    /// The bytes of the last job done.
+    /// The bytes of the last read done.
     pub fn landed(&self, len: usize) -> &[u8] {
         &self.landing[..len]
     }

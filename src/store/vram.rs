@@ -25,13 +25,13 @@ pub struct VramStore<'c> {
     batch: Option<Batch>,
     /// The copy kernel, for batches of small pieces.
     mover: Option<Mover<'c>>,
-    /// The resident kernel, for a lone small read while requests come
-    /// back to back; the read it has, until `finish`; whether the serve
-    /// loop slept since the last fence (requests are apart: leave it parked).
+    /// The resident kernel, for a lone small copy while requests come
+    /// back to back; the copy it has, until `finish`; lone copies in a row
+    /// since the serve loop last slept or a batch held more than one.
     mailbox: Option<Mailbox<'c>>,
     posted: Option<Posted>,
-    slept: bool,
-    /// A mailbox read failed: the next `wait` or `sync` reports it.
+    lone_run: u32,
+    /// A mailbox copy failed: the next `wait` or `sync` reports it.
     post_failed: bool,
     /// One per fence token, created before serving.
     events: Vec<Event<'c>>,
@@ -47,16 +47,21 @@ pub struct VramStore<'c> {
     done: u64,
 }
 
+/// Lone copies in a row before the mailbox kernel starts: the first after
+/// a sleep says nothing of the next request; the second, that they come
+/// back to back. The second still goes to the copy engine, as the kernel
+/// starts.
+const START_AFTER: u32 = 2;
+
 /// Pieces a batch holds before it is issued: a full batch of 4 KiB
 /// requests, each split at most once at a chunk boundary.
 const BATCH_PIECES: usize = 256;
 
-/// A read the mailbox kernel has: its job, the staging it goes to, and
-/// its hand-over number.
+/// A copy the mailbox kernel has: its job, the staging a read goes to
+/// (`None` for a write), and its hand-over number.
 struct Posted {
     seq: u32,
-    dst: u64,
-    len: usize,
+    read_into: Option<(u64, usize)>,
     index: u64,
 }
 
@@ -115,7 +120,7 @@ impl<'c> VramStore<'c> {
                         mover,
                         mailbox,
                         posted: None,
-                        slept: true,
+                        lone_run: 0,
                         post_failed: false,
                         events,
                         next_fence: 0,
@@ -171,7 +176,7 @@ impl<'c> VramStore<'c> {
 
     /// Issues the waiting batch, if any; a failure shows at `fence`.
     fn flush(&mut self) {
-        if self.batch.as_ref().is_none_or(|b| b.copies.is_empty()) || self.post_lone_read() {
+        if self.batch.as_ref().is_none_or(|b| b.copies.is_empty()) || self.post_lone() {
             return;
         }
         let handed = self.hand_over();
@@ -183,50 +188,85 @@ impl<'c> VramStore<'c> {
         }
     }
 
-    /// Gives a batch that is one small read to the mailbox kernel, when
-    /// the stream has nothing left to do (so the read sees every write
-    /// before it; an error asking is left for the next wait to report). Starts the kernel if requests came back to back; the
-    /// read that does it, or finds it not ready yet, goes to the stream.
-    fn post_lone_read(&mut self) -> bool {
-        let (Some(mailbox), Some(b)) = (&mut self.mailbox, &mut self.batch) else { return false };
-        let Some((dst, src, len)) = b.copies.lone().filter(|&(_, src, len)| !b.writes && Mailbox::takes(src, len)) else {
+    /// Gives a batch that is one small copy to the mailbox kernel, when
+    /// the stream has nothing left to do (so the copy comes after every one
+    /// before it; an error asking is left for the next wait to report).
+    /// Starts the kernel if requests came back to back; the copy that does
+    /// it, or finds it not ready yet, goes to the stream.
+    fn post_lone(&mut self) -> bool {
+        let Some(b) = &self.batch else { return false };
+        let Some((dst, src, len)) = b.copies.lone() else {
+            // A deeper queue: batches serve it, and the kernel would only
+            // hold the GPU.
+            self.lone_run = 0;
+            self.park();
             return false;
         };
-        if self.posted.is_some() || self.done != self.issued && !self.stream.is_done().unwrap_or(false) {
+        let (writes, vram) = (b.writes, if b.writes { dst } else { src });
+        if self.mailbox.is_none() || !Mailbox::takes(vram, len) || self.finish().is_err() {
+            return false;
+        }
+        self.lone_run += 1;
+        if self.done != self.issued && !self.stream.is_done().unwrap_or(false) {
             return false;
         }
         self.done = self.issued;
+        let (Some(mailbox), Some(b)) = (&mut self.mailbox, &mut self.batch) else { return false };
         if !mailbox.ready() {
-            if !self.slept {
+            if self.lone_run >= START_AFTER {
                 if let Err(e) = mailbox.start() {
-                    warn!("the mailbox kernel did not start ({e}): lone reads go through the copy engine");
+                    warn!("the mailbox kernel did not start ({e}): lone copies go through the copy engine");
                     self.mailbox = None;
                 }
             }
             return false;
         }
-        let seq = mailbox.post(src, len);
+        let (seq, read_into) = if writes {
+            // SAFETY: `src` is the staging given to `write`, which the
+            // caller leaves unchanged until a later wait or sync (the
+            // trait's contract); `len` bytes of it were queued.
+            let data = unsafe { std::slice::from_raw_parts(src as *const u8, len) };
+            (mailbox.post_write(dst, data), None)
+        } else {
+            (mailbox.post_read(src, len), Some((dst, len)))
+        };
         b.copies.clear();
         self.unrecorded = None; // every fence so far is complete
         self.issued += 1;
-        self.posted = Some(Posted { seq, dst, len, index: self.issued });
+        self.posted = Some(Posted { seq, read_into, index: self.issued });
         true
     }
 
-    /// Waits for the mailbox's read and moves its bytes into staging.
+    /// Waits for the mailbox's copy and moves a read's bytes into staging.
     fn finish(&mut self) -> Result<(), Error> {
         let (Some(p), Some(mailbox)) = (self.posted.take(), &self.mailbox) else { return Ok(()) };
         if let Err(e) = mailbox.wait(p.seq) {
             self.post_failed = true;
             return Err(e);
         }
-        // SAFETY: `dst` is the staging buffer given to `read`, which the
-        // caller leaves alone until a wait or sync returns (the trait's
-        // contract), and this is that wait.
-        let dst = unsafe { std::slice::from_raw_parts_mut(p.dst as *mut u8, p.len) };
-        dst.copy_from_slice(mailbox.landed(p.len));
+        if let Some((dst, len)) = p.read_into {
+            // SAFETY: `dst` is the staging buffer given to `read`, which the
+            // caller leaves alone until a wait or sync returns (the trait's
+            // contract), and this is that wait.
+            let dst = unsafe { std::slice::from_raw_parts_mut(dst as *mut u8, len) };
+            dst.copy_from_slice(mailbox.landed(len));
+        }
         self.done = self.done.max(p.index);
         Ok(())
+    }
+
+    /// Ends the mailbox kernel once its copy is done: a GPU shared with
+    /// other work gets its SM back, and its clocks may drop. A failure is
+    /// left for the next wait or sync to report.
+    fn park(&mut self) {
+        if self.mailbox.is_some() {
+            if let Err(e) = self.finish() {
+                error!("{e}");
+            }
+        }
+        if let Some(mailbox) = &mut self.mailbox {
+            mailbox.park();
+        }
     }
 
     /// `finish`, and a failure of an earlier one, as the trait reports them.
@@ -377,7 +417,6 @@ impl<'c> Store for VramStore<'c> {
 
     fn fence(&mut self) -> io::Result<usize> {
         self.flush();
-        self.slept = false;
         let failed = self.batch.as_mut().is_some_and(|b| std::mem::take(&mut b.failed));
         // A fence with no work since the last one is the same point.
         let token = match self.unrecorded {
@@ -428,18 +467,11 @@ impl<'c> Store for VramStore<'c> {
         finished
     }
 
-    /// Parks the mailbox kernel: a GPU shared with other work gets its SM
-    /// back, and its clocks may drop.
+    /// Requests are apart: the mailbox kernel waits for lone copies in a
+    /// row again before it starts.
     fn idle(&mut self) {
-        self.slept = true;
-        if self.mailbox.is_some() {
-            if let Err(e) = self.finish() {
-                error!("{e}");
-            }
-        }
-        if let Some(mailbox) = &mut self.mailbox {
-            mailbox.park();
-        }
+        self.lone_run = 0;
+        self.park();
     }
 }
 
@@ -468,11 +500,11 @@ fn copy_path<'c>(ctx: &'c Context, stream: &Stream) -> (bool, Option<Mover<'c>>,
     let batched = api || mover.is_some();
     let mailbox = match (batched && !off("NBD_VRAM_MAILBOX")).then(|| ctx.mailbox()).flatten() {
         Some(Ok(mailbox)) => {
-            info!("lone small reads: by the mailbox kernel while requests come back to back");
+            info!("lone small copies: by the mailbox kernel at queue depth 1");
             Some(mailbox)
         }
         Some(Err(e)) => {
-            warn!("the mailbox kernel did not load ({e}): lone reads go through the copy engine");
+            warn!("the mailbox kernel did not load ({e}): lone copies go through the copy engine");
             None
         }
         None => None,

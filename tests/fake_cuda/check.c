@@ -456,8 +456,9 @@ static void s_kernel(void)
     EQ(cu.cuModuleUnload(mod), 0);
 }
 
-/* The mailbox kernel: alive at launch, each posted job run at the next
- * query or sync of its stream, length 0 ends it. */
+/* The mailbox kernel: alive at launch, each posted job (a read into the
+ * landing buffer, or with the length's top bit a write from it) run at the
+ * next query or sync of its stream, length 0 ends it. */
 static const char mailbox_ptx[] = ".version 7.0\n.visible .entry nbd_vram_mailbox(.param .u64 slot)\n{ ret; }\n";
 static void post(unsigned char *slot, CUdeviceptr src, unsigned seq, unsigned len)
 {
@@ -512,17 +513,24 @@ static void s_mailbox(void)
     EQ(cu.cuStreamQuery(st), 600);
     EQ(flag(slot, 64), 1);
     EQ(all(landing, 4096, 7), 1);
-    post(slot, 0, 2, 0);              /* end */
+    memset(landing, 3, 32);
+    post(slot, d + 32, 2, 32 | 1u << 31);   /* a write: landing to VRAM */
+    EQ(cu.cuStreamQuery(st), 600);
+    EQ(flag(slot, 64), 2);
+    unsigned char back[96];
+    EQ(cu.cuMemcpyDtoH_v2(back, d, 96), 0);
+    EQ(all(back, 32, 7) && all(back + 32, 32, 3) && all(back + 64, 32, 7), 1);
+    post(slot, 0, 3, 0);              /* end */
     EQ(cu.cuStreamSynchronize(st), 0);
-    EQ(flag(slot, 64), 2);
+    EQ(flag(slot, 64), 3);
     EQ(cu.cuStreamQuery(st), 0);
-    last = 2;
+    last = 3;
     EQ(cu.cuLaunchKernel(fn, 1, 1, 1, 256, 1, 1, 0, st, params, NULL), 0);
-    EQ(flag(slot, 128), 2);
+    EQ(flag(slot, 128), 3);
     EQ(cu.cuMemsetD8Async(d, 9, 16, NULL), 0);
-    post(slot, d, 3, 16);             /* with a memset pending: a race on a GPU */
+    post(slot, d, 4, 16);             /* with a memset pending: a race on a GPU */
     EQ(cu.cuStreamQuery(st), 700);
-    EQ(flag(slot, 64), 2);
+    EQ(flag(slot, 64), 3);
     EQ(cu.cuStreamQuery(st), 700);    /* sticky */
 }
 

@@ -670,6 +670,8 @@ static CUresult launch(void *fn, unsigned gx, unsigned gy, unsigned gz, unsigned
 }
 /* The mailbox kernel: params are the slot page, the landing buffer (both
  * pinned host memory here) and the sequence taken as done; one block. A
+ * job copies between VRAM and the landing buffer (the length's top bit: to
+ * VRAM). A
  * GPU runs it at once and it polls the slot; the fake has no thread for it
  * (a thread's stack would need memory under the very pressure the VM test
  * makes): it writes `alive` at the launch and runs the posted job at the
@@ -720,17 +722,17 @@ static CUresult mailbox_run(CUstream s)
     struct mailbox *m = &s->mb;
     if (!m->running) return OK;
     unsigned long long word = __atomic_load_n((unsigned long long *)(m->slot + SLOT_WORD), __ATOMIC_ACQUIRE);
-    unsigned seq = (unsigned)word, len = (unsigned)(word >> 32);
+    unsigned seq = (unsigned)word, len = (unsigned)(word >> 32) & 0x7fffffff, write = (unsigned)(word >> 63);
     if (seq == m->last) return OK;
-    char *src = (char *)(uintptr_t)__atomic_load_n((unsigned long long *)m->slot, __ATOMIC_RELAXED);
+    char *vram = (char *)(uintptr_t)__atomic_load_n((unsigned long long *)m->slot, __ATOMIC_RELAXED);
     m->last = seq;
     CUresult rc = OK;
     if (len && done != queued) {
         fprintf(stderr, "fake libcuda: a " MAILBOX_KERNEL " job while async work is pending: it would race with it\n");
         rc = E_ILLEGAL;
     } else if (len) {
-        struct op o = {D2H, 0, src, m->landing, len};
-        if (len > LANDING_MAX || ((uintptr_t)src | len) % 16) rc = 716;
+        struct op o = {write ? H2D : D2H, 0, vram, m->landing, len};
+        if (len > LANDING_MAX || ((uintptr_t)vram | len) % 16) rc = 716;
         else if (check_copy(&o, 0, NULL)) rc = E_ILLEGAL;   /* outside device memory */
         else if (++mailbox_jobs == fail_mailbox) rc = E_ILLEGAL;
         else run_op(&o);
@@ -738,10 +740,10 @@ static CUresult mailbox_run(CUstream s)
     if (rc) {
         m->running = 0;
         sticky = rc;
-        logf_(MAILBOX_KERNEL " job %llu -> %s", mailbox_jobs, short_name(rc));
+        logf_(MAILBOX_KERNEL " job %llu %s -> %s", mailbox_jobs, write ? "write" : "read", short_name(rc));
         return rc;
     }
-    if (len) logf_(MAILBOX_KERNEL " job %llu %u -> ok", mailbox_jobs, len);
+    if (len) logf_(MAILBOX_KERNEL " job %llu %s %u -> ok", mailbox_jobs, write ? "write" : "read", len);
     __atomic_store_n((unsigned *)(m->slot + SLOT_DONE), seq, __ATOMIC_RELEASE);
     if (!len) {
         m->running = 0;
