@@ -477,7 +477,7 @@ impl<'c> Store for VramStore<'c> {
 
 /// How copies are issued: batches of small pieces by the copy kernel
 /// (unless `NBD_VRAM_KERNEL=0`), other batches by cuMemcpyBatchAsync_v2
-/// where the driver has it, a lone small read by the mailbox kernel
+/// where the driver has it, a lone small copy by the mailbox kernel
 /// (unless `NBD_VRAM_MAILBOX=0`); `NBD_VRAM_BATCH=0` turns all three off,
 /// one driver call per copy. The switches compare the paths on one machine.
 fn copy_path<'c>(ctx: &'c Context, stream: &Stream) -> (bool, Option<Mover<'c>>, Option<Mailbox<'c>>) {

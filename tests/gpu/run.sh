@@ -81,7 +81,8 @@ bench_one() {
 # an older build benchmarked alongside; GROUP0=1 adds the VRAM store with
 # one fence per batch. vram-ab is the same build with the server
 # environment AB (default NBD_VRAM_MAILBOX=0: no mailbox kernel; AB= to
-# leave it out).
+# leave it out; AB=NBD_VRAM_KERNEL=0 is the vram-nokernel of the runs
+# before the ninth in BENCHMARKS.md).
 mbps() { grep '^bench:' "$1" | sed 's/.*pattern=\([^ ]*\) mbps=\([^ ]*\).*/\1 \2/' | sort; }
 for r in $(seq "${ROUNDS:-1}"); do
 	# Which goes first alternates, so that place in the round cannot pass
