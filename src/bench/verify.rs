@@ -2,8 +2,9 @@
 //! from each word's offset, in a scrambled order, then reads it all back
 //! in another order and compares every byte. Then lone 4 KiB reads, one at
 //! a time as swap-ins come (the VRAM store's mailbox path), some right
-//! after a write of new data to the same block, read back both ways. A correctness check over
-//! the full range (every chunk of a VRAM store), not a benchmark.
+//! after a write of new data to the same block, read back both ways. A
+//! correctness check over the full range (every chunk of a VRAM store),
+//! not a benchmark.
 
 use std::io::{Read, Write};
 use std::time::Instant;

@@ -5,7 +5,7 @@ mod kernel;
 mod mailbox;
 mod sys;
 
-use std::ffi::{c_char, c_void, CStr};
+use std::ffi::{c_char, c_uint, c_void, CStr};
 use std::fmt;
 use std::ops::{Deref, DerefMut};
 
@@ -198,7 +198,7 @@ impl Context {
         self.stream_with(0)
     }
 
-    fn stream_with(&self, flags: std::ffi::c_uint) -> Result<Stream<'_>, Error> {
+    fn stream_with(&self, flags: c_uint) -> Result<Stream<'_>, Error> {
         let mut stream: CUstream = std::ptr::null_mut();
         // SAFETY: writes one stream handle to a live local; the flags are
         // 0 (default) or CU_STREAM_NON_BLOCKING.
