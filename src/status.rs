@@ -2,8 +2,10 @@
 //! /run/nbd-vram/ once a second (from its own thread, never from the serve
 //! loop); `status` reads them back.
 
+use std::ffi::{CStr, CString};
 use std::fmt::Write as _;
 use std::fs;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering::Relaxed;
@@ -38,8 +40,12 @@ fn now() -> u64 {
 /// buffer, since under memory pressure even this thread should not wait
 /// in reclaim.
 pub fn publish(inst: &Instance, stats: &Stats, mut tick: impl FnMut() -> bool) {
-    let path = PathBuf::from(DIR).join(format!("{}.status", inst.name));
-    let file = fs::create_dir_all(DIR).and_then(|()| fs::File::create(&path));
+    let name = format!("{}.status", inst.name);
+    let path = PathBuf::from(DIR).join(&name);
+    // The directory by descriptor too: a daemon started from the initramfs
+    // sees /run move away at switch_root, and must still remove its file.
+    let dir = fs::create_dir_all(DIR).and_then(|()| fs::File::open(DIR));
+    let file = fs::File::create(&path);
     let file = match file {
         Ok(f) => f,
         Err(e) => return crate::warn!("{}: {e}; `nbd-vram status` will not see this instance", path.display()),
@@ -57,7 +63,21 @@ pub fn publish(inst: &Instance, stats: &Stats, mut tick: impl FnMut() -> bool) {
             break;
         }
     }
-    let _ = fs::remove_file(&path);
+    match (dir, CString::new(name)) {
+        (Ok(dir), Ok(name)) => unlink_in(&dir, &name),
+        _ => {
+            let _ = fs::remove_file(&path);
+        }
+    }
+}
+
+/// Removes `name` from the directory open as `dir`, wherever it is mounted now.
+fn unlink_in(dir: &fs::File, name: &CStr) {
+    // SAFETY: `dir` is an open directory and `name` a NUL-terminated
+    // relative name, both live for the call; unlinkat only reads them.
+    if unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), 0) } < 0 {
+        crate::debug!("{}: {}", name.to_string_lossy(), std::io::Error::last_os_error());
+    }
 }
 
 /// One `key=value` a line: trivially written and read, no JSON parser.
