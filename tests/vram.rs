@@ -632,13 +632,17 @@ fn read_what_was_just_written(server: &mut VramServer) {
     server.assert_alive();
 }
 
-/// The mailbox kernel's reads and writes the fake ran, and its launches
-/// and ends.
+/// The mailbox kernel's 4 KiB reads and writes the fake ran, and its
+/// launches and ends.
 fn mailbox_counts(server: &VramServer) -> [usize; 4] {
     let log = server.cuda_log();
-    let count = |p: &str, q: &str| log.lines().filter(|l| l.starts_with(p) && l.contains(q)).count();
-    let jobs = |what| count("nbd_vram_mailbox job ", &format!(" {what} ")) - count("nbd_vram_mailbox job ", "-> ILLEGAL");
-    [jobs("read"), jobs("write"), count("launch nbd_vram_mailbox -> ok", ""), count("nbd_vram_mailbox ended", "")]
+    let count = |p: &str, q: &str| log.lines().filter(|l| l.starts_with(p) && l.ends_with(q)).count();
+    [
+        count("nbd_vram_mailbox job ", " read 4096 -> ok"),
+        count("nbd_vram_mailbox job ", " write 4096 -> ok"),
+        count("launch nbd_vram_mailbox -> ok", ""),
+        count("nbd_vram_mailbox ended", " jobs"),
+    ]
 }
 
 /// The serve loop polls (so requests come back to back, and the mailbox
