@@ -673,22 +673,24 @@ static CUresult launch(void *fn, unsigned gx, unsigned gy, unsigned gz, unsigned
 /* The mailbox kernel: params are the slot page, the landing buffer (both
  * pinned host memory here) and the sequence taken as done; one block. A
  * job copies between VRAM and the landing buffer (the length's top bit: to
- * VRAM). A
- * GPU runs it at once and it polls the slot; the fake has no thread for it
- * (a thread's stack would need memory under the very pressure the VM test
- * makes): it writes `alive` at the launch and runs the posted job at the
- * next cuStreamQuery or cuStreamSynchronize of its stream, as late as the
- * fake runs all async work. A job while async work is pending would race
- * with it on a GPU: the fake reports it as a fault. */
+ * VRAM). A GPU runs it at once and it polls the slot; the fake has no
+ * thread for it (a thread's stack would need memory under the very
+ * pressure the VM test makes): it writes `alive` at the launch and runs
+ * the posted job at the next cuStreamQuery or cuStreamSynchronize of its
+ * stream, as late as the fake runs all async work. A job while async work
+ * is pending would race with it on a GPU: the fake reports it as a fault. */
 #define SLOT_WORD 8
 #define SLOT_DONE 64
 #define SLOT_ALIVE 128
 #define LANDING_MAX 65536
 
-static int is_host(const void *p, size_t n)
+/* Whether p..p+n lies inside one block of `list`. */
+static int inside(const struct block *list, const void *p, size_t n)
 {
-    for (struct block *b = host_allocs; b; b = b->next)
-        if ((const char *)p >= b->p && n <= b->size - (size_t)((const char *)p - b->p)) return 1;
+    for (const struct block *b = list; b; b = b->next)
+        if ((const char *)p >= b->p && (const char *)p < b->p + b->size &&
+            n <= b->size - (size_t)((const char *)p - b->p))
+            return 1;
     return 0;
 }
 
@@ -699,7 +701,7 @@ static CUresult mailbox_launch(unsigned gx, unsigned gy, unsigned gz, unsigned b
         return E_VALUE;
     if ((uintptr_t)s <= 2 || !stream_ok(s)) return E_HANDLE;
     unsigned char *slot = *(unsigned char **)params[0], *landing = *(unsigned char **)params[1];
-    if (!is_host(slot, 4096) || !is_host(landing, LANDING_MAX)) return E_VALUE;
+    if (!inside(host_allocs, slot, 4096) || !inside(host_allocs, landing, LANDING_MAX)) return E_VALUE;
     CUresult rc = mailbox_run(s);   /* stream order: the last one takes its job (an end?) first */
     if (rc) return rc;
     if (!(s->flags & 1)) {
@@ -734,7 +736,7 @@ static CUresult mailbox_run(CUstream s)
     } else if (len) {
         struct op o = {write ? H2D : D2H, 0, vram, m->landing, len};
         if (len > LANDING_MAX || ((uintptr_t)vram | len) % 16) rc = 716;
-        else if (check_copy(&o, 0, NULL)) rc = E_ILLEGAL;   /* outside device memory */
+        else if (!inside(allocs, vram, len)) rc = E_ILLEGAL;
         else if (++mailbox_jobs == fail_mailbox) rc = E_ILLEGAL;
         else run_op(&o);
     }
