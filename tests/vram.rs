@@ -779,3 +779,25 @@ fn a_deeper_queue_parks_the_mailbox_kernel() {
     assert_eq!((launched, ended), (2, 1), "parked by the pair, started again:\n{}", server.cuda_log());
     assert_eq!(reads, 4, "two lone reads of each run by the kernel");
 }
+
+/// A mailbox kernel that has not started yet (`alive` unwritten) is left
+/// alone: lone copies go to the copy engine meanwhile, it is launched once,
+/// and it is told to end all the same.
+#[test]
+fn lone_copies_wait_for_no_kernel_that_has_not_started() {
+    if !polls() {
+        eprintln!("one CPU: the loop never polls, so the mailbox kernel never starts");
+        return;
+    }
+    let serve = Serve::new(8).env("NBD_VRAM_BATCH", "1").env("NBD_VRAM_SPIN", SPIN_US);
+    let mut server = serve.env("FAKE_CUDA_LATE_START", "1").start();
+    let mut nbd = Nbd::connect(&server.sock);
+    let data = pattern(7, 4096);
+    for _ in 0..8 {
+        assert_eq!(nbd.write(4096, &data), 0);
+        read_ok(&mut nbd, 4096, &data, "a lone read while the kernel has not started");
+    }
+    nbd.disconnect();
+    server.assert_alive();
+    assert_eq!(mailbox_counts(&server), [0, 0, 1, 0], "no jobs, one launch:\n{}", server.cuda_log());
+}

@@ -71,7 +71,7 @@ static const struct { CUresult code; const char *name, *text; } errors[] = {
 
 struct CUctx_st { int dev, refs; };        /* a device's primary context */
 /* The mailbox kernel resident on a stream, if any (see mailbox_run). */
-struct mailbox { unsigned char *slot, *landing; unsigned last; int running; };
+struct mailbox { unsigned char *slot, *landing; unsigned last; int running, started; };
 struct CUstream_st { int dev; unsigned flags; struct mailbox mb; struct CUstream_st *next; };
 /* seq: the queue position recorded (0: never recorded, syncs at once) */
 struct CUevent_st { int dev; unsigned long long seq; struct CUevent_st *next; };
@@ -87,7 +87,7 @@ static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static CUresult init_rc = -1;             /* -1: cuInit(0) not called yet */
 static int ndev;
 static size_t max_alloc = SIZE_MAX;
-static unsigned long long fail_copy, copies, fail_sync, syncs, no_jit, exec_timeout, fail_mailbox, mailbox_jobs;
+static unsigned long long fail_copy, copies, fail_sync, syncs, no_jit, exec_timeout, fail_mailbox, mailbox_jobs, late_start;
 static CUresult sticky;                   /* FAKE_CUDA_FAIL_SYNC's error, once it fired */
 static char log_path[PATH_MAX];
 static struct block *allocs;              /* device memory, sorted by address */
@@ -234,7 +234,7 @@ static CUresult do_init(void)
     if (total_set < 0 || free_set < 0 || knob_mib("FAKE_CUDA_MAX_ALLOC_MIB", &max_alloc) < 0 ||
         knob("FAKE_CUDA_FAIL_COPY", &fail_copy) < 0 || knob("FAKE_CUDA_FAIL_SYNC", &fail_sync) < 0 ||
         knob("FAKE_CUDA_NO_JIT", &no_jit) < 0 || knob("FAKE_CUDA_EXEC_TIMEOUT", &exec_timeout) < 0 ||
-        knob("FAKE_CUDA_FAIL_MAILBOX", &fail_mailbox) < 0)
+        knob("FAKE_CUDA_FAIL_MAILBOX", &fail_mailbox) < 0 || knob("FAKE_CUDA_LATE_START", &late_start) < 0)
         return E_UNKNOWN;
     if (backing && *backing) {
         CUresult rc = map_backing(backing, &base, &bsize);
@@ -712,8 +712,8 @@ static CUresult mailbox_launch(unsigned gx, unsigned gy, unsigned gz, unsigned b
         fprintf(stderr, "fake libcuda: " MAILBOX_KERNEL " launched behind one that was never told to end: it would never start\n");
         return E_VALUE;
     }
-    s->mb = (struct mailbox){slot, landing, *(unsigned *)params[2], 1};
-    __atomic_store_n((unsigned *)(slot + SLOT_ALIVE), s->mb.last, __ATOMIC_RELEASE);
+    s->mb = (struct mailbox){slot, landing, *(unsigned *)params[2], 1, !late_start};
+    if (s->mb.started) __atomic_store_n((unsigned *)(slot + SLOT_ALIVE), s->mb.last, __ATOMIC_RELEASE);
     logf_("launch " MAILBOX_KERNEL " -> ok");
     return OK;
 }
@@ -724,6 +724,10 @@ static CUresult mailbox_run(CUstream s)
 {
     struct mailbox *m = &s->mb;
     if (!m->running) return OK;
+    if (!m->started) {   /* FAKE_CUDA_LATE_START: it starts only now */
+        m->started = 1;
+        __atomic_store_n((unsigned *)(m->slot + SLOT_ALIVE), m->last, __ATOMIC_RELEASE);
+    }
     unsigned long long word = __atomic_load_n((unsigned long long *)(m->slot + SLOT_WORD), __ATOMIC_ACQUIRE);
     unsigned seq = (unsigned)word, len = (unsigned)(word >> 32) & 0x7fffffff, write = (unsigned)(word >> 63);
     if (seq == m->last) return OK;
