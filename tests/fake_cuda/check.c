@@ -769,7 +769,7 @@ static int run(const char *name, void (*fn)(void), const char *env)
         scenario = name;
         static const char *const knobs[] = {"DEVICES", "TOTAL_MIB", "FREE_MIB", "MAX_ALLOC_MIB",
             "INIT_ERROR", "FAIL_COPY", "FAIL_SYNC", "LOG", "BACKING", "PCI_DIR", "NO_JIT",
-            "EXEC_TIMEOUT", "FAIL_MAILBOX"};
+            "EXEC_TIMEOUT", "FAIL_MAILBOX", "LATE_START"};
         char var[32], *e = strdup(env), *save = NULL;   /* "K=V K=V" */
         for (size_t i = 0; i < sizeof knobs / sizeof *knobs; i++) {
             snprintf(var, sizeof var, "FAKE_CUDA_%s", knobs[i]);
