@@ -44,10 +44,9 @@ pub fn publish(inst: &Instance, stats: &Stats, mut tick: impl FnMut() -> bool) {
     let path = PathBuf::from(DIR).join(&name);
     // The directory by descriptor too: a daemon started from the initramfs
     // sees /run move away at switch_root, and must still remove its file.
-    let dir = fs::create_dir_all(DIR).and_then(|()| fs::File::open(DIR));
-    let file = fs::File::create(&path);
-    let file = match file {
-        Ok(f) => f,
+    let opened = fs::create_dir_all(DIR).and_then(|()| Ok((fs::File::open(DIR)?, fs::File::create(&path)?)));
+    let (dir, file) = match opened {
+        Ok(both) => both,
         Err(e) => return crate::warn!("{}: {e}; `nbd-vram status` will not see this instance", path.display()),
     };
     let started = now();
@@ -63,9 +62,9 @@ pub fn publish(inst: &Instance, stats: &Stats, mut tick: impl FnMut() -> bool) {
             break;
         }
     }
-    match (dir, CString::new(name)) {
-        (Ok(dir), Ok(name)) => unlink_in(&dir, &name),
-        _ => {
+    match CString::new(name) {
+        Ok(name) => unlink_in(&dir, &name),
+        Err(_) => {
             let _ = fs::remove_file(&path);
         }
     }
