@@ -653,6 +653,17 @@ fn polls() -> bool {
 }
 const SPIN_US: &str = "100000";
 
+/// An 8 MiB server whose mailbox kernel can run (batches on, polling as
+/// above), with `env` added; `None` on one CPU.
+fn mailbox_server(env: &[(&str, &str)]) -> Option<VramServer> {
+    if !polls() {
+        eprintln!("one CPU: the loop never polls, so the mailbox kernel never starts");
+        return None;
+    }
+    let serve = Serve::new(8).env("NBD_VRAM_BATCH", "1").env("NBD_VRAM_SPIN", SPIN_US);
+    Some(env.iter().fold(serve, |serve, &(k, v)| serve.env(k, v)).start())
+}
+
 /// Lone 4 KiB reads and writes, back to back, go to the mailbox kernel
 /// once it runs, and each read sees the write just before it, by the
 /// kernel or by the copy engine (an unaligned read). A pause parks the
@@ -719,12 +730,7 @@ fn the_mailbox_kernel_stays_out_when_told_or_limited() {
 /// read it had answers EIO, and so does every request after it.
 #[test]
 fn a_mailbox_fault_fails_every_request_after_it() {
-    if !polls() {
-        eprintln!("one CPU: the loop never polls, so the mailbox kernel never starts");
-        return;
-    }
-    let serve = Serve::new(8).env("NBD_VRAM_BATCH", "1").env("NBD_VRAM_SPIN", SPIN_US);
-    let mut server = serve.env("FAKE_CUDA_FAIL_MAILBOX", "3").start();
+    let Some(mut server) = mailbox_server(&[("FAKE_CUDA_FAIL_MAILBOX", "3")]) else { return };
     let mut nbd = Nbd::connect(&server.sock);
     let mut good = 0;
     while let Ok(data) = nbd.read(8192, 4096) {
@@ -756,11 +762,7 @@ fn bench_verify_passes_with_the_mailbox_kernel() {
 #[test]
 fn a_deeper_queue_parks_the_mailbox_kernel() {
     use std::io::Write;
-    if !polls() {
-        eprintln!("one CPU: the loop never polls, so the mailbox kernel never starts");
-        return;
-    }
-    let mut server = Serve::new(8).env("NBD_VRAM_BATCH", "1").env("NBD_VRAM_SPIN", SPIN_US).start();
+    let Some(mut server) = mailbox_server(&[]) else { return };
     let mut nbd = Nbd::connect(&server.sock);
     let lone = |nbd: &mut Nbd| (0..4).for_each(|_| read_ok(nbd, 4096, &[0; 4096], "a lone read"));
     lone(&mut nbd);
@@ -785,12 +787,7 @@ fn a_deeper_queue_parks_the_mailbox_kernel() {
 /// and it is told to end all the same.
 #[test]
 fn lone_copies_wait_for_no_kernel_that_has_not_started() {
-    if !polls() {
-        eprintln!("one CPU: the loop never polls, so the mailbox kernel never starts");
-        return;
-    }
-    let serve = Serve::new(8).env("NBD_VRAM_BATCH", "1").env("NBD_VRAM_SPIN", SPIN_US);
-    let mut server = serve.env("FAKE_CUDA_LATE_START", "1").start();
+    let Some(mut server) = mailbox_server(&[("FAKE_CUDA_LATE_START", "1")]) else { return };
     let mut nbd = Nbd::connect(&server.sock);
     let data = pattern(7, 4096);
     for _ in 0..8 {
