@@ -234,13 +234,14 @@ fn control(dev: &NbdDevice, opts: &SwapOpts, signals: &Signals, link_down: &Atom
     }
     notify::stopping();
     if opts.swap {
-        swapoff_until_done(&off, path, signals, link_down);
+        swapoff_until_done(&off, signals, link_down);
     }
     dev.disconnect().map_err(|e| Failure::os(format!("{}: NBD_DISCONNECT", path.display()), e))
 }
 
 /// Never gives up: while swap holds pages, the VRAM must stay served.
-fn swapoff_until_done(off: &swap::Swapoff, path: &Path, signals: &Signals, link_down: &AtomicBool) {
+fn swapoff_until_done(off: &swap::Swapoff, signals: &Signals, link_down: &AtomicBool) {
+    let path = off.path();
     loop {
         let t = Instant::now();
         match off.run() {

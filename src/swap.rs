@@ -116,6 +116,11 @@ impl<'a> Swapoff<'a> {
         Swapoff { path, dev, dirs }
     }
 
+    /// The device's name, for messages.
+    pub fn path(&self) -> &'a Path {
+        self.path
+    }
+
     /// Moves every page back into RAM first, so it can take long or fail.
     pub fn run(&self) -> Outcome {
         let result = match &self.dirs {
@@ -127,7 +132,7 @@ impl<'a> Swapoff<'a> {
             // The kernel's answer for a file that is no swap area. By
             // descriptor that file is the device itself; a name may now
             // lead elsewhere, so then /proc/swaps must agree.
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && (self.dirs.is_some() || listed(self.path) == Some(false)) => {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && (self.dirs.is_some() || matches!(lookup(self.path), Some(None))) => {
                 Outcome::NotSwap
             }
             Err(e) => Outcome::Failed(e),
@@ -160,12 +165,12 @@ pub struct Active {
 
 /// `path`'s entry in /proc/swaps, if it is swap now.
 pub fn active(path: &Path) -> Option<Active> {
-    parse_swaps(&std::fs::read_to_string("/proc/swaps").ok()?, path)
+    lookup(path).flatten()
 }
 
-/// Whether /proc/swaps lists `path`; `None` if it cannot be read.
-fn listed(path: &Path) -> Option<bool> {
-    Some(parse_swaps(&std::fs::read_to_string("/proc/swaps").ok()?, path).is_some())
+/// `path`'s line of /proc/swaps, if any; `None` if it cannot be read.
+fn lookup(path: &Path) -> Option<Option<Active>> {
+    Some(parse_swaps(&std::fs::read_to_string("/proc/swaps").ok()?, path))
 }
 
 fn parse_swaps(text: &str, path: &Path) -> Option<Active> {
