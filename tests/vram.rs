@@ -322,6 +322,23 @@ fn read_eio(nbd: &mut Nbd, offset: u64, len: u32, what: &str) {
     }
 }
 
+/// Reads at `offset` and returns the data, or `None` if the server sent
+/// the reply header and then ended the connection instead of the data: a
+/// lone read's header goes out while its copy runs, so a copy that then
+/// fails can only cut the reply short.
+fn read_or_cut(nbd: &mut Nbd, offset: u64, len: u32, what: &str) -> Option<Vec<u8>> {
+    use std::io::Read;
+    let cookie = nbd.send(0, CMD_READ, offset, len, &[]);
+    assert_eq!(nbd.reply(), (0, cookie), "{what}: the header of a lone read goes out before its copy is done");
+    let mut data = vec![0u8; len as usize];
+    match nbd.s.read(&mut data) {
+        Ok(0) => return None,
+        Ok(n) => nbd.s.read_exact(&mut data[n..]).unwrap_or_else(|e| panic!("{what}: {n} bytes of data, then {e}")),
+        Err(e) => panic!("{what}: reading the data: {e}"),
+    }
+    Some(data)
+}
+
 /// Asserts the server logged exactly one CUDA failure, `call` failing with
 /// CUDA_ERROR_ILLEGAL_ADDRESS, and that it said which request failed.
 fn assert_one_copy_error(server: &VramServer, call: &str, request: &str) {
@@ -451,11 +468,14 @@ fn a_failed_copy_fails_that_request_only() {
 /// or a flush. Whichever wait fails, acknowledged data may be gone: from
 /// then on every request is answered EIO, on any connection, and the
 /// server says so once. A later read's wait failing (sync 2) does the same.
+/// A lone read's header has gone out by then, so its connection ends
+/// instead; with `NBD_VRAM_EARLY_HEADER=0` the read answers EIO.
 #[test]
 fn a_device_failure_after_handing_over_fails_every_request() {
     let a = pattern(3, 64 * KIB as usize);
-    for (fail, good_reads, flush_fails) in [("1", 0, false), ("2", 1, false), ("1", 0, true)] {
-        let mut server = Serve::new(8).env("FAKE_CUDA_FAIL_SYNC", fail).start();
+    for (fail, good_reads, flush_fails, early) in [("1", 0, false, "1"), ("1", 0, false, "0"), ("2", 1, false, "1"), ("1", 0, true, "1")] {
+        let what = format!("FAIL_SYNC={fail} NBD_VRAM_EARLY_HEADER={early}");
+        let mut server = Serve::new(8).env("FAKE_CUDA_FAIL_SYNC", fail).env("NBD_VRAM_EARLY_HEADER", early).start();
         let mut nbd = Nbd::connect(&server.sock);
         assert_eq!(nbd.write(0, &a), 0, "the write is acknowledged before any sync");
         for _ in 0..good_reads {
@@ -463,10 +483,14 @@ fn a_device_failure_after_handing_over_fails_every_request() {
         }
         if flush_fails {
             assert_eq!(nbd.command(0, CMD_FLUSH, 0, 0), EIO, "the flush whose sync fails");
+        } else if early == "1" {
+            assert_eq!(read_or_cut(&mut nbd, 0, 4096, &what), None, "{what}: the read whose wait fails");
+            assert!(server.log().contains("its data cannot follow"), "{what}:\n{}", server.log());
+            nbd = Nbd::connect(&server.sock);
         } else {
             read_eio(&mut nbd, 0, 4096, "the read whose wait fails");
         }
-        assert_lost(&mut server, nbd, "CUDA_ERROR_ILLEGAL_ADDRESS", &format!("FAIL_SYNC={fail}"));
+        assert_lost(&mut server, nbd, "CUDA_ERROR_ILLEGAL_ADDRESS", &what);
     }
 }
 
@@ -727,18 +751,21 @@ fn the_mailbox_kernel_stays_out_when_told_or_limited() {
 }
 
 /// A fault in the mailbox kernel is a device failure after hand-over: the
-/// read it had answers EIO, and so does every request after it.
+/// read it had ends its connection (its header is out), and every request
+/// after it answers EIO.
 #[test]
 fn a_mailbox_fault_fails_every_request_after_it() {
     let Some(mut server) = mailbox_server(&[("FAKE_CUDA_FAIL_MAILBOX", "3")]) else { return };
     let mut nbd = Nbd::connect(&server.sock);
     let mut good = 0;
-    while let Ok(data) = nbd.read(8192, 4096) {
+    while let Some(data) = read_or_cut(&mut nbd, 8192, 4096, "FAIL_MAILBOX=3") {
         assert_eq!(data, [0; 4096]);
         good += 1;
         assert!(good < 100, "no read failed:\n{}", server.cuda_log());
     }
     assert!(server.cuda_log().contains("nbd_vram_mailbox job 3 read -> ILLEGAL_ADDRESS"), "{}", server.cuda_log());
+    assert!(server.log().contains("its data cannot follow"), "{}", server.log());
+    let nbd = Nbd::connect(&server.sock);
     assert_lost(&mut server, nbd, "cuStreamQuery: CUDA_ERROR_ILLEGAL_ADDRESS", "FAIL_MAILBOX=3");
 }
 
