@@ -444,11 +444,12 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
     /// its data, so that the client wakes up meanwhile: on an H200 this
     /// took a 4 KiB queue-depth-1 read from 18–20 µs to 13–14 µs
     /// (BENCHMARKS.md, "Eleventh run"). The header says the read
-    /// succeeded, so if it then fails the connection must end. Returns
-    /// whether it was sent.
+    /// succeeded, so if it then fails the connection must end; and none
+    /// goes once the store is lost (by an earlier group's wait), as the read
+    /// will answer EIO. Returns whether it was sent.
     fn tell_early(&mut self, slots: Range<usize>) -> io::Result<bool> {
         let [slot] = &self.bufs.slots[slots] else { return Ok(false) };
-        if !self.bufs.early || slot.in_store || slot.data.is_empty() || !slot.ok() {
+        if !self.bufs.early || self.bufs.lost || slot.in_store || slot.data.is_empty() || !slot.ok() {
             return Ok(false);
         }
         let at = Instant::now();
