@@ -327,7 +327,6 @@ fn read_eio(nbd: &mut Nbd, offset: u64, len: u32, what: &str) {
 /// lone read's header goes out while its copy runs, so a copy that then
 /// fails can only cut the reply short.
 fn read_or_cut(nbd: &mut Nbd, offset: u64, len: u32, what: &str) -> Option<Vec<u8>> {
-    use std::io::Read;
     let cookie = nbd.send(0, CMD_READ, offset, len, &[]);
     assert_eq!(nbd.reply(), (0, cookie), "{what}: the header of a lone read goes out before its copy is done");
     let mut data = vec![0u8; len as usize];
@@ -798,6 +797,52 @@ fn bench_verify_passes_with_the_mailbox_kernel() {
     assert!(out.stdout.contains("verify: PASS, 32 MiB"), "{}", out.stdout);
     let [reads, writes, ..] = mailbox_counts(&server);
     assert!(!polls() || reads > 4096 && writes > 1024, "{reads} lone reads and {writes} writes by the mailbox kernel");
+}
+
+/// Another process taking GPU memory (`FAKE_CUDA_OTHERS_FILE`) keeps
+/// copies off our kernels, the mailbox kernel and the copy kernel, until it
+/// gives the memory back (the store asks at most once a second); the
+/// server says both.
+#[test]
+fn our_kernels_make_way_for_another_process() {
+    use std::io::Write;
+    let dir = common::TempDir::new();
+    let others = dir.path("others");
+    let Some(mut server) = mailbox_server(&[("FAKE_CUDA_OTHERS_FILE", others.to_str().unwrap())]) else { return };
+    let mut nbd = Nbd::connect(&server.sock);
+    let traffic = |nbd: &mut Nbd| {
+        (0..4).for_each(|_| read_ok(nbd, 4096, &[0; 4096], "a lone read"));
+        let eight: Vec<u8> = (0..8).flat_map(|i| common::raw::header(0, CMD_READ, i, i * 8192, 4096)).collect();
+        nbd.s.write_all(&eight).unwrap();
+        for _ in 0..8 {
+            assert_eq!(nbd.reply().0, 0, "a read of eight together");
+            let mut data = [1u8; 4096];
+            nbd.s.read_exact(&mut data).unwrap();
+            assert_eq!(data, [0; 4096]);
+        }
+    };
+    let kernels = |server: &VramServer| {
+        let launches = server.cuda_log().lines().filter(|l| l.starts_with("launch nbd_vram_copy ")).count();
+        (mailbox_counts(server)[0], launches)
+    };
+    traffic(&mut nbd);
+    let before = kernels(&server);
+    assert!(before.0 > 0 && before.1 > 0, "mailbox jobs and copy-kernel launches expected: {before:?}\n{}", server.cuda_log());
+
+    fs::write(&others, "1024").unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
+    traffic(&mut nbd);
+    assert_eq!(kernels(&server), before, "no kernel while another process is there:\n{}", server.cuda_log());
+    assert!(server.log().contains("another process took 1024 MiB"), "{}", server.log());
+
+    fs::remove_file(&others).unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
+    traffic(&mut nbd);
+    let after = kernels(&server);
+    assert!(after.0 > before.0 && after.1 > before.1, "kernels back once it has gone: {before:?} then {after:?}");
+    assert!(server.log().contains("free again"), "{}", server.log());
+    nbd.disconnect();
+    server.assert_alive();
 }
 
 /// Two reads in one batch park the mailbox kernel (batches serve a deeper

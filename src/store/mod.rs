@@ -2,6 +2,7 @@
 //! byte offset. The protocol never knows what holds them (host RAM, VRAM).
 
 mod host;
+mod neighbours;
 mod vram;
 
 use std::io;

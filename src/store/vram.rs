@@ -4,6 +4,7 @@
 use std::io;
 use std::ops::Range;
 
+use super::neighbours::Neighbours;
 use super::{Store, FENCES};
 use crate::cuda::{Context, CopyBatch, DeviceMem, Error, Event, Mailbox, Mover, Pinned, Stream, CUDA_ERROR_OUT_OF_MEMORY};
 use crate::{error, info, warn};
@@ -45,6 +46,8 @@ pub struct VramStore<'c> {
     issued: u64,
     fenced: [u64; FENCES],
     done: u64,
+    /// Another process computing on the GPU keeps copies off our kernels.
+    neighbours: Neighbours,
 }
 
 /// Lone copies in a row before the mailbox kernel starts: the first after
@@ -128,6 +131,7 @@ impl<'c> VramStore<'c> {
                         issued: 0,
                         fenced: [0; FENCES],
                         done: 0,
+                        neighbours: Neighbours::new(ctx), // all our memory is taken by now
                     };
                     store.clear()?;
                     return Ok(store);
@@ -176,12 +180,19 @@ impl<'c> VramStore<'c> {
 
     /// Issues the waiting batch, if any; a failure shows at `fence`.
     fn flush(&mut self) {
-        if self.batch.as_ref().is_none_or(|b| b.copies.is_empty()) || self.post_lone() {
+        if self.batch.as_ref().is_none_or(|b| b.copies.is_empty()) {
+            return;
+        }
+        let shared = self.neighbours.present(self.ctx);
+        if shared {
+            self.park();
+        } else if self.post_lone() {
             return;
         }
         let handed = self.hand_over();
+        let mover = self.mover.as_ref().filter(|_| !shared);
         if let Some(b) = &mut self.batch {
-            if let Err(e) = handed.and_then(|()| self.stream.copy_batch(&mut b.copies, b.writes, self.mover.as_ref())) {
+            if let Err(e) = handed.and_then(|()| self.stream.copy_batch(&mut b.copies, b.writes, mover)) {
                 error!("{e}");
                 b.failed = true;
             }

@@ -89,7 +89,7 @@ static int ndev;
 static size_t max_alloc = SIZE_MAX;
 static unsigned long long fail_copy, copies, fail_sync, syncs, no_jit, exec_timeout, fail_mailbox, mailbox_jobs, late_start;
 static CUresult sticky;                   /* FAKE_CUDA_FAIL_SYNC's error, once it fired */
-static char log_path[PATH_MAX];
+static char log_path[PATH_MAX], others_path[PATH_MAX];
 static struct block *allocs;              /* device memory, sorted by address */
 static struct block *host_allocs;         /* cuMemHostAlloc memory */
 static struct CUstream_st *streams;
@@ -257,6 +257,8 @@ API CUresult cuInit(unsigned flags)
     pthread_mutex_lock(&lock);
     if (!log_path[0] && getenv("FAKE_CUDA_LOG"))
         snprintf(log_path, sizeof log_path, "%s", getenv("FAKE_CUDA_LOG"));
+    if (!others_path[0] && getenv("FAKE_CUDA_OTHERS_FILE"))
+        snprintf(others_path, sizeof others_path, "%s", getenv("FAKE_CUDA_OTHERS_FILE"));
     CUresult rc = E_VALUE;   /* CUDA defines no flags: anything else is invalid */
     if (flags == 0) {
         if (init_rc < 0) init_rc = do_init();   /* like CUDA, the outcome sticks */
@@ -435,10 +437,24 @@ static CUresult ctx_set(CUcontext ctx)
 }
 API CUresult cuCtxSetCurrent(CUcontext ctx) { LOCKED(ctx_set(ctx)); }
 
+/* MiB that other processes hold: the number in FAKE_CUDA_OTHERS_FILE,
+ * read at each call, so that a test can come and go as another process. */
+static size_t others(void)
+{
+    FILE *f = others_path[0] ? fopen(others_path, "r") : NULL;
+    unsigned long mib = 0;
+    if (f) { if (fscanf(f, "%lu", &mib) != 1) mib = 0; fclose(f); }
+    return (size_t)mib << 20;
+}
+
 static CUresult mem_info(size_t *free, size_t *total)
 {
     CUresult rc = need_ctx() ? need_ctx() : !free || !total ? E_VALUE : OK;
-    if (!rc) { *free = devs[current->dev].free; *total = devs[current->dev].total; }
+    if (!rc) {
+        size_t held = others(), left = devs[current->dev].free;
+        *free = held < left ? left - held : 0;
+        *total = devs[current->dev].total;
+    }
     return rc;
 }
 API CUresult cuMemGetInfo_v2(size_t *free, size_t *total) { LOCKED(mem_info(free, total)); }
