@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::kernel::LaunchKernel;
-use super::sys::{self, CUfunction, CUmodule, CUresult, CUstream};
+use super::sys::{self, CUfunction, CUmodule};
 use super::{Context, Error, Pinned, Stream};
 
 /// Thread 0 polls the job (16 bytes: VRAM address u64; sequence u32,
@@ -118,8 +118,6 @@ enum State {
     Running,
 }
 
-type StreamQuery = unsafe extern "C" fn(CUstream) -> CUresult;
-
 /// The loaded kernel with its slot, landing buffer and stream. `Drop` ends
 /// the kernel and waits for it before anything it uses is freed.
 pub struct Mailbox<'c> {
@@ -127,7 +125,6 @@ pub struct Mailbox<'c> {
     module: CUmodule,
     function: CUfunction,
     launch: LaunchKernel,
-    query: StreamQuery,
     stream: Stream<'c>,
     slot: Pinned<'c>,
     landing: Pinned<'c>,
@@ -142,8 +139,9 @@ impl Context {
     pub fn mailbox(&self) -> Option<Result<Mailbox<'_>, Error>> {
         let api = self.cuda.api;
         let (load, get, launch) = (api.cuModuleLoadData?, api.cuModuleGetFunction?, api.cuLaunchKernel?);
-        let (query, attribute) = (api.cuStreamQuery?, api.cuDeviceGetAttribute?);
+        let attribute = api.cuDeviceGetAttribute?;
         api.cuModuleUnload?;
+        api.cuStreamQuery?; // for `wait`, through `Stream::is_done`
         let mut limited: c_int = 0;
         // SAFETY: writes one int to a live local; the device is this context's.
         let r = unsafe { attribute(&mut limited, sys::CU_DEVICE_ATTRIBUTE_KERNEL_EXEC_TIMEOUT, self.device) };
@@ -174,7 +172,6 @@ impl Context {
             module,
             function: std::ptr::null_mut(),
             launch,
-            query,
             stream,
             slot,
             landing,
@@ -272,16 +269,14 @@ impl Mailbox<'_> {
             if asked.elapsed() < CHECK {
                 continue;
             }
-            // SAFETY: the stream is live.
-            let r = unsafe { (self.query)(self.stream.stream) };
+            let ended = self.stream.is_done();
             if self.u32_at(DONE).load(Ordering::Acquire) == seq {
                 break;
             }
-            match r {
-                sys::CUDA_ERROR_NOT_READY => asked = Instant::now(),
+            match ended? {
+                false => asked = Instant::now(),
                 // Finished without an error, yet the job is not done.
-                sys::CUDA_SUCCESS => return Err(self.ctx.cuda.error("nbd_vram_mailbox ended early", sys::CUDA_ERROR_UNKNOWN)),
-                r => return Err(self.ctx.cuda.error("cuStreamQuery", r)),
+                true => return Err(self.ctx.cuda.error("nbd_vram_mailbox ended early", sys::CUDA_ERROR_UNKNOWN)),
             }
         }
         Ok(())

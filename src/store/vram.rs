@@ -270,10 +270,8 @@ impl<'c> VramStore<'c> {
     /// other work gets its SM back, and its clocks may drop. A failure is
     /// left for the next wait or sync to report.
     fn park(&mut self) {
-        if self.mailbox.is_some() {
-            if let Err(e) = self.finish() {
-                error!("{e}");
-            }
+        if let Err(e) = self.finish() {
+            error!("{e}");
         }
         if let Some(mailbox) = &mut self.mailbox {
             mailbox.park();
