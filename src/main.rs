@@ -10,6 +10,7 @@ mod listen;
 mod log;
 mod nbd;
 mod notify;
+mod nvml;
 mod pressure;
 mod signals;
 mod sock;

@@ -799,58 +799,120 @@ fn bench_verify_passes_with_the_mailbox_kernel() {
     assert!(!polls() || reads > 4096 && writes > 1024, "{reads} lone reads and {writes} writes by the mailbox kernel");
 }
 
-/// Another process taking GPU memory (`FAKE_CUDA_OTHERS_FILE`) keeps
-/// copies off our kernels, the mailbox kernel and the copy kernel, until it
-/// gives the memory back (the store asks at most once a second); the
-/// server says both.
+/// Lone reads and writes, eight writes together and eight reads of them
+/// together, and a write of zeroes, each checked; `round` picks the data.
+fn mixed_traffic(nbd: &mut Nbd, round: u8) {
+    use std::io::Write;
+    for block in 0..4u64 {
+        assert_eq!(nbd.write(block * 4096, &[round; 4096]), 0, "a lone write");
+        read_ok(nbd, block * 4096, &[round; 4096], "a lone read");
+    }
+    let data = |i: u64| [round ^ (i as u8 + 1); 4096];
+    let mut writes = Vec::new();
+    for i in 0..8 {
+        writes.extend(common::raw::header(0, CMD_WRITE, 1000 + i, (8 + i) * 4096, 4096));
+        writes.extend(data(i));
+    }
+    nbd.s.write_all(&writes).unwrap();
+    (0..8).for_each(|i| assert_eq!(nbd.reply(), (0, 1000 + i), "one of eight writes"));
+    let reads: Vec<u8> = (0..8).flat_map(|i| common::raw::header(0, CMD_READ, 2000 + i, (8 + i) * 4096, 4096)).collect();
+    nbd.s.write_all(&reads).unwrap();
+    for i in 0..8 {
+        assert_eq!(nbd.reply(), (0, 2000 + i), "one of eight reads");
+        let mut got = [0u8; 4096];
+        nbd.s.read_exact(&mut got).unwrap();
+        assert_eq!(got, data(i), "one of eight reads");
+    }
+    assert_eq!(nbd.command(0, CMD_WRITE_ZEROES, 4096, 8192), 0, "a write of zeroes");
+    read_ok(nbd, 0, &[[round; 4096], [0; 4096], [0; 4096], [round; 4096]].concat(), "around the zeroes");
+}
+
+/// What went through the compute engine on our behalf (mailbox jobs,
+/// copy-kernel launches, memsets) and what as a 2D copy, as the fake logged it.
+fn engines(server: &VramServer) -> ([usize; 3], usize) {
+    let log = server.cuda_log();
+    let count = |p: &str| log.lines().filter(|l| l.starts_with(p)).count();
+    let [reads, writes, ..] = mailbox_counts(server);
+    ([reads + writes, count("launch nbd_vram_copy "), count("memset ")], count("memcpy2d 2 rows of "))
+}
+
+/// `mixed_traffic` until each of the compute engine's ways has served some
+/// of it since `than` (on a loaded machine the loop may sleep between two
+/// requests, which parks the mailbox kernel); returns the counts then.
+fn until_compute_serves(nbd: &mut Nbd, server: &VramServer, than: [usize; 3]) -> [usize; 3] {
+    for round in 0..50 {
+        mixed_traffic(nbd, round);
+        let (now, _) = engines(server);
+        if now.iter().zip(than).all(|(n, t)| *n > t) {
+            return now;
+        }
+    }
+    panic!("not every way served traffic since {than:?}:\n{}", server.cuda_log());
+}
+
+/// Traffic while another process is there: served right, and all of it
+/// by the copy engines (small writes and zeroes as 2D copies).
+fn assert_copy_engines_only(nbd: &mut Nbd, server: &VramServer, before: [usize; 3]) {
+    let (_, rows) = engines(server);
+    mixed_traffic(nbd, 0x5a);
+    let (now, rows_now) = engines(server);
+    assert_eq!(now, before, "no kernel or memset while another process is there:\n{}", server.cuda_log());
+    let wanted = 4 + 8 + 1; // lone writes, eight together, zeroes
+    assert!(rows_now >= rows + wanted, "{wanted} writes by 2D copies expected: {rows} then {rows_now}");
+}
+
+/// Another process taking GPU memory (`FAKE_CUDA_OTHERS_FILE`), where NVML
+/// is missing, keeps copies off the compute engine (our kernels, memsets,
+/// small writes by a plain copy) until it gives the memory back (the store
+/// asks at most once a second); the server says both.
 #[test]
 fn our_kernels_make_way_for_another_process() {
-    use std::io::Write;
     let dir = common::TempDir::new();
     let others = dir.path("others");
     let Some(mut server) = mailbox_server(&[("FAKE_CUDA_OTHERS_FILE", others.to_str().unwrap())]) else { return };
+    assert!(server.log().contains("NVML: "), "{}", server.log());
     let mut nbd = Nbd::connect(&server.sock);
-    let traffic = |nbd: &mut Nbd| {
-        (0..4).for_each(|_| read_ok(nbd, 4096, &[0; 4096], "a lone read"));
-        let eight: Vec<u8> = (0..8).flat_map(|i| common::raw::header(0, CMD_READ, i, i * 8192, 4096)).collect();
-        nbd.s.write_all(&eight).unwrap();
-        for _ in 0..8 {
-            assert_eq!(nbd.reply().0, 0, "a read of eight together");
-            let mut data = [1u8; 4096];
-            nbd.s.read_exact(&mut data).unwrap();
-            assert_eq!(data, [0; 4096]);
-        }
-    };
-    let kernels = |server: &VramServer| {
-        let launches = server.cuda_log().lines().filter(|l| l.starts_with("launch nbd_vram_copy ")).count();
-        (mailbox_counts(server)[0], launches)
-    };
-    // Until both kernels have worked: on a loaded machine the loop may
-    // sleep between two reads, which parks the mailbox kernel.
-    let more = |nbd: &mut Nbd, server: &VramServer, than: (usize, usize)| {
-        for _ in 0..50 {
-            traffic(nbd);
-            let now = kernels(server);
-            if now.0 > than.0 && now.1 > than.1 {
-                return now;
-            }
-        }
-        panic!("no mailbox job or copy-kernel launch after {than:?}:\n{}", server.cuda_log());
-    };
-    let before = more(&mut nbd, &server, (0, 0));
+    let before = until_compute_serves(&mut nbd, &server, [0; 3]);
 
     fs::write(&others, "1024").unwrap();
     std::thread::sleep(Duration::from_millis(1100));
-    traffic(&mut nbd);
-    assert_eq!(kernels(&server), before, "no kernel while another process is there:\n{}", server.cuda_log());
+    assert_copy_engines_only(&mut nbd, &server, before);
     assert!(server.log().contains("another process took 1024 MiB"), "{}", server.log());
 
     fs::remove_file(&others).unwrap();
     std::thread::sleep(Duration::from_millis(1100));
-    more(&mut nbd, &server, before); // the kernels are back once it has gone
-    assert!(server.log().contains("free again"), "{}", server.log());
+    until_compute_serves(&mut nbd, &server, before);
+    assert!(server.log().contains("ours alone again"), "{}", server.log());
     nbd.disconnect();
     server.assert_alive();
+}
+
+/// With NVML, a process that was on the GPU before us counts from the
+/// first request, and our own process never does, also where NVML lists
+/// host PIDs (a container); once it leaves, our kernels serve again.
+#[test]
+fn a_process_there_before_us_keeps_our_kernels_off() {
+    let dir = common::TempDir::new();
+    let others = dir.path("others");
+    let nvml = fake_cuda_env::nvml_dir().to_str().unwrap();
+    for host_pids in ["", "1"] {
+        fs::write(&others, "1").unwrap();
+        let mut env = vec![("LD_LIBRARY_PATH", nvml), ("FAKE_NVML_OTHERS_FILE", others.to_str().unwrap())];
+        if !host_pids.is_empty() {
+            env.push(("FAKE_NVML_HOST_PIDS", host_pids));
+        }
+        let Some(mut server) = mailbox_server(&env) else { return };
+        assert!(server.log().contains("1 other process(es) use this GPU (NVML)"), "{}", server.log());
+        let mut nbd = Nbd::connect(&server.sock);
+        assert_copy_engines_only(&mut nbd, &server, [0; 3]);
+
+        fs::remove_file(&others).unwrap();
+        std::thread::sleep(Duration::from_millis(1100));
+        until_compute_serves(&mut nbd, &server, [0; 3]);
+        assert!(server.log().contains("ours alone again"), "{}", server.log());
+        nbd.disconnect();
+        server.assert_alive();
+    }
 }
 
 /// Two reads in one batch park the mailbox kernel (batches serve a deeper

@@ -176,6 +176,18 @@ impl Context {
         Ok((free as u64, total as u64))
     }
 
+    /// The GPU's PCI address ("0000:3b:00.0"), as NVML finds it; `None`
+    /// where the driver cannot say.
+    pub fn pci_bus_id(&self) -> Option<String> {
+        let get = self.cuda.api.cuDeviceGetPCIBusId?;
+        let mut buf = [0 as c_char; 32];
+        // SAFETY: the driver writes at most `len` bytes, NUL included.
+        let r = unsafe { get(buf.as_mut_ptr(), buf.len() as i32, self.device) };
+        self.cuda.check("cuDeviceGetPCIBusId", r).ok()?;
+        // SAFETY: the driver NUL-terminated it within the buffer.
+        Some(unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned())
+    }
+
     pub fn alloc(&self, len: u64) -> Result<DeviceMem<'_>, Error> {
         let mut ptr: CUdeviceptr = 0;
         let len = usize::try_from(len).unwrap_or(usize::MAX);
@@ -302,11 +314,54 @@ impl Stream<'_> {
     }
 
     /// Queues host → device. The caller keeps `src` unchanged until `sync`.
-    pub fn write(&self, dst: &DeviceMem, offset: u64, src: &[u8]) -> Result<(), Error> {
+    /// `shared`: another process computes on this GPU (see `htod`).
+    pub fn write(&self, dst: &DeviceMem, offset: u64, src: &[u8], shared: bool) -> Result<(), Error> {
         let to = dst.at(offset, src.len());
         // SAFETY: as in `read`, with the roles swapped.
-        let r = unsafe { (self.api().cuMemcpyHtoDAsync_v2)(to, src.as_ptr().cast(), src.len(), self.stream) };
-        self.ctx.cuda.check("cuMemcpyHtoDAsync_v2", r)
+        unsafe { self.htod(to, src.as_ptr().cast(), src.len(), shared) }
+    }
+
+    /// Queues a copy of `len` bytes from host `src` to device `dst`.
+    /// The driver carries a small one in the compute engine's command
+    /// stream, which takes turns with other processes' kernels, and a
+    /// 2D copy of two rows or more on a copy engine, which does not: on an
+    /// H200 (BENCHMARKS.md, "Thirteenth run") lone 4 KiB writes cost a
+    /// co-tenant's kernels 87 % of their throughput and took 306 µs each,
+    /// against nothing and 7.5 µs as two rows. So while `shared`, small
+    /// copies of an even length go as two rows (alone they took 7.5 µs
+    /// against 6.9 µs, so only then).
+    /// SAFETY: `src` is valid for `len` bytes until the stream has done
+    /// this copy, and `dst..dst + len` lies in a live allocation.
+    unsafe fn htod(&self, dst: CUdeviceptr, src: *const c_void, len: usize, shared: bool) -> Result<(), Error> {
+        let rows = self.api().cuMemcpy2DAsync_v2.filter(|_| shared && len < INLINE_MAX && len % 2 == 0);
+        let Some(copy) = rows else {
+            // SAFETY: the caller's promise.
+            let r = unsafe { (self.api().cuMemcpyHtoDAsync_v2)(dst, src, len, self.stream) };
+            return self.ctx.cuda.check("cuMemcpyHtoDAsync_v2", r);
+        };
+        let half = len / 2;
+        let rows = sys::CUDA_MEMCPY2D {
+            src_x_in_bytes: 0,
+            src_y: 0,
+            src_memory_type: sys::CU_MEMORYTYPE_HOST,
+            src_host: src,
+            src_device: 0,
+            src_array: std::ptr::null_mut(),
+            src_pitch: half,
+            dst_x_in_bytes: 0,
+            dst_y: 0,
+            dst_memory_type: sys::CU_MEMORYTYPE_DEVICE,
+            dst_host: std::ptr::null_mut(),
+            dst_device: dst,
+            dst_array: std::ptr::null_mut(),
+            dst_pitch: half,
+            width_in_bytes: half,
+            height: 2,
+        };
+        // SAFETY: two rows of `half` bytes, `half` apart, are the same
+        // `len` bytes on each side: the caller's promise covers them.
+        let r = unsafe { copy(&rows, self.stream) };
+        self.ctx.cuda.check("cuMemcpy2DAsync_v2", r)
     }
 
     /// Zeroes a whole allocation now, synchronously.
@@ -440,9 +495,10 @@ impl Stream<'_> {
     /// piece is small, else as one batched call. Both cost more than a few
     /// single copies (H100, 2026-11-25: a lone 4 KiB read took 11.5 µs by
     /// kernel, 7.9 µs by copy engine; BENCHMARKS.md), so below `BATCH_MIN` copies they
-    /// go one by one.
-    pub fn copy_batch(&self, batch: &mut CopyBatch, writes: bool, mover: Option<&Mover>) -> Result<(), Error> {
-        let many = batch.sizes.len() >= BATCH_MIN;
+    /// go one by one; so do small writes while `shared` (see `htod`: a batch
+    /// of them went through the compute engine too).
+    pub fn copy_batch(&self, batch: &mut CopyBatch, writes: bool, mover: Option<&Mover>, shared: bool) -> Result<(), Error> {
+        let many = batch.sizes.len() >= BATCH_MIN && !(shared && writes && batch.sizes.iter().any(|&n| n < INLINE_MAX));
         let done = if let Some(mover) = mover.filter(|_| many && batch.small) {
             self.launch(mover, batch)
         } else if let Some(copy) = self.api().cuMemcpyBatchAsync_v2.filter(|_| many) {
@@ -471,7 +527,7 @@ impl Stream<'_> {
             };
             self.ctx.cuda.check("cuMemcpyBatchAsync_v2", r)
         } else {
-            self.copy_each(batch, writes)
+            self.copy_each(batch, writes, shared)
         };
         batch.clear();
         done
@@ -479,18 +535,18 @@ impl Stream<'_> {
 }
 
 impl Stream<'_> {
-    fn copy_each(&self, batch: &CopyBatch, writes: bool) -> Result<(), Error> {
+    fn copy_each(&self, batch: &CopyBatch, writes: bool, shared: bool) -> Result<(), Error> {
         for ((&dst, &src), &len) in batch.dsts.iter().zip(&batch.srcs).zip(&batch.sizes) {
             // SAFETY: as in `copy_batch`: each range was checked when queued,
             // and the host side stays valid until `sync`.
-            let (call, r) = unsafe {
+            unsafe {
                 if writes {
-                    ("cuMemcpyHtoDAsync_v2", (self.api().cuMemcpyHtoDAsync_v2)(dst, src as *const c_void, len, self.stream))
+                    self.htod(dst, src as *const c_void, len, shared)?;
                 } else {
-                    ("cuMemcpyDtoHAsync_v2", (self.api().cuMemcpyDtoHAsync_v2)(dst as *mut c_void, src, len, self.stream))
+                    let r = (self.api().cuMemcpyDtoHAsync_v2)(dst as *mut c_void, src, len, self.stream);
+                    self.ctx.cuda.check("cuMemcpyDtoHAsync_v2", r)?;
                 }
-            };
-            self.ctx.cuda.check(call, r)?;
+            }
         }
         Ok(())
     }
@@ -498,6 +554,9 @@ impl Stream<'_> {
 
 /// Fewer copies than this go one call each (see `Stream::copy_batch`).
 const BATCH_MIN: usize = 8;
+/// Host → device copies below this size went through the compute engine
+/// (H200, 2026-12-02: 24 KiB did, 32 KiB did not; see `Stream::htod`).
+const INLINE_MAX: usize = 32 * 1024;
 
 impl Drop for Stream<'_> {
     fn drop(&mut self) {

@@ -71,6 +71,32 @@ pub struct CUmemcpyAttributes {
 /// `CU_MEMCPY_SRC_ACCESS_ORDER_STREAM`: sources are read in stream order.
 pub const CU_MEMCPY_SRC_ACCESS_ORDER_STREAM: u32 = 1;
 
+/// `CUDA_MEMCPY2D`: a copy of `height` rows of `width_in_bytes`, each side
+/// `pitch` bytes from one row to the next.
+#[repr(C)]
+pub struct CUDA_MEMCPY2D {
+    pub src_x_in_bytes: usize,
+    pub src_y: usize,
+    pub src_memory_type: c_uint,
+    pub src_host: *const c_void,
+    pub src_device: CUdeviceptr,
+    pub src_array: *mut c_void,
+    pub src_pitch: usize,
+    pub dst_x_in_bytes: usize,
+    pub dst_y: usize,
+    pub dst_memory_type: c_uint,
+    pub dst_host: *mut c_void,
+    pub dst_device: CUdeviceptr,
+    pub dst_array: *mut c_void,
+    pub dst_pitch: usize,
+    pub width_in_bytes: usize,
+    pub height: usize,
+}
+
+/// `CUmemorytype`: where a side of a `CUDA_MEMCPY2D` lies.
+pub const CU_MEMORYTYPE_HOST: c_uint = 1;
+pub const CU_MEMORYTYPE_DEVICE: c_uint = 2;
+
 /// `CU_EVENT_DISABLE_TIMING`: an event only for waiting, the cheapest kind.
 pub const CU_EVENT_DISABLE_TIMING: c_uint = 2;
 
@@ -120,6 +146,10 @@ api! {
         // CUDA 13's form (12.8's had one more argument, a failure index).
         cuMemcpyBatchAsync_v2(*mut CUdeviceptr, *mut CUdeviceptr, *mut usize, usize,
             *mut CUmemcpyAttributes, *mut usize, usize, CUstream);
+        // Small writes while another process computes on the GPU, and the
+        // GPU's address for NVML (any driver has them; a fake may not).
+        cuMemcpy2DAsync_v2(*const CUDA_MEMCPY2D, CUstream);
+        cuDeviceGetPCIBusId(*mut c_char, c_int, CUdevice);
         // The copy kernel's (any driver has them; a stripped-down one may not).
         cuModuleLoadData(*mut CUmodule, *const c_void);
         cuModuleGetFunction(*mut CUfunction, CUmodule, *const c_char);

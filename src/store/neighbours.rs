@@ -1,65 +1,115 @@
-//! Whether another process computes on our GPU. Without MPS the GPU
-//! time-slices between processes' kernels, so our copy and mailbox kernels
-//! starve its work: measured on an H200, a co-tenant kept 3 % of its
-//! throughput while the mailbox kernel ran and 13 % during copy-kernel
-//! batches, and nothing changed while only the copy engine ran
-//! (BENCHMARKS.md, "Twelfth run"). The driver API does not say whether
-//! other contexts exist; memory does: a process that computes on the GPU
-//! holds some of it. So when free memory falls below what was free once
-//! the store was set up, copies stay on the copy engine until it is back.
+//! Whether another process uses our GPU. Without MPS the GPU time-slices
+//! between processes' work on its compute engine, so our copy and mailbox
+//! kernels, memsets and small host → device copies starve another
+//! process's kernels: measured on an H200, a co-tenant kept 3 % of its
+//! throughput while the mailbox kernel ran and 13 % during lone 4 KiB
+//! writes, and nothing changed while only the copy engines ran
+//! (BENCHMARKS.md, "Twelfth run" and "Thirteenth run"). NVML lists the
+//! processes on a GPU, those there before us included; without NVML, free
+//! memory tells of those that come later: a process that computes on the
+//! GPU holds some of it.
 
 use std::time::{Duration, Instant};
 
 use crate::cuda::Context;
-use crate::info;
+use crate::nvml::Nvml;
+use crate::{info, warn};
 
-/// How often the driver is asked: a context takes hundreds of MiB to set
-/// up, so a second's delay is in proportion.
+/// How often the driver is asked: a context takes a second or so to set
+/// up, and NVML's answer took 15–430 µs (H200, 2026-12-02).
 const RECHECK: Duration = Duration::from_secs(1);
 /// Less free memory than this below the mark is not a neighbour: room for
 /// the driver's own growth in our context.
 const SLACK: u64 = 256 << 20;
 
 pub struct Neighbours {
-    /// The most memory seen free since the store was set up: someone who
-    /// was there before and has left is not counted when they come back.
-    mark: u64,
+    watch: Watch,
     asked: Instant,
     present: bool,
-    /// `NBD_VRAM_SHARED=0`: the GPU is ours alone, whatever memory says.
+    /// `NBD_VRAM_SHARED=0`: the GPU is ours alone, whatever it says.
     ignored: bool,
 }
 
+enum Watch {
+    Listed(Nvml),
+    /// The most memory seen free since the store was set up: someone who
+    /// was there before and has left is not counted when they come back.
+    Memory { mark: u64 },
+}
+
+/// What one look found: other processes, or MiB of memory taken.
+enum Seen {
+    Listed(usize),
+    Taken(u64),
+}
+
 impl Neighbours {
-    /// Takes what is free now as the mark; call once the store holds all
-    /// its memory.
+    /// Looks once now, so that a process already there counts from the
+    /// first request; call once the store holds all its memory.
     pub fn new(ctx: &Context) -> Neighbours {
         let ignored = std::env::var("NBD_VRAM_SHARED").is_ok_and(|v| v == "0");
-        let mark = ctx.mem_info().map_or(0, |(free, _)| free);
-        Neighbours { mark, asked: Instant::now(), present: false, ignored }
+        let bus = ctx.pci_bus_id().ok_or_else(|| "the CUDA driver gave no PCI address for the GPU".to_string());
+        let watch = match bus.and_then(|bus| Nvml::open(&bus)) {
+            Ok(nvml) => Watch::Listed(nvml),
+            Err(e) => {
+                info!("NVML: {e}: another process on this GPU is seen only by the memory it takes after us");
+                Watch::Memory { mark: free(ctx) }
+            }
+        };
+        let mut neighbours = Neighbours { watch, asked: Instant::now(), present: false, ignored };
+        if !ignored {
+            neighbours.look(ctx);
+        }
+        neighbours
     }
 
-    /// Whether another process has taken GPU memory since the mark; asks
-    /// the driver at most once per `RECHECK`, and says when that changes.
+    /// Whether another process uses the GPU; looks at most once per
+    /// `RECHECK`, and says when the answer changes.
     pub fn present(&mut self, ctx: &Context) -> bool {
-        if self.ignored || self.asked.elapsed() < RECHECK {
-            return self.present;
+        if !self.ignored && self.asked.elapsed() >= RECHECK {
+            self.look(ctx);
         }
+        self.present
+    }
+
+    fn look(&mut self, ctx: &Context) {
         self.asked = Instant::now();
-        let Ok((free, _)) = ctx.mem_info() else { return self.present };
-        self.mark = self.mark.max(free);
-        let present = free + SLACK < self.mark;
+        let seen = match &mut self.watch {
+            Watch::Listed(nvml) => match nvml.others() {
+                Ok(n) => Seen::Listed(n),
+                Err(e) => {
+                    warn!("NVML: {e}: watching the GPU's free memory instead");
+                    self.watch = Watch::Memory { mark: free(ctx) };
+                    return;
+                }
+            },
+            Watch::Memory { mark } => {
+                let Ok((free, _)) = ctx.mem_info() else { return };
+                *mark = (*mark).max(free);
+                Seen::Taken((*mark - free) >> 20)
+            }
+        };
+        let present = match seen {
+            Seen::Listed(n) => n > 0,
+            Seen::Taken(mib) => mib << 20 > SLACK,
+        };
         if present != self.present {
-            let taken = (self.mark - free) >> 20;
-            match present {
-                true => info!(
-                    "another process took {taken} MiB of this GPU's memory: copies stay on the copy engine while it is \
-                     there, as our kernels would take turns with its own (NBD_VRAM_SHARED=0 ignores it)"
+            match (present, seen) {
+                (true, Seen::Listed(n)) => info!(
+                    "{n} other process(es) use this GPU (NVML): copies stay on the copy engines while they are there, \
+                     as work on the compute engine would take turns with theirs (NBD_VRAM_SHARED=0 ignores them)"
                 ),
-                false => info!("the GPU's memory is free again: copies by our kernels again"),
+                (true, Seen::Taken(mib)) => info!(
+                    "another process took {mib} MiB of this GPU's memory: copies stay on the copy engines while it is \
+                     there, as work on the compute engine would take turns with its own (NBD_VRAM_SHARED=0 ignores it)"
+                ),
+                (false, _) => info!("the GPU is ours alone again: copies by our kernels again"),
             }
         }
         self.present = present;
-        present
     }
+}
+
+fn free(ctx: &Context) -> u64 {
+    ctx.mem_info().map_or(0, |(free, _)| free)
 }

@@ -46,9 +46,16 @@ pub struct VramStore<'c> {
     issued: u64,
     fenced: [u64; FENCES],
     done: u64,
-    /// Another process computing on the GPU keeps copies off our kernels.
+    /// Another process computing on the GPU keeps copies off our kernels
+    /// and off the compute engine.
     neighbours: Neighbours,
+    /// Zeroes by copy while another process computes: a memset runs on
+    /// the compute engine, taking turns with its kernels (as `Stream::htod`).
+    zeros: Pinned<'c>,
 }
+
+/// The zero source's length: copies this long go on a copy engine.
+const ZEROS: usize = 64 * 1024;
 
 /// Lone copies in a row before the mailbox kernel starts: the first after
 /// a sleep says nothing of the next request; the second, that they come
@@ -132,7 +139,9 @@ impl<'c> VramStore<'c> {
                         fenced: [0; FENCES],
                         done: 0,
                         neighbours: Neighbours::new(ctx), // all our memory is taken by now
+                        zeros: ctx.pinned(ZEROS)?,
                     };
+                    store.zeros.fill(0);
                     store.clear()?;
                     return Ok(store);
                 }
@@ -192,7 +201,7 @@ impl<'c> VramStore<'c> {
         let handed = self.hand_over();
         let mover = self.mover.as_ref().filter(|_| !shared);
         if let Some(b) = &mut self.batch {
-            if let Err(e) = handed.and_then(|()| self.stream.copy_batch(&mut b.copies, b.writes, mover)) {
+            if let Err(e) = handed.and_then(|()| self.stream.copy_batch(&mut b.copies, b.writes, mover, shared)) {
                 error!("{e}");
                 b.failed = true;
             }
@@ -405,10 +414,11 @@ impl<'c> Store for VramStore<'c> {
             return Ok(());
         }
         self.hand_over().map_err(eio)?;
+        let shared = self.neighbours.present(self.ctx);
         let mut rest = buf;
         for (chunk, inner, n) in self.pieces(offset, rest.len() as u64) {
             let (now, later) = rest.split_at(n as usize);
-            self.stream.write(chunk, inner, now).map_err(eio)?;
+            self.stream.write(chunk, inner, now, shared).map_err(eio)?;
             rest = later;
         }
         Ok(())
@@ -418,8 +428,16 @@ impl<'c> Store for VramStore<'c> {
         self.check(offset, len)?;
         self.flush(); // the memset is ordered after queued copies only once they are issued
         self.hand_over().map_err(eio)?;
+        let shared = self.neighbours.present(self.ctx);
         for (chunk, inner, n) in self.pieces(offset, len) {
-            self.stream.zero(chunk, inner, n as usize).map_err(eio)?;
+            if !shared {
+                self.stream.zero(chunk, inner, n as usize).map_err(eio)?;
+                continue;
+            }
+            for at in (0..n).step_by(ZEROS) {
+                let piece = &self.zeros[..(n - at).min(ZEROS as u64) as usize];
+                self.stream.write(chunk, inner + at, piece, true).map_err(eio)?;
+            }
         }
         Ok(())
     }

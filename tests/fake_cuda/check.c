@@ -24,6 +24,11 @@ typedef struct CUctx_st *CUcontext;
 typedef struct CUstream_st *CUstream;
 typedef struct CUevent_st *CUevent;
 typedef struct { unsigned order; struct { unsigned type; int id; } src_hint, dst_hint; unsigned flags; } memcpy_attrs;
+typedef struct {
+    size_t src_x, src_y; unsigned src_type; const void *src_host; CUdeviceptr src_dev; void *src_array; size_t src_pitch;
+    size_t dst_x, dst_y; unsigned dst_type; void *dst_host; CUdeviceptr dst_dev; void *dst_array; size_t dst_pitch;
+    size_t width, height;
+} memcpy2d;
 
 #define APIS(X) \
     X(cuInit, (unsigned)) X(cuDriverGetVersion, (int *)) X(cuDeviceGet, (CUdevice *, int)) \
@@ -48,7 +53,8 @@ typedef struct { unsigned order; struct { unsigned type; int id; } src_hint, dst
     X(cuModuleUnload, (void *)) \
     X(cuLaunchKernel, (void *, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, \
                        CUstream, void **, void **)) \
-    X(cuStreamQuery, (CUstream)) X(cuDeviceGetAttribute, (int *, int, CUdevice))
+    X(cuStreamQuery, (CUstream)) X(cuDeviceGetAttribute, (int *, int, CUdevice)) \
+    X(cuMemcpy2DAsync_v2, (const memcpy2d *, CUstream)) X(cuDeviceGetPCIBusId, (char *, int, CUdevice))
 
 #define FIELD(name, args) CUresult(*name) args;
 static struct { APIS(FIELD) } cu;
@@ -761,6 +767,42 @@ static void s_log(void)   /* LOG, TOTAL 8192, FREE 6000 */
     STR(buf, want);
 }
 
+static void s_rows(void)   /* 2D copies (host to device) and PCI addresses */
+{
+    CUdeviceptr d;
+    CUstream st;
+    char id[32];
+    static unsigned char src[32], out[128], zero[128];
+    start(0);
+    EQ(cu.cuDeviceGetPCIBusId(id, sizeof id, 0), 0);
+    STR(id, "0000:01:00.0");
+    EQ(cu.cuDeviceGetPCIBusId(id, sizeof id, 1), 101);   /* one device: INVALID_DEVICE */
+    EQ(cu.cuMemAlloc_v2(&d, 128), 0);
+    EQ(cu.cuStreamCreate(&st, 0), 0);
+    EQ(cu.cuMemcpyHtoD_v2(d, zero, 128), 0);
+    fill(src, 32, 7);
+    /* two rows of 8 bytes, 16 apart in host memory, to (4, 1) and (4, 2) of rows 32 apart */
+    memcpy2d c = {0, 0, 1, src, 0, NULL, 16, 4, 1, 2, NULL, d, NULL, 32, 8, 2};
+    EQ(cu.cuMemcpy2DAsync_v2(&c, st), 0);
+    EQ(cu.cuMemcpyDtoH_v2(out, d, 128), 0);   /* a synchronous copy runs the queue first */
+    EQ(memcmp(out + 36, src, 8), 0);
+    EQ(memcmp(out + 68, src + 16, 8), 0);
+    EQ(all(out, 36, 0) && all(out + 44, 24, 0) && all(out + 76, 52, 0), 1);
+    memcpy2d bad = c;
+    bad.src_type = 2;   /* device to device: not something nbd-vram sends */
+    EQ(cu.cuMemcpy2DAsync_v2(&bad, st), 1);
+    bad = c;
+    bad.width = 17;   /* wider than the source's pitch */
+    EQ(cu.cuMemcpy2DAsync_v2(&bad, st), 1);
+    bad = c;
+    bad.height = 4;   /* the last row ends past the allocation: none is copied */
+    memset(src, 0xee, sizeof src);
+    EQ(cu.cuMemcpy2DAsync_v2(&bad, st), 1);
+    EQ(cu.cuStreamSynchronize(st), 0);
+    EQ(cu.cuMemcpyDtoH_v2(out, d, 128), 0);
+    EQ(out[36] != 0xee && out[68] != 0xee && out[100] == 0, 1);
+}
+
 static int run(const char *name, void (*fn)(void), const char *env)
 {
     fflush(stdout);
@@ -830,6 +872,7 @@ int main(int argc, char **argv)
     bad |= run("async", s_async, "");
     bad |= run("fail_copy_batch", s_fail_copy_batch, "FAKE_CUDA_FAIL_COPY=3");
     bad |= run("fail_sync", s_fail_sync, "FAKE_CUDA_FAIL_SYNC=2");
+    bad |= run("rows", s_rows, "");
     bad |= run("kernel", s_kernel, "");
     bad |= run("no_jit", s_no_jit, "FAKE_CUDA_NO_JIT=1");
     bad |= run("mailbox", s_mailbox, "");

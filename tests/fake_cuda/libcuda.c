@@ -588,8 +588,53 @@ API CUresult cuMemcpyDtoHAsync_v2(void *dst, CUdeviceptr src, size_t n, CUstream
 { LOCKED(copy(D2H, src, dst, 0, n, 1, s)); }
 API CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char uc, size_t n)
 { LOCKED(copy(SET, dst, NULL, uc, n, 0, NULL)); }
+/* Logged, as the compute engine runs memsets on a real GPU: tests see
+ * which zeroing took which way. */
+static CUresult memset_async(CUdeviceptr dst, unsigned char uc, size_t n, CUstream s)
+{
+    CUresult rc = copy(SET, dst, NULL, uc, n, 1, s);
+    logf_("memset %zu -> %s", n, short_name(rc));
+    return rc;
+}
 API CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char uc, size_t n, CUstream s)
-{ LOCKED(copy(SET, dst, NULL, uc, n, 1, s)); }
+{ LOCKED(memset_async(dst, uc, n, s)); }
+
+/* cuMemcpy2DAsync_v2, host to device only (what nbd-vram uses): each row
+ * is one queued copy, counted as one by FAKE_CUDA_FAIL_COPY; all rows are
+ * checked before any is queued. Logged, as
+ * on a real GPU this is what stays on a copy engine. */
+typedef struct {
+    size_t src_x, src_y; unsigned src_type; const void *src_host; CUdeviceptr src_dev; void *src_array; size_t src_pitch;
+    size_t dst_x, dst_y; unsigned dst_type; void *dst_host; CUdeviceptr dst_dev; void *dst_array; size_t dst_pitch;
+    size_t width, height;
+} memcpy2d;
+static CUresult copy2d(const memcpy2d *c, CUstream s)
+{
+    CUresult rc = need_ctx();
+    if (!rc && (!c || c->src_type != 1 || c->dst_type != 2 || !c->src_host || !c->width || !c->height
+                || c->src_pitch < c->width || c->dst_pitch < c->width))
+        rc = E_VALUE;
+    for (int pass = 0; pass < 2 && !rc; pass++)   /* all rows checked before any is queued */
+        for (size_t row = 0; !rc && row < c->height; row++) {
+            const char *from = (const char *)c->src_host + (c->src_y + row) * c->src_pitch + c->src_x;
+            CUdeviceptr to = c->dst_dev + (c->dst_y + row) * c->dst_pitch + c->dst_x;
+            struct op o = {H2D, 0, (char *)(uintptr_t)to, (void *)from, c->width};
+            if (pass == 0) rc = check_copy(&o, 1, s);
+            else enqueue(&o);
+        }
+    logf_("memcpy2d %zu rows of %zu -> %s", c ? c->height : 0, c ? c->width : 0, short_name(rc));
+    return rc;
+}
+API CUresult cuMemcpy2DAsync_v2(const memcpy2d *c, CUstream s) { LOCKED(copy2d(c, s)); }
+
+/* "0000:01:00.0" for device 0, and so on, as NVML's fake expects. */
+static CUresult bus_id(char *id, int len, CUdevice d)
+{
+    CUresult rc = need_init() ? E_NOT_INIT : !id || len <= 0 ? E_VALUE : need_dev(d);
+    if (!rc) snprintf(id, (size_t)len, "0000:%02x:00.0", d + 1);
+    return rc;
+}
+API CUresult cuDeviceGetPCIBusId(char *id, int len, CUdevice d) { LOCKED(bus_id(id, len, d)); }
 
 static int is_device(CUdeviceptr ptr)
 {

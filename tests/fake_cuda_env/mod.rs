@@ -22,31 +22,39 @@ const SOURCES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fake_cuda");
 /// first time a test of this process asks (and again if the source is newer).
 pub fn libcuda() -> &'static Path {
     static LIB: OnceLock<PathBuf> = OnceLock::new();
-    LIB.get_or_init(|| build("libcuda.c", "libcuda.so.1", &["-shared", "-fPIC", "-O2", "-Wall", "-Wextra"]))
+    LIB.get_or_init(|| build("fake-cuda", "libcuda.c", "libcuda.so.1", &["-shared", "-fPIC", "-O2", "-Wall", "-Wextra"]))
+}
+
+/// The directory of the fake NVML (`libnvidia-ml.c`), for `LD_LIBRARY_PATH`:
+/// its own, so that only the tests that ask for it load it.
+pub fn nvml_dir() -> &'static Path {
+    static LIB: OnceLock<PathBuf> = OnceLock::new();
+    let lib = LIB.get_or_init(|| build("fake-nvml", "libnvidia-ml.c", "libnvidia-ml.so.1", &["-shared", "-fPIC", "-O2", "-Wall", "-Wextra"]));
+    lib.parent().expect("a directory")
 }
 
 /// The fake's own self-test program (`check.c`), compiled like `libcuda()`.
 pub fn checker() -> &'static Path {
     static CHECK: OnceLock<PathBuf> = OnceLock::new();
-    CHECK.get_or_init(|| build("check.c", "check", &["-O2", "-Wall", "-Wextra", "-Werror", "-pthread"]))
+    CHECK.get_or_init(|| build("fake-cuda", "check.c", "check", &["-O2", "-Wall", "-Wextra", "-Werror", "-pthread"]))
 }
 
 fn modified(p: &Path) -> Option<SystemTime> {
     fs::metadata(p).and_then(|m| m.modified()).ok()
 }
 
-/// Compiles `source` into `target/tmp/fake-cuda/output` unless an output at
+/// Compiles `source` into `target/tmp/DIR/output` unless an output at
 /// least as new as the source is there. Several test binaries may run at
 /// once, so each compiles to its own name and renames into place.
-fn build(source: &str, output: &str, flags: &[&str]) -> PathBuf {
+fn build(dir: &str, source: &str, output: &str, flags: &[&str]) -> PathBuf {
     let src = Path::new(SOURCES).join(source);
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fake-cuda");
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(dir);
     let out = dir.join(output);
     let src_time = modified(&src).unwrap_or_else(|| panic!("{} is missing", src.display()));
     if modified(&out).is_some_and(|t| t >= src_time) {
         return out;
     }
-    fs::create_dir_all(&dir).expect("creating target/tmp/fake-cuda");
+    fs::create_dir_all(&dir).expect("creating a directory in target/tmp");
     let tmp = dir.join(format!(".{output}.{}", std::process::id()));
     let mut cc = Command::new("cc");
     cc.args(flags).arg("-o").arg(&tmp).arg(&src);
@@ -61,7 +69,7 @@ fn build(source: &str, output: &str, flags: &[&str]) -> PathBuf {
 pub fn nbd_vram(args: &[&str], env: &[(&str, &str)]) -> Command {
     let mut cmd = Command::new(BIN);
     for (k, _) in std::env::vars_os() {
-        if k.to_str().is_some_and(|k| k.starts_with("FAKE_CUDA_") || k.starts_with("NBD_VRAM_") || k == "JOURNAL_STREAM") {
+        if k.to_str().is_some_and(|k| k.starts_with("FAKE_CUDA_") || k.starts_with("FAKE_NVML_") || k.starts_with("NBD_VRAM_") || k == "JOURNAL_STREAM") {
             cmd.env_remove(k);
         }
     }
