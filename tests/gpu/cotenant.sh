@@ -5,11 +5,13 @@
 #   mkdir -p target/probe && for p in cotenant htod-probe nvml-probe; do
 #     gcc -O2 -o target/probe/$p tests/gpu/$p.c -ldl; done
 #   (carry target/release/nbd-vram and target/probe)  tests/gpu/cotenant.sh [PARTS]
-# PARTS (default all): alone none after shared before copies line rows rows-alone. Each bench variant
+# PARTS (default all): alone none after shared before verify copies line rows rows-alone. Each bench variant
 # runs the bench against nbd-vram with the co-tenant (cotenant.c) started
 # after nbd-vram has set up (so its memory shows: nbd-vram should keep
 # copies off its kernels), the same with NBD_VRAM_SHARED=0 (the harm it
 # avoids), or started before nbd-vram (which free memory cannot show).
+# 'verify' runs bench --verify (whole store, then lone reads, a quarter
+# right after a 4 KiB write: the 2D copies) with the co-tenant there first.
 # 'copies', 'line' and 'rows' run htod-probe.c's lists beside the
 # co-tenant; 'rows-alone' runs the 'rows' list without it. The end of the bench's
 # fill and each co-tenant second are stamped with the wall clock, so the
@@ -19,7 +21,7 @@ B=${B:-target/release/nbd-vram}
 P=${P:-target/probe}
 SIZE=${SIZE:-4096}
 S=${SECONDS_PER:-3}
-PARTS=${*:-alone none after shared before copies line rows rows-alone}
+PARTS=${*:-alone none after shared before verify copies line rows rows-alone}
 T=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$T"' EXIT
 date -u +%Y-%m-%dT%H:%MZ
@@ -54,6 +56,16 @@ for part in $PARTS; do
 	after) variant "co-tenant started after nbd-vram's set-up" after ;;
 	shared) variant "co-tenant started after set-up, NBD_VRAM_SHARED=0" after NBD_VRAM_SHARED=0 ;;
 	before) variant "co-tenant started before nbd-vram" before ;;
+	verify)
+		echo "== bench --verify, co-tenant there first"
+		rm -f "$T/s.sock"; cotenant 60; sleep 2
+		taskset -c 2 "$B" serve --listen "unix:$T/s.sock" --size "$SIZE" 2>"$T/log" &
+		local_pid=$!
+		for _ in $(seq 600); do [ -S "$T/s.sock" ] && break; sleep 0.1; done
+		taskset -c 4 "$B" bench --connect "unix:$T/s.sock" --verify
+		kill "$local_pid"; wait "$local_pid" 2>/dev/null
+		cotenant_done | tail -3
+		grep -E "rror|other process|NVML" "$T/log" ;;
 	copies|line|rows)
 		echo "== lone copies beside the co-tenant (htod-probe.c $part)"
 		cotenant $((16 * (S + 1) + 6)); sleep 1
