@@ -4,8 +4,6 @@
 //! including those that were there before us. Optional: a system without
 //! it (a trimmed initramfs) falls back to watching free memory.
 
-#![allow(non_snake_case)]
-
 use std::ffi::{c_char, c_int, c_uint, c_ulonglong, c_void, CStr, CString};
 
 use libloading::Library;
@@ -41,7 +39,9 @@ pub struct Nvml {
 }
 
 /// The entry point `name` of `lib`.
-/// SAFETY: `T` is its C signature in nvml.h, and `lib` is never unloaded.
+///
+/// # Safety
+/// `T` is its C signature in nvml.h, and `lib` is never unloaded.
 unsafe fn entry<T: Copy>(lib: &Library, name: &str) -> Result<T, String> {
     // SAFETY: the caller's promise.
     unsafe { lib.get::<T>(name.as_bytes()) }.map(|f| *f).map_err(|e| e.to_string())

@@ -330,8 +330,10 @@ impl Stream<'_> {
     /// against nothing and 7.5 µs as two rows. So while `shared`, small
     /// copies of an even length go as two rows (alone they took 7.5 µs
     /// against 6.9 µs, so only then).
-    /// SAFETY: `src` is valid for `len` bytes until the stream has done
-    /// this copy, and `dst..dst + len` lies in a live allocation.
+    ///
+    /// # Safety
+    /// `src` is valid for `len` bytes until the stream has done this copy,
+    /// and `dst..dst + len` lies in a live allocation.
     unsafe fn htod(&self, dst: CUdeviceptr, src: *const c_void, len: usize, shared: bool) -> Result<(), Error> {
         let rows = self.api().cuMemcpy2DAsync_v2.filter(|_| shared && len < INLINE_MAX && len % 2 == 0);
         let Some(copy) = rows else {

@@ -15,8 +15,9 @@ use crate::cuda::Context;
 use crate::nvml::Nvml;
 use crate::{info, warn};
 
-/// How often the driver is asked: a context takes a second or so to set
-/// up, and NVML's answer took 15–430 µs (H200, 2026-12-02).
+/// How often to look: NVML's answer took 6–430 µs (H200, 2026-12-02), and
+/// looking once a second cost nothing measurable (BENCHMARKS.md,
+/// "Fourteenth run"); a newcomer meets our kernels for a second at most.
 const RECHECK: Duration = Duration::from_secs(1);
 /// Less free memory than this below the mark is not a neighbour: room for
 /// the driver's own growth in our context.
