@@ -784,6 +784,45 @@ fn a_mailbox_fault_fails_every_request_after_it() {
     assert_lost(&mut server, nbd, "cuStreamQuery: CUDA_ERROR_ILLEGAL_ADDRESS", "FAIL_MAILBOX=3");
 }
 
+/// Every bench pattern on the fake with batches on: the bench checks each
+/// block a read returns, so a reply from the wrong staging, or staging
+/// reused while a held batch still needs it, fails it. Deep queues hold
+/// each full batch while the next is queued, and 16 MiB of 4 KiB requests
+/// go round the 32 MiB staging ring many times a second.
+#[test]
+fn bench_patterns_read_back_what_they_wrote() {
+    let server = Serve::new(16).env("NBD_VRAM_BATCH", "1").start();
+    let connect = format!("unix:{}", server.sock.display());
+    let out = run(&mut fake_cuda_env::nbd_vram(&["bench", "--connect", &connect, "--seconds", "1"], &[]), Duration::from_secs(60));
+    out.assert_success("bench");
+    assert_eq!(out.stdout.lines().filter(|l| l.starts_with("bench: pattern=")).count(), 8, "{}", out.stdout);
+}
+
+/// Sixteen 2 MiB reads fill the 32 MiB staging ring: that batch is held
+/// while the next is gathered, which must wait for it to be answered
+/// rather than start the ring again over its data.
+#[test]
+fn a_held_batch_keeps_its_staging() {
+    use std::io::Write;
+    const LEN: u32 = 2 << 20;
+    let server = Serve::new(64).env("NBD_VRAM_BATCH", "1").start();
+    let mut nbd = Nbd::connect(&server.sock);
+    for i in 0..32u64 {
+        assert_eq!(nbd.write(i * u64::from(LEN), &vec![i as u8 + 1; LEN as usize]), 0, "a 2 MiB write");
+    }
+    let reads: Vec<u8> = (0..32u64).flat_map(|i| common::raw::header(0, CMD_READ, 100 + i, i * u64::from(LEN), LEN)).collect();
+    nbd.s.write_all(&reads).unwrap();
+    let mut data = vec![0u8; LEN as usize];
+    for _ in 0..32 {
+        let (error, cookie) = nbd.reply();
+        assert_eq!(error, 0, "a 2 MiB read");
+        nbd.s.read_exact(&mut data).unwrap();
+        let want = (cookie - 100) as u8 + 1;
+        let wrong = data.iter().position(|&b| b != want);
+        assert!(wrong.is_none(), "read {cookie}: byte {wrong:?} is not {want}");
+    }
+}
+
 /// `bench --verify`, the GPU script's correctness check, on the fake: the
 /// whole store in 4 MiB requests, then lone 4 KiB reads (most by the
 /// mailbox kernel), some right after a write to their block.

@@ -11,7 +11,10 @@
 //! are acknowledged once their data is handed to the store, and the store
 //! finishes them while the loop reads the next batch: staging is used as a
 //! ring, so the loop waits for the store's copies out of it only when it
-//! comes round to them again (or for a flush or FUA). A store in this
+//! comes round to them again (or for a flush or FUA). A full batch whose
+//! replies wait for the device is held while the loop queues the batch
+//! already waiting behind it, and answered only then, so that the device
+//! works meanwhile (`NBD_VRAM_AHEAD=0` answers each batch first). A store in this
 //! process's memory (host RAM) skips staging: read replies are sent from
 //! the store's own bytes, and write payloads land in it straight from the
 //! socket (a peer that vanishes mid-payload gets the old bytes put back).
@@ -110,14 +113,22 @@ pub struct Buffers<B> {
     end: usize,
     /// The last request was a write of `DIRECT_WRITE` or more.
     direct: bool,
+    /// A held batch's slots (see `held`), then the batch being gathered.
     slots: Box<[Slot]>,
-    /// The batch's reply headers, end to end.
+    /// The replies' headers, end to end.
     heads: Box<[u8]>,
     /// Each group of slots: where it ends, and its fence (`None`: the store
     /// could not start its work, which is answered `EIO`).
     groups: Box<[(usize, Option<usize>)]>,
     ngroups: usize,
     group: usize,
+    /// A full batch whose copies the device runs while the next batch is
+    /// gathered and queued: its slots and groups come first. Answering it
+    /// only then hides the device's latency behind that work.
+    held: usize,
+    held_groups: usize,
+    /// `NBD_VRAM_AHEAD=0`: every batch is answered before the next.
+    ahead: bool,
     /// Whether a lone read's reply header may go out before its data (see
     /// `tell_early`); `NBD_VRAM_EARLY_HEADER=0` says no.
     early: bool,
@@ -129,7 +140,7 @@ pub struct Buffers<B> {
 
 impl<B: std::ops::DerefMut<Target = [u8]>> Buffers<B> {
     pub fn new<S: Store<Buf = B>>(store: &mut S) -> io::Result<Buffers<B>> {
-        const { assert!(MAX_BATCH <= crate::store::FENCES, "a fence per slot at most") };
+        const { assert!(2 * MAX_BATCH <= crate::store::FENCES, "a fence per slot of two batches at most") };
         let empty = Slot { reply: [0; REPLY_LEN], data: 0..0, in_store: false, queued: false, waits: false };
         let group = std::env::var("NBD_VRAM_GROUP").ok().and_then(|v| v.parse().ok()).unwrap_or(GROUP);
         Ok(Buffers {
@@ -139,11 +150,14 @@ impl<B: std::ops::DerefMut<Target = [u8]>> Buffers<B> {
             start: 0,
             end: 0,
             direct: false,
-            slots: vec![empty; MAX_BATCH].into_boxed_slice(),
-            heads: vec![0u8; REPLY_LEN * MAX_BATCH].into_boxed_slice(),
-            groups: vec![(0, None); MAX_BATCH].into_boxed_slice(),
+            slots: vec![empty; 2 * MAX_BATCH].into_boxed_slice(),
+            heads: vec![0u8; REPLY_LEN * 2 * MAX_BATCH].into_boxed_slice(),
+            groups: vec![(0, None); 2 * MAX_BATCH].into_boxed_slice(),
             ngroups: 0,
             group,
+            held: 0,
+            held_groups: 0,
+            ahead: std::env::var("NBD_VRAM_AHEAD").map_or(true, |v| v != "0"),
             early: std::env::var("NBD_VRAM_EARLY_HEADER").map_or(true, |v| v != "0"),
             poll: Poll::from_env(),
             lost: false,
@@ -168,14 +182,29 @@ where
     bufs.start = 0;
     bufs.end = 0;
     bufs.ring = 0; // the last connection ended with a sync
+    (bufs.held, bufs.held_groups) = (0, 0);
     let mut link = Link { store, bufs, export, stats, conn, phases: Phases::default() };
     loop {
         let begun = Instant::now();
         link.phases = Phases::default();
-        let (n, end) = link.gather();
+        let (n, more, end) = link.gather();
         let started = Instant::now();
-        link.close_group(n);
-        let answered = link.answer(n);
+        let held = link.bufs.held;
+        link.close_group(held + n);
+        let mut answered = Ok(());
+        if held > 0 {
+            answered = link.answer(0..link.bufs.held_groups);
+            link.forget_held();
+        }
+        // Only replies that wait for the device gain from it: writes are
+        // answered on hand-over, and the host store has nothing to wait for.
+        let waits = link.bufs.slots[..n].iter().any(|s| s.waits && s.ok());
+        let hold = more && waits && end.is_none() && answered.is_ok() && link.bufs.ahead && !S::IN_MEMORY;
+        if hold {
+            (link.bufs.held, link.bufs.held_groups) = (n, link.bufs.ngroups);
+        } else {
+            answered = answered.and_then(|()| link.answer(0..link.bufs.ngroups));
+        }
         if end.is_some() || answered.is_err() {
             link.settle(); // the store is left synced, as the caller expects
             link.store.idle(); // and the next client may be long in coming
@@ -208,22 +237,25 @@ fn nanos(since: Instant) -> u64 {
 }
 
 impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
-    /// Queues a batch; returns its size and, if the connection must end
-    /// after answering it, how.
-    fn gather(&mut self) -> (usize, Option<io::Result<End>>) {
+    /// Queues a batch after the held one, if any; returns its size,
+    /// whether it stopped at its bounds (more may be waiting) and, if the
+    /// connection must end after answering it, how. Waits for a first
+    /// request only if no batch is held.
+    fn gather(&mut self) -> (usize, bool, Option<io::Result<End>>) {
+        let base = self.bufs.held;
         let mut n = 0;
         let mut waiting = 0;
-        self.bufs.ngroups = 0;
+        self.bufs.ngroups = self.bufs.held_groups;
         let mut payload = 0;
         let (most, bytes) = if S::IN_MEMORY { (DONE_BATCH, DONE_BYTES) } else { (MAX_BATCH, usize::MAX) };
         while n < most && payload < bytes {
             if self.available() < REQUEST_LEN {
-                match self.fill(n == 0) {
+                match self.fill(n == 0 && base == 0) {
                     Ok(Got::Data) => continue,
                     Ok(Got::Nothing) => break,
-                    Ok(Got::Eof) if self.available() == 0 => return (n, Some(Ok(End::Closed))),
-                    Ok(Got::Eof) => return (n, Some(Err(broken("truncated request")))),
-                    Err(e) => return (n, Some(Err(e))),
+                    Ok(Got::Eof) if self.available() == 0 => return (n, false, Some(Ok(End::Closed))),
+                    Ok(Got::Eof) => return (n, false, Some(Err(broken("truncated request")))),
+                    Err(e) => return (n, false, Some(Err(e))),
                 }
             }
             let head: &[u8; REQUEST_LEN] = match self.bufs.input[self.bufs.start..][..REQUEST_LEN].try_into() {
@@ -231,16 +263,16 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
                 Err(_) => unreachable!("available() checked"),
             };
             let Some(req) = Request::parse(head) else {
-                return (n, Some(Err(broken("bad request magic"))));
+                return (n, false, Some(Err(broken("bad request magic"))));
             };
-            if S::IN_MEMORY && self.overwrites_read(&req, n) {
+            if S::IN_MEMORY && self.overwrites_read(&req, base + n) {
                 break; // the read's reply goes first, from the store as it is
             }
             let len = staged_len(&req);
             let staged = if S::IN_MEMORY { 0 } else { len };
             if self.bufs.ring + staged > self.bufs.staging.len() {
-                if n > 0 {
-                    break; // the next batch starts with it
+                if n > 0 || base > 0 {
+                    break; // the next batch starts with it, once nothing is held
                 }
                 // Round to the start of the ring, whose copies may be queued still.
                 self.settle();
@@ -249,32 +281,49 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
             let stage = self.bufs.ring..self.bufs.ring + staged;
             self.bufs.start += REQUEST_LEN;
             if req.command == sys::NBD_CMD_DISC {
-                return (n, Some(Ok(End::Disconnect)));
+                return (n, false, Some(Ok(End::Disconnect)));
             }
             self.bufs.direct = req.command == sys::NBD_CMD_WRITE && req.len >= DIRECT_WRITE;
             if req.command == sys::NBD_CMD_FLUSH {
                 // What fails to start before a flush fails its own requests, not the flush.
-                self.close_group(n);
+                self.close_group(base + n);
                 waiting = 0;
             }
             let slot = match self.execute(&req, stage.clone()) {
                 Ok(slot) => slot,
-                Err(e) => return (n, Some(Err(e))),
+                Err(e) => return (n, false, Some(Err(e))),
             };
             let waits = slot.waits;
-            self.bufs.slots[n] = slot;
+            self.bufs.slots[base + n] = slot;
             self.bufs.ring = stage.end;
             payload += len;
             n += 1;
             if waits {
                 waiting += 1;
                 if waiting == self.bufs.group {
-                    self.close_group(n);
+                    self.close_group(base + n);
                     waiting = 0;
                 }
             }
         }
-        (n, None)
+        (n, n == most || payload >= bytes, None)
+    }
+
+    /// Moves the batch gathered after the held one, now answered, to the
+    /// front.
+    fn forget_held(&mut self) {
+        let b = &mut *self.bufs;
+        let (held, groups) = (b.held, b.held_groups);
+        let end = b.groups[..b.ngroups].last().map_or(held, |g| g.0);
+        for i in held..end {
+            b.slots.swap(i - held, i);
+        }
+        for g in groups..b.ngroups {
+            let (last, fence) = b.groups[g];
+            b.groups[g - groups] = (last - held, fence);
+        }
+        b.ngroups -= groups;
+        (b.held, b.held_groups) = (0, 0);
     }
 
     /// Whether `req` changes bytes that a read among the batch's first `n`
@@ -407,11 +456,11 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
         }
     }
 
-    /// Sends the replies of slots `0..n`, group by group, each once the
-    /// store has done the work its replies wait for.
-    fn answer(&mut self, n: usize) -> io::Result<()> {
-        let mut start = 0;
-        for g in 0..self.bufs.ngroups {
+    /// Sends the replies of `groups`, group by group, each once the store
+    /// has done the work its replies wait for.
+    fn answer(&mut self, groups: Range<usize>) -> io::Result<()> {
+        let mut start = groups.start.checked_sub(1).map_or(0, |g| self.bufs.groups[g].0);
+        for g in groups {
             let (end, fence) = self.bufs.groups[g];
             let slots = &self.bufs.slots[start..end];
             let mut told = false;
@@ -436,7 +485,6 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
             sent?;
             start = end;
         }
-        debug_assert_eq!(start, n, "every slot is in a group");
         Ok(())
     }
 
