@@ -493,13 +493,13 @@ fn a_device_failure_after_handing_over_fails_every_request() {
     }
 }
 
-/// A batch of nine reads is two groups, eight and one: when the first
-/// group's wait fails, the lone read after it answers EIO like the rest,
-/// its header not sent ahead of a failure already known.
+/// With groups of eight, a batch of nine reads is two groups, eight and
+/// one: when the first group's wait fails, the lone read after it answers
+/// EIO like the rest, its header not sent ahead of a failure already known.
 #[test]
 fn a_lone_read_after_a_failed_group_answers_eio() {
     use std::io::Write;
-    let mut server = Serve::new(8).env("FAKE_CUDA_FAIL_SYNC", "1").start();
+    let mut server = Serve::new(8).env("FAKE_CUDA_FAIL_SYNC", "1").env("NBD_VRAM_GROUP", "8").start();
     let mut nbd = Nbd::connect(&server.sock);
     let wire: Vec<u8> = (0..9).flat_map(|i| common::raw::header(0, CMD_READ, i, i * 4096, 4096)).collect();
     nbd.s.write_all(&wire).unwrap();

@@ -71,8 +71,11 @@ pub enum End {
 
 /// Replies that wait for the store, per fence, unless `NBD_VRAM_GROUP`
 /// says otherwise (0: one fence per batch). Fewer fences make bigger
-/// batched copies; more let the first replies leave sooner.
-const GROUP: usize = 8;
+/// batched copies and fewer driver calls; more let the first replies leave
+/// sooner. A whole batch: on an H200 (BENCHMARKS.md, "Fifteenth run"),
+/// 4 KiB QD32 reads went 11 % faster than with 8 in both passes, and with
+/// 4 they lost half; larger requests never fill a group.
+const GROUP: usize = MAX_BATCH;
 
 /// One answered request of a batch.
 #[derive(Clone)]
