@@ -902,6 +902,17 @@ fn assert_copy_engines_only(nbd: &mut Nbd, server: &VramServer, before: [usize; 
     assert!(rows_now >= rows + wanted, "{wanted} writes by 2D copies expected: {rows} then {rows_now}");
 }
 
+/// The other process leaves (its file goes; the store looks again within
+/// a second): the compute engine serves traffic again, and the server says so.
+fn our_kernels_return_once_it_leaves(mut nbd: Nbd, server: &mut VramServer, others: &Path, before: [usize; 3]) {
+    fs::remove_file(others).unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
+    until_compute_serves(&mut nbd, server, before);
+    assert!(server.log().contains("ours alone again"), "{}", server.log());
+    nbd.disconnect();
+    server.assert_alive();
+}
+
 /// Another process taking GPU memory (`FAKE_CUDA_OTHERS_FILE`), where NVML
 /// is missing, keeps copies off the compute engine (our kernels, memsets,
 /// small writes by a plain copy) until it gives the memory back (the store
@@ -919,13 +930,7 @@ fn our_kernels_make_way_for_another_process() {
     std::thread::sleep(Duration::from_millis(1100));
     assert_copy_engines_only(&mut nbd, &server, before);
     assert!(server.log().contains("another process took 1024 MiB"), "{}", server.log());
-
-    fs::remove_file(&others).unwrap();
-    std::thread::sleep(Duration::from_millis(1100));
-    until_compute_serves(&mut nbd, &server, before);
-    assert!(server.log().contains("ours alone again"), "{}", server.log());
-    nbd.disconnect();
-    server.assert_alive();
+    our_kernels_return_once_it_leaves(nbd, &mut server, &others, before);
 }
 
 /// With NVML, a process that was on the GPU before us counts from the
@@ -946,13 +951,7 @@ fn a_process_there_before_us_keeps_our_kernels_off() {
         assert!(server.log().contains("1 other process(es) use this GPU (NVML)"), "{}", server.log());
         let mut nbd = Nbd::connect(&server.sock);
         assert_copy_engines_only(&mut nbd, &server, [0; 3]);
-
-        fs::remove_file(&others).unwrap();
-        std::thread::sleep(Duration::from_millis(1100));
-        until_compute_serves(&mut nbd, &server, [0; 3]);
-        assert!(server.log().contains("ours alone again"), "{}", server.log());
-        nbd.disconnect();
-        server.assert_alive();
+        our_kernels_return_once_it_leaves(nbd, &mut server, &others, [0; 3]);
     }
 }
 

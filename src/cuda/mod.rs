@@ -498,10 +498,11 @@ impl Stream<'_> {
     /// single copies (H100, 2026-11-25: a lone 4 KiB read took 11.5 µs by
     /// kernel, 7.9 µs by copy engine; BENCHMARKS.md), so below `BATCH_MIN` copies they
     /// go one by one; so do small writes while `shared` (see `htod`: a batch
-    /// of them went through the compute engine too).
+    /// of them went through the compute engine too), and `mover`, a kernel,
+    /// is not used then.
     pub fn copy_batch(&self, batch: &mut CopyBatch, writes: bool, mover: Option<&Mover>, shared: bool) -> Result<(), Error> {
         let many = batch.sizes.len() >= BATCH_MIN && !(shared && writes && batch.sizes.iter().any(|&n| n < INLINE_MAX));
-        let done = if let Some(mover) = mover.filter(|_| many && batch.small) {
+        let done = if let Some(mover) = mover.filter(|_| many && batch.small && !shared) {
             self.launch(mover, batch)
         } else if let Some(copy) = self.api().cuMemcpyBatchAsync_v2.filter(|_| many) {
             let mut attrs = sys::CUmemcpyAttributes {

@@ -318,14 +318,10 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
         let b = &mut *self.bufs;
         let (held, groups) = (b.held, b.held_groups);
         let end = b.groups[..b.ngroups].last().map_or(held, |g| g.0);
-        for i in held..end {
-            b.slots.swap(i - held, i);
-        }
-        for g in groups..b.ngroups {
-            let (last, fence) = b.groups[g];
-            b.groups[g - groups] = (last - held, fence);
-        }
+        b.slots[..end].rotate_left(held);
+        b.groups.copy_within(groups..b.ngroups, 0);
         b.ngroups -= groups;
+        b.groups[..b.ngroups].iter_mut().for_each(|g| g.0 -= held);
         (b.held, b.held_groups) = (0, 0);
     }
 

@@ -199,9 +199,8 @@ impl<'c> VramStore<'c> {
             return;
         }
         let handed = self.hand_over();
-        let mover = self.mover.as_ref().filter(|_| !shared);
         if let Some(b) = &mut self.batch {
-            if let Err(e) = handed.and_then(|()| self.stream.copy_batch(&mut b.copies, b.writes, mover, shared)) {
+            if let Err(e) = handed.and_then(|()| self.stream.copy_batch(&mut b.copies, b.writes, self.mover.as_ref(), shared)) {
                 error!("{e}");
                 b.failed = true;
             }
