@@ -671,7 +671,12 @@ fn read_what_was_just_written(server: &mut VramServer) {
     server.assert_alive();
 }
 
-/// The mailbox kernel's 4 KiB reads and writes the fake ran, and its
+/// The mailbox kernel's lists the fake ran.
+fn mailbox_lists(server: &VramServer) -> usize {
+    server.cuda_log().lines().filter(|l| l.starts_with("nbd_vram_mailbox job ") && l.contains(" list ") && l.ends_with(" -> ok")).count()
+}
+
+/// The mailbox kernel's lone 4 KiB reads and writes the fake ran, and its
 /// launches and ends.
 fn mailbox_counts(server: &VramServer) -> [usize; 4] {
     let log = server.cuda_log();
@@ -713,7 +718,7 @@ fn mailbox_server(env: &[(&str, &str)]) -> Option<VramServer> {
 fn lone_copies_go_through_the_mailbox_kernel() {
     let serve = Serve::new(16).env("NBD_VRAM_BATCH", "1").env("FAKE_CUDA_MAX_ALLOC_MIB", "8");
     let mut server = serve.env("NBD_VRAM_SPIN", SPIN_US).start();
-    assert!(server.log().contains("lone small copies: by the mailbox kernel"), "{}", server.log());
+    assert!(server.log().contains("small copies back to back: by the mailbox kernel, lone ones and batches"), "{}", server.log());
     let mut nbd = Nbd::connect(&server.sock);
     let blocks: Vec<u64> = (0..24).map(|i| (i * 683 % 4096) * 4096).collect();
     let mut model: Vec<Vec<u8>> = blocks.iter().map(|_| vec![0u8; 4096]).collect();
@@ -759,7 +764,7 @@ fn the_mailbox_kernel_stays_out_when_told_or_limited() {
         nbd.disconnect();
         server.assert_alive();
         let log = server.log();
-        assert!(!log.contains("lone small copies"), "{var}={value}:\n{log}");
+        assert!(!log.contains("by the mailbox kernel"), "{var}={value}:\n{log}");
         assert!(says.is_none_or(|s| log.contains(s)), "{var}={value}:\n{log}");
         assert_eq!(mailbox_counts(&server), [0; 4], "{var}={value}");
     }
@@ -868,13 +873,15 @@ fn mixed_traffic(nbd: &mut Nbd, round: u8) {
     read_ok(nbd, 0, &[[round; 4096], [0; 4096], [0; 4096], [round; 4096]].concat(), "around the zeroes");
 }
 
-/// What went through the compute engine on our behalf (mailbox jobs,
-/// copy-kernel launches, memsets) and what as a 2D copy, as the fake logged it.
+/// What went through the compute engine on our behalf (lone copies by the
+/// mailbox kernel, batches by it or the copy kernel, memsets) and what as
+/// a 2D copy, as the fake logged it.
 fn engines(server: &VramServer) -> ([usize; 3], usize) {
     let log = server.cuda_log();
     let count = |p: &str| log.lines().filter(|l| l.starts_with(p)).count();
     let [reads, writes, ..] = mailbox_counts(server);
-    ([reads + writes, count("launch nbd_vram_copy "), count("memset ")], count("memcpy2d 2 rows of "))
+    let batches = mailbox_lists(server) + count("launch nbd_vram_copy ");
+    ([reads + writes, batches, count("memset ")], count("memcpy2d 2 rows of "))
 }
 
 /// `mixed_traffic` until each of the compute engine's ways has served some
@@ -955,29 +962,41 @@ fn a_process_there_before_us_keeps_our_kernels_off() {
     }
 }
 
-/// Two reads in one batch park the mailbox kernel (batches serve a deeper
-/// queue); lone reads in a row start it again.
+/// Two aligned reads in one batch go to the running mailbox kernel as a
+/// list; two that are not 16-byte aligned park it, as does any batch with
+/// `NBD_VRAM_MAILBOX=lone`; lone reads in a row start it again. Every read
+/// sees what a lone 16 KiB write put there.
 #[test]
-fn a_deeper_queue_parks_the_mailbox_kernel() {
+fn batches_it_cannot_take_park_the_mailbox_kernel() {
     use std::io::Write;
-    let Some(mut server) = mailbox_server(&[]) else { return };
-    let mut nbd = Nbd::connect(&server.sock);
-    let lone = |nbd: &mut Nbd| (0..4).for_each(|_| read_ok(nbd, 4096, &[0; 4096], "a lone read"));
-    lone(&mut nbd);
-    assert_eq!(mailbox_counts(&server)[2], 1, "lone reads start the kernel:\n{}", server.cuda_log());
-    let pair = [common::raw::header(0, CMD_READ, 1, 0, 4096), common::raw::header(0, CMD_READ, 2, 8192, 4096)].concat();
-    nbd.s.write_all(&pair).unwrap();
-    for cookie in [1, 2] {
-        assert_eq!(nbd.reply(), (0, cookie));
-        let mut got = [0u8; 4096];
-        nbd.s.read_exact(&mut got).unwrap();
+    let data = pattern(9, 16384);
+    let lone = |nbd: &mut Nbd| (0..4).for_each(|_| read_ok(nbd, 4096, &data[4096..8192], "a lone read"));
+    let pair = |nbd: &mut Nbd, at: u64| {
+        let pair = [common::raw::header(0, CMD_READ, 1, at, 4096), common::raw::header(0, CMD_READ, 2, at + 8192, 4096)].concat();
+        nbd.s.write_all(&pair).unwrap();
+        for (cookie, at) in [(1, at as usize), (2, at as usize + 8192)] {
+            assert_eq!(nbd.reply(), (0, cookie));
+            let mut got = [0u8; 4096];
+            nbd.s.read_exact(&mut got).unwrap();
+            assert!(got[..] == data[at..at + 4096], "read {cookie} of a pair at {at}");
+        }
+    };
+    for (mode, lists) in [("1", 1), ("lone", 0)] {
+        let Some(mut server) = mailbox_server(&[("NBD_VRAM_MAILBOX", mode)]) else { return };
+        let mut nbd = Nbd::connect(&server.sock);
+        assert_eq!(nbd.write(0, &data), 0);
+        lone(&mut nbd);
+        assert_eq!(mailbox_counts(&server)[2], 1, "lone copies start the kernel:\n{}", server.cuda_log());
+        pair(&mut nbd, 0);
+        assert_eq!(mailbox_lists(&server), lists, "NBD_VRAM_MAILBOX={mode}:\n{}", server.cuda_log());
+        pair(&mut nbd, 8);
+        lone(&mut nbd);
+        nbd.disconnect();
+        server.assert_alive();
+        let [reads, _, launched, ended] = mailbox_counts(&server);
+        assert_eq!((launched, ended), (2, 1), "parked, started again (NBD_VRAM_MAILBOX={mode}):\n{}", server.cuda_log());
+        assert_eq!(reads, 3 + 2, "after the write, reads but the first by the kernel; then two of four");
     }
-    lone(&mut nbd);
-    nbd.disconnect();
-    server.assert_alive();
-    let [reads, _, launched, ended] = mailbox_counts(&server);
-    assert_eq!((launched, ended), (2, 1), "parked by the pair, started again:\n{}", server.cuda_log());
-    assert_eq!(reads, 4, "two lone reads of each run by the kernel");
 }
 
 /// A mailbox kernel that has not started yet (`alive` unwritten) is left

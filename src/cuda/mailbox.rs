@@ -1,16 +1,18 @@
 //! The mailbox kernel: one resident block that polls a job slot in mapped
 //! pinned memory and copies between the VRAM it names and a landing buffer
-//! there. A lone 4 KiB read then costs no launch and no copy-engine
-//! hand-over: 3.4 µs against 7.0–8.0 µs for `cuMemcpyDtoHAsync` and
+//! there, or runs a list of small copies between VRAM and pinned memory.
+//! A lone 4 KiB read then costs no launch and no copy-engine hand-over:
+//! 3.4 µs against 7.0–8.0 µs for `cuMemcpyDtoHAsync` and
 //! `cuStreamSynchronize` (H200, 2026-12-02, tests/gpu/dtoh-probe.c,
 //! BENCHMARKS.md "Ninth run"); a lone write is handed over with a memcpy
-//! and a store, where `cuMemcpyHtoDAsync` costs the CPU 2.1–2.6 µs.
+//! and a store, where `cuMemcpyHtoDAsync` costs the CPU 2.1–2.6 µs. A list
+//! spares a batch the copy kernel's launch, event and wait.
 //!
 //! While it runs it holds one SM and keeps the GPU clocked up, and a
 //! kernel that never ends shares the GPU badly with other processes'
-//! work; so the store starts it only for lone copies in a row, and `park`
-//! ends it whenever the serve loop sleeps, a client leaves or the queue
-//! deepens.
+//! work; so the store starts it only for copies in a row, and `park`
+//! ends it whenever the serve loop sleeps, a client leaves or a batch
+//! comes that it does not take.
 
 use std::ffi::{c_int, c_uint, c_void};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -18,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use super::kernel::LaunchKernel;
 use super::sys::{self, CUfunction, CUmodule};
-use super::{Context, Error, Pinned, Stream};
+use super::{Context, CopyBatch, Error, Pinned, Stream};
 
 /// Thread 0 polls the job (16 bytes: VRAM address u64; sequence u32,
 /// length u32 with the top bit set for a write) in one read over PCIe. The
@@ -27,17 +29,23 @@ use super::{Context, Error, Pinned, Stream};
 /// do not keep coherent, and reading the landing buffer afresh each time;
 /// after a system-wide fence thread 0 writes the sequence to `done`. Length
 /// 0 ends the kernel. At start it writes `last`, the sequence it takes as
-/// done, to `alive`.
+/// done, to `alive`. With bit 30 of the length set, its low 16 bits count
+/// the pieces of a list at byte 1024 of the slot page, 32 bytes each
+/// (destination u64, source u64, length u32): each warp takes a piece, or
+/// several warps share one when pieces are fewer than warps, and moves
+/// 2 KiB of it per step, four 16-byte loads in flight per thread, with the
+/// same cache rules.
 const PTX: &str = "\
 .version 7.0
 .target sm_75
 .address_size 64
 
 .visible .entry nbd_vram_mailbox(.param .u64 slot, .param .u64 landing, .param .u32 last)
+.maxntid 1024, 1, 1
 {
-	.reg .pred %p<5>;
-	.reg .b32 %r<12>;
-	.reg .b64 %rd<9>;
+	.reg .pred %p<12>;
+	.reg .b32 %r<44>;
+	.reg .b64 %rd<16>;
 	.shared .align 16 .b8 job[16];
 
 	ld.param.u64 %rd1, [slot];
@@ -63,6 +71,8 @@ TAKE:
 	cvt.u32.u64 %r4, %rd5;
 	setp.ge.u32 %p4, %r4, 0x80000000;
 	and.b32 %r4, %r4, 0x7fffffff;
+	setp.ge.u32 %p5, %r4, 0x40000000;
+	@%p5 bra LIST;
 	mul.lo.u32 %r5, %r2, 16;
 COPY:
 	setp.ge.u32 %p3, %r5, %r4;
@@ -80,6 +90,68 @@ WRITE:
 STEP:
 	add.u32 %r5, %r5, %r10;
 	bra COPY;
+LIST:
+	and.b32 %r12, %r4, 0xffff;
+	shr.u32 %r13, %r2, 5;
+	and.b32 %r14, %r2, 31;
+	shr.u32 %r15, %r10, 9;
+	div.u32 %r16, %r15, %r12;
+	max.u32 %r16, %r16, 1;
+	div.u32 %r17, %r15, %r16;
+	mul.lo.u32 %r20, %r17, %r16;
+	setp.ge.u32 %p6, %r13, %r20;
+	@%p6 bra COPIED;
+	div.u32 %r18, %r13, %r16;
+	rem.u32 %r19, %r13, %r16;
+	mul.lo.u32 %r21, %r19, 2048;
+	mul.lo.u32 %r23, %r14, 16;
+	add.u32 %r21, %r21, %r23;
+	mul.lo.u32 %r22, %r16, 2048;
+PIECE:
+	setp.ge.u32 %p7, %r18, %r12;
+	@%p7 bra COPIED;
+	mul.wide.u32 %rd10, %r18, 32;
+	add.u64 %rd10, %rd1, %rd10;
+	ld.global.cv.v2.u64 {%rd11, %rd12}, [%rd10+1024];
+	ld.global.cv.u32 %r24, [%rd10+1040];
+	mov.u32 %r25, %r21;
+PART:
+	setp.ge.u32 %p8, %r25, %r24;
+	@%p8 bra NEXTPIECE;
+	add.u32 %r26, %r25, 512;
+	add.u32 %r27, %r25, 1024;
+	add.u32 %r28, %r25, 1536;
+	setp.lt.u32 %p9, %r26, %r24;
+	setp.lt.u32 %p10, %r27, %r24;
+	setp.lt.u32 %p11, %r28, %r24;
+	cvt.u64.u32 %rd13, %r25;
+	add.u64 %rd14, %rd12, %rd13;
+	add.u64 %rd15, %rd11, %rd13;
+	@%p4 bra LWRITE;
+	ld.global.cg.v4.u32 {%r6, %r7, %r8, %r9}, [%rd14];
+	@%p9 ld.global.cg.v4.u32 {%r29, %r30, %r31, %r32}, [%rd14+512];
+	@%p10 ld.global.cg.v4.u32 {%r33, %r34, %r35, %r36}, [%rd14+1024];
+	@%p11 ld.global.cg.v4.u32 {%r37, %r38, %r39, %r40}, [%rd14+1536];
+	st.global.v4.u32 [%rd15], {%r6, %r7, %r8, %r9};
+	@%p9 st.global.v4.u32 [%rd15+512], {%r29, %r30, %r31, %r32};
+	@%p10 st.global.v4.u32 [%rd15+1024], {%r33, %r34, %r35, %r36};
+	@%p11 st.global.v4.u32 [%rd15+1536], {%r37, %r38, %r39, %r40};
+	bra LSTEP;
+LWRITE:
+	ld.global.cv.v4.u32 {%r6, %r7, %r8, %r9}, [%rd14];
+	@%p9 ld.global.cv.v4.u32 {%r29, %r30, %r31, %r32}, [%rd14+512];
+	@%p10 ld.global.cv.v4.u32 {%r33, %r34, %r35, %r36}, [%rd14+1024];
+	@%p11 ld.global.cv.v4.u32 {%r37, %r38, %r39, %r40}, [%rd14+1536];
+	st.global.cg.v4.u32 [%rd15], {%r6, %r7, %r8, %r9};
+	@%p9 st.global.cg.v4.u32 [%rd15+512], {%r29, %r30, %r31, %r32};
+	@%p10 st.global.cg.v4.u32 [%rd15+1024], {%r33, %r34, %r35, %r36};
+	@%p11 st.global.cg.v4.u32 [%rd15+1536], {%r37, %r38, %r39, %r40};
+LSTEP:
+	add.u32 %r25, %r25, %r22;
+	bra PART;
+NEXTPIECE:
+	add.u32 %r18, %r18, %r17;
+	bra PIECE;
 COPIED:
 	membar.sys;
 	bar.sync 0;
@@ -95,8 +167,9 @@ END:
 }
 \0";
 
-/// Threads of the block; a 4 KiB job is one step.
-const THREADS: c_uint = 256;
+/// Threads of the block: 32 warps, so that a batch of 16 4 KiB pieces is
+/// one step of two warps each.
+const THREADS: c_uint = 1024;
 /// The largest job, the landing buffer's size: above it the copy engine's
 /// bandwidth wins over one block's.
 const LANDING: usize = 64 * 1024;
@@ -106,8 +179,16 @@ const JOB_VRAM: usize = 0;
 const JOB_WORD: usize = 8;
 const DONE: usize = 64;
 const ALIVE: usize = 128;
-/// The length's top bit: the job copies the landing buffer to VRAM.
+const LIST: usize = 1024;
+const LIST_ROW: usize = 32;
+/// Pieces a list holds: four times a full batch of 4 KiB requests, and
+/// twice one whose every request is split at a chunk boundary.
+const LIST_MAX: usize = 64;
+const SLOT: usize = 4096;
+const _: () = assert!(LIST + LIST_MAX * LIST_ROW <= SLOT);
+/// The length's top bit: the job copies to VRAM; the next: it is a list.
 const WRITE: u64 = 1 << 31;
+const LISTED: u64 = 1 << 30;
 /// How often a wait asks the driver whether the kernel still runs.
 const CHECK: Duration = Duration::from_micros(100);
 
@@ -156,7 +237,7 @@ impl Context {
             Ok(stream) => stream,
             Err(e) => return Some(Err(e)),
         };
-        let (slot, landing) = match (self.pinned(4096), self.pinned(LANDING)) {
+        let (slot, landing) = match (self.pinned(SLOT), self.pinned(LANDING)) {
             (Ok(slot), Ok(landing)) => (slot, landing),
             (Err(e), _) | (_, Err(e)) => return Some(Err(e)),
         };
@@ -248,6 +329,28 @@ impl Mailbox<'_> {
         debug_assert!(Mailbox::takes(dst, data.len()));
         self.landing[..data.len()].copy_from_slice(data);
         self.post(dst, data.len() as u64 | WRITE)
+    }
+
+    /// Whether `batch` can go as a list: two pieces or more, each one the
+    /// copy kernel takes (so 16-byte aligned and at most 64 KiB).
+    pub fn takes_list(batch: &CopyBatch) -> bool {
+        batch.small && (2..=LIST_MAX).contains(&batch.sizes.len())
+    }
+
+    /// Posts every copy of `batch` (to VRAM if `writes`) as one list; the
+    /// caller has waited for the job before, and keeps the host side of
+    /// each piece, as for `Stream::read` and `write`, until it waits for
+    /// this one. Returns its sequence.
+    pub fn post_list(&mut self, batch: &CopyBatch, writes: bool) -> u32 {
+        debug_assert!(Mailbox::takes_list(batch));
+        let rows = self.slot[LIST..].chunks_exact_mut(LIST_ROW);
+        for (row, ((&dst, &src), &len)) in rows.zip(batch.dsts.iter().zip(&batch.srcs).zip(&batch.sizes)) {
+            row[..8].copy_from_slice(&dst.to_ne_bytes());
+            row[8..16].copy_from_slice(&src.to_ne_bytes());
+            row[16..20].copy_from_slice(&(len as u32).to_ne_bytes());
+        }
+        let write = if writes { WRITE } else { 0 };
+        self.post(0, batch.sizes.len() as u64 | LISTED | write)
     }
 
     fn post(&mut self, vram: u64, len: u64) -> u32 {

@@ -26,12 +26,14 @@ pub struct VramStore<'c> {
     batch: Option<Batch>,
     /// The copy kernel, for batches of small pieces.
     mover: Option<Mover<'c>>,
-    /// The resident kernel, for a lone small copy while requests come
-    /// back to back; the copy it has, until `finish`; lone copies in a row
-    /// since the serve loop last slept or a batch held more than one.
+    /// The resident kernel, for small copies while requests come back to
+    /// back: a lone one, or a batch as a list unless `lists` is off; the
+    /// job it has, until `finish`; batches it could take in a row since
+    /// the serve loop last slept or it was parked.
     mailbox: Option<Mailbox<'c>>,
+    lists: bool,
     posted: Option<Posted>,
-    lone_run: u32,
+    run: u32,
     /// A mailbox copy failed: the next `wait` or `sync` reports it.
     post_failed: bool,
     /// One per fence token, created before serving.
@@ -57,18 +59,19 @@ pub struct VramStore<'c> {
 /// The zero source's length: copies this long go on a copy engine.
 const ZEROS: usize = 64 * 1024;
 
-/// Lone copies in a row before the mailbox kernel starts: the first after
-/// a sleep says nothing of the next request; the second, that they come
-/// back to back. The second still goes to the copy engine, as the kernel
-/// starts.
+/// Batches in a row that the mailbox kernel could take before it starts:
+/// the first after a sleep says nothing of the next request; the second,
+/// that they come back to back. The second still goes the other way, as
+/// the kernel starts.
 const START_AFTER: u32 = 2;
 
 /// Pieces a batch holds before it is issued: a full batch of 4 KiB
 /// requests, each split at most once at a chunk boundary.
 const BATCH_PIECES: usize = 256;
 
-/// A copy the mailbox kernel has: its job, the staging a read goes to
-/// (`None` for a write), and its hand-over number.
+/// A job the mailbox kernel has: its sequence, the staging a lone read goes
+/// to from the landing buffer (`None` for a write or a list, which moves
+/// staging itself), and its hand-over number.
 struct Posted {
     seq: u32,
     read_into: Option<(u64, usize)>,
@@ -113,7 +116,7 @@ impl<'c> VramStore<'c> {
                 if let Some((chunks, chunk_len)) = allocate_chunks(ctx, size)? {
                     info!("allocated {} MiB of VRAM in {} chunk(s); {} MiB of {} MiB were free", size / MIB, chunks.len(), free / MIB, total / MIB);
                     let stream = ctx.stream()?;
-                    let (batched, mover, mailbox) = copy_path(ctx, &stream);
+                    let CopyPath { batched, mover, mailbox, lists } = copy_path(ctx, &stream);
                     let batch = batched.then(|| Batch {
                         copies: CopyBatch::with_capacity(BATCH_PIECES),
                         writes: false,
@@ -129,8 +132,9 @@ impl<'c> VramStore<'c> {
                         batch,
                         mover,
                         mailbox,
+                        lists,
                         posted: None,
-                        lone_run: 0,
+                        run: 0,
                         post_failed: false,
                         events,
                         next_fence: 0,
@@ -195,7 +199,7 @@ impl<'c> VramStore<'c> {
         let shared = self.neighbours.present(self.ctx);
         if shared {
             self.park();
-        } else if self.post_lone() {
+        } else if self.post_mailbox() {
             return;
         }
         let handed = self.hand_over();
@@ -207,47 +211,56 @@ impl<'c> VramStore<'c> {
         }
     }
 
-    /// Gives a batch that is one small copy to the mailbox kernel, when
-    /// the stream has nothing left to do (so the copy comes after every one
-    /// before it; an error asking is left for the next wait to report).
-    /// Starts the kernel if requests came back to back; the copy that does
-    /// it, or finds it not ready yet, goes to the stream.
-    fn post_lone(&mut self) -> bool {
+    /// Gives the batch to the mailbox kernel, when it takes it (one small
+    /// copy, or a list of them) and the stream has nothing left to do (so
+    /// the job comes after every copy before it; an error asking is left
+    /// for the next wait to report). Starts the kernel if such batches
+    /// came back to back; the one that does it, or finds it not ready yet,
+    /// goes to the stream.
+    fn post_mailbox(&mut self) -> bool {
         let Some(b) = &self.batch else { return false };
-        let Some((dst, src, len)) = b.copies.lone() else {
-            // A deeper queue: batches serve it, and the kernel would only
-            // hold the GPU.
-            self.lone_run = 0;
-            self.park();
-            return false;
+        let lone = b.copies.lone();
+        let takes = match lone {
+            Some((dst, src, len)) => Mailbox::takes(if b.writes { dst } else { src }, len),
+            None => self.lists && Mailbox::takes_list(&b.copies),
         };
-        let (writes, vram) = (b.writes, if b.writes { dst } else { src });
-        if self.mailbox.is_none() || !Mailbox::takes(vram, len) || self.finish().is_err() {
+        if !takes {
+            if lone.is_none() {
+                // Batches the kernel cannot take go to the stream, and it
+                // would only hold the GPU meanwhile.
+                self.run = 0;
+                self.park();
+            }
             return false;
         }
-        self.lone_run += 1;
+        if self.mailbox.is_none() || self.finish().is_err() {
+            return false;
+        }
+        self.run += 1;
         if self.done != self.issued && !self.stream.is_done().unwrap_or(false) {
             return false;
         }
         self.done = self.issued;
         let (Some(mailbox), Some(b)) = (&mut self.mailbox, &mut self.batch) else { return false };
         if !mailbox.ready() {
-            if self.lone_run >= START_AFTER {
+            if self.run >= START_AFTER {
                 if let Err(e) = mailbox.start() {
-                    warn!("the mailbox kernel did not start ({e}): lone copies go through the copy engine");
+                    warn!("the mailbox kernel did not start ({e}): small copies go the other ways");
                     self.mailbox = None;
                 }
             }
             return false;
         }
-        let (seq, read_into) = if writes {
-            // SAFETY: `src` is the staging given to `write`, which the
-            // caller leaves unchanged until a later wait or sync (the
-            // trait's contract); `len` bytes of it were queued.
-            let data = unsafe { std::slice::from_raw_parts(src as *const u8, len) };
-            (mailbox.post_write(dst, data), None)
-        } else {
-            (mailbox.post_read(src, len), Some((dst, len)))
+        let (seq, read_into) = match lone {
+            None => (mailbox.post_list(&b.copies, b.writes), None),
+            Some((dst, src, len)) if b.writes => {
+                // SAFETY: `src` is the staging given to `write`, which the
+                // caller leaves unchanged until a later wait or sync (the
+                // trait's contract); `len` bytes of it were queued.
+                let data = unsafe { std::slice::from_raw_parts(src as *const u8, len) };
+                (mailbox.post_write(dst, data), None)
+            }
+            Some((dst, src, len)) => (mailbox.post_read(src, len), Some((dst, len))),
         };
         b.copies.clear();
         self.unrecorded = None; // every fence so far is complete
@@ -493,20 +506,28 @@ impl<'c> Store for VramStore<'c> {
         finished
     }
 
-    /// Requests are apart: the mailbox kernel waits for lone copies in a
-    /// row again before it starts.
+    /// Requests are apart: the mailbox kernel waits for batches in a row
+    /// again before it starts.
     fn idle(&mut self) {
-        self.lone_run = 0;
+        self.run = 0;
         self.park();
     }
 }
 
 /// How copies are issued: batches of small pieces by the copy kernel
 /// (unless `NBD_VRAM_KERNEL=0`), other batches by cuMemcpyBatchAsync_v2
-/// where the driver has it, a lone small copy by the mailbox kernel
-/// (unless `NBD_VRAM_MAILBOX=0`); `NBD_VRAM_BATCH=0` turns all three off,
-/// one driver call per copy. The switches compare the paths on one machine.
-fn copy_path<'c>(ctx: &'c Context, stream: &Stream) -> (bool, Option<Mover<'c>>, Option<Mailbox<'c>>) {
+/// where the driver has it, small copies in a row by the mailbox kernel
+/// (lone ones only with `NBD_VRAM_MAILBOX=lone`, none with `0`);
+/// `NBD_VRAM_BATCH=0` turns all of them off, one driver call per copy.
+/// The switches compare the paths on one machine.
+struct CopyPath<'c> {
+    batched: bool,
+    mover: Option<Mover<'c>>,
+    mailbox: Option<Mailbox<'c>>,
+    lists: bool,
+}
+
+fn copy_path<'c>(ctx: &'c Context, stream: &Stream) -> CopyPath<'c> {
     let off = |var| std::env::var(var).is_ok_and(|v| v == "0");
     let wanted = !off("NBD_VRAM_BATCH");
     let mover = match (wanted && !off("NBD_VRAM_KERNEL")).then(|| ctx.mover()).flatten() {
@@ -524,18 +545,20 @@ fn copy_path<'c>(ctx: &'c Context, stream: &Stream) -> (bool, Option<Mover<'c>>,
         None => info!("copies: {rest}"),
     }
     let batched = api || mover.is_some();
+    let lists = std::env::var("NBD_VRAM_MAILBOX").map_or(true, |v| v != "lone");
     let mailbox = match (batched && !off("NBD_VRAM_MAILBOX")).then(|| ctx.mailbox()).flatten() {
         Some(Ok(mailbox)) => {
-            info!("lone small copies: by the mailbox kernel at queue depth 1");
+            let what = if lists { "lone ones and batches" } else { "lone ones" };
+            info!("small copies back to back: by the mailbox kernel, {what}");
             Some(mailbox)
         }
         Some(Err(e)) => {
-            warn!("the mailbox kernel did not load ({e}): lone copies go through the copy engine");
+            warn!("the mailbox kernel did not load ({e}): small copies go the other ways");
             None
         }
         None => None,
     };
-    (batched, mover, mailbox)
+    CopyPath { batched, mover, mailbox, lists }
 }
 
 impl Drop for VramStore<'_> {

@@ -540,6 +540,49 @@ static void s_mailbox(void)
     EQ(cu.cuStreamQuery(st), 700);    /* sticky */
 }
 
+/* Writes piece i of a list job into the slot page. */
+static void row(unsigned char *slot, unsigned i, unsigned long long dst, unsigned long long src, unsigned len)
+{
+    unsigned char *r = slot + 1024 + 32 * i;
+    memcpy(r, &dst, 8);
+    memcpy(r + 8, &src, 8);
+    memcpy(r + 16, &len, 4);
+}
+
+/* A list job moves each piece between VRAM and pinned memory, either way;
+ * a piece outside pinned memory faults before any piece runs. */
+static void s_mailbox_list(void)
+{
+    void *fn;
+    unsigned char *slot, *landing, stack[32];
+    CUdeviceptr d;
+    CUstream st = mailbox(&fn, &slot, &landing, &d);
+    memset(landing, 5, 64);
+    row(slot, 0, d, (uintptr_t)landing, 32);
+    row(slot, 1, d + 4096, (uintptr_t)landing + 32, 16);
+    post(slot, 0, 1, 2 | 1u << 30 | 1u << 31);   /* a list of two writes */
+    EQ(cu.cuStreamQuery(st), 600);
+    EQ(flag(slot, 64), 1);
+    unsigned char back[64];
+    EQ(cu.cuMemcpyDtoH_v2(back, d, 48), 0);
+    EQ(all(back, 32, 5) && all(back + 32, 16, 7), 1);
+    EQ(cu.cuMemcpyDtoH_v2(back, d + 4096, 32), 0);
+    EQ(all(back, 16, 5) && all(back + 16, 16, 7), 1);
+    row(slot, 0, (uintptr_t)landing + 1024, d + 16, 32);
+    row(slot, 1, (uintptr_t)landing + 2048, d + 8000, 64);
+    post(slot, 0, 2, 2 | 1u << 30);              /* two reads */
+    EQ(cu.cuStreamQuery(st), 600);
+    EQ(flag(slot, 64), 2);
+    EQ(all(landing + 1024, 16, 5) && all(landing + 1040, 16, 7) && all(landing + 2048, 64, 7), 1);
+    memset(landing + 1024, 0, 32);
+    row(slot, 0, (uintptr_t)landing + 1024, d, 32);
+    row(slot, 1, (uintptr_t)stack, d, 32);       /* not pinned */
+    post(slot, 0, 3, 2 | 1u << 30);
+    EQ(cu.cuStreamQuery(st), 700);
+    EQ(flag(slot, 64), 2);
+    EQ(all(landing + 1024, 32, 0), 1);          /* nothing ran */
+}
+
 static void s_fail_mailbox(void)   /* FAIL_MAILBOX 2, EXEC_TIMEOUT 1 */
 {
     void *fn;
@@ -876,6 +919,7 @@ int main(int argc, char **argv)
     bad |= run("kernel", s_kernel, "");
     bad |= run("no_jit", s_no_jit, "FAKE_CUDA_NO_JIT=1");
     bad |= run("mailbox", s_mailbox, "");
+    bad |= run("mailbox_list", s_mailbox_list, "");
     bad |= run("mailbox_misalign", s_fail_mailbox, "FAKE_CUDA_EXEC_TIMEOUT=1");
     bad |= run("fail_mailbox", s_fail_mailbox_job, "FAKE_CUDA_FAIL_MAILBOX=2");
     snprintf(env, sizeof env, "FAKE_CUDA_BACKING=%s/backing", tmp);

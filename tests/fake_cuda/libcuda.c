@@ -743,6 +743,9 @@ static CUresult launch(void *fn, unsigned gx, unsigned gy, unsigned gz, unsigned
 #define SLOT_WORD 8
 #define SLOT_DONE 64
 #define SLOT_ALIVE 128
+#define SLOT_LIST 1024
+#define SLOT_ROW 32
+#define SLOT_LISTED 0x40000000u
 #define LANDING_MAX 65536
 
 /* Whether p..p+n lies inside one block of `list`. */
@@ -779,6 +782,31 @@ static CUresult mailbox_launch(unsigned gx, unsigned gy, unsigned gz, unsigned b
     return OK;
 }
 
+/* A list job: `count` pieces of {dst u64, src u64, len u32, 4 unused} at
+ * slot offset 1024, between device memory and cuMemHostAlloc memory, each
+ * 16-byte aligned and at most 64 KiB; all are checked before any runs. */
+static CUresult mailbox_list(const struct mailbox *m, unsigned count, unsigned write)
+{
+    if (count == 0 || SLOT_LIST + count * SLOT_ROW > 4096) return E_ILLEGAL;
+    struct op ops[(4096 - SLOT_LIST) / SLOT_ROW];
+    for (unsigned i = 0; i < count; i++) {
+        const unsigned char *row = m->slot + SLOT_LIST + i * SLOT_ROW;
+        unsigned long long dst, src;
+        unsigned len;
+        memcpy(&dst, row, 8);
+        memcpy(&src, row + 8, 8);
+        memcpy(&len, row + 16, 4);
+        char *vram = (char *)(uintptr_t)(write ? dst : src);
+        void *host = (void *)(uintptr_t)(write ? src : dst);
+        if (len == 0 || len > LANDING_MAX || (dst | src | len) % 16) return 716;
+        if (!inside(allocs, vram, len) || !inside(host_allocs, host, len)) return E_ILLEGAL;
+        ops[i] = (struct op){write ? H2D : D2H, 0, vram, host, len};
+    }
+    if (++mailbox_jobs == fail_mailbox) return E_ILLEGAL;
+    for (unsigned i = 0; i < count; i++) run_op(&ops[i]);
+    return OK;
+}
+
 /* Runs the job posted on stream s, if any; a fault ends the kernel with
  * the sticky error, as on a GPU. */
 static CUresult mailbox_run(CUstream s)
@@ -794,10 +822,14 @@ static CUresult mailbox_run(CUstream s)
     if (seq == m->last) return OK;
     char *vram = (char *)(uintptr_t)__atomic_load_n((unsigned long long *)m->slot, __ATOMIC_RELAXED);
     m->last = seq;
+    const char *what = len & SLOT_LISTED ? "list " : "";
     CUresult rc = OK;
     if (len && done != queued) {
         fprintf(stderr, "fake libcuda: a " MAILBOX_KERNEL " job while async work is pending: it would race with it\n");
         rc = E_ILLEGAL;
+    } else if (len & SLOT_LISTED) {
+        rc = mailbox_list(m, len & 0xffff, write);
+        len &= 0xffff;
     } else if (len) {
         struct op o = {write ? H2D : D2H, 0, vram, m->landing, len};
         if (len > LANDING_MAX || ((uintptr_t)vram | len) % 16) rc = 716;
@@ -808,10 +840,10 @@ static CUresult mailbox_run(CUstream s)
     if (rc) {
         m->running = 0;
         sticky = rc;
-        logf_(MAILBOX_KERNEL " job %llu %s -> %s", mailbox_jobs, write ? "write" : "read", short_name(rc));
+        logf_(MAILBOX_KERNEL " job %llu %s%s -> %s", mailbox_jobs, what, write ? "write" : "read", short_name(rc));
         return rc;
     }
-    if (len) logf_(MAILBOX_KERNEL " job %llu %s %u -> ok", mailbox_jobs, write ? "write" : "read", len);
+    if (len) logf_(MAILBOX_KERNEL " job %llu %s%s %u -> ok", mailbox_jobs, what, write ? "write" : "read", len);
     __atomic_store_n((unsigned *)(m->slot + SLOT_DONE), seq, __ATOMIC_RELEASE);
     if (!len) {
         m->running = 0;
