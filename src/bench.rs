@@ -93,6 +93,20 @@ pub struct Row {
 }
 
 impl Row {
+    /// The figures of `t`, whose latencies are `sorted`.
+    fn new(p: &Pattern, t: engine::Tally, sorted: &[u64]) -> Row {
+        Row {
+            pattern: p.name,
+            len: p.len,
+            depth: p.depth,
+            ios: t.ios,
+            mbps: t.bytes as f64 / t.secs / 1e6,
+            iops: t.ios as f64 / t.secs,
+            p50_us: percentile(sorted, 50.0) as f64 / 1e3,
+            p99_us: percentile(sorted, 99.0) as f64 / 1e3,
+        }
+    }
+
     /// The machine-readable line.
     pub fn line(&self) -> String {
         format!(
@@ -173,47 +187,102 @@ pub fn run_patterns(connect: &Addr, seconds: u32, each: impl FnMut(&Row)) -> Res
 /// connection of its own, after the region is written on a first one, so
 /// that a server's per-connection log describes one pattern.
 fn run_list(connect: &Addr, seconds: u32, patterns: &[Pattern], mut each: impl FnMut(&Row)) -> Result<Vec<Row>, Failure> {
-    let at = Shown(connect);
-    let fail = |what: String| Failure::new(Code::Other, format!("{at}: {what}"));
-    let depth = patterns.iter().map(|p| p.depth).max().unwrap_or(1);
-    let payload = patterns.iter().map(|p| p.depth * p.len as usize).max().unwrap_or(0);
-    let mut bufs = Bufs::new(depth.max(8), payload.max(8 * MIB as usize), SAMPLES);
-
-    let (mut conn, region) = open(connect, true)?;
-    let fill = Spec { write: true, len: MIB, depth: 8, random: false, seed: 1 };
-    info!("{at}: writing {} MiB once, so that reads find data", region >> 20);
-    let t = engine::drive(&mut conn, region, &fill, Stop::Count(region / u64::from(MIB)), &mut bufs)
-        .map_err(|e| fail(format!("writing the export: {e}")))?;
-    info!("{at}: written in {:.2} s ({:.0} MB/s)", t.secs, t.bytes as f64 / t.secs.max(1e-9) / 1e6);
-    goodbye(conn);
-
+    let mut bufs = bufs_for(patterns);
+    fill(connect, &mut bufs)?;
     let measure = Duration::from_secs(u64::from(seconds));
-    let warmup = (measure / 5).min(Duration::from_millis(500));
     let mut rows = Vec::with_capacity(patterns.len());
     for (i, p) in patterns.iter().enumerate() {
-        let (mut conn, region) = open(connect, false)?;
-        let spec = Spec { write: p.write, len: p.len, depth: p.depth, random: p.random, seed: 0x9e37_79b9 + i as u64 };
-        let t = engine::drive(&mut conn, region, &spec, Stop::Timed { warmup, measure }, &mut bufs)
-            .map_err(|e| fail(format!("{}: {e}", p.name)))?;
-        goodbye(conn);
+        let t = measure_one(connect, p, i, measure, &mut bufs)?;
         bufs.samples.sort_unstable();
-        let row = Row {
-            pattern: p.name,
-            len: p.len,
-            depth: p.depth,
-            ios: t.ios,
-            mbps: t.bytes as f64 / t.secs / 1e6,
-            iops: t.ios as f64 / t.secs,
-            p50_us: percentile(&bufs.samples, 50.0) as f64 / 1e3,
-            p99_us: percentile(&bufs.samples, 99.0) as f64 / 1e3,
-        };
-        if row.ios == 0 {
-            return Err(fail(format!("{}: no request completed in {seconds} s", p.name)));
-        }
+        let row = Row::new(p, t, &bufs.samples);
         each(&row);
         rows.push(row);
     }
     Ok(rows)
+}
+
+/// Several servers compared: every pattern's time is cut into 1 s slices,
+/// which the servers take in turn, reversing the order each round (A B B
+/// A ...), so that a machine whose speed drifts during the run (other
+/// tenants, clocks) moves every server alike, and the ratio of each to the
+/// first compares like with like. Prints a table row per server and
+/// pattern, then the `bench: server=LABEL ...` lines and the ratios.
+pub fn compare(servers: &[(Addr, String)], seconds: u32) -> Result<(), Failure> {
+    let names: Vec<&str> = servers.iter().map(|(_, label)| label.as_str()).collect();
+    say(&format!("nbd-vram bench: {} in turns, {seconds} slice(s) of 1 s per pattern each", names.join(", ")));
+    say(&format!("{:<10} {}", "server", table_head()));
+    let mut bufs = bufs_for(&PATTERNS);
+    for (connect, _) in servers {
+        fill(connect, &mut bufs)?;
+    }
+    let mut rows: Vec<Vec<Row>> = vec![Vec::with_capacity(PATTERNS.len()); servers.len()];
+    for (i, p) in PATTERNS.iter().enumerate() {
+        let mut tallies = vec![engine::Tally::default(); servers.len()];
+        let mut samples = vec![Vec::new(); servers.len()];
+        for round in 0..seconds as usize {
+            for k in 0..servers.len() {
+                let k = if round % 2 == 0 { k } else { servers.len() - 1 - k };
+                let t = measure_one(&servers[k].0, p, i, Duration::from_secs(1), &mut bufs)?;
+                let sum = &mut tallies[k];
+                (sum.ios, sum.bytes, sum.secs) = (sum.ios + t.ios, sum.bytes + t.bytes, sum.secs + t.secs);
+                samples[k].extend_from_slice(&bufs.samples);
+            }
+        }
+        for (k, sample) in samples.iter_mut().enumerate() {
+            sample.sort_unstable();
+            let row = Row::new(p, tallies[k], sample);
+            say(&format!("{:<10} {}", names[k], row.table_row()));
+            rows[k].push(row);
+        }
+    }
+    for (name, own) in names.iter().zip(&rows) {
+        for row in own {
+            say(&format!("bench: server={name} {}", row.line().trim_start_matches("bench: ")));
+        }
+    }
+    for (name, own) in names.iter().zip(&rows).skip(1) {
+        for (row, base) in own.iter().zip(&rows[0]) {
+            say(&format!("bench: ratio={name}/{} pattern={} mbps={:.3}", names[0], row.pattern, row.mbps / base.mbps));
+        }
+    }
+    Ok(())
+}
+
+/// Buffers for the deepest and largest of `patterns`.
+fn bufs_for(patterns: &[Pattern]) -> Bufs {
+    let depth = patterns.iter().map(|p| p.depth).max().unwrap_or(1);
+    let payload = patterns.iter().map(|p| p.depth * p.len as usize).max().unwrap_or(0);
+    Bufs::new(depth.max(8), payload.max(8 * MIB as usize), SAMPLES)
+}
+
+/// Writes the server's region once, on a connection of its own, so that
+/// reads find data.
+fn fill(connect: &Addr, bufs: &mut Bufs) -> Result<(), Failure> {
+    let at = Shown(connect);
+    let (mut conn, region) = open(connect, true)?;
+    let fill = Spec { write: true, len: MIB, depth: 8, random: false, seed: 1 };
+    info!("{at}: writing {} MiB once, so that reads find data", region >> 20);
+    let t = engine::drive(&mut conn, region, &fill, Stop::Count(region / u64::from(MIB)), bufs)
+        .map_err(|e| Failure::new(Code::Other, format!("{at}: writing the export: {e}")))?;
+    info!("{at}: written in {:.2} s ({:.0} MB/s)", t.secs, t.bytes as f64 / t.secs.max(1e-9) / 1e6);
+    goodbye(conn);
+    Ok(())
+}
+
+/// Runs pattern `p`, number `i` of its list (its seed), on a connection of
+/// its own for `measure`, after a short warm-up; its latencies are left in
+/// `bufs.samples`. A run in which no request completed is an error.
+fn measure_one(connect: &Addr, p: &Pattern, i: usize, measure: Duration, bufs: &mut Bufs) -> Result<engine::Tally, Failure> {
+    let fail = |what: String| Failure::new(Code::Other, format!("{}: {}: {what}", Shown(connect), p.name));
+    let warmup = (measure / 5).min(Duration::from_millis(500));
+    let (mut conn, region) = open(connect, false)?;
+    let spec = Spec { write: p.write, len: p.len, depth: p.depth, random: p.random, seed: 0x9e37_79b9 + i as u64 };
+    let t = engine::drive(&mut conn, region, &spec, Stop::Timed { warmup, measure }, bufs).map_err(fail)?;
+    goodbye(conn);
+    if t.ios == 0 {
+        return Err(fail(format!("no request completed in {} s", measure.as_secs())));
+    }
+    Ok(t)
 }
 
 /// Connects, negotiates, and returns the connection, non-blocking, with

@@ -17,6 +17,8 @@ USAGE
   nbd-vram status [--json]           show running instances
   nbd-vram bench --connect ADDR [--seconds N | --verify]
                                      measure an NBD server the way the kernel drives it
+  nbd-vram bench --connect ADDR [--label NAME]... [--seconds N]
+                                     several servers, in turns, 1 s at a time
   nbd-vram bench --sweep [--svg FILE] --connect ADDR [--label NAME]...
                                      MB/s against request size, for one or more servers
 
@@ -43,14 +45,18 @@ SERVE OPTIONS
   --listen ADDR      unix:PATH (created mode 0600) or tcp:HOST:PORT
 
 BENCH OPTIONS
-  --connect ADDR     unix:PATH or tcp:HOST:PORT of a running NBD server
-  --seconds N        time per pattern (default 3)
+  --connect ADDR     unix:PATH or tcp:HOST:PORT of a running NBD server; given
+                     more than once (without --sweep), the servers take turns
+                     within each pattern, 1 s each, and each is compared with
+                     the first
+  --seconds N        time per pattern (default 3); with several servers, the
+                     turns each takes
   --verify           instead: write the whole export, read it back, compare
   --sweep            instead: sequential reads and writes at depth 8 of 4K, 16K,
                      64K, 128K, 512K and 1M requests (--seconds N each), against
                      every --connect in turn
-  --label NAME       names the --connect before it in the sweep (default: the
-                     address); one word, as it goes into key=value lines
+  --label NAME       names the --connect before it (default: the address); one
+                     word, as it goes into key=value lines
   --svg FILE         with --sweep: also plot MB/s against request size, one
                      line per server and direction, as an SVG file
 
@@ -129,7 +135,7 @@ pub enum Command {
     Gpus { libcuda: Option<PathBuf> },
     Stop { device: PathBuf },
     Status { json: bool },
-    /// `servers`: each --connect with its --label (one, unless `sweep`).
+    /// `servers`: each --connect with its --label (one with `verify`).
     Bench { servers: Vec<(Addr, String)>, seconds: u32, verify: bool, sweep: bool, svg: Option<PathBuf> },
     Help,
     Version,
@@ -310,11 +316,14 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed, String> 
             if servers.is_empty() {
                 return Err("bench needs --connect unix:PATH or --connect tcp:HOST:PORT".into());
             }
-            if !sweep && (servers.len() > 1 || svg.is_some() || servers[0].1.is_some()) {
-                return Err("several --connect, --label and --svg go with --sweep".into());
+            if !sweep && svg.is_some() {
+                return Err("--svg goes with --sweep".into());
             }
             if sweep && verify {
                 return Err("bench takes --sweep or --verify, not both".into());
+            }
+            if verify && servers.len() > 1 {
+                return Err("--verify checks one server: give one --connect".into());
             }
             let servers = servers.into_iter().map(|(a, l)| (a.clone(), l.unwrap_or_else(|| a.to_string()))).collect();
             Command::Bench { servers, seconds, verify, sweep, svg }
@@ -419,7 +428,10 @@ mod tests {
         let Command::Bench { servers, seconds: 1, verify: false, sweep: true, svg: Some(svg) } = c else { panic!("{c:?}") };
         assert_eq!(servers, [(Addr::Unix("/a".into()), "ours".into()), (Addr::Tcp("h:1".into()), "tcp:h:1".into())]);
         assert_eq!(svg, PathBuf::from("/t/x.svg"));
-        assert!(p("bench --connect unix:/a --connect unix:/b").unwrap_err().contains("with --sweep"));
+        let c = p("bench --connect unix:/a --label a --connect unix:/b --seconds 2").unwrap();
+        let Command::Bench { servers, seconds: 2, verify: false, sweep: false, svg: None } = c else { panic!("{c:?}") };
+        assert_eq!(servers, [(Addr::Unix("/a".into()), "a".into()), (Addr::Unix("/b".into()), "unix:/b".into())]);
+        assert!(p("bench --connect unix:/a --connect unix:/b --verify").unwrap_err().contains("one --connect"));
         assert!(p("bench --connect unix:/a --svg x.svg").unwrap_err().contains("with --sweep"));
         assert!(p("bench --label x --connect unix:/a --sweep").unwrap_err().contains("before it"));
         assert!(p("bench --connect unix:/a --label x --label y --sweep").unwrap_err().contains("once per"));

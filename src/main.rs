@@ -53,6 +53,7 @@ fn run(command: Command) -> Result<(), Failure> {
         Command::Stop { device } => stop::stop(&device)?,
         Command::Bench { servers, sweep: true, seconds, svg, .. } => bench::sweep(&servers, seconds, svg.as_deref())?,
         Command::Bench { servers, verify: true, .. } => bench::verify(&servers[0].0, 0x6e62_642d_7672_616d)?,
+        Command::Bench { servers, seconds, .. } if servers.len() > 1 => bench::compare(&servers, seconds)?,
         Command::Bench { servers, seconds, .. } => bench::run(&servers[0].0, seconds)?,
         Command::Status { json } => status::show(json)?,
     }

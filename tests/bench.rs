@@ -92,6 +92,40 @@ fn every_pattern_reports_positive_figures() {
     }
 }
 
+/// Two servers take turns within each pattern: a table row for each, a
+/// `bench: server=` line per server and pattern, and the second's ratio to
+/// the first, which is what those lines' MB/s say.
+#[test]
+fn two_servers_are_compared_pattern_by_pattern() {
+    let (a, b) = (Server::start("a"), Server::start("b"));
+    let out = Command::new(BIN)
+        .args(["bench", "--seconds", "1", "--connect"])
+        .arg(format!("unix:{}", a.sock.display()))
+        .args(["--label", "first", "--connect"])
+        .arg(format!("unix:{}", b.sock.display()))
+        .args(["--label", "second"])
+        .output()
+        .expect("running nbd-vram bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "bench failed: {:?}\n{stdout}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    let mbps = |server: &str, name: &str| -> f64 {
+        let prefix = format!("bench: server={server} pattern={name} mbps=");
+        let line = stdout.lines().find(|l| l.starts_with(&prefix)).unwrap_or_else(|| panic!("no {prefix}:\n{stdout}"));
+        line[prefix.len()..].split(' ').next().unwrap().parse().unwrap()
+    };
+    for name in PATTERNS {
+        for server in ["first", "second"] {
+            assert!(mbps(server, name) > 0.0, "{server} {name}");
+            assert!(stdout.lines().any(|l| l.starts_with(server) && l.contains(name)), "no table row for {server} {name}:\n{stdout}");
+        }
+        let prefix = format!("bench: ratio=second/first pattern={name} mbps=");
+        let line = stdout.lines().find(|l| l.starts_with(&prefix)).unwrap_or_else(|| panic!("no {prefix}:\n{stdout}"));
+        let ratio: f64 = line[prefix.len()..].parse().unwrap();
+        let want = mbps("second", name) / mbps("first", name);
+        assert!((ratio - want).abs() < 0.002 + want * 0.002, "{name}: ratio {ratio}, MB/s say {want}");
+    }
+}
+
 #[test]
 fn no_server_is_a_clear_error() {
     let dir = std::env::temp_dir().join(format!("nbd-vram-bench-{}-none.sock", std::process::id()));

@@ -107,6 +107,35 @@ for r in $(seq "${ROUNDS:-1}"); do
 	done
 done
 
+# TURNS (default 3; 0 leaves it out): the servers take turns within each
+# pattern instead, 1 s at a time, TURNS each, all up at once on the same
+# CPUs: the host store, a second host store (its ratio to the first is
+# the noise this way of measuring leaves) and the VRAM store. A machine
+# whose speed drifts between rounds (above: the host store's own figures
+# moved up to 20 % from one round to the next) then moves them all alike.
+# One VRAM server only: two would each see the other as a process sharing
+# the GPU, and serve as they do then (NBD_VRAM_SHARED).
+TURNS=${TURNS:-3}
+if [ "$TURNS" -gt 0 ]; then
+	step "in turns: $TURNS s per server and pattern${PIN:+, servers on CPU $PIN_S, client on CPU $PIN_C}"
+	args=()
+	turn() {   # NAME [ENV] -- serve options
+		local name=$1 env=$2; shift 2
+		rm -f "$T/$name.sock"
+		env $env taskset -c "${PIN_S:-$ALL_CPUS}" "$B" serve --listen "unix:$T/$name.sock" "$@" 2>>"$T/turns.log" &
+		for _ in $(seq 600); do [ -S "$T/$name.sock" ] && break; sleep 0.1; done
+		args+=(--connect "unix:$T/$name.sock" --label "$name")
+	}
+	turn host "" --store host --size "$SIZE"
+	turn host2 "" --store host --size "$SIZE"
+	turn vram "" --size "$SIZE"
+	taskset -c "${PIN_C:-$ALL_CPUS}" "$B" bench --seconds "$TURNS" "${args[@]}" | tee "$T/turns.txt" || fail=1
+	kill $(jobs -p) 2>/dev/null; wait 2>/dev/null
+	grep '^bench: ratio=' "$T/turns.txt" | sed 's/bench: ratio=\([^ ]*\) pattern=\([^ ]*\) mbps=\(.*\)/\1 \2 \3/' |
+		awk '{printf "%-16s %-20s %6.1f%%\n", $1, $2, 100*$3}'
+	cat "$T/turns.log" >>"$T/serve.log"
+fi
+
 step "server log"
 cat "$T/serve.log"
 echo
