@@ -119,17 +119,18 @@ TURNS=${TURNS:-3}
 if [ "$TURNS" -gt 0 ]; then
 	step "in turns: $TURNS s per server and pattern${PIN:+, servers on CPU $PIN_S, client on CPU $PIN_C}"
 	args=()
-	turn() {   # NAME [ENV] -- serve options
-		local name=$1 env=$2; shift 2
+	turn() {   # NAME [serve options]
+		local name=$1; shift
 		rm -f "$T/$name.sock"
-		env $env taskset -c "${PIN_S:-$ALL_CPUS}" "$B" serve --listen "unix:$T/$name.sock" "$@" 2>>"$T/turns.log" &
+		taskset -c "${PIN_S:-$ALL_CPUS}" "$B" serve --listen "unix:$T/$name.sock" "$@" 2>>"$T/turns.log" &
 		for _ in $(seq 600); do [ -S "$T/$name.sock" ] && break; sleep 0.1; done
 		args+=(--connect "unix:$T/$name.sock" --label "$name")
 	}
-	turn host "" --store host --size "$SIZE"
-	turn host2 "" --store host --size "$SIZE"
-	turn vram "" --size "$SIZE"
-	taskset -c "${PIN_C:-$ALL_CPUS}" "$B" bench --seconds "$TURNS" "${args[@]}" | tee "$T/turns.txt" || fail=1
+	turn host --store host --size "$SIZE"
+	turn host2 --store host --size "$SIZE"
+	turn vram --size "$SIZE"
+	taskset -c "${PIN_C:-$ALL_CPUS}" "$B" bench --seconds "$TURNS" "${args[@]}" >"$T/turns.txt" || fail=1
+	cat "$T/turns.txt"
 	kill $(jobs -p) 2>/dev/null; wait 2>/dev/null
 	grep '^bench: ratio=' "$T/turns.txt" | sed 's/bench: ratio=\([^ ]*\) pattern=\([^ ]*\) mbps=\(.*\)/\1 \2 \3/' |
 		awk '{printf "%-16s %-20s %6.1f%%\n", $1, $2, 100*$3}'
