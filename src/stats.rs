@@ -23,6 +23,9 @@ pub struct Stats {
     pub idle_ns: AtomicU64,
     pub store_ns: AtomicU64,
     pub send_ns: AtomicU64,
+    /// Socket reads for requests that did not wait: each a syscall of the
+    /// reading phase, so their count per batch says what that phase is.
+    pub quick_reads: AtomicU64,
 }
 
 /// The serve loop's time for one batch, by phase (see `Stats`).
@@ -32,6 +35,7 @@ pub struct Phases {
     pub idle: u64,
     pub store: u64,
     pub send: u64,
+    pub quick_reads: u64,
 }
 
 impl Stats {
@@ -61,29 +65,49 @@ impl Stats {
         self.idle_ns.fetch_add(p.idle, Relaxed);
         self.store_ns.fetch_add(p.store, Relaxed);
         self.send_ns.fetch_add(p.send, Relaxed);
+        self.quick_reads.fetch_add(p.quick_reads, Relaxed);
     }
 
     /// The counters that `since` compares.
-    pub fn snapshot(&self) -> [u64; 6] {
-        [&self.requests, &self.batches, &self.wall_ns, &self.idle_ns, &self.store_ns, &self.send_ns].map(|c| c.load(Relaxed))
+    pub fn snapshot(&self) -> [u64; 7] {
+        [&self.requests, &self.batches, &self.wall_ns, &self.idle_ns, &self.store_ns, &self.send_ns, &self.quick_reads]
+            .map(|c| c.load(Relaxed))
     }
 
     /// What the loop did since `then`, for the log when a client leaves:
     /// the share of its time in each phase names the bottleneck.
-    pub fn since(&self, then: &[u64; 6]) -> String {
+    pub fn since(&self, then: &[u64; 7]) -> String {
         let now = self.snapshot();
-        let [requests, batches, wall, idle, store, send] = std::array::from_fn(|i| now[i] - then[i]);
+        let [requests, batches, wall, idle, store, send, quick] = std::array::from_fn(|i| now[i] - then[i]);
         let pct = |x: u64| 100.0 * x as f64 / wall.max(1) as f64;
         let recv = wall.saturating_sub(idle + store + send);
         format!(
             "{requests} requests in {batches} batches ({:.1} per batch) over {:.2} s: waiting for requests {:.0} %, \
-             reading them {:.0} %, store {:.0} %, replies {:.0} %",
+             reading them {:.0} % ({:.1} socket reads per batch), store {:.0} %, replies {:.0} %",
             requests as f64 / batches.max(1) as f64,
             wall as f64 / 1e9,
             pct(idle),
             pct(recv),
+            quick as f64 / batches.max(1) as f64,
             pct(store),
             pct(send)
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_account_shares_time_by_phase_and_counts_quick_reads() {
+        let stats = Stats::default();
+        let then = stats.snapshot();
+        for quick_reads in [5, 0] {
+            stats.record_batch(0);
+            stats.record_phases(&Phases { wall: 1000, idle: 100, store: 200, send: 400, quick_reads });
+        }
+        let said = stats.since(&then);
+        assert!(said.contains("waiting for requests 10 %, reading them 30 % (2.5 socket reads per batch), store 20 %, replies 40 %"), "{said}");
     }
 }

@@ -574,6 +574,7 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
             self.phases.idle += nanos(at);
             got
         } else {
+            self.phases.quick_reads += 1;
             recv_nowait(self.conn.as_fd(), space)
         };
         Ok(match got? {
