@@ -743,6 +743,7 @@ static CUresult launch(void *fn, unsigned gx, unsigned gy, unsigned gz, unsigned
 #define SLOT_WORD 8
 #define SLOT_DONE 64
 #define SLOT_ALIVE 128
+#define SLOT_LEN 4096
 #define SLOT_LIST 1024
 #define SLOT_ROW 32
 #define SLOT_LISTED 0x40000000u
@@ -765,7 +766,7 @@ static CUresult mailbox_launch(unsigned gx, unsigned gy, unsigned gz, unsigned b
         return E_VALUE;
     if ((uintptr_t)s <= 2 || !stream_ok(s)) return E_HANDLE;
     unsigned char *slot = *(unsigned char **)params[0], *landing = *(unsigned char **)params[1];
-    if (!inside(host_allocs, slot, 4096) || !inside(host_allocs, landing, LANDING_MAX)) return E_VALUE;
+    if (!inside(host_allocs, slot, SLOT_LEN) || !inside(host_allocs, landing, LANDING_MAX)) return E_VALUE;
     CUresult rc = mailbox_run(s);   /* stream order: the last one takes its job (an end?) first */
     if (rc) return rc;
     if (!(s->flags & 1)) {
@@ -782,13 +783,22 @@ static CUresult mailbox_launch(unsigned gx, unsigned gy, unsigned gz, unsigned b
     return OK;
 }
 
+/* One piece of a mailbox job, between device memory and cuMemHostAlloc
+ * memory (the landing buffer, or any in a list): 16-byte aligned, at most
+ * 64 KiB, else MISALIGNED_ADDRESS; outside those memories, a fault. */
+static CUresult mailbox_piece(const struct op *o)
+{
+    if (o->n == 0 || o->n > LANDING_MAX || ((uintptr_t)o->dev | (uintptr_t)o->host | o->n) % 16) return 716;
+    if (!inside(allocs, o->dev, o->n) || !inside(host_allocs, o->host, o->n)) return E_ILLEGAL;
+    return OK;
+}
+
 /* A list job: `count` pieces of {dst u64, src u64, len u32, 4 unused} at
- * slot offset 1024, between device memory and cuMemHostAlloc memory, each
- * 16-byte aligned and at most 64 KiB; all are checked before any runs. */
+ * slot offset 1024; all are checked before any runs. */
 static CUresult mailbox_list(const struct mailbox *m, unsigned count, unsigned write)
 {
-    if (count == 0 || SLOT_LIST + count * SLOT_ROW > 4096) return E_ILLEGAL;
-    struct op ops[(4096 - SLOT_LIST) / SLOT_ROW];
+    if (count == 0 || SLOT_LIST + count * SLOT_ROW > SLOT_LEN) return E_ILLEGAL;
+    struct op ops[(SLOT_LEN - SLOT_LIST) / SLOT_ROW];
     for (unsigned i = 0; i < count; i++) {
         const unsigned char *row = m->slot + SLOT_LIST + i * SLOT_ROW;
         unsigned long long dst, src;
@@ -798,9 +808,9 @@ static CUresult mailbox_list(const struct mailbox *m, unsigned count, unsigned w
         memcpy(&len, row + 16, 4);
         char *vram = (char *)(uintptr_t)(write ? dst : src);
         void *host = (void *)(uintptr_t)(write ? src : dst);
-        if (len == 0 || len > LANDING_MAX || (dst | src | len) % 16) return 716;
-        if (!inside(allocs, vram, len) || !inside(host_allocs, host, len)) return E_ILLEGAL;
         ops[i] = (struct op){write ? H2D : D2H, 0, vram, host, len};
+        CUresult rc = mailbox_piece(&ops[i]);
+        if (rc) return rc;
     }
     if (++mailbox_jobs == fail_mailbox) return E_ILLEGAL;
     for (unsigned i = 0; i < count; i++) run_op(&ops[i]);
@@ -832,10 +842,9 @@ static CUresult mailbox_run(CUstream s)
         len &= 0xffff;
     } else if (len) {
         struct op o = {write ? H2D : D2H, 0, vram, m->landing, len};
-        if (len > LANDING_MAX || ((uintptr_t)vram | len) % 16) rc = 716;
-        else if (!inside(allocs, vram, len)) rc = E_ILLEGAL;
-        else if (++mailbox_jobs == fail_mailbox) rc = E_ILLEGAL;
-        else run_op(&o);
+        rc = mailbox_piece(&o);
+        if (!rc && ++mailbox_jobs == fail_mailbox) rc = E_ILLEGAL;
+        if (!rc) run_op(&o);
     }
     if (rc) {
         m->running = 0;
