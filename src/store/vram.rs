@@ -545,8 +545,9 @@ fn copy_path<'c>(ctx: &'c Context, stream: &Stream) -> CopyPath<'c> {
         None => info!("copies: {rest}"),
     }
     let batched = api || mover.is_some();
-    let lists = std::env::var("NBD_VRAM_MAILBOX").map_or(true, |v| v != "lone");
-    let mailbox = match (batched && !off("NBD_VRAM_MAILBOX")).then(|| ctx.mailbox()).flatten() {
+    let mailbox_mode = std::env::var("NBD_VRAM_MAILBOX").unwrap_or_default();
+    let lists = mailbox_mode != "lone";
+    let mailbox = match (batched && mailbox_mode != "0").then(|| ctx.mailbox()).flatten() {
         Some(Ok(mailbox)) => {
             let what = if lists { "lone ones and batches" } else { "lone ones" };
             info!("small copies back to back: by the mailbox kernel, {what}");
