@@ -58,11 +58,26 @@ impl Drop for Server {
 }
 
 fn bench(sock: &Path, seconds: &str) -> Output {
-    Command::new(BIN)
-        .args(["bench", "--seconds", seconds, "--connect"])
-        .arg(format!("unix:{}", sock.display()))
-        .output()
-        .expect("running nbd-vram bench")
+    bench_labelled(&[(sock, None)], seconds)
+}
+
+/// `nbd-vram bench` against each socket, with its `--label` if given.
+fn bench_labelled(servers: &[(&Path, Option<&str>)], seconds: &str) -> Output {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["bench", "--seconds", seconds]);
+    for (sock, label) in servers {
+        cmd.arg("--connect").arg(format!("unix:{}", sock.display()));
+        if let Some(label) = label {
+            cmd.args(["--label", label]);
+        }
+    }
+    cmd.output().expect("running nbd-vram bench")
+}
+
+/// The number after `prefix` on the line of `stdout` that starts with it.
+fn figure(stdout: &str, prefix: &str) -> f64 {
+    let line = stdout.lines().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("no {prefix}:\n{stdout}"));
+    line[prefix.len()..].split(' ').next().unwrap().parse().unwrap()
 }
 
 #[test]
@@ -98,29 +113,16 @@ fn every_pattern_reports_positive_figures() {
 #[test]
 fn two_servers_are_compared_pattern_by_pattern() {
     let (a, b) = (Server::start("a"), Server::start("b"));
-    let out = Command::new(BIN)
-        .args(["bench", "--seconds", "1", "--connect"])
-        .arg(format!("unix:{}", a.sock.display()))
-        .args(["--label", "first", "--connect"])
-        .arg(format!("unix:{}", b.sock.display()))
-        .args(["--label", "second"])
-        .output()
-        .expect("running nbd-vram bench");
+    let out = bench_labelled(&[(&a.sock, Some("first")), (&b.sock, Some("second"))], "1");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "bench failed: {:?}\n{stdout}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
-    let mbps = |server: &str, name: &str| -> f64 {
-        let prefix = format!("bench: server={server} pattern={name} mbps=");
-        let line = stdout.lines().find(|l| l.starts_with(&prefix)).unwrap_or_else(|| panic!("no {prefix}:\n{stdout}"));
-        line[prefix.len()..].split(' ').next().unwrap().parse().unwrap()
-    };
+    let mbps = |server: &str, name: &str| figure(&stdout, &format!("bench: server={server} pattern={name} mbps="));
     for name in PATTERNS {
         for server in ["first", "second"] {
             assert!(mbps(server, name) > 0.0, "{server} {name}");
             assert!(stdout.lines().any(|l| l.starts_with(server) && l.contains(name)), "no table row for {server} {name}:\n{stdout}");
         }
-        let prefix = format!("bench: ratio=second/first pattern={name} mbps=");
-        let line = stdout.lines().find(|l| l.starts_with(&prefix)).unwrap_or_else(|| panic!("no {prefix}:\n{stdout}"));
-        let ratio: f64 = line[prefix.len()..].parse().unwrap();
+        let ratio = figure(&stdout, &format!("bench: ratio=second/first pattern={name} mbps="));
         let want = mbps("second", name) / mbps("first", name);
         assert!((ratio - want).abs() < 0.002 + want * 0.002, "{name}: ratio {ratio}, MB/s say {want}");
     }
