@@ -42,7 +42,7 @@ impl UseStore for Daemon<'_> {
 }
 
 fn run<S: Store>(opts: &SwapOpts, store: &mut S) -> Result<(), Failure> {
-    let signals = Signals::block();
+    let signals = Signals::taken();
     let export = Export::new(store.size());
     if opts.swap {
         // Written straight into the store: no block I/O, no page cache.

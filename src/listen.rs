@@ -37,7 +37,7 @@ impl UseStore for Serve<'_> {
 }
 
 fn serve<S: Store>(store: &mut S, how: &Serve) -> Result<(), Failure> {
-    let signals = Signals::block();
+    let signals = Signals::taken();
     let export = Export::new(store.size());
     let mut bufs = Buffers::new(store).map_err(|e| Failure::os("allocating staging buffers", e))?;
     // Shared with the status thread, which may outlive this frame at exit.

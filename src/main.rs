@@ -1,4 +1,5 @@
-//! nbd-vram: parse, dispatch, map errors to exit codes. Nothing else.
+//! nbd-vram: block the signals it takes, parse, dispatch, map errors to
+//! exit codes. Nothing else.
 
 mod bench;
 mod cli;
@@ -33,6 +34,12 @@ fn main() -> ExitCode {
             return ExitCode::from(Code::Usage as u8);
         }
     };
+    // Before any library is loaded or thread started (parsing does
+    // neither), so that every thread, the CUDA driver's too, inherits the
+    // mask; other commands keep Ctrl-C's default.
+    if matches!(parsed.command, Command::Serve { .. } | Command::Swap(_)) {
+        signals::Signals::block();
+    }
     log::init(parsed.log_level);
     match run(parsed.command) {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,6 +1,12 @@
-//! Signals as events: the daemon blocks the ones it handles in every
-//! thread and one thread takes them with `sigtimedwait`, so no handler ever
-//! runs in the middle of the serve loop.
+//! Signals as events: `main` blocks the ones the program takes before
+//! anything else runs, so that every thread inherits the mask, and one
+//! thread takes them with `sigtimedwait`; no handler ever runs in the
+//! middle of the serve loop.
+//!
+//! Blocking them later is not enough: `cuInit` starts the driver's own
+//! threads, and a process-directed SIGTERM goes to any thread that does
+//! not block it, where its default action ends the whole process with
+//! every swapped page still in VRAM.
 
 use std::time::Duration;
 
@@ -14,8 +20,17 @@ pub struct Signals {
 }
 
 impl Signals {
-    /// Blocks `STOP` and `WAKE` in this thread and the threads it starts.
+    /// Blocks `STOP` and `WAKE` in this thread and the threads it starts:
+    /// the first thing `main` does, before any library is loaded.
     pub fn block() -> Signals {
+        let signals = Signals::taken();
+        // SAFETY: `set` is a live, initialised sigset_t; no old mask wanted.
+        unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &signals.set, std::ptr::null_mut()) };
+        signals
+    }
+
+    /// The signals `block` blocked, to wait for; changes no mask.
+    pub fn taken() -> Signals {
         // SAFETY: sigset_t is plain data that sigemptyset initialises.
         let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
         // SAFETY: `set` is a live sigset_t; the signal numbers are valid, so
@@ -25,7 +40,6 @@ impl Signals {
             for sig in STOP.iter().chain([&WAKE]) {
                 libc::sigaddset(&mut set, *sig);
             }
-            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         }
         Signals { set }
     }

@@ -745,7 +745,8 @@ fn lone_copies_go_through_the_mailbox_kernel() {
     // A start per round at least, each ending the one before. Two reads per
     // start go to the copy engine (90 of 96 for the kernel), and a busy
     // machine may delay the client past the poll, which costs more.
-    assert!(launched >= 3 && ended == launched - 1, "launched {launched} times, ended {ended} times");
+    // The last one ends as the client leaves, or just after we look.
+    assert!(launched >= 3 && (launched - 1..=launched).contains(&ended), "launched {launched} times, ended {ended} times");
     let aligned = 3 * 32;
     assert!(jobs >= aligned / 2, "{jobs} of {aligned} lone aligned reads by the mailbox kernel:\n{}", server.cuda_log());
     assert!(writes >= 24 / 2, "{writes} of 24 lone writes by the mailbox kernel:\n{}", server.cuda_log());
@@ -1033,9 +1034,11 @@ fn batches_it_cannot_take_park_the_mailbox_kernel() {
             nbd.disconnect();
             server.assert_alive();
             assert!(mailbox_lists(server) <= lists, "NBD_VRAM_MAILBOX={mode}:\n{}", server.cuda_log());
-            // After the write, reads but the first by the kernel; then two of four.
+            // After the write, reads by the kernel once it runs (it starts a
+            // moment after its launch, as on a GPU); the second one ends as
+            // the client leaves, or just after we look.
             let [reads, _, launched, ended] = mailbox_counts(server);
-            (listed, reads, launched, ended) == (lists, 3 + 2, 2, 1)
+            (listed, launched) == (lists, 2) && reads >= 2 && (1..=2).contains(&ended)
         });
     }
 }
@@ -1058,4 +1061,58 @@ fn lone_copies_wait_for_no_kernel_that_has_not_started() {
         // A sleep of the loop parks it, and the next copies launch it again.
         (launched, ended) == (1, 0)
     });
+}
+
+/// A job the mailbox kernel does not take within its deadline (1 s; the
+/// fake's SM stops for 3 s, as a GPU that no longer schedules it) fails
+/// instead of hanging the loop. A lone write is answered before its copy
+/// is done, so the store counts as failed: from the next wait for the
+/// device on, every request answers EIO. The kernel is told to end and never launched again, and no work
+/// goes to the GPU while it may still do that job late (the fake reports
+/// such a race as a fault).
+#[test]
+fn a_job_the_kernel_does_not_take_in_time_fails_the_store_without_a_hang() {
+    on_a_quiet_try(&[("FAKE_CUDA_MAILBOX_STALL", "3")], |server, mut nbd| {
+        let started = std::time::Instant::now();
+        if !(0..40).any(|i| nbd.write(0, &pattern(i, 4096)) == EIO) {
+            return false;
+        }
+        assert!(started.elapsed() >= Duration::from_secs(1), "EIO before the deadline");
+        std::thread::sleep(Duration::from_secs(3)); // the SM comes back, does the late job, ends
+        // A read waits for the device, so it hears of the failure first
+        // (its header went early, so its connection ends).
+        assert_eq!(read_or_cut(&mut nbd, 8192, 4096, "a read after the deadline"), None);
+        assert_lost(server, Nbd::connect(&server.sock), "gave no answer within 1 s", "a missed deadline");
+        let (log, cuda) = (server.log(), server.cuda_log());
+        assert!(!log.contains("fake libcuda"), "the late job raced with other work:\n{log}");
+        assert_eq!(mailbox_counts(server)[2], 1, "launched again after missing a deadline:\n{cuda}");
+        assert!(cuda.contains("nbd_vram_mailbox ended after"), "the abandoned kernel never ended:\n{cuda}");
+        true
+    });
+}
+
+/// A context that may use one SM (an MPS share, a small GPU) gets no
+/// resident kernel, which would hold it.
+#[test]
+fn one_sm_gets_no_mailbox_kernel() {
+    let Some(mut server) = mailbox_server(&[("FAKE_CUDA_SMS", "1")]) else { return };
+    let mut nbd = Nbd::connect(&server.sock);
+    (0..16).for_each(|_| read_ok(&mut nbd, 4096, &[0; 4096], "a lone read"));
+    nbd.disconnect();
+    server.assert_alive();
+    assert!(server.log().contains("may use 1 SM: no mailbox kernel"), "{}", server.log());
+    assert_eq!(mailbox_counts(&server)[2], 0, "{}", server.cuda_log());
+}
+
+/// The swap daemon writes its swap header straight into the store and
+/// syncs: a copy that fails to start there is an error (not a header
+/// reported written with nothing written), before any device is touched.
+#[test]
+fn a_swap_header_that_was_not_written_stops_the_daemon() {
+    let lib = libcuda().to_str().expect("a UTF-8 path");
+    let env = [("NBD_VRAM_BATCH", "1"), ("NBD_VRAM_MAILBOX", "0"), ("FAKE_CUDA_FAIL_COPY", "2")];
+    let out = run_nbd_vram(&["--size", "16", "--device", "/dev/nbd-vram-test-none", "--libcuda", lib], &env);
+    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains("writing the swap header: Input/output error"), "{}", out.stderr);
+    assert!(!out.stderr.contains("/dev/nbd-vram-test-none"), "went on to the device:\n{}", out.stderr);
 }

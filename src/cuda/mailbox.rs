@@ -22,19 +22,24 @@ use super::kernel::LaunchKernel;
 use super::sys::{self, CUfunction, CUmodule};
 use super::{Context, CopyBatch, Error, Pinned, Stream};
 
-/// Thread 0 polls the job (16 bytes: VRAM address u64; sequence u32,
-/// length u32 with the top bit set for a write) in one read over PCIe. The
-/// block copies 16 bytes per thread per step between VRAM and the landing
-/// buffer, bypassing L1, which copies by other kernels and the copy engine
-/// do not keep coherent, and reading the landing buffer afresh each time;
-/// after a system-wide fence thread 0 writes the sequence to `done`. Length
-/// 0 ends the kernel. At start it writes `last`, the sequence it takes as
-/// done, to `alive`. With bit 30 of the length set, its low 16 bits count
-/// the pieces of a list at byte 1024 of the slot page, 32 bytes each
-/// (destination u64, source u64, length u32): each warp takes a piece, or
-/// several warps share one when pieces are fewer than warps, and moves
-/// 2 KiB of it per step, four 16-byte loads in flight per thread, with the
-/// same cache rules.
+/// Thread 0 polls the job's sequence word alone, with a system-scope
+/// acquire, and only then reads its VRAM address and length: a vector load
+/// of all three has no single-copy atomicity in the PTX memory model
+/// (least of all from host memory over PCIe), and could pair a new sequence
+/// with the old address. The host writes address and length first and the
+/// sequence last, with release. The block copies 16 bytes per thread per
+/// step between VRAM and the landing buffer, bypassing L1, which copies by
+/// other kernels and the copy engine do not keep coherent, and reading the
+/// landing buffer afresh each time; then `bar.sync`, after which thread 0
+/// alone writes the sequence to `done` with a system-scope release, which
+/// orders every thread's copy before it (one fence per job, not one per
+/// thread). Length 0 ends the kernel. At start it writes `last`, the
+/// sequence it takes as done, to `alive`. With bit 30 of the length set,
+/// its low 16 bits count the pieces of a list at byte 1024 of the slot
+/// page, 32 bytes each (destination u64, source u64, length u32): each
+/// warp takes a piece, or several warps share one when pieces are fewer
+/// than warps, and moves 2 KiB of it per step, four 16-byte loads in
+/// flight per thread, with the same cache rules.
 const PTX: &str = "\
 .version 7.0
 .target sm_75
@@ -58,10 +63,12 @@ const PTX: &str = "\
 	@%p1 bra TAKE;
 	st.volatile.global.u32 [%rd1+128], %r1;
 POLL:
-	ld.volatile.global.v2.u64 {%rd3, %rd4}, [%rd1];
-	cvt.u32.u64 %r3, %rd4;
+	ld.acquire.sys.global.u32 %r3, [%rd1+12];
 	setp.eq.u32 %p2, %r3, %r1;
 	@%p2 bra POLL;
+	ld.relaxed.sys.global.u64 %rd3, [%rd1];
+	ld.relaxed.sys.global.u32 %r11, [%rd1+8];
+	mov.b64 %rd4, {%r3, %r11};
 	st.shared.v2.u64 [job], {%rd3, %rd4};
 TAKE:
 	bar.sync 0;
@@ -153,10 +160,9 @@ NEXTPIECE:
 	add.u32 %r18, %r18, %r17;
 	bra PIECE;
 COPIED:
-	membar.sys;
 	bar.sync 0;
 	@%p1 bra NEXT;
-	st.volatile.global.u32 [%rd1+64], %r1;
+	st.release.sys.global.u32 [%rd1+64], %r1;
 NEXT:
 	setp.eq.u32 %p3, %r4, 0;
 	@%p3 bra END;
@@ -173,10 +179,11 @@ const THREADS: c_uint = 1024;
 /// The largest job, the landing buffer's size: above it the copy engine's
 /// bandwidth wins over one block's.
 const LANDING: usize = 64 * 1024;
-/// Byte offsets in the slot page: the job, then flags the device writes,
-/// each in its own cache line.
+/// Byte offsets in the slot page: the job (its sequence last, as the host
+/// publishes it), then flags the device writes, each in its own cache line.
 const JOB_VRAM: usize = 0;
-const JOB_WORD: usize = 8;
+const JOB_LEN: usize = 8;
+const JOB_SEQ: usize = 12;
 const DONE: usize = 64;
 const ALIVE: usize = 128;
 const LIST: usize = 1024;
@@ -187,16 +194,25 @@ const LIST_MAX: usize = 64;
 const SLOT: usize = 4096;
 const _: () = assert!(LIST + LIST_MAX * LIST_ROW <= SLOT);
 /// The length's top bit: the job copies to VRAM; the next: it is a list.
-const WRITE: u64 = 1 << 31;
-const LISTED: u64 = 1 << 30;
+const WRITE: u32 = 1 << 31;
+const LISTED: u32 = 1 << 30;
 /// How often a wait asks the driver whether the kernel still runs.
 const CHECK: Duration = Duration::from_micros(100);
+/// How long a wait spins before it sleeps between looks: a job takes
+/// microseconds, so one still pending by then waits for a time slice.
+const SPIN: Duration = Duration::from_millis(1);
+/// How long a job may take before it counts as failed: far beyond any
+/// time slice another context gets, so only a kernel that is not being
+/// scheduled at all (an MPS share too small, a stalled GPU) reaches it.
+pub const PATIENCE: Duration = Duration::from_secs(1);
 
 enum State {
     Parked,
     /// Launched; running once `alive` reads this sequence.
     Starting(u32),
     Running,
+    /// A job missed its deadline: told to end, never launched again.
+    Abandoned,
 }
 
 /// The loaded kernel with its slot, landing buffer and stream. `Drop` ends
@@ -233,6 +249,14 @@ impl Context {
             crate::info!("this GPU has a run time limit for kernels (it drives a display): no mailbox kernel");
             return None;
         }
+        match self.sm_count() {
+            Ok(sms) if sms < 2 => {
+                crate::info!("this context may use {sms} SM: no mailbox kernel, which would hold it");
+                return None;
+            }
+            Ok(_) => {}
+            Err(e) => return Some(Err(e)),
+        }
         let stream = match self.stream_with(sys::CU_STREAM_NON_BLOCKING) {
             Ok(stream) => stream,
             Err(e) => return Some(Err(e)),
@@ -266,6 +290,28 @@ impl Context {
         // function handle into `mailbox`.
         let r = unsafe { get(&mut mailbox.function, module, c"nbd_vram_mailbox".as_ptr()) };
         Some(self.cuda.check("cuModuleGetFunction", r).map(|()| mailbox))
+    }
+}
+
+impl Context {
+    /// The SMs this context's kernels may use: its MPS share where the
+    /// driver says one, else the device's.
+    fn sm_count(&self) -> Result<u32, Error> {
+        let api = self.cuda.api;
+        if let Some(affinity) = api.cuCtxGetExecAffinity {
+            let mut param = sys::CUexecAffinityParam { kind: sys::CU_EXEC_AFFINITY_TYPE_SM_COUNT, sm_count: 0 };
+            // SAFETY: writes one CUexecAffinityParam to a live local; this
+            // context is current on the calling thread.
+            if unsafe { affinity(&mut param, sys::CU_EXEC_AFFINITY_TYPE_SM_COUNT) } == sys::CUDA_SUCCESS && param.sm_count > 0 {
+                return Ok(param.sm_count);
+            }
+        }
+        let Some(attribute) = api.cuDeviceGetAttribute else { return Ok(u32::MAX) };
+        let mut sms: c_int = 0;
+        // SAFETY: writes one int to a live local; the device is this context's.
+        let r = unsafe { attribute(&mut sms, sys::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, self.device) };
+        self.cuda.check("cuDeviceGetAttribute", r)?;
+        Ok(sms.max(0) as u32)
     }
 }
 
@@ -320,7 +366,7 @@ impl Mailbox<'_> {
     /// caller has waited for the job before. Returns its sequence, for `wait`.
     pub fn post_read(&mut self, src: u64, len: usize) -> u32 {
         debug_assert!(Mailbox::takes(src, len));
-        self.post(src, len as u64)
+        self.post(src, len as u32)
     }
 
     /// Posts a write of `data` to `dst`, through the landing buffer; the
@@ -328,7 +374,7 @@ impl Mailbox<'_> {
     pub fn post_write(&mut self, dst: u64, data: &[u8]) -> u32 {
         debug_assert!(Mailbox::takes(dst, data.len()));
         self.landing[..data.len()].copy_from_slice(data);
-        self.post(dst, data.len() as u64 | WRITE)
+        self.post(dst, data.len() as u32 | WRITE)
     }
 
     /// Whether `batch` can go as a list: two pieces or more, each one the
@@ -350,26 +396,30 @@ impl Mailbox<'_> {
             row[16..20].copy_from_slice(&(len as u32).to_ne_bytes());
         }
         let write = if writes { WRITE } else { 0 };
-        self.post(0, batch.sizes.len() as u64 | LISTED | write)
+        self.post(0, batch.sizes.len() as u32 | LISTED | write)
     }
 
-    fn post(&mut self, vram: u64, len: u64) -> u32 {
+    fn post(&mut self, vram: u64, len: u32) -> u32 {
         self.seq = self.seq.wrapping_add(1);
         self.u64_at(JOB_VRAM).store(vram, Ordering::Relaxed);
-        // Release: the kernel reads both words in one access, and a new
-        // sequence in it must come with the new address (and a write with
-        // its data in the landing buffer).
-        self.u64_at(JOB_WORD).store(u64::from(self.seq) | len << 32, Ordering::Release);
+        self.u32_at(JOB_LEN).store(len, Ordering::Relaxed);
+        // Release: the kernel acquires the sequence, then reads the words
+        // above (and a write's data in the landing buffer, a list's rows).
+        self.u32_at(JOB_SEQ).store(self.seq, Ordering::Release);
         self.seq
     }
 
-    /// Spins until job `seq` is done. An error: the kernel failed or ended
-    /// without doing it, and the landing buffer holds nothing of it.
-    pub fn wait(&self, seq: u32) -> Result<(), Error> {
-        let mut asked = Instant::now();
+    /// Spins until job `seq` is done, then sleeps between looks. An error:
+    /// the kernel failed, ended without doing it, or did not do it within
+    /// `PATIENCE`, and the landing buffer holds nothing of it. In the last
+    /// case the kernel is abandoned (see `abandon`).
+    pub fn wait(&mut self, seq: u32) -> Result<(), Error> {
+        let start = Instant::now();
+        let mut asked = start;
         while self.u32_at(DONE).load(Ordering::Acquire) != seq {
-            std::hint::spin_loop();
-            if asked.elapsed() < CHECK {
+            let waited = asked.elapsed();
+            if waited < CHECK {
+                std::hint::spin_loop();
                 continue;
             }
             let ended = self.stream.is_done();
@@ -377,12 +427,44 @@ impl Mailbox<'_> {
                 break;
             }
             match ended? {
-                false => asked = Instant::now(),
                 // Finished without an error, yet the job is not done.
                 true => return Err(self.ctx.cuda.error("nbd_vram_mailbox ended early", sys::CUDA_ERROR_UNKNOWN)),
+                false if start.elapsed() > PATIENCE => {
+                    self.abandon();
+                    return Err(self.ctx.cuda.error("nbd_vram_mailbox gave no answer within 1 s", sys::CUDA_ERROR_NOT_READY));
+                }
+                false if start.elapsed() > SPIN => std::thread::sleep(CHECK),
+                false => {}
             }
+            asked = Instant::now();
         }
         Ok(())
+    }
+
+    /// Tells a kernel that missed its deadline to end, for good. Only the
+    /// length changes: a kernel that read the job's sequence just before
+    /// then either does that job whole or ends, never pairs one job's
+    /// address with another's length. It may still do the job late, so
+    /// the caller trusts nothing written until `ended` says it is gone.
+    fn abandon(&mut self) {
+        self.seq = self.seq.wrapping_add(1);
+        self.u32_at(JOB_LEN).store(0, Ordering::Relaxed);
+        self.u32_at(JOB_SEQ).store(self.seq, Ordering::Release);
+        self.state = State::Abandoned;
+    }
+
+    /// Whether a wait missed its deadline: the kernel is never used again.
+    pub fn abandoned(&self) -> bool {
+        matches!(self.state, State::Abandoned)
+    }
+
+    /// An error while an abandoned kernel's stream still runs: it may yet
+    /// do the job it missed the deadline of.
+    pub fn may_run_late(&self) -> Result<(), Error> {
+        match self.stream.is_done() {
+            Ok(false) => Err(self.ctx.cuda.error("nbd_vram_mailbox may still do a job that missed its deadline", sys::CUDA_ERROR_NOT_READY)),
+            _ => Ok(()),
+        }
     }
 
     /// The bytes of the last read done.
@@ -393,7 +475,7 @@ impl Mailbox<'_> {
     /// Tells a started kernel to end, without waiting for it; the caller
     /// has waited for its last job.
     pub fn park(&mut self) {
-        if !matches!(self.state, State::Parked) {
+        if matches!(self.state, State::Starting(_) | State::Running) {
             self.post(0, 0);
             self.state = State::Parked;
         }
@@ -413,5 +495,51 @@ impl Drop for Mailbox<'_> {
                 crate::warn!("{e}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PTX;
+
+    fn lines(pattern: &str) -> Vec<&'static str> {
+        PTX.lines().map(str::trim).filter(|l| l.contains(pattern)).collect()
+    }
+
+    /// The poll reads the sequence alone, with a system-scope acquire, and
+    /// only then the job's other words; no vector load of the job remains.
+    #[test]
+    fn the_poll_acquires_the_sequence_before_reading_the_job() {
+        let poll = PTX.split("POLL:").nth(1).and_then(|rest| rest.split("TAKE:").next()).unwrap_or_default();
+        let loads: Vec<&str> = poll.lines().map(str::trim).filter(|l| l.starts_with("ld.")).collect();
+        assert_eq!(loads[0], "ld.acquire.sys.global.u32 %r3, [%rd1+12];", "{loads:?}");
+        assert!(loads[1..].iter().all(|l| l.starts_with("ld.relaxed.sys.global.") && !l.contains(".v2")), "{loads:?}");
+        assert!(lines("ld.volatile").is_empty(), "{:?}", lines("ld.volatile"));
+    }
+
+    /// `done` is published once per job, by one release at system scope
+    /// after the block's barrier: no per-thread fence, no plain store.
+    #[test]
+    fn done_is_published_by_one_release_after_the_barrier() {
+        assert_eq!(lines("st.release.sys.global.u32 [%rd1+64]"), ["st.release.sys.global.u32 [%rd1+64], %r1;"]);
+        assert_eq!(lines("st.release").len(), 1);
+        assert!(lines("membar").is_empty() && lines("fence.").is_empty(), "no other fence");
+        let copied = PTX.split("COPIED:").nth(1).unwrap_or_default();
+        let barrier = copied.find("bar.sync 0;").expect("a barrier after the copy");
+        let thread0 = copied.find("@%p1 bra NEXT;").expect("threads but 0 skip the release");
+        let release = copied.find("st.release.sys").expect("the release");
+        assert!(barrier < thread0 && thread0 < release);
+    }
+
+    /// Host memory (the landing buffer, a list's rows and the staging a
+    /// list writes from) is read past L1, which the host's writes do not
+    /// reach, and afresh each time.
+    #[test]
+    fn host_memory_is_read_past_l1() {
+        let section = |from: &str, to: &str| PTX.split(from).nth(1).and_then(|r| r.split(to).next()).unwrap_or_default();
+        let host_reads = [section("\nWRITE:", "STEP:"), section("LWRITE:", "LSTEP:"), section("PIECE:", "PART:")];
+        let loads: Vec<&str> = host_reads.iter().flat_map(|s| s.lines()).map(str::trim).filter(|l| l.contains("ld.")).collect();
+        assert_eq!(loads.len(), 7, "{loads:?}");
+        assert!(loads.iter().all(|l| l.contains("ld.global.cv.")), "{loads:?}");
     }
 }

@@ -109,6 +109,18 @@ pub const CU_STREAM_NON_BLOCKING: c_uint = 1;
 /// run longer than a few seconds (a GPU that drives a display).
 pub const CU_DEVICE_ATTRIBUTE_KERNEL_EXEC_TIMEOUT: c_int = 17;
 
+/// `CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT`: the device's SMs.
+pub const CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT: c_int = 16;
+
+/// `CUexecAffinityParam` with `CU_EXEC_AFFINITY_TYPE_SM_COUNT` (0): the SMs
+/// the current context may use, fewer than the device's under MPS.
+#[repr(C)]
+pub struct CUexecAffinityParam {
+    pub kind: c_int,
+    pub sm_count: c_uint,
+}
+pub const CU_EXEC_AFFINITY_TYPE_SM_COUNT: c_int = 0;
+
 /// `CU_MEMHOSTALLOC_DEVICEMAP`: pinned memory that kernels may address.
 pub const CU_MEMHOSTALLOC_DEVICEMAP: c_uint = 2;
 
@@ -159,6 +171,8 @@ api! {
         // The mailbox kernel's, besides the four above.
         cuStreamQuery(CUstream);
         cuDeviceGetAttribute(*mut c_int, c_int, CUdevice);
+        // CUDA 11.4+: the SMs an MPS client's context may use.
+        cuCtxGetExecAffinity(*mut CUexecAffinityParam, c_int);
     }
 }
 

@@ -207,6 +207,9 @@ impl<'c> VramStore<'c> {
             if let Err(e) = handed.and_then(|()| self.stream.copy_batch(&mut b.copies, b.writes, self.mover.as_ref(), shared)) {
                 error!("{e}");
                 b.failed = true;
+                // Never issued later: its requests are answered EIO, and
+                // their copies must not land after newer acknowledged ones.
+                b.copies.clear();
             }
         }
     }
@@ -233,7 +236,11 @@ impl<'c> VramStore<'c> {
             }
             return false;
         }
-        if self.mailbox.is_none() || self.finish().is_err() {
+        if self.mailbox.is_none() {
+            return false;
+        }
+        if let Err(e) = self.finish() {
+            error!("{e}"); // and the next wait or sync reports it
             return false;
         }
         self.run += 1;
@@ -269,9 +276,20 @@ impl<'c> VramStore<'c> {
         true
     }
 
+    /// A mailbox kernel that missed a deadline may still do that job late,
+    /// over newer writes: until it has ended, no work is handed over (its
+    /// requests fail). Once it has, serving goes on without it.
+    fn forget_abandoned(&mut self) -> Result<(), Error> {
+        let Some(mailbox) = self.mailbox.as_ref().filter(|m| m.abandoned()) else { return Ok(()) };
+        mailbox.may_run_late()?;
+        warn!("the mailbox kernel has ended after missing its deadline: small copies go the other ways from now on");
+        self.mailbox = None;
+        Ok(())
+    }
+
     /// Waits for the mailbox's copy and moves a read's bytes into staging.
     fn finish(&mut self) -> Result<(), Error> {
-        let (Some(p), Some(mailbox)) = (self.posted.take(), &self.mailbox) else { return Ok(()) };
+        let (Some(p), Some(mailbox)) = (self.posted.take(), &mut self.mailbox) else { return Ok(()) };
         if let Err(e) = mailbox.wait(p.seq) {
             self.post_failed = true;
             return Err(e);
@@ -313,6 +331,7 @@ impl<'c> VramStore<'c> {
     /// stream is drained instead, which completes that fence too.
     fn hand_over(&mut self) -> Result<(), Error> {
         self.finish()?; // the stream's work comes after the mailbox's
+        self.forget_abandoned()?;
         if let Some(token) = self.unrecorded.take() {
             if let Err(e) = self.stream.record(&self.events[token]) {
                 error!("{e}");
@@ -491,17 +510,20 @@ impl<'c> Store for VramStore<'c> {
         Ok(())
     }
 
-    /// A batch that failed to start is left for the next `fence` to report
-    /// to the requests it holds: the error here means only what the trait
-    /// says, that work already started failed.
+    /// Also reports a batch that failed to start since the last fence: a
+    /// caller that writes and syncs (the swap header) must hear of it.
     fn sync(&mut self) -> io::Result<()> {
         self.flush();
+        let failed = self.batch.as_mut().is_some_and(|b| std::mem::take(&mut b.failed));
         self.next_fence = 0;
         self.unrecorded = None;
         let finished = self.finished();
         if self.issued > self.done {
             self.stream.sync().map_err(eio)?;
             self.done = self.issued;
+        }
+        if failed {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
         }
         finished
     }

@@ -7,7 +7,9 @@
  * ordinary memory of this process, so a CUdeviceptr is a real address here.
  * Async copies and memsets are deferred to a queue that runs at the latest
  * legal moment (a sync, a synchronous copy, a free), so a caller that skips a
- * sync sees stale data. Behaviour is tuned by FAKE_CUDA_* variables read
+ * sync sees stale data. The mailbox kernel runs on threads of its own,
+ * started by cuInit as the driver starts its threads, and does whatever its
+ * PTX's memory ordering allows, at the worst moment. Behaviour is tuned by FAKE_CUDA_* variables read
  * once, at the first cuInit(0); see README.md beside this file.
  * Build: cc -shared -fPIC -O2 -Wall -Wextra -o DIR/libcuda.so.1 libcuda.c
  */
@@ -23,6 +25,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #define API __attribute__((visibility("default")))
@@ -70,8 +73,15 @@ static const struct { CUresult code; const char *name, *text; } errors[] = {
 #define MAX_DEVICES 16
 
 struct CUctx_st { int dev, refs; };        /* a device's primary context */
-/* The mailbox kernel resident on a stream, if any (see mailbox_run). */
-struct mailbox { unsigned char *slot, *landing; unsigned last; int running, started; };
+/* The mailbox kernel resident on a stream, if any (see "The SMs" below):
+ * `last` is the sequence it took last; `on_sm` while an SM thread runs it;
+ * `started` once it may write `alive` (FAKE_CUDA_LATE_START: at the first
+ * query or sync); `acquire`, `release`, `fresh`: what its PTX promises. */
+struct mailbox {
+    unsigned char *slot, *landing;
+    unsigned last;
+    int running, on_sm, started, acquire, release, fresh;
+};
 struct CUstream_st { int dev; unsigned flags; struct mailbox mb; struct CUstream_st *next; };
 /* seq: the queue position recorded (0: never recorded, syncs at once) */
 struct CUevent_st { int dev; unsigned long long seq; struct CUevent_st *next; };
@@ -88,6 +98,7 @@ static CUresult init_rc = -1;             /* -1: cuInit(0) not called yet */
 static int ndev;
 static size_t max_alloc = SIZE_MAX;
 static unsigned long long fail_copy, copies, fail_sync, syncs, no_jit, exec_timeout, fail_mailbox, mailbox_jobs, late_start;
+static unsigned long long sms = 132, stall_job, jobs_seen;
 static CUresult sticky;                   /* FAKE_CUDA_FAIL_SYNC's error, once it fired */
 static char log_path[PATH_MAX], others_path[PATH_MAX];
 static struct block *allocs;              /* device memory, sorted by address */
@@ -215,6 +226,7 @@ static CUresult map_backing(const char *what, char **base, size_t *size)
     return OK;
 }
 
+static int start_sms(void);
 static CUresult do_init(void)
 {
     unsigned long long v = 1;
@@ -234,7 +246,8 @@ static CUresult do_init(void)
     if (total_set < 0 || free_set < 0 || knob_mib("FAKE_CUDA_MAX_ALLOC_MIB", &max_alloc) < 0 ||
         knob("FAKE_CUDA_FAIL_COPY", &fail_copy) < 0 || knob("FAKE_CUDA_FAIL_SYNC", &fail_sync) < 0 ||
         knob("FAKE_CUDA_NO_JIT", &no_jit) < 0 || knob("FAKE_CUDA_EXEC_TIMEOUT", &exec_timeout) < 0 ||
-        knob("FAKE_CUDA_FAIL_MAILBOX", &fail_mailbox) < 0 || knob("FAKE_CUDA_LATE_START", &late_start) < 0)
+        knob("FAKE_CUDA_FAIL_MAILBOX", &fail_mailbox) < 0 || knob("FAKE_CUDA_LATE_START", &late_start) < 0 ||
+        knob("FAKE_CUDA_SMS", &sms) < 0 || knob("FAKE_CUDA_MAILBOX_STALL", &stall_job) < 0)
         return E_UNKNOWN;
     if (backing && *backing) {
         CUresult rc = map_backing(backing, &base, &bsize);
@@ -243,6 +256,7 @@ static CUresult do_init(void)
         bsize = bsize / ndev / PAGE * PAGE;
         if (!total_set || total > bsize) total = bsize;
     }
+    if (start_sms()) return E_UNKNOWN;
     for (int i = 0; i < ndev; i++) {
         devs[i].total = total;
         devs[i].free = free_set && free < total ? free : total;
@@ -378,6 +392,7 @@ API CUresult cuDevicePrimaryCtxRetain(CUcontext *ctx, CUdevice d) { LOCKED(ctx_r
 /* The last release destroys the primary context; like CUDA, that frees the
  * memory, streams and events made in it, once the pending work has run. The
  * log line says what was still live. */
+static void no_resident_kernel(const char *call);
 static CUresult ctx_release(CUdevice d)
 {
     CUresult rc = need_dev(d);
@@ -385,6 +400,7 @@ static CUresult ctx_release(CUdevice d)
     if (rc) { logf_("release %d -> %s", d, short_name(rc)); return rc; }
     size_t leaked = 0, leaked_host = 0;
     if (--devs[d].ctx.refs == 0) {
+        no_resident_kernel("destroying the context");
         drain();
         for (struct block **pp = &allocs, *b; (b = *pp);) {
             if (b->dev != d) { pp = &b->next; continue; }
@@ -509,11 +525,11 @@ API CUresult cuMemAlloc_v2(CUdeviceptr *dptr, size_t size) { LOCKED(mem_alloc(dp
 /* Freeing memory may wait for every kernel to end: a mailbox kernel ends
  * once it takes the end posted to it, one not told to end never does (the
  * fake stops the test instead). */
-static CUresult mailbox_run(CUstream s);
+static int resident_ends(struct CUstream_st *s);
 static void no_resident_kernel(const char *call)
 {
     for (struct CUstream_st *s = streams; s; s = s->next)
-        if (s->mb.running && (mailbox_run(s), s->mb.running)) {
+        if (!resident_ends(s)) {
             fprintf(stderr, "fake libcuda: %s while nbd_vram_mailbox runs would wait for ever\n", call);
             abort();
         }
@@ -675,6 +691,7 @@ API CUresult cuMemcpyBatchAsync_v2(CUdeviceptr *dsts, CUdeviceptr *srcs, size_t 
  * copy and mailbox kernels whose behaviour it reproduces (see README.md).
  * A module is a handle to its image; a function is the address of a static. */
 static char copy_kernel, mailbox_kernel;
+static const char *mailbox_image;   /* the PTX it was loaded from */
 #define COPY_KERNEL "nbd_vram_copy"
 #define MAILBOX_KERNEL "nbd_vram_mailbox"
 
@@ -696,6 +713,7 @@ static CUresult module_function(void **fn, void *mod, const char *name)
     if (!rc && (strlen(name) > 32 || !strstr(mod, entry))) rc = 500;   /* CUDA_ERROR_NOT_FOUND */
     if (!rc && strcmp(name, COPY_KERNEL) && strcmp(name, MAILBOX_KERNEL)) rc = 500;
     if (!rc) *fn = strcmp(name, COPY_KERNEL) ? (void *)&mailbox_kernel : (void *)&copy_kernel;
+    if (!rc && !strcmp(name, MAILBOX_KERNEL)) mailbox_image = mod;
     return rc;
 }
 API CUresult cuModuleGetFunction(void **fn, void *mod, const char *name) { LOCKED(module_function(fn, mod, name)); }
@@ -734,13 +752,12 @@ static CUresult launch(void *fn, unsigned gx, unsigned gy, unsigned gz, unsigned
 /* The mailbox kernel: params are the slot page, the landing buffer (both
  * pinned host memory here) and the sequence taken as done; one block. A
  * job copies between VRAM and the landing buffer (the length's top bit: to
- * VRAM). A GPU runs it at once and it polls the slot; the fake has no
- * thread for it (a thread's stack would need memory under the very
- * pressure the VM test makes): it writes `alive` at the launch and runs
- * the posted job at the next cuStreamQuery or cuStreamSynchronize of its
- * stream, as late as the fake runs all async work. A job while async work
- * is pending would race with it on a GPU: the fake reports it as a fault. */
-#define SLOT_WORD 8
+ * VRAM), or runs a list. On a GPU it runs at once on an SM of its own and
+ * polls the slot; here an SM thread (started by cuInit, as the driver
+ * starts its threads) runs it, concurrently with the caller and as late as
+ * a GPU may: see "The SMs" below. */
+#define SLOT_LEN_WORD 8
+#define SLOT_SEQ 12
 #define SLOT_DONE 64
 #define SLOT_ALIVE 128
 #define SLOT_LEN 4096
@@ -759,6 +776,32 @@ static int inside(const struct block *list, const void *p, size_t n)
     return 0;
 }
 
+static pthread_cond_t sm_kick = PTHREAD_COND_INITIALIZER;   /* a launch, or a late start allowed */
+static pthread_cond_t sm_done = PTHREAD_COND_INITIALIZER;   /* a job taken, or a kernel ended */
+
+/* Whether the mailbox kernel on s, if any, ends by itself: waits (lock
+ * held, released while waiting) until it has ended, or until it has taken
+ * every job posted to it and still runs, which a GPU would wait for for
+ * ever. Lets a late-starting kernel start, as a sync would. */
+static int resident_ends(struct CUstream_st *s)
+{
+    struct mailbox *m = &s->mb;
+    while (m->running) {
+        if (!m->started) {
+            m->started = 1;
+            pthread_cond_broadcast(&sm_kick);
+        }
+        unsigned posted = __atomic_load_n((unsigned *)(m->slot + SLOT_SEQ), __ATOMIC_ACQUIRE);
+        if (m->on_sm && posted == m->last) return 0;
+        struct timespec t;
+        clock_gettime(CLOCK_REALTIME, &t);
+        t.tv_nsec += 1000000;
+        if (t.tv_nsec >= 1000000000) { t.tv_sec++; t.tv_nsec -= 1000000000; }
+        pthread_cond_timedwait(&sm_done, &lock, &t);
+    }
+    return 1;
+}
+
 static CUresult mailbox_launch(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
                                unsigned bz, unsigned shared, CUstream s, void **params, void **extra)
 {
@@ -767,18 +810,26 @@ static CUresult mailbox_launch(unsigned gx, unsigned gy, unsigned gz, unsigned b
     if ((uintptr_t)s <= 2 || !stream_ok(s)) return E_HANDLE;
     unsigned char *slot = *(unsigned char **)params[0], *landing = *(unsigned char **)params[1];
     if (!inside(host_allocs, slot, SLOT_LEN) || !inside(host_allocs, landing, LANDING_MAX)) return E_VALUE;
-    CUresult rc = mailbox_run(s);   /* stream order: the last one takes its job (an end?) first */
-    if (rc) return rc;
     if (!(s->flags & 1)) {
         fprintf(stderr, "fake libcuda: " MAILBOX_KERNEL " on a blocking stream: the legacy stream's calls would wait for it for ever\n");
         return E_VALUE;
     }
-    if (s->mb.running) {
+    /* stream order: the last one takes its jobs (an end?) first */
+    if (!resident_ends(s)) {
         fprintf(stderr, "fake libcuda: " MAILBOX_KERNEL " launched behind one that was never told to end: it would never start\n");
         return E_VALUE;
     }
-    s->mb = (struct mailbox){slot, landing, *(unsigned *)params[2], 1, !late_start};
-    if (s->mb.started) __atomic_store_n((unsigned *)(slot + SLOT_ALIVE), s->mb.last, __ATOMIC_RELEASE);
+    if (sticky) return sticky;
+    /* What the PTX promises decides what the fake may do (see "The SMs"). */
+    const char *ptx = mailbox_image ? mailbox_image : "";
+    s->mb = (struct mailbox){
+        .slot = slot, .landing = landing, .last = *(unsigned *)params[2], .running = 1, .started = !late_start,
+        .acquire = strstr(ptx, "ld.acquire.sys") != NULL,
+        .release = strstr(ptx, "st.release.sys") || strstr(ptx, "fence.acq_rel.sys") ||
+                   strstr(ptx, "fence.sc.sys") || strstr(ptx, "membar.sys"),
+        .fresh = strstr(ptx, "ld.global.cv") != NULL,
+    };
+    pthread_cond_broadcast(&sm_kick);
     logf_("launch " MAILBOX_KERNEL " -> ok");
     return OK;
 }
@@ -793,12 +844,11 @@ static CUresult mailbox_piece(const struct op *o)
     return OK;
 }
 
-/* A list job: `count` pieces of {dst u64, src u64, len u32, 4 unused} at
- * slot offset 1024; all are checked before any runs. */
-static CUresult mailbox_list(const struct mailbox *m, unsigned count, unsigned write)
+/* A list job's pieces, {dst u64, src u64, len u32, 4 unused} at slot
+ * offset 1024, checked, into ops; returns how many or -error. */
+static CUresult mailbox_list(const struct mailbox *m, unsigned count, unsigned write, struct op *ops)
 {
     if (count == 0 || SLOT_LIST + count * SLOT_ROW > SLOT_LEN) return E_ILLEGAL;
-    struct op ops[(SLOT_LEN - SLOT_LIST) / SLOT_ROW];
     for (unsigned i = 0; i < count; i++) {
         const unsigned char *row = m->slot + SLOT_LIST + i * SLOT_ROW;
         unsigned long long dst, src;
@@ -812,74 +862,212 @@ static CUresult mailbox_list(const struct mailbox *m, unsigned count, unsigned w
         CUresult rc = mailbox_piece(&ops[i]);
         if (rc) return rc;
     }
-    if (++mailbox_jobs == fail_mailbox) return E_ILLEGAL;
-    for (unsigned i = 0; i < count; i++) run_op(&ops[i]);
     return OK;
 }
 
-/* Runs the job posted on stream s, if any; a fault ends the kernel with
- * the sticky error, as on a GPU. */
-static CUresult mailbox_run(CUstream s)
+/* The SMs. Each thread runs one mailbox kernel at a time, and may do
+ * whatever the PTX memory model lets a GPU do with what the kernel's PTX
+ * promises, at the worst moment:
+ * - it polls host memory on its own, never in step with a driver call;
+ * - without an acquire load of the sequence (`ld.acquire.sys`), it reads
+ *   the job's address and length first and its sequence later, as a torn
+ *   vector load may, so a job can pair a new sequence with an old address;
+ * - without a release (`st.release.sys`, a system-scope fence or
+ *   `membar.sys`), `done` shows before the copy has landed;
+ * - without loads that bypass L1 (`ld.global.cv`), a write job reads the
+ *   landing buffer as it was at the kernel's first write job;
+ * - it reads a write job's data right after seeing its sequence, and
+ *   reports a landing buffer changed after the job was posted as a race;
+ * - it pauses for random microseconds between its steps. */
+#define SMS 4
+#define SPINS 2000   /* polls without a pause after a job: jobs come back to back */
+
+/* An SM thread's own state, given at its start: no __thread variable, as
+ * a dlopen'ed library's thread-local storage is malloc'ed at its first
+ * use in each thread, and an SM must not need memory while serving swap. */
+struct sm { unsigned char data[LANDING_MAX]; unsigned rnd; };
+
+static void pause_us(struct sm *sm, unsigned max)
 {
-    struct mailbox *m = &s->mb;
-    if (!m->running) return OK;
-    if (!m->started) {   /* FAKE_CUDA_LATE_START: it starts only now */
-        m->started = 1;
-        __atomic_store_n((unsigned *)(m->slot + SLOT_ALIVE), m->last, __ATOMIC_RELEASE);
-    }
-    unsigned long long word = __atomic_load_n((unsigned long long *)(m->slot + SLOT_WORD), __ATOMIC_ACQUIRE);
-    unsigned seq = (unsigned)word, len = (unsigned)(word >> 32) & 0x7fffffff, write = (unsigned)(word >> 63);
-    if (seq == m->last) return OK;
-    char *vram = (char *)(uintptr_t)__atomic_load_n((unsigned long long *)m->slot, __ATOMIC_RELAXED);
-    m->last = seq;
-    const char *what = len & SLOT_LISTED ? "list " : "";
+    sm->rnd ^= sm->rnd << 13; sm->rnd ^= sm->rnd >> 17; sm->rnd ^= sm->rnd << 5;
+    struct timespec t = {0, (long)(sm->rnd % (max + 1)) * 1000};
+    if (t.tv_nsec) nanosleep(&t, NULL);
+}
+
+/* Takes the job just read (lock held): checks it, runs it (from `data`
+ * for a lone write), publishes done. Returns non-zero to end the kernel. */
+static CUresult mailbox_job(struct sm *sm, struct mailbox *m, unsigned seq, char *vram, unsigned len)
+{
+    const unsigned char *data = sm->data;
+    unsigned write = len >> 31, listed = len & SLOT_LISTED;
+    len &= 0x7fffffff;
+    const char *what = listed ? "list " : "";
+    struct op ops[(SLOT_LEN - SLOT_LIST) / SLOT_ROW];
+    unsigned n = 0;
     CUresult rc = OK;
+    m->last = seq;
     if (len && done != queued) {
         fprintf(stderr, "fake libcuda: a " MAILBOX_KERNEL " job while async work is pending: it would race with it\n");
         rc = E_ILLEGAL;
-    } else if (len & SLOT_LISTED) {
-        rc = mailbox_list(m, len & 0xffff, write);
-        len &= 0xffff;
+    } else if (listed) {
+        n = len & 0xffff;
+        len = n;
+        rc = mailbox_list(m, n, write, ops);
     } else if (len) {
-        struct op o = {write ? H2D : D2H, 0, vram, m->landing, len};
-        rc = mailbox_piece(&o);
-        if (!rc && ++mailbox_jobs == fail_mailbox) rc = E_ILLEGAL;
-        if (!rc) run_op(&o);
+        ops[n++] = (struct op){write ? H2D : D2H, 0, vram, m->landing, len};
+        rc = mailbox_piece(&ops[0]);
+        if (write) ops[0].host = (void *)data;   /* what the kernel read */
+    }
+    if (!rc && len && ++mailbox_jobs == fail_mailbox) rc = E_ILLEGAL;
+    if (!rc && write && !listed && len && m->fresh && memcmp(data, m->landing, len)) {
+        fprintf(stderr, "fake libcuda: a " MAILBOX_KERNEL " write's data changed after its job was posted\n");
+        rc = E_ILLEGAL;
     }
     if (rc) {
-        m->running = 0;
         sticky = rc;
         logf_(MAILBOX_KERNEL " job %llu %s%s -> %s", mailbox_jobs, what, write ? "write" : "read", short_name(rc));
         return rc;
     }
+    if (!m->release) {   /* nothing orders the copy before done */
+        __atomic_store_n((unsigned *)(m->slot + SLOT_DONE), seq, __ATOMIC_RELEASE);
+        pthread_mutex_unlock(&lock);
+        pause_us(sm, 20);
+        pthread_mutex_lock(&lock);
+    }
+    for (unsigned i = 0; i < n; i++) run_op(&ops[i]);
     if (len) logf_(MAILBOX_KERNEL " job %llu %s%s %u -> ok", mailbox_jobs, what, write ? "write" : "read", len);
     __atomic_store_n((unsigned *)(m->slot + SLOT_DONE), seq, __ATOMIC_RELEASE);
-    if (!len) {
-        m->running = 0;
-        logf_(MAILBOX_KERNEL " ended after %llu jobs", mailbox_jobs);
-    }
-    return OK;
+    if (!len) logf_(MAILBOX_KERNEL " ended after %llu jobs", mailbox_jobs);
+    return len ? OK : -1;
 }
 
-/* A query runs the pending async work (CUDA may run it any time) and the
- * stream's mailbox job, if any. */
+/* Runs the kernel on s until it ends or faults (lock held, released while
+ * it polls). `sm->data` is its copy of a write job's bytes. */
+static void resident(struct sm *sm, struct mailbox *m)
+{
+    unsigned char *data = sm->data;
+    while (!m->started) pthread_cond_wait(&sm_kick, &lock);
+    __atomic_store_n((unsigned *)(m->slot + SLOT_ALIVE), m->last, __ATOMIC_RELEASE);
+    int cached = 0;
+    unsigned idle = 0;
+    for (;;) {
+        pthread_mutex_unlock(&lock);
+        unsigned seq, len;
+        unsigned long long vram;
+        if (m->acquire) {
+            seq = __atomic_load_n((unsigned *)(m->slot + SLOT_SEQ), __ATOMIC_ACQUIRE);
+            vram = __atomic_load_n((unsigned long long *)m->slot, __ATOMIC_RELAXED);
+            len = __atomic_load_n((unsigned *)(m->slot + SLOT_LEN_WORD), __ATOMIC_RELAXED);
+        } else {
+            vram = __atomic_load_n((unsigned long long *)m->slot, __ATOMIC_RELAXED);
+            len = __atomic_load_n((unsigned *)(m->slot + SLOT_LEN_WORD), __ATOMIC_RELAXED);
+            pause_us(sm, idle < SPINS ? 2 : 20);
+            seq = __atomic_load_n((unsigned *)(m->slot + SLOT_SEQ), __ATOMIC_RELAXED);
+        }
+        if (seq == m->last) {
+            if (++idle > SPINS) pause_us(sm, 20);
+            pthread_mutex_lock(&lock);
+            continue;
+        }
+        idle = 0;
+        unsigned n = len & 0x7fffffff;
+        if (len >> 31 && !(len & SLOT_LISTED) && n <= LANDING_MAX) {
+            if (!m->fresh && cached) {
+                /* L1 still holds the landing buffer's first lines */
+            } else {
+                memcpy(data, m->landing, n);
+                cached = 1;
+            }
+        }
+        pause_us(sm, 5);
+        pthread_mutex_lock(&lock);
+        if (++jobs_seen == stall_job) {   /* FAKE_CUDA_MAILBOX_STALL: not scheduled for a while */
+            pthread_mutex_unlock(&lock);
+            sleep(3);
+            pthread_mutex_lock(&lock);
+        }
+        if (mailbox_job(sm, m, seq, (char *)(uintptr_t)vram, len)) break;
+        pthread_cond_broadcast(&sm_done);
+    }
+    m->running = 0;
+}
+
+static void *sm_main(void *arg)
+{
+    struct sm *sm = arg;
+    pthread_mutex_lock(&lock);
+    for (;;) {
+        struct CUstream_st *s = streams;
+        while (s && !(s->mb.running && !s->mb.on_sm)) s = s->next;
+        if (!s) {
+            pthread_cond_wait(&sm_kick, &lock);
+            continue;
+        }
+        s->mb.on_sm = 1;
+        resident(sm, &s->mb);
+        s->mb.on_sm = 0;
+        pthread_cond_broadcast(&sm_done);
+    }
+    return NULL;
+}
+
+/* Started by the first cuInit, as the driver starts its own threads there:
+ * they inherit the caller's signal mask. Small stacks, faulted in now. */
+static int start_sms(void)
+{
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setstacksize(&attr, 64 * 1024);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    for (int i = 0; i < SMS; i++) {
+        pthread_t t;
+        struct sm *sm = calloc(1, sizeof *sm);
+        if (sm) sm->rnd = 0x9e3779b9u * (unsigned)(i + 1) ^ (unsigned)time(NULL);
+        if (!sm || pthread_create(&t, &attr, sm_main, sm)) {
+            fprintf(stderr, "fake libcuda: cannot start its SM threads\n");
+            return -1;
+        }
+    }
+    pthread_attr_destroy(&attr);
+    return 0;
+}
+
+/* A query runs the pending async work (CUDA may run it any time) unless a
+ * mailbox kernel still runs on the stream; it lets a late one start. */
 static CUresult stream_query(CUstream s)
 {
     CUresult rc = need_ctx() ? need_ctx() : stream_ok(s) ? OK : E_HANDLE;
-    if (!rc && (uintptr_t)s > 2) rc = mailbox_run(s);
-    if (!rc && ((uintptr_t)s > 2 && s->mb.running)) rc = 600;
+    if (!rc && (uintptr_t)s > 2 && s->mb.running) {
+        if (!s->mb.started) {
+            s->mb.started = 1;
+            pthread_cond_broadcast(&sm_kick);
+        }
+        return 600;
+    }
     if (!rc) drain();
     return rc;
 }
 API CUresult cuStreamQuery(CUstream s) { LOCKED(stream_query(s)); }
 
+/* KERNEL_EXEC_TIMEOUT (17) and MULTIPROCESSOR_COUNT (16) only */
 static CUresult device_attribute(int *v, int attr, CUdevice d)
 {
-    CUresult rc = need_dev(d) ? need_dev(d) : !v || attr != 17 ? E_VALUE : OK;   /* KERNEL_EXEC_TIMEOUT only */
-    if (!rc) *v = exec_timeout != 0;
+    CUresult rc = need_dev(d) ? need_dev(d) : !v || (attr != 17 && attr != 16) ? E_VALUE : OK;
+    if (!rc) *v = attr == 17 ? exec_timeout != 0 : (int)sms;
     return rc;
 }
 API CUresult cuDeviceGetAttribute(int *v, int attr, CUdevice d) { LOCKED(device_attribute(v, attr, d)); }
+
+/* CU_EXEC_AFFINITY_TYPE_SM_COUNT (0) only: the SMs of FAKE_CUDA_SMS, as an
+ * MPS client limited to them would see. */
+struct exec_affinity { int type; unsigned sms; };
+static CUresult exec_affinity(struct exec_affinity *p, int type)
+{
+    CUresult rc = need_ctx() ? need_ctx() : !p || type != 0 ? E_VALUE : OK;
+    if (!rc) *p = (struct exec_affinity){0, (unsigned)sms};
+    return rc;
+}
+API CUresult cuCtxGetExecAffinity(struct exec_affinity *p, int type) { LOCKED(exec_affinity(p, type)); }
 
 API CUresult cuLaunchKernel(void *fn, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
                             unsigned bz, unsigned shared, CUstream s, void **params, void **extra)
@@ -935,11 +1123,11 @@ API CUresult cuStreamCreate(CUstream *ps, unsigned flags) { LOCKED(stream_create
 static CUresult stream_sync(CUstream s)
 {
     CUresult rc = need_ctx() ? need_ctx() : stream_ok(s) ? OK : E_HANDLE;
-    if (!rc && (uintptr_t)s > 2) rc = mailbox_run(s);
-    if (!rc && (uintptr_t)s > 2 && s->mb.running) {
+    if (!rc && (uintptr_t)s > 2 && !resident_ends(s)) {
         fprintf(stderr, "fake libcuda: cuStreamSynchronize would wait for ever for " MAILBOX_KERNEL "\n");
         abort();
     }
+    if (!rc && (uintptr_t)s > 2 && sticky) rc = sticky;
     return rc ? rc : sync_to(queued);
 }
 API CUresult cuStreamSynchronize(CUstream s) { LOCKED(stream_sync(s)); }
@@ -951,6 +1139,10 @@ static CUresult stream_destroy(CUstream s)
     while (!rc && *pp && *pp != s) pp = &(*pp)->next;
     if (!rc && !*pp) rc = E_HANDLE;   /* includes the built-in streams */
     if (rc) return rc;
+    if (!resident_ends(s)) {
+        fprintf(stderr, "fake libcuda: cuStreamDestroy while " MAILBOX_KERNEL " runs on it for ever\n");
+        abort();
+    }
     drain();   /* CUDA finishes a destroyed stream's work; this does it now */
     *pp = s->next;
     free(s);

@@ -51,6 +51,47 @@ check "$B" bench --connect "unix:$T/vram.sock" --verify
 nvidia-smi --query-compute-apps=pid,used_memory --format=csv
 kill %1; wait %1 2>/dev/null
 
+# LIFECYCLE (default 20; 0 leaves it out): a VRAM server stopped by
+# SIGTERM, by SIGINT and as `nbd-vram stop` does it (SIGTERM, then wait
+# until the process is gone), LIFECYCLE times each, every other time under
+# bench traffic. Each must exit 0 with "stopped" logged, never die by the
+# signal (the driver's threads must block it too), and each new process
+# must allocate the same size again. One summary line per case.
+LIFECYCLE=${LIFECYCLE:-20}
+lifecycle_one() {   # SIGNAL HOW TRY: exit status, or "no-stop-logged" / "no-alloc"
+	local sig=$1 how=$2 try=$3 log="$T/life.log" sock="$T/life.sock" bench=
+	rm -f "$sock"; : >"$log"
+	"$B" serve --listen "unix:$sock" --size 1024 2>"$log" &
+	local pid=$!
+	for _ in $(seq 600); do [ -S "$sock" ] && break; sleep 0.05; done
+	grep -q "allocated 1024 MiB of VRAM" "$log" || { kill -9 "$pid"; wait "$pid" 2>/dev/null; echo no-alloc; return; }
+	if [ $((try % 2)) = 1 ]; then
+		"$B" bench --connect "unix:$sock" --seconds 5 >/dev/null 2>&1 &
+		bench=$!
+		sleep 1
+	fi
+	kill -s "$sig" "$pid"
+	if [ "$how" = stop ]; then   # what `nbd-vram stop` does: poll until gone
+		for _ in $(seq 300); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+	fi
+	wait "$pid"; local rc=$?
+	[ -n "$bench" ] && { kill "$bench" 2>/dev/null; wait "$bench" 2>/dev/null; }
+	if [ "$rc" != 0 ]; then echo "$rc"; elif ! grep -q '^nbd-vram: stopped$' "$log"; then echo no-stop-logged; else echo 0; fi
+}
+if [ "$LIFECYCLE" -gt 0 ]; then
+	step "lifecycle: $LIFECYCLE stops each (odd tries under bench traffic)"
+	for c in "TERM signal" "INT signal" "TERM stop"; do
+		read -r sig how <<<"$c"
+		clean=0 bad=""
+		for i in $(seq "$LIFECYCLE"); do
+			r=$(lifecycle_one "$sig" "$how" "$i")
+			if [ "$r" = 0 ]; then clean=$((clean + 1)); else bad="$bad $i:$r"; fi
+		done
+		echo "lifecycle: case=SIG$sig-$how clean=$clean/$LIFECYCLE${bad:+ failed=$bad}"
+		check [ "$clean" = "$LIFECYCLE" ]
+	done
+fi
+
 # Benchmarks one server: NAME BINARY [serve options]; the environment
 # passes through. Prints the table, then the server's own account of each
 # pattern's time (one connection per pattern, after the fill's).
@@ -113,8 +154,9 @@ done
 # the noise this way of measuring leaves) and the VRAM store. A machine
 # whose speed drifts between rounds (above: the host store's own figures
 # moved up to 20 % from one round to the next) then moves them all alike.
-# One VRAM server only: two would each see the other as a process sharing
-# the GPU, and serve as they do then (NBD_VRAM_SHARED).
+# One VRAM server, unless BEFORE=1 adds target/gpu/nbd-vram-before (an
+# older build) beside it; the two then ignore each other
+# (NBD_VRAM_SHARED=0), but their contexts still take turns on the GPU.
 TURNS=${TURNS:-3}
 if [ "$TURNS" -gt 0 ]; then
 	step "in turns: $TURNS s per server and pattern${PIN:+, servers on CPU $PIN_S, client on CPU $PIN_C}"
@@ -128,6 +170,12 @@ if [ "$TURNS" -gt 0 ]; then
 	}
 	turn host --store host --size "$SIZE"
 	turn host2 --store host --size "$SIZE"
+	if [ "${BEFORE:-0}" = 1 ] && [ -x target/gpu/nbd-vram-before ]; then
+		# Two VRAM servers would each see the other as a process sharing
+		# the GPU: told not to look, each serves as it does alone.
+		export NBD_VRAM_SHARED=0
+		B=target/gpu/nbd-vram-before turn vram-before --size "$SIZE"
+	fi
 	turn vram --size "$SIZE"
 	taskset -c "${PIN_C:-$ALL_CPUS}" "$B" bench --seconds "$TURNS" "${args[@]}" >"$T/turns.txt" || fail=1
 	cat "$T/turns.txt"
