@@ -1,0 +1,69 @@
+#!/bin/sh
+# Breaks each safety-relevant line on purpose, in a scratch copy of the
+# committed tree, and checks that the tests catch it: one line per mutant,
+# "caught by" the failing tests, or "NOT CAUGHT" (exit 1). About a minute
+# per mutant (a release build and the tests that could see it).
+#   sh tests/mutants.sh [NAME...]      default: all
+set -u
+top=$(cd "$(dirname "$0")/.." && pwd)
+work=$(mktemp -d /tmp/nbd-vram-mutants.XXXXXX)
+trap 'git -C "$top" worktree remove --force "$work/tree" >/dev/null 2>&1; rm -rf "$work"' EXIT
+git -C "$top" worktree add -q --detach "$work/tree" HEAD || exit 1
+cd "$work/tree" || exit 1
+export CARGO_TARGET_DIR="$top/target/mutants"
+
+# NAME FILE PYTHON-REGEX REPLACEMENT: what each mutant changes, and why it
+# would matter. The regex must match exactly once.
+mutants() {
+	cat <<'EOF'
+mask-after-init	src/main.rs	(?s)    if matches!\(parsed\.command, Command::Serve \{ \.\. \} \| Command::Swap\(_\)\) \{\n        signals::Signals::block\(\);\n    \}\n	
+mask-after-init	src/listen.rs	let signals = Signals::taken\(\);	let signals = Signals::block();
+mask-after-init	src/daemon.rs	let signals = Signals::taken\(\);	let signals = Signals::block();
+no-release	src/cuda/mailbox.rs	st\.release\.sys\.global\.u32 \[%rd1\+64\]	st.volatile.global.u32 [%rd1+64]
+no-acquire	src/cuda/mailbox.rs	ld\.acquire\.sys\.global\.u32 %r3	ld.volatile.global.u32 %r3
+cached-loads	src/cuda/mailbox.rs	ld\.global\.cv\.v4\.u32 \{%r6, %r7, %r8, %r9\}, \[%rd8\]	ld.global.v4.u32 {%r6, %r7, %r8, %r9}, [%rd8]
+seq-before-job	src/cuda/mailbox.rs	(?s)(        self\.u64_at\(JOB_VRAM\)\.store\(vram, Ordering::Relaxed\);\n        self\.u32_at\(JOB_LEN\)\.store\(len, Ordering::Relaxed\);\n)(.*?)(        self\.u32_at\(JOB_SEQ\)\.store\(self\.seq, Ordering::Release\);\n)	\3\2\1
+data-after-post	src/cuda/mailbox.rs	(?s)        self\.landing\[\.\.data\.len\(\)\]\.copy_from_slice\(data\);\n        self\.post\(dst, data\.len\(\) as u32 \| WRITE\)	        let seq = self.post(dst, data.len() as u32 | WRITE);\n        self.landing[..data.len()].copy_from_slice(data);\n        seq
+no-deadline	src/cuda/mailbox.rs	false if start\.elapsed\(\) > PATIENCE =>	false if false =>
+late-job-races	src/store/vram.rs	        self\.forget_abandoned\(\)\?;\n	
+sync-hides-failed-batch	src/store/vram.rs	        if failed \{\n            return Err\(io::Error::from_raw_os_error\(libc::EIO\)\);\n        \}\n        finished	        let _ = failed;\n        finished
+failed-batch-kept	src/store/vram.rs	                b\.copies\.clear\(\);\n	
+one-sm-kernel	src/cuda/mailbox.rs	Ok\(sms\) if sms < 2 =>	Ok(sms) if sms < 1 =>
+EOF
+}
+
+apply() {   # FILE REGEX REPLACEMENT
+	python3 - "$@" <<'EOF'
+import re, sys
+path, pattern, repl = sys.argv[1], sys.argv[2], sys.argv[3].replace("\\n", "\n")
+text = open(path).read()
+new, n = re.subn(pattern, lambda m: m.expand(repl), text)
+if n != 1:
+    sys.exit(f"{path}: the pattern matched {n} times: {pattern}")
+open(path, "w").write(new)
+EOF
+}
+
+names=${*:-$(mutants | cut -f1 | uniq)}
+bad=0
+for name in $names; do
+	git checkout -q -- .
+	mutants | awk -F'\t' -v n="$name" '$1 == n' >"$work/m"
+	[ -s "$work/m" ] || { echo "no mutant $name"; bad=1; continue; }
+	ok=1
+	while IFS="$(printf '\t')" read -r _ file regex repl; do
+		apply "$file" "$regex" "$repl" || ok=0
+	done <"$work/m"
+	[ $ok = 1 ] || { echo "mutant $name: does not apply"; bad=1; continue; }
+	if ! cargo build --release -q 2>"$work/build"; then
+		echo "mutant $name: caught by the compiler"; continue
+	fi
+	caught=""
+	for t in "--bin nbd-vram" "--test vram" "--test lifecycle"; do
+		# shellcheck disable=SC2086
+		timeout 600 cargo test --release -q $t >"$work/out" 2>&1 ||
+			caught="$caught $(grep -E '^    [a-z_:]+$' "$work/out" | tr -d ' ' | tr '\n' ' ')"
+	done
+	if [ -n "$caught" ]; then echo "mutant $name: caught by$caught"; else echo "mutant $name: NOT CAUGHT"; bad=1; fi
+done
+exit $bad
