@@ -124,7 +124,7 @@ fn bad_client_flags_close_the_connection() {
 }
 
 #[test]
-fn bad_option_magic_and_huge_options_close_the_connection() {
+fn bad_option_magic_closes_the_connection() {
     let mut server = Server::start(MIB);
     let mut s = greet(&server.sock);
     let mut m = b"IHAVEOPX".to_vec();
@@ -133,15 +133,39 @@ fn bad_option_magic_and_huge_options_close_the_connection() {
     m.extend([0; 6]);
     s.write_all(&m).unwrap();
     expect_closed(&mut s);
+    still_serves(&mut server);
+}
 
-    // 16 MiB of option data is announced (and not sent): refused, then closed.
+/// EXPORT_NAME has no option replies: a client reads whatever follows as
+/// the export size, so an over-long name gets a close and nothing else.
+#[test]
+fn over_long_export_name_is_closed_without_a_reply() {
+    let mut server = Server::start(MIB);
+    for flags in [FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES, FLAG_FIXED_NEWSTYLE] {
+        let mut s = greet_with(&server.sock, flags);
+        let mut m = IHAVEOPT.to_vec();
+        m.extend(OPT_EXPORT_NAME.to_be_bytes());
+        m.extend((16u32 << 20).to_be_bytes());
+        s.write_all(&m).unwrap();
+        expect_closed(&mut s);
+    }
+    still_serves(&mut server);
+}
+
+/// Other options are read past and refused, and haggling goes on.
+#[test]
+fn over_long_go_is_refused_and_a_valid_go_still_works() {
+    let mut server = Server::start(MIB);
     let mut s = greet(&server.sock);
-    let mut m = IHAVEOPT.to_vec();
-    m.extend(OPT_GO.to_be_bytes());
-    m.extend((16u32 << 20).to_be_bytes());
-    s.write_all(&m).unwrap();
-    assert_eq!(option_reply(&mut s).1, REP_ERR_TOO_BIG);
-    expect_closed(&mut s);
+    send_option(&mut s, OPT_GO, &vec![0xa5; 1 << 20]);
+    assert_eq!(option_reply(&mut s), (OPT_GO, REP_ERR_TOO_BIG, vec![]));
+    send_option(&mut s, OPT_LIST, &[]);
+    assert_eq!(option_reply(&mut s).1, REP_SERVER);
+    assert_eq!(option_reply(&mut s).1, REP_ACK);
+    let mut c = Nbd::go(s);
+    assert_eq!(c.write(0, b"in sync"), 0);
+    assert_eq!(c.read(0, 7), Ok(b"in sync".to_vec()));
+    c.disconnect();
     still_serves(&mut server);
 }
 

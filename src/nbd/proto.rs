@@ -161,10 +161,16 @@ pub fn handshake<S: Read + Write>(s: &mut S, export: &Export) -> io::Result<Nego
         let option = be32(&head[8..12]);
         let len = be32(&head[12..16]);
         if len > MAX_OPTION_LEN {
-            // Answer, then close: skipping gigabytes of option data is not
-            // worth staying in sync for.
+            if option == OPT_EXPORT_NAME {
+                // EXPORT_NAME has no option replies: an error would be read
+                // as the export's size and flags. The spec leaves only a close.
+                return Err(invalid("NBD_OPT_EXPORT_NAME name too long"));
+            }
+            // Skipped, not stored, so that haggling stays in sync without a
+            // large allocation; the negotiation deadline bounds the time.
+            discard(s, len)?;
             option_reply(s, option, REP_ERR_TOO_BIG, &[])?;
-            return Err(invalid("option data too long"));
+            continue;
         }
         let mut data = vec![0u8; len as usize];
         s.read_exact(&mut data)?;
@@ -200,6 +206,18 @@ pub fn handshake<S: Read + Write>(s: &mut S, export: &Export) -> io::Result<Nego
             _ => option_reply(s, option, REP_ERR_UNSUP, &[])?,
         }
     }
+}
+
+/// Reads and drops `len` bytes of option data, a page at a time.
+fn discard<S: Read>(s: &mut S, len: u32) -> io::Result<()> {
+    let mut page = [0u8; 4096];
+    let mut left = len as usize;
+    while left > 0 {
+        let n = left.min(page.len());
+        s.read_exact(&mut page[..n])?;
+        left -= n;
+    }
+    Ok(())
 }
 
 /// `NBD_OPT_INFO`/`GO` data: name length, name, request count, requests.
@@ -338,13 +356,38 @@ mod tests {
         assert_eq!(out.len(), 18 + 8 + 2 + 124);
     }
 
+    /// The reply to EXPORT_NAME is the export's size: an option reply there
+    /// would be read as a size of 0x3e889045565a9.
     #[test]
-    fn bad_flags_magic_and_huge_options_close() {
+    fn over_long_export_name_closes_without_a_reply() {
+        let mut huge = IHAVEOPT.to_be_bytes().to_vec();
+        huge.extend(OPT_EXPORT_NAME.to_be_bytes());
+        huge.extend((MAX_OPTION_LEN + 1).to_be_bytes());
+        huge.extend(vec![b'x'; MAX_OPTION_LEN as usize + 1]);
+        for flags in [1, 3] {
+            let (r, out) = run(flags, &[huge.clone()]);
+            assert!(r.is_err());
+            assert_eq!(out.len(), 18, "nothing after the greeting (client flags {flags})");
+        }
+    }
+
+    #[test]
+    fn over_long_option_is_skipped_and_refused_then_go_works() {
+        let long = option(OPT_GO, &vec![0; MAX_OPTION_LEN as usize + 1]);
+        let (r, out) = run(3, &[long, option(OPT_GO, &[0, 0, 0, 0, 0, 0])]);
+        assert_eq!(r.unwrap(), Negotiated::Transmission);
+        let kinds: Vec<u32> = replies(&out).iter().map(|r| r.1).collect();
+        assert_eq!(kinds, [REP_ERR_TOO_BIG, REP_INFO, REP_INFO, REP_ACK]);
+    }
+
+    #[test]
+    fn bad_flags_magic_and_truncated_options_close() {
         assert!(run(4, &[]).0.is_err());
         assert!(run(0, &[]).0.is_err());
         let mut bad = option(OPT_GO, &[]);
         bad[0] ^= 1;
         assert!(run(1, &[bad]).0.is_err());
+        // Announced, never sent: the stream ends while it is skipped.
         let mut huge = IHAVEOPT.to_be_bytes().to_vec();
         huge.extend(OPT_GO.to_be_bytes());
         huge.extend(u32::MAX.to_be_bytes());
