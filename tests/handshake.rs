@@ -1,4 +1,4 @@
-//! The fixed-newstyle handshake from a raw socket: every supported option,
+//! The newstyle handshake from a raw socket: every supported option,
 //! and the ways a client can get it wrong. After each, a fresh connection
 //! must still be served.
 
@@ -110,10 +110,30 @@ fn abort_is_acknowledged_then_closed() {
     still_serves(&mut server);
 }
 
+/// Plain newstyle (no FIXED_NEWSTYLE flag), as nbd-server, nbdkit and
+/// qemu-nbd serve it: EXPORT_NAME, then I/O.
+#[test]
+fn client_without_fixed_newstyle_is_served_through_export_name() {
+    let mut server = Server::start(MIB);
+    for (flags, padding) in [(0, 124), (FLAG_NO_ZEROES, 0)] {
+        let mut s = greet_with(&server.sock, flags);
+        send_option(&mut s, OPT_EXPORT_NAME, b"");
+        let mut reply = vec![0u8; 10 + padding];
+        s.read_exact(&mut reply).unwrap();
+        assert_eq!(u64::from_be_bytes(reply[0..8].try_into().unwrap()), MIB);
+        let mut c = Nbd::transmission(s, MIB, TRANSMISSION_FLAGS);
+        assert_eq!(c.write(512, b"plain"), 0);
+        assert_eq!(c.read(512, 5), Ok(b"plain".to_vec()));
+        c.disconnect();
+    }
+    still_serves(&mut server);
+}
+
 #[test]
 fn bad_client_flags_close_the_connection() {
     let mut server = Server::start(MIB);
-    // Not fixed-newstyle, and an unknown flag.
+    // GO from a plain newstyle client (which reads no option replies), and
+    // an unknown flag.
     for flags in [0, FLAG_FIXED_NEWSTYLE | 1 << 7] {
         let mut s = greet_with(&server.sock, flags);
         // The server may have closed already: this write may fail.
@@ -141,7 +161,7 @@ fn bad_option_magic_closes_the_connection() {
 #[test]
 fn over_long_export_name_is_closed_without_a_reply() {
     let mut server = Server::start(MIB);
-    for flags in [FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES, FLAG_FIXED_NEWSTYLE] {
+    for flags in [FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES, FLAG_NO_ZEROES] {
         let mut s = greet_with(&server.sock, flags);
         let mut m = IHAVEOPT.to_vec();
         m.extend(OPT_EXPORT_NAME.to_be_bytes());

@@ -1,4 +1,4 @@
-//! NBD wire format and the fixed-newstyle handshake, server side.
+//! NBD wire format and the newstyle handshake, server side.
 //!
 //! Section names refer to the NBD protocol spec (doc/proto.md in the
 //! NetworkBlockDevice/nbd repository). `<linux/nbd.h>` covers only the
@@ -132,8 +132,9 @@ fn invalid(msg: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.to_string())
 }
 
-/// Runs the server side of the fixed-newstyle handshake ("Newstyle
-/// negotiation"). Protocol violations are errors: the caller closes.
+/// Runs the server side of the newstyle handshake ("Newstyle
+/// negotiation"), fixed or not. Protocol violations are errors: the caller
+/// closes.
 pub fn handshake<S: Read + Write>(s: &mut S, export: &Export) -> io::Result<Negotiated> {
     let mut hello = [0u8; 18];
     hello[0..8].copy_from_slice(&NBDMAGIC.to_be_bytes());
@@ -147,9 +148,9 @@ pub fn handshake<S: Read + Write>(s: &mut S, export: &Export) -> io::Result<Nego
     if client_flags & !CLIENT_FLAGS_KNOWN != 0 {
         return Err(invalid("client sent unknown handshake flags"));
     }
-    if client_flags & u32::from(FLAG_FIXED_NEWSTYLE) == 0 {
-        return Err(invalid("client does not speak fixed-newstyle NBD"));
-    }
+    // Without it the client speaks plain newstyle, as older nbd-client did:
+    // it may send only NBD_OPT_EXPORT_NAME, and gets no option replies.
+    let fixed = client_flags & u32::from(FLAG_FIXED_NEWSTYLE) != 0;
     let no_zeroes = client_flags & u32::from(FLAG_NO_ZEROES) != 0;
 
     loop {
@@ -160,6 +161,11 @@ pub fn handshake<S: Read + Write>(s: &mut S, export: &Export) -> io::Result<Nego
         }
         let option = be32(&head[8..12]);
         let len = be32(&head[12..16]);
+        // "Option haggling": a plain newstyle client that sends anything but
+        // EXPORT_NAME must be disconnected, without a reply.
+        if !fixed && option != OPT_EXPORT_NAME {
+            return Err(invalid("client without fixed-newstyle sent an option other than NBD_OPT_EXPORT_NAME"));
+        }
         if len > MAX_OPTION_LEN {
             if option == OPT_EXPORT_NAME {
                 // EXPORT_NAME has no option replies: an error would be read
@@ -356,6 +362,24 @@ mod tests {
         assert_eq!(out.len(), 18 + 8 + 2 + 124);
     }
 
+    /// Plain newstyle (no FIXED_NEWSTYLE), as nbd-server, nbdkit and
+    /// qemu-nbd serve it: EXPORT_NAME works; anything else closes, since
+    /// such a client reads no option replies.
+    #[test]
+    fn plain_newstyle_client_gets_export_name_and_nothing_else() {
+        let (r, out) = run(0, &[option(OPT_EXPORT_NAME, b"")]);
+        assert_eq!(r.unwrap(), Negotiated::Transmission);
+        assert_eq!(out.len(), 18 + 8 + 2 + 124);
+        let (r, out) = run(u32::from(FLAG_NO_ZEROES), &[option(OPT_EXPORT_NAME, b"")]);
+        assert_eq!(r.unwrap(), Negotiated::Transmission);
+        assert_eq!(out.len(), 18 + 8 + 2);
+        for opt in [OPT_GO, OPT_LIST, OPT_ABORT] {
+            let (r, out) = run(0, &[option(opt, &[0, 0, 0, 0, 0, 0])]);
+            assert!(r.is_err(), "option {opt} from a plain newstyle client");
+            assert_eq!(out.len(), 18, "no reply after the greeting for option {opt}");
+        }
+    }
+
     /// The reply to EXPORT_NAME is the export's size: an option reply there
     /// would be read as a size of 0x3e889045565a9.
     #[test]
@@ -364,7 +388,7 @@ mod tests {
         huge.extend(OPT_EXPORT_NAME.to_be_bytes());
         huge.extend((MAX_OPTION_LEN + 1).to_be_bytes());
         huge.extend(vec![b'x'; MAX_OPTION_LEN as usize + 1]);
-        for flags in [1, 3] {
+        for flags in [0, 3] {
             let (r, out) = run(flags, &[huge.clone()]);
             assert!(r.is_err());
             assert_eq!(out.len(), 18, "nothing after the greeting (client flags {flags})");
@@ -383,7 +407,6 @@ mod tests {
     #[test]
     fn bad_flags_magic_and_truncated_options_close() {
         assert!(run(4, &[]).0.is_err());
-        assert!(run(0, &[]).0.is_err());
         let mut bad = option(OPT_GO, &[]);
         bad[0] ^= 1;
         assert!(run(1, &[bad]).0.is_err());
