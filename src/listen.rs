@@ -9,11 +9,11 @@ use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::cli::{Addr, StoreOpts};
 use crate::signals::{Signals, STOP};
-use crate::sock::set_recv_timeout;
+use crate::sock::{set_recv_timeout, set_send_timeout};
 use crate::status::{self, Instance};
 use crate::fail::{Code, Failure};
 use crate::nbd::proto::{self, Export, Negotiated};
@@ -22,7 +22,7 @@ use crate::stats::Stats;
 use crate::store::{Store, UseStore};
 use crate::{info, pressure, warn};
 
-/// How long a client may take to negotiate.
+/// How long a client may take to negotiate, from connect to transmission.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct Serve<'a> {
@@ -106,12 +106,13 @@ where
     S: Store,
     T: io::Read + io::Write + AsFd,
 {
-    // One client at a time: one that connects and says nothing must not
-    // hold the server. Transmission has no such limit, as the kernel's
-    // client may idle for hours between requests.
-    let _ = set_recv_timeout(conn.as_fd(), Some(HANDSHAKE_TIMEOUT));
-    let negotiated = proto::handshake(conn, export);
+    // One client at a time: one that says nothing, trickles its bytes or
+    // never reads its replies must not hold the server, so the whole
+    // negotiation has one deadline. Transmission has no such limit, as the
+    // kernel's client may idle for hours between requests.
+    let negotiated = proto::handshake(&mut Deadline { conn: &mut *conn, at: Instant::now() + HANDSHAKE_TIMEOUT }, export);
     let _ = set_recv_timeout(conn.as_fd(), None);
+    let _ = set_send_timeout(conn.as_fd(), None);
     match negotiated {
         Ok(Negotiated::Transmission) => {}
         Ok(Negotiated::Aborted) => return,
@@ -121,6 +122,53 @@ where
     match serve::transmit(store, bufs, export, stats, conn) {
         Ok(end) => info!("client done ({end:?}): {}", stats.since(&then)),
         Err(e) => warn!("connection dropped: {e}; {}", stats.since(&then)),
+    }
+}
+
+/// A connection whose reads and writes all end by `at`: before each, the
+/// socket's timeouts are set to the time left, since SO_RCVTIMEO and
+/// SO_SNDTIMEO bound one call each, not a conversation.
+struct Deadline<'a, T> {
+    conn: &'a mut T,
+    at: Instant,
+}
+
+impl<T: AsFd> Deadline<'_, T> {
+    fn left(&self) -> io::Result<Duration> {
+        match self.at.saturating_duration_since(Instant::now()) {
+            Duration::ZERO => Err(self.expired()),
+            left => Ok(left),
+        }
+    }
+
+    fn expired(&self) -> io::Error {
+        io::Error::new(ErrorKind::TimedOut, format!("client did not finish negotiating within {} s", HANDSHAKE_TIMEOUT.as_secs()))
+    }
+
+    /// A timed-out socket call fails with EAGAIN; say what it means.
+    fn explain(&self, e: io::Error) -> io::Error {
+        match e.kind() {
+            ErrorKind::WouldBlock | ErrorKind::TimedOut => self.expired(),
+            _ => e,
+        }
+    }
+}
+
+impl<T: io::Read + AsFd> io::Read for Deadline<'_, T> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        set_recv_timeout(self.conn.as_fd(), Some(self.left()?))?;
+        self.conn.read(buf).map_err(|e| self.explain(e))
+    }
+}
+
+impl<T: io::Write + AsFd> io::Write for Deadline<'_, T> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        set_send_timeout(self.conn.as_fd(), Some(self.left()?))?;
+        self.conn.write(buf).map_err(|e| self.explain(e))
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.conn.flush()
     }
 }
 

@@ -47,15 +47,26 @@ fn recv(fd: BorrowedFd, buf: &mut [u8], flags: libc::c_int) -> io::Result<Option
 }
 
 /// Bounds how long a blocking read waits (`None`: for ever).
-pub fn set_recv_timeout(fd: BorrowedFd, timeout: Option<std::time::Duration>) -> io::Result<()> {
-    let t = timeout.unwrap_or_default();
+pub fn set_recv_timeout(fd: BorrowedFd, timeout: Option<Duration>) -> io::Result<()> {
+    set_timeout(fd, libc::SO_RCVTIMEO, timeout)
+}
+
+/// Bounds how long a blocking write waits for room (`None`: for ever).
+pub fn set_send_timeout(fd: BorrowedFd, timeout: Option<Duration>) -> io::Result<()> {
+    set_timeout(fd, libc::SO_SNDTIMEO, timeout)
+}
+
+/// A zero timeval means no limit to the kernel, as `None` does here; a
+/// positive timeout shorter than 1 µs is rounded up to it, not to zero.
+fn set_timeout(fd: BorrowedFd, option: libc::c_int, timeout: Option<Duration>) -> io::Result<()> {
+    let t = timeout.map_or(Duration::ZERO, |t| t.max(Duration::from_micros(1)));
     let tv = libc::timeval { tv_sec: t.as_secs() as libc::time_t, tv_usec: t.subsec_micros() as libc::suseconds_t };
     // SAFETY: `tv` is a live timeval and the length passed is its size.
     let r = unsafe {
         libc::setsockopt(
             fd.as_raw_fd(),
             libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
+            option,
             (&tv as *const libc::timeval).cast(),
             std::mem::size_of::<libc::timeval>() as libc::socklen_t,
         )

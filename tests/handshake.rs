@@ -4,7 +4,11 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::thread;
+use std::time::{Duration, Instant};
 
 use common::raw::*;
 use common::{Server, MIB};
@@ -186,6 +190,82 @@ fn over_long_go_is_refused_and_a_valid_go_still_works() {
     assert_eq!(c.write(0, b"in sync"), 0);
     assert_eq!(c.read(0, 7), Ok(b"in sync".to_vec()));
     c.disconnect();
+    still_serves(&mut server);
+}
+
+/// How long after connecting a stuck client may hold the server: the 10 s
+/// negotiation deadline, and some slack for a loaded machine.
+const CUT_OFF: Duration = Duration::from_secs(13);
+
+/// Connects while another client holds the server; returns how long after
+/// `since` the greeting came.
+fn queued_greeting(sock: &Path, since: Instant) -> Duration {
+    let mut s = UnixStream::connect(sock).expect("connecting");
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut hello = [0u8; 18];
+    s.read_exact(&mut hello).expect("a greeting once the first client is cut off");
+    assert_eq!(&hello[0..8], NBDMAGIC);
+    since.elapsed()
+}
+
+/// The 10 s are for the whole negotiation, not for each read: a client
+/// sending one byte every 1.5 s is cut off, and the next one is greeted.
+#[test]
+fn trickling_client_is_cut_off_and_the_next_is_greeted() {
+    let mut server = Server::start(MIB);
+    let start = Instant::now();
+    let mut slow = greet(&server.sock);
+    let trickle = thread::spawn(move || {
+        let mut m = IHAVEOPT.to_vec();
+        m.extend(OPT_GO.to_be_bytes());
+        m.extend(16000u32.to_be_bytes());
+        slow.set_read_timeout(Some(Duration::from_millis(1500))).unwrap();
+        // Each wait for an answer is the pause between bytes.
+        for b in m.into_iter().chain(std::iter::repeat(0)) {
+            if start.elapsed() > CUT_OFF + Duration::from_secs(2) || slow.write_all(&[b]).is_err() {
+                break;
+            }
+            match slow.read(&mut [0u8; 64]) {
+                Ok(0) => break,
+                Err(e) if e.kind() == ErrorKind::ConnectionReset => break,
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                other => panic!("expected silence, then a close: {other:?}"),
+            }
+        }
+        start.elapsed()
+    });
+    thread::sleep(Duration::from_millis(500));
+    let greeted = queued_greeting(&server.sock, start);
+    let cut = trickle.join().unwrap();
+    assert!(cut < CUT_OFF, "the trickling client held the server for {cut:?}");
+    assert!(greeted < CUT_OFF, "the next client was greeted after {greeted:?}");
+    still_serves(&mut server);
+}
+
+/// Replies that are never read fill the socket: the server's writes are
+/// bounded by the same deadline.
+#[test]
+fn client_that_never_reads_is_cut_off_and_the_next_is_greeted() {
+    let mut server = Server::start(MIB);
+    let start = Instant::now();
+    let mut deaf = greet(&server.sock);
+    let mut m = Vec::new();
+    for _ in 0..20_000 {
+        m.extend(IHAVEOPT);
+        m.extend(OPT_LIST.to_be_bytes());
+        m.extend(0u32.to_be_bytes());
+    }
+    deaf.set_write_timeout(Some(CUT_OFF + Duration::from_secs(2))).unwrap();
+    // Blocks once both sides' buffers are full, and fails once the server
+    // closes; the socket stays open a while longer, so only the server can
+    // end the connection.
+    thread::spawn(move || {
+        let _ = deaf.write_all(&m);
+        thread::sleep(CUT_OFF);
+    });
+    thread::sleep(Duration::from_millis(500));
+    let greeted = queued_greeting(&server.sock, start);
+    assert!(greeted < CUT_OFF, "the next client was greeted after {greeted:?}");
     still_serves(&mut server);
 }
 
