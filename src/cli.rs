@@ -1,6 +1,7 @@
 //! Command-line arguments, hand-rolled: `--help` text and validation whose
 //! messages say what to type instead.
 
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 
 use crate::store::check_size;
@@ -42,7 +43,14 @@ SWAP DAEMON OPTIONS
   --no-swap          only export the block device, without swapon
 
 SERVE OPTIONS
-  --listen ADDR      unix:PATH (created mode 0600) or tcp:HOST:PORT
+  --listen ADDR      unix:PATH (created mode 0600) or tcp:HOST:PORT; HOST
+                     must be loopback (127.0.0.1, ::1, localhost) unless
+                     --allow-remote is given
+  --allow-remote     let tcp: listen where other hosts reach it (0.0.0.0, a
+                     LAN address). NBD has no authentication or encryption:
+                     anyone who can connect reads and writes the export.
+                     Prefer a unix socket or loopback with an SSH or TLS
+                     tunnel
 
 BENCH OPTIONS
   --connect ADDR     unix:PATH or tcp:HOST:PORT of a running NBD server; given
@@ -131,7 +139,8 @@ pub struct SwapOpts {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Command {
     Swap(SwapOpts),
-    Serve { store: StoreOpts, listen: Addr },
+    /// `allow_remote`: tcp: may listen beyond loopback.
+    Serve { store: StoreOpts, listen: Addr, allow_remote: bool },
     Gpus { libcuda: Option<PathBuf> },
     Stop { device: PathBuf },
     Status { json: bool },
@@ -173,7 +182,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed, String> 
     let mut servers: Vec<(Addr, Option<String>)> = Vec::new();
     let (mut sweep, mut svg) = (false, None);
     let (mut json, mut seconds, mut log_level) = (false, 3, crate::log::INFO);
-    let mut verify = false;
+    let (mut verify, mut allow_remote) = (false, false);
 
     while let Some(arg) = args.next() {
         let (flag, inline) = match arg.split_once('=') {
@@ -249,6 +258,10 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed, String> 
                 listen = Some(addr(&value(&flag)?)?);
                 "l"
             }
+            "--allow-remote" => {
+                allow_remote = true;
+                "l"
+            }
             "--connect" => {
                 servers.push((addr(&value(&flag)?)?, None));
                 "b"
@@ -307,7 +320,15 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed, String> 
         "" => Command::Swap(SwapOpts { store, ..swap }),
         "serve" => {
             let listen = listen.ok_or("serve needs --listen unix:PATH or --listen tcp:HOST:PORT")?;
-            Command::Serve { store, listen }
+            if let (Addr::Tcp(hostport), false) = (&listen, allow_remote) {
+                // Refused here, before any store is allocated; binding
+                // resolves and checks again. A name that does not resolve
+                // is left to binding, whose error says so.
+                if let Ok(addrs) = hostport.to_socket_addrs() {
+                    refuse_remote(hostport, &addrs.collect::<Vec<_>>())?;
+                }
+            }
+            Command::Serve { store, listen, allow_remote }
         }
         "gpus" => Command::Gpus { libcuda: store.libcuda },
         "stop" => Command::Stop { device: positional.ok_or("stop needs a device, e.g. nbd-vram stop /dev/nbd0")? },
@@ -330,6 +351,22 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed, String> 
         }
     };
     Ok(Parsed { command, log_level })
+}
+
+/// `Err` unless every address of `tcp:HOSTPORT` is loopback: NBD has no
+/// authentication, and the export may be someone's swap, so reaching beyond
+/// this host takes `--allow-remote`.
+pub fn refuse_remote(hostport: &str, addrs: &[SocketAddr]) -> Result<(), String> {
+    let Some(open) = addrs.iter().find(|a| !a.ip().to_canonical().is_loopback()) else {
+        return Ok(());
+    };
+    let ip = open.ip();
+    let reach = if ip.is_unspecified() { "every interface".to_string() } else { ip.to_string() };
+    Err(format!(
+        "tcp:{hostport} would listen on {reach}, beyond this host, and NBD has no authentication or encryption: \
+         anyone who can connect could read and write the whole export. Listen on 127.0.0.1 or a unix socket and \
+         reach it through an SSH or TLS tunnel, or add --allow-remote to serve it openly anyway"
+    ))
 }
 
 /// A size: plain numbers are MiB; K, M, G, T suffixes (binary) are allowed.
@@ -390,7 +427,7 @@ mod tests {
     #[test]
     fn serve_with_units_and_equals() {
         let c = p("serve --listen=unix:/tmp/s --store host --size 64K").unwrap();
-        let Command::Serve { store, listen } = c else { panic!() };
+        let Command::Serve { store, listen, allow_remote: false } = c else { panic!() };
         assert_eq!(store.size, 64 << 10);
         assert_eq!(store.kind, StoreKind::Host);
         assert_eq!(listen, Addr::Unix("/tmp/s".into()));
@@ -437,6 +474,21 @@ mod tests {
         assert!(p("bench --connect unix:/a --label x --label y --sweep").unwrap_err().contains("once per"));
         assert!(p("bench --connect unix:/a --sweep --verify").unwrap_err().contains("not both"));
         assert!(p("serve --listen unix:/x --sweep").unwrap_err().contains("does not apply"));
+    }
+
+    #[test]
+    fn tcp_beyond_loopback_needs_allow_remote() {
+        for host in ["0.0.0.0", "[::]", "192.0.2.1", "[::ffff:192.0.2.1]"] {
+            let line = format!("serve --listen tcp:{host}:10809");
+            assert!(p(&line).unwrap_err().contains("--allow-remote"), "{host}");
+            let c = p(&format!("{line} --allow-remote")).unwrap();
+            assert!(matches!(c, Command::Serve { allow_remote: true, .. }), "{host}");
+        }
+        for host in ["127.0.0.1", "127.1.2.3", "[::1]", "[::ffff:127.0.0.1]"] {
+            assert!(p(&format!("serve --listen tcp:{host}:10809")).is_ok(), "{host}");
+        }
+        assert!(p("serve --listen unix:/s --allow-remote").is_ok());
+        assert!(p("bench --connect tcp:0.0.0.0:1 --allow-remote").unwrap_err().contains("does not apply to bench"));
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! stopped. The same transmission loop as the kernel path serves it.
 
 use std::io::{self, ErrorKind};
-use std::net::TcpListener;
+use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::fd::AsFd;
 use std::os::unix::fs::FileTypeExt;
@@ -11,7 +11,7 @@ use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::cli::{Addr, StoreOpts};
+use crate::cli::{self, Addr, StoreOpts};
 use crate::signals::{Signals, STOP};
 use crate::sock::{set_recv_timeout, set_send_timeout};
 use crate::status::{self, Instance};
@@ -28,6 +28,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Serve<'a> {
     pub addr: &'a Addr,
     pub store: &'a StoreOpts,
+    /// tcp: may listen beyond loopback (`--allow-remote`).
+    pub allow_remote: bool,
 }
 
 impl UseStore for Serve<'_> {
@@ -47,7 +49,7 @@ fn serve<S: Store>(store: &mut S, how: &Serve) -> Result<(), Failure> {
     let addr = how.addr;
     let listener = match addr {
         Addr::Unix(path) => Listener::Unix(bind_unix(path)?),
-        Addr::Tcp(hostport) => Listener::Tcp(TcpListener::bind(hostport).map_err(|e| Failure::os(addr, e))?),
+        Addr::Tcp(hostport) => Listener::Tcp(bind_tcp(hostport, how.allow_remote)?),
     };
     let instance = Instance {
         name: format!("serve-{}", std::process::id()),
@@ -181,6 +183,22 @@ fn accept_failed(e: io::Error) -> Result<(), Failure> {
         }
         _ => Err(Failure::os("accept", e)),
     }
+}
+
+/// Binds the addresses `hostport` resolves to, checked as they are bound
+/// (a name may resolve differently than when the command line was read).
+fn bind_tcp(hostport: &str, allow_remote: bool) -> Result<TcpListener, Failure> {
+    let what = format!("tcp:{hostport}");
+    let addrs: Vec<SocketAddr> = hostport.to_socket_addrs().map_err(|e| Failure::os(&what, e))?.collect();
+    match (cli::refuse_remote(hostport, &addrs), allow_remote) {
+        (Ok(()), _) => {}
+        (Err(refusal), false) => return Err(Failure::new(Code::Usage, refusal)),
+        (Err(_), true) => warn!(
+            "{what} is open to other hosts (--allow-remote): NBD has no authentication or encryption, so anyone \
+             who can reach the port can read and write the whole export; prefer a unix socket or loopback with an SSH or TLS tunnel"
+        ),
+    }
+    TcpListener::bind(&addrs[..]).map_err(|e| Failure::os(&what, e))
 }
 
 /// Binds `path` mode 0600. A socket left by a dead server is replaced; one

@@ -54,7 +54,9 @@ fn run(command: Command) -> Result<(), Failure> {
     match command {
         Command::Help => print!("{}", cli::HELP),
         Command::Version => println!("nbd-vram {}", env!("CARGO_PKG_VERSION")),
-        Command::Serve { store, listen } => store::with_store(&store, listen::Serve { addr: &listen, store: &store })?,
+        Command::Serve { store, listen, allow_remote } => {
+            store::with_store(&store, listen::Serve { addr: &listen, store: &store, allow_remote })?
+        }
         Command::Swap(opts) => store::with_store(&opts.store, daemon::Daemon(&opts))?,
         Command::Gpus { libcuda } => gpu::list(libcuda.as_deref())?,
         Command::Stop { device } => stop::stop(&device)?,

@@ -106,6 +106,29 @@ fn serves_over_tcp() {
     server.assert_alive();
 }
 
+/// NBD has no authentication: listening where other hosts reach it must be
+/// asked for by name, and is then warned about.
+#[test]
+fn tcp_beyond_loopback_is_refused_without_allow_remote() {
+    for host in ["0.0.0.0", "[::]"] {
+        let listen = format!("tcp:{host}:10809");
+        let out = nbd_vram(&["serve", "--listen", &listen, "--store", "host", "--size", "1"]);
+        assert_fails(&out, 2, &[&listen, "no authentication", "--allow-remote", "tunnel"]);
+    }
+}
+
+#[test]
+fn allow_remote_serves_on_every_interface_and_warns() {
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let listen = format!("tcp:0.0.0.0:{port}");
+    let mut server = Server::start_with(TempDir::new(), Default::default(), &listen, MIB, &["--allow-remote"]);
+    let info = run(Command::new("nbdinfo").args(["--size", &format!("nbd://127.0.0.1:{port}")]), Duration::from_secs(30));
+    assert_eq!(info.stdout.trim(), MIB.to_string(), "{}", info.stderr);
+    let log = server.log();
+    assert!(log.contains(&listen) && log.contains("no authentication") && log.contains("--allow-remote"), "{log}");
+    server.assert_alive();
+}
+
 #[test]
 fn bad_size_exits_2_and_says_why() {
     let dir = TempDir::new();
@@ -137,6 +160,7 @@ fn help_exits_0_and_documents_listen() {
         let out = nbd_vram(&[flag]);
         out.assert_success(flag);
         assert!(out.stdout.contains("--listen") && out.stdout.contains("serve"), "{}", out.stdout);
+        assert!(out.stdout.contains("--allow-remote") && out.stdout.contains("no authentication"), "{}", out.stdout);
         assert!(out.stdout.contains("EXIT CODES"), "{}", out.stdout);
     }
 }

@@ -68,9 +68,15 @@ impl Server {
 
     /// Serves on any `--listen` address; `sock` is only remembered.
     pub fn start_listen(dir: TempDir, sock: PathBuf, listen: &str, size: u64) -> Server {
+        Server::start_with(dir, sock, listen, size, &[])
+    }
+
+    /// As `start_listen`, with more serve flags.
+    pub fn start_with(dir: TempDir, sock: PathBuf, listen: &str, size: u64, flags: &[&str]) -> Server {
         let log = fs::File::create(dir.path("server.log")).expect("creating server.log");
         let child = Command::new(BIN)
             .args(["serve", "--listen", listen, "--store", "host", "--size", &format!("{}K", size / KIB)])
+            .args(flags)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
