@@ -19,11 +19,11 @@ mutants() {
 mask-after-init	src/main.rs	(?s)    if matches!\(parsed\.command, Command::Serve \{ \.\. \} \| Command::Swap\(_\)\) \{\n        signals::Signals::block\(\);\n    \}\n	
 mask-after-init	src/listen.rs	let signals = Signals::taken\(\);	let signals = Signals::block();
 mask-after-init	src/daemon.rs	let signals = Signals::taken\(\);	let signals = Signals::block();
-no-release	src/cuda/mailbox.rs	st\.release\.sys\.global\.u32 \[%rd1\+64\]	st.volatile.global.u32 [%rd1+64]
-no-acquire	src/cuda/mailbox.rs	ld\.acquire\.sys\.global\.u32 %r3	ld.volatile.global.u32 %r3
+no-release	src/cuda/mailbox.rs	\tst\.release\.sys\.global\.u32 \[%rd1\+64\]	\tst.volatile.global.u32 [%rd1+64]
+no-acquire	src/cuda/mailbox.rs	\tld\.acquire\.sys\.global\.u64 %rd4	\tld.volatile.global.u64 %rd4
 cached-loads	src/cuda/mailbox.rs	ld\.global\.cv\.v4\.u32 \{%r6, %r7, %r8, %r9\}, \[%rd8\]	ld.global.v4.u32 {%r6, %r7, %r8, %r9}, [%rd8]
-seq-before-job	src/cuda/mailbox.rs	(?s)(        self\.u64_at\(JOB_VRAM\)\.store\(vram, Ordering::Relaxed\);\n        self\.u32_at\(JOB_LEN\)\.store\(len, Ordering::Relaxed\);\n)(.*?)(        self\.u32_at\(JOB_SEQ\)\.store\(self\.seq, Ordering::Release\);\n)	\3\2\1
-data-after-post	src/cuda/mailbox.rs	(?s)        self\.landing\[\.\.data\.len\(\)\]\.copy_from_slice\(data\);\n        self\.post\(dst, data\.len\(\) as u32 \| WRITE\)	        let seq = self.post(dst, data.len() as u32 | WRITE);\n        self.landing[..data.len()].copy_from_slice(data);\n        seq
+torn-job	src/cuda/mailbox.rs	(?s)        self\.job\(\)\.store\(u64::from\(self\.seq\) \| word, Ordering::Release\);	        self.job().store(word, Ordering::Relaxed);\n        self.u32_at(JOB).store(self.seq, Ordering::Release);
+data-after-post	src/cuda/mailbox.rs	(?s)        self\.landing\[\.\.data\.len\(\)\]\.copy_from_slice\(data\);\n        self\.post\(self\.lone\(dst, data\.len\(\)\) \| WRITE\)	        let seq = self.post(self.lone(dst, data.len()) | WRITE);\n        self.landing[..data.len()].copy_from_slice(data);\n        seq
 no-deadline	src/cuda/mailbox.rs	false if start\.elapsed\(\) > PATIENCE =>	false if false =>
 late-job-races	src/store/vram.rs	        self\.forget_abandoned\(\)\?;\n	
 sync-hides-failed-batch	src/store/vram.rs	        if failed \{\n            return Err\(io::Error::from_raw_os_error\(libc::EIO\)\);\n        \}\n        finished	        let _ = failed;\n        finished
@@ -62,7 +62,7 @@ for name in $names; do
 	for t in "--bin nbd-vram" "--test vram" "--test lifecycle"; do
 		# shellcheck disable=SC2086
 		timeout 600 cargo test --release -q $t >"$work/out" 2>&1 ||
-			caught="$caught $(grep -E '^    [a-z_:]+$' "$work/out" | tr -d ' ' | tr '\n' ' ')"
+			caught="$caught $(grep -E '^    [a-z0-9_:]+$' "$work/out" | tr -d ' ' | tr '\n' ' ')"
 	done
 	if [ -n "$caught" ]; then echo "mutant $name: caught by$caught"; else echo "mutant $name: NOT CAUGHT"; bad=1; fi
 done

@@ -716,40 +716,48 @@ fn mailbox_server(env: &[(&str, &str)]) -> Option<VramServer> {
 /// rest are its.
 #[test]
 fn lone_copies_go_through_the_mailbox_kernel() {
-    let serve = Serve::new(16).env("NBD_VRAM_BATCH", "1").env("FAKE_CUDA_MAX_ALLOC_MIB", "8");
-    let mut server = serve.env("NBD_VRAM_SPIN", SPIN_US).start();
-    assert!(server.log().contains("small copies back to back: by the mailbox kernel, lone ones and batches"), "{}", server.log());
-    let mut nbd = Nbd::connect(&server.sock);
-    let blocks: Vec<u64> = (0..24).map(|i| (i * 683 % 4096) * 4096).collect();
-    let mut model: Vec<Vec<u8>> = blocks.iter().map(|_| vec![0u8; 4096]).collect();
-    for round in 0..3u64 {
-        for (i, &at) in blocks.iter().enumerate() {
-            read_ok(&mut nbd, at, &model[i], "a lone read");
-            if (i as u64 + round) % 3 == 0 {
-                model[i] = pattern(round * 100 + i as u64, 4096);
-                assert_eq!(nbd.write(at, &model[i]), 0);
-                read_ok(&mut nbd, at, &model[i], "a read just after its write");
+    // A loaded machine can keep the kernel's start or the client late
+    // enough that fewer copies reach it: up to three tries, data checked
+    // on every one.
+    for _ in 0..3 {
+        let serve = Serve::new(16).env("NBD_VRAM_BATCH", "1").env("FAKE_CUDA_MAX_ALLOC_MIB", "8");
+        let mut server = serve.env("NBD_VRAM_SPIN", SPIN_US).start();
+        assert!(server.log().contains("small copies back to back: by the mailbox kernel, lone ones and batches"), "{}", server.log());
+        let mut nbd = Nbd::connect(&server.sock);
+        let blocks: Vec<u64> = (0..24).map(|i| (i * 683 % 4096) * 4096).collect();
+        let mut model: Vec<Vec<u8>> = blocks.iter().map(|_| vec![0u8; 4096]).collect();
+        for round in 0..3u64 {
+            for (i, &at) in blocks.iter().enumerate() {
+                read_ok(&mut nbd, at, &model[i], "a lone read");
+                if (i as u64 + round) % 3 == 0 {
+                    model[i] = pattern(round * 100 + i as u64, 4096);
+                    assert_eq!(nbd.write(at, &model[i]), 0);
+                    read_ok(&mut nbd, at, &model[i], "a read just after its write");
+                }
+                // Not 16-byte aligned: the copy engine's.
+                read_ok(&mut nbd, at + 8, &model[i][8..4000], "an unaligned read");
             }
-            // Not 16-byte aligned: the copy engine's.
-            read_ok(&mut nbd, at + 8, &model[i][8..4000], "an unaligned read");
+            std::thread::sleep(Duration::from_millis(300)); // the loop sleeps: the kernel parks
         }
-        std::thread::sleep(Duration::from_millis(300)); // the loop sleeps: the kernel parks
+        nbd.disconnect();
+        server.assert_alive();
+        let [jobs, writes, launched, ended] = mailbox_counts(&server);
+        if !polls() {
+            eprintln!("one CPU: the loop never polls, so the mailbox kernel never starts");
+            return;
+        }
+        // A start per round at least, each ending the one before; the last
+        // ends as the client leaves, or just after we look.
+        assert!(launched >= 3 && (launched - 1..=launched).contains(&ended), "launched {launched} times, ended {ended} times");
+        // Two reads per start go to the copy engine (90 of 96 for the
+        // kernel), and a busy machine may delay the client past the poll.
+        let aligned = 3 * 32;
+        if jobs >= aligned / 2 && writes >= 24 / 2 {
+            return;
+        }
+        eprintln!("{jobs} of {aligned} lone aligned reads, {writes} of 24 lone writes by the mailbox kernel:\n{}", server.cuda_log());
     }
-    nbd.disconnect();
-    server.assert_alive();
-    let [jobs, writes, launched, ended] = mailbox_counts(&server);
-    if !polls() {
-        eprintln!("one CPU: the loop never polls, so the mailbox kernel never starts");
-        return;
-    }
-    // A start per round at least, each ending the one before. Two reads per
-    // start go to the copy engine (90 of 96 for the kernel), and a busy
-    // machine may delay the client past the poll, which costs more.
-    // The last one ends as the client leaves, or just after we look.
-    assert!(launched >= 3 && (launched - 1..=launched).contains(&ended), "launched {launched} times, ended {ended} times");
-    let aligned = 3 * 32;
-    assert!(jobs >= aligned / 2, "{jobs} of {aligned} lone aligned reads by the mailbox kernel:\n{}", server.cuda_log());
-    assert!(writes >= 24 / 2, "{writes} of 24 lone writes by the mailbox kernel:\n{}", server.cuda_log());
+    panic!("three tries, and the mailbox kernel never took half the lone copies");
 }
 
 /// `NBD_VRAM_MAILBOX=0` leaves it out; so does a GPU that limits how long

@@ -20,35 +20,42 @@ use std::time::{Duration, Instant};
 
 use super::kernel::LaunchKernel;
 use super::sys::{self, CUfunction, CUmodule};
-use super::{Context, CopyBatch, Error, Pinned, Stream};
+use super::{Context, CopyBatch, DeviceMem, Error, Pinned, Stream};
 
-/// Thread 0 polls the job's sequence word alone, with a system-scope
-/// acquire, and only then reads its VRAM address and length: a vector load
-/// of all three has no single-copy atomicity in the PTX memory model
-/// (least of all from host memory over PCIe), and could pair a new sequence
-/// with the old address. The host writes address and length first and the
-/// sequence last, with release. The block copies 16 bytes per thread per
-/// step between VRAM and the landing buffer, bypassing L1, which copies by
-/// other kernels and the copy engine do not keep coherent, and reading the
-/// landing buffer afresh each time; then `bar.sync`, after which thread 0
-/// alone writes the sequence to `done` with a system-scope release, which
-/// orders every thread's copy before it (one fence per job, not one per
-/// thread). Length 0 ends the kernel. At start it writes `last`, the
-/// sequence it takes as done, to `alive`. With bit 30 of the length set,
-/// its low 16 bits count the pieces of a list at byte 1024 of the slot
-/// page, 32 bytes each (destination u64, source u64, length u32): each
-/// warp takes a piece, or several warps share one when pieces are fewer
-/// than warps, and moves 2 KiB of it per step, four 16-byte loads in
-/// flight per thread, with the same cache rules.
+/// A job is one 64-bit word in mapped pinned memory, so that the kernel
+/// reads all of it in one single-copy-atomic access: the sequence (bits
+/// 0-7), write (8), list (9), the length in 16-byte units or a list's
+/// count (10-22) and the VRAM address's offset from `base` in 16-byte
+/// units (23-63). The host writes it with release and thread 0 polls it
+/// with a system-scope acquire, which orders every later read (a write's
+/// data in the landing buffer, a list's rows) after it; the job's parts
+/// in separate words would cost one more dependent read over PCIe (a 4
+/// KiB read at queue depth 1 went 12-15 % slower that way on an H200),
+/// and a vector load of them has no single-copy atomicity in the PTX
+/// memory model, so it could pair a new sequence with an old address. The
+/// block copies 16 bytes per thread per step between VRAM and the landing
+/// buffer, bypassing L1, which copies by other kernels and the copy engine
+/// do not keep coherent, and reading the landing buffer afresh each time;
+/// then `bar.sync`, after which thread 0 alone writes the sequence to
+/// `done` with a system-scope release, which orders every thread's copy
+/// before it (one fence per job, not one per thread). Length 0 ends the
+/// kernel. At start it writes `last`, the sequence it takes as done, to
+/// `alive`. A list's pieces lie at byte 1024 of the slot page, 32 bytes
+/// each (destination u64, source u64, length u32): each warp takes a
+/// piece, or several warps share one when pieces are fewer than warps,
+/// and moves 2 KiB of it per step, four 16-byte loads in flight per
+/// thread, with the same cache rules. Inside the block the job travels in
+/// the older form: address, then sequence and length with bit 31 for a
+/// write and bit 30 for a list.
 const PTX: &str = "\
 .version 7.0
 .target sm_75
 .address_size 64
 
-.visible .entry nbd_vram_mailbox(.param .u64 slot, .param .u64 landing, .param .u32 last)
+.visible .entry nbd_vram_mailbox(.param .u64 slot, .param .u64 landing, .param .u32 last, .param .u64 base)
 .maxntid 1024, 1, 1
 {
-	.reg .pred %p<12>;
+	.reg .pred %p<13>;
 	.reg .b32 %r<44>;
 	.reg .b64 %rd<16>;
 	.shared .align 16 .b8 job[16];
@@ -56,6 +63,7 @@ const PTX: &str = "\
 	ld.param.u64 %rd1, [slot];
 	ld.param.u64 %rd2, [landing];
 	ld.param.u32 %r1, [last];
+	ld.param.u64 %rd9, [base];
 	mov.u32 %r2, %tid.x;
 	mov.u32 %r10, %ntid.x;
 	mul.lo.u32 %r10, %r10, 16;
@@ -63,11 +71,26 @@ const PTX: &str = "\
 	@%p1 bra TAKE;
 	st.volatile.global.u32 [%rd1+128], %r1;
 POLL:
-	ld.acquire.sys.global.u32 %r3, [%rd1+12];
+	ld.acquire.sys.global.u64 %rd4, [%rd1];
+	cvt.u32.u64 %r3, %rd4;
+	and.b32 %r3, %r3, 0xff;
 	setp.eq.u32 %p2, %r3, %r1;
 	@%p2 bra POLL;
-	ld.relaxed.sys.global.u64 %rd3, [%rd1];
-	ld.relaxed.sys.global.u32 %r11, [%rd1+8];
+	shr.u64 %rd3, %rd4, 23;
+	shl.b64 %rd3, %rd3, 4;
+	add.u64 %rd3, %rd3, %rd9;
+	shr.u64 %rd5, %rd4, 8;
+	cvt.u32.u64 %r41, %rd5;
+	shr.u32 %r11, %r41, 2;
+	and.b32 %r11, %r11, 0x1fff;
+	and.b32 %r42, %r41, 2;
+	setp.eq.u32 %p12, %r42, 0;
+	@%p12 shl.b32 %r11, %r11, 4;
+	shl.b32 %r42, %r42, 29;
+	and.b32 %r43, %r41, 1;
+	shl.b32 %r43, %r43, 31;
+	or.b32 %r11, %r11, %r42;
+	or.b32 %r11, %r11, %r43;
 	mov.b64 %rd4, {%r3, %r11};
 	st.shared.v2.u64 [job], {%rd3, %rd4};
 TAKE:
@@ -179,11 +202,9 @@ const THREADS: c_uint = 1024;
 /// The largest job, the landing buffer's size: above it the copy engine's
 /// bandwidth wins over one block's.
 const LANDING: usize = 64 * 1024;
-/// Byte offsets in the slot page: the job (its sequence last, as the host
-/// publishes it), then flags the device writes, each in its own cache line.
-const JOB_VRAM: usize = 0;
-const JOB_LEN: usize = 8;
-const JOB_SEQ: usize = 12;
+/// Byte offsets in the slot page: the job word, then flags the device
+/// writes, each in its own cache line.
+const JOB: usize = 0;
 const DONE: usize = 64;
 const ALIVE: usize = 128;
 const LIST: usize = 1024;
@@ -193,9 +214,12 @@ const LIST_ROW: usize = 32;
 const LIST_MAX: usize = 64;
 const SLOT: usize = 4096;
 const _: () = assert!(LIST + LIST_MAX * LIST_ROW <= SLOT);
-/// The length's top bit: the job copies to VRAM; the next: it is a list.
-const WRITE: u32 = 1 << 31;
-const LISTED: u32 = 1 << 30;
+/// The job word's fields (see `PTX`).
+const SEQ_MASK: u32 = 0xff;
+const WRITE: u64 = 1 << 8;
+const LISTED: u64 = 1 << 9;
+const LEN_SHIFT: u32 = 10;
+const OFFSET_SHIFT: u32 = 23;
 /// How often a wait asks the driver whether the kernel still runs.
 const CHECK: Duration = Duration::from_micros(100);
 /// How long a wait spins before it sleeps between looks: a job takes
@@ -227,13 +251,16 @@ pub struct Mailbox<'c> {
     landing: Pinned<'c>,
     /// The last sequence posted.
     seq: u32,
+    /// The lowest VRAM address the store has: jobs name offsets from it.
+    base: u64,
     state: State,
 }
 
 impl Context {
-    /// Loads the mailbox kernel; `None` if this driver lacks an entry point
-    /// for it or the GPU kills long kernels.
-    pub fn mailbox(&self) -> Option<Result<Mailbox<'_>, Error>> {
+    /// Loads the mailbox kernel for copies to and from `memory`; `None` if
+    /// this driver lacks an entry point for it, the GPU kills long kernels
+    /// or the context may use fewer than 2 SMs.
+    pub fn mailbox(&self, memory: &[DeviceMem]) -> Option<Result<Mailbox<'_>, Error>> {
         let api = self.cuda.api;
         let (load, get, launch) = (api.cuModuleLoadData?, api.cuModuleGetFunction?, api.cuLaunchKernel?);
         let attribute = api.cuDeviceGetAttribute?;
@@ -281,6 +308,7 @@ impl Context {
             slot,
             landing,
             seq: 0,
+            base: memory.iter().map(|m| m.ptr).min().unwrap_or(0),
             state: State::Parked,
         };
         mailbox.slot.fill(0);
@@ -317,8 +345,9 @@ impl Context {
 
 impl Mailbox<'_> {
     /// Whether a job of `len` bytes at device address `vram` fits.
-    pub fn takes(vram: u64, len: usize) -> bool {
-        len > 0 && len <= LANDING && (vram | len as u64) % 16 == 0
+    pub fn takes(&self, vram: u64, len: usize) -> bool {
+        let offset = vram.wrapping_sub(self.base);
+        len > 0 && len <= LANDING && (vram | len as u64) % 16 == 0 && vram >= self.base && offset >> (64 - OFFSET_SHIFT + 4) == 0
     }
 
     fn u32_at(&self, at: usize) -> &AtomicU32 {
@@ -328,9 +357,9 @@ impl Mailbox<'_> {
         unsafe { &*self.slot.ptr.add(at).cast::<AtomicU32>() }
     }
 
-    fn u64_at(&self, at: usize) -> &AtomicU64 {
-        // SAFETY: as in `u32_at`, 8-aligned; the device only reads these.
-        unsafe { &*self.slot.ptr.add(at).cast::<AtomicU64>() }
+    fn job(&self) -> &AtomicU64 {
+        // SAFETY: as in `u32_at`, 8-aligned; the device only reads it.
+        unsafe { &*self.slot.ptr.add(JOB).cast::<AtomicU64>() }
     }
 
     /// Whether jobs can be posted now.
@@ -349,11 +378,11 @@ impl Mailbox<'_> {
         if !matches!(self.state, State::Parked) {
             return Ok(());
         }
-        let (mut slot, mut landing, mut last) = (self.slot.ptr as u64, self.landing.ptr as u64, self.seq);
-        let mut params: [*mut c_void; 3] = [(&raw mut slot).cast(), (&raw mut landing).cast(), (&raw mut last).cast()];
-        // SAFETY: `params` points at the kernel's three parameters, laid out
-        // as the PTX declares them (u64, u64, u32); the driver copies them at
-        // the call. The slot and landing buffer are mapped pinned memory
+        let (mut slot, mut landing, mut last, mut base) = (self.slot.ptr as u64, self.landing.ptr as u64, self.seq, self.base);
+        let mut params: [*mut c_void; 4] = [(&raw mut slot).cast(), (&raw mut landing).cast(), (&raw mut last).cast(), (&raw mut base).cast()];
+        // SAFETY: `params` points at the kernel's four parameters, laid out
+        // as the PTX declares them (u64, u64, u32, u64); the driver copies
+        // them at the call. The slot and landing buffer are mapped pinned memory
         // (one address space with unified addressing) that `Drop` frees only
         // after the kernel has ended.
         let r = unsafe { (self.launch)(self.function, 1, 1, 1, THREADS, 1, 1, 0, self.stream.stream, params.as_mut_ptr(), std::ptr::null_mut()) };
@@ -365,16 +394,21 @@ impl Mailbox<'_> {
     /// Posts a read of `len` bytes at `src`, into the landing buffer; the
     /// caller has waited for the job before. Returns its sequence, for `wait`.
     pub fn post_read(&mut self, src: u64, len: usize) -> u32 {
-        debug_assert!(Mailbox::takes(src, len));
-        self.post(src, len as u32)
+        debug_assert!(self.takes(src, len));
+        self.post(self.lone(src, len))
     }
 
     /// Posts a write of `data` to `dst`, through the landing buffer; the
     /// caller has waited for the job before. Returns its sequence.
     pub fn post_write(&mut self, dst: u64, data: &[u8]) -> u32 {
-        debug_assert!(Mailbox::takes(dst, data.len()));
+        debug_assert!(self.takes(dst, data.len()));
         self.landing[..data.len()].copy_from_slice(data);
-        self.post(dst, data.len() as u32 | WRITE)
+        self.post(self.lone(dst, data.len()) | WRITE)
+    }
+
+    /// The job word of a lone copy, less its sequence.
+    fn lone(&self, vram: u64, len: usize) -> u64 {
+        (vram - self.base) >> 4 << OFFSET_SHIFT | (len as u64 >> 4) << LEN_SHIFT
     }
 
     /// Whether `batch` can go as a list: two pieces or more, each one the
@@ -396,16 +430,16 @@ impl Mailbox<'_> {
             row[16..20].copy_from_slice(&(len as u32).to_ne_bytes());
         }
         let write = if writes { WRITE } else { 0 };
-        self.post(0, batch.sizes.len() as u32 | LISTED | write)
+        self.post((batch.sizes.len() as u64) << LEN_SHIFT | LISTED | write)
     }
 
-    fn post(&mut self, vram: u64, len: u32) -> u32 {
-        self.seq = self.seq.wrapping_add(1);
-        self.u64_at(JOB_VRAM).store(vram, Ordering::Relaxed);
-        self.u32_at(JOB_LEN).store(len, Ordering::Relaxed);
-        // Release: the kernel acquires the sequence, then reads the words
-        // above (and a write's data in the landing buffer, a list's rows).
-        self.u32_at(JOB_SEQ).store(self.seq, Ordering::Release);
+    /// Posts the job `word` (its sequence added): one store, with release,
+    /// as the kernel acquires it before reading a write's data or a list's
+    /// rows. The sequence only has to differ from the one before, as the
+    /// kernel takes a job when it differs from the last it took.
+    fn post(&mut self, word: u64) -> u32 {
+        self.seq = (self.seq + 1) & SEQ_MASK;
+        self.job().store(u64::from(self.seq) | word, Ordering::Release);
         self.seq
     }
 
@@ -441,15 +475,11 @@ impl Mailbox<'_> {
         Ok(())
     }
 
-    /// Tells a kernel that missed its deadline to end, for good. Only the
-    /// length changes: a kernel that read the job's sequence just before
-    /// then either does that job whole or ends, never pairs one job's
-    /// address with another's length. It may still do the job late, so
-    /// the caller trusts nothing written until `ended` says it is gone.
+    /// Tells a kernel that missed its deadline to end, for good. It may
+    /// still do that job late (if it read the job before this), so the
+    /// caller hands no work over until `may_run_late` says it has ended.
     fn abandon(&mut self) {
-        self.seq = self.seq.wrapping_add(1);
-        self.u32_at(JOB_LEN).store(0, Ordering::Relaxed);
-        self.u32_at(JOB_SEQ).store(self.seq, Ordering::Release);
+        self.post(0);
         self.state = State::Abandoned;
     }
 
@@ -476,7 +506,7 @@ impl Mailbox<'_> {
     /// has waited for its last job.
     pub fn park(&mut self) {
         if matches!(self.state, State::Starting(_) | State::Running) {
-            self.post(0, 0);
+            self.post(0);
             self.state = State::Parked;
         }
     }
@@ -500,21 +530,33 @@ impl Drop for Mailbox<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::PTX;
+    use super::{LANDING, LEN_SHIFT, LISTED, OFFSET_SHIFT, PTX, SEQ_MASK, WRITE};
 
     fn lines(pattern: &str) -> Vec<&'static str> {
         PTX.lines().map(str::trim).filter(|l| l.contains(pattern)).collect()
     }
 
-    /// The poll reads the sequence alone, with a system-scope acquire, and
-    /// only then the job's other words; no vector load of the job remains.
+    /// The poll reads the whole job in one load, a system-scope acquire of
+    /// an aligned 64-bit word: single-copy atomic, and ordered before every
+    /// later read of the job's data. No other read of the slot there.
     #[test]
-    fn the_poll_acquires_the_sequence_before_reading_the_job() {
+    fn the_poll_acquires_the_whole_job_in_one_load() {
         let poll = PTX.split("POLL:").nth(1).and_then(|rest| rest.split("TAKE:").next()).unwrap_or_default();
-        let loads: Vec<&str> = poll.lines().map(str::trim).filter(|l| l.starts_with("ld.")).collect();
-        assert_eq!(loads[0], "ld.acquire.sys.global.u32 %r3, [%rd1+12];", "{loads:?}");
-        assert!(loads[1..].iter().all(|l| l.starts_with("ld.relaxed.sys.global.") && !l.contains(".v2")), "{loads:?}");
-        assert!(lines("ld.volatile").is_empty(), "{:?}", lines("ld.volatile"));
+        let loads: Vec<&str> = poll.lines().map(str::trim).filter(|l| l.contains("ld.")).collect();
+        assert_eq!(loads, ["ld.acquire.sys.global.u64 %rd4, [%rd1];"]);
+        assert!(lines("ld.volatile").is_empty() && lines("ld.relaxed").is_empty(), "{:?}", lines("ld."));
+    }
+
+    /// The job word's fields as the kernel unpacks them.
+    #[test]
+    fn the_job_word_packs_what_the_kernel_unpacks() {
+        for (shift, mask) in [("shr.u64 %rd3, %rd4, 23;", ""), ("shr.u64 %rd5, %rd4, 8;", "and.b32 %r11, %r11, 0x1fff;")] {
+            assert_eq!(lines(shift).len(), 1, "{shift}");
+            assert!(mask.is_empty() || lines(mask).len() == 1, "{mask}");
+        }
+        assert_eq!((OFFSET_SHIFT, LEN_SHIFT, WRITE, LISTED, SEQ_MASK), (23, 10, 1 << 8, 1 << 9, 0xff));
+        // The longest job, 64 KiB, is 4096 units of 16 bytes: 13 bits.
+        assert!((LANDING as u64 >> 4) < 1 << (OFFSET_SHIFT - LEN_SHIFT));
     }
 
     /// `done` is published once per job, by one release at system scope

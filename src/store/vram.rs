@@ -116,7 +116,7 @@ impl<'c> VramStore<'c> {
                 if let Some((chunks, chunk_len)) = allocate_chunks(ctx, size)? {
                     info!("allocated {} MiB of VRAM in {} chunk(s); {} MiB of {} MiB were free", size / MIB, chunks.len(), free / MIB, total / MIB);
                     let stream = ctx.stream()?;
-                    let CopyPath { batched, mover, mailbox, lists } = copy_path(ctx, &stream);
+                    let CopyPath { batched, mover, mailbox, lists } = copy_path(ctx, &stream, &chunks);
                     let batch = batched.then(|| Batch {
                         copies: CopyBatch::with_capacity(BATCH_PIECES),
                         writes: false,
@@ -224,7 +224,7 @@ impl<'c> VramStore<'c> {
         let Some(b) = &self.batch else { return false };
         let lone = b.copies.lone();
         let takes = match lone {
-            Some((dst, src, len)) => Mailbox::takes(if b.writes { dst } else { src }, len),
+            Some((dst, src, len)) => self.mailbox.as_ref().is_some_and(|m| m.takes(if b.writes { dst } else { src }, len)),
             None => self.lists && Mailbox::takes_list(&b.copies),
         };
         if !takes {
@@ -549,7 +549,7 @@ struct CopyPath<'c> {
     lists: bool,
 }
 
-fn copy_path<'c>(ctx: &'c Context, stream: &Stream) -> CopyPath<'c> {
+fn copy_path<'c>(ctx: &'c Context, stream: &Stream, chunks: &[DeviceMem]) -> CopyPath<'c> {
     let off = |var| std::env::var(var).is_ok_and(|v| v == "0");
     let wanted = !off("NBD_VRAM_BATCH");
     let mover = match (wanted && !off("NBD_VRAM_KERNEL")).then(|| ctx.mover()).flatten() {
@@ -569,7 +569,7 @@ fn copy_path<'c>(ctx: &'c Context, stream: &Stream) -> CopyPath<'c> {
     let batched = api || mover.is_some();
     let mailbox_mode = std::env::var("NBD_VRAM_MAILBOX").unwrap_or_default();
     let lists = mailbox_mode != "lone";
-    let mailbox = match (batched && mailbox_mode != "0").then(|| ctx.mailbox()).flatten() {
+    let mailbox = match (batched && mailbox_mode != "0").then(|| ctx.mailbox(chunks)).flatten() {
         Some(Ok(mailbox)) => {
             let what = if lists { "lone ones and batches" } else { "lone ones" };
             info!("small copies back to back: by the mailbox kernel, {what}");

@@ -467,12 +467,17 @@ static void s_kernel(void)
  * next query or sync of its stream, length 0 ends it. */
 /* The orderings the fake looks for in nbd-vram's kernel (see README.md). */
 static const char mailbox_ptx[] = ".version 7.0\n.visible .entry nbd_vram_mailbox(.param .u64 slot)\n"
-    "{ ld.acquire.sys.global.u32 ...; ld.global.cv.v4.u32 ...; st.release.sys.global.u32 ...; ret; }\n";
+    "{ ld.acquire.sys.global.u64 ...; ld.global.cv.v4.u32 ...; st.release.sys.global.u32 ...; ret; }\n";
+/* The kernel's base: the device memory `mailbox` allocates. */
+static CUdeviceptr base;
+/* Posts a job: `len` bytes (bit 31: a write; bit 30: a list, its count in
+ * the low bits) at `src`, as one word (see the fake's README). */
 static void post(unsigned char *slot, CUdeviceptr src, unsigned seq, unsigned len)
 {
-    __atomic_store_n((unsigned long long *)slot, src, __ATOMIC_RELAXED);
-    __atomic_store_n((unsigned *)(slot + 8), len, __ATOMIC_RELAXED);
-    __atomic_store_n((unsigned *)(slot + 12), seq, __ATOMIC_RELEASE);
+    unsigned long long listed = len >> 30 & 1, n = listed ? len & 0xffff : (len & 0x3fffffff) / 16;
+    unsigned long long word = (seq & 0xff) | (unsigned long long)(len >> 31) << 8 | listed << 9 | n << 10;
+    if (!listed && len & 0x3fffffff) word |= (src - base) / 16 << 23;
+    __atomic_store_n((unsigned long long *)slot, word, __ATOMIC_RELEASE);
 }
 static unsigned flag(unsigned char *slot, int at) { return __atomic_load_n((unsigned *)(slot + at), __ATOMIC_ACQUIRE); }
 
@@ -511,7 +516,8 @@ static CUstream mailbox(void **fn, unsigned char **slot, unsigned char **landing
     EQ(cu.cuMemsetD8_v2(*d, 7, 8192), 0);
     EQ(cu.cuStreamCreate(&st, 1), 0);
     __atomic_store_n((unsigned *)(*slot + 128), ~0u, __ATOMIC_RELEASE);
-    void *params[3] = {slot, landing, &last};
+    base = *d;
+    void *params[4] = {slot, landing, &last, &base};
     EQ(cu.cuLaunchKernel(*fn, 1, 1, 1, 256, 1, 1, 0, st, params, NULL), 0);
     EQ(flag_becomes(*slot, 128, last), last);   /* alive */
     return st;
@@ -531,7 +537,7 @@ static void s_mailbox(void)
     EQ(v, 132);
     EQ(cu.cuDeviceGetAttribute(&v, 1, 0), 1);
     unsigned last = 0;
-    void *params[3] = {&slot, &landing, &last};
+    void *params[4] = {&slot, &landing, &last, &base};
     EQ(cu.cuStreamCreate(&blocking, 0), 0);
     EQ(cu.cuLaunchKernel(fn, 1, 1, 1, 256, 1, 1, 0, blocking, params, NULL), 1);   /* the legacy stream would wait */
     EQ(cu.cuLaunchKernel(fn, 1, 1, 1, 256, 1, 1, 0, st, params, NULL), 1);         /* behind one that never ends */
@@ -611,7 +617,9 @@ static void s_fail_mailbox(void)   /* FAIL_MAILBOX 2, EXEC_TIMEOUT 1 */
     EQ(v, 1);
     post(slot, d, 1, 4096);
     EQ(flag_becomes(slot, 64, 1), 1);
-    post(slot, d + 8, 2, 4096);       /* misaligned */
+    row(slot, 0, (uintptr_t)landing, d + 8, 32);   /* a misaligned piece (a lone job's word cannot say one) */
+    row(slot, 1, (uintptr_t)landing + 64, d, 32);
+    post(slot, 0, 2, 2 | 1u << 30);
     EQ(settled(st), 716);
     EQ(cu.cuMemsetD8_v2(d, 0, 16), 716);
 }

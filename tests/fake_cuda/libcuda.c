@@ -79,6 +79,7 @@ struct CUctx_st { int dev, refs; };        /* a device's primary context */
  * query or sync); `acquire`, `release`, `fresh`: what its PTX promises. */
 struct mailbox {
     unsigned char *slot, *landing;
+    unsigned long long base;
     unsigned last;
     int running, on_sm, started, acquire, release, fresh;
 };
@@ -756,8 +757,10 @@ static CUresult launch(void *fn, unsigned gx, unsigned gy, unsigned gz, unsigned
  * polls the slot; here an SM thread (started by cuInit, as the driver
  * starts its threads) runs it, concurrently with the caller and as late as
  * a GPU may: see "The SMs" below. */
-#define SLOT_LEN_WORD 8
-#define SLOT_SEQ 12
+/* The job word at slot offset 0: sequence (bits 0-7), write (8), list
+ * (9), length in 16-byte units or a list's count (10-22), the VRAM
+ * address's offset from `base` in 16-byte units (23-63). */
+#define JOB_SEQ(w) ((unsigned)(w) & 0xff)
 #define SLOT_DONE 64
 #define SLOT_ALIVE 128
 #define SLOT_LEN 4096
@@ -791,7 +794,7 @@ static int resident_ends(struct CUstream_st *s)
             m->started = 1;
             pthread_cond_broadcast(&sm_kick);
         }
-        unsigned posted = __atomic_load_n((unsigned *)(m->slot + SLOT_SEQ), __ATOMIC_ACQUIRE);
+        unsigned posted = JOB_SEQ(__atomic_load_n((unsigned long long *)m->slot, __ATOMIC_ACQUIRE));
         if (m->on_sm && posted == m->last) return 0;
         struct timespec t;
         clock_gettime(CLOCK_REALTIME, &t);
@@ -823,7 +826,8 @@ static CUresult mailbox_launch(unsigned gx, unsigned gy, unsigned gz, unsigned b
     /* What the PTX promises decides what the fake may do (see "The SMs"). */
     const char *ptx = mailbox_image ? mailbox_image : "";
     s->mb = (struct mailbox){
-        .slot = slot, .landing = landing, .last = *(unsigned *)params[2], .running = 1, .started = !late_start,
+        .slot = slot, .landing = landing, .base = *(unsigned long long *)params[3],
+        .last = *(unsigned *)params[2], .running = 1, .started = !late_start,
         .acquire = strstr(ptx, "ld.acquire.sys") != NULL,
         .release = strstr(ptx, "st.release.sys") || strstr(ptx, "fence.acq_rel.sys") ||
                    strstr(ptx, "fence.sc.sys") || strstr(ptx, "membar.sys"),
@@ -845,12 +849,12 @@ static CUresult mailbox_piece(const struct op *o)
 }
 
 /* A list job's pieces, {dst u64, src u64, len u32, 4 unused} at slot
- * offset 1024, checked, into ops; returns how many or -error. */
-static CUresult mailbox_list(const struct mailbox *m, unsigned count, unsigned write, struct op *ops)
+ * offset 1024 (here `rows`, as the kernel read them), checked, into ops. */
+static CUresult mailbox_list(const unsigned char *rows, unsigned count, unsigned write, struct op *ops)
 {
     if (count == 0 || SLOT_LIST + count * SLOT_ROW > SLOT_LEN) return E_ILLEGAL;
     for (unsigned i = 0; i < count; i++) {
-        const unsigned char *row = m->slot + SLOT_LIST + i * SLOT_ROW;
+        const unsigned char *row = rows + i * SLOT_ROW;
         unsigned long long dst, src;
         unsigned len;
         memcpy(&dst, row, 8);
@@ -885,7 +889,7 @@ static CUresult mailbox_list(const struct mailbox *m, unsigned count, unsigned w
 /* An SM thread's own state, given at its start: no __thread variable, as
  * a dlopen'ed library's thread-local storage is malloc'ed at its first
  * use in each thread, and an SM must not need memory while serving swap. */
-struct sm { unsigned char data[LANDING_MAX]; unsigned rnd; };
+struct sm { unsigned char data[LANDING_MAX], rows[SLOT_LEN - SLOT_LIST]; unsigned rnd; };
 
 static void pause_us(struct sm *sm, unsigned max)
 {
@@ -912,7 +916,7 @@ static CUresult mailbox_job(struct sm *sm, struct mailbox *m, unsigned seq, char
     } else if (listed) {
         n = len & 0xffff;
         len = n;
-        rc = mailbox_list(m, n, write, ops);
+        rc = mailbox_list(sm->rows, n, write, ops);
     } else if (len) {
         ops[n++] = (struct op){write ? H2D : D2H, 0, vram, m->landing, len};
         rc = mailbox_piece(&ops[0]);
@@ -941,44 +945,49 @@ static CUresult mailbox_job(struct sm *sm, struct mailbox *m, unsigned seq, char
     return len ? OK : -1;
 }
 
+/* What the kernel reads of host memory besides the job word: `n` bytes
+ * of the landing buffer (none while L1 still holds it) and `rows` bytes of
+ * a list's rows. */
+static void snapshot(struct sm *sm, const struct mailbox *m, size_t n, size_t rows, int keep_landing)
+{
+    if (!keep_landing) memcpy(sm->data, m->landing, n);
+    memcpy(sm->rows, m->slot + SLOT_LIST, rows);
+}
+
 /* Runs the kernel on s until it ends or faults (lock held, released while
- * it polls). `sm->data` is its copy of a write job's bytes. */
+ * it polls). `sm->data` is its copy of the landing buffer. */
 static void resident(struct sm *sm, struct mailbox *m)
 {
-    unsigned char *data = sm->data;
     while (!m->started) pthread_cond_wait(&sm_kick, &lock);
     __atomic_store_n((unsigned *)(m->slot + SLOT_ALIVE), m->last, __ATOMIC_RELEASE);
     int cached = 0;
     unsigned idle = 0;
     for (;;) {
         pthread_mutex_unlock(&lock);
-        unsigned seq, len;
-        unsigned long long vram;
-        if (m->acquire) {
-            seq = __atomic_load_n((unsigned *)(m->slot + SLOT_SEQ), __ATOMIC_ACQUIRE);
-            vram = __atomic_load_n((unsigned long long *)m->slot, __ATOMIC_RELAXED);
-            len = __atomic_load_n((unsigned *)(m->slot + SLOT_LEN_WORD), __ATOMIC_RELAXED);
-        } else {
-            vram = __atomic_load_n((unsigned long long *)m->slot, __ATOMIC_RELAXED);
-            len = __atomic_load_n((unsigned *)(m->slot + SLOT_LEN_WORD), __ATOMIC_RELAXED);
+        unsigned long long word;
+        if (!m->acquire) {
+            /* A plain load orders nothing after it: the job's data may be
+             * read before the word that says it is there. */
+            snapshot(sm, m, LANDING_MAX, sizeof sm->rows, !m->fresh && cached);
             pause_us(sm, idle < SPINS ? 2 : 20);
-            seq = __atomic_load_n((unsigned *)(m->slot + SLOT_SEQ), __ATOMIC_RELAXED);
         }
+        word = __atomic_load_n((unsigned long long *)m->slot, m->acquire ? __ATOMIC_ACQUIRE : __ATOMIC_RELAXED);
+        unsigned seq = JOB_SEQ(word);
         if (seq == m->last) {
             if (++idle > SPINS) pause_us(sm, 20);
             pthread_mutex_lock(&lock);
             continue;
         }
         idle = 0;
-        unsigned n = len & 0x7fffffff;
-        if (len >> 31 && !(len & SLOT_LISTED) && n <= LANDING_MAX) {
-            if (!m->fresh && cached) {
-                /* L1 still holds the landing buffer's first lines */
-            } else {
-                memcpy(data, m->landing, n);
-                cached = 1;
-            }
+        unsigned n = (unsigned)(word >> 10) & 0x1fff, listed = (unsigned)(word >> 9) & 1;
+        unsigned len = (listed ? n | SLOT_LISTED : n * 16) | (unsigned)(word >> 8 & 1) << 31;
+        unsigned long long vram = m->base + (word >> 23) * 16;
+        if (m->acquire) {   /* too long a job faults below; read no more than there is */
+            size_t bytes = listed ? 0 : n * 16, rows = listed ? n * SLOT_ROW : 0;
+            snapshot(sm, m, bytes < LANDING_MAX ? bytes : LANDING_MAX, rows < sizeof sm->rows ? rows : sizeof sm->rows,
+                     !m->fresh && cached);
         }
+        cached = 1;
         pause_us(sm, 5);
         pthread_mutex_lock(&lock);
         if (++jobs_seen == stall_job) {   /* FAKE_CUDA_MAILBOX_STALL: not scheduled for a while */
