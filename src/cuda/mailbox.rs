@@ -30,7 +30,7 @@ use super::{Context, CopyBatch, DeviceMem, Error, Pinned, Stream};
 /// with a system-scope acquire, which orders every later read (a write's
 /// data in the landing buffer, a list's rows) after it; the job's parts
 /// in separate words would cost one more dependent read over PCIe (a 4
-/// KiB read at queue depth 1 went 12-15 % slower that way on an H200),
+/// KiB read at queue depth 1 went 13-16 % slower that way on an H200),
 /// and a vector load of them has no single-copy atomicity in the PTX
 /// memory model, so it could pair a new sequence with an old address. The
 /// block copies 16 bytes per thread per step between VRAM and the landing
