@@ -21,7 +21,7 @@ use std::time::Duration;
 use crate::cli::Addr;
 use crate::fail::{Code, Failure};
 use crate::info;
-use crate::nbd::bindings as sys;
+use crate::uapi as sys;
 use client::{Conn, Shown};
 use engine::{Bufs, Spec, Stop, BLOCK};
 

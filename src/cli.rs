@@ -4,7 +4,7 @@
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 
-use crate::store::check_size;
+use crate::store::{check_size, StoreKind, StoreOpts};
 
 pub const HELP: &str = "\
 nbd-vram: idle NVIDIA GPU memory as a Linux swap tier, through /dev/nbdN
@@ -83,32 +83,6 @@ EXIT CODES
   7  permission denied (run as root, or with CAP_SYS_ADMIN)
   8  swap failure (swapon or swapoff refused)
 ";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StoreKind {
-    Host,
-    Vram,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoreOpts {
-    pub kind: StoreKind,
-    pub size: u64,
-    pub gpu: u32,
-    pub step: u64,
-    pub min_size: u64,
-    pub libcuda: Option<PathBuf>,
-}
-
-impl StoreOpts {
-    /// For logs and `status`: `vram (GPU 0)` or `host`.
-    pub fn describe(&self) -> String {
-        match self.kind {
-            StoreKind::Vram => format!("vram (GPU {})", self.gpu),
-            StoreKind::Host => "host".into(),
-        }
-    }
-}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Addr {

@@ -20,7 +20,7 @@ use crate::cli::SwapOpts;
 use crate::fail::{Code, Failure};
 use crate::nbd::kernel::{self, NbdDevice, OpenError};
 use crate::nbd::proto::Export;
-use crate::nbd::serve::{self, Buffers};
+use crate::nbd::transmit::{self, Buffers};
 use crate::signals::{Signals, STOP, WAKE};
 use crate::stats::Stats;
 use crate::status::{self, Instance};
@@ -78,7 +78,7 @@ fn run<S: Store>(opts: &SwapOpts, store: &mut S) -> Result<(), Failure> {
         });
         let mut conn = &ours;
         pressure::realtime();
-        let served = serve::transmit(store, &mut bufs, &export, &stats, &mut conn);
+        let served = transmit::run(store, &mut bufs, &export, &stats, &mut conn);
         // The kernel sees end of stream only when every descriptor of our
         // end is shut, the kernel thread's copy included.
         let _ = ours.shutdown(std::net::Shutdown::Both);

@@ -6,8 +6,7 @@ mod cli;
 mod cuda;
 mod daemon;
 mod fail;
-mod gpu;
-mod listen;
+mod gpus;
 mod log;
 mod nbd;
 mod notify;
@@ -17,9 +16,11 @@ mod signals;
 mod sock;
 mod stats;
 mod status;
+mod serve;
 mod stop;
 mod store;
 mod swap;
+mod uapi;
 
 use std::process::ExitCode;
 
@@ -55,10 +56,10 @@ fn run(command: Command) -> Result<(), Failure> {
         Command::Help => print!("{}", cli::HELP),
         Command::Version => println!("nbd-vram {}", env!("CARGO_PKG_VERSION")),
         Command::Serve { store, listen, allow_remote } => {
-            store::with_store(&store, listen::Serve { addr: &listen, store: &store, allow_remote })?
+            store::with_store(&store, serve::Serve { addr: &listen, store: &store, allow_remote })?
         }
         Command::Swap(opts) => store::with_store(&opts.store, daemon::Daemon(&opts))?,
-        Command::Gpus { libcuda } => gpu::list(libcuda.as_deref())?,
+        Command::Gpus { libcuda } => gpus::list(libcuda.as_deref())?,
         Command::Stop { device } => stop::stop(&device)?,
         Command::Bench { servers, sweep: true, seconds, svg, .. } => bench::sweep(&servers, seconds, svg.as_deref())?,
         Command::Bench { servers, verify: true, .. } => bench::verify(&servers[0].0, 0x6e62_642d_7672_616d)?,

@@ -4,7 +4,7 @@
 use std::io;
 
 use crate::fail::Failure;
-use crate::nbd::bindings as uapi;
+use crate::uapi;
 use crate::{info, warn};
 
 /// Call after every buffer is allocated and before serving; threads

@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-use crate::nbd::bindings as sys;
+use crate::uapi as sys;
 
 #[derive(Default)]
 pub struct Stats {

@@ -9,7 +9,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
-use crate::nbd::bindings as uapi;
+use crate::uapi;
 
 pub const PAGE: usize = 4096;
 const LABEL: &[u8] = b"nbd-vram";

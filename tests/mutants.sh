@@ -17,7 +17,7 @@ export CARGO_TARGET_DIR="$top/target/mutants"
 mutants() {
 	cat <<'EOF'
 mask-after-init	src/main.rs	(?s)    if matches!\(parsed\.command, Command::Serve \{ \.\. \} \| Command::Swap\(_\)\) \{\n        signals::Signals::block\(\);\n    \}\n	
-mask-after-init	src/listen.rs	let signals = Signals::taken\(\);	let signals = Signals::block();
+mask-after-init	src/serve.rs	let signals = Signals::taken\(\);	let signals = Signals::block();
 mask-after-init	src/daemon.rs	let signals = Signals::taken\(\);	let signals = Signals::block();
 no-release	src/cuda/mailbox.rs	\tst\.release\.sys\.global\.u32 \[%rd1\+64\]	\tst.volatile.global.u32 [%rd1+64]
 no-acquire	src/cuda/mailbox.rs	\tld\.acquire\.sys\.global\.u64 %rd4	\tld.volatile.global.u64 %rd4

@@ -16,7 +16,7 @@ use std::io::{self, IoSlice, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::time::{Duration, Instant};
 
-use crate::nbd::bindings as sys;
+use crate::uapi as sys;
 use crate::nbd::proto::{Request, REPLY_LEN, REQUEST_LEN};
 
 /// The unit of placement and of data checks.

@@ -13,7 +13,7 @@ use super::client::{self, Conn, Shown};
 use super::engine::request;
 use crate::cli::Addr;
 use crate::fail::{Code, Failure};
-use crate::nbd::bindings as sys;
+use crate::uapi as sys;
 use crate::nbd::proto::REPLY_LEN;
 
 const CHUNK: u64 = 4 << 20;

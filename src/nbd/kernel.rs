@@ -6,7 +6,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use super::bindings as sys;
+use crate::uapi as sys;
 
 /// An open /dev/nbdN. Ioctls take `&self`: `do_it` blocks in one thread
 /// while another calls `disconnect`, as the kernel intends.

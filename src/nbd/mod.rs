@@ -1,7 +1,6 @@
 //! The NBD protocol: wire format, the transmission loop, and the kernel side.
 
-pub mod bindings;
 pub mod kernel;
 mod poll;
 pub mod proto;
-pub mod serve;
+pub mod transmit;

@@ -7,7 +7,7 @@
 
 use std::io::{self, Read, Write};
 
-use super::bindings as sys;
+use crate::uapi as sys;
 
 pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
 pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054;

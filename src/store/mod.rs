@@ -1,19 +1,45 @@
 //! The block store behind an export: a fixed number of bytes, addressed by
 //! byte offset. The protocol never knows what holds them (host RAM, VRAM).
 
+pub mod gpu;
 mod host;
 mod neighbours;
 mod vram;
 
 use std::io;
 use std::ops::DerefMut;
+use std::path::PathBuf;
 
-use crate::cli::{StoreKind, StoreOpts};
 use crate::fail::Failure;
-use crate::gpu;
 
 pub use host::HostStore;
 pub use vram::{AllocError, VramStore};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    Host,
+    Vram,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreOpts {
+    pub kind: StoreKind,
+    pub size: u64,
+    pub gpu: u32,
+    pub step: u64,
+    pub min_size: u64,
+    pub libcuda: Option<PathBuf>,
+}
+
+impl StoreOpts {
+    /// For logs and `status`: `vram (GPU 0)` or `host`.
+    pub fn describe(&self) -> String {
+        match self.kind {
+            StoreKind::Vram => format!("vram (GPU {})", self.gpu),
+            StoreKind::Host => "host".into(),
+        }
+    }
+}
 
 /// A fixed-size byte store. Callers check ranges against `size()` first.
 ///

@@ -97,7 +97,7 @@ fn mixed_requests_cut_anywhere_match_the_model() {
         let mut bufs = Buffers::new(&mut store).unwrap();
         bufs.poll = Poll::new(spin);
         let stats = Stats::default();
-        let end = transmit(&mut store, &mut bufs, &Export::new(SIZE), &stats, &mut ours).unwrap();
+        let end = run(&mut store, &mut bufs, &Export::new(SIZE), &stats, &mut ours).unwrap();
         assert_eq!(end, End::Disconnect);
         send.join().unwrap();
         receive.join().unwrap();
@@ -125,7 +125,7 @@ fn a_read_gets_the_bytes_before_a_later_change_in_its_batch() {
 
     let mut store = HostStore::new(SIZE).unwrap();
     let mut bufs = Buffers::new(&mut store).unwrap();
-    let end = transmit(&mut store, &mut bufs, &Export::new(SIZE), &Stats::default(), &mut ours).unwrap();
+    let end = run(&mut store, &mut bufs, &Export::new(SIZE), &Stats::default(), &mut ours).unwrap();
     assert_eq!(end, End::Disconnect);
     let mut expect = |cookie: u8, data: Option<u8>| {
         let mut head = [0u8; REPLY_LEN];

@@ -11,13 +11,14 @@ use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::cli::{self, Addr, StoreOpts};
+use crate::cli::{self, Addr};
+use crate::store::StoreOpts;
 use crate::signals::{Signals, STOP};
 use crate::sock::{set_recv_timeout, set_send_timeout};
 use crate::status::{self, Instance};
 use crate::fail::{Code, Failure};
 use crate::nbd::proto::{self, Export, Negotiated};
-use crate::nbd::serve::{self, Buffers};
+use crate::nbd::transmit::{self, Buffers};
 use crate::stats::Stats;
 use crate::store::{Store, UseStore};
 use crate::{info, pressure, warn};
@@ -121,7 +122,7 @@ where
         Err(e) => return warn!("handshake failed: {e}"),
     }
     let then = stats.snapshot();
-    match serve::transmit(store, bufs, export, stats, conn) {
+    match transmit::run(store, bufs, export, stats, conn) {
         Ok(end) => info!("client done ({end:?}): {}", stats.since(&then)),
         Err(e) => warn!("connection dropped: {e}; {}", stats.since(&then)),
     }

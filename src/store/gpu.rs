@@ -1,12 +1,12 @@
-//! Opening a GPU for nbd-vram: which libcuda, which device, and start-up
-//! failures turned into messages that say what to do.
+//! Opening a GPU store: which libcuda, which device, the allocation with
+//! its fallback, and start-up failures turned into messages that say what
+//! to do.
 
 use std::path::Path;
 
-use crate::cli::StoreOpts;
 use crate::cuda::{self, Context, Cuda, InitError, LoadError};
 use crate::fail::{Code, Failure};
-use crate::store::{AllocError, VramStore};
+use super::{AllocError, StoreOpts, VramStore};
 
 const MIB: u64 = 1 << 20;
 
@@ -47,7 +47,7 @@ fn init_failure(e: InitError) -> Failure {
     Failure::new(Code::Cuda, msg)
 }
 
-fn cuda_failure(e: cuda::Error) -> Failure {
+pub fn cuda_failure(e: cuda::Error) -> Failure {
     Failure::new(Code::Cuda, e.to_string())
 }
 
@@ -77,22 +77,4 @@ pub fn allocate<'c>(ctx: &'c Context, opts: &StoreOpts) -> Result<VramStore<'c>,
             ),
         ),
     })
-}
-
-/// `nbd-vram gpus`: index, name, total and free memory.
-pub fn list(libcuda: Option<&Path>) -> Result<(), Failure> {
-    let cuda = init(libcuda)?;
-    let count = cuda.device_count().map_err(cuda_failure)?;
-    let version = cuda.driver_version().map_err(cuda_failure)?;
-    println!("CUDA driver {}.{}, {count} GPU(s)", version / 1000, version % 1000 / 10);
-    println!("{:>3}  {:<40} {:>10} {:>10}", "GPU", "NAME", "TOTAL MiB", "FREE MiB");
-    for i in 0..count as u32 {
-        let device = cuda.device(i).map_err(cuda_failure)?;
-        let ctx = device.context().map_err(cuda_failure)?;
-        let (free, _) = ctx.mem_info().map_err(cuda_failure)?;
-        let total = device.total_mem().map_err(cuda_failure)?;
-        let name = device.name().map_err(cuda_failure)?;
-        println!("{i:>3}  {name:<40} {:>10} {:>10}", total / MIB, free / MIB);
-    }
-    Ok(())
 }

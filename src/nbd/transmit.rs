@@ -27,7 +27,7 @@ use std::ops::Range;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::time::Instant;
 
-use super::bindings as sys;
+use crate::uapi as sys;
 use super::proto::{self, Export, Request, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, MAX_PAYLOAD, REPLY_LEN, REQUEST_LEN};
 use super::poll::Poll;
 use crate::sock::{queued, recv_nowait};
@@ -177,7 +177,7 @@ enum Got {
 /// Serves one negotiated connection until the client disconnects.
 /// `Err` means a broken stream (bad magic, truncated request, socket error):
 /// the caller drops the connection, the store is intact and synced.
-pub fn transmit<S, T>(store: &mut S, bufs: &mut Buffers<S::Buf>, export: &Export, stats: &Stats, conn: &mut T) -> io::Result<End>
+pub fn run<S, T>(store: &mut S, bufs: &mut Buffers<S::Buf>, export: &Export, stats: &Stats, conn: &mut T) -> io::Result<End>
 where
     S: Store,
     T: Read + Write + AsFd,
@@ -742,5 +742,5 @@ fn truncated(e: io::Error) -> io::Error {
 }
 
 #[cfg(test)]
-#[path = "serve_tests.rs"]
+#[path = "transmit_tests.rs"]
 mod tests;

@@ -1,4 +1,0 @@
-//! The kernel UAPI of `wrapper.h` (`<linux/nbd.h>`, swap flags, prctl) as
-//! bindgen generated it (never edited).
-#![allow(dead_code, non_camel_case_types, non_upper_case_globals)]
-include!(concat!(env!("OUT_DIR"), "/nbd_bindings.rs"));
