@@ -26,6 +26,7 @@ use crate::stats::Stats;
 use crate::status::{self, Instance};
 use crate::store::{Store, UseStore};
 use crate::swap::Outcome;
+use crate::tuning::Tuning;
 use crate::{error, info, notify, pressure, swap, warn};
 
 /// How often a refused swapoff is tried again.
@@ -33,15 +34,15 @@ const SWAPOFF_RETRY: Duration = Duration::from_secs(10);
 /// Helper threads do little: small, locked stacks.
 const STACK: usize = 256 * 1024;
 
-pub struct Daemon<'a>(pub &'a SwapOpts);
+pub struct Daemon<'a>(pub &'a SwapOpts, pub &'a Tuning);
 
 impl UseStore for Daemon<'_> {
     fn run<S: Store>(self, store: &mut S) -> Result<(), Failure> {
-        run(self.0, store)
+        run(self.0, self.1, store)
     }
 }
 
-fn run<S: Store>(opts: &SwapOpts, store: &mut S) -> Result<(), Failure> {
+fn run<S: Store>(opts: &SwapOpts, tuning: &Tuning, store: &mut S) -> Result<(), Failure> {
     let signals = Signals::taken();
     let export = Export::new(store.size());
     if opts.swap {
@@ -49,7 +50,7 @@ fn run<S: Store>(opts: &SwapOpts, store: &mut S) -> Result<(), Failure> {
         let header = swap::header(store.size()).map_err(|e| Failure::new(Code::Usage, format!("--size: {e}")))?;
         store.write(0, &header).and_then(|()| store.sync()).map_err(|e| Failure::os("writing the swap header", e))?;
     }
-    let mut bufs = Buffers::new(store).map_err(|e| Failure::os("allocating staging buffers", e))?;
+    let mut bufs = Buffers::new(store, tuning).map_err(|e| Failure::os("allocating staging buffers", e))?;
     let (ours, theirs) = UnixStream::pair().map_err(|e| Failure::os("socketpair", e))?;
     let theirs = OwnedFd::from(theirs);
     let dev = attach(opts, &export, &theirs)?;

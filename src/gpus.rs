@@ -4,12 +4,13 @@ use std::path::Path;
 
 use crate::fail::Failure;
 use crate::store::gpu::{cuda_failure, init};
+use crate::tuning::Tuning;
 
 const MIB: u64 = 1 << 20;
 
 /// `nbd-vram gpus`: index, name, total and free memory.
-pub fn list(libcuda: Option<&Path>) -> Result<(), Failure> {
-    let cuda = init(libcuda)?;
+pub fn list(libcuda: Option<&Path>, tuning: &Tuning) -> Result<(), Failure> {
+    let cuda = init(libcuda, tuning)?;
     let count = cuda.device_count().map_err(cuda_failure)?;
     let version = cuda.driver_version().map_err(cuda_failure)?;
     println!("CUDA driver {}.{}, {count} GPU(s)", version / 1000, version % 1000 / 10);

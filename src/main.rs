@@ -20,6 +20,7 @@ mod serve;
 mod stop;
 mod store;
 mod swap;
+mod tuning;
 mod uapi;
 
 use std::process::ExitCode;
@@ -42,7 +43,15 @@ fn main() -> ExitCode {
         signals::Signals::block();
     }
     log::init(parsed.log_level);
-    match run(parsed.command) {
+    let tuning = match tuning::Tuning::from_env() {
+        Ok(t) => t,
+        Err(msg) => {
+            error!("{msg}");
+            return ExitCode::from(Code::Usage as u8);
+        }
+    };
+    tuning.log();
+    match run(parsed.command, &tuning) {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
             error!("{f}");
@@ -51,15 +60,15 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(command: Command) -> Result<(), Failure> {
+fn run(command: Command, tuning: &tuning::Tuning) -> Result<(), Failure> {
     match command {
         Command::Help => print!("{}", cli::HELP),
         Command::Version => println!("nbd-vram {}", env!("CARGO_PKG_VERSION")),
         Command::Serve { store, listen, allow_remote } => {
-            store::with_store(&store, serve::Serve { addr: &listen, store: &store, allow_remote })?
+            store::with_store(&store, tuning, serve::Serve { addr: &listen, store: &store, allow_remote, tuning })?
         }
-        Command::Swap(opts) => store::with_store(&opts.store, daemon::Daemon(&opts))?,
-        Command::Gpus { libcuda } => gpus::list(libcuda.as_deref())?,
+        Command::Swap(opts) => store::with_store(&opts.store, tuning, daemon::Daemon(&opts, tuning))?,
+        Command::Gpus { libcuda } => gpus::list(libcuda.as_deref(), tuning)?,
         Command::Stop { device } => stop::stop(&device)?,
         Command::Bench { servers, sweep: true, seconds, svg, .. } => bench::sweep(&servers, seconds, svg.as_deref())?,
         Command::Bench { servers, verify: true, .. } => bench::verify(&servers[0].0, 0x6e62_642d_7672_616d)?,

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use crate::cli::{self, Addr};
 use crate::store::StoreOpts;
+use crate::tuning::Tuning;
 use crate::signals::{Signals, STOP};
 use crate::sock::{set_recv_timeout, set_send_timeout};
 use crate::status::{self, Instance};
@@ -31,6 +32,7 @@ pub struct Serve<'a> {
     pub store: &'a StoreOpts,
     /// tcp: may listen beyond loopback (`--allow-remote`).
     pub allow_remote: bool,
+    pub tuning: &'a Tuning,
 }
 
 impl UseStore for Serve<'_> {
@@ -42,7 +44,7 @@ impl UseStore for Serve<'_> {
 fn serve<S: Store>(store: &mut S, how: &Serve) -> Result<(), Failure> {
     let signals = Signals::taken();
     let export = Export::new(store.size());
-    let mut bufs = Buffers::new(store).map_err(|e| Failure::os("allocating staging buffers", e))?;
+    let mut bufs = Buffers::new(store, how.tuning).map_err(|e| Failure::os("allocating staging buffers", e))?;
     // Shared with the status thread, which may outlive this frame at exit.
     let stats: &'static Stats = Box::leak(Box::default());
     // A served device may be someone's swap (nbd-client): same measures.

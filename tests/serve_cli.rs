@@ -202,3 +202,20 @@ fn journal_lines_carry_priorities() {
     assert!(last.starts_with("<3>") && last.contains("/nonexistent-dir/s"), "{}", out.stderr);
     assert!(!out.stderr.contains("nbd-vram: "), "{}", out.stderr);
 }
+
+/// Environment knobs are checked before anything starts: a bad value
+/// exits 2 naming it, where it once fell back to a default unsaid; good
+/// ones are logged once with `--verbose`.
+#[test]
+fn a_bad_environment_knob_exits_2_and_verbose_logs_the_settings() {
+    let dir = TempDir::new();
+    let listen = format!("unix:{}", dir.path("sock").display());
+    let args = ["serve", "--listen", &listen, "--store", "host", "--size", "1"];
+    for (knob, value, says) in [("NBD_VRAM_GROUP", "eight", "give a whole number from 0 to 16"), ("NBD_VRAM_AHEAD", "no", "give 0 or 1")] {
+        let out = run(Command::new(BIN).args(args).env(knob, value), Duration::from_secs(30));
+        assert_fails(&out, 2, &[&format!("{knob}={value}: {says}")]);
+        assert!(!dir.path("sock").exists(), "it listened before checking {knob}");
+    }
+    let out = run(Command::new(BIN).args(["gpus", "-v", "--libcuda", "/nonexistent/libcuda.so.1"]).env("NBD_VRAM_GROUP", "4"), Duration::from_secs(30));
+    assert!(out.stderr.contains("settings: Tuning {") && out.stderr.contains("group: 4"), "{}", out.stderr);
+}

@@ -39,12 +39,11 @@ impl Poll {
         Poll { spin, misses: 0, paused: 0 }
     }
 
-    /// `NBD_VRAM_SPIN` (µs), else `SPIN`; never with one CPU.
-    pub fn from_env() -> Poll {
-        let us = std::env::var("NBD_VRAM_SPIN").ok().and_then(|v| v.parse().ok());
-        Poll::new(match us {
+    /// Polls for `spin` (`NBD_VRAM_SPIN`), else `SPIN`; never with one CPU.
+    pub fn with(spin: Option<Duration>) -> Poll {
+        Poll::new(match spin {
             _ if crate::pressure::cpus_online() < 2 => Duration::ZERO,
-            Some(us) => Duration::from_micros(us),
+            Some(spin) => spin,
             None => SPIN,
         })
     }

@@ -33,6 +33,7 @@ use super::poll::Poll;
 use crate::sock::{queued, recv_nowait};
 use crate::stats::{Phases, Stats};
 use crate::store::Store;
+use crate::tuning::Tuning;
 
 /// Requests in a batch at most. Fewer replies per burst keep the client's
 /// queue fuller, and 16 still leaves the copy kernel 8 or more copies per
@@ -69,13 +70,6 @@ pub enum End {
     Closed,
 }
 
-/// Replies that wait for the store, per fence, unless `NBD_VRAM_GROUP`
-/// says otherwise (0: one fence per batch). Fewer fences make bigger
-/// batched copies and fewer driver calls; more let the first replies leave
-/// sooner. A whole batch: on an H200 (BENCHMARKS.md, "Fifteenth run"),
-/// 4 KiB QD32 reads went 11 % faster than with 8 in both passes, and with
-/// 4 they lost half; larger requests never fill a group.
-const GROUP: usize = MAX_BATCH;
 
 /// One answered request of a batch.
 #[derive(Clone)]
@@ -142,10 +136,10 @@ pub struct Buffers<B> {
 }
 
 impl<B: std::ops::DerefMut<Target = [u8]>> Buffers<B> {
-    pub fn new<S: Store<Buf = B>>(store: &mut S) -> io::Result<Buffers<B>> {
+    pub fn new<S: Store<Buf = B>>(store: &mut S, tuning: &Tuning) -> io::Result<Buffers<B>> {
         const { assert!(2 * MAX_BATCH <= crate::store::FENCES, "a fence per slot of two batches at most") };
+        const { assert!(MAX_BATCH == crate::tuning::GROUP_MAX, "NBD_VRAM_GROUP goes up to a whole batch") };
         let empty = Slot { reply: [0; REPLY_LEN], data: 0..0, in_store: false, queued: false, waits: false };
-        let group = std::env::var("NBD_VRAM_GROUP").ok().and_then(|v| v.parse().ok()).unwrap_or(GROUP);
         Ok(Buffers {
             staging: store.staging(MAX_PAYLOAD as usize)?,
             ring: 0,
@@ -157,12 +151,12 @@ impl<B: std::ops::DerefMut<Target = [u8]>> Buffers<B> {
             heads: vec![0u8; REPLY_LEN * 2 * MAX_BATCH].into_boxed_slice(),
             groups: vec![(0, None); 2 * MAX_BATCH].into_boxed_slice(),
             ngroups: 0,
-            group,
+            group: tuning.group,
             held: 0,
             held_groups: 0,
-            ahead: std::env::var("NBD_VRAM_AHEAD").map_or(true, |v| v != "0"),
-            early: std::env::var("NBD_VRAM_EARLY_HEADER").map_or(true, |v| v != "0"),
-            poll: Poll::from_env(),
+            ahead: tuning.ahead,
+            early: tuning.early_header,
+            poll: Poll::with(tuning.spin),
             lost: false,
         })
     }

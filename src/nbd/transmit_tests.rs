@@ -94,7 +94,7 @@ fn mixed_requests_cut_anywhere_match_the_model() {
         // A wrong read ends the receiver: the server must then fail, not hang.
         ours.set_write_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
         let mut store = HostStore::new(SIZE).unwrap();
-        let mut bufs = Buffers::new(&mut store).unwrap();
+        let mut bufs = Buffers::new(&mut store, &crate::tuning::Tuning::default()).unwrap();
         bufs.poll = Poll::new(spin);
         let stats = Stats::default();
         let end = run(&mut store, &mut bufs, &Export::new(SIZE), &stats, &mut ours).unwrap();
@@ -124,7 +124,7 @@ fn a_read_gets_the_bytes_before_a_later_change_in_its_batch() {
     theirs.write_all(&wire).unwrap(); // all queued: one batch, if nothing splits it
 
     let mut store = HostStore::new(SIZE).unwrap();
-    let mut bufs = Buffers::new(&mut store).unwrap();
+    let mut bufs = Buffers::new(&mut store, &crate::tuning::Tuning::default()).unwrap();
     let end = run(&mut store, &mut bufs, &Export::new(SIZE), &Stats::default(), &mut ours).unwrap();
     assert_eq!(end, End::Disconnect);
     let mut expect = |cookie: u8, data: Option<u8>| {

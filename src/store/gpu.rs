@@ -7,17 +7,14 @@ use std::path::Path;
 use crate::cuda::{self, Context, Cuda, InitError, LoadError};
 use crate::fail::{Code, Failure};
 use super::{AllocError, StoreOpts, VramStore};
+use crate::tuning::Tuning;
 
 const MIB: u64 = 1 << 20;
 
-/// `--libcuda`, else `NBD_VRAM_LIBCUDA`, else the default names.
-fn library(flag: Option<&Path>) -> Option<String> {
-    flag.map(|p| p.display().to_string())
-        .or_else(|| std::env::var("NBD_VRAM_LIBCUDA").ok().filter(|v| !v.is_empty()))
-}
-
-pub fn init(libcuda: Option<&Path>) -> Result<Cuda, Failure> {
-    Cuda::init(library(libcuda).as_deref()).map_err(init_failure)
+/// Loads `--libcuda`, else `NBD_VRAM_LIBCUDA`, else the default names.
+pub fn init(libcuda: Option<&Path>, tuning: &Tuning) -> Result<Cuda, Failure> {
+    let library = libcuda.map(|p| p.display().to_string()).or_else(|| tuning.libcuda.clone());
+    Cuda::init(library.as_deref()).map_err(init_failure)
 }
 
 fn init_failure(e: InitError) -> Failure {
@@ -65,8 +62,8 @@ pub fn open(cuda: &Cuda, gpu: u32) -> Result<Context, Failure> {
 }
 
 /// Allocates the store with the fallback of `--step` and `--min-size`.
-pub fn allocate<'c>(ctx: &'c Context, opts: &StoreOpts) -> Result<VramStore<'c>, Failure> {
-    VramStore::allocate(ctx, opts.size, opts.step, opts.min_size).map_err(|e| match e {
+pub fn allocate<'c>(ctx: &'c Context, opts: &StoreOpts, tuning: &Tuning) -> Result<VramStore<'c>, Failure> {
+    VramStore::allocate(ctx, opts.size, opts.step, opts.min_size, tuning).map_err(|e| match e {
         AllocError::Cuda(e) => cuda_failure(e),
         AllocError::NoVram(n) => Failure::new(
             Code::NoVram,

@@ -11,6 +11,7 @@ use std::ops::DerefMut;
 use std::path::PathBuf;
 
 use crate::fail::Failure;
+use crate::tuning::Tuning;
 
 pub use host::HostStore;
 pub use vram::{AllocError, VramStore};
@@ -116,7 +117,7 @@ pub trait UseStore {
 
 /// Builds the store `opts` describe and hands it to `user`. A VRAM store
 /// borrows its CUDA context, which lives exactly as long as this call.
-pub fn with_store<U: UseStore>(opts: &StoreOpts, user: U) -> Result<(), Failure> {
+pub fn with_store<U: UseStore>(opts: &StoreOpts, tuning: &Tuning, user: U) -> Result<(), Failure> {
     match opts.kind {
         StoreKind::Host => {
             let mut store = HostStore::new(opts.size)
@@ -124,9 +125,9 @@ pub fn with_store<U: UseStore>(opts: &StoreOpts, user: U) -> Result<(), Failure>
             user.run(&mut store)
         }
         StoreKind::Vram => {
-            let cuda = gpu::init(opts.libcuda.as_deref())?;
+            let cuda = gpu::init(opts.libcuda.as_deref(), tuning)?;
             let ctx = gpu::open(&cuda, opts.gpu)?;
-            let mut store = gpu::allocate(&ctx, opts)?;
+            let mut store = gpu::allocate(&ctx, opts, tuning)?;
             user.run(&mut store)
         }
     }

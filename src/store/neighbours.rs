@@ -47,8 +47,9 @@ enum Seen {
 impl Neighbours {
     /// Looks once now, so that a process already there counts from the
     /// first request; call once the store holds all its memory.
-    pub fn new(ctx: &Context) -> Neighbours {
-        let ignored = std::env::var("NBD_VRAM_SHARED").is_ok_and(|v| v == "0");
+    /// `watch` false (`NBD_VRAM_SHARED=0`): the GPU is ours alone.
+    pub fn new(ctx: &Context, watch: bool) -> Neighbours {
+        let ignored = !watch;
         let bus = ctx.pci_bus_id().ok_or_else(|| "the CUDA driver gave no PCI address for the GPU".to_string());
         let watch = match bus.and_then(|bus| Nvml::open(&bus)) {
             Ok(nvml) => Watch::Listed(nvml),

@@ -7,6 +7,7 @@ use std::ops::Range;
 use super::neighbours::Neighbours;
 use super::{Store, FENCES};
 use crate::cuda::{Context, CopyBatch, DeviceMem, Error, Event, Mailbox, Mover, Pinned, Stream, CUDA_ERROR_OUT_OF_MEMORY};
+use crate::tuning::{MailboxUse, Tuning};
 use crate::{error, info, warn};
 
 const MIB: u64 = 1 << 20;
@@ -108,7 +109,7 @@ impl From<Error> for AllocError {
 impl<'c> VramStore<'c> {
     /// Allocates `want` bytes, or `step` less each time it cannot, down to
     /// `min`; logs each step and the size obtained.
-    pub fn allocate(ctx: &'c Context, want: u64, step: u64, min: u64) -> Result<VramStore<'c>, AllocError> {
+    pub fn allocate(ctx: &'c Context, want: u64, step: u64, min: u64, tuning: &Tuning) -> Result<VramStore<'c>, AllocError> {
         let mut size = want;
         loop {
             let (free, total) = ctx.mem_info()?;
@@ -116,7 +117,7 @@ impl<'c> VramStore<'c> {
                 if let Some((chunks, chunk_len)) = allocate_chunks(ctx, size)? {
                     info!("allocated {} MiB of VRAM in {} chunk(s); {} MiB of {} MiB were free", size / MIB, chunks.len(), free / MIB, total / MIB);
                     let stream = ctx.stream()?;
-                    let CopyPath { batched, mover, mailbox, lists } = copy_path(ctx, &stream, &chunks);
+                    let CopyPath { batched, mover, mailbox, lists } = copy_path(ctx, &stream, &chunks, tuning);
                     let batch = batched.then(|| Batch {
                         copies: CopyBatch::with_capacity(BATCH_PIECES),
                         writes: false,
@@ -142,7 +143,7 @@ impl<'c> VramStore<'c> {
                         issued: 0,
                         fenced: [0; FENCES],
                         done: 0,
-                        neighbours: Neighbours::new(ctx), // all our memory is taken by now
+                        neighbours: Neighbours::new(ctx, tuning.watch_neighbours), // all our memory is taken by now
                         zeros: ctx.pinned(ZEROS)?,
                     };
                     store.zeros.fill(0);
@@ -549,10 +550,9 @@ struct CopyPath<'c> {
     lists: bool,
 }
 
-fn copy_path<'c>(ctx: &'c Context, stream: &Stream, chunks: &[DeviceMem]) -> CopyPath<'c> {
-    let off = |var| std::env::var(var).is_ok_and(|v| v == "0");
-    let wanted = !off("NBD_VRAM_BATCH");
-    let mover = match (wanted && !off("NBD_VRAM_KERNEL")).then(|| ctx.mover()).flatten() {
+fn copy_path<'c>(ctx: &'c Context, stream: &Stream, chunks: &[DeviceMem], tuning: &Tuning) -> CopyPath<'c> {
+    let wanted = tuning.batch;
+    let mover = match (wanted && tuning.copy_kernel).then(|| ctx.mover()).flatten() {
         Some(Ok(mover)) => Some(mover),
         Some(Err(e)) => {
             warn!("the copy kernel did not load ({e}): small copies go through the copy engine");
@@ -567,9 +567,8 @@ fn copy_path<'c>(ctx: &'c Context, stream: &Stream, chunks: &[DeviceMem]) -> Cop
         None => info!("copies: {rest}"),
     }
     let batched = api || mover.is_some();
-    let mailbox_mode = std::env::var("NBD_VRAM_MAILBOX").unwrap_or_default();
-    let lists = mailbox_mode != "lone";
-    let mailbox = match (batched && mailbox_mode != "0").then(|| ctx.mailbox(chunks)).flatten() {
+    let lists = tuning.mailbox == MailboxUse::Lists;
+    let mailbox = match (batched && tuning.mailbox != MailboxUse::Off).then(|| ctx.mailbox(chunks)).flatten() {
         Some(Ok(mailbox)) => {
             let what = if lists { "lone ones and batches" } else { "lone ones" };
             info!("small copies back to back: by the mailbox kernel, {what}");
