@@ -34,6 +34,8 @@ test-vm: $(BIN)
 # nbd-vram serve --store host against nbdkit (memory) and qemu-nbd (/dev/shm
 # file) on unix sockets: bench table with ratios, nbdcopy cross-check, and a
 # request-size sweep plotted to target/bench/throughput.svg. About 3 minutes.
+# Raw output is not kept in the tree; the figures quoted, with command, date
+# and machine, are in docs/performance.md (docs/throughput.svg is one plot).
 bench: $(BIN)
 	sh tests/bench/compare.sh $(BIN)
 

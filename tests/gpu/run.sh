@@ -2,7 +2,8 @@
 # The real-GPU check, for the device machine (no Rust there: build here with
 # `make`, carry target/release/nbd-vram). Uses the driver's own libcuda.so.1.
 #   tests/gpu/run.sh [SIZE_MIB]          default 16384 (a 16 GiB store)
-# Prints every figure; tee it into BENCHMARKS.md's raw log.
+# Prints every figure. Raw logs are not kept in the tree: copy the figures
+# you quote, with the command, date and machine, into docs/performance.md.
 set -u
 B=${B:-target/release/nbd-vram}
 SIZE=${1:-16384}
@@ -122,15 +123,14 @@ bench_one() {
 # an older build benchmarked alongside; GROUP0=1 adds the VRAM store with
 # one fence per batch. vram-ab is the same build with the server
 # environment AB (default NBD_VRAM_MAILBOX=0: no mailbox kernel; AB= to
-# leave it out; AB=NBD_VRAM_KERNEL=0 is the vram-nokernel of the runs
-# before the ninth in BENCHMARKS.md).
+# leave it out; AB=NBD_VRAM_KERNEL=0 measures the copy kernel against the
+# copy engine alone, as in docs/performance.md, "Copy engine and copy kernel").
 mbps() { grep '^bench:' "$1" | sed 's/.*pattern=\([^ ]*\) mbps=\([^ ]*\).*/\1 \2/' | sort; }
 for r in $(seq "${ROUNDS:-1}"); do
 	# Which goes first alternates, so that place in the round cannot pass
 	# for the difference between them.
 	# The host store goes first in even rounds and last in odd ones, for
-	# the same reason (it went last in every round of the runs up to the
-	# eleventh in BENCHMARKS.md).
+	# the same reason.
 	AB=${AB-NBD_VRAM_MAILBOX=0}
 	[ $((r % 2)) = 0 ] && bench_one "host-$r" "$B" --store host --size "$SIZE"
 	[ -n "$AB" ] && [ $((r % 2)) = 0 ] && SERVER_ENV=$AB bench_one "vram-ab-$r" "$B" --size "$SIZE"
