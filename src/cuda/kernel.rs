@@ -1,6 +1,6 @@
 //! The copy kernel: one launch moves a whole batch of small pieces, where
 //! the copy engine spends about 2 µs on each (1.8 µs per 4 KiB write at
-//! QD32, H200, 2026-12-02: BENCHMARKS.md). It is PTX, which the driver compiles when it is loaded,
+//! QD32, H200, 2026-12-02: docs/performance.md, "Copy engine and copy kernel"). It is PTX, which the driver compiles when it is loaded,
 //! so building nbd-vram still needs no CUDA toolkit.
 
 use std::ffi::{c_uint, c_void};

@@ -4,7 +4,7 @@
 //! A lone 4 KiB read then costs no launch and no copy-engine hand-over:
 //! 3.4 µs against 7.0–8.0 µs for `cuMemcpyDtoHAsync` and
 //! `cuStreamSynchronize` (H200, 2026-12-02, tests/gpu/dtoh-probe.c,
-//! BENCHMARKS.md "Ninth run"); a lone write is handed over with a memcpy
+//! docs/performance.md, "The mailbox kernel"); a lone write is handed over with a memcpy
 //! and a store, where `cuMemcpyHtoDAsync` costs the CPU 2.1–2.6 µs. A list
 //! spares a batch the copy kernel's launch, event and wait.
 //!

@@ -325,7 +325,7 @@ impl Stream<'_> {
     /// The driver carries a small one in the compute engine's command
     /// stream, which takes turns with other processes' kernels, and a
     /// 2D copy of two rows or more on a copy engine, which does not: on an
-    /// H200 (BENCHMARKS.md, "Thirteenth run") lone 4 KiB writes cost a
+    /// H200 (docs/performance.md, "Sharing the GPU with another process") lone 4 KiB writes cost a
     /// co-tenant's kernels 87 % of their throughput and took 306 µs each,
     /// against nothing and 7.5 µs as two rows. So while `shared`, small
     /// copies of an even length go as two rows (alone they took 7.5 µs
@@ -496,7 +496,7 @@ impl Stream<'_> {
     /// all device → host), and empties it: by `mover` if given and every
     /// piece is small, else as one batched call. Both cost more than a few
     /// single copies (H100, 2026-11-25: a lone 4 KiB read took 11.5 µs by
-    /// kernel, 7.9 µs by copy engine; BENCHMARKS.md), so below `BATCH_MIN` copies they
+    /// kernel, 7.9 µs by copy engine; docs/performance.md, "Copy engine and copy kernel"), so below `BATCH_MIN` copies they
     /// go one by one; so do small writes while `shared` (see `htod`: a batch
     /// of them went through the compute engine too), and `mover`, a kernel,
     /// is not used then.

@@ -16,7 +16,7 @@ use crate::sock::{recv_wait, recv_within};
 /// VM, 2026-12-02, perf stat), and polling there gave +20–30 % per round,
 /// 10 to 100 µs alike. Between requests, one per batch: polling for the
 /// next request gave 4 KiB QD1 3.0–3.4× per round and 4 KiB QD8 1.6–2.3×
-/// (BENCHMARKS.md). The cost: up to this much CPU per wait that outlasts
+/// (docs/performance.md, "The host store and the serve loop"). The cost: up to this much CPU per wait that outlasts
 /// it, which the pause below bounds: 3.5–5.3 µs more per request with
 /// requests 50 µs to 1 ms apart (tests/bench/poll-cost.sh).
 pub const SPIN: Duration = Duration::from_micros(50);

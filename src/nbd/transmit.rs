@@ -45,7 +45,7 @@ pub const MAX_BATCH: usize = 16;
 /// it has no copies to amortise, and answering sooner keeps the client's
 /// queue full. Measured with host RAM in alternating runs: 8 requests
 /// against 64, 4 KiB QD32 +28–50 %; 64 KiB against no byte bound,
-/// sequential 128 KiB +7–29 % (BENCHMARKS.md, 2026-12-02).
+/// sequential 128 KiB +7–29 % (docs/performance.md, "The host store and the serve loop").
 const DONE_BATCH: usize = 8;
 const DONE_BYTES: usize = 64 * 1024;
 /// iovecs the kernel copies without allocating (`UIO_FASTIOV`, uio.h).
@@ -484,7 +484,7 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
     /// Sends the header of a lone read's reply while the store still copies
     /// its data, so that the client wakes up meanwhile: on an H200 this
     /// took a 4 KiB queue-depth-1 read from 18–20 µs to 13–14 µs
-    /// (BENCHMARKS.md, "Eleventh run"). The header says the read
+    /// (docs/performance.md, "Early reply header"). The header says the read
     /// succeeded, so if it then fails the connection must end; and none
     /// goes once the store is lost (by an earlier group's wait), as the read
     /// will answer EIO. Returns whether it was sent.
@@ -593,8 +593,8 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
     /// queued on the socket) may never arrive whole: the bytes it replaces
     /// are saved in staging as it arrives, and go back if the peer vanishes
     /// mid-payload. Against landing the payload in staging and copying it
-    /// over: sequential 128 KiB writes +11–25 % per round (BENCHMARKS.md,
-    /// 2026-12-02).
+    /// over: sequential 128 KiB writes +11–25 % per round (docs/performance.md,
+    /// "The host store and the serve loop").
     fn write_in_place(&mut self, req: &Request) -> io::Result<u32> {
         let len = req.len as usize;
         let have = self.available().min(len);
@@ -668,7 +668,7 @@ impl Landing<'_> {
     /// `take_payload`'s loop. The saving runs ahead while the socket is
     /// empty, so that it takes the time a wait for the peer would:
     /// sequential 1 MiB writes +15–24 % per round against saving all
-    /// first, the rest level (BENCHMARKS.md, 2026-12-02).
+    /// first, the rest level (docs/performance.md, "The host store and the serve loop").
     fn receive(&mut self, input: &[u8], start: &mut usize, conn: BorrowedFd, poll: &mut Poll, sleeping: &mut dyn FnMut()) -> io::Result<()> {
         let len = self.dst.len();
         let mut at = (input.len() - *start).min(len);

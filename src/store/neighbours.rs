@@ -4,7 +4,7 @@
 //! process's kernels: measured on an H200, a co-tenant kept 3 % of its
 //! throughput while the mailbox kernel ran and 13 % during lone 4 KiB
 //! writes, and nothing changed while only the copy engines ran
-//! (BENCHMARKS.md, "Twelfth run" and "Thirteenth run"). NVML lists the
+//! (docs/performance.md, "Sharing the GPU with another process"). NVML lists the
 //! processes on a GPU, those there before us included; without NVML, free
 //! memory tells of those that come later: a process that computes on the
 //! GPU holds some of it.
@@ -16,8 +16,8 @@ use crate::nvml::Nvml;
 use crate::{info, warn};
 
 /// How often to look: NVML's answer took 6–430 µs (H200, 2026-12-02), and
-/// looking once a second cost nothing measurable (BENCHMARKS.md,
-/// "Fourteenth run"); a newcomer meets our kernels for a second at most.
+/// looking once a second cost nothing measurable (docs/performance.md,
+/// "Sharing the GPU with another process"); a newcomer meets our kernels for a second at most.
 const RECHECK: Duration = Duration::from_secs(1);
 /// Less free memory than this below the mark is not a neighbour: room for
 /// the driver's own growth in our context.

@@ -4,9 +4,9 @@
 // Plain C against a dlopen'd libcuda, so it builds here without a CUDA toolkit and runs on the device machine:
 //   mkdir -p target/probe && gcc -O2 -o target/probe/dtoh-probe tests/gpu/dtoh-probe.c -ldl -lpthread
 //   (carry target/probe)  taskset -c 2 target/probe/dtoh-probe [GAP_US]
-// P (resident mailbox kernel) was added on a later lease: BENCHMARKS.md, "Ninth run".
+// P (resident mailbox kernel) was added later: docs/performance.md, "The mailbox kernel".
 // GAP_US (default 20) is the idle time before each request, as between
-// QD1 requests. Results: BENCHMARKS.md, "Eighth run".
+// QD1 requests. Results: docs/performance.md, "Copy engine and copy kernel".
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <stdint.h>

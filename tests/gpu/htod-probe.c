@@ -1,7 +1,7 @@
 // Co-tenant probe, not part of nbd-vram: which ways of copying one small
 // piece of host memory into VRAM leave another process's kernels alone.
 // Lone 4 KiB cuMemcpyHtoDAsync writes cost a co-tenant 87 % of its
-// throughput (BENCHMARKS.md, "Twelfth run") while lone DtoH reads cost it
+// throughput (docs/performance.md, "Sharing the GPU with another process") while lone DtoH reads cost it
 // nothing, which suggests the driver carries small HtoD copies on the
 // compute engine. Each way runs SECONDS, back to back (copy, then wait),
 // after a second of idle, and its start and end are stamped with the wall
@@ -113,7 +113,7 @@ int main(int argc, char **argv) {
 	pageable = malloc(1 << 20); memset(pageable, 1, 1 << 20); memset(pinned, 2, 1 << 20);
 	sleep(1); wall("start", "idle (no copies)"); sleep(s); wall("end  ", "idle (no copies)");
 	const char *only = argc > 2 ? argv[2] : "copies";
-	if (!strcmp(only, "copies")) { // the first lease's ways (BENCHMARKS.md, "Thirteenth run")
+	if (!strcmp(only, "copies")) { // the first ways measured (docs/performance.md, "Sharing the GPU with another process")
 		run("cuMemGetInfo", MEMINFO, 0, s);
 		run("HtoD pinned 4K", HTOD, 4096, s);
 		run("HtoD pinned 8K", HTOD, 8192, s);
