@@ -132,16 +132,63 @@ pub struct Parsed {
 
 const MIB: u64 = 1 << 20;
 
+/// What the first word asks for; none of these: the swap daemon.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Daemon,
+    Serve,
+    Gpus,
+    Stop,
+    Status,
+    Bench,
+}
+
+const MODES: [(&str, Mode); 5] =
+    [("serve", Mode::Serve), ("gpus", Mode::Gpus), ("stop", Mode::Stop), ("status", Mode::Status), ("bench", Mode::Bench)];
+
+impl Mode {
+    fn name(self) -> &'static str {
+        MODES.iter().find(|(_, m)| *m == self).map_or("the swap daemon", |(name, _)| name)
+    }
+}
+
+/// The modes each flag applies to; `--help`, `--version`, `--quiet` and
+/// `--verbose` apply to all. The HELP text above groups them the same way.
+const FLAGS: &[(&str, &[Mode])] = {
+    use Mode::*;
+    &[
+        ("--size", &[Daemon, Serve]),
+        ("--store", &[Daemon, Serve]),
+        ("--gpu", &[Daemon, Serve]),
+        ("--step", &[Daemon, Serve]),
+        ("--min-size", &[Daemon, Serve]),
+        ("--libcuda", &[Daemon, Serve, Gpus]),
+        ("--device", &[Daemon]),
+        ("--priority", &[Daemon]),
+        ("--timeout", &[Daemon]),
+        ("--discard", &[Daemon]),
+        ("--no-swap", &[Daemon]),
+        ("--listen", &[Serve]),
+        ("--allow-remote", &[Serve]),
+        ("--connect", &[Bench]),
+        ("--label", &[Bench]),
+        ("--sweep", &[Bench]),
+        ("--svg", &[Bench]),
+        ("--seconds", &[Bench]),
+        ("--verify", &[Bench]),
+        ("--json", &[Status]),
+    ]
+};
+
 /// Parses `args` (without the program name).
 pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed, String> {
     let mut args = args.into_iter().peekable();
-    let sub = match args.peek().map(String::as_str) {
-        Some(s @ ("serve" | "gpus" | "stop" | "status" | "bench")) => {
-            let s = s.to_string();
+    let mode = match args.peek().and_then(|word| MODES.iter().find(|(name, _)| name == word)) {
+        Some(&(_, mode)) => {
             args.next();
-            s
+            mode
         }
-        _ => String::new(),
+        None => Mode::Daemon,
     };
     let mut store = StoreOpts {
         kind: StoreKind::Vram,
@@ -166,22 +213,17 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed, String> 
         let mut value = |name: &str| -> Result<String, String> {
             inline.clone().or_else(|| args.next()).ok_or(format!("{name} needs a value (see nbd-vram --help)"))
         };
-        // Which modes take the flag: s store, d swap daemon, g gpus,
-        // l serve, b bench, t status.
-        let group = match flag.as_str() {
+        match flag.as_str() {
             "-h" | "--help" => return Ok(Parsed { command: Command::Help, log_level }),
             "-V" | "--version" => return Ok(Parsed { command: Command::Version, log_level }),
             "-q" | "--quiet" => {
                 log_level = crate::log::ERR;
-                ""
             }
             "-v" | "--verbose" => {
                 log_level = crate::log::DEBUG;
-                ""
             }
             "--size" => {
                 store.size = size(&flag, &value(&flag)?)?;
-                "sv"
             }
             "--store" => {
                 store.kind = match value(&flag)?.as_str() {
@@ -189,56 +231,43 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed, String> 
                     "host" => StoreKind::Host,
                     other => return Err(format!("--store {other}: expected vram or host")),
                 };
-                "sv"
             }
             "--gpu" => {
                 store.gpu = number(&flag, &value(&flag)?, 0, u32::MAX)?;
-                "sv"
             }
             "--step" => {
                 store.step = size(&flag, &value(&flag)?)?;
-                "sv"
             }
             "--min-size" => {
                 store.min_size = size(&flag, &value(&flag)?)?;
-                "sv"
             }
             "--libcuda" => {
                 store.libcuda = Some(PathBuf::from(value(&flag)?));
-                "svg"
             }
             "--device" => {
                 let v = value(&flag)?;
                 swap.device = if v == "auto" { None } else { Some(PathBuf::from(v)) };
-                "d"
             }
             "--priority" => {
                 swap.priority = number(&flag, &value(&flag)?, 0, 32767)?;
-                "d"
             }
             "--timeout" => {
                 swap.timeout = number(&flag, &value(&flag)?, 0, 86400)?;
-                "d"
             }
             "--discard" => {
                 swap.discard = true;
-                "d"
             }
             "--no-swap" => {
                 swap.swap = false;
-                "d"
             }
             "--listen" => {
                 listen = Some(addr(&value(&flag)?)?);
-                "l"
             }
             "--allow-remote" => {
                 allow_remote = true;
-                "l"
             }
             "--connect" => {
                 servers.push((addr(&value(&flag)?)?, None));
-                "b"
             }
             "--label" => {
                 let v = value(&flag)?;
@@ -246,53 +275,37 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed, String> 
                 if v.is_empty() || v.contains(char::is_whitespace) || last.1.replace(v).is_some() {
                     return Err("--label takes one word, once per --connect".into());
                 }
-                "b"
             }
             "--sweep" => {
                 sweep = true;
-                "b"
             }
             "--svg" => {
                 svg = Some(PathBuf::from(value(&flag)?));
-                "b"
             }
             "--seconds" => {
                 seconds = number(&flag, &value(&flag)?, 1, 3600)?;
-                "b"
             }
             "--verify" => {
                 verify = true;
-                "b"
             }
             "--json" => {
                 json = true;
-                "t"
             }
-            _ if !arg.starts_with('-') && sub == "stop" && positional.is_none() => {
-                positional = Some(PathBuf::from(&arg));
-                ""
-            }
+            _ if !arg.starts_with('-') && mode == Mode::Stop && positional.is_none() => positional = Some(PathBuf::from(&arg)),
             _ => return Err(format!("unknown argument '{arg}' (see nbd-vram --help)")),
-        };
-        let fits = match sub.as_str() {
-            "" => group.contains('s') || group.contains('d'),
-            "serve" => group.contains('s') || group == "l",
-            "gpus" => group.contains('g'),
-            "status" => group == "t",
-            "bench" => group == "b",
-            _ => false,
-        };
-        if !group.is_empty() && !fits {
-            let mode = if sub.is_empty() { "the swap daemon" } else { sub.as_str() };
-            return Err(format!("{flag} does not apply to {mode} (see nbd-vram --help)"));
+        }
+        if let Some((_, modes)) = FLAGS.iter().find(|(name, _)| *name == flag) {
+            if !modes.contains(&mode) {
+                return Err(format!("{flag} does not apply to {} (see nbd-vram --help)", mode.name()));
+            }
         }
     }
     if store.min_size > store.size {
         store.min_size = store.size;
     }
-    let command = match sub.as_str() {
-        "" => Command::Swap(SwapOpts { store, ..swap }),
-        "serve" => {
+    let command = match mode {
+        Mode::Daemon => Command::Swap(SwapOpts { store, ..swap }),
+        Mode::Serve => {
             let listen = listen.ok_or("serve needs --listen unix:PATH or --listen tcp:HOST:PORT")?;
             if let (Addr::Tcp(hostport), false) = (&listen, allow_remote) {
                 // Refused here, before any store is allocated; binding
@@ -304,10 +317,10 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed, String> 
             }
             Command::Serve { store, listen, allow_remote }
         }
-        "gpus" => Command::Gpus { libcuda: store.libcuda },
-        "stop" => Command::Stop { device: positional.ok_or("stop needs a device, e.g. nbd-vram stop /dev/nbd0")? },
-        "status" => Command::Status { json },
-        _ => {
+        Mode::Gpus => Command::Gpus { libcuda: store.libcuda },
+        Mode::Stop => Command::Stop { device: positional.ok_or("stop needs a device, e.g. nbd-vram stop /dev/nbd0")? },
+        Mode::Status => Command::Status { json },
+        Mode::Bench => {
             if servers.is_empty() {
                 return Err("bench needs --connect unix:PATH or --connect tcp:HOST:PORT".into());
             }
