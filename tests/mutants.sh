@@ -61,7 +61,7 @@ for name in $names; do
 		echo "mutant $name: caught by the compiler"; continue
 	fi
 	caught=""
-	for t in "--bin nbd-vram" "--test vram" "--test lifecycle"; do
+	for t in "--bin nbd-vram" "--test vram_start" "--test vram_copies" "--test vram_failures" "--test vram_mailbox" "--test vram_shared" "--test lifecycle"; do
 		# shellcheck disable=SC2086
 		timeout 600 cargo test --release -q $t >"$work/out" 2>&1 ||
 			caught="$caught $(grep -E '^    [a-z0-9_:]+$' "$work/out" | tr -d ' ' | tr '\n' ' ')"

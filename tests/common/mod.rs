@@ -47,7 +47,8 @@ impl Drop for TempDir {
     }
 }
 
-/// A running `nbd-vram serve --store host`; its stderr goes to `server.log`.
+/// A running `nbd-vram serve` (`--store host`, or VRAM on the fake CUDA
+/// driver through `fake_cuda_env::Serve`); its stderr goes to `server.log`.
 pub struct Server {
     pub child: Child,
     pub sock: PathBuf,
@@ -73,24 +74,25 @@ impl Server {
 
     /// As `start_listen`, with more serve flags.
     pub fn start_with(dir: TempDir, sock: PathBuf, listen: &str, size: u64, flags: &[&str]) -> Server {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["serve", "--listen", listen, "--store", "host", "--size", &format!("{}K", size / KIB)]).args(flags);
+        Server::spawn(cmd, dir, sock, size)
+    }
+
+    /// Starts `cmd`, an `nbd-vram serve` of `size` bytes, with its stderr in
+    /// `DIR/server.log`, and waits (up to 30 s) until it listens.
+    pub fn spawn(mut cmd: Command, dir: TempDir, sock: PathBuf, size: u64) -> Server {
         let log = fs::File::create(dir.path("server.log")).expect("creating server.log");
-        let child = Command::new(BIN)
-            .args(["serve", "--listen", listen, "--store", "host", "--size", &format!("{}K", size / KIB)])
-            .args(flags)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("starting nbd-vram serve");
+        let child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log).spawn().expect("starting nbd-vram serve");
         let mut server = Server { child, sock, size, dir };
-        // "serving N MiB on ADDR" is logged once the socket listens (earlier
-        // warnings may say "serving anyway").
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !server.log().contains("MiB on ") {
+        // "nbd-vram: serving N MiB on ADDR" is logged once the socket
+        // listens (not the "...: serving anyway" warnings before it).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !server.log().lines().any(|l| l.starts_with("nbd-vram: serving ") && l.contains(" MiB on ")) {
             if let Some(status) = server.child.try_wait().expect("try_wait") {
                 panic!("nbd-vram serve exited early ({status}):\n{}", server.log());
             }
-            assert!(Instant::now() < deadline, "nbd-vram serve did not start:\n{}", server.log());
+            assert!(Instant::now() < deadline, "nbd-vram serve did not start in 30 s:\n{}", server.log());
             thread::sleep(Duration::from_millis(10));
         }
         server
@@ -103,6 +105,12 @@ impl Server {
 
     pub fn log(&self) -> String {
         fs::read_to_string(self.dir.path("server.log")).unwrap_or_default()
+    }
+
+    /// What the fake CUDA driver logged (`FAKE_CUDA_LOG=DIR/cuda.log`), if
+    /// it serves VRAM from it.
+    pub fn cuda_log(&self) -> String {
+        fs::read_to_string(self.dir.path("cuda.log")).unwrap_or_default()
     }
 
     /// Panics (with the server's log) unless the process is still running.

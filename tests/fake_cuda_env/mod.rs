@@ -9,12 +9,14 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::OnceLock;
-use std::thread;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
-use crate::common::{run, Output, TempDir, BIN};
+use std::io::Read;
+
+use crate::common::raw::{Nbd, CMD_FLUSH, CMD_READ};
+use crate::common::{self, run, Output, Server, TempDir, BIN, MIB};
 
 const SOURCES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fake_cuda");
 
@@ -90,6 +92,7 @@ pub fn run_nbd_vram(args: &[&str], env: &[(&str, &str)]) -> Output {
 /// otherwise, and whatever else is added.
 pub struct Serve {
     dir: TempDir,
+    size_mib: u64,
     args: Vec<String>,
     env: Vec<(String, String)>,
     /// `--libcuda PATH`
@@ -102,6 +105,7 @@ impl Serve {
     pub fn new(size_mib: u64) -> Serve {
         Serve {
             dir: TempDir::new(),
+            size_mib,
             args: vec!["--size".into(), size_mib.to_string()],
             env: Vec::new(),
             flag: Some(libcuda().to_path_buf()),
@@ -155,66 +159,140 @@ impl Serve {
 
     /// Starts it and waits (up to 30 s) until it listens.
     pub fn start(self) -> VramServer {
-        let log = fs::File::create(self.dir.path("server.log")).expect("creating server.log");
-        let child = self
-            .command()
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("starting nbd-vram serve");
-        let mut server = VramServer { child, sock: self.dir.path("sock"), dir: self.dir };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        // "nbd-vram: serving N MiB on unix:PATH" comes once the socket
-        // listens (not the "...: serving anyway" warnings before it).
-        while !server.log().lines().any(|l| l.starts_with("nbd-vram: serving ") && l.contains(" on unix:")) {
-            if let Some(status) = server.child.try_wait().expect("try_wait") {
-                panic!("nbd-vram serve exited early ({status}):\n{}", server.log());
-            }
-            assert!(Instant::now() < deadline, "nbd-vram serve did not start in 30 s:\n{}", server.log());
-            thread::sleep(Duration::from_millis(10));
-        }
-        server
+        let (size, sock) = (self.size_mib << 20, self.dir.path("sock"));
+        let cmd = self.command();
+        Server::spawn(cmd, self.dir, sock, size)
     }
 }
 
-/// A running `nbd-vram serve --store vram`, killed (SIGKILL) on drop.
-pub struct VramServer {
-    pub child: Child,
-    pub sock: PathBuf,
-    /// Last field: removed only after the child is dead.
-    pub dir: TempDir,
+/// A running `nbd-vram serve --store vram` on the fake driver, killed
+/// (SIGKILL) on drop.
+pub type VramServer = Server;
+
+// What several of the VRAM tests share.
+
+/// Linux's EIO, as NBD replies carry it.
+pub const EIO: u32 = 5;
+
+/// `common::qemu_io` on this server, which must survive it.
+pub fn qemu_io(server: &mut VramServer, cmds: &[String]) -> String {
+    let text = common::qemu_io(&server.uri(), cmds);
+    server.assert_alive();
+    text
 }
 
-impl VramServer {
-    pub fn uri(&self) -> String {
-        format!("nbd+unix:///?socket={}", self.sock.display())
-    }
-
-    /// Its stderr so far.
-    pub fn log(&self) -> String {
-        fs::read_to_string(self.dir.path("server.log")).unwrap_or_default()
-    }
-
-    /// What the fake logged (`FAKE_CUDA_LOG`).
-    pub fn cuda_log(&self) -> String {
-        fs::read_to_string(self.dir.path("cuda.log")).unwrap_or_default()
-    }
-
-    /// Panics (with the server's log) unless the process is still running.
-    pub fn assert_alive(&mut self) {
-        if let Some(status) = self.child.try_wait().expect("try_wait") {
-            panic!("nbd-vram serve died ({status}); its log:\n{}", self.log());
+/// Reads `want.len()` bytes at `offset` and asserts they are `want`,
+/// saying where they differ rather than printing them.
+pub fn read_ok(nbd: &mut Nbd, offset: u64, want: &[u8], what: &str) {
+    match nbd.read(offset, want.len() as u32) {
+        Ok(got) => {
+            let diff = got.iter().zip(want).position(|(a, b)| a != b);
+            assert!(diff.is_none(), "{what}: read at {offset} differs from what was written, first at byte {diff:?}");
         }
+        Err(e) => panic!("{what}: read at {offset} failed with error {e}"),
     }
 }
 
-impl Drop for VramServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if thread::panicking() {
-            eprintln!("--- server log ({}) ---\n{}", self.sock.display(), self.log());
-        }
+/// Asserts that a read at `offset` fails with `EIO` (and sends no data).
+pub fn read_eio(nbd: &mut Nbd, offset: u64, len: u32, what: &str) {
+    match nbd.read(offset, len) {
+        Ok(_) => panic!("{what}: read at {offset} succeeded; EIO expected"),
+        Err(e) => assert_eq!(e, EIO, "{what}: read at {offset}: error {e}, EIO expected"),
     }
+}
+
+/// Reads at `offset` and returns the data, or `None` if the server sent
+/// the reply header and then ended the connection instead of the data: a
+/// lone read's header goes out while its copy runs, so a copy that then
+/// fails can only cut the reply short.
+pub fn read_or_cut(nbd: &mut Nbd, offset: u64, len: u32, what: &str) -> Option<Vec<u8>> {
+    let cookie = nbd.send(0, CMD_READ, offset, len, &[]);
+    assert_eq!(nbd.reply(), (0, cookie), "{what}: the header of a lone read goes out before its copy is done");
+    let mut data = vec![0u8; len as usize];
+    match nbd.s.read(&mut data) {
+        Ok(0) => return None,
+        Ok(n) => nbd.s.read_exact(&mut data[n..]).unwrap_or_else(|e| panic!("{what}: {n} bytes of data, then {e}")),
+        Err(e) => panic!("{what}: reading the data: {e}"),
+    }
+    Some(data)
+}
+
+/// Asserts the server logged exactly one CUDA failure, `call` failing with
+/// CUDA_ERROR_ILLEGAL_ADDRESS, and that it said which request failed.
+pub fn assert_one_copy_error(server: &VramServer, call: &str, request: &str) {
+    let log = server.log();
+    let errors: Vec<&str> = log.lines().filter(|l| l.contains("CUDA_ERROR_")).collect();
+    assert_eq!(errors.len(), 1, "one CUDA error expected:\n{log}");
+    assert!(errors[0].contains(&format!("{call}: CUDA_ERROR_ILLEGAL_ADDRESS")), "{log}");
+    assert!(log.contains(request), "{request:?} missing from:\n{log}");
+}
+
+/// After a device failure: every request answers EIO, on a new connection
+/// too, the server lives on, and it said once that data may be lost, with
+/// CUDA's `error`.
+pub fn assert_lost(server: &mut VramServer, mut nbd: Nbd, error: &str, what: &str) {
+    read_eio(&mut nbd, 0, 4096, "after the failure");
+    assert_eq!(nbd.write(MIB, &[1; 4096]), EIO, "a write after the failure");
+    assert_eq!(nbd.command(0, CMD_FLUSH, 0, 0), EIO, "a flush after the failure");
+    nbd.disconnect();
+    let mut nbd = Nbd::connect(&server.sock);
+    read_eio(&mut nbd, MIB, 4096, "a new connection");
+    nbd.disconnect();
+    server.assert_alive();
+    let log = server.log();
+    assert_eq!(log.matches("their data may be lost").count(), 1, "{what}:\n{log}");
+    assert!(log.contains(error), "{what}:\n{log}");
+}
+
+/// The mailbox kernel's lone 4 KiB reads and writes the fake ran, and its
+/// launches and ends.
+pub fn mailbox_counts(server: &VramServer) -> [usize; 4] {
+    let log = server.cuda_log();
+    let count = |p: &str, q: &str| log.lines().filter(|l| l.starts_with(p) && l.ends_with(q)).count();
+    [
+        count("nbd_vram_mailbox job ", " read 4096 -> ok"),
+        count("nbd_vram_mailbox job ", " write 4096 -> ok"),
+        count("launch nbd_vram_mailbox -> ok", ""),
+        count("nbd_vram_mailbox ended", " jobs"),
+    ]
+}
+
+/// The serve loop polls (so requests come back to back, and the mailbox
+/// kernel runs) only with a second CPU. These tests make it poll 100 ms, so
+/// that a busy machine does not make it sleep between their requests.
+pub fn polls() -> bool {
+    std::thread::available_parallelism().is_ok_and(|n| n.get() > 1)
+}
+
+pub const SPIN_US: &str = "100000";
+
+/// An 8 MiB server whose mailbox kernel can run (batches on, polling as
+/// above), with `env` added; `None` on one CPU.
+pub fn mailbox_server(env: &[(&str, &str)]) -> Option<VramServer> {
+    if !polls() {
+        eprintln!("one CPU: the loop never polls, so the mailbox kernel never starts");
+        return None;
+    }
+    let serve = Serve::new(8).env("NBD_VRAM_BATCH", "1").env("NBD_VRAM_SPIN", SPIN_US);
+    Some(env.iter().fold(serve, |serve, &(k, v)| serve.env(k, v)).start())
+}
+
+/// Runs `attempt` on up to five fresh mailbox servers until it returns
+/// true: each runs its requests back to back, which a loaded machine can
+/// delay past the loop's poll (the kernel then parks, and counts move).
+pub fn on_a_quiet_try(env: &[(&str, &str)], attempt: impl Fn(&mut VramServer, Nbd) -> bool) {
+    for _ in 0..5 {
+        let Some(mut server) = mailbox_server(env) else { return };
+        let nbd = Nbd::connect(&server.sock);
+        if attempt(&mut server, nbd) {
+            return;
+        }
+        eprintln!("a try was not back to back:\n{}", server.cuda_log());
+    }
+    panic!("five tries, none back to back ({env:?})");
+}
+
+/// The mailbox kernel's lists the fake ran.
+pub fn mailbox_lists(server: &VramServer) -> usize {
+    server.cuda_log().lines().filter(|l| l.starts_with("nbd_vram_mailbox job ") && l.contains(" list ") && l.ends_with(" -> ok")).count()
 }

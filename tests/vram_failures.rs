@@ -1,0 +1,173 @@
+//! A failing CUDA copy answered `EIO` for its request alone while serving
+//! goes on; a device failure after work was handed over failing every
+//! request after it.
+
+mod common;
+mod fake_cuda_env;
+
+use std::io::Read;
+
+use common::raw::{Nbd, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES};
+use common::{pattern, KIB, MIB};
+use fake_cuda_env::*;
+
+/// FAKE_CUDA_FAIL_COPY=N fails the Nth copy or memset of the process. The
+/// server's own zeroing at start is one `cuMemsetD8_v2` per chunk; then
+/// each request makes one call per chunk it touches.
+#[test]
+fn a_failed_copy_fails_that_request_only() {
+    // A read: copy 1 zeroes the one chunk, 2 is the write, 3 the first
+    // read, 4 the second.
+    let mut server = Serve::new(8).env("FAKE_CUDA_FAIL_COPY", "4").start();
+    let a = pattern(1, 64 * KIB as usize);
+    let b = pattern(2, 64 * KIB as usize);
+    let mut nbd = Nbd::connect(&server.sock);
+    assert_eq!(nbd.write(0, &a), 0);
+    read_ok(&mut nbd, 0, &a, "read back");
+    read_eio(&mut nbd, 0, a.len() as u32, "the 4th copy");
+    read_ok(&mut nbd, 0, &a, "the same connection goes on");
+    assert_eq!(nbd.write(MIB, &b), 0);
+    read_ok(&mut nbd, MIB, &b, "read back");
+    nbd.disconnect();
+    let mut nbd = Nbd::connect(&server.sock);
+    read_ok(&mut nbd, 0, &a, "a new connection reads the data");
+    read_ok(&mut nbd, MIB, &b, "read back");
+    nbd.disconnect();
+    server.assert_alive();
+    assert_one_copy_error(&server, "cuMemcpyDtoHAsync_v2", "read at offset 0 length 65536 failed");
+
+    // Requests in flight together (one batch, if they arrive together):
+    // only the one whose copy fails gets EIO, the others their data.
+    let mut server = Serve::new(8).env("FAKE_CUDA_FAIL_COPY", "5").start();
+    let mut nbd = Nbd::connect(&server.sock);
+    assert_eq!(nbd.write(0, &a), 0);
+    let len = a.len() as u32;
+    let cookies: Vec<u64> = (0..4).map(|_| nbd.send(0, CMD_READ, 0, len, &[])).collect();
+    for _ in &cookies {
+        let (error, cookie) = nbd.reply();
+        let i = cookies.iter().position(|&c| c == cookie).expect("a reply to a request sent");
+        if i == 2 {
+            assert_eq!(error, EIO, "the 3rd read in flight (the 5th copy) must fail");
+            continue;
+        }
+        assert_eq!(error, 0, "read {} of those in flight", i + 1);
+        let mut data = vec![0u8; a.len()];
+        nbd.s.read_exact(&mut data).expect("read data");
+        assert!(data == a, "read {} of those in flight returned other data", i + 1);
+    }
+    nbd.disconnect();
+    server.assert_alive();
+    assert_one_copy_error(&server, "cuMemcpyDtoHAsync_v2", "read at offset 0 length 65536 failed");
+
+    // A write over a chunk boundary, in 2 MiB chunks: copies 1-4 zero the
+    // four chunks, 5 is a write, 6 and 7 the two halves of the next one:
+    // its second half fails.
+    let mut server = Serve::new(8).env("FAKE_CUDA_MAX_ALLOC_MIB", "2").env("FAKE_CUDA_FAIL_COPY", "7").start();
+    assert!(server.log().contains("in 4 chunk(s)"), "{}", server.log());
+    let mut nbd = Nbd::connect(&server.sock);
+    let at = 2 * MIB - 32 * KIB;
+    assert_eq!(nbd.write(0, &a), 0);
+    assert_eq!(nbd.write(at, &b), EIO, "the 7th copy must fail");
+    read_ok(&mut nbd, 0, &a, "the same connection goes on");
+    assert_eq!(nbd.write(at, &b), 0, "the write again");
+    read_ok(&mut nbd, at, &b, "read back");
+    nbd.disconnect();
+    let mut nbd = Nbd::connect(&server.sock);
+    read_ok(&mut nbd, at, &b, "a new connection reads the data");
+    assert_eq!(nbd.write(4 * MIB, &a), 0);
+    read_ok(&mut nbd, 4 * MIB, &a, "read back");
+    nbd.disconnect();
+    server.assert_alive();
+    assert_one_copy_error(&server, "cuMemcpyHtoDAsync_v2", &format!("write at offset {at} length 65536 failed"));
+
+    // Two writes that arrive with a flush, queued together (copies 2 and
+    // 3): the 3rd fails, and with it their batch. The writes fail; the
+    // flush after them succeeds, and the store is trusted still.
+    let mut server = Serve::new(8).env("NBD_VRAM_BATCH", "1").env("FAKE_CUDA_FAIL_COPY", "3").start();
+    let mut nbd = Nbd::connect(&server.sock);
+    let mut wire = Vec::new();
+    for (i, data) in [&a, &b].into_iter().enumerate() {
+        wire.extend(common::raw::header(0, CMD_WRITE, i as u64, i as u64 * MIB, data.len() as u32));
+        wire.extend(data);
+    }
+    wire.extend(common::raw::header(0, CMD_FLUSH, 2, 0, 0));
+    std::io::Write::write_all(&mut nbd.s, &wire).unwrap();
+    assert_eq!(nbd.reply(), (EIO, 0), "the first write of the failed batch");
+    assert_eq!(nbd.reply(), (EIO, 1), "the second");
+    assert_eq!(nbd.reply(), (0, 2), "the flush after them");
+    assert_eq!(nbd.write(0, &a), 0, "the write again");
+    read_ok(&mut nbd, 0, &a, "read back");
+    nbd.disconnect();
+    server.assert_alive();
+    assert!(!server.log().contains("may be lost"), "{}", server.log());
+
+    // Write-zeroes, then trim (both memsets): copy 2 is the write, 3 the
+    // write-zeroes, 4 the trim.
+    for (cmd, name) in [(CMD_WRITE_ZEROES, "write-zeroes"), (CMD_TRIM, "trim")] {
+        let fail = if cmd == CMD_TRIM { "4" } else { "3" };
+        let mut server = Serve::new(8).env("FAKE_CUDA_FAIL_COPY", fail).start();
+        let mut nbd = Nbd::connect(&server.sock);
+        assert_eq!(nbd.write(0, &a), 0);
+        if cmd == CMD_TRIM {
+            assert_eq!(nbd.command(0, CMD_WRITE_ZEROES, MIB, 4096), 0);
+        }
+        assert_eq!(nbd.command(0, cmd, 0, 4096), EIO, "{name} must fail");
+        assert_eq!(nbd.command(0, cmd, 0, 4096), 0, "{name} again");
+        read_ok(&mut nbd, 0, &[&[0u8; 4096][..], &a[4096..8192]].concat(), name);
+        nbd.disconnect();
+        let mut nbd = Nbd::connect(&server.sock);
+        read_ok(&mut nbd, 4096, &a[4096..8192], "a new connection");
+        nbd.disconnect();
+        server.assert_alive();
+        assert_one_copy_error(&server, "cuMemsetD8Async", &format!("{name} at offset 0 length 4096 failed"));
+    }
+}
+
+/// FAKE_CUDA_FAIL_SYNC=N fails the Nth stream or event synchronisation,
+/// and every CUDA call after it, as CUDA's errors on queued work do. A
+/// write is acknowledged once its data is handed to the stream, and the
+/// loop waits for it only when something needs it: the next read (sync 1),
+/// or a flush. Whichever wait fails, acknowledged data may be gone: from
+/// then on every request is answered EIO, on any connection, and the
+/// server says so once. A later read's wait failing (sync 2) does the same.
+/// A lone read's header has gone out by then, so its connection ends
+/// instead; with `NBD_VRAM_EARLY_HEADER=0` the read answers EIO.
+#[test]
+fn a_device_failure_after_handing_over_fails_every_request() {
+    let a = pattern(3, 64 * KIB as usize);
+    for (fail, good_reads, flush_fails, early) in [("1", 0, false, "1"), ("1", 0, false, "0"), ("2", 1, false, "1"), ("1", 0, true, "1")] {
+        let what = format!("FAIL_SYNC={fail} NBD_VRAM_EARLY_HEADER={early}");
+        let mut server = Serve::new(8).env("FAKE_CUDA_FAIL_SYNC", fail).env("NBD_VRAM_EARLY_HEADER", early).start();
+        let mut nbd = Nbd::connect(&server.sock);
+        assert_eq!(nbd.write(0, &a), 0, "the write is acknowledged before any sync");
+        for _ in 0..good_reads {
+            read_ok(&mut nbd, 0, &a[..4096], "a read before the failure");
+        }
+        if flush_fails {
+            assert_eq!(nbd.command(0, CMD_FLUSH, 0, 0), EIO, "the flush whose sync fails");
+        } else if early == "1" {
+            assert_eq!(read_or_cut(&mut nbd, 0, 4096, &what), None, "{what}: the read whose wait fails");
+            assert!(server.log().contains("its data cannot follow"), "{what}:\n{}", server.log());
+            nbd = Nbd::connect(&server.sock);
+        } else {
+            read_eio(&mut nbd, 0, 4096, "the read whose wait fails");
+        }
+        assert_lost(&mut server, nbd, "CUDA_ERROR_ILLEGAL_ADDRESS", &what);
+    }
+}
+
+/// With groups of eight, a batch of nine reads is two groups, eight and
+/// one: when the first group's wait fails, the lone read after it answers
+/// EIO like the rest, its header not sent ahead of a failure already known.
+#[test]
+fn a_lone_read_after_a_failed_group_answers_eio() {
+    use std::io::Write;
+    let mut server = Serve::new(8).env("FAKE_CUDA_FAIL_SYNC", "1").env("NBD_VRAM_GROUP", "8").start();
+    let mut nbd = Nbd::connect(&server.sock);
+    let wire: Vec<u8> = (0..9).flat_map(|i| common::raw::header(0, CMD_READ, i, i * 4096, 4096)).collect();
+    nbd.s.write_all(&wire).unwrap();
+    let mut cookies: Vec<u64> = (0..9).map(|_| nbd.reply()).inspect(|&(e, c)| assert_eq!(e, EIO, "read {c}")).map(|(_, c)| c).collect();
+    cookies.sort();
+    assert_eq!(cookies, (0..9).collect::<Vec<u64>>());
+    assert_lost(&mut server, nbd, "CUDA_ERROR_ILLEGAL_ADDRESS", "nine reads, FAIL_SYNC=1");
+}
