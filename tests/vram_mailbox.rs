@@ -213,8 +213,10 @@ fn a_job_the_kernel_does_not_take_in_time_fails_the_store_without_a_hang() {
         assert_lost(server, Nbd::connect(&server.sock), "gave no answer within 1 s", "a missed deadline");
         let (log, cuda) = (server.log(), server.cuda_log());
         assert!(!log.contains("fake libcuda"), "the late job raced with other work:\n{log}");
-        assert_eq!(mailbox_counts(server)[2], 1, "launched again after missing a deadline:\n{cuda}");
-        assert!(cuda.contains("nbd_vram_mailbox ended after"), "the abandoned kernel never ended:\n{cuda}");
+        // Launches before the stall are the loop's own (a loaded machine
+        // may park and start it again); none may follow the abandoned one.
+        let (_, after_the_end) = cuda.rsplit_once("nbd_vram_mailbox ended after").expect("the abandoned kernel ended");
+        assert!(!after_the_end.contains("launch nbd_vram_mailbox"), "launched again after missing a deadline:\n{cuda}");
         true
     });
 }
