@@ -1,28 +1,22 @@
-//! `VramStore`: the bytes live in GPU memory, reached with async copies on
-//! one stream, so a batch of requests costs one synchronisation.
+//! `Copier`: moves bytes between staging and a `VramMemory` with async
+//! copies on one stream, so a batch of requests costs one synchronisation.
+//! It owns how each copy goes (batched, by the copy kernel, by the mailbox
+//! kernel, one by one), the fences, and the care for another process on
+//! the GPU; the memory it copies to and from is borrowed per call.
 
 use std::io;
 use std::ops::Range;
 
-use super::neighbours::Neighbours;
-use super::{Store, FENCES};
-use crate::cuda::{Context, CopyBatch, DeviceMem, Error, Event, Mailbox, Mover, Pinned, Stream, CUDA_ERROR_OUT_OF_MEMORY};
+use super::memory::VramMemory;
+use crate::cuda::{Context, CopyBatch, DeviceMem, Error, Event, Mailbox, Mover, Pinned, Stream};
+use crate::store::neighbours::Neighbours;
+use crate::store::FENCES;
 use crate::tuning::{MailboxUse, Tuning};
 use crate::{error, info, warn};
 
-const MIB: u64 = 1 << 20;
-/// The smallest chunk tried when the whole size will not come as one
-/// allocation (fragmentation, or a per-allocation limit): CUDA's own
-/// allocation granularity.
-const MIN_CHUNK: u64 = 2 * MIB;
-
-pub struct VramStore<'c> {
+pub struct Copier<'c> {
     ctx: &'c Context,
     stream: Stream<'c>,
-    /// Every chunk but the last is `chunk_len` long.
-    chunks: Vec<DeviceMem<'c>>,
-    chunk_len: u64,
-    size: u64,
     /// Copies waiting for one batched driver call, all in one direction.
     batch: Option<Batch>,
     /// The copy kernel, for batches of small pieces.
@@ -86,110 +80,50 @@ struct Batch {
     failed: bool,
 }
 
-/// Allocation ended below the floor.
-#[derive(Debug)]
-pub struct NoVram {
-    pub wanted: u64,
-    pub min: u64,
-    pub free: u64,
-    pub total: u64,
-}
-
-pub enum AllocError {
-    NoVram(NoVram),
-    Cuda(Error),
-}
-
-impl From<Error> for AllocError {
-    fn from(e: Error) -> AllocError {
-        AllocError::Cuda(e)
-    }
-}
-
-impl<'c> VramStore<'c> {
-    /// Allocates `want` bytes, or `step` less each time it cannot, down to
-    /// `min`; logs each step and the size obtained.
-    pub fn allocate(ctx: &'c Context, want: u64, step: u64, min: u64, tuning: &Tuning) -> Result<VramStore<'c>, AllocError> {
-        let mut size = want;
-        loop {
-            let (free, total) = ctx.mem_info()?;
-            if size <= free {
-                if let Some((chunks, chunk_len)) = allocate_chunks(ctx, size)? {
-                    info!("allocated {} MiB of VRAM in {} chunk(s); {} MiB of {} MiB were free", size / MIB, chunks.len(), free / MIB, total / MIB);
-                    let stream = ctx.stream()?;
-                    let CopyPath { batched, mover, mailbox, lists } = copy_path(ctx, &stream, &chunks, tuning);
-                    let batch = batched.then(|| Batch {
-                        copies: CopyBatch::with_capacity(BATCH_PIECES),
-                        writes: false,
-                        failed: false,
-                    });
-                    let events = (0..FENCES).map(|_| ctx.event()).collect::<Result<_, _>>()?;
-                    let mut store = VramStore {
-                        ctx,
-                        stream,
-                        chunks,
-                        chunk_len,
-                        size,
-                        batch,
-                        mover,
-                        mailbox,
-                        lists,
-                        posted: None,
-                        run: 0,
-                        post_failed: false,
-                        events,
-                        next_fence: 0,
-                        unrecorded: None,
-                        issued: 0,
-                        fenced: [0; FENCES],
-                        done: 0,
-                        neighbours: Neighbours::new(ctx, tuning.watch_neighbours), // all our memory is taken by now
-                        zeros: ctx.pinned(ZEROS)?,
-                    };
-                    store.zeros.fill(0);
-                    store.clear()?;
-                    return Ok(store);
-                }
-            }
-            let failed = format!("cannot allocate {} MiB of VRAM ({} MiB free of {} MiB)", size / MIB, free / MIB, total / MIB);
-            if size <= min || step == 0 {
-                info!("{failed}");
-                return Err(AllocError::NoVram(NoVram { wanted: want, min, free, total }));
-            }
-            // The floor itself is always tried, even off the step grid.
-            size = size.saturating_sub(step).max(min);
-            info!("{failed}; trying {} MiB", size / MIB);
-        }
+impl<'c> Copier<'c> {
+    /// Sets up the stream, the copy paths `tuning` allows, the fence events
+    /// and the zero source; call once `memory` holds all it will.
+    pub fn new(ctx: &'c Context, memory: &VramMemory<'c>, tuning: &Tuning) -> Result<Copier<'c>, Error> {
+        let stream = ctx.stream()?;
+        let CopyPath { batched, mover, mailbox, lists } = copy_path(ctx, &stream, memory.chunks(), tuning);
+        let batch = batched.then(|| Batch {
+            copies: CopyBatch::with_capacity(BATCH_PIECES),
+            writes: false,
+            failed: false,
+        });
+        let events = (0..FENCES).map(|_| ctx.event()).collect::<Result<_, _>>()?;
+        let mut copier = Copier {
+            ctx,
+            stream,
+            batch,
+            mover,
+            mailbox,
+            lists,
+            posted: None,
+            run: 0,
+            post_failed: false,
+            events,
+            next_fence: 0,
+            unrecorded: None,
+            issued: 0,
+            fenced: [0; FENCES],
+            done: 0,
+            neighbours: Neighbours::new(ctx, tuning.watch_neighbours), // all our memory is taken by now
+            zeros: ctx.pinned(ZEROS)?,
+        };
+        copier.zeros.fill(0);
+        Ok(copier)
     }
 
-    /// Fresh VRAM holds whatever its last user left: never export that.
-    fn clear(&mut self) -> Result<(), Error> {
-        self.chunks.iter().try_for_each(|chunk| self.stream.clear(chunk))
+    /// The stream copies go on, for work outside the data path (clearing).
+    pub fn stream(&self) -> &Stream<'c> {
+        &self.stream
     }
 
-    /// The (chunk index, offset in chunk, length) pieces of a byte range.
-    fn piece_list(&self, offset: u64, len: u64) -> impl Iterator<Item = (usize, u64, u64)> {
-        let chunk_len = self.chunk_len;
-        let mut at = offset;
-        let end = offset + len;
-        let last = self.chunks.len() - 1;
-        let tail = self.size - last as u64 * chunk_len;
-        std::iter::from_fn(move || {
-            if at >= end {
-                return None;
-            }
-            let index = (at / chunk_len) as usize;
-            let inner = at % chunk_len;
-            let this_len = if index == last { tail } else { chunk_len };
-            let n = (end - at).min(this_len - inner);
-            at += n;
-            Some((index, inner, n))
-        })
-    }
-
-    /// `piece_list` with the chunks themselves.
-    fn pieces(&self, offset: u64, len: u64) -> impl Iterator<Item = (&DeviceMem<'c>, u64, u64)> + '_ {
-        self.piece_list(offset, len).map(|(index, inner, n)| (&self.chunks[index], inner, n))
+    pub fn staging(&mut self, len: usize) -> io::Result<Pinned<'c>> {
+        let mut buf = self.ctx.pinned(len).map_err(|e| io::Error::other(e.to_string()))?;
+        buf.fill(0); // fault every page in now, never while serving
+        Ok(buf)
     }
 
     /// Issues the waiting batch, if any; a failure shows at `fence`.
@@ -359,80 +293,32 @@ impl<'c> VramStore<'c> {
     /// Adds the pieces of a request to the batch, `add` getting each
     /// chunk, offset in it, and range of the request's buffer. False when
     /// copies are not batched.
-    fn queue(&mut self, offset: u64, len: u64, writes: bool, mut add: impl FnMut(&mut CopyBatch, &DeviceMem, u64, Range<usize>)) -> bool {
+    fn queue(&mut self, memory: &VramMemory, offset: u64, len: u64, writes: bool, mut add: impl FnMut(&mut CopyBatch, &DeviceMem, u64, Range<usize>)) -> bool {
         if !self.batch_for(writes) {
             return false;
         }
         let mut at = 0;
-        for (index, inner, n) in self.piece_list(offset, len) {
+        for (index, inner, n) in memory.piece_list(offset, len) {
             if self.batch.as_ref().is_some_and(|b| b.copies.is_full()) {
                 self.flush();
             }
             if let Some(b) = &mut self.batch {
-                add(&mut b.copies, &self.chunks[index], inner, at..at + n as usize);
+                add(&mut b.copies, &memory.chunks()[index], inner, at..at + n as usize);
             }
             at += n as usize;
         }
         true
     }
 
-    fn check(&self, offset: u64, len: u64) -> io::Result<()> {
-        match offset.checked_add(len) {
-            Some(end) if end <= self.size => Ok(()),
-            _ => Err(io::Error::from_raw_os_error(libc::EINVAL)),
-        }
-    }
-}
-
-/// `None` when the size does not fit in any chunking; other errors are real.
-fn allocate_chunks(ctx: &Context, size: u64) -> Result<Option<(Vec<DeviceMem<'_>>, u64)>, Error> {
-    // The whole size, then powers of two below it, halving.
-    let below = size.checked_next_power_of_two().map_or(1 << 63, |p| p / 2);
-    let halves = std::iter::successors(Some(below), |c| Some(c / 2)).take_while(|&c| c >= MIN_CHUNK);
-    let sizes = std::iter::once(size).chain(halves.filter(move |&c| c < size));
-    'sizes: for chunk_len in sizes {
-        let count = size.div_ceil(chunk_len);
-        let mut chunks = Vec::with_capacity(count as usize);
-        for i in 0..count {
-            match ctx.alloc(chunk_len.min(size - i * chunk_len)) {
-                Ok(mem) => chunks.push(mem),
-                Err(e) if e.code == CUDA_ERROR_OUT_OF_MEMORY => continue 'sizes, // frees `chunks`
-                Err(e) => return Err(e),
-            }
-        }
-        return Ok(Some((chunks, chunk_len)));
-    }
-    Ok(None)
-}
-
-/// A failed copy is logged with CUDA's words and answered `EIO`.
-fn eio(e: Error) -> io::Error {
-    error!("{e}");
-    io::Error::from_raw_os_error(libc::EIO)
-}
-
-impl<'c> Store for VramStore<'c> {
-    type Buf = Pinned<'c>;
-
-    fn size(&self) -> u64 {
-        self.size
-    }
-
-    fn staging(&mut self, len: usize) -> io::Result<Pinned<'c>> {
-        let mut buf = self.ctx.pinned(len).map_err(|e| io::Error::other(e.to_string()))?;
-        buf.fill(0); // fault every page in now, never while serving
-        Ok(buf)
-    }
-
-    fn read(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.check(offset, buf.len() as u64)?;
+    /// The caller has checked the range (`VramMemory::check`).
+    pub fn read(&mut self, memory: &VramMemory, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         let len = buf.len() as u64;
-        if self.queue(offset, len, false, |b, chunk, inner, r| b.read(chunk, inner, &mut buf[r])) {
+        if self.queue(memory, offset, len, false, |b, chunk, inner, r| b.read(chunk, inner, &mut buf[r])) {
             return Ok(());
         }
         self.hand_over().map_err(eio)?;
         let mut rest = buf;
-        for (chunk, inner, n) in self.pieces(offset, rest.len() as u64) {
+        for (chunk, inner, n) in memory.pieces(offset, rest.len() as u64) {
             let (now, later) = rest.split_at_mut(n as usize);
             self.stream.read(chunk, inner, now).map_err(eio)?;
             rest = later;
@@ -440,15 +326,14 @@ impl<'c> Store for VramStore<'c> {
         Ok(())
     }
 
-    fn write(&mut self, offset: u64, buf: &[u8]) -> io::Result<()> {
-        self.check(offset, buf.len() as u64)?;
-        if self.queue(offset, buf.len() as u64, true, |b, chunk, inner, r| b.write(chunk, inner, &buf[r])) {
+    pub fn write(&mut self, memory: &VramMemory, offset: u64, buf: &[u8]) -> io::Result<()> {
+        if self.queue(memory, offset, buf.len() as u64, true, |b, chunk, inner, r| b.write(chunk, inner, &buf[r])) {
             return Ok(());
         }
         self.hand_over().map_err(eio)?;
         let shared = self.neighbours.present(self.ctx);
         let mut rest = buf;
-        for (chunk, inner, n) in self.pieces(offset, rest.len() as u64) {
+        for (chunk, inner, n) in memory.pieces(offset, rest.len() as u64) {
             let (now, later) = rest.split_at(n as usize);
             self.stream.write(chunk, inner, now, shared).map_err(eio)?;
             rest = later;
@@ -456,12 +341,11 @@ impl<'c> Store for VramStore<'c> {
         Ok(())
     }
 
-    fn zero(&mut self, offset: u64, len: u64) -> io::Result<()> {
-        self.check(offset, len)?;
+    pub fn zero(&mut self, memory: &VramMemory, offset: u64, len: u64) -> io::Result<()> {
         self.flush(); // the memset is ordered after queued copies only once they are issued
         self.hand_over().map_err(eio)?;
         let shared = self.neighbours.present(self.ctx);
-        for (chunk, inner, n) in self.pieces(offset, len) {
+        for (chunk, inner, n) in memory.pieces(offset, len) {
             if !shared {
                 self.stream.zero(chunk, inner, n as usize).map_err(eio)?;
                 continue;
@@ -474,7 +358,7 @@ impl<'c> Store for VramStore<'c> {
         Ok(())
     }
 
-    fn fence(&mut self) -> io::Result<usize> {
+    pub fn fence(&mut self) -> io::Result<usize> {
         self.flush();
         let failed = self.batch.as_mut().is_some_and(|b| std::mem::take(&mut b.failed));
         // A fence with no work since the last one is the same point.
@@ -494,7 +378,7 @@ impl<'c> Store for VramStore<'c> {
         Ok(token)
     }
 
-    fn wait(&mut self, token: usize) -> io::Result<()> {
+    pub fn wait(&mut self, token: usize) -> io::Result<()> {
         if self.post_failed || self.posted.as_ref().is_some_and(|p| p.index <= self.fenced[token]) {
             self.finished()?;
         }
@@ -513,7 +397,7 @@ impl<'c> Store for VramStore<'c> {
 
     /// Also reports a batch that failed to start since the last fence: a
     /// caller that writes and syncs (the swap header) must hear of it.
-    fn sync(&mut self) -> io::Result<()> {
+    pub fn sync(&mut self) -> io::Result<()> {
         self.flush();
         let failed = self.batch.as_mut().is_some_and(|b| std::mem::take(&mut b.failed));
         self.next_fence = 0;
@@ -531,10 +415,16 @@ impl<'c> Store for VramStore<'c> {
 
     /// Requests are apart: the mailbox kernel waits for batches in a row
     /// again before it starts.
-    fn idle(&mut self) {
+    pub fn idle(&mut self) {
         self.run = 0;
         self.park();
     }
+}
+
+/// A failed copy is logged with CUDA's words and answered `EIO`.
+fn eio(e: Error) -> io::Error {
+    error!("{e}");
+    io::Error::from_raw_os_error(libc::EIO)
 }
 
 /// How copies are issued: batches of small pieces by the copy kernel
@@ -583,10 +473,11 @@ fn copy_path<'c>(ctx: &'c Context, stream: &Stream, chunks: &[DeviceMem], tuning
     CopyPath { batched, mover, mailbox, lists }
 }
 
-impl Drop for VramStore<'_> {
+impl Drop for Copier<'_> {
     /// Nothing queued may outlive the memory, module or staging it uses;
     /// the mailbox kernel goes first, as freeing memory may wait for every
-    /// kernel to end.
+    /// kernel to end. The memory is freed after this (`VramStore` holds
+    /// its copier before its memory, and fields drop in order).
     fn drop(&mut self) {
         if let Err(e) = self.finish() {
             error!("{e}");
