@@ -109,7 +109,7 @@ impl Drop for Mover<'_> {
 
 impl Stream<'_> {
     /// Queues the copy kernel over every piece of `batch`, `PIECES` a launch.
-    pub(super) fn launch(&self, mover: &Mover, batch: &CopyBatch) -> Result<(), Error> {
+    pub fn launch(&self, mover: &Mover, batch: &CopyBatch) -> Result<(), Error> {
         let mut table = [[0u64; 3]; PIECES];
         for start in (0..batch.sizes.len()).step_by(PIECES) {
             let end = (start + PIECES).min(batch.sizes.len());

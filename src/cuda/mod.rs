@@ -314,28 +314,25 @@ impl Stream<'_> {
     }
 
     /// Queues host → device. The caller keeps `src` unchanged until `sync`.
-    /// `shared`: another process computes on this GPU (see `htod`).
-    pub fn write(&self, dst: &DeviceMem, offset: u64, src: &[u8], shared: bool) -> Result<(), Error> {
+    /// `rows`: as two rows where the driver can (see `htod`).
+    pub fn write(&self, dst: &DeviceMem, offset: u64, src: &[u8], rows: bool) -> Result<(), Error> {
         let to = dst.at(offset, src.len());
         // SAFETY: as in `read`, with the roles swapped.
-        unsafe { self.htod(to, src.as_ptr().cast(), src.len(), shared) }
+        unsafe { self.htod(to, src.as_ptr().cast(), src.len(), rows) }
     }
 
     /// Queues a copy of `len` bytes from host `src` to device `dst`.
     /// The driver carries a small one in the compute engine's command
     /// stream, which takes turns with other processes' kernels, and a
-    /// 2D copy of two rows or more on a copy engine, which does not: on an
-    /// H200 (docs/performance.md, "Sharing the GPU with another process") lone 4 KiB writes cost a
-    /// co-tenant's kernels 87 % of their throughput and took 306 µs each,
-    /// against nothing and 7.5 µs as two rows. So while `shared`, small
-    /// copies of an even length go as two rows (alone they took 7.5 µs
-    /// against 6.9 µs, so only then).
+    /// 2D copy of two rows or more on a copy engine, which does not. With
+    /// `rows`, a copy of an even length goes as two rows of half of it
+    /// where the driver has 2D copies; when to ask is the caller's policy.
     ///
     /// # Safety
     /// `src` is valid for `len` bytes until the stream has done this copy,
     /// and `dst..dst + len` lies in a live allocation.
-    unsafe fn htod(&self, dst: CUdeviceptr, src: *const c_void, len: usize, shared: bool) -> Result<(), Error> {
-        let rows = self.api().cuMemcpy2DAsync_v2.filter(|_| shared && len < INLINE_MAX && len % 2 == 0);
+    unsafe fn htod(&self, dst: CUdeviceptr, src: *const c_void, len: usize, rows: bool) -> Result<(), Error> {
+        let rows = self.api().cuMemcpy2DAsync_v2.filter(|_| rows && len % 2 == 0);
         let Some(copy) = rows else {
             // SAFETY: the caller's promise.
             let r = unsafe { (self.api().cuMemcpyHtoDAsync_v2)(dst, src, len, self.stream) };
@@ -448,6 +445,20 @@ impl CopyBatch {
         self.sizes.is_empty()
     }
 
+    pub fn len(&self) -> usize {
+        self.sizes.len()
+    }
+
+    /// Each copy's length.
+    pub fn sizes(&self) -> &[usize] {
+        &self.sizes
+    }
+
+    /// Whether the copy kernel takes every piece (`Stream::launch`).
+    pub fn is_small(&self) -> bool {
+        self.small
+    }
+
     pub fn is_full(&self) -> bool {
         self.sizes.len() == self.sizes.capacity()
     }
@@ -492,59 +503,46 @@ impl Stream<'_> {
         self.api().cuMemcpyBatchAsync_v2.is_some()
     }
 
-    /// Queues every copy of `batch` (all host → device if `writes`, else
-    /// all device → host), and empties it: by `mover` if given and every
-    /// piece is small, else as one batched call. Both cost more than a few
-    /// single copies (H100, 2026-11-25: a lone 4 KiB read took 11.5 µs by
-    /// kernel, 7.9 µs by copy engine; docs/performance.md, "Copy engine and copy kernel"), so below `BATCH_MIN` copies they
-    /// go one by one; so do small writes while `shared` (see `htod`: a batch
-    /// of them went through the compute engine too), and `mover`, a kernel,
-    /// is not used then.
-    pub fn copy_batch(&self, batch: &mut CopyBatch, writes: bool, mover: Option<&Mover>, shared: bool) -> Result<(), Error> {
-        let many = batch.sizes.len() >= BATCH_MIN && !(shared && writes && batch.sizes.iter().any(|&n| n < INLINE_MAX));
-        let done = if let Some(mover) = mover.filter(|_| many && batch.small && !shared) {
-            self.launch(mover, batch)
-        } else if let Some(copy) = self.api().cuMemcpyBatchAsync_v2.filter(|_| many) {
-            let mut attrs = sys::CUmemcpyAttributes {
-                src_access_order: sys::CU_MEMCPY_SRC_ACCESS_ORDER_STREAM,
-                src_loc_hint: [0; 2],
-                dst_loc_hint: [0; 2],
-                flags: 0,
-            };
-            let mut first = 0usize;
-            // SAFETY: the three arrays hold `len` entries each; every range lies
-            // inside a live allocation or a host buffer the caller keeps until
-            // `sync`, as with the single async copies; one attribute entry
-            // applies to all copies from index 0.
-            let r = unsafe {
-                copy(
-                    batch.dsts.as_mut_ptr(),
-                    batch.srcs.as_mut_ptr(),
-                    batch.sizes.as_mut_ptr(),
-                    batch.sizes.len(),
-                    &mut attrs,
-                    &mut first,
-                    1,
-                    self.stream,
-                )
-            };
-            self.ctx.cuda.check("cuMemcpyBatchAsync_v2", r)
-        } else {
-            self.copy_each(batch, writes, shared)
+    /// Queues every copy of `batch` as one `cuMemcpyBatchAsync_v2` call;
+    /// `None` where this driver lacks it.
+    pub fn copy_batch_api(&self, batch: &mut CopyBatch) -> Option<Result<(), Error>> {
+        let copy = self.api().cuMemcpyBatchAsync_v2?;
+        let mut attrs = sys::CUmemcpyAttributes {
+            src_access_order: sys::CU_MEMCPY_SRC_ACCESS_ORDER_STREAM,
+            src_loc_hint: [0; 2],
+            dst_loc_hint: [0; 2],
+            flags: 0,
         };
-        batch.clear();
-        done
+        let mut first = 0usize;
+        // SAFETY: the three arrays hold `len` entries each; every range lies
+        // inside a live allocation or a host buffer the caller keeps until
+        // `sync`, as with the single async copies; one attribute entry
+        // applies to all copies from index 0.
+        let r = unsafe {
+            copy(
+                batch.dsts.as_mut_ptr(),
+                batch.srcs.as_mut_ptr(),
+                batch.sizes.as_mut_ptr(),
+                batch.sizes.len(),
+                &mut attrs,
+                &mut first,
+                1,
+                self.stream,
+            )
+        };
+        Some(self.ctx.cuda.check("cuMemcpyBatchAsync_v2", r))
     }
-}
 
-impl Stream<'_> {
-    fn copy_each(&self, batch: &CopyBatch, writes: bool, shared: bool) -> Result<(), Error> {
+    /// Queues every copy of `batch` one driver call each (all host →
+    /// device if `writes`, else all device → host); a write of `len` bytes
+    /// goes as two rows if `rows(len)` (see `htod`).
+    pub fn copy_each(&self, batch: &CopyBatch, writes: bool, rows: impl Fn(usize) -> bool) -> Result<(), Error> {
         for ((&dst, &src), &len) in batch.dsts.iter().zip(&batch.srcs).zip(&batch.sizes) {
-            // SAFETY: as in `copy_batch`: each range was checked when queued,
-            // and the host side stays valid until `sync`.
+            // SAFETY: as in `copy_batch_api`: each range was checked when
+            // queued, and the host side stays valid until `sync`.
             unsafe {
                 if writes {
-                    self.htod(dst, src as *const c_void, len, shared)?;
+                    self.htod(dst, src as *const c_void, len, rows(len))?;
                 } else {
                     let r = (self.api().cuMemcpyDtoHAsync_v2)(dst as *mut c_void, src, len, self.stream);
                     self.ctx.cuda.check("cuMemcpyDtoHAsync_v2", r)?;
@@ -554,12 +552,6 @@ impl Stream<'_> {
         Ok(())
     }
 }
-
-/// Fewer copies than this go one call each (see `Stream::copy_batch`).
-const BATCH_MIN: usize = 8;
-/// Host → device copies below this size went through the compute engine
-/// (H200, 2026-12-02: 24 KiB did, 32 KiB did not; see `Stream::htod`).
-const INLINE_MAX: usize = 32 * 1024;
 
 impl Drop for Stream<'_> {
     fn drop(&mut self) {

@@ -47,7 +47,8 @@ pub struct Copier<'c> {
     /// and off the compute engine.
     neighbours: Neighbours,
     /// Zeroes by copy while another process computes: a memset runs on
-    /// the compute engine, taking turns with its kernels (as `Stream::htod`).
+    /// the compute engine, taking turns with its kernels (as small copies
+    /// do, see `as_rows`).
     zeros: Pinned<'c>,
 }
 
@@ -139,7 +140,7 @@ impl<'c> Copier<'c> {
         }
         let handed = self.hand_over();
         if let Some(b) = &mut self.batch {
-            if let Err(e) = handed.and_then(|()| self.stream.copy_batch(&mut b.copies, b.writes, self.mover.as_ref(), shared)) {
+            if let Err(e) = handed.and_then(|()| copy_batch(&self.stream, &mut b.copies, b.writes, self.mover.as_ref(), shared)) {
                 error!("{e}");
                 b.failed = true;
                 // Never issued later: its requests are answered EIO, and
@@ -335,7 +336,7 @@ impl<'c> Copier<'c> {
         let mut rest = buf;
         for (chunk, inner, n) in memory.pieces(offset, rest.len() as u64) {
             let (now, later) = rest.split_at(n as usize);
-            self.stream.write(chunk, inner, now, shared).map_err(eio)?;
+            self.stream.write(chunk, inner, now, as_rows(shared, now.len())).map_err(eio)?;
             rest = later;
         }
         Ok(())
@@ -352,7 +353,7 @@ impl<'c> Copier<'c> {
             }
             for at in (0..n).step_by(ZEROS) {
                 let piece = &self.zeros[..(n - at).min(ZEROS as u64) as usize];
-                self.stream.write(chunk, inner + at, piece, true).map_err(eio)?;
+                self.stream.write(chunk, inner + at, piece, as_rows(true, piece.len())).map_err(eio)?;
             }
         }
         Ok(())
@@ -419,6 +420,45 @@ impl<'c> Copier<'c> {
         self.run = 0;
         self.park();
     }
+}
+
+/// Fewer copies than this go one call each (see `copy_batch`).
+const BATCH_MIN: usize = 8;
+/// Host → device copies below this size went through the compute engine
+/// (H200, 2026-12-02: 24 KiB did, 32 KiB did not; see `as_rows`).
+const INLINE_MAX: usize = 32 * 1024;
+
+/// Queues every copy of `batch` (all host → device if `writes`, else
+/// all device → host), and empties it: by `mover` if given and every
+/// piece is small, else as one batched call. Both cost more than a few
+/// single copies (H100, 2026-11-25: a lone 4 KiB read took 11.5 µs by
+/// kernel, 7.9 µs by copy engine; docs/performance.md, "Copy engine and copy kernel"), so below `BATCH_MIN` copies they
+/// go one by one; so do small writes while `shared` (see `as_rows`: a batch
+/// of them went through the compute engine too), and `mover`, a kernel,
+/// is not used then.
+fn copy_batch(stream: &Stream, batch: &mut CopyBatch, writes: bool, mover: Option<&Mover>, shared: bool) -> Result<(), Error> {
+    let many = batch.len() >= BATCH_MIN && !(shared && writes && batch.sizes().iter().any(|&n| n < INLINE_MAX));
+    let done = if let Some(mover) = mover.filter(|_| many && batch.is_small() && !shared) {
+        stream.launch(mover, batch)
+    } else if let Some(done) = many.then(|| stream.copy_batch_api(batch)).flatten() {
+        done
+    } else {
+        stream.copy_each(batch, writes, |len| as_rows(shared, len))
+    };
+    batch.clear();
+    done
+}
+
+/// Whether a host → device copy of `len` bytes asks to go as two rows
+/// (`Stream::write`), which the driver carries on a copy engine: on an
+/// H200 (docs/performance.md, "Sharing the GPU with another process") lone 4 KiB writes cost a
+/// co-tenant's kernels 87 % of their throughput and took 306 µs each,
+/// against nothing and 7.5 µs as two rows. So while `shared`, small
+/// copies of an even length go as two rows (alone they took 7.5 µs
+/// against 6.9 µs, so only then); the driver layer keeps an odd length
+/// as one copy.
+fn as_rows(shared: bool, len: usize) -> bool {
+    shared && len < INLINE_MAX
 }
 
 /// A failed copy is logged with CUDA's words and answered `EIO`.
