@@ -43,7 +43,9 @@ fn main() -> ExitCode {
         signals::Signals::block();
     }
     log::init(parsed.log_level);
-    let tuning = match tuning::Tuning::from_env() {
+    // Only for what serves or opens a GPU: a bad knob must not stop `stop`.
+    let tuned = matches!(parsed.command, Command::Serve { .. } | Command::Swap(_) | Command::Gpus { .. });
+    let tuning = match tuned.then(tuning::Tuning::from_env).unwrap_or_else(|| Ok(tuning::Tuning::default())) {
         Ok(t) => t,
         Err(msg) => {
             error!("{msg}");

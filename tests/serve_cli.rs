@@ -216,6 +216,9 @@ fn a_bad_environment_knob_exits_2_and_verbose_logs_the_settings() {
         assert_fails(&out, 2, &[&format!("{knob}={value}: {says}")]);
         assert!(!dir.path("sock").exists(), "it listened before checking {knob}");
     }
+    // `status` and `stop` must work whatever the environment says.
+    let out = run(Command::new(BIN).args(["status"]).env("NBD_VRAM_GROUP", "eight"), Duration::from_secs(30));
+    assert_ne!(out.status.code(), Some(2), "{}", out.stderr);
     let out = run(Command::new(BIN).args(["gpus", "-v", "--libcuda", "/nonexistent/libcuda.so.1"]).env("NBD_VRAM_GROUP", "4"), Duration::from_secs(30));
     assert!(out.stderr.contains("settings: Tuning {") && out.stderr.contains("group: 4"), "{}", out.stderr);
 }
