@@ -228,7 +228,8 @@ const SPIN: Duration = Duration::from_millis(1);
 /// How long a job may take before it counts as failed: far beyond any
 /// time slice another context gets, so only a kernel that is not being
 /// scheduled at all (an MPS share too small, a stalled GPU) reaches it.
-pub const PATIENCE: Duration = Duration::from_secs(1);
+/// `wait`'s error names it in words: change both together.
+const PATIENCE: Duration = Duration::from_secs(1);
 
 enum State {
     Parked,
