@@ -99,17 +99,34 @@ impl Slot {
     }
 }
 
+/// What the client sent that the loop has not taken yet, `buf[start..end]`,
+/// and how it waits for more.
+struct Input {
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+    /// The last request was a write of `DIRECT_WRITE` or more.
+    direct: bool,
+    poll: Poll,
+}
+
+impl Input {
+    fn available(&self) -> usize {
+        self.end - self.start
+    }
+
+    fn clear(&mut self) {
+        (self.start, self.end) = (0, 0);
+    }
+}
+
 /// Everything the loop needs, allocated once and reused by every connection.
 pub struct Buffers<B> {
     staging: B,
     /// Where the next request's staging starts; what lies after it may
     /// still be in the store's hands.
     ring: usize,
-    input: Box<[u8]>,
-    start: usize,
-    end: usize,
-    /// The last request was a write of `DIRECT_WRITE` or more.
-    direct: bool,
+    input: Input,
     /// A held batch's slots (see `held`), then the batch being gathered.
     slots: Box<[Slot]>,
     /// The replies' headers, end to end.
@@ -129,7 +146,6 @@ pub struct Buffers<B> {
     /// Whether a lone read's reply header may go out before its data (see
     /// `tell_early`); `NBD_VRAM_EARLY_HEADER=0` says no.
     early: bool,
-    poll: Poll,
     /// The store failed after taking work: what it holds is unknown, so
     /// every request from now on is answered `EIO`.
     lost: bool,
@@ -143,10 +159,7 @@ impl<B: std::ops::DerefMut<Target = [u8]>> Buffers<B> {
         Ok(Buffers {
             staging: store.staging(MAX_PAYLOAD as usize)?,
             ring: 0,
-            input: vec![0u8; INPUT_LEN].into_boxed_slice(),
-            start: 0,
-            end: 0,
-            direct: false,
+            input: Input { buf: vec![0u8; INPUT_LEN].into_boxed_slice(), start: 0, end: 0, direct: false, poll: Poll::with(tuning.spin) },
             slots: vec![empty; 2 * MAX_BATCH].into_boxed_slice(),
             heads: vec![0u8; REPLY_LEN * 2 * MAX_BATCH].into_boxed_slice(),
             groups: vec![(0, None); 2 * MAX_BATCH].into_boxed_slice(),
@@ -156,7 +169,6 @@ impl<B: std::ops::DerefMut<Target = [u8]>> Buffers<B> {
             held_groups: 0,
             ahead: tuning.ahead,
             early: tuning.early_header,
-            poll: Poll::with(tuning.spin),
             lost: false,
         })
     }
@@ -176,8 +188,7 @@ where
     S: Store,
     T: Read + Write + AsFd,
 {
-    bufs.start = 0;
-    bufs.end = 0;
+    bufs.input.clear();
     bufs.ring = 0; // the last connection ended with a sync
     (bufs.held, bufs.held_groups) = (0, 0);
     let mut link = Link { store, bufs, export, stats, conn, phases: Phases::default() };
@@ -246,16 +257,16 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
         let mut payload = 0;
         let (most, bytes) = if S::IN_MEMORY { (DONE_BATCH, DONE_BYTES) } else { (MAX_BATCH, usize::MAX) };
         while n < most && payload < bytes {
-            if self.available() < REQUEST_LEN {
+            if self.bufs.input.available() < REQUEST_LEN {
                 match self.fill(n == 0 && base == 0) {
                     Ok(Got::Data) => continue,
                     Ok(Got::Nothing) => break,
-                    Ok(Got::Eof) if self.available() == 0 => return (n, false, Some(Ok(End::Closed))),
+                    Ok(Got::Eof) if self.bufs.input.available() == 0 => return (n, false, Some(Ok(End::Closed))),
                     Ok(Got::Eof) => return (n, false, Some(Err(broken("truncated request")))),
                     Err(e) => return (n, false, Some(Err(e))),
                 }
             }
-            let head: &[u8; REQUEST_LEN] = match self.bufs.input[self.bufs.start..][..REQUEST_LEN].try_into() {
+            let head: &[u8; REQUEST_LEN] = match self.bufs.input.buf[self.bufs.input.start..][..REQUEST_LEN].try_into() {
                 Ok(head) => head,
                 Err(_) => unreachable!("available() checked"),
             };
@@ -276,11 +287,11 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
                 self.bufs.ring = 0;
             }
             let stage = self.bufs.ring..self.bufs.ring + staged;
-            self.bufs.start += REQUEST_LEN;
+            self.bufs.input.start += REQUEST_LEN;
             if req.command == sys::NBD_CMD_DISC {
                 return (n, false, Some(Ok(End::Disconnect)));
             }
-            self.bufs.direct = req.command == sys::NBD_CMD_WRITE && req.len >= DIRECT_WRITE;
+            self.bufs.input.direct = req.command == sys::NBD_CMD_WRITE && req.len >= DIRECT_WRITE;
             if req.command == sys::NBD_CMD_FLUSH {
                 // What fails to start before a flush fails its own requests, not the flush.
                 self.close_group(base + n);
@@ -546,25 +557,21 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
         Ok(())
     }
 
-    fn available(&self) -> usize {
-        self.bufs.end - self.bufs.start
-    }
-
     /// Reads more input, waiting only if `wait`.
     fn fill(&mut self, wait: bool) -> io::Result<Got> {
-        let b = &mut *self.bufs;
-        if b.start == b.end {
-            (b.start, b.end) = (0, 0);
-        } else if b.end == b.input.len() || !wait {
-            b.input.copy_within(b.start..b.end, 0);
-            (b.start, b.end) = (0, b.end - b.start);
+        let input = &mut self.bufs.input;
+        if input.start == input.end {
+            input.clear();
+        } else if input.end == input.buf.len() || !wait {
+            input.buf.copy_within(input.start..input.end, 0);
+            (input.start, input.end) = (0, input.end - input.start);
         }
         // Called with less than a header in input, so `want` is past `end`.
-        let want = if b.direct { (b.start + REQUEST_LEN).min(b.input.len()) } else { b.input.len() };
-        let space = &mut b.input[b.end..want];
+        let want = if input.direct { (input.start + REQUEST_LEN).min(input.buf.len()) } else { input.buf.len() };
+        let space = &mut input.buf[input.end..want];
         let got = if wait {
             let at = Instant::now();
-            let got = b.poll.recv(self.conn.as_fd(), space, || self.store.idle()).map(Some);
+            let got = input.poll.recv(self.conn.as_fd(), space, || self.store.idle()).map(Some);
             self.phases.idle += nanos(at);
             got
         } else {
@@ -575,7 +582,7 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
             None => Got::Nothing,
             Some(0) => Got::Eof,
             Some(n) => {
-                b.end += n;
+                input.end += n;
                 Got::Data
             }
         })
@@ -585,7 +592,8 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
     fn payload(&mut self, stage: Range<usize>) -> io::Result<()> {
         let b = &mut *self.bufs;
         let (conn, store) = (self.conn.as_fd(), &mut *self.store);
-        take_payload(&b.input[..b.end], &mut b.start, conn, &mut b.staging[stage], &mut [], &mut b.poll, &mut || store.idle())
+        let input = &mut b.input;
+        take_payload(&input.buf[..input.end], &mut input.start, conn, &mut b.staging[stage], &mut [], &mut input.poll, &mut || store.idle())
     }
 
     /// Moves a write payload into an `IN_MEMORY` store; returns the
@@ -597,7 +605,7 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
     /// "The host store and the serve loop").
     fn write_in_place(&mut self, req: &Request) -> io::Result<u32> {
         let len = req.len as usize;
-        let have = self.available().min(len);
+        let have = self.bufs.input.available().min(len);
         // A socket that cannot say counts as empty.
         let whole = have == len || queued(self.conn.as_fd()).unwrap_or(0) >= len - have;
         let Some(dst) = self.store.bytes_mut(req.offset, len) else {
@@ -606,24 +614,25 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
         };
         let b = &mut *self.bufs;
         let undo = &mut b.staging[..if whole { 0 } else { len }];
-        take_payload(&b.input[..b.end], &mut b.start, self.conn.as_fd(), dst, undo, &mut b.poll, &mut || {})?;
+        let input = &mut b.input;
+        take_payload(&input.buf[..input.end], &mut input.start, self.conn.as_fd(), dst, undo, &mut input.poll, &mut || {})?;
         Ok(0)
     }
 
     /// Skips the payload of a refused write, so the stream stays in sync.
     fn discard(&mut self, mut len: u64) -> io::Result<()> {
         while len > 0 {
-            if self.available() == 0 {
-                let b = &mut *self.bufs;
-                (b.start, b.end) = (0, 0);
-                let n = self.conn.read(&mut b.input).map_err(truncated)?;
+            let input = &mut self.bufs.input;
+            if input.available() == 0 {
+                input.clear();
+                let n = self.conn.read(&mut input.buf).map_err(truncated)?;
                 if n == 0 {
                     return Err(broken("truncated write payload"));
                 }
-                b.end = n;
+                input.end = n;
             }
-            let take = (self.available() as u64).min(len);
-            self.bufs.start += take as usize;
+            let take = (input.available() as u64).min(len);
+            input.start += take as usize;
             len -= take;
         }
         Ok(())

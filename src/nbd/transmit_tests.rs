@@ -95,7 +95,7 @@ fn mixed_requests_cut_anywhere_match_the_model() {
         ours.set_write_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
         let mut store = HostStore::new(SIZE).unwrap();
         let mut bufs = Buffers::new(&mut store, &crate::tuning::Tuning::default()).unwrap();
-        bufs.poll = Poll::new(spin);
+        bufs.input.poll = Poll::new(spin);
         let stats = Stats::default();
         let end = run(&mut store, &mut bufs, &Export::new(SIZE), &stats, &mut ours).unwrap();
         assert_eq!(end, End::Disconnect);
