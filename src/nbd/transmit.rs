@@ -127,6 +127,11 @@ pub struct Buffers<B> {
     /// still be in the store's hands.
     ring: usize,
     input: Input,
+    replies: Replies,
+}
+
+/// The answers of the batches in hand, and how they go out.
+struct Replies {
     /// A held batch's slots (see `held`), then the batch being gathered.
     slots: Box<[Slot]>,
     /// The replies' headers, end to end.
@@ -151,6 +156,20 @@ pub struct Buffers<B> {
     lost: bool,
 }
 
+impl Replies {
+    /// Moves the batch gathered after the held one, now answered, to the
+    /// front.
+    fn forget_held(&mut self) {
+        let (held, groups) = (self.held, self.held_groups);
+        let end = self.groups[..self.ngroups].last().map_or(held, |g| g.0);
+        self.slots[..end].rotate_left(held);
+        self.groups.copy_within(groups..self.ngroups, 0);
+        self.ngroups -= groups;
+        self.groups[..self.ngroups].iter_mut().for_each(|g| g.0 -= held);
+        (self.held, self.held_groups) = (0, 0);
+    }
+}
+
 impl<B: std::ops::DerefMut<Target = [u8]>> Buffers<B> {
     pub fn new<S: Store<Buf = B>>(store: &mut S, tuning: &Tuning) -> io::Result<Buffers<B>> {
         const { assert!(2 * MAX_BATCH <= crate::store::FENCES, "a fence per slot of two batches at most") };
@@ -160,16 +179,18 @@ impl<B: std::ops::DerefMut<Target = [u8]>> Buffers<B> {
             staging: store.staging(MAX_PAYLOAD as usize)?,
             ring: 0,
             input: Input { buf: vec![0u8; INPUT_LEN].into_boxed_slice(), start: 0, end: 0, direct: false, poll: Poll::with(tuning.spin) },
-            slots: vec![empty; 2 * MAX_BATCH].into_boxed_slice(),
-            heads: vec![0u8; REPLY_LEN * 2 * MAX_BATCH].into_boxed_slice(),
-            groups: vec![(0, None); 2 * MAX_BATCH].into_boxed_slice(),
-            ngroups: 0,
-            group: tuning.group,
-            held: 0,
-            held_groups: 0,
-            ahead: tuning.ahead,
-            early: tuning.early_header,
-            lost: false,
+            replies: Replies {
+                slots: vec![empty; 2 * MAX_BATCH].into_boxed_slice(),
+                heads: vec![0u8; REPLY_LEN * 2 * MAX_BATCH].into_boxed_slice(),
+                groups: vec![(0, None); 2 * MAX_BATCH].into_boxed_slice(),
+                ngroups: 0,
+                group: tuning.group,
+                held: 0,
+                held_groups: 0,
+                ahead: tuning.ahead,
+                early: tuning.early_header,
+                lost: false,
+            },
         })
     }
 }
@@ -190,28 +211,28 @@ where
 {
     bufs.input.clear();
     bufs.ring = 0; // the last connection ended with a sync
-    (bufs.held, bufs.held_groups) = (0, 0);
+    (bufs.replies.held, bufs.replies.held_groups) = (0, 0);
     let mut link = Link { store, bufs, export, stats, conn, phases: Phases::default() };
     loop {
         let begun = Instant::now();
         link.phases = Phases::default();
         let (n, more, end) = link.gather();
         let started = Instant::now();
-        let held = link.bufs.held;
+        let held = link.bufs.replies.held;
         link.close_group(held + n);
         let mut answered = Ok(());
         if held > 0 {
-            answered = link.answer(0..link.bufs.held_groups);
-            link.forget_held();
+            answered = link.answer(0..link.bufs.replies.held_groups);
+            link.bufs.replies.forget_held();
         }
         // Only replies that wait for the device gain from it: writes are
         // answered on hand-over, and the host store has nothing to wait for.
-        let waits = link.bufs.slots[..n].iter().any(|s| s.waits && s.ok());
-        let hold = more && waits && end.is_none() && answered.is_ok() && link.bufs.ahead && !S::IN_MEMORY;
+        let waits = link.bufs.replies.slots[..n].iter().any(|s| s.waits && s.ok());
+        let hold = more && waits && end.is_none() && answered.is_ok() && link.bufs.replies.ahead && !S::IN_MEMORY;
         if hold {
-            (link.bufs.held, link.bufs.held_groups) = (n, link.bufs.ngroups);
+            (link.bufs.replies.held, link.bufs.replies.held_groups) = (n, link.bufs.replies.ngroups);
         } else {
-            answered = answered.and_then(|()| link.answer(0..link.bufs.ngroups));
+            answered = answered.and_then(|()| link.answer(0..link.bufs.replies.ngroups));
         }
         if end.is_some() || answered.is_err() {
             link.settle(); // the store is left synced, as the caller expects
@@ -250,10 +271,10 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
     /// connection must end after answering it, how. Waits for a first
     /// request only if no batch is held.
     fn gather(&mut self) -> (usize, bool, Option<io::Result<End>>) {
-        let base = self.bufs.held;
+        let base = self.bufs.replies.held;
         let mut n = 0;
         let mut waiting = 0;
-        self.bufs.ngroups = self.bufs.held_groups;
+        self.bufs.replies.ngroups = self.bufs.replies.held_groups;
         let mut payload = 0;
         let (most, bytes) = if S::IN_MEMORY { (DONE_BATCH, DONE_BYTES) } else { (MAX_BATCH, usize::MAX) };
         while n < most && payload < bytes {
@@ -302,32 +323,19 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
                 Err(e) => return (n, false, Some(Err(e))),
             };
             let waits = slot.waits;
-            self.bufs.slots[base + n] = slot;
+            self.bufs.replies.slots[base + n] = slot;
             self.bufs.ring = stage.end;
             payload += len;
             n += 1;
             if waits {
                 waiting += 1;
-                if waiting == self.bufs.group {
+                if waiting == self.bufs.replies.group {
                     self.close_group(base + n);
                     waiting = 0;
                 }
             }
         }
         (n, n == most || payload >= bytes, None)
-    }
-
-    /// Moves the batch gathered after the held one, now answered, to the
-    /// front.
-    fn forget_held(&mut self) {
-        let b = &mut *self.bufs;
-        let (held, groups) = (b.held, b.held_groups);
-        let end = b.groups[..b.ngroups].last().map_or(held, |g| g.0);
-        b.slots[..end].rotate_left(held);
-        b.groups.copy_within(groups..b.ngroups, 0);
-        b.ngroups -= groups;
-        b.groups[..b.ngroups].iter_mut().for_each(|g| g.0 -= held);
-        (b.held, b.held_groups) = (0, 0);
     }
 
     /// Whether `req` changes bytes that a read among the batch's first `n`
@@ -337,7 +345,7 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
             return false;
         }
         let (start, end) = (req.offset, req.offset.saturating_add(u64::from(req.len)));
-        let reads = &self.bufs.slots[..n];
+        let reads = &self.bufs.replies.slots[..n];
         reads.iter().any(|s| s.in_store && (s.data.start as u64) < end && start < s.data.end as u64)
     }
 
@@ -345,7 +353,7 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
     /// work starts now; if it cannot, they are answered `EIO`.
     fn close_group(&mut self, end: usize) {
         let b = &mut *self.bufs;
-        let start = b.ngroups.checked_sub(1).map_or(0, |g| b.groups[g].0);
+        let start = b.replies.ngroups.checked_sub(1).map_or(0, |g| b.replies.groups[g].0);
         if end == start {
             return;
         }
@@ -353,10 +361,10 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
         let fence = self.store.fence().ok();
         self.phases.store += nanos(at);
         if fence.is_none() {
-            b.slots[start..end].iter_mut().for_each(Slot::fail);
+            b.replies.slots[start..end].iter_mut().for_each(Slot::fail);
         }
-        b.groups[b.ngroups] = (end, fence);
-        b.ngroups += 1;
+        b.replies.groups[b.replies.ngroups] = (end, fence);
+        b.replies.ngroups += 1;
     }
 
     /// Waits for everything the store was given, so that all of staging
@@ -372,12 +380,12 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
     /// The store failed with work already taken: logs it once, and from
     /// now on nothing is trusted to it.
     fn lose(&mut self) {
-        if !self.bufs.lost {
+        if !self.bufs.replies.lost {
             crate::error!(
                 "the store failed after taking writes, some of which may have been acknowledged: \
                  their data may be lost. Every request is answered EIO from now on; restart nbd-vram"
             );
-            self.bufs.lost = true;
+            self.bufs.replies.lost = true;
         }
     }
 
@@ -433,7 +441,7 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
 
     /// The NBD error a request earns before touching the store ("Error values").
     fn check(&self, req: &Request) -> u32 {
-        if self.bufs.lost {
+        if self.bufs.replies.lost {
             return EIO;
         }
         let mut allowed = CMD_FLAG_FUA;
@@ -463,10 +471,10 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
     /// Sends the replies of `groups`, group by group, each once the store
     /// has done the work its replies wait for.
     fn answer(&mut self, groups: Range<usize>) -> io::Result<()> {
-        let mut start = groups.start.checked_sub(1).map_or(0, |g| self.bufs.groups[g].0);
+        let mut start = groups.start.checked_sub(1).map_or(0, |g| self.bufs.replies.groups[g].0);
         for g in groups {
-            let (end, fence) = self.bufs.groups[g];
-            let slots = &self.bufs.slots[start..end];
+            let (end, fence) = self.bufs.replies.groups[g];
+            let slots = &self.bufs.replies.slots[start..end];
             let mut told = false;
             if let Some(token) = fence.filter(|_| slots.iter().any(|s| s.waits && s.ok())) {
                 told = self.tell_early(start..end)?;
@@ -480,8 +488,8 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
                     }
                 }
             }
-            if self.bufs.lost {
-                self.bufs.slots[start..end].iter_mut().for_each(Slot::fail);
+            if self.bufs.replies.lost {
+                self.bufs.replies.slots[start..end].iter_mut().for_each(Slot::fail);
             }
             let at = Instant::now();
             let sent = self.send(start..end, told);
@@ -500,8 +508,8 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
     /// goes once the store is lost (by an earlier group's wait), as the read
     /// will answer EIO. Returns whether it was sent.
     fn tell_early(&mut self, slots: Range<usize>) -> io::Result<bool> {
-        let [slot] = &self.bufs.slots[slots] else { return Ok(false) };
-        if !self.bufs.early || self.bufs.lost || slot.in_store || slot.data.is_empty() || !slot.ok() {
+        let [slot] = &self.bufs.replies.slots[slots] else { return Ok(false) };
+        if !self.bufs.replies.early || self.bufs.replies.lost || slot.in_store || slot.data.is_empty() || !slot.ok() {
             return Ok(false);
         }
         let at = Instant::now();
@@ -520,14 +528,14 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
     fn send(&mut self, slots: Range<usize>, told: bool) -> io::Result<()> {
         let b = &mut *self.bufs;
         let store = &*self.store;
-        let heads = &mut b.heads[slots.start * REPLY_LEN..slots.end * REPLY_LEN];
-        for (slot, head) in b.slots[slots.clone()].iter().zip(heads.chunks_exact_mut(REPLY_LEN)) {
+        let heads = &mut b.replies.heads[slots.start * REPLY_LEN..slots.end * REPLY_LEN];
+        for (slot, head) in b.replies.slots[slots.clone()].iter().zip(heads.chunks_exact_mut(REPLY_LEN)) {
             head.copy_from_slice(&slot.reply);
         }
         let mut iov = [IoSlice::new(&[]); 2 * MAX_BATCH + 1];
         let mut count = 0;
         let mut run = usize::from(told); // first header not yet in an iovec
-        for (i, slot) in b.slots[slots.clone()].iter().enumerate() {
+        for (i, slot) in b.replies.slots[slots.clone()].iter().enumerate() {
             if slot.ok() && !slot.data.is_empty() {
                 let data = if slot.in_store {
                     store.bytes(slot.data.start as u64, slot.data.len()).ok_or(broken("read left the store"))?
