@@ -805,6 +805,15 @@ static int resident_ends(struct CUstream_st *s)
     return 1;
 }
 
+/* Whether every global load of the kernel bypasses L1 (`.cv` or `.cg`):
+ * one default-cached (or `.ca`) load may read host memory stale. */
+static int reads_past_l1(const char *ptx)
+{
+    for (const char *p = ptx; (p = strstr(p, "ld.global.")); p += 10)
+        if (strncmp(p + 10, "cv.", 3) && strncmp(p + 10, "cg.", 3)) return 0;
+    return 1;
+}
+
 static CUresult mailbox_launch(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
                                unsigned bz, unsigned shared, CUstream s, void **params, void **extra)
 {
@@ -831,7 +840,7 @@ static CUresult mailbox_launch(unsigned gx, unsigned gy, unsigned gz, unsigned b
         .acquire = strstr(ptx, "ld.acquire.sys") != NULL,
         .release = strstr(ptx, "st.release.sys") || strstr(ptx, "fence.acq_rel.sys") ||
                    strstr(ptx, "fence.sc.sys") || strstr(ptx, "membar.sys"),
-        .fresh = strstr(ptx, "ld.global.cv") != NULL,
+        .fresh = reads_past_l1(ptx),
     };
     pthread_cond_broadcast(&sm_kick);
     logf_("launch " MAILBOX_KERNEL " -> ok");
