@@ -882,14 +882,14 @@ static CUresult mailbox_list(const unsigned char *rows, unsigned count, unsigned
  * whatever the PTX memory model lets a GPU do with what the kernel's PTX
  * promises, at the worst moment:
  * - it polls host memory on its own, never in step with a driver call;
- * - without an acquire load of the sequence (`ld.acquire.sys`), it reads
- *   the job's address and length first and its sequence later, as a torn
- *   vector load may, so a job can pair a new sequence with an old address;
+ * - without an acquire load of the job word (`ld.acquire.sys`), it reads
+ *   the landing buffer and a list's rows before the word, as a plain load
+ *   orders nothing after it, so a job can run on data not yet written;
  * - without a release (`st.release.sys`, a system-scope fence or
  *   `membar.sys`), `done` shows before the copy has landed;
- * - without loads that bypass L1 (`ld.global.cv`), a write job reads the
- *   landing buffer as it was at the kernel's first write job;
- * - it reads a write job's data right after seeing its sequence, and
+ * - with a global load that does not bypass L1 (not `.cv` or `.cg`), a
+ *   write job reads the landing buffer as it was at the kernel's first job;
+ * - it reads a write job's data right after seeing its job word, and
  *   reports a landing buffer changed after the job was posted as a race;
  * - it pauses for random microseconds between its steps. */
 #define SMS 4
