@@ -141,7 +141,7 @@ fn bad_client_flags_close_the_connection() {
     for flags in [0, FLAG_FIXED_NEWSTYLE | 1 << 7] {
         let mut s = greet_with(&server.sock, flags);
         // The server may have closed already: this write may fail.
-        let _ = s.write_all(&[IHAVEOPT.as_slice(), &OPT_GO.to_be_bytes(), &[0, 0, 0, 6, 0, 0, 0, 0, 0, 0]].concat());
+        let _ = s.write_all(&[option_head(OPT_GO, 6), vec![0; 6]].concat());
         expect_closed(&mut s);
     }
     still_serves(&mut server);
@@ -167,10 +167,7 @@ fn over_long_export_name_is_closed_without_a_reply() {
     let mut server = Server::start(MIB);
     for flags in [FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES, FLAG_NO_ZEROES] {
         let mut s = greet_with(&server.sock, flags);
-        let mut m = IHAVEOPT.to_vec();
-        m.extend(OPT_EXPORT_NAME.to_be_bytes());
-        m.extend((16u32 << 20).to_be_bytes());
-        s.write_all(&m).unwrap();
+        s.write_all(&option_head(OPT_EXPORT_NAME, 16 << 20)).unwrap();
         expect_closed(&mut s);
     }
     still_serves(&mut server);
@@ -216,9 +213,7 @@ fn trickling_client_is_cut_off_and_the_next_is_greeted() {
     let start = Instant::now();
     let mut slow = greet(&server.sock);
     let trickle = thread::spawn(move || {
-        let mut m = IHAVEOPT.to_vec();
-        m.extend(OPT_GO.to_be_bytes());
-        m.extend(16000u32.to_be_bytes());
+        let m = option_head(OPT_GO, 16000);
         slow.set_read_timeout(Some(Duration::from_millis(1500))).unwrap();
         // Each wait for an answer is the pause between bytes.
         for b in m.into_iter().chain(std::iter::repeat(0)) {
@@ -249,12 +244,7 @@ fn client_that_never_reads_is_cut_off_and_the_next_is_greeted() {
     let mut server = Server::start(MIB);
     let start = Instant::now();
     let mut deaf = greet(&server.sock);
-    let mut m = Vec::new();
-    for _ in 0..20_000 {
-        m.extend(IHAVEOPT);
-        m.extend(OPT_LIST.to_be_bytes());
-        m.extend(0u32.to_be_bytes());
-    }
+    let m = option_head(OPT_LIST, 0).repeat(20_000);
     deaf.set_write_timeout(Some(CUT_OFF + Duration::from_secs(2))).unwrap();
     // Blocks once both sides' buffers are full, and fails once the server
     // closes; the socket stays open a while longer, so only the server can

@@ -70,11 +70,15 @@ pub fn greet_with(path: &Path, client_flags: u32) -> UnixStream {
 }
 
 pub fn send_option(s: &mut UnixStream, option: u32, data: &[u8]) {
-    let mut m = IHAVEOPT.to_vec();
-    m.extend(option.to_be_bytes());
-    m.extend((data.len() as u32).to_be_bytes());
+    let mut m = option_head(option, data.len() as u32);
     m.extend(data);
     s.write_all(&m).expect("sending an option");
+}
+
+/// An option's header, announcing `len` bytes of data (which a test may
+/// then send, trickle, or never send).
+pub fn option_head(option: u32, len: u32) -> Vec<u8> {
+    [IHAVEOPT.as_slice(), &option.to_be_bytes(), &len.to_be_bytes()].concat()
 }
 
 /// One option reply: (option, reply type, data).
