@@ -86,6 +86,12 @@ static void fill(unsigned char *p, size_t n, unsigned seed)
     for (size_t i = 0; i < n; i++) p[i] = (unsigned char)(i * 7 + seed);
 }
 
+static int all(const unsigned char *p, size_t n, unsigned char c)
+{
+    for (size_t i = 0; i < n; i++) if (p[i] != c) return 0;
+    return 1;
+}
+
 static void *other_thread(void *arg)
 {
     size_t f, t;
@@ -153,10 +159,13 @@ static void s_basic(void)
     EQ(cu.cuStreamCreate(&st, 2), 1);
     EQ(cu.cuStreamCreate(&st, 0), 0);
     fill(in, MIB, 2);
+    memset(out, 0, MIB);
     EQ(cu.cuMemcpyHtoDAsync_v2(d, in, MIB, st), 0);
     EQ(cu.cuMemsetD8Async(d, 7, 10, st), 0);
-    EQ(cu.cuMemcpyDtoHAsync_v2(out, d, MIB, NULL), 0);   /* the default stream */
-    EQ(cu.cuStreamSynchronize(st), 0);   /* one queue: syncs the default stream's copy too */
+    EQ(cu.cuMemcpyDtoHAsync_v2(out, d, MIB, NULL), 0);   /* the default stream: after st's work */
+    EQ(cu.cuStreamSynchronize(st), 0);   /* st's own work: not the default stream's copy */
+    EQ(all(out, MIB, 0), 1);
+    EQ(cu.cuStreamSynchronize(NULL), 0);
     EQ(out[9] == 7 && out[10] == in[10] && !memcmp(in + 10, out + 10, MIB - 10), 1);
     EQ(cu.cuMemcpyHtoDAsync_v2(d, in, 1, (CUstream)&v), 400);
     EQ(cu.cuStreamDestroy_v2(st), 0);
@@ -197,6 +206,108 @@ static void s_basic(void)
     EQ(cu.cuMemAlloc_v2(&d, 4096), 201);   /* the current context was destroyed */
     EQ(cu.cuCtxSetCurrent(ctx), 201);
     EQ(cu.cuCtxSetCurrent(NULL), 0);
+}
+
+/* The current context is per thread: another thread, until it makes one
+ * current, gets INVALID_CONTEXT from every call that needs one. */
+struct bind { CUcontext ctx; CUstream st; CUevent ev; CUdeviceptr d; pthread_barrier_t *hold; CUresult rc; };
+static void *unbound_thread(void *arg)
+{
+    struct bind *b = arg;
+    CUdeviceptr d;
+    CUstream st;
+    CUevent ev;
+    size_t f, t;
+    unsigned char buf[16] = {0};
+    EQ(cu.cuMemGetInfo_v2(&f, &t), 201);
+    EQ(cu.cuMemAlloc_v2(&d, 4096), 201);
+    EQ(cu.cuStreamCreate(&st, 0), 201);
+    EQ(cu.cuEventCreate(&ev, 0), 201);
+    EQ(cu.cuMemcpyHtoDAsync_v2(b->d, buf, 16, b->st), 201);
+    EQ(cu.cuMemcpyHtoD_v2(b->d, buf, 16), 201);
+    EQ(cu.cuStreamSynchronize(b->st), 201);
+    EQ(cu.cuStreamQuery(b->st), 201);
+    EQ(cu.cuEventRecord(b->ev, b->st), 201);
+    EQ(cu.cuEventSynchronize(b->ev), 201);
+    EQ(cu.cuDevicePrimaryCtxRetain(&b->ctx, 0), 0);   /* retaining makes nothing current */
+    EQ(cu.cuMemAlloc_v2(&d, 4096), 201);
+    EQ(cu.cuCtxSetCurrent(b->ctx), 0);
+    EQ(cu.cuMemGetInfo_v2(&f, &t), 0);
+    EQ(cu.cuMemcpyHtoDAsync_v2(b->d, buf, 16, b->st), 0);
+    EQ(cu.cuStreamSynchronize(b->st), 0);
+    EQ(cu.cuCtxSetCurrent(NULL), 0);   /* unbinds this thread only */
+    EQ(cu.cuMemGetInfo_v2(&f, &t), 201);
+    EQ(cu.cuCtxSetCurrent(NULL), 0);
+    EQ(cu.cuDevicePrimaryCtxRelease_v2(0), 0);
+    return NULL;
+}
+
+/* Binds the context, then holds until told (a live thread keeps its entry). */
+static void *binding_thread(void *arg)
+{
+    struct bind *b = arg;
+    b->rc = cu.cuCtxSetCurrent(b->ctx);
+    pthread_barrier_wait(b->hold);
+    pthread_barrier_wait(b->hold);
+    return NULL;
+}
+
+static void *rebind_thread(void *arg)
+{
+    size_t f, t;
+    EQ(cu.cuCtxSetCurrent(arg), 0);
+    EQ(cu.cuMemGetInfo_v2(&f, &t), 0);
+    return NULL;
+}
+
+static void s_threads(void)
+{
+    CUcontext ctx = NULL;
+    CUdeviceptr d;
+    size_t f, t;
+    EQ(cu.cuInit(0), 0);
+    EQ(cu.cuDevicePrimaryCtxRetain(&ctx, 0), 0);
+    EQ(cu.cuMemAlloc_v2(&d, 4096), 201);   /* retained, not current */
+    EQ(cu.cuCtxSetCurrent(ctx), 0);
+    struct bind b = {0};
+    b.d = 0;
+    EQ(cu.cuMemAlloc_v2(&b.d, 4096), 0);
+    EQ(cu.cuStreamCreate(&b.st, 0), 0);
+    EQ(cu.cuEventCreate(&b.ev, 0), 0);
+    pthread_t th;
+    EQ(pthread_create(&th, NULL, unbound_thread, &b), 0);
+    pthread_join(th, NULL);
+    EQ(cu.cuMemGetInfo_v2(&f, &t), 0);   /* this thread's binding is untouched */
+
+    /* 256 threads hold a current context at once: this one and 255 more;
+     * one more fails cleanly, and once they are gone their entries are
+     * taken back */
+    enum { MORE = 255 };
+    static pthread_t ths[MORE + 1];
+    static struct bind bs[MORE + 1];
+    pthread_barrier_t hold;
+    pthread_attr_t attr;
+    pthread_barrier_init(&hold, NULL, MORE + 2);
+    pthread_attr_init(&attr);
+    pthread_attr_setstacksize(&attr, 64 * 1024);
+    int started = 0;
+    for (int i = 0; i <= MORE; i++) {
+        bs[i] = (struct bind){.ctx = ctx, .hold = &hold};
+        if (pthread_create(&ths[i], &attr, binding_thread, &bs[i])) break;
+        started++;
+    }
+    EQ(started, MORE + 1);
+    pthread_barrier_wait(&hold);
+    int ok = 0, full = 0;
+    for (int i = 0; i <= MORE; i++) { ok += bs[i].rc == 0; full += bs[i].rc == 999; }
+    EQ(ok, MORE);
+    EQ(full, 1);   /* with a line on stderr */
+    pthread_barrier_wait(&hold);
+    for (int i = 0; i < started; i++) pthread_join(ths[i], NULL);
+    EQ(pthread_create(&th, NULL, rebind_thread, ctx), 0);   /* room again */
+    pthread_join(th, NULL);
+    pthread_attr_destroy(&attr);
+    EQ(cu.cuMemGetInfo_v2(&f, &t), 0);
 }
 
 static void s_init_803(void)
@@ -295,12 +406,6 @@ static void s_fail_copy(void)   /* FAIL_COPY 3 */
     EQ(cu.cuMemFree_v2(d), 0);
 }
 
-static int all(const unsigned char *p, size_t n, unsigned char c)
-{
-    for (size_t i = 0; i < n; i++) if (p[i] != c) return 0;
-    return 1;
-}
-
 static void s_async(void)   /* deferred async work and events */
 {
     CUdeviceptr d, e;
@@ -321,7 +426,7 @@ static void s_async(void)   /* deferred async work and events */
     memset(out, 0, 64);
     EQ(cu.cuMemcpyDtoHAsync_v2(out, d, 64, st), 0);
     EQ(all(out, 64, 0), 1);
-    EQ(cu.cuStreamSynchronize(NULL), 0);   /* any stream's sync runs it all */
+    EQ(cu.cuStreamSynchronize(NULL), 0);   /* the legacy stream's sync waits for blocking streams */
     EQ(all(out, 64, 1), 1);
 
     /* HtoD reads the host buffer when it runs, not at the call */
@@ -638,6 +743,112 @@ static void s_fail_mailbox_job(void)   /* FAIL_MAILBOX 2 */
     EQ(cu.cuMemsetD8_v2(d, 0, 16), 700);
 }
 
+/* Mailbox jobs beside other streams' pending work: a race only where both
+ * touch the same memory, one writing it. stderr goes to a file, to check
+ * what the fake said. */
+static int err_fd = -1;
+static void capture_stderr(void)
+{
+    char path[128];
+    snprintf(path, sizeof path, "%s/stderr.%d", tmp, (int)getpid());
+    err_fd = open(path, O_RDWR | O_CREAT | O_TRUNC, 0600);
+    EQ(err_fd >= 0, 1);
+    fflush(stderr);
+    dup2(err_fd, 2);
+}
+static int said(const char *text)
+{
+    char buf[4096] = "";
+    ssize_t n = pread(err_fd, buf, sizeof buf - 1, 0);
+    if (n > 0) buf[n] = 0;
+    return strstr(buf, text) != NULL;
+}
+#define RACE "fake libcuda: a nbd_vram_mailbox job while async work is pending"
+
+static void s_mailbox_overlap(void)   /* lone jobs, device memory */
+{
+    void *fn;
+    unsigned char *slot, *landing;
+    CUdeviceptr d;
+    CUstream other;
+    static unsigned char buf[64], out[64];
+    capture_stderr();
+    CUstream st = mailbox(&fn, &slot, &landing, &d);
+    unsigned char *dev = (unsigned char *)(uintptr_t)d;
+    EQ(cu.cuStreamCreate(&other, 1), 0);
+    memset(buf, 2, 64);
+    EQ(cu.cuMemcpyHtoDAsync_v2(d + 4096, buf, 64, other), 0);   /* pending: writes 4096..4160 */
+    EQ(cu.cuMemcpyDtoHAsync_v2(out, d, 64, other), 0);         /* pending: reads 0..64 */
+    post(slot, d, 1, 4096);                       /* reads 0..4096: a read beside a read */
+    EQ(flag_becomes(slot, 64, 1), 1);
+    EQ(all(landing, 4096, 7), 1);
+    memset(landing, 3, 16);
+    post(slot, d + 4080, 2, 16 | 1u << 31);       /* writes 4080..4096: next to both */
+    EQ(flag_becomes(slot, 64, 2), 2);
+    EQ(all(dev + 4080, 16, 3), 1);
+    EQ(cu.cuMemsetD8Async(d + 2048, 5, 16, st), 0);   /* on the kernel's stream: waits behind it */
+    post(slot, d + 2048, 3, 16);
+    EQ(flag_becomes(slot, 64, 3), 3);
+    EQ(all(landing, 16, 7), 1);
+    EQ(said(RACE), 0);
+    post(slot, d + 4144, 4, 32);                  /* reads 4144..4176: the pending copy writes it */
+    EQ(settled(st), 700);
+    EQ(flag(slot, 64), 3);
+    EQ(said(RACE), 1);
+    EQ(all(dev + 4096, 64, 7) && all(out, 64, 0), 1);   /* the other stream's work is still pending */
+}
+
+static void s_mailbox_overlap_list(void)   /* each row of a list job */
+{
+    void *fn;
+    unsigned char *slot, *landing;
+    CUdeviceptr d;
+    CUstream other;
+    capture_stderr();
+    CUstream st = mailbox(&fn, &slot, &landing, &d);
+    EQ(cu.cuStreamCreate(&other, 0), 0);
+    EQ(cu.cuMemsetD8Async(d + 1024, 9, 64, other), 0);   /* pending: writes 1024..1088 */
+    memset(landing, 0, 4096);
+    row(slot, 0, (uintptr_t)landing, d, 32);
+    row(slot, 1, (uintptr_t)landing + 64, d + 1088, 32);
+    post(slot, 0, 1, 2 | 1u << 30);               /* two reads beside it */
+    EQ(flag_becomes(slot, 64, 1), 1);
+    EQ(all(landing, 32, 7) && all(landing + 64, 32, 7), 1);
+    EQ(said(RACE), 0);
+    memset(landing, 0, 4096);
+    row(slot, 0, (uintptr_t)landing, d, 32);
+    row(slot, 1, (uintptr_t)landing + 64, d + 1072, 32);   /* 1072..1104: its second row overlaps */
+    post(slot, 0, 2, 2 | 1u << 30);
+    EQ(settled(st), 700);
+    EQ(flag(slot, 64), 1);
+    EQ(said(RACE), 1);
+    EQ(all(landing, 4096, 0), 1);                 /* no row ran */
+}
+
+static void s_mailbox_overlap_host(void)   /* the landing buffer */
+{
+    void *fn;
+    unsigned char *slot, *landing;
+    CUdeviceptr d;
+    CUstream other;
+    capture_stderr();
+    CUstream st = mailbox(&fn, &slot, &landing, &d);
+    unsigned char *dev = (unsigned char *)(uintptr_t)d;
+    EQ(cu.cuStreamCreate(&other, 1), 0);
+    memset(landing, 4, 65536);
+    EQ(cu.cuMemcpyHtoDAsync_v2(d + 4096, landing + 8192, 64, other), 0);   /* pending: reads landing 8192.. */
+    post(slot, d, 1, 4096);                       /* writes landing 0..4096 */
+    EQ(flag_becomes(slot, 64, 1), 1);
+    EQ(all(landing, 4096, 7), 1);
+    EQ(said(RACE), 0);
+    EQ(cu.cuMemcpyHtoDAsync_v2(d + 4096, landing + 1024, 64, other), 0);   /* pending: reads landing 1024.. */
+    post(slot, d + 16, 2, 4096);                  /* would overwrite it */
+    EQ(settled(st), 700);
+    EQ(flag(slot, 64), 1);
+    EQ(said(RACE), 1);
+    EQ(all(dev + 4096, 64, 7), 1);
+}
+
 static void s_no_jit(void)
 {
     void *mod;
@@ -674,7 +885,7 @@ static void s_fail_copy_batch(void)   /* FAIL_COPY 3: a failing batch queues not
 static void s_fail_sync(void)   /* FAIL_SYNC 2 */
 {
     CUdeviceptr d, e;
-    CUstream st;
+    CUstream st, other;
     CUevent ev, ev2;
     void *h;
     int x;
@@ -684,8 +895,9 @@ static void s_fail_sync(void)   /* FAIL_SYNC 2 */
     EQ(cu.cuMemAlloc_v2(&d, 4096), 0);
     EQ(cu.cuMemHostAlloc(&h, 4096, 0), 0);
     EQ(cu.cuStreamCreate(&st, 0), 0);
+    EQ(cu.cuStreamCreate(&other, 1), 0);
     EQ(cu.cuEventCreate(&ev, 0), 0);
-    EQ(cu.cuMemsetD8_v2(d, 0, 64), 0);
+    EQ(cu.cuMemsetD8_v2(d, 0, 128), 0);
     EQ(cu.cuMemsetD8Async(d, 1, 64, st), 0);
     EQ(cu.cuStreamSynchronize((CUstream)&x), 400);   /* invalid: not counted */
     EQ(cu.cuEventSynchronize((CUevent)&x), 400);
@@ -694,7 +906,8 @@ static void s_fail_sync(void)   /* FAIL_SYNC 2 */
     memset(out, 0, 64);
     EQ(cu.cuMemcpyDtoHAsync_v2(out, d, 64, st), 0);
     EQ(cu.cuEventRecord(ev, st), 0);
-    EQ(cu.cuEventSynchronize(ev), 700);   /* 2: the pending work is lost */
+    EQ(cu.cuMemsetD8Async(d + 64, 9, 64, other), 0);
+    EQ(cu.cuEventSynchronize(ev), 700);   /* 2: the pending work is lost, every stream's */
     EQ(all(out, 64, 0), 1);
     /* sticky: everything that needs the context fails */
     EQ(cu.cuStreamSynchronize(st), 700);
@@ -712,8 +925,11 @@ static void s_fail_sync(void)   /* FAIL_SYNC 2 */
     EQ(cu.cuMemHostAlloc(&h, 4096, 0), 700);
     EQ(cu.cuStreamCreate(&st, 0), 700);
     EQ(all(out, 64, 0), 1);
+    EQ(all((unsigned char *)(uintptr_t)d, 64, 1) && all((unsigned char *)(uintptr_t)d + 64, 64, 0), 1);   /* as it was */
     /* frees still work, so the process can clean up */
     EQ(cu.cuEventDestroy_v2(ev), 0);
+    EQ(cu.cuStreamDestroy_v2(other), 0);
+    EQ(all((unsigned char *)(uintptr_t)d, 64, 1) && all((unsigned char *)(uintptr_t)d + 64, 64, 0), 1);
     EQ(cu.cuStreamDestroy_v2(st), 0);
     EQ(cu.cuMemFreeHost(h), 0);
     EQ(cu.cuMemFree_v2(d), 0);
@@ -727,6 +943,99 @@ static void s_fail_sync(void)   /* FAIL_SYNC 2 */
     EQ(cu.cuStreamSynchronize(NULL), 0);   /* 3 */
     EQ(cu.cuMemcpyDtoH_v2(out, d, 64), 0);
     EQ(all(out, 64, 4), 1);
+    EQ(cu.cuMemFree_v2(d), 0);
+}
+
+/* A queue per stream: a stream's sync or event runs its own work only. */
+struct waiter { CUcontext ctx; CUevent ev; CUstream st; };
+static void *event_waiter(void *arg)   /* another thread, as another connection */
+{
+    struct waiter *w = arg;
+    EQ(cu.cuCtxSetCurrent(w->ctx), 0);
+    EQ(cu.cuEventSynchronize(w->ev), 0);
+    return NULL;
+}
+
+static void s_streams(void)
+{
+    CUdeviceptr d;
+    CUstream a, b, nb;
+    CUevent ev;
+    static unsigned char buf[4][64], out[64];
+    CUcontext ctx = start(0);
+    EQ(cu.cuMemAlloc_v2(&d, 4096), 0);
+    unsigned char *dev = (unsigned char *)(uintptr_t)d;   /* device memory is ours to look at */
+    EQ(cu.cuMemsetD8_v2(d, 1, 4096), 0);
+    EQ(cu.cuStreamCreate(&a, 0), 0);
+    EQ(cu.cuStreamCreate(&b, 1), 0);
+    EQ(cu.cuStreamCreate(&nb, 1), 0);
+    EQ(cu.cuEventCreate(&ev, 2), 0);
+
+    /* a sync of a leaves b's HtoD copy unrun until b syncs */
+    memset(buf[0], 2, 64);
+    memset(out, 0, 64);
+    EQ(cu.cuMemcpyHtoDAsync_v2(d, buf[0], 64, b), 0);
+    EQ(cu.cuMemcpyDtoHAsync_v2(out, d + 1024, 64, a), 0);
+    EQ(cu.cuStreamSynchronize(a), 0);
+    EQ(all(out, 64, 1), 1);
+    EQ(all(dev, 64, 1), 1);   /* still old */
+    EQ(cu.cuStreamQuery(a), 0);   /* a query runs its own stream's work only */
+    EQ(all(dev, 64, 1), 1);
+    memset(buf[0], 3, 64);    /* the copy reads it when it runs */
+    EQ(cu.cuStreamSynchronize(b), 0);
+    EQ(all(dev, 64, 3), 1);
+
+    /* an event recorded on b, synchronized on another thread: b's work up
+     * to it runs, not b's later work nor a's */
+    memset(buf[1], 4, 64);
+    memset(buf[2], 5, 64);
+    memset(buf[3], 6, 64);
+    EQ(cu.cuMemcpyHtoDAsync_v2(d + 64, buf[1], 64, b), 0);
+    EQ(cu.cuEventRecord(ev, b), 0);
+    EQ(cu.cuMemcpyHtoDAsync_v2(d + 128, buf[2], 64, b), 0);
+    EQ(cu.cuMemcpyHtoDAsync_v2(d + 192, buf[3], 64, a), 0);
+    struct waiter w = {ctx, ev, a};
+    pthread_t th;
+    EQ(pthread_create(&th, NULL, event_waiter, &w), 0);
+    pthread_join(th, NULL);
+    EQ(all(dev + 64, 64, 4) && all(dev + 128, 64, 1) && all(dev + 192, 64, 1), 1);
+    EQ(cu.cuStreamSynchronize(b), 0);
+    EQ(all(dev + 128, 64, 5) && all(dev + 192, 64, 1), 1);
+    EQ(cu.cuStreamSynchronize(a), 0);
+    EQ(all(dev + 192, 64, 6), 1);
+
+    /* the legacy stream: its sync waits for the blocking streams (a), not
+     * the non-blocking ones (b, nb); its work runs after a's earlier work */
+    EQ(cu.cuMemsetD8Async(d, 7, 64, a), 0);
+    EQ(cu.cuMemsetD8Async(d + 64, 8, 64, nb), 0);
+    EQ(cu.cuMemsetD8Async(d, 9, 16, NULL), 0);
+    EQ(cu.cuStreamSynchronize(NULL), 0);
+    EQ(all(dev, 16, 9) && all(dev + 16, 48, 7) && all(dev + 64, 64, 4), 1);
+    EQ(cu.cuStreamSynchronize(nb), 0);
+    EQ(all(dev + 64, 64, 8), 1);
+
+    /* an event whose stream is destroyed: its work ran, it syncs at once */
+    EQ(cu.cuMemsetD8Async(d, 10, 64, nb), 0);
+    EQ(cu.cuEventRecord(ev, nb), 0);
+    EQ(cu.cuStreamDestroy_v2(nb), 0);
+    EQ(all(dev, 64, 10), 1);
+    EQ(cu.cuEventSynchronize(ev), 0);
+
+    /* a synchronous copy waits for every stream */
+    EQ(cu.cuMemsetD8Async(d, 11, 64, b), 0);
+    EQ(cu.cuMemsetD8Async(d + 64, 12, 64, a), 0);
+    EQ(cu.cuMemcpyDtoH_v2(out, d + 1024, 64), 0);
+    EQ(all(dev, 64, 11) && all(dev + 64, 64, 12), 1);
+
+    /* each stream's queue is full at its own 4096 ops */
+    for (int i = 0; i < 4096; i++) EQ(cu.cuMemsetD8Async(d + 2048 + i % 1024, 13, 1, a), 0);
+    for (int i = 0; i < 4096; i++) EQ(cu.cuMemsetD8Async(d + 3072 + i % 1024, 14, 1, b), 0);
+    EQ(all(dev + 2048, 2048, 1), 1);
+    EQ(cu.cuMemsetD8Async(d + 3072, 15, 1, b), 0);   /* b's oldest runs, a's none */
+    EQ(dev[3072] == 14 && all(dev + 3073, 1023, 1) && all(dev + 2048, 1024, 1), 1);
+    EQ(cu.cuStreamDestroy_v2(a), 0);
+    EQ(all(dev + 2048, 1024, 13) && dev[3072] == 15 && all(dev + 3073, 1023, 14), 1);
+    EQ(cu.cuStreamDestroy_v2(b), 0);
     EQ(cu.cuMemFree_v2(d), 0);
 }
 
@@ -898,7 +1207,7 @@ static int run(const char *name, void (*fn)(void), const char *env)
     int st = 0;
     waitpid(pid, &st, 0);
     int ok = WIFEXITED(st) && WEXITSTATUS(st) == 0;
-    printf("%-16s %s\n", name, ok ? "ok" : "FAILED");
+    printf("%-20s %s\n", name, ok ? "ok" : "FAILED");
     return !ok;
 }
 
@@ -937,6 +1246,8 @@ int main(int argc, char **argv)
     bad |= run("two_devices", s_two_devices, "FAKE_CUDA_DEVICES=2 FAKE_CUDA_TOTAL_MIB=64");
     bad |= run("fail_copy", s_fail_copy, "FAKE_CUDA_FAIL_COPY=3");
     bad |= run("async", s_async, "");
+    bad |= run("threads", s_threads, "");
+    bad |= run("streams", s_streams, "");
     bad |= run("fail_copy_batch", s_fail_copy_batch, "FAKE_CUDA_FAIL_COPY=3");
     bad |= run("fail_sync", s_fail_sync, "FAKE_CUDA_FAIL_SYNC=2");
     bad |= run("rows", s_rows, "");
@@ -946,6 +1257,9 @@ int main(int argc, char **argv)
     bad |= run("mailbox_list", s_mailbox_list, "");
     bad |= run("mailbox_misalign", s_fail_mailbox, "FAKE_CUDA_EXEC_TIMEOUT=1");
     bad |= run("fail_mailbox", s_fail_mailbox_job, "FAKE_CUDA_FAIL_MAILBOX=2");
+    bad |= run("mailbox_overlap", s_mailbox_overlap, "");
+    bad |= run("mailbox_overlap_list", s_mailbox_overlap_list, "");
+    bad |= run("mailbox_overlap_host", s_mailbox_overlap_host, "");
     snprintf(env, sizeof env, "FAKE_CUDA_BACKING=%s/backing", tmp);
     bad |= run("backing_file", s_backing, env);
     snprintf(env, sizeof env, "FAKE_CUDA_BACKING=%s/backing FAKE_CUDA_TOTAL_MIB=32", tmp);

@@ -5,9 +5,13 @@
  * and launch calls, cuStreamQuery, cuDeviceGetAttribute), with the real ABI,
  * and backs "device memory" with
  * ordinary memory of this process, so a CUdeviceptr is a real address here.
- * Async copies and memsets are deferred to a queue that runs at the latest
- * legal moment (a sync, a synchronous copy, a free), so a caller that skips a
- * sync sees stale data. The mailbox kernel runs on threads of its own,
+ * The current context is per thread, as in CUDA (a table of thread ids, not
+ * thread-local storage): a thread that never made one current gets
+ * CUDA_ERROR_INVALID_CONTEXT. Async copies and memsets are deferred to a
+ * queue per stream that runs at the latest legal moment (a sync of that
+ * stream, an event recorded on it, a synchronous copy, a free), so a caller
+ * that skips a sync, or waits for one stream where its data went through
+ * another, sees stale data. The mailbox kernel runs on threads of its own,
  * started by cuInit as the driver starts its threads, and does whatever its
  * PTX's memory ordering allows, at the worst moment. Behaviour is tuned by FAKE_CUDA_* variables read
  * once, at the first cuInit(0); see README.md beside this file.
@@ -25,6 +29,8 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
+#include <errno.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -73,19 +79,31 @@ static const struct { CUresult code; const char *name, *text; } errors[] = {
 #define MAX_DEVICES 16
 
 struct CUctx_st { int dev, refs; };        /* a device's primary context */
+/* Async work waiting to run: a copy or memset. A queue holds one stream's,
+ * in order: op number seq (counted from 0) lives in ops[seq % QCAP];
+ * [done, queued) are pending. */
+enum copy_kind { H2D, D2H, SET };
+struct op { enum copy_kind kind; unsigned char val; char *dev; void *host; size_t n; };
+#define QCAP 4096
+struct queue { struct op *ops; unsigned long long done, queued; };
 /* The mailbox kernel resident on a stream, if any (see "The SMs" below):
  * `last` is the sequence it took last; `on_sm` while an SM thread runs it;
  * `started` once it may write `alive` (FAKE_CUDA_LATE_START: at the first
- * query or sync); `acquire`, `release`, `fresh`: what its PTX promises. */
+ * query or sync); `acquire`, `release`, `fresh`: what its PTX promises;
+ * `own`: its stream's queue, whose work is ordered with it. */
 struct mailbox {
     unsigned char *slot, *landing;
+    struct queue *own;
     unsigned long long base;
     unsigned last;
     int running, on_sm, started, acquire, release, fresh;
 };
-struct CUstream_st { int dev; unsigned flags; struct mailbox mb; struct CUstream_st *next; };
-/* seq: the queue position recorded (0: never recorded, syncs at once) */
-struct CUevent_st { int dev; unsigned long long seq; struct CUevent_st *next; };
+/* flags & 1: CU_STREAM_NON_BLOCKING; q: its pending work, ops allocated at
+ * cuStreamCreate (and faulted in then). */
+struct CUstream_st { int dev; unsigned flags; struct mailbox mb; struct queue q; struct CUstream_st *next; };
+/* The queue and position recorded (q NULL: never recorded, or its stream
+ * is gone and its work has run: syncs at once). */
+struct CUevent_st { int dev; struct queue *q; unsigned long long seq; struct CUevent_st *next; };
 struct block { char *p; size_t size; int dev; struct block *next; };
 
 static struct device {
@@ -106,12 +124,31 @@ static struct block *allocs;              /* device memory, sorted by address */
 static struct block *host_allocs;         /* cuMemHostAlloc memory */
 static struct CUstream_st *streams;
 static struct CUevent_st *events;
-/* As in CUDA, the current context is per thread. */
-static __thread struct CUctx_st *current;
+/* As in CUDA, the current context is per thread: {thread id, context} for
+ * each thread that made one current, here under the lock. Not a __thread
+ * variable: a dlopen'ed library's thread-local storage is malloc'ed at its
+ * first use in each thread, which a swap server under memory pressure may
+ * wait on for ever. An exited thread's entry stays until its id is reused
+ * (the new thread then inherits it) or the table is full (then entries of
+ * threads that are gone are taken back). */
+#define THREADS 256
+static struct { pid_t tid; struct CUctx_st *ctx; } bound[THREADS];
 
+static pid_t my_tid(void) { return (pid_t)syscall(SYS_gettid); }
+
+/* The calling thread's current context, or NULL. Lock held. */
+static struct CUctx_st *cur(void)
+{
+    pid_t t = my_tid();
+    for (int i = 0; i < THREADS; i++)
+        if (bound[i].tid == t) return bound[i].ctx;
+    return NULL;
+}
+
+/* Lock held, as for every logf_ line it goes into. */
 static const char *short_name(CUresult rc)
 {
-    static __thread char buf[16];
+    static char buf[16];
     if (rc == OK) return "ok";
     for (size_t i = 0; i < sizeof errors / sizeof *errors; i++)
         if (errors[i].code == rc) return errors[i].name + strlen("CUDA_ERROR_");
@@ -298,23 +335,24 @@ static CUresult need_dev(CUdevice d) { return need_init() ? E_NOT_INIT : d < 0 |
  * other call that needs a context uses need_ctx, which reports it. */
 static CUresult ctx_ok(void)
 {
-    return need_init() ? E_NOT_INIT : current && current->refs > 0 ? OK : E_CONTEXT;
+    if (need_init()) return E_NOT_INIT;
+    struct CUctx_st *c = cur();
+    return c && c->refs > 0 ? OK : E_CONTEXT;
 }
-static CUresult need_ctx(void) { return ctx_ok() ? ctx_ok() : sticky; }
+static CUresult need_ctx(void) { CUresult rc = ctx_ok(); return rc ? rc : sticky; }
 #define LOCKED(expr) do { pthread_mutex_lock(&lock); CUresult rc_ = (expr); \
                           pthread_mutex_unlock(&lock); return rc_; } while (0)
 
-/* The pending async work: one in-order queue for all streams and contexts.
+/* The pending async work: a queue per stream (struct queue, above), and
+ * one for the legacy streams (NULL, CU_STREAM_LEGACY, CU_STREAM_PER_THREAD).
  * CUDA may run async work at any moment before the sync that waits for it;
  * running it as late as allowed makes a caller that reads a host buffer
- * before its sync, or reuses one before its copy ran, see the damage. Op
- * number seq (counted from 0) lives in queue[seq % QCAP];
- * [done, queued) are pending. An event records `queued` as its position. */
-enum copy_kind { H2D, D2H, SET };
-struct op { enum copy_kind kind; unsigned char val; char *dev; void *host; size_t n; };
-#define QCAP 4096
-static struct op queue[QCAP];
-static unsigned long long done, queued;
+ * before its sync, reuses one before its copy ran, or waits for one stream
+ * where the work it needs went through another, see the damage. A stream's
+ * sync or event runs that stream's work only. An event records its queue
+ * and `queued` there. */
+static struct op legacy_ops[QCAP];
+static struct queue legacy = {legacy_ops, 0, 0};
 
 static void run_op(const struct op *o)
 {
@@ -323,31 +361,64 @@ static void run_op(const struct op *o)
     else memset(o->dev, o->val, o->n);
 }
 
-/* Runs the pending ops numbered below seq, oldest first. */
-static void run_until(unsigned long long seq)
+/* Runs q's pending ops numbered below seq, oldest first. */
+static void run_until(struct queue *q, unsigned long long seq)
 {
-    for (; done < seq && done < queued; done++) run_op(&queue[done % QCAP]);
+    for (; q->done < seq && q->done < q->queued; q->done++) run_op(&q->ops[q->done % QCAP]);
 }
-static void drain(void) { run_until(queued); }
+static void drain_queue(struct queue *q) { run_until(q, q->queued); }
 
-static void enqueue(const struct op *o)
+/* The legacy stream's implicit sync: its work waits for the earlier work of
+ * every blocking stream (created without CU_STREAM_NON_BLOCKING), theirs
+ * for its. Running the earlier side's work when the later is queued keeps
+ * that order (and one side at most with work pending). */
+static void drain_blocking(void)
 {
-    if (queued - done == QCAP) run_until(done + 1);   /* full: the oldest makes room */
-    queue[queued++ % QCAP] = *o;
+    for (struct CUstream_st *t = streams; t; t = t->next)
+        if (!(t->flags & 1)) drain_queue(&t->q);
 }
 
-/* A sync call that passed its checks, waiting for the ops below seq.
- * FAKE_CUDA_FAIL_SYNC: as when a kernel faults, the pending work is lost
- * and the context is poisoned until it is destroyed. */
-static CUresult sync_to(unsigned long long seq)
+/* Every stream's work: what a synchronous copy or a free waits for here. */
+static void drain(void)
+{
+    drain_queue(&legacy);
+    for (struct CUstream_st *t = streams; t; t = t->next) drain_queue(&t->q);
+}
+
+/* The queue of a valid stream handle. */
+static struct queue *queue_of(CUstream s) { return (uintptr_t)s <= 2 ? &legacy : &s->q; }
+
+static void enqueue(CUstream s, const struct op *o)
+{
+    struct queue *q = queue_of(s);
+    if (q == &legacy) drain_blocking();
+    else if (!(s->flags & 1)) drain_queue(&legacy);
+    if (q->queued - q->done == QCAP) run_until(q, q->done + 1);   /* full: the oldest makes room */
+    q->ops[q->queued++ % QCAP] = *o;
+}
+
+/* A sync call that passed its checks, waiting for q's ops below seq (q
+ * NULL: none). FAKE_CUDA_FAIL_SYNC: as when a kernel faults, the pending
+ * work of every stream is lost and the context is poisoned until it is
+ * destroyed. */
+static CUresult sync_to(struct queue *q, unsigned long long seq)
 {
     if (++syncs == fail_sync) {
-        done = queued;
+        legacy.done = legacy.queued;
+        for (struct CUstream_st *t = streams; t; t = t->next) t->q.done = t->q.queued;
         sticky = E_ILLEGAL;
         return E_ILLEGAL;
     }
-    run_until(seq);
+    if (q) run_until(q, seq);
     return OK;
+}
+
+/* A stream about to be freed, its work run: events recorded on it are
+ * complete. */
+static void forget_stream(struct CUstream_st *s)
+{
+    for (struct CUevent_st *e = events; e; e = e->next)
+        if (e->q == &s->q) e->q = NULL;
 }
 
 static CUresult device_get(CUdevice *d, int ordinal)
@@ -420,7 +491,9 @@ static CUresult ctx_release(CUdevice d)
         }
         for (struct CUstream_st **pp = &streams, *s; (s = *pp);) {
             if (s->dev != d) { pp = &s->next; continue; }
+            forget_stream(s);
             *pp = s->next;
+            free(s->q.ops);
             free(s);
         }
         for (struct CUevent_st **pp = &events, *e; (e = *pp);) {
@@ -441,6 +514,22 @@ static CUresult ctx_release(CUdevice d)
 }
 API CUresult cuDevicePrimaryCtxRelease_v2(CUdevice d) { LOCKED(ctx_release(d)); }
 
+/* A full table: takes back the entries of threads that are gone; the
+ * first one freed, or -1. */
+static int reclaim_bound(void)
+{
+    int first = -1, saved = errno;
+    for (int i = 0; i < THREADS; i++)
+        if (bound[i].tid && syscall(SYS_tgkill, getpid(), bound[i].tid, 0) < 0 && errno == ESRCH) {
+            bound[i].tid = 0;
+            bound[i].ctx = NULL;
+            if (first < 0) first = i;
+        }
+    errno = saved;
+    return first;
+}
+
+/* Binds ctx to the calling thread only; NULL unbinds, as in CUDA. */
 static CUresult ctx_set(CUcontext ctx)
 {
     if (need_init()) return E_NOT_INIT;
@@ -449,7 +538,24 @@ static CUresult ctx_set(CUcontext ctx)
         while (i < ndev && ctx != &devs[i].ctx) i++;
         if (i == ndev || ctx->refs == 0) return E_CONTEXT;
     }
-    current = ctx;   /* NULL unbinds, as in CUDA */
+    pid_t t = my_tid();
+    int at = -1, empty = -1;
+    for (int i = 0; i < THREADS && at < 0; i++) {
+        if (bound[i].tid == t) at = i;
+        else if (!bound[i].tid && empty < 0) empty = i;
+    }
+    if (!ctx) {
+        if (at >= 0) { bound[at].tid = 0; bound[at].ctx = NULL; }
+        return OK;
+    }
+    if (at < 0) at = empty >= 0 ? empty : reclaim_bound();
+    if (at < 0) {
+        fprintf(stderr, "fake libcuda: cuCtxSetCurrent: %d live threads have a current context already; "
+                        "the fake has no room for more\n", THREADS);
+        return E_UNKNOWN;
+    }
+    bound[at].tid = t;
+    bound[at].ctx = ctx;
     return OK;
 }
 API CUresult cuCtxSetCurrent(CUcontext ctx) { LOCKED(ctx_set(ctx)); }
@@ -468,9 +574,9 @@ static CUresult mem_info(size_t *free, size_t *total)
 {
     CUresult rc = need_ctx() ? need_ctx() : !free || !total ? E_VALUE : OK;
     if (!rc) {
-        size_t held = others(), left = devs[current->dev].free;
+        size_t held = others(), left = devs[cur()->dev].free;
         *free = held < left ? left - held : 0;
-        *total = devs[current->dev].total;
+        *total = devs[cur()->dev].total;
     }
     return rc;
 }
@@ -497,7 +603,7 @@ static struct block **place(struct device *dv, size_t size, char **out)
 static CUresult mem_alloc(CUdeviceptr *dptr, size_t size)
 {
     CUresult rc = need_ctx() ? need_ctx() : !dptr || size == 0 ? E_VALUE : OK;
-    struct device *dv = rc ? NULL : &devs[current->dev];
+    struct device *dv = rc ? NULL : &devs[cur()->dev];
     struct block **pp = NULL, *b = NULL;
     char *p = NULL;
     /* free is exact bytes; CUDA would round up to its page size */
@@ -513,7 +619,7 @@ static CUresult mem_alloc(CUdeviceptr *dptr, size_t size)
         rc = E_OOM;
     }
     if (!rc) {
-        *b = (struct block){p, size, current->dev, *pp};
+        *b = (struct block){p, size, cur()->dev, *pp};
         *pp = b;
         dv->free -= size;
         *dptr = (CUdeviceptr)(uintptr_t)p;
@@ -582,15 +688,16 @@ static CUresult check_copy(const struct op *o, int async, CUstream s)
     return rc;
 }
 
-/* Async forms are queued; synchronous ones run after all pending work
- * (the legacy stream waits for the others; one queue waits for all). */
+/* Async forms are queued on their stream; synchronous ones run after all
+ * pending work of every stream (the legacy stream waits for the blocking
+ * ones; the fake waits for the non-blocking ones too). */
 static CUresult copy(enum copy_kind kind, CUdeviceptr dptr, void *host, unsigned char val,
                      size_t n, int async, CUstream s)
 {
     struct op o = {kind, val, (char *)(uintptr_t)dptr, host, n};
     CUresult rc = check_copy(&o, async, s);
     if (rc || !n) return rc;
-    if (async) enqueue(&o);
+    if (async) enqueue(s, &o);
     else { drain(); run_op(&o); }
     return OK;
 }
@@ -637,7 +744,7 @@ static CUresult copy2d(const memcpy2d *c, CUstream s)
             CUdeviceptr to = c->dst_dev + (c->dst_y + row) * c->dst_pitch + c->dst_x;
             struct op o = {H2D, 0, (char *)(uintptr_t)to, (void *)from, c->width};
             if (pass == 0) rc = check_copy(&o, 1, s);
-            else enqueue(&o);
+            else enqueue(s, &o);
         }
     logf_("memcpy2d %zu rows of %zu -> %s", c ? c->height : 0, c ? c->width : 0, short_name(rc));
     return rc;
@@ -680,7 +787,7 @@ static CUresult batch(CUdeviceptr *dsts, CUdeviceptr *srcs, size_t *sizes, size_
             struct op o = {h2d ? H2D : D2H, 0, (char *)(uintptr_t)(h2d ? dsts[i] : srcs[i]),
                            (void *)(uintptr_t)(h2d ? srcs[i] : dsts[i]), sizes[i]};
             if (pass == 0) rc = check_copy(&o, 1, s);
-            else if (o.n) enqueue(&o);
+            else if (o.n) enqueue(s, &o);
         }
     return rc;
 }
@@ -832,10 +939,11 @@ static CUresult mailbox_launch(unsigned gx, unsigned gy, unsigned gz, unsigned b
         return E_VALUE;
     }
     if (sticky) return sticky;
+    drain_queue(&s->q);   /* the stream's earlier work: done before it starts */
     /* What the PTX promises decides what the fake may do (see "The SMs"). */
     const char *ptx = mailbox_image ? mailbox_image : "";
     s->mb = (struct mailbox){
-        .slot = slot, .landing = landing, .base = *(unsigned long long *)params[3],
+        .slot = slot, .landing = landing, .own = &s->q, .base = *(unsigned long long *)params[3],
         .last = *(unsigned *)params[2], .running = 1, .started = !late_start,
         .acquire = strstr(ptx, "ld.acquire.sys") != NULL,
         .release = strstr(ptx, "st.release.sys") || strstr(ptx, "fence.acq_rel.sys") ||
@@ -907,8 +1015,44 @@ static void pause_us(struct sm *sm, unsigned max)
     if (t.tv_nsec) nanosleep(&t, NULL);
 }
 
+/* Whether [a, a + an) and [b, b + bn) share a byte. */
+static int overlap(const void *a, size_t an, const void *b, size_t bn)
+{
+    const char *x = a, *y = b;
+    return an && bn && x < y + bn && y < x + an;
+}
+
+/* Whether ops a and b touch the same memory, one of them writing it: a
+ * memset or an HtoD copy writes device memory, a DtoH copy host memory. */
+static int conflict(const struct op *a, const struct op *b)
+{
+    if ((a->kind != D2H || b->kind != D2H) && overlap(a->dev, a->n, b->dev, b->n)) return 1;
+    return a->kind != SET && b->kind != SET && (a->kind == D2H || b->kind == D2H) &&
+           overlap(a->host, a->n, b->host, b->n);
+}
+
+/* The first pending async op of any stream that a mailbox job's pieces
+ * would race with on a GPU (the kernel runs beside the streams' work,
+ * ordered with none of it), or NULL. */
+static const struct op *queue_conflict(const struct queue *q, const struct op *ops, unsigned n)
+{
+    for (unsigned long long i = q->done; i < q->queued; i++)
+        for (unsigned j = 0; j < n; j++)
+            if (conflict(&ops[j], &q->ops[i % QCAP])) return &q->ops[i % QCAP];
+    return NULL;
+}
+static const struct op *pending_conflict(const struct queue *own, const struct op *ops, unsigned n)
+{
+    const struct op *o = queue_conflict(&legacy, ops, n);
+    for (struct CUstream_st *t = streams; t && !o; t = t->next)
+        if (&t->q != own) o = queue_conflict(&t->q, ops, n);   /* its own stream's wait behind it */
+    return o;
+}
+
 /* Takes the job just read (lock held): checks it, runs it (from `data`
- * for a lone write), publishes done. Returns non-zero to end the kernel. */
+ * for a lone write), publishes done. Returns non-zero to end the kernel.
+ * A job whose device memory or host memory pending async work of any
+ * stream would also touch (one side writing) races with that work. */
 static CUresult mailbox_job(struct sm *sm, struct mailbox *m, unsigned seq, char *vram, unsigned len)
 {
     const unsigned char *data = sm->data;
@@ -918,19 +1062,24 @@ static CUresult mailbox_job(struct sm *sm, struct mailbox *m, unsigned seq, char
     struct op ops[(SLOT_LEN - SLOT_LIST) / SLOT_ROW];
     unsigned n = 0;
     CUresult rc = OK;
+    const struct op *other;
     m->last = seq;
-    if (len && done != queued) {
-        fprintf(stderr, "fake libcuda: a " MAILBOX_KERNEL " job while async work is pending: it would race with it\n");
-        rc = E_ILLEGAL;
-    } else if (listed) {
+    if (listed) {
         n = len & 0xffff;
         len = n;
         rc = mailbox_list(sm->rows, n, write, ops);
     } else if (len) {
         ops[n++] = (struct op){write ? H2D : D2H, 0, vram, m->landing, len};
         rc = mailbox_piece(&ops[0]);
-        if (write) ops[0].host = (void *)data;   /* what the kernel read */
     }
+    if (!rc && (other = pending_conflict(m->own, ops, n))) {
+        fprintf(stderr, "fake libcuda: a " MAILBOX_KERNEL " job while async work is pending on the same memory: "
+                        "it would race with it (a queued %s of %zu bytes, device %p, host %p)\n",
+                other->kind == H2D ? "HtoD copy" : other->kind == D2H ? "DtoH copy" : "memset", other->n,
+                (void *)other->dev, other->host);
+        rc = E_ILLEGAL;
+    }
+    if (!rc && write && !listed && len) ops[0].host = (void *)data;   /* what the kernel read */
     if (!rc && len && ++mailbox_jobs == fail_mailbox) rc = E_ILLEGAL;
     if (!rc && write && !listed && len && m->fresh && memcmp(data, m->landing, len)) {
         fprintf(stderr, "fake libcuda: a " MAILBOX_KERNEL " write's data changed after its job was posted\n");
@@ -1050,8 +1199,9 @@ static int start_sms(void)
     return 0;
 }
 
-/* A query runs the pending async work (CUDA may run it any time) unless a
- * mailbox kernel still runs on the stream; it lets a late one start. */
+/* A query runs the stream's pending async work (CUDA may run it any time)
+ * unless a mailbox kernel still runs on the stream; it lets a late one
+ * start. */
 static CUresult stream_query(CUstream s)
 {
     CUresult rc = need_ctx() ? need_ctx() : stream_ok(s) ? OK : E_HANDLE;
@@ -1062,7 +1212,8 @@ static CUresult stream_query(CUstream s)
         }
         return 600;
     }
-    if (!rc) drain();
+    if (!rc) drain_queue(queue_of(s));
+    if (!rc && (uintptr_t)s <= 2) drain_blocking();
     return rc;
 }
 API CUresult cuStreamQuery(CUstream s) { LOCKED(stream_query(s)); }
@@ -1100,7 +1251,7 @@ static CUresult host_alloc(void **pp, size_t size, unsigned flags)
     if (!rc) p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (!rc && (p == MAP_FAILED || !(b = malloc(sizeof *b)))) rc = E_OOM;
     if (rc) { if (p != MAP_FAILED) munmap(p, size); return rc; }
-    *b = (struct block){p, size, current->dev, host_allocs};
+    *b = (struct block){p, size, cur()->dev, host_allocs};
     host_allocs = b;
     *pp = p;
     return OK;
@@ -1128,16 +1279,19 @@ static CUresult stream_create(CUstream *ps, unsigned flags)
     /* CU_STREAM_DEFAULT 0 and CU_STREAM_NON_BLOCKING 1 are the only flags */
     CUresult rc = need_ctx() ? need_ctx() : !ps || flags > 1 ? E_VALUE : OK;
     struct CUstream_st *s = rc ? NULL : malloc(sizeof *s);
-    if (!rc && !s) rc = E_OOM;
+    struct op *ops = s ? malloc(QCAP * sizeof *ops) : NULL;
+    if (!rc && !ops) { free(s); rc = E_OOM; }
     if (rc) return rc;
-    *s = (struct CUstream_st){current->dev, flags, {0}, streams};
+    memset(ops, 0, QCAP * sizeof *ops);   /* faulted in now, not while serving swap */
+    *s = (struct CUstream_st){cur()->dev, flags, {0}, {ops, 0, 0}, streams};
     streams = *ps = s;
     return OK;
 }
 API CUresult cuStreamCreate(CUstream *ps, unsigned flags) { LOCKED(stream_create(ps, flags)); }
 
-/* Any stream's sync runs all the pending work: there is one queue. A
- * mailbox kernel that was not told to end would make it wait for ever. */
+/* A stream's sync runs its own pending work, no other stream's (the legacy
+ * stream's, the blocking streams' too). A mailbox kernel that was not told
+ * to end would make it wait for ever. */
 static CUresult stream_sync(CUstream s)
 {
     CUresult rc = need_ctx() ? need_ctx() : stream_ok(s) ? OK : E_HANDLE;
@@ -1146,7 +1300,9 @@ static CUresult stream_sync(CUstream s)
         abort();
     }
     if (!rc && (uintptr_t)s > 2 && sticky) rc = sticky;
-    return rc ? rc : sync_to(queued);
+    if (!rc) rc = sync_to(queue_of(s), queue_of(s)->queued);
+    if (!rc && (uintptr_t)s <= 2) drain_blocking();   /* the legacy stream waits for them */
+    return rc;
 }
 API CUresult cuStreamSynchronize(CUstream s) { LOCKED(stream_sync(s)); }
 
@@ -1162,7 +1318,9 @@ static CUresult stream_destroy(CUstream s)
         abort();
     }
     drain();   /* CUDA finishes a destroyed stream's work; this does it now */
+    forget_stream(s);
     *pp = s->next;
+    free(s->q.ops);
     free(s);
     return OK;
 }
@@ -1183,7 +1341,7 @@ static CUresult event_create(CUevent *pe, unsigned flags)
     struct CUevent_st *e = rc ? NULL : malloc(sizeof *e);
     if (!rc && !e) rc = E_OOM;
     if (rc) return rc;
-    *e = (struct CUevent_st){current->dev, 0, events};
+    *e = (struct CUevent_st){cur()->dev, NULL, 0, events};
     events = *pe = e;
     return OK;
 }
@@ -1192,7 +1350,11 @@ API CUresult cuEventCreate(CUevent *pe, unsigned flags) { LOCKED(event_create(pe
 static CUresult event_record(CUevent e, CUstream s)
 {
     CUresult rc = need_ctx() ? need_ctx() : !find_event(e) || !stream_ok(s) ? E_HANDLE : OK;
-    if (!rc) e->seq = queued;   /* one queue: the stream's work is all work so far */
+    if (!rc && (uintptr_t)s <= 2) drain_blocking();   /* the legacy stream waits for them */
+    if (!rc) {   /* the stream's work so far; no other stream's */
+        e->q = queue_of(s);
+        e->seq = e->q->queued;
+    }
     return rc;
 }
 API CUresult cuEventRecord(CUevent e, CUstream s) { LOCKED(event_record(e, s)); }
@@ -1200,7 +1362,7 @@ API CUresult cuEventRecord(CUevent e, CUstream s) { LOCKED(event_record(e, s)); 
 static CUresult event_sync(CUevent e)
 {
     CUresult rc = need_ctx() ? need_ctx() : find_event(e) ? OK : E_HANDLE;
-    return rc ? rc : sync_to(e->seq);
+    return rc ? rc : sync_to(e->q, e->seq);
 }
 API CUresult cuEventSynchronize(CUevent e) { LOCKED(event_sync(e)); }
 
