@@ -1,13 +1,15 @@
 //! Bench mode: measures an NBD server (ours or any other) the way the
-//! kernel drives it, with many requests pipelined on one connection, and
-//! prints one table row per access pattern plus a `bench: key=value` line
-//! per row for scripts.
+//! kernel drives it, with many requests pipelined on one connection (or on
+//! each of `--connections N` at once, see `conns`), and prints one table
+//! row per access pattern plus a `bench: key=value` line per row for
+//! scripts.
 //!
 //! The export is written once first (up to `MAX_REGION`), so every read
 //! hits data this run wrote, and every block read is checked for the stamp
 //! its write left (see `engine`).
 
 mod client;
+mod conns;
 mod engine;
 mod plot;
 mod verify;
@@ -22,17 +24,18 @@ use crate::cli::Addr;
 use crate::fail::{Code, Failure};
 use crate::info;
 use crate::uapi as sys;
-use client::{Conn, Shown};
-use engine::{Bufs, Spec, Stop, BLOCK};
+use client::Shown;
+use conns::Conns;
+use engine::{Bufs, Spec, Stop, Tally, BLOCK};
 
 const KIB: u32 = 1024;
 const MIB: u32 = 1024 * KIB;
 /// Patterns touch at most this much of the export, so that writing it
 /// first stays quick on a large one.
 const MAX_REGION: u64 = 4 << 30;
-/// Latency samples kept per pattern (a uniform sample beyond that).
+/// Latency samples kept per pattern (a uniform sample beyond that), split
+/// evenly among the connections.
 const SAMPLES: usize = 1 << 20;
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// One access pattern.
 #[derive(Clone, Copy, Debug)]
@@ -93,15 +96,17 @@ pub struct Row {
 }
 
 impl Row {
-    /// The figures of `t`, whose latencies are `sorted`.
-    fn new(p: &Pattern, t: engine::Tally, sorted: &[u64]) -> Row {
+    /// The figures of connections that ran `p` at once, measured `each`:
+    /// requests, MB/s and IOPS summed over them; latencies, of them all,
+    /// are `sorted`.
+    fn new(p: &Pattern, each: &[Tally], sorted: &[u64]) -> Row {
         Row {
             pattern: p.name,
             len: p.len,
             depth: p.depth,
-            ios: t.ios,
-            mbps: t.bytes as f64 / t.secs / 1e6,
-            iops: t.ios as f64 / t.secs,
+            ios: each.iter().map(|t| t.ios).sum(),
+            mbps: each.iter().map(|t| t.bytes as f64 / t.secs / 1e6).sum(),
+            iops: each.iter().map(|t| t.ios as f64 / t.secs).sum(),
             p50_us: percentile(sorted, 50.0) as f64 / 1e3,
             p99_us: percentile(sorted, 99.0) as f64 / 1e3,
         }
@@ -133,14 +138,82 @@ fn table_head() -> String {
     format!("{:<20} {:>6} {:>3} {:>9} {:>9} {:>9} {:>9}", "pattern", "size", "qd", "MB/s", "IOPS", "p50 µs", "p99 µs")
 }
 
+/// A pattern's figures: `row` for all its connections together, and with
+/// several, each one's MB/s and IOPS.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Measured {
+    pub row: Row,
+    pub conns: Vec<(f64, f64)>,
+}
+
+impl Measured {
+    fn new(p: &Pattern, each: &[Tally], sorted: &[u64]) -> Measured {
+        let conns = if each.len() > 1 {
+            each.iter().map(|t| (t.bytes as f64 / t.secs / 1e6, t.ios as f64 / t.secs)).collect()
+        } else {
+            Vec::new()
+        };
+        Measured { row: Row::new(p, each, sorted), conns }
+    }
+
+    /// The `bench:` lines, `keys` (such as `server=NAME `) after `bench: `:
+    /// with one connection, `Row::line`; with several, it with `conns=N`,
+    /// then a `conn=I` line for each.
+    fn lines(&self, keys: &str) -> Vec<String> {
+        let row = &self.row;
+        let mut line = format!("bench: {keys}{}", row.line().trim_start_matches("bench: "));
+        if !self.conns.is_empty() {
+            line += &format!(" conns={}", self.conns.len());
+        }
+        let each = self.conns.iter().enumerate().map(|(i, (mbps, iops))| {
+            format!("bench: {keys}conn={i} pattern={} mbps={mbps:.1} iops={iops:.0}", row.pattern)
+        });
+        std::iter::once(line).chain(each).collect()
+    }
+
+    /// The table rows, each after `lead`: the pattern's, then with several
+    /// connections, an indented one for each with its MB/s and IOPS.
+    fn table_rows(&self, lead: &str) -> Vec<String> {
+        let each = self.conns.iter().enumerate().map(|(i, (mbps, iops))| {
+            format!("{lead}{:<20} {:>6} {:>3} {mbps:>9.1} {iops:>9.0}", format!("  conn {i}"), "", "")
+        });
+        std::iter::once(format!("{lead}{}", self.row.table_row())).chain(each).collect()
+    }
+}
+
+/// What one measurement runs on: every `--connect` (with its label), and
+/// how many connections to each at once.
+pub struct Servers<'a> {
+    pub list: &'a [(Addr, String)],
+    pub connections: usize,
+}
+
+impl Servers<'_> {
+    /// ", N connections" and `tail` in a title, where there are several.
+    fn several(&self, tail: &str) -> String {
+        if self.connections > 1 {
+            format!(", {} connections{tail}", self.connections)
+        } else {
+            String::new()
+        }
+    }
+}
+
+fn say_all(lines: Vec<String>) {
+    for line in lines {
+        say(&line);
+    }
+}
+
 /// `nbd-vram bench`: runs every pattern for `seconds` and prints the table,
 /// then the `bench:` lines.
-pub fn run(connect: &Addr, seconds: u32) -> Result<(), Failure> {
-    say(&format!("nbd-vram bench: {}, {seconds} s per pattern", Shown(connect)));
+pub fn run(servers: &Servers, seconds: u32) -> Result<(), Failure> {
+    let connect = &servers.list[0].0;
+    say(&format!("nbd-vram bench: {}{}, {seconds} s per pattern", Shown(connect), servers.several("")));
     say(&table_head());
-    let rows = run_patterns(connect, seconds, |row| say(&row.table_row()))?;
-    for row in &rows {
-        say(&row.line());
+    let rows = run_list(connect, servers.connections, seconds, &PATTERNS, |m| say_all(m.table_rows("")))?;
+    for m in &rows {
+        say_all(m.lines(""));
     }
     Ok(())
 }
@@ -148,27 +221,27 @@ pub fn run(connect: &Addr, seconds: u32) -> Result<(), Failure> {
 /// `nbd-vram bench --sweep`: runs `SWEEP` against each server in turn,
 /// printing a table and `bench: server=LABEL ...` lines for each, then,
 /// with `svg`, plots MB/s against request size for them all.
-pub fn sweep(servers: &[(Addr, String)], seconds: u32, svg: Option<&Path>) -> Result<(), Failure> {
+pub fn sweep(servers: &Servers, seconds: u32, svg: Option<&Path>) -> Result<(), Failure> {
     let mut series = Vec::new();
-    for (i, (connect, label)) in servers.iter().enumerate() {
-        say(&format!("nbd-vram bench --sweep: {label} ({}), {seconds} s per point", Shown(connect)));
+    for (i, (connect, label)) in servers.list.iter().enumerate() {
+        say(&format!("nbd-vram bench --sweep: {label} ({}{}), {seconds} s per point", Shown(connect), servers.several("")));
         say(&table_head());
-        let rows = run_list(connect, seconds, &SWEEP, |row| say(&row.table_row()))?;
-        for row in &rows {
-            say(&format!("bench: server={label} {}", row.line().trim_start_matches("bench: ")));
+        let rows = run_list(connect, servers.connections, seconds, &SWEEP, |m| say_all(m.table_rows("")))?;
+        for m in &rows {
+            say_all(m.lines(&format!("server={label} ")));
         }
         for (dir, write) in [("read", false), ("write", true)] {
             let points = rows
                 .iter()
                 .zip(SWEEP.iter())
                 .filter(|(_, p)| p.write == write)
-                .map(|(r, _)| (u64::from(r.len), r.mbps))
+                .map(|(m, _)| (u64::from(m.row.len), m.row.mbps))
                 .collect();
             series.push(plot::Series { name: format!("{label} {dir}"), color: i, dashed: write, points });
         }
     }
     if let Some(path) = svg {
-        let title = format!("Sequential throughput at queue depth 8, {seconds} s per point");
+        let title = format!("Sequential throughput at queue depth 8, {seconds} s per point{}", servers.several(" each"));
         let doc = plot::svg(&title, "request size (bytes, log2 scale)", "MB/s (10^6 bytes/s)", &series);
         std::fs::write(path, doc).map_err(|e| Failure::os(format!("writing {}", path.display()), e))?;
         info!("wrote {}", path.display());
@@ -176,27 +249,31 @@ pub fn sweep(servers: &[(Addr, String)], seconds: u32, svg: Option<&Path>) -> Re
     Ok(())
 }
 
-/// Connects, writes the region once, then runs every pattern in `PATTERNS`
-/// for `seconds` each after a short warm-up, calling `each` as a row is
-/// done. Disconnects cleanly at the end.
-pub fn run_patterns(connect: &Addr, seconds: u32, each: impl FnMut(&Row)) -> Result<Vec<Row>, Failure> {
-    run_list(connect, seconds, &PATTERNS, each)
-}
-
-/// `run_patterns` for any list of patterns. Each pattern runs on a
-/// connection of its own, after the region is written on a first one, so
+/// Connects, writes the region once, then runs every pattern of
+/// `patterns` on `n` connections at once for `seconds` each after a short
+/// warm-up, calling `each` as a pattern is done. Each pattern runs on
+/// connections of its own, after the region is written on first ones, so
 /// that a server's per-connection log describes one pattern.
-fn run_list(connect: &Addr, seconds: u32, patterns: &[Pattern], mut each: impl FnMut(&Row)) -> Result<Vec<Row>, Failure> {
-    let mut bufs = bufs_for(patterns);
+fn run_list(
+    connect: &Addr,
+    n: usize,
+    seconds: u32,
+    patterns: &[Pattern],
+    mut each: impl FnMut(&Measured),
+) -> Result<Vec<Measured>, Failure> {
+    let mut bufs = bufs_for(patterns, n);
     fill(connect, &mut bufs)?;
     let measure = Duration::from_secs(u64::from(seconds));
     let mut rows = Vec::with_capacity(patterns.len());
+    let mut sorted = Vec::new();
     for (i, p) in patterns.iter().enumerate() {
         let t = measure_one(connect, p, i, measure, &mut bufs)?;
-        bufs.samples.sort_unstable();
-        let row = Row::new(p, t, &bufs.samples);
-        each(&row);
-        rows.push(row);
+        sorted.clear();
+        bufs.iter().for_each(|b| sorted.extend_from_slice(&b.samples));
+        sorted.sort_unstable();
+        let m = Measured::new(p, &t, &sorted);
+        each(&m);
+        rows.push(m);
     }
     Ok(rows)
 }
@@ -205,108 +282,106 @@ fn run_list(connect: &Addr, seconds: u32, patterns: &[Pattern], mut each: impl F
 /// which the servers take in turn, reversing the order each round (A B B
 /// A ...), so that a machine whose speed drifts during the run (other
 /// tenants, clocks) moves every server alike, and the ratio of each to the
-/// first compares like with like. Prints a table row per server and
+/// first compares like with like. With several connections, a server's
+/// turn drives them all at once. Prints a table row per server and
 /// pattern, then the `bench: server=LABEL ...` lines and the ratios.
-pub fn compare(servers: &[(Addr, String)], seconds: u32) -> Result<(), Failure> {
-    let names: Vec<&str> = servers.iter().map(|(_, label)| label.as_str()).collect();
-    say(&format!("nbd-vram bench: {} in turns, {seconds} slice(s) of 1 s per pattern each", names.join(", ")));
+pub fn compare(servers: &Servers, seconds: u32) -> Result<(), Failure> {
+    let list = servers.list;
+    let names: Vec<&str> = list.iter().map(|(_, label)| label.as_str()).collect();
+    say(&format!(
+        "nbd-vram bench: {} in turns{}, {seconds} slice(s) of 1 s per pattern each",
+        names.join(", "),
+        servers.several(" each")
+    ));
     say(&format!("{:<10} {}", "server", table_head()));
-    let mut bufs = bufs_for(&PATTERNS);
-    for (connect, _) in servers {
+    let mut bufs = bufs_for(&PATTERNS, servers.connections);
+    for (connect, _) in list {
         fill(connect, &mut bufs)?;
     }
-    let mut rows: Vec<Vec<Row>> = vec![Vec::with_capacity(PATTERNS.len()); servers.len()];
+    let mut rows: Vec<Vec<Measured>> = vec![Vec::with_capacity(PATTERNS.len()); list.len()];
     for (i, p) in PATTERNS.iter().enumerate() {
-        let mut tallies = vec![engine::Tally::default(); servers.len()];
-        let mut samples = vec![Vec::new(); servers.len()];
+        let mut tallies = vec![vec![Tally::default(); servers.connections]; list.len()];
+        let mut samples = vec![Vec::new(); list.len()];
         for round in 0..seconds as usize {
-            for k in 0..servers.len() {
-                let k = if round % 2 == 0 { k } else { servers.len() - 1 - k };
-                let t = measure_one(&servers[k].0, p, i, Duration::from_secs(1), &mut bufs)?;
-                let sum = &mut tallies[k];
-                (sum.ios, sum.bytes, sum.secs) = (sum.ios + t.ios, sum.bytes + t.bytes, sum.secs + t.secs);
-                samples[k].extend_from_slice(&bufs.samples);
+            for k in 0..list.len() {
+                let k = if round % 2 == 0 { k } else { list.len() - 1 - k };
+                let each = measure_one(&list[k].0, p, i, Duration::from_secs(1), &mut bufs)?;
+                for ((sum, t), b) in tallies[k].iter_mut().zip(each).zip(&bufs) {
+                    (sum.ios, sum.bytes, sum.secs) = (sum.ios + t.ios, sum.bytes + t.bytes, sum.secs + t.secs);
+                    samples[k].extend_from_slice(&b.samples);
+                }
             }
         }
         for (k, sample) in samples.iter_mut().enumerate() {
             sample.sort_unstable();
-            let row = Row::new(p, tallies[k], sample);
-            say(&format!("{:<10} {}", names[k], row.table_row()));
-            rows[k].push(row);
+            let m = Measured::new(p, &tallies[k], sample);
+            say_all(m.table_rows(&format!("{:<10} ", names[k])));
+            rows[k].push(m);
         }
     }
     for (name, own) in names.iter().zip(&rows) {
-        for row in own {
-            say(&format!("bench: server={name} {}", row.line().trim_start_matches("bench: ")));
+        for m in own {
+            say_all(m.lines(&format!("server={name} ")));
         }
     }
     for (name, own) in names.iter().zip(&rows).skip(1) {
-        for (row, base) in own.iter().zip(&rows[0]) {
+        for (m, base) in own.iter().zip(&rows[0]) {
+            let (row, base) = (&m.row, &base.row);
             say(&format!("bench: ratio={name}/{} pattern={} mbps={:.3}", names[0], row.pattern, row.mbps / base.mbps));
         }
     }
     Ok(())
 }
 
-/// Buffers for the deepest and largest of `patterns`.
-fn bufs_for(patterns: &[Pattern]) -> Bufs {
+/// Buffers for the deepest and largest of `patterns`, one set for each of
+/// `n` connections.
+fn bufs_for(patterns: &[Pattern], n: usize) -> Vec<Bufs> {
     let depth = patterns.iter().map(|p| p.depth).max().unwrap_or(1);
     let payload = patterns.iter().map(|p| p.depth * p.len as usize).max().unwrap_or(0);
-    Bufs::new(depth.max(8), payload.max(8 * MIB as usize), SAMPLES)
+    (0..n).map(|_| Bufs::new(depth.max(8), payload.max(8 * MIB as usize), SAMPLES / n)).collect()
 }
 
-/// Writes the server's region once, on a connection of its own, so that
-/// reads find data.
-fn fill(connect: &Addr, bufs: &mut Bufs) -> Result<(), Failure> {
+/// Writes the server's region once, so that reads find data: each of the
+/// connections (one per `bufs`, of their own) writes its own part.
+fn fill(connect: &Addr, bufs: &mut [Bufs]) -> Result<(), Failure> {
     let at = Shown(connect);
-    let (mut conn, region) = open(connect, true)?;
+    let conns = Conns::open(connect, bufs.len(), true)?;
+    let (part, n) = (conns.part(), bufs.len() as u64);
     let fill = Spec { write: true, len: MIB, depth: 8, random: false, seed: 1 };
-    info!("{at}: writing {} MiB once, so that reads find data", region >> 20);
-    let t = engine::drive(&mut conn, region, &fill, Stop::Count(region / u64::from(MIB)), bufs)
-        .map_err(|e| Failure::new(Code::Other, format!("{at}: writing the export: {e}")))?;
-    info!("{at}: written in {:.2} s ({:.0} MB/s)", t.secs, t.bytes as f64 / t.secs.max(1e-9) / 1e6);
-    goodbye(conn);
+    info!("{at}: writing {} MiB once, so that reads find data", (part * n) >> 20);
+    let results = conns.drive(&fill, Stop::Count(part / u64::from(MIB)), bufs);
+    let t = all_or_first_error(results).map_err(|e| Failure::new(Code::Other, format!("{at}: writing the export: {e}")))?;
+    let secs = t.iter().map(|t| t.secs).fold(0.0, f64::max);
+    info!("{at}: written in {secs:.2} s ({:.0} MB/s)", (part * n) as f64 / secs.max(1e-9) / 1e6);
     Ok(())
 }
 
-/// Runs pattern `p`, number `i` of its list (its seed), on a connection of
-/// its own for `measure`, after a short warm-up; its latencies are left in
-/// `bufs.samples`. A run in which no request completed is an error.
-fn measure_one(connect: &Addr, p: &Pattern, i: usize, measure: Duration, bufs: &mut Bufs) -> Result<engine::Tally, Failure> {
+/// Runs pattern `p`, number `i` of its list (its seed), on connections of
+/// its own (one per `bufs`) for `measure`, after a short warm-up; returns
+/// each one's tally and leaves its latencies in its `Bufs::samples`. A
+/// connection on which no request completed is an error.
+fn measure_one(connect: &Addr, p: &Pattern, i: usize, measure: Duration, bufs: &mut [Bufs]) -> Result<Vec<Tally>, Failure> {
     let fail = |what: String| Failure::new(Code::Other, format!("{}: {}: {what}", Shown(connect), p.name));
     let warmup = (measure / 5).min(Duration::from_millis(500));
-    let (mut conn, region) = open(connect, false)?;
+    let conns = Conns::open(connect, bufs.len(), false)?;
     let spec = Spec { write: p.write, len: p.len, depth: p.depth, random: p.random, seed: 0x9e37_79b9 + i as u64 };
-    let t = engine::drive(&mut conn, region, &spec, Stop::Timed { warmup, measure }, bufs).map_err(fail)?;
-    goodbye(conn);
-    if t.ios == 0 {
-        return Err(fail(format!("no request completed in {} s", measure.as_secs())));
+    let each = all_or_first_error(conns.drive(&spec, Stop::Timed { warmup, measure }, bufs)).map_err(fail)?;
+    if let Some(k) = each.iter().position(|t| t.ios == 0) {
+        let on = if each.len() > 1 { format!(" on connection {} of {}", k + 1, each.len()) } else { String::new() };
+        return Err(fail(format!("no request completed{on} in {} s", measure.as_secs())));
     }
-    Ok(t)
+    Ok(each)
 }
 
-/// Connects, negotiates, and returns the connection, non-blocking, with
-/// the region to use; `tell` logs what the export offers.
-fn open(connect: &Addr, tell: bool) -> Result<(Conn, u64), Failure> {
-    let at = Shown(connect);
-    let fail = |what: String| Failure::new(Code::Other, format!("{at}: {what}"));
-    let mut conn = Conn::connect(connect)?;
-    conn.set_timeouts(HANDSHAKE_TIMEOUT).map_err(|e| Failure::os(format!("{at}: setting timeouts"), e))?;
-    let export = client::handshake(&mut conn).map_err(|e| fail(format!("handshake: {e}")))?;
-    let region = check_export(&export).map_err(fail)?;
-    if tell {
-        info!(
-            "{at}: export of {} bytes ({} MiB), flags {:#06x}, requests of {}..{} bytes; benchmarking the first {} MiB",
-            export.size,
-            export.size >> 20,
-            export.flags,
-            export.min_block,
-            export.max_block,
-            region >> 20
-        );
-    }
-    conn.set_nonblocking(true).map_err(|e| Failure::os(format!("{at}: setting non-blocking"), e))?;
-    Ok((conn, region))
+/// Every connection's tally, or the first error, naming its connection
+/// where there were several.
+fn all_or_first_error(results: Vec<Result<Tally, String>>) -> Result<Vec<Tally>, String> {
+    let n = results.len();
+    results
+        .into_iter()
+        .enumerate()
+        .map(|(k, r)| r.map_err(|e| if n > 1 { format!("connection {} of {n}: {e}", k + 1) } else { e }))
+        .collect()
 }
 
 /// The bytes the patterns use: whole MiB, at most `MAX_REGION`. Refuses
@@ -326,18 +401,6 @@ fn check_export(e: &client::Export) -> Result<u64, String> {
         return Err(format!("the server takes requests of at most {} bytes; bench sends 1 MiB ones", e.max_block));
     }
     Ok(region)
-}
-
-/// Sends `NBD_CMD_DISC`, so the server sees a clean end; failing that is
-/// harmless, as the socket closes anyway.
-fn goodbye(mut conn: Conn) {
-    if conn.set_nonblocking(false).is_ok() {
-        let _ = conn.write_all(&disconnect());
-    }
-}
-
-fn disconnect() -> [u8; crate::nbd::proto::REQUEST_LEN] {
-    crate::nbd::proto::Request { flags: 0, command: sys::NBD_CMD_DISC, cookie: [0; 8], offset: 0, len: 0 }.encode()
 }
 
 /// Nearest-rank percentile of ascending `sorted`; 0 when empty.
@@ -405,6 +468,35 @@ mod tests {
     }
 
     #[test]
+    fn several_connections_add_up_and_print_each() {
+        let p = &PATTERNS[6];
+        let t = |ios: u64| Tally { ios, bytes: ios * 4096, secs: 2.0 };
+        let one = Measured::new(p, &[t(100)], &[5000, 7000]);
+        assert!(one.conns.is_empty());
+        assert_eq!(one.lines(""), [one.row.line()], "one connection prints as ever");
+        assert_eq!(one.table_rows(""), [one.row.table_row()]);
+
+        let m = Measured::new(p, &[t(100), t(300)], &[1000, 2000, 3000, 4000]);
+        assert_eq!((m.row.ios, m.row.iops, m.row.p50_us, m.row.p99_us), (400, 200.0, 2.0, 4.0));
+        assert!((m.row.mbps - 0.8192).abs() < 1e-9);
+        assert_eq!(
+            m.lines("server=a "),
+            [
+                "bench: server=a pattern=rand-read-4k-qd32 mbps=0.8 iops=200 p50_us=2.0 p99_us=4.0 conns=2",
+                "bench: server=a conn=0 pattern=rand-read-4k-qd32 mbps=0.2 iops=50",
+                "bench: server=a conn=1 pattern=rand-read-4k-qd32 mbps=0.6 iops=150",
+            ]
+        );
+        let rows = m.table_rows("");
+        assert_eq!(rows.len(), 3);
+        assert_eq!(rows[2], "  conn 1                              0.6       150");
+        // MB/s and IOPS stand under their columns.
+        let head = table_head();
+        assert_eq!(rows[2].find("0.6").map(|i| i + 3), head.find("MB/s").map(|i| i + 4));
+        assert_eq!(rows[2].len(), head.find("IOPS").unwrap() + 4);
+    }
+
+    #[test]
     fn patterns_are_the_documented_eight() {
         let names: Vec<&str> = PATTERNS.iter().map(|p| p.name).collect();
         assert_eq!(names.len(), 8);
@@ -425,12 +517,5 @@ mod tests {
         assert!(check_export(&client::Export { size: 4096, ..ok }).unwrap_err().contains("at least 1 MiB"));
         assert!(check_export(&client::Export { min_block: 8192, ..ok }).unwrap_err().contains("multiples"));
         assert!(check_export(&client::Export { max_block: 65536, ..ok }).unwrap_err().contains("at most 65536"));
-    }
-
-    #[test]
-    fn disconnect_is_a_bare_disc_request() {
-        let d = disconnect();
-        assert_eq!(&d[4..8], &[0, 0, 0, 2]);
-        assert!(d[8..].iter().all(|&b| b == 0));
     }
 }

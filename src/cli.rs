@@ -16,11 +16,11 @@ USAGE
   nbd-vram gpus [--libcuda PATH]     list GPUs with total and free memory
   nbd-vram stop DEVICE               swapoff and detach DEVICE served by a running daemon
   nbd-vram status [--json]           show running instances
-  nbd-vram bench --connect ADDR [--seconds N | --verify]
+  nbd-vram bench --connect ADDR [--seconds N] [--connections N | --verify]
                                      measure an NBD server the way the kernel drives it
-  nbd-vram bench --connect ADDR [--label NAME]... [--seconds N]
+  nbd-vram bench --connect ADDR [--label NAME]... [--seconds N] [--connections N]
                                      several servers, in turns, 1 s at a time
-  nbd-vram bench --sweep [--svg FILE] --connect ADDR [--label NAME]...
+  nbd-vram bench --sweep [--svg FILE] --connect ADDR [--label NAME]... [--connections N]
                                      MB/s against request size, for one or more servers
 
 STORE OPTIONS
@@ -41,6 +41,8 @@ SWAP DAEMON OPTIONS
   --timeout S        kernel request timeout in seconds; 0 (default) waits for
                      ever, as failing a swap request kills its process
   --no-swap          only export the block device, without swapon
+  --connections N    kernel connections to the device, 1..16, each served by
+                     its own thread (default 1; see the README)
 
 SERVE OPTIONS
   --listen ADDR      unix:PATH (created mode 0600) or tcp:HOST:PORT; HOST
@@ -51,6 +53,8 @@ SERVE OPTIONS
                      anyone who can connect reads and writes the export.
                      Prefer a unix socket or loopback with an SSH or TLS
                      tunnel
+  --connections N    clients served at once, 1..16, each by its own thread
+                     (default 1); more wait until one leaves
 
 BENCH OPTIONS
   --connect ADDR     unix:PATH or tcp:HOST:PORT of a running NBD server; given
@@ -59,6 +63,11 @@ BENCH OPTIONS
                      the first
   --seconds N        time per pattern (default 3); with several servers, the
                      turns each takes
+  --connections N    drive N connections (1..64, default 1) to each server at
+                     once, each its own thread and handshake, pipelined at the
+                     pattern's depth on its own 1/N of the region; prints the
+                     sum and each connection (bench: conn=I lines). The
+                     server must serve N clients at once
   --verify           instead: write the whole export, read it back, compare
   --sweep            instead: sequential reads and writes at depth 8 of 4K, 16K,
                      64K, 128K, 512K and 1M requests (--seconds N each), against
@@ -108,18 +117,22 @@ pub struct SwapOpts {
     pub discard: bool,
     pub timeout: u32,
     pub swap: bool,
+    /// Kernel connections (`NBD_SET_SOCK` each), one serve loop each.
+    pub connections: usize,
 }
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Command {
     Swap(SwapOpts),
     /// `allow_remote`: tcp: may listen beyond loopback.
-    Serve { store: StoreOpts, listen: Addr, allow_remote: bool },
+    /// `connections`: clients served at once.
+    Serve { store: StoreOpts, listen: Addr, allow_remote: bool, connections: usize },
     Gpus { libcuda: Option<PathBuf> },
     Stop { device: PathBuf },
     Status { json: bool },
-    /// `servers`: each --connect with its --label (one with `verify`).
-    Bench { servers: Vec<(Addr, String)>, seconds: u32, verify: bool, sweep: bool, svg: Option<PathBuf> },
+    /// `servers`: each --connect with its --label (one with `verify`);
+    /// `connections`: to each at once (1 with `verify`).
+    Bench { servers: Vec<(Addr, String)>, seconds: u32, connections: usize, verify: bool, sweep: bool, svg: Option<PathBuf> },
     Help,
     Version,
 }
@@ -131,6 +144,9 @@ pub struct Parsed {
 }
 
 const MIB: u64 = 1 << 20;
+/// Connections per device at most: each costs a thread, 32 MiB of pinned
+/// staging and, while busy, an SM for its mailbox kernel.
+pub const MAX_CONNECTIONS: u32 = 16;
 
 /// What the first word asks for; none of these: the swap daemon.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -175,6 +191,7 @@ const FLAGS: &[(&str, &[Mode])] = {
         ("--sweep", &[Bench]),
         ("--svg", &[Bench]),
         ("--seconds", &[Bench]),
+        ("--connections", &[Daemon, Serve, Bench]),
         ("--verify", &[Bench]),
         ("--json", &[Status]),
     ]
@@ -198,10 +215,10 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed, String> 
         min_size: 512 * MIB,
         libcuda: None,
     };
-    let mut swap = SwapOpts { store: store.clone(), device: None, priority: 100, discard: false, timeout: 0, swap: true };
+    let mut swap = SwapOpts { store: store.clone(), device: None, priority: 100, discard: false, timeout: 0, swap: true, connections: 1 };
     let (mut listen, mut positional) = (None, None);
     let mut servers: Vec<(Addr, Option<String>)> = Vec::new();
-    let (mut sweep, mut svg) = (false, None);
+    let (mut sweep, mut svg, mut connections) = (false, None, 1);
     let (mut json, mut seconds, mut log_level) = (false, 3, crate::log::INFO);
     let (mut verify, mut allow_remote) = (false, false);
 
@@ -285,6 +302,11 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed, String> 
             "--seconds" => {
                 seconds = number(&flag, &value(&flag)?, 1, 3600)?;
             }
+            "--connections" => {
+                // A client may drive more than a server serves.
+                let most = if mode == Mode::Bench { 64 } else { MAX_CONNECTIONS };
+                connections = number(&flag, &value(&flag)?, 1u32, most)? as usize;
+            }
             "--verify" => {
                 verify = true;
             }
@@ -304,7 +326,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed, String> 
         store.min_size = store.size;
     }
     let command = match mode {
-        Mode::Daemon => Command::Swap(SwapOpts { store, ..swap }),
+        Mode::Daemon => Command::Swap(SwapOpts { store, connections, ..swap }),
         Mode::Serve => {
             let listen = listen.ok_or("serve needs --listen unix:PATH or --listen tcp:HOST:PORT")?;
             if let (Addr::Tcp(hostport), false) = (&listen, allow_remote) {
@@ -315,7 +337,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed, String> 
                     refuse_remote(hostport, &addrs.collect::<Vec<_>>())?;
                 }
             }
-            Command::Serve { store, listen, allow_remote }
+            Command::Serve { store, listen, allow_remote, connections }
         }
         Mode::Gpus => Command::Gpus { libcuda: store.libcuda },
         Mode::Stop => Command::Stop { device: positional.ok_or("stop needs a device, e.g. nbd-vram stop /dev/nbd0")? },
@@ -333,8 +355,11 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed, String> 
             if verify && servers.len() > 1 {
                 return Err("--verify checks one server: give one --connect".into());
             }
+            if verify && connections > 1 {
+                return Err("--verify checks over one connection: leave out --connections".into());
+            }
             let servers = servers.into_iter().map(|(a, l)| (a.clone(), l.unwrap_or_else(|| a.to_string()))).collect();
-            Command::Bench { servers, seconds, verify, sweep, svg }
+            Command::Bench { servers, seconds, connections, verify, sweep, svg }
         }
     };
     Ok(Parsed { command, log_level })
@@ -414,11 +439,21 @@ mod tests {
     #[test]
     fn serve_with_units_and_equals() {
         let c = p("serve --listen=unix:/tmp/s --store host --size 64K").unwrap();
-        let Command::Serve { store, listen, allow_remote: false } = c else { panic!() };
+        let Command::Serve { store, listen, allow_remote: false, connections: 1 } = c else { panic!() };
         assert_eq!(store.size, 64 << 10);
         assert_eq!(store.kind, StoreKind::Host);
         assert_eq!(listen, Addr::Unix("/tmp/s".into()));
         assert!(matches!(p("serve --listen tcp:127.0.0.1:10809").unwrap(), Command::Serve { .. }));
+    }
+
+    #[test]
+    fn connections_for_the_daemon_and_serve() {
+        let Command::Swap(o) = p("--connections 4").unwrap() else { panic!() };
+        assert_eq!(o.connections, 4);
+        assert!(matches!(p("serve --listen unix:/s --connections=2").unwrap(), Command::Serve { connections: 2, .. }));
+        assert!(p("--connections 0").unwrap_err().contains("from 1 to 16"));
+        assert!(p("--connections 17").unwrap_err().contains("from 1 to 16"));
+        assert!(p("status --connections 2").unwrap_err().contains("does not apply"));
     }
 
     #[test]
@@ -449,11 +484,15 @@ mod tests {
     #[test]
     fn bench_sweep_takes_several_labelled_servers() {
         let c = p("bench --connect unix:/a --label ours --connect tcp:h:1 --sweep --svg /t/x.svg --seconds 1").unwrap();
-        let Command::Bench { servers, seconds: 1, verify: false, sweep: true, svg: Some(svg) } = c else { panic!("{c:?}") };
+        let Command::Bench { servers, seconds: 1, connections: 1, verify: false, sweep: true, svg: Some(svg) } = c else {
+            panic!("{c:?}")
+        };
         assert_eq!(servers, [(Addr::Unix("/a".into()), "ours".into()), (Addr::Tcp("h:1".into()), "tcp:h:1".into())]);
         assert_eq!(svg, PathBuf::from("/t/x.svg"));
         let c = p("bench --connect unix:/a --label a --connect unix:/b --seconds 2").unwrap();
-        let Command::Bench { servers, seconds: 2, verify: false, sweep: false, svg: None } = c else { panic!("{c:?}") };
+        let Command::Bench { servers, seconds: 2, connections: 1, verify: false, sweep: false, svg: None } = c else {
+            panic!("{c:?}")
+        };
         assert_eq!(servers, [(Addr::Unix("/a".into()), "a".into()), (Addr::Unix("/b".into()), "unix:/b".into())]);
         assert!(p("bench --connect unix:/a --connect unix:/b --verify").unwrap_err().contains("one --connect"));
         assert!(p("bench --connect unix:/a --svg x.svg").unwrap_err().contains("with --sweep"));
@@ -461,6 +500,22 @@ mod tests {
         assert!(p("bench --connect unix:/a --label x --label y --sweep").unwrap_err().contains("once per"));
         assert!(p("bench --connect unix:/a --sweep --verify").unwrap_err().contains("not both"));
         assert!(p("serve --listen unix:/x --sweep").unwrap_err().contains("does not apply"));
+    }
+
+    #[test]
+    fn bench_connections_go_with_every_method_but_verify() {
+        let c = p("bench --connect unix:/a --connections 4 --seconds 1").unwrap();
+        assert!(matches!(c, Command::Bench { connections: 4, seconds: 1, verify: false, .. }), "{c:?}");
+        let c = p("bench --connect unix:/a --connect unix:/b --connections=64").unwrap();
+        assert!(matches!(&c, Command::Bench { connections: 64, servers, .. } if servers.len() == 2), "{c:?}");
+        assert!(matches!(p("bench --connect unix:/a --sweep --connections 2").unwrap(), Command::Bench { connections: 2, .. }));
+        assert!(matches!(p("bench --connect unix:/a --verify --connections 1").unwrap(), Command::Bench { verify: true, .. }));
+        for bad in ["0", "65", "-1", "two"] {
+            let e = p(&format!("bench --connect unix:/a --connections {bad}")).unwrap_err();
+            assert!(e.contains("--connections") && e.contains("from 1 to 64"), "{bad}: {e}");
+        }
+        assert!(p("bench --connect unix:/a --verify --connections 2").unwrap_err().contains("one connection"));
+        assert!(p("serve --listen unix:/x --connections 17").unwrap_err().contains("from 1 to 16"), "a server serves fewer than a client drives");
     }
 
     #[test]

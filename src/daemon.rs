@@ -1,11 +1,12 @@
 //! The swap daemon's life: allocate → attach → swapon → serve → swapoff →
 //! detach → free.
 //!
-//! Three threads. This one serves the kernel's socket (and owns the store,
-//! so every CUDA call stays on it); a second sits in `NBD_DO_IT` for as
-//! long as the device runs; a third does everything that waits on the
-//! kernel or on signals: swapon, swapoff (which needs the serve loop to
-//! read every page back) and disconnect. The store is freed only after
+//! This thread serves the kernel's first connection, and a thread each
+//! serves the others (`--connections`), each with its own store, whose
+//! CUDA calls stay on it (`workers`). One more thread sits in `NBD_DO_IT`
+//! for as long as the device runs; another does everything that waits on
+//! the kernel or on signals: swapon, swapoff (which needs the serve loops
+//! to read every page back) and disconnect. The store is freed only after
 //! `NBD_DO_IT` has returned: the kernel can no longer read it.
 
 use std::io;
@@ -20,11 +21,12 @@ use crate::cli::SwapOpts;
 use crate::fail::{Code, Failure};
 use crate::nbd::kernel::{self, NbdDevice, OpenError};
 use crate::nbd::proto::Export;
-use crate::nbd::transmit::{self, Buffers};
+use crate::nbd::transmit::{self, Buffers, End, Shared};
 use crate::signals::{Signals, STOP, WAKE};
 use crate::stats::Stats;
 use crate::status::{self, Instance};
-use crate::store::{Store, UseStore};
+use crate::store::{Backing, Store, UseStore};
+use crate::workers::{self, Conn};
 use crate::swap::Outcome;
 use crate::tuning::Tuning;
 use crate::{error, info, notify, pressure, swap, warn};
@@ -37,69 +39,108 @@ const STACK: usize = 256 * 1024;
 pub struct Daemon<'a>(pub &'a SwapOpts, pub &'a Tuning);
 
 impl UseStore for Daemon<'_> {
-    fn run<S: Store>(self, store: &mut S) -> Result<(), Failure> {
-        run(self.0, self.1, store)
+    fn run<B: Backing>(self, backing: &B) -> Result<(), Failure> {
+        run(self.0, self.1, backing)
     }
 }
 
-fn run<S: Store>(opts: &SwapOpts, tuning: &Tuning, store: &mut S) -> Result<(), Failure> {
+fn run<B: Backing>(opts: &SwapOpts, tuning: &Tuning, backing: &B) -> Result<(), Failure> {
     let signals = Signals::taken();
-    let export = Export::new(store.size());
+    let n = opts.connections;
+    pressure::set_loops(n);
+    let shared = Shared::new(Export::new(backing.size()), n);
+    let export = &shared.export;
+    // This thread serves the first connection; its store writes the header.
+    let mut first = workers::open(backing, tuning)?;
     if opts.swap {
         // Written straight into the store: no block I/O, no page cache.
-        let header = swap::header(store.size()).map_err(|e| Failure::new(Code::Usage, format!("--size: {e}")))?;
+        let header = swap::header(export.size).map_err(|e| Failure::new(Code::Usage, format!("--size: {e}")))?;
+        let store = &mut first.store;
         store.write(0, &header).and_then(|()| store.sync()).map_err(|e| Failure::os("writing the swap header", e))?;
     }
-    let mut bufs = Buffers::new(store, tuning).map_err(|e| Failure::os("allocating staging buffers", e))?;
-    let (ours, theirs) = UnixStream::pair().map_err(|e| Failure::os("socketpair", e))?;
-    let theirs = OwnedFd::from(theirs);
-    let dev = attach(opts, &export, &theirs)?;
-    let path = dev.path().to_path_buf();
-    pressure::prepare(true)?;
-    info!("{} attached: {} MiB", path.display(), export.size >> 20);
-
-    let stats = Stats::default();
-    let instance = Instance {
-        name: path.file_name().map_or("nbd".into(), |n| n.to_string_lossy().into_owned()),
-        target: path.display().to_string(),
-        store: opts.store.describe(),
-        size: export.size,
-        priority: opts.swap.then_some(opts.priority),
-    };
+    let pairs = (0..n).map(|_| UnixStream::pair()).collect::<io::Result<Vec<_>>>().map_err(|e| Failure::os("socketpair", e))?;
+    let (ours, theirs): (Vec<UnixStream>, Vec<OwnedFd>) = pairs.into_iter().map(|(o, t)| (o, OwnedFd::from(t))).unzip();
+    let stats: Vec<Stats> = (0..n).map(|_| Stats::default()).collect();
     let link_down = AtomicBool::new(false);
+    let (mut attached, mut described) = (None, None);
+    let serve_other = |i: usize, mut conn: Conn<B>| {
+        pressure::realtime();
+        let served = serve_link(&mut conn.store, &mut conn.bufs, &shared, &stats[i], &ours[i]);
+        shut_all(&ours);
+        served
+    };
     let outcome = thread::scope(|s| {
-        let kernel = spawn(s, "nbd-do-it", || run_device(&dev, &ours));
-        let control = spawn(s, "nbd-control", || control(&dev, opts, &signals, &link_down));
+        let dev = &*attached.insert(attach(opts, export, &theirs)?);
+        // Before any other thread starts, so that every one inherits it;
+        // after attaching, so that an instance that finds the device busy
+        // exits before it locks all its memory.
+        pressure::prepare(true)?;
+        // The other connections' loops, each on a thread of its own with
+        // its own store and buffers, all made before the device starts.
+        let others = workers::spawn(s, backing, tuning, "nbd-conn", 1..n, &serve_other)?;
+        let path = dev.path();
+        info!("{} attached: {} MiB{}", path.display(), export.size >> 20, match n {
+            1 => String::new(),
+            n => format!(", {n} connections"),
+        });
+        let instance = &*described.insert(Instance {
+            name: path.file_name().map_or("nbd".into(), |n| n.to_string_lossy().into_owned()),
+            target: path.display().to_string(),
+            store: opts.store.describe(),
+            size: export.size,
+            priority: opts.swap.then_some(opts.priority),
+        });
+        let kernel = spawn(s, "nbd-do-it", || run_device(dev, &ours));
+        let control = spawn(s, "nbd-control", || control(dev, opts, &signals, &link_down));
         let status = spawn(s, "nbd-status", || {
-            status::publish(&instance, &stats, || {
+            status::publish(instance, &stats, || {
                 thread::sleep(Duration::from_secs(1));
                 !link_down.load(Ordering::SeqCst)
             });
             Ok(())
         });
-        let mut conn = &ours;
         pressure::realtime();
-        let served = transmit::run(store, &mut bufs, &export, &stats, &mut conn);
-        // The kernel sees end of stream only when every descriptor of our
-        // end is shut, the kernel thread's copy included.
-        let _ = ours.shutdown(std::net::Shutdown::Both);
+        let mut served = vec![serve_link(&mut first.store, &mut first.bufs, &shared, &stats[0], &ours[0])];
+        shut_all(&ours);
+        let ended = |h: thread::ScopedJoinHandle<'_, Option<io::Result<End>>>| h.join().ok().flatten().unwrap_or_else(|| Err(io::Error::other("its thread failed")));
+        served.extend(others.into_iter().map(ended));
         link_down.store(true, Ordering::SeqCst);
         Signals::raise(WAKE);
         let kernel = join(kernel, "NBD_DO_IT");
         let control = join(control, "control");
         let _ = join(status, "status");
-        match served {
-            Ok(end) => info!("kernel link closed ({end:?})"),
-            Err(e) => error!("kernel link broke: {e}"),
+        for (i, served) in served.into_iter().enumerate() {
+            let which = if n > 1 { format!("kernel link {i}") } else { "kernel link".into() };
+            match served {
+                Ok(end) => info!("{which} closed ({end:?})"),
+                Err(e) => error!("{which} broke: {e}"),
+            }
         }
         control.and(kernel)
     });
-    if let Err(e) = dev.clear_sock() {
-        warn!("{}: NBD_CLEAR_SOCK: {e}", path.display());
+    if let Some(dev) = &attached {
+        if let Err(e) = dev.clear_sock() {
+            warn!("{}: NBD_CLEAR_SOCK: {e}", dev.path().display());
+        }
+        drop(theirs);
+        info!("{} detached; freeing the store", dev.path().display());
     }
-    drop(theirs);
-    info!("{} detached; freeing the store", path.display());
     outcome
+}
+
+/// Serves one kernel connection until it closes.
+fn serve_link<S: Store>(store: &mut S, bufs: &mut Buffers<S::Buf>, shared: &Shared, stats: &Stats, ours: &UnixStream) -> io::Result<End> {
+    let mut conn = ours;
+    transmit::run(store, bufs, shared, stats, &mut conn)
+}
+
+/// The kernel sees end of stream only when every descriptor of our end is
+/// shut, the kernel thread's copy included; and once one link has ended
+/// the device is going down, so every other one is ended too.
+fn shut_all(ours: &[UnixStream]) {
+    for sock in ours {
+        let _ = sock.shutdown(std::net::Shutdown::Both);
+    }
 }
 
 fn spawn<'s, 'e, F>(s: &'s thread::Scope<'s, 'e>, name: &str, f: F) -> io::Result<thread::ScopedJoinHandle<'s, Result<(), Failure>>>
@@ -120,7 +161,7 @@ fn join(h: io::Result<thread::ScopedJoinHandle<'_, Result<(), Failure>>>, what: 
 /// device that turns out taken (another instance starting at the same
 /// moment claimed it first: `NBD_SET_SOCK` says EBUSY) or still swap is
 /// passed over for the next one.
-fn attach(opts: &SwapOpts, export: &Export, theirs: &OwnedFd) -> Result<NbdDevice, Failure> {
+fn attach(opts: &SwapOpts, export: &Export, theirs: &[OwnedFd]) -> Result<NbdDevice, Failure> {
     let auto = opts.device.is_none();
     let mut skip = Vec::new();
     loop {
@@ -141,7 +182,7 @@ fn attach(opts: &SwapOpts, export: &Export, theirs: &OwnedFd) -> Result<NbdDevic
             ));
         }
         dev.configure(export.size, export.flags, opts.timeout).map_err(|e| Failure::os(format!("{}: configuring (NBD_SET_BLKSIZE/SIZE_BLOCKS/FLAGS/TIMEOUT)", path.display()), e))?;
-        match dev.set_sock(theirs) {
+        match theirs.iter().try_for_each(|sock| dev.set_sock(sock)) {
             Ok(()) => return Ok(dev),
             Err(e) if auto && e.raw_os_error() == Some(libc::EBUSY) => skip.push(path),
             Err(e) => return Err(Failure::os(format!("{}: NBD_SET_SOCK", path.display()), e)),
@@ -190,10 +231,10 @@ fn modprobe_nbd() -> bool {
 }
 
 /// The `NBD_DO_IT` thread; the device runs while it blocks.
-fn run_device(dev: &NbdDevice, ours: &UnixStream) -> Result<(), Failure> {
+fn run_device(dev: &NbdDevice, ours: &[UnixStream]) -> Result<(), Failure> {
     let done = dev.do_it();
-    // Whatever ended the device, the serve loop must not wait on for it.
-    let _ = ours.shutdown(std::net::Shutdown::Both);
+    // Whatever ended the device, the serve loops must not wait on for it.
+    shut_all(ours);
     done.map_err(|e| Failure::os(format!("{}: NBD_DO_IT", dev.path().display()), e))
 }
 

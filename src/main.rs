@@ -22,6 +22,7 @@ mod store;
 mod swap;
 mod tuning;
 mod uapi;
+mod workers;
 
 use std::process::ExitCode;
 
@@ -66,16 +67,21 @@ fn run(command: Command, tuning: &tuning::Tuning) -> Result<(), Failure> {
     match command {
         Command::Help => print!("{}", cli::HELP),
         Command::Version => println!("nbd-vram {}", env!("CARGO_PKG_VERSION")),
-        Command::Serve { store, listen, allow_remote } => {
-            store::with_store(&store, tuning, serve::Serve { addr: &listen, store: &store, allow_remote, tuning })?
+        Command::Serve { store, listen, allow_remote, connections } => {
+            store::with_store(&store, tuning, serve::Serve { addr: &listen, store: &store, allow_remote, connections, tuning })?
         }
         Command::Swap(opts) => store::with_store(&opts.store, tuning, daemon::Daemon(&opts, tuning))?,
         Command::Gpus { libcuda } => gpus::list(libcuda.as_deref(), tuning)?,
         Command::Stop { device } => stop::stop(&device)?,
-        Command::Bench { servers, sweep: true, seconds, svg, .. } => bench::sweep(&servers, seconds, svg.as_deref())?,
         Command::Bench { servers, verify: true, .. } => bench::verify(&servers[0].0, 0x6e62_642d_7672_616d)?,
-        Command::Bench { servers, seconds, .. } if servers.len() > 1 => bench::compare(&servers, seconds)?,
-        Command::Bench { servers, seconds, .. } => bench::run(&servers[0].0, seconds)?,
+        Command::Bench { servers, connections, sweep, seconds, svg, .. } => {
+            let servers = bench::Servers { list: &servers, connections };
+            match (sweep, servers.list.len()) {
+                (true, _) => bench::sweep(&servers, seconds, svg.as_deref())?,
+                (false, 1) => bench::run(&servers, seconds)?,
+                (false, _) => bench::compare(&servers, seconds)?,
+            }
+        }
         Command::Status { json } => status::show(json)?,
     }
     Ok(())

@@ -2,6 +2,7 @@
 //! page: every measure the serve loop relies on, taken once, at start.
 
 use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::fail::Failure;
 use crate::uapi;
@@ -81,6 +82,23 @@ pub fn realtime() {
     if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } < 0 {
         warn!("SCHED_FIFO: {}; under memory pressure replies may stall", io::Error::last_os_error());
     }
+}
+
+/// Serving threads of this process that may poll (`--connections`).
+static LOOPS: AtomicUsize = AtomicUsize::new(1);
+
+/// Says how many serving threads there are, before any store is opened.
+pub fn set_loops(n: usize) {
+    LOOPS.store(n.max(1), Ordering::Relaxed);
+}
+
+/// Whether a CPU is left over when every serving thread polls at once. A
+/// SCHED_FIFO thread that polls keeps everything else off its CPU: the
+/// kernel threads that send it requests, and where a GPU is emulated by
+/// CPU threads, the GPU. Without a spare CPU, serving threads only poll
+/// briefly before they sleep.
+pub fn cpu_to_spare() -> bool {
+    cpus_online() > LOOPS.load(Ordering::Relaxed)
 }
 
 /// CPUs online. With one, a loop that polls instead of sleeping keeps its

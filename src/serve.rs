@@ -1,5 +1,6 @@
-//! Serve mode: one NBD client at a time on a unix or TCP socket, until
-//! stopped. The same transmission loop as the kernel path serves it.
+//! Serve mode: NBD clients on a unix or TCP socket, up to `--connections`
+//! at once, each on a serving thread of its own, until stopped. The same
+//! transmission loop as the kernel path serves them.
 
 use std::io::{self, ErrorKind};
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
@@ -19,9 +20,10 @@ use crate::sock::{set_recv_timeout, set_send_timeout};
 use crate::status::{self, Instance};
 use crate::fail::{Code, Failure};
 use crate::nbd::proto::{self, Export, Negotiated};
-use crate::nbd::transmit::{self, Buffers};
+use crate::nbd::transmit::{self, Shared};
 use crate::stats::Stats;
-use crate::store::{Store, UseStore};
+use crate::store::{Backing, UseStore};
+use crate::workers::{self, Conn};
 use crate::{info, pressure, warn};
 
 /// How long a client may take to negotiate, from connect to transmission.
@@ -32,21 +34,29 @@ pub struct Serve<'a> {
     pub store: &'a StoreOpts,
     /// tcp: may listen beyond loopback (`--allow-remote`).
     pub allow_remote: bool,
+    /// Clients served at once, one thread each.
+    pub connections: usize,
     pub tuning: &'a Tuning,
 }
 
 impl UseStore for Serve<'_> {
-    fn run<S: Store>(self, store: &mut S) -> Result<(), Failure> {
-        serve(store, &self)
+    fn run<B: Backing>(self, backing: &B) -> Result<(), Failure> {
+        serve(backing, &self)
     }
 }
 
-fn serve<S: Store>(store: &mut S, how: &Serve) -> Result<(), Failure> {
+/// Every worker, this thread included, takes clients from the one
+/// listening socket (the kernel hands each to one of them); a client
+/// beyond `connections` waits in the listen backlog until a worker is
+/// free, as clients did for a server of one connection: one that
+/// reconnects while its last connection is still closing must not be
+/// turned away.
+fn serve<B: Backing>(backing: &B, how: &Serve) -> Result<(), Failure> {
     let signals = Signals::taken();
-    let export = Export::new(store.size());
-    let mut bufs = Buffers::new(store, how.tuning).map_err(|e| Failure::os("allocating staging buffers", e))?;
+    pressure::set_loops(how.connections);
+    let shared = Shared::new(Export::new(backing.size()), how.connections);
     // Shared with the status thread, which may outlive this frame at exit.
-    let stats: &'static Stats = Box::leak(Box::default());
+    let stats: &'static [Stats] = Box::leak((0..how.connections).map(|_| Stats::default()).collect());
     // A served device may be someone's swap (nbd-client): same measures.
     pressure::prepare(false)?;
     let addr = how.addr;
@@ -58,7 +68,7 @@ fn serve<S: Store>(store: &mut S, how: &Serve) -> Result<(), Failure> {
         name: format!("serve-{}", std::process::id()),
         target: addr.to_string(),
         store: how.store.describe(),
-        size: export.size,
+        size: shared.export.size,
         priority: None,
     };
     let socket = match addr {
@@ -78,26 +88,44 @@ fn serve<S: Store>(store: &mut S, how: &Serve) -> Result<(), Failure> {
         .stack_size(256 * 1024)
         .spawn(stopper)
         .map_err(|e| Failure::os("starting the status thread", e))?;
-    pressure::realtime();
-    info!("serving {} MiB on {addr}", export.size >> 20);
-    match listener {
-        Listener::Unix(listener) => loop {
-            match listener.accept() {
-                Ok((mut conn, _)) => session(store, &mut bufs, &export, stats, &mut conn),
-                Err(e) => accept_failed(e)?,
+    let work = |i: usize, mut conn: Conn<B>| -> Result<(), Failure> {
+        pressure::realtime();
+        accept_loop(&listener, &mut conn, &shared, &stats[i])
+    };
+    thread::scope(|s| {
+        let workers = workers::spawn(s, backing, how.tuning, "nbd-serve", 0..how.connections, &work)?;
+        match how.connections {
+            1 => info!("serving {} MiB on {addr}", shared.export.size >> 20),
+            n => info!("serving {} MiB on {addr}, {n} clients at once", shared.export.size >> 20),
+        }
+        // Workers end only on a failed accept: the first such ends serving.
+        for worker in workers {
+            if let Ok(Some(Err(f))) = worker.join() {
+                return Err(f);
             }
-        },
-        Listener::Tcp(listener) => loop {
-            match listener.accept() {
-                Ok((mut conn, peer)) => {
+        }
+        Ok(())
+    })
+}
+
+/// Takes clients from `listener` one after another, for ever.
+fn accept_loop<B: Backing>(listener: &Listener, conn: &mut Conn<B>, shared: &Shared, stats: &Stats) -> Result<(), Failure> {
+    loop {
+        match listener {
+            Listener::Unix(listener) => match listener.accept() {
+                Ok((mut client, _)) => session(conn, shared, stats, &mut client),
+                Err(e) => accept_failed(e)?,
+            },
+            Listener::Tcp(listener) => match listener.accept() {
+                Ok((mut client, peer)) => {
                     // Replies leave in one writev per batch: do not wait for more.
-                    let _ = conn.set_nodelay(true);
+                    let _ = client.set_nodelay(true);
                     info!("client {peer} connected");
-                    session(store, &mut bufs, &export, stats, &mut conn)
+                    session(conn, shared, stats, &mut client)
                 }
                 Err(e) => accept_failed(e)?,
-            }
-        },
+            },
+        }
     }
 }
 
@@ -105,26 +133,27 @@ enum Listener {
     Unix(UnixListener),
     Tcp(TcpListener),
 }
+
 /// A failing client never ends the server: log and take the next one.
-fn session<S, T>(store: &mut S, bufs: &mut Buffers<S::Buf>, export: &Export, stats: &Stats, conn: &mut T)
+fn session<B, T>(conn: &mut Conn<B>, shared: &Shared, stats: &Stats, client: &mut T)
 where
-    S: Store,
+    B: Backing,
     T: io::Read + io::Write + AsFd,
 {
-    // One client at a time: one that says nothing, trickles its bytes or
-    // never reads its replies must not hold the server, so the whole
+    // A worker serves one client at a time: one that says nothing,
+    // trickles its bytes or never reads its replies must not hold it, so the whole
     // negotiation has one deadline. Transmission has no such limit, as the
     // kernel's client may idle for hours between requests.
-    let negotiated = proto::handshake(&mut Deadline { conn: &mut *conn, at: Instant::now() + HANDSHAKE_TIMEOUT }, export);
-    let _ = set_recv_timeout(conn.as_fd(), None);
-    let _ = set_send_timeout(conn.as_fd(), None);
+    let negotiated = proto::handshake(&mut Deadline { conn: &mut *client, at: Instant::now() + HANDSHAKE_TIMEOUT }, &shared.export);
+    let _ = set_recv_timeout(client.as_fd(), None);
+    let _ = set_send_timeout(client.as_fd(), None);
     match negotiated {
         Ok(Negotiated::Transmission) => {}
         Ok(Negotiated::Aborted) => return,
         Err(e) => return warn!("handshake failed: {e}"),
     }
     let then = stats.snapshot();
-    match transmit::run(store, bufs, export, stats, conn) {
+    match transmit::run(&mut conn.store, &mut conn.bufs, shared, stats, client) {
         Ok(end) => info!("client done ({end:?}): {}", stats.since(&then)),
         Err(e) => warn!("connection dropped: {e}; {}", stats.since(&then)),
     }
@@ -217,8 +246,8 @@ fn bind_unix(path: &Path) -> Result<UnixListener, Failure> {
         std::fs::remove_file(path).map_err(|e| Failure::os(format!("removing stale {}", path.display()), e))?;
     }
     // SAFETY: umask only swaps the process's file mode mask; no memory is
-    // involved. Serve mode is single-threaded, so no other file creation
-    // races with the narrowed mask.
+    // involved. Our other threads start after binding, so no file
+    // creation of ours races with the narrowed mask.
     let old = unsafe { libc::umask(0o177) };
     let bound = UnixListener::bind(path);
     // SAFETY: as above, restoring the previous mask.

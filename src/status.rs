@@ -8,7 +8,7 @@ use std::fs;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::fail::{Code, Failure};
@@ -39,7 +39,7 @@ fn now() -> u64 {
 /// allocates nothing: one open file rewritten in place from one reused
 /// buffer, since under memory pressure even this thread should not wait
 /// in reclaim.
-pub fn publish(inst: &Instance, stats: &Stats, mut tick: impl FnMut() -> bool) {
+pub fn publish(inst: &Instance, stats: &[Stats], mut tick: impl FnMut() -> bool) {
     let name = format!("{}.status", inst.name);
     let path = PathBuf::from(DIR).join(&name);
     // The directory by descriptor too: a daemon started from the initramfs
@@ -80,10 +80,13 @@ fn unlink_in(dir: &fs::File, name: &CStr) {
 }
 
 /// One `key=value` a line: trivially written and read, no JSON parser.
-fn render(s: &mut String, inst: &Instance, stats: &Stats, started: u64) {
+/// Counters are the device's, summed over its connections; then each
+/// connection's own, as `conn.I=requests read_bytes written_bytes errors`.
+fn render(s: &mut String, inst: &Instance, stats: &[Stats], started: u64) {
     let mut kv = |k: &str, v: &dyn std::fmt::Display| {
         let _ = writeln!(s, "{k}={v}");
     };
+    let sum = |f: fn(&Stats) -> &AtomicU64| stats.iter().map(|c| f(c).load(Relaxed)).sum::<u64>();
     kv("pid", &std::process::id());
     kv("target", &inst.target);
     kv("store", &inst.store);
@@ -94,17 +97,22 @@ fn render(s: &mut String, inst: &Instance, stats: &Stats, started: u64) {
     }
     kv("started", &started);
     kv("updated", &now());
-    kv("requests", &stats.requests.load(Relaxed));
-    kv("read_bytes", &stats.read_bytes.load(Relaxed));
-    kv("written_bytes", &stats.written_bytes.load(Relaxed));
-    kv("errors", &stats.errors.load(Relaxed));
-    kv("batches", &stats.batches.load(Relaxed));
-    kv("busy_ns", &stats.busy_ns.load(Relaxed));
-    kv("max_batch_ns", &stats.max_batch_ns.load(Relaxed));
-    kv("wall_ns", &stats.wall_ns.load(Relaxed));
-    kv("idle_ns", &stats.idle_ns.load(Relaxed));
-    kv("store_ns", &stats.store_ns.load(Relaxed));
-    kv("send_ns", &stats.send_ns.load(Relaxed));
+    kv("connections", &stats.len());
+    kv("requests", &sum(|c| &c.requests));
+    kv("read_bytes", &sum(|c| &c.read_bytes));
+    kv("written_bytes", &sum(|c| &c.written_bytes));
+    kv("errors", &sum(|c| &c.errors));
+    kv("batches", &sum(|c| &c.batches));
+    kv("busy_ns", &sum(|c| &c.busy_ns));
+    kv("max_batch_ns", &stats.iter().map(|c| c.max_batch_ns.load(Relaxed)).max().unwrap_or(0));
+    kv("wall_ns", &sum(|c| &c.wall_ns));
+    kv("idle_ns", &sum(|c| &c.idle_ns));
+    kv("store_ns", &sum(|c| &c.store_ns));
+    kv("send_ns", &sum(|c| &c.send_ns));
+    for (i, c) in stats.iter().enumerate() {
+        let [r, rb, wb, e] = [&c.requests, &c.read_bytes, &c.written_bytes, &c.errors].map(|n| n.load(Relaxed));
+        let _ = writeln!(s, "conn.{i}={r} {rb} {wb} {e}");
+    }
 }
 
 fn field<'a>(text: &'a str, key: &str) -> &'a str {
@@ -144,6 +152,11 @@ pub fn show(json: bool) -> Result<(), Failure> {
             println!("{:<10} {:<22} {:>7} {:>9} {:>5} {:>11} {:>10} {:>9} {:>9} {:>6} {:>8}  {}",
                 r.name, r.target, r.pid, r.size >> 20, r.priority, r.swap_used(), r.requests,
                 r.read >> 20, r.written >> 20, r.errors, r.latency_us(), r.health());
+            if r.conns.len() > 1 {
+                for (i, [requests, read, written, errors]) in r.conns.iter().enumerate() {
+                    println!("  connection {i}: {requests} requests, {} MiB read, {} MiB written, {errors} errors", read >> 20, written >> 20);
+                }
+            }
         }
     }
     if rows.iter().any(|r| r.health() != "ok") {
@@ -166,6 +179,8 @@ struct Row {
     errors: u64,
     batches: u64,
     busy_ns: u64,
+    /// Each connection's requests, bytes read, bytes written, errors.
+    conns: Vec<[u64; 4]>,
     swap: Option<swap::Active>,
 }
 
@@ -188,6 +203,12 @@ impl Row {
             errors: num(&t, "errors"),
             batches: num(&t, "batches"),
             busy_ns: num(&t, "busy_ns"),
+            conns: (0..num(&t, "connections").min(64))
+                .map(|i| {
+                    let mut n = field(&t, &format!("conn.{i}")).split(' ').map(|v| v.parse().unwrap_or(0));
+                    std::array::from_fn(|_| n.next().unwrap_or(0))
+                })
+                .collect(),
         })
     }
 
@@ -215,11 +236,16 @@ impl Row {
         let swap = self.swap.as_ref().map_or("null".into(), |a| {
             format!("{{\"size_kib\":{},\"used_kib\":{},\"priority\":{}}}", a.size_kib, a.used_kib, a.priority)
         });
+        let conns: Vec<String> = self
+            .conns
+            .iter()
+            .map(|[r, rb, wb, e]| format!("{{\"requests\":{r},\"read_bytes\":{rb},\"written_bytes\":{wb},\"errors\":{e}}}"))
+            .collect();
         format!(
             "{{\"name\":{:?},\"target\":{:?},\"store\":{:?},\"pid\":{},\"size_bytes\":{},\"swap\":{swap},\"requests\":{},\
-             \"read_bytes\":{},\"written_bytes\":{},\"errors\":{},\"mean_batch_us\":{},\"health\":{:?}}}",
+             \"read_bytes\":{},\"written_bytes\":{},\"errors\":{},\"mean_batch_us\":{},\"health\":{:?},\"connections\":[{}]}}",
             self.name, self.target, self.store, self.pid, self.size, self.requests,
-            self.read, self.written, self.errors, self.latency_us(), self.health()
+            self.read, self.written, self.errors, self.latency_us(), self.health(), conns.join(",")
         )
     }
 }

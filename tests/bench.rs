@@ -136,3 +136,107 @@ fn no_server_is_a_clear_error() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("no such socket: is the server running?"), "{stderr}");
 }
+
+/// The number after `key=` in a `bench:` line.
+fn value(line: &str, key: &str) -> f64 {
+    let v = line.split(' ').find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='));
+    v.and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no number {key}= in: {line}"))
+}
+
+/// `nbdkit memory`, which serves many connections at once, on a unix
+/// socket in a scratch directory; both go on drop.
+struct Nbdkit {
+    child: Child,
+    dir: PathBuf,
+    sock: PathBuf,
+}
+
+impl Nbdkit {
+    fn start(name: &str, args: &[&str]) -> Nbdkit {
+        let dir = std::env::temp_dir().join(format!("nbd-vram-bench-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("creating a scratch directory");
+        let sock = dir.join("s.sock");
+        let child = Command::new("nbdkit")
+            .args(["-f", "-U"])
+            .arg(&sock)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting nbdkit (tests/deps.sh installs it)");
+        let server = Nbdkit { child, dir, sock };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !server.sock.exists() {
+            assert!(Instant::now() < deadline, "nbdkit did not create its socket in 10 s");
+            thread::sleep(Duration::from_millis(20));
+        }
+        server
+    }
+}
+
+impl Drop for Nbdkit {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn bench_connections(sock: &Path, connections: &str) -> Output {
+    Command::new(BIN)
+        .args(["bench", "--seconds", "1", "--connections", connections, "--connect"])
+        .arg(format!("unix:{}", sock.display()))
+        .output()
+        .expect("running nbd-vram bench")
+}
+
+/// Two connections at once: each pattern's line gives the sum, with
+/// `conns=2`, and a `conn=0` and a `conn=1` line follow it, whose MB/s and
+/// IOPS add up to the sum's within rounding.
+#[test]
+fn two_connections_report_the_sum_and_each() {
+    let server = Nbdkit::start("conns", &["memory", "256M"]);
+    let out = bench_connections(&server.sock, "2");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "bench failed: {:?}\n{stdout}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    assert_eq!(stdout.lines().filter(|l| l.starts_with("bench: ")).count(), 3 * 8, "{stdout}");
+    let line = |start: String| {
+        stdout.lines().find(|l| l.starts_with(&start)).unwrap_or_else(|| panic!("no {start}:\n{stdout}"))
+    };
+    for name in PATTERNS {
+        let sum = line(format!("bench: pattern={name} mbps="));
+        assert!(sum.ends_with(" conns=2") && sum.contains(" p50_us=") && sum.contains(" p99_us="), "{sum}");
+        let each = [0, 1].map(|i| line(format!("bench: conn={i} pattern={name} mbps=")));
+        // Each figure is rounded to 0.1 MB/s or to 1 IOPS.
+        for (key, slack) in [("mbps", 0.15), ("iops", 1.5)] {
+            let parts = each.map(|l| value(l, key));
+            assert!(parts.iter().all(|&v| v > 0.0), "{name} {key}: {parts:?}");
+            let total = value(sum, key);
+            assert!((total - parts.iter().sum::<f64>()).abs() <= slack + 1e-9, "{name} {key}: {total} vs {parts:?}");
+        }
+    }
+    assert!(stdout.lines().any(|l| l.starts_with("  conn 1 ")), "a table row per connection:\n{stdout}");
+}
+
+/// A server that takes one client at a time (ours) leaves the second
+/// connection without a greeting: bench says so by its handshake deadline
+/// (30 s) instead of hanging; one that turns it away (nbdkit's limit
+/// filter) is named at once.
+#[test]
+fn one_client_at_a_time_is_a_clear_error_not_a_hang() {
+    let ours = Server::start("one-at-a-time");
+    let start = Instant::now();
+    let out = bench_connections(&ours.sock, "2");
+    let (took, stderr) = (start.elapsed(), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("reading the greeting: the server did not answer in time"), "{stderr}");
+    assert!(stderr.contains("connection 2 of 2 failed") && stderr.contains("--connections 1"), "{stderr}");
+    assert!(took < Duration::from_secs(45), "took {took:?}");
+
+    let limited = Nbdkit::start("limit", &["--filter=limit", "memory", "64M", "limit=1"]);
+    let out = bench_connections(&limited.sock, "3");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("the server closed the connection; connection 2 of 3 failed"), "{stderr}");
+}

@@ -9,7 +9,7 @@ use std::io::{self, IoSlice, Read, Write};
 use std::net::TcpStream;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::cli::Addr;
 use crate::fail::{Code, Failure};
@@ -95,6 +95,43 @@ impl AsFd for Conn {
             Conn::Unix(s) => s.as_fd(),
             Conn::Tcp(s) => s.as_fd(),
         }
+    }
+}
+
+/// A connection whose reads and writes all end by `at`: before each, the
+/// socket's timeouts are set to the time left, since they bound one call
+/// each, not a conversation. For the handshake, so that a server that
+/// greets late (one serving another client), trickles bytes or never
+/// answers cannot hold bench past the deadline.
+pub struct Deadline<'a> {
+    pub conn: &'a mut Conn,
+    pub at: Instant,
+}
+
+impl Deadline<'_> {
+    fn arm(&mut self) -> io::Result<()> {
+        match self.at.saturating_duration_since(Instant::now()) {
+            Duration::ZERO => Err(io::ErrorKind::TimedOut.into()),
+            left => self.conn.set_timeouts(left),
+        }
+    }
+}
+
+impl Read for Deadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.arm()?;
+        self.conn.read(buf)
+    }
+}
+
+impl Write for Deadline<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.arm()?;
+        self.conn.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 
@@ -400,6 +437,23 @@ mod tests {
         let got = server.join().unwrap();
         assert_eq!(&got[28..44], &option_request(OPT_EXPORT_NAME, &[])[..]);
         assert_eq!((e.size, e.flags, e.max_block), (1 << 30, 1, DEFAULT_MAX_BLOCK));
+    }
+
+    #[test]
+    fn a_late_greeting_ends_at_the_deadline() {
+        let dir = std::env::temp_dir().join(format!("nbd-vram-bench-deadline-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.sock");
+        // Listening, never accepting: connect succeeds, no greeting comes.
+        let _listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let mut conn = Conn::connect(&Addr::Unix(path)).unwrap();
+        let start = Instant::now();
+        let e = handshake(&mut Deadline { conn: &mut conn, at: start + Duration::from_millis(200) }).unwrap_err();
+        let took = start.elapsed();
+        assert!(e.contains("reading the greeting: the server did not answer in time"), "{e}");
+        assert!(took >= Duration::from_millis(190) && took < Duration::from_secs(2), "{took:?}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

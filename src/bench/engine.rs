@@ -13,6 +13,7 @@
 //! the stamp of the block it was read from.
 
 use std::io::{self, IoSlice, Read, Write};
+use std::ops::Range;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::time::{Duration, Instant};
 
@@ -36,7 +37,8 @@ pub struct Spec {
     pub write: bool,
     pub len: u32,
     pub depth: usize,
-    /// Random 4 KiB-aligned offsets; otherwise sequential from 0, wrapping.
+    /// Random 4 KiB-aligned offsets in the region; otherwise sequential
+    /// from its start, wrapping.
     pub random: bool,
     pub seed: u64,
 }
@@ -138,19 +140,25 @@ pub fn request(write: bool, tag: usize, offset: u64, len: u32) -> [u8; REQUEST_L
 }
 
 /// Runs `spec` over `conn`, a non-blocking socket in the transmission
-/// phase, against the first `region` bytes of the export (a multiple of
-/// `spec.len`). The error says what went wrong, without context.
+/// phase, against the bytes `region` of the export (4 KiB-aligned, its
+/// length a multiple of `spec.len`). The error says what went wrong,
+/// without context.
 pub fn drive<T: Read + Write + AsFd>(
     conn: &mut T,
-    region: u64,
+    region: Range<u64>,
     spec: &Spec,
     stop: Stop,
     b: &mut Bufs,
 ) -> Result<Tally, String> {
     let len = spec.len as usize;
-    if spec.depth == 0 || spec.depth > b.slots.len() || spec.depth * len > b.wdata.len() || region < u64::from(spec.len)
+    let (base, region) = (region.start, region.end.saturating_sub(region.start));
+    if spec.depth == 0
+        || spec.depth > b.slots.len()
+        || spec.depth * len > b.wdata.len()
+        || region < u64::from(spec.len)
+        || base % BLOCK != 0
     {
-        return Err(format!("bench buffers do not fit {spec:?} over {region} bytes"));
+        return Err(format!("bench buffers do not fit {spec:?} over {region} bytes at {base}"));
     }
     let start = Instant::now();
     let (t0, t_end, limit) = match stop {
@@ -197,13 +205,14 @@ pub fn drive<T: Read + Write + AsFd>(
                 Some(o) => o,
                 None if issuing && (limit.is_none() || limit > Some(issued)) => {
                     let Some(tag) = b.free.pop() else { break };
-                    let offset = if spec.random {
-                        rng.below(blocks) * BLOCK
-                    } else {
-                        let o = seq;
-                        seq = (seq + u64::from(spec.len)) % region;
-                        o
-                    };
+                    let offset = base
+                        + if spec.random {
+                            rng.below(blocks) * BLOCK
+                        } else {
+                            let o = seq;
+                            seq = (seq + u64::from(spec.len)) % region;
+                            o
+                        };
                     if spec.write {
                         stamp(&mut b.wdata[tag * len..][..len], offset);
                     }
@@ -601,7 +610,7 @@ mod tests {
         let server = naive_server(s, region as usize);
         let mut b = Bufs::new(32, 8 << 20, 1000);
         let seq = Spec { write: true, len: 1 << 20, depth: 8, random: false, seed: 1 };
-        let t = drive(&mut c, region, &seq, Stop::Count(8), &mut b).unwrap();
+        let t = drive(&mut c, 0..region, &seq, Stop::Count(8), &mut b).unwrap();
         assert_eq!((t.ios, t.bytes), (8, 8 << 20));
         let timed = Stop::Timed { warmup: Duration::from_millis(20), measure: Duration::from_millis(100) };
         for spec in [
@@ -609,7 +618,7 @@ mod tests {
             Spec { len: 4096, depth: 32, random: true, ..seq },
             Spec { write: false, len: 4096, depth: 1, random: true, seed: 9 },
         ] {
-            let t = drive(&mut c, region, &spec, timed, &mut b).unwrap();
+            let t = drive(&mut c, 0..region, &spec, timed, &mut b).unwrap();
             assert!(t.ios > 0 && t.bytes == t.ios * u64::from(spec.len), "{spec:?}: {t:?}");
             assert!((t.secs - 0.1).abs() < 1e-6);
             assert_eq!(b.samples.len() as u64, t.ios.min(1000));
@@ -620,6 +629,32 @@ mod tests {
         assert_eq!(&store[4096..4104], &stamp_of(1).to_le_bytes());
     }
 
+    /// A region that starts past 0 (one connection's part of several) is
+    /// where every request goes, and its stamps are checked there.
+    #[test]
+    fn requests_stay_in_a_region_away_from_zero() {
+        let (mut c, s) = UnixStream::pair().unwrap();
+        c.set_nonblocking(true).unwrap();
+        let server = naive_server(s, 4 << 20);
+        let mut b = Bufs::new(32, 8 << 20, 1000);
+        let part = (1 << 20)..(3 << 20);
+        let seq = Spec { write: true, len: 1 << 20, depth: 8, random: false, seed: 1 };
+        assert_eq!(drive(&mut c, part.clone(), &seq, Stop::Count(4), &mut b).unwrap().ios, 4);
+        let rand = Spec { len: 4096, depth: 32, random: true, ..seq };
+        assert_eq!(drive(&mut c, part.clone(), &rand, Stop::Count(2000), &mut b).unwrap().ios, 2000);
+        // Reads outside the part would find no stamp and fail.
+        let read = Spec { write: false, ..rand };
+        assert_eq!(drive(&mut c, part.clone(), &read, Stop::Count(2000), &mut b).unwrap().ios, 2000);
+        let e = drive(&mut c, 4096..(1 << 20), &read, Stop::Count(10), &mut b).unwrap_err();
+        assert!(e.contains("data mismatch"), "{e}");
+        drop(c);
+        let store = server.join().unwrap();
+        let stamped = |block: u64| store[block as usize * 4096..][..8] == stamp_of(block).to_le_bytes();
+        assert!((256..768).all(stamped), "every block of the part written");
+        assert!(!(0..256).chain(768..1024).any(stamped), "nothing outside it");
+        assert!(drive(&mut UnixStream::pair().unwrap().0, 100..(1 << 20), &read, Stop::Count(1), &mut b).is_err());
+    }
+
     #[test]
     fn server_errors_and_hangups_fail_the_run() {
         let (mut c, s) = UnixStream::pair().unwrap();
@@ -628,7 +663,7 @@ mod tests {
         let mut b = Bufs::new(8, 8 << 20, 10);
         let spec = Spec { write: true, len: 4096, depth: 8, random: false, seed: 1 };
         // The region claims more than the server holds: writes past 1 MiB fail.
-        let e = drive(&mut c, 2 << 20, &spec, Stop::Count(1000), &mut b).unwrap_err();
+        let e = drive(&mut c, 0..2 << 20, &spec, Stop::Count(1000), &mut b).unwrap_err();
         assert!(e.contains("EINVAL (22) to a 4096-byte write at offset 1048576"), "{e}");
         drop(c);
         server.join().unwrap();
@@ -638,7 +673,7 @@ mod tests {
         c.set_nonblocking(true).unwrap();
         let server = naive_server(s, 1 << 20);
         let read = Spec { write: false, random: true, ..spec };
-        let e = drive(&mut c, 1 << 20, &read, Stop::Count(10), &mut b).unwrap_err();
+        let e = drive(&mut c, 0..1 << 20, &read, Stop::Count(10), &mut b).unwrap_err();
         assert!(e.contains("data mismatch"), "{e}");
         drop(c);
         server.join().unwrap();
@@ -646,7 +681,7 @@ mod tests {
         let (mut c, s) = UnixStream::pair().unwrap();
         c.set_nonblocking(true).unwrap();
         drop(s);
-        let e = drive(&mut c, 1 << 20, &spec, Stop::Count(10), &mut b).unwrap_err();
+        let e = drive(&mut c, 0..1 << 20, &spec, Stop::Count(10), &mut b).unwrap_err();
         assert!(e.contains("closed the connection"), "{e}");
     }
 }

@@ -222,8 +222,9 @@ const LEN_SHIFT: u32 = 10;
 const OFFSET_SHIFT: u32 = 23;
 /// How often a wait asks the driver whether the kernel still runs.
 const CHECK: Duration = Duration::from_micros(100);
-/// How long a wait spins before it sleeps between looks: a job takes
-/// microseconds, so one still pending by then waits for a time slice.
+/// How long a wait spins before it sleeps between looks, unless told
+/// otherwise (`spin_for`): a job takes microseconds, so one still pending
+/// by then waits for a time slice.
 const SPIN: Duration = Duration::from_millis(1);
 /// How long a job may take before it counts as failed: far beyond any
 /// time slice another context gets, so only a kernel that is not being
@@ -255,6 +256,8 @@ pub struct Mailbox<'c> {
     /// The lowest VRAM address the store has: jobs name offsets from it.
     base: u64,
     state: State,
+    /// How long `wait` spins before it sleeps between looks.
+    spin: Duration,
 }
 
 impl Context {
@@ -311,6 +314,7 @@ impl Context {
             seq: 0,
             base: memory.iter().map(|m| m.ptr).min().unwrap_or(0),
             state: State::Parked,
+            spin: SPIN,
         };
         mailbox.slot.fill(0);
         mailbox.landing.fill(0); // fault the pages in now, never while serving
@@ -361,6 +365,12 @@ impl Mailbox<'_> {
     fn job(&self) -> &AtomicU64 {
         // SAFETY: as in `u32_at`, 8-aligned; the device only reads it.
         unsafe { &*self.slot.ptr.add(JOB).cast::<AtomicU64>() }
+    }
+
+    /// Spins at most `spin` in `wait` before it sleeps between looks (a
+    /// caller whose spinning would keep others off every CPU asks for less).
+    pub fn spin_for(&mut self, spin: Duration) {
+        self.spin = spin;
     }
 
     /// Whether jobs can be posted now.
@@ -468,7 +478,7 @@ impl Mailbox<'_> {
                     self.abandon();
                     return Err(self.ctx.cuda.error("nbd_vram_mailbox gave no answer within 1 s", sys::CUDA_ERROR_NOT_READY));
                 }
-                false if start.elapsed() > SPIN => std::thread::sleep(CHECK),
+                false if start.elapsed() > self.spin => std::thread::sleep(CHECK),
                 false => {}
             }
             asked = Instant::now();

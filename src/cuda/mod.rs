@@ -161,6 +161,17 @@ pub struct Context {
     ctx: CUcontext,
 }
 
+// SAFETY: the driver API is thread-safe, and a primary context may be
+// current on several threads at once; every thread that uses one makes it
+// current first (`make_current`), and each stream, event, kernel and
+// pinned buffer made in it stays with the thread that made it (none of
+// those types is Send), so threads share only the context and the device
+// memory, which the driver lets any thread of the context reach.
+unsafe impl Sync for Context {}
+// SAFETY: as above; releasing the retained context from another thread is
+// allowed.
+unsafe impl Send for Context {}
+
 impl Context {
     pub fn make_current(&self) -> Result<(), Error> {
         // SAFETY: `ctx` is a live retained context.
@@ -245,6 +256,14 @@ pub struct DeviceMem<'c> {
 }
 
 impl DeviceMem<'_> {
+    /// Zeroes the whole allocation now, synchronously (after all work
+    /// queued before it, on any stream).
+    pub fn clear(&self) -> Result<(), Error> {
+        // SAFETY: the range is exactly the allocation; no host memory involved.
+        let r = unsafe { (self.ctx.cuda.api.cuMemsetD8_v2)(self.ptr, 0, self.len as usize) };
+        self.ctx.cuda.check("cuMemsetD8_v2", r)
+    }
+
     fn at(&self, offset: u64, len: usize) -> CUdeviceptr {
         debug_assert!(offset + len as u64 <= self.len, "callers split I/O at chunk bounds");
         self.ptr + offset
@@ -361,13 +380,6 @@ impl Stream<'_> {
         // `len` bytes on each side: the caller's promise covers them.
         let r = unsafe { copy(&rows, self.stream) };
         self.ctx.cuda.check("cuMemcpy2DAsync_v2", r)
-    }
-
-    /// Zeroes a whole allocation now, synchronously.
-    pub fn clear(&self, mem: &DeviceMem) -> Result<(), Error> {
-        // SAFETY: the range is exactly the allocation; no host memory involved.
-        let r = unsafe { (self.api().cuMemsetD8_v2)(mem.ptr, 0, mem.len as usize) };
-        self.ctx.cuda.check("cuMemsetD8_v2", r)
     }
 
     pub fn zero(&self, dst: &DeviceMem, offset: u64, len: usize) -> Result<(), Error> {

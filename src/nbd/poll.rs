@@ -39,10 +39,11 @@ impl Poll {
         Poll { spin, misses: 0, paused: 0 }
     }
 
-    /// Polls for `spin` (`NBD_VRAM_SPIN`), else `SPIN`; never with one CPU.
+    /// Polls for `spin` (`NBD_VRAM_SPIN`), else `SPIN`; never without a
+    /// CPU to spare (`pressure::cpu_to_spare`).
     pub fn with(spin: Option<Duration>) -> Poll {
         Poll::new(match spin {
-            _ if crate::pressure::cpus_online() < 2 => Duration::ZERO,
+            _ if !crate::pressure::cpu_to_spare() => Duration::ZERO,
             Some(spin) => spin,
             None => SPIN,
         })

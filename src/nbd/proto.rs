@@ -67,6 +67,18 @@ impl Export {
             | sys::NBD_FLAG_SEND_WRITE_ZEROES;
         Export { size, flags: flags as u16 }
     }
+
+    /// Served on up to `connections` connections at once. Several say
+    /// `CAN_MULTI_CONN`, which promises that a flush on one covers the
+    /// writes answered on all (`transmit::Shared`). One does not: a client
+    /// told so may open several connections at once and wait for ever for
+    /// a server that takes one at a time.
+    pub fn with_connections(mut self, connections: usize) -> Export {
+        if connections > 1 {
+            self.flags |= sys::NBD_FLAG_CAN_MULTI_CONN as u16;
+        }
+        self
+    }
 }
 
 /// One transmission request ("Request message").

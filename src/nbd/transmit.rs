@@ -25,6 +25,7 @@
 use std::io::{self, IoSlice, Read, Write};
 use std::ops::Range;
 use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::Instant;
 
 use crate::uapi as sys;
@@ -60,6 +61,31 @@ const DIRECT_WRITE: u32 = 16 * 1024;
 const EINVAL: u32 = libc::EINVAL as u32;
 const ENOSPC: u32 = libc::ENOSPC as u32;
 const EIO: u32 = libc::EIO as u32;
+
+/// What the connections to one export share, besides the store's bytes.
+pub struct Shared {
+    pub export: Export,
+    /// The store failed after taking work: what it holds is unknown, so
+    /// every request on every connection is answered `EIO` from now on.
+    lost: AtomicBool,
+    /// Served on several connections at once: then a reply to a change
+    /// (write, trim, zeroes) waits until the store has done it, not only
+    /// taken it, so that a read on any other connection after the reply
+    /// sees it. The kernel relies on that (swap reads a page back on
+    /// whichever connection its CPU maps to, with no flush between), and a
+    /// flush on one connection then covers every change answered on all.
+    settle_changes: bool,
+}
+
+impl Shared {
+    pub fn new(export: Export, connections: usize) -> Shared {
+        Shared { export: export.with_connections(connections), lost: AtomicBool::new(false), settle_changes: connections > 1 }
+    }
+
+    pub fn lost(&self) -> bool {
+        self.lost.load(Relaxed)
+    }
+}
 
 /// Why a connection ended without an error.
 #[derive(Debug, PartialEq, Eq)]
@@ -151,9 +177,6 @@ struct Replies {
     /// Whether a lone read's reply header may go out before its data (see
     /// `tell_early`); `NBD_VRAM_EARLY_HEADER=0` says no.
     early: bool,
-    /// The store failed after taking work: what it holds is unknown, so
-    /// every request from now on is answered `EIO`.
-    lost: bool,
 }
 
 impl Replies {
@@ -189,7 +212,6 @@ impl<B: std::ops::DerefMut<Target = [u8]>> Buffers<B> {
                 held_groups: 0,
                 ahead: tuning.ahead,
                 early: tuning.early_header,
-                lost: false,
             },
         })
     }
@@ -204,7 +226,7 @@ enum Got {
 /// Serves one negotiated connection until the client disconnects.
 /// `Err` means a broken stream (bad magic, truncated request, socket error):
 /// the caller drops the connection, the store is intact and synced.
-pub fn run<S, T>(store: &mut S, bufs: &mut Buffers<S::Buf>, export: &Export, stats: &Stats, conn: &mut T) -> io::Result<End>
+pub fn run<S, T>(store: &mut S, bufs: &mut Buffers<S::Buf>, shared: &Shared, stats: &Stats, conn: &mut T) -> io::Result<End>
 where
     S: Store,
     T: Read + Write + AsFd,
@@ -212,7 +234,7 @@ where
     bufs.input.clear();
     bufs.ring = 0; // the last connection ended with a sync
     (bufs.replies.held, bufs.replies.held_groups) = (0, 0);
-    let mut link = Link { store, bufs, export, stats, conn, phases: Phases::default() };
+    let mut link = Link { store, bufs, shared, stats, conn, phases: Phases::default() };
     loop {
         let begun = Instant::now();
         link.phases = Phases::default();
@@ -254,7 +276,7 @@ where
 struct Link<'a, S: Store, T> {
     store: &'a mut S,
     bufs: &'a mut Buffers<S::Buf>,
-    export: &'a Export,
+    shared: &'a Shared,
     stats: &'a Stats,
     conn: &'a mut T,
     /// This batch's time by phase, so far.
@@ -380,12 +402,11 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
     /// The store failed with work already taken: logs it once, and from
     /// now on nothing is trusted to it.
     fn lose(&mut self) {
-        if !self.bufs.replies.lost {
+        if !self.shared.lost.swap(true, Relaxed) {
             crate::error!(
                 "the store failed after taking writes, some of which may have been acknowledged: \
                  their data may be lost. Every request is answered EIO from now on; restart nbd-vram"
             );
-            self.bufs.replies.lost = true;
         }
     }
 
@@ -425,7 +446,11 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
             };
             self.phases.store += nanos(at);
             slot.queued = true;
-            slot.waits = req.command == sys::NBD_CMD_READ || req.flags & CMD_FLAG_FUA != 0;
+            slot.waits = match req.command {
+                sys::NBD_CMD_READ => true,
+                sys::NBD_CMD_FLUSH => false,
+                _ => req.flags & CMD_FLAG_FUA != 0 || (self.shared.settle_changes && !S::IN_MEMORY),
+            };
             if let Err(e) = done {
                 crate::error!("{} at offset {} length {len} failed: {e}", name(req.command), req.offset);
                 error = EIO;
@@ -441,7 +466,7 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
 
     /// The NBD error a request earns before touching the store ("Error values").
     fn check(&self, req: &Request) -> u32 {
-        if self.bufs.replies.lost {
+        if self.shared.lost() {
             return EIO;
         }
         let mut allowed = CMD_FLAG_FUA;
@@ -462,7 +487,7 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
             return EINVAL;
         }
         match req.offset.checked_add(u64::from(req.len)) {
-            Some(end) if end <= self.export.size => 0,
+            Some(end) if end <= self.shared.export.size => 0,
             _ if writes => ENOSPC,
             _ => EINVAL,
         }
@@ -488,7 +513,7 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
                     }
                 }
             }
-            if self.bufs.replies.lost {
+            if self.shared.lost() {
                 self.bufs.replies.slots[start..end].iter_mut().for_each(Slot::fail);
             }
             let at = Instant::now();
@@ -509,7 +534,7 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
     /// will answer EIO. Returns whether it was sent.
     fn tell_early(&mut self, slots: Range<usize>) -> io::Result<bool> {
         let [slot] = &self.bufs.replies.slots[slots] else { return Ok(false) };
-        if !self.bufs.replies.early || self.bufs.replies.lost || slot.in_store || slot.data.is_empty() || !slot.ok() {
+        if !self.bufs.replies.early || self.shared.lost() || slot.in_store || slot.data.is_empty() || !slot.ok() {
             return Ok(false);
         }
         let at = Instant::now();

@@ -7,7 +7,7 @@ use std::thread;
 use super::*;
 use crate::nbd::poll::SPIN;
 use std::time::Duration;
-use crate::store::HostStore;
+use crate::store::{Backing, HostBacking, HostStore};
 
 const SIZE: u64 = 8 << 20;
 /// Payload sizes on both sides of `DIRECT_WRITE`, and one of `INPUT_LEN`.
@@ -93,11 +93,12 @@ fn mixed_requests_cut_anywhere_match_the_model() {
         });
         // A wrong read ends the receiver: the server must then fail, not hang.
         ours.set_write_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
-        let mut store = HostStore::new(SIZE).unwrap();
+        let backing = HostBacking::new(SIZE).unwrap();
+        let mut store = backing.open().unwrap();
         let mut bufs = Buffers::new(&mut store, &crate::tuning::Tuning::default()).unwrap();
         bufs.input.poll = Poll::new(spin);
         let stats = Stats::default();
-        let end = run(&mut store, &mut bufs, &Export::new(SIZE), &stats, &mut ours).unwrap();
+        let end = run(&mut store, &mut bufs, &Shared::new(Export::new(SIZE), 1), &stats, &mut ours).unwrap();
         assert_eq!(end, End::Disconnect);
         send.join().unwrap();
         receive.join().unwrap();
@@ -123,9 +124,10 @@ fn a_read_gets_the_bytes_before_a_later_change_in_its_batch() {
     let (mut ours, mut theirs) = UnixStream::pair().unwrap();
     theirs.write_all(&wire).unwrap(); // all queued: one batch, if nothing splits it
 
-    let mut store = HostStore::new(SIZE).unwrap();
+    let backing = HostBacking::new(SIZE).unwrap();
+    let mut store = backing.open().unwrap();
     let mut bufs = Buffers::new(&mut store, &crate::tuning::Tuning::default()).unwrap();
-    let end = run(&mut store, &mut bufs, &Export::new(SIZE), &Stats::default(), &mut ours).unwrap();
+    let end = run(&mut store, &mut bufs, &Shared::new(Export::new(SIZE), 1), &Stats::default(), &mut ours).unwrap();
     assert_eq!(end, End::Disconnect);
     let mut expect = |cookie: u8, data: Option<u8>| {
         let mut head = [0u8; REPLY_LEN];
@@ -168,4 +170,77 @@ fn a_cut_payload_puts_back_what_it_overwrote() {
         }
         assert_eq!(start, input.len(), "input is consumed either way");
     }
+}
+
+/// A connection's store that fails every sync once told to, as a device
+/// that failed after taking work; its neighbour's store still works (the
+/// failure is not sticky, as a missed mailbox deadline is not).
+struct Failing<'a> {
+    inner: HostStore<'a>,
+    fail: bool,
+}
+
+impl Store for Failing<'_> {
+    type Buf = Box<[u8]>;
+
+    fn staging(&mut self, len: usize) -> io::Result<Box<[u8]>> {
+        self.inner.staging(len)
+    }
+    fn read(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.inner.read(offset, buf)
+    }
+    fn write(&mut self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        self.inner.write(offset, buf)
+    }
+    fn zero(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.zero(offset, len)
+    }
+    fn sync(&mut self) -> io::Result<()> {
+        match self.fail {
+            true => Err(io::Error::from_raw_os_error(libc::EIO)),
+            false => Ok(()),
+        }
+    }
+}
+
+/// A store lost on one connection is lost on all: the other connection's
+/// requests answer EIO from then on, though its own store still works.
+#[test]
+fn a_store_lost_on_one_connection_answers_eio_on_every_one() {
+    let backing = HostBacking::new(SIZE).unwrap();
+    let shared = Shared::new(Export::new(SIZE), 2);
+    let request = |command, cookie: u8, len| Request { flags: 0, command, cookie: [cookie; 8], offset: 0, len }.encode();
+    let error = |s: &mut UnixStream| {
+        let mut head = [0u8; REPLY_LEN];
+        s.read_exact(&mut head).unwrap();
+        u32::from_be_bytes(head[4..8].try_into().unwrap())
+    };
+    thread::scope(|scope| {
+        let mut clients = Vec::new();
+        for fail in [true, false] {
+            let (mut ours, theirs) = UnixStream::pair().unwrap();
+            theirs.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            clients.push(theirs);
+            let (backing, shared) = (&backing, &shared);
+            scope.spawn(move || {
+                let mut store = Failing { inner: backing.open().unwrap(), fail };
+                let mut bufs = Buffers::new(&mut store, &crate::tuning::Tuning::default()).unwrap();
+                run(&mut store, &mut bufs, shared, &Stats::default(), &mut ours).unwrap()
+            });
+        }
+        let [a, b] = &mut clients[..] else { unreachable!() };
+        b.write_all(&request(sys::NBD_CMD_READ, 1, 4096)).unwrap();
+        assert_eq!(error(b), 0, "a read before the failure");
+        b.read_exact(&mut [0u8; 4096]).unwrap();
+        a.write_all(&request(sys::NBD_CMD_FLUSH, 2, 0)).unwrap();
+        assert_eq!(error(a), EIO, "the flush whose sync fails");
+        b.write_all(&request(sys::NBD_CMD_READ, 3, 4096)).unwrap();
+        assert_eq!(error(b), EIO, "a read on the other connection after the failure");
+        b.write_all(&request(sys::NBD_CMD_WRITE, 4, 4096)).unwrap();
+        b.write_all(&[1; 4096]).unwrap();
+        assert_eq!(error(b), EIO, "a write on the other connection after the failure");
+        for s in [a, b] {
+            s.write_all(&request(sys::NBD_CMD_DISC, 5, 0)).unwrap();
+        }
+    });
 }

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use crate::cuda::{self, Context, Cuda, InitError, LoadError};
 use crate::fail::{Code, Failure};
-use super::{AllocError, StoreOpts, VramStore};
+use super::{AllocError, StoreOpts, VramBacking};
 use crate::tuning::Tuning;
 
 const MIB: u64 = 1 << 20;
@@ -62,8 +62,8 @@ pub fn open(cuda: &Cuda, gpu: u32) -> Result<Context, Failure> {
 }
 
 /// Allocates the store with the fallback of `--step` and `--min-size`.
-pub fn allocate<'c>(ctx: &'c Context, opts: &StoreOpts, tuning: &Tuning) -> Result<VramStore<'c>, Failure> {
-    VramStore::allocate(ctx, opts.size, opts.step, opts.min_size, tuning).map_err(|e| match e {
+pub fn allocate<'c>(ctx: &'c Context, opts: &StoreOpts, tuning: &Tuning) -> Result<VramBacking<'c>, Failure> {
+    VramBacking::allocate(ctx, opts.size, opts.step, opts.min_size, tuning).map_err(|e| match e {
         AllocError::Cuda(e) => cuda_failure(e),
         AllocError::NoVram(n) => Failure::new(
             Code::NoVram,

@@ -1,30 +1,73 @@
-//! `HostStore`: the bytes live in ordinary RAM (serve mode, tests, baseline).
+//! `HostBacking`: the bytes live in ordinary RAM (serve mode, tests,
+//! baseline), shared by every connection's `HostStore`.
 
 use std::io;
 use std::ops::Range;
 
-use super::Store;
+use super::{Backing, Store};
 
-pub struct HostStore {
-    bytes: Vec<u8>,
+pub struct HostBacking {
+    /// A leaked `Box<[u8]>`, freed by `Drop`. Held as a raw pointer because
+    /// several connections' threads read and write it at once, which no
+    /// Rust reference may express.
+    ptr: *mut u8,
+    len: usize,
 }
 
-impl HostStore {
+// SAFETY: the bytes are plain memory that `HostBacking` owns; threads reach
+// them only through `HostStore`, whose every access lies inside them (see
+// `HostStore::span`). Overlapping requests on two connections at once are
+// the clients' race, as on any disk: bytes have no invalid values, so the
+// worst outcome is a mix of the two payloads, which NBD allows.
+unsafe impl Sync for HostBacking {}
+// SAFETY: as above; ownership of the allocation may move between threads.
+unsafe impl Send for HostBacking {}
+
+impl HostBacking {
     /// Allocates and touches every page now, so that serving never faults
     /// in fresh memory (and an impossible size fails here, not mid-I/O).
-    pub fn new(size: u64) -> io::Result<HostStore> {
+    pub fn new(size: u64) -> io::Result<HostBacking> {
         let len = usize::try_from(size).map_err(|_| io::Error::from_raw_os_error(libc::ENOMEM))?;
         let mut bytes = Vec::new();
         bytes
             .try_reserve_exact(len)
             .map_err(|_| io::Error::from_raw_os_error(libc::ENOMEM))?;
         bytes.resize(len, 0);
-        Ok(HostStore { bytes })
+        let ptr = Box::into_raw(bytes.into_boxed_slice()).cast::<u8>();
+        Ok(HostBacking { ptr, len })
+    }
+}
+
+impl Drop for HostBacking {
+    fn drop(&mut self) {
+        // SAFETY: `ptr` and `len` came from `Box::into_raw` in `new`, and
+        // every `HostStore` borrowing this has been dropped.
+        drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(self.ptr, self.len)) });
+    }
+}
+
+impl Backing for HostBacking {
+    type Store<'a> = HostStore<'a>;
+
+    fn size(&self) -> u64 {
+        self.len as u64
     }
 
+    fn open(&self) -> io::Result<HostStore<'_>> {
+        Ok(HostStore { backing: self })
+    }
+}
+
+/// One connection's access to a `HostBacking`: every operation is done
+/// when it returns.
+pub struct HostStore<'a> {
+    backing: &'a HostBacking,
+}
+
+impl HostStore<'_> {
     fn span(&self, offset: u64, len: usize) -> Option<Range<usize>> {
         let start = usize::try_from(offset).ok()?;
-        let end = start.checked_add(len).filter(|&e| e <= self.bytes.len())?;
+        let end = start.checked_add(len).filter(|&e| e <= self.backing.len)?;
         Some(start..end)
     }
 
@@ -33,13 +76,9 @@ impl HostStore {
     }
 }
 
-impl Store for HostStore {
+impl Store for HostStore<'_> {
     type Buf = Box<[u8]>;
     const IN_MEMORY: bool = true;
-
-    fn size(&self) -> u64 {
-        self.bytes.len() as u64
-    }
 
     fn staging(&mut self, len: usize) -> io::Result<Box<[u8]>> {
         let mut buf = Vec::new();
@@ -50,12 +89,18 @@ impl Store for HostStore {
     }
 
     fn bytes(&self, offset: u64, len: usize) -> Option<&[u8]> {
-        Some(&self.bytes[self.span(offset, len)?])
+        let span = self.span(offset, len)?;
+        // SAFETY: `span` lies inside the allocation, which outlives `self`;
+        // another connection may write these bytes meanwhile only when its
+        // client overlaps this one's request (see `HostBacking`'s Sync).
+        Some(unsafe { std::slice::from_raw_parts(self.backing.ptr.add(span.start), span.len()) })
     }
 
     fn bytes_mut(&mut self, offset: u64, len: usize) -> Option<&mut [u8]> {
         let span = self.span(offset, len)?;
-        Some(&mut self.bytes[span])
+        // SAFETY: as in `bytes`; `&mut self` keeps this connection from
+        // holding another view of them at once.
+        Some(unsafe { std::slice::from_raw_parts_mut(self.backing.ptr.add(span.start), span.len()) })
     }
 
     fn read(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
@@ -85,7 +130,8 @@ mod tests {
 
     #[test]
     fn writes_read_back_and_zero_clears() {
-        let mut s = HostStore::new(8192).unwrap();
+        let backing = HostBacking::new(8192).unwrap();
+        let mut s = backing.open().unwrap();
         s.write(4090, &[7; 10]).unwrap();
         let mut buf = [0u8; 12];
         s.read(4089, &mut buf).unwrap();
@@ -97,11 +143,26 @@ mod tests {
 
     #[test]
     fn out_of_range_is_einval_not_a_panic() {
-        let mut s = HostStore::new(4096).unwrap();
+        let backing = HostBacking::new(4096).unwrap();
+        let mut s = backing.open().unwrap();
         let err = s.write(4095, &[1, 2]).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EINVAL));
         assert!(s.zero(u64::MAX, 2).is_err());
         assert!(s.bytes(4095, 2).is_none() && s.bytes_mut(u64::MAX, 1).is_none());
         assert_eq!(s.bytes(4095, 1), Some(&[0u8][..]));
+    }
+
+    #[test]
+    fn connections_share_the_bytes() {
+        let backing = HostBacking::new(8192).unwrap();
+        std::thread::scope(|s| {
+            for i in 0..2u8 {
+                let backing = &backing;
+                s.spawn(move || backing.open().unwrap().write(u64::from(i) * 4096, &[i + 1; 4096]).unwrap());
+            }
+        });
+        let mut buf = [0u8; 8192];
+        backing.open().unwrap().read(0, &mut buf).unwrap();
+        assert!(buf[..4096].iter().all(|&b| b == 1) && buf[4096..].iter().all(|&b| b == 2));
     }
 }

@@ -13,8 +13,10 @@ use std::path::PathBuf;
 use crate::fail::Failure;
 use crate::tuning::Tuning;
 
+pub use host::HostBacking;
+#[cfg(test)]
 pub use host::HostStore;
-pub use vram::{AllocError, VramStore};
+pub use vram::{AllocError, VramBacking};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StoreKind {
@@ -42,7 +44,21 @@ impl StoreOpts {
     }
 }
 
-/// A fixed-size byte store. Callers check ranges against `size()` first.
+/// The bytes behind an export, shared by every connection to it: each
+/// connection's serve loop opens a `Store` of its own, on its own thread,
+/// and only the bytes (and, for VRAM, the CUDA context) are shared.
+pub trait Backing: Sync {
+    type Store<'a>: Store
+    where
+        Self: 'a;
+
+    fn size(&self) -> u64;
+    /// A connection's way to the bytes, for the calling thread only.
+    fn open(&self) -> io::Result<Self::Store<'_>>;
+}
+
+/// One connection's access to a fixed-size byte store. Callers check
+/// ranges against `size()` first.
 ///
 /// Operations may be queued and finish only later, which is how a GPU
 /// store batches its copies: the caller must neither read a buffer given to
@@ -63,7 +79,6 @@ pub trait Store {
     /// with no copy through staging.
     const IN_MEMORY: bool = false;
 
-    fn size(&self) -> u64;
     /// Allocates `len` bytes of staging memory, once, before serving.
     fn staging(&mut self, len: usize) -> io::Result<Self::Buf>;
     fn read(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
@@ -112,7 +127,7 @@ pub const FENCES: usize = 64;
 /// What runs on a store, whichever kind the user picked; generic, so the
 /// data path is compiled for each store with no dynamic dispatch.
 pub trait UseStore {
-    fn run<S: Store>(self, store: &mut S) -> Result<(), Failure>;
+    fn run<B: Backing>(self, backing: &B) -> Result<(), Failure>;
 }
 
 /// Builds the store `opts` describe and hands it to `user`. A VRAM store
@@ -120,15 +135,15 @@ pub trait UseStore {
 pub fn with_store<U: UseStore>(opts: &StoreOpts, tuning: &Tuning, user: U) -> Result<(), Failure> {
     match opts.kind {
         StoreKind::Host => {
-            let mut store = HostStore::new(opts.size)
+            let backing = HostBacking::new(opts.size)
                 .map_err(|e| Failure::os(format!("allocating {} MiB of RAM", opts.size >> 20), e))?;
-            user.run(&mut store)
+            user.run(&backing)
         }
         StoreKind::Vram => {
             let cuda = gpu::init(opts.libcuda.as_deref(), tuning)?;
             let ctx = gpu::open(&cuda, opts.gpu)?;
-            let mut store = gpu::allocate(&ctx, opts, tuning)?;
-            user.run(&mut store)
+            let backing = gpu::allocate(&ctx, opts, tuning)?;
+            user.run(&backing)
         }
     }
 }

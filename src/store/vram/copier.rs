@@ -116,11 +116,6 @@ impl<'c> Copier<'c> {
         Ok(copier)
     }
 
-    /// The stream copies go on, for work outside the data path (clearing).
-    pub fn stream(&self) -> &Stream<'c> {
-        &self.stream
-    }
-
     pub fn staging(&mut self, len: usize) -> io::Result<Pinned<'c>> {
         let mut buf = self.ctx.pinned(len).map_err(|e| io::Error::other(e.to_string()))?;
         buf.fill(0); // fault every page in now, never while serving
@@ -422,6 +417,10 @@ impl<'c> Copier<'c> {
     }
 }
 
+/// How long a wait for the mailbox kernel spins before it sleeps, when
+/// every CPU has a serving thread (`pressure::cpu_to_spare`).
+const SPIN_WITHOUT_SPARE_CPU: std::time::Duration = std::time::Duration::from_micros(50);
+
 /// Fewer copies than this go one call each (see `copy_batch`).
 const BATCH_MIN: usize = 8;
 /// Host → device copies below this size went through the compute engine
@@ -499,7 +498,11 @@ fn copy_path<'c>(ctx: &'c Context, stream: &Stream, chunks: &[DeviceMem], tuning
     let batched = api || mover.is_some();
     let lists = tuning.mailbox == MailboxUse::Lists;
     let mailbox = match (batched && tuning.mailbox != MailboxUse::Off).then(|| ctx.mailbox(chunks)).flatten() {
-        Some(Ok(mailbox)) => {
+        Some(Ok(mut mailbox)) => {
+            if !crate::pressure::cpu_to_spare() {
+                // Spinning for a slow job would keep every CPU busy.
+                mailbox.spin_for(SPIN_WITHOUT_SPARE_CPU);
+            }
             let what = if lists { "lone ones and batches" } else { "lone ones" };
             info!("small copies back to back: by the mailbox kernel, {what}");
             Some(mailbox)

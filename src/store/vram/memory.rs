@@ -5,7 +5,7 @@
 use std::io;
 
 use super::MIB;
-use crate::cuda::{Context, DeviceMem, Error, Stream, CUDA_ERROR_OUT_OF_MEMORY};
+use crate::cuda::{Context, DeviceMem, Error, CUDA_ERROR_OUT_OF_MEMORY};
 
 /// The smallest chunk tried when the whole size will not come as one
 /// allocation (fragmentation, or a per-allocation limit): CUDA's own
@@ -35,8 +35,8 @@ impl<'c> VramMemory<'c> {
     }
 
     /// Fresh VRAM holds whatever its last user left: never export that.
-    pub fn clear(&self, stream: &Stream) -> Result<(), Error> {
-        self.chunks.iter().try_for_each(|chunk| stream.clear(chunk))
+    pub fn clear(&self) -> Result<(), Error> {
+        self.chunks.iter().try_for_each(DeviceMem::clear)
     }
 
     /// The (chunk index, offset in chunk, length) pieces of a byte range.

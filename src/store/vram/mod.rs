@@ -1,6 +1,7 @@
-//! `VramStore`: the bytes live in GPU memory (`VramMemory`), reached with
-//! async copies on one stream (`Copier`), so a batch of requests costs one
-//! synchronisation.
+//! `VramBacking`: the bytes live in GPU memory (`VramMemory`), shared by
+//! every connection; each connection's `VramStore` reaches them with async
+//! copies on a stream of its own (`Copier`), so a batch of requests costs
+//! one synchronisation.
 
 mod copier;
 mod memory;
@@ -9,19 +10,27 @@ use std::io;
 
 use self::copier::Copier;
 use self::memory::VramMemory;
-use super::Store;
+use super::{Backing, Store};
 use crate::cuda::{Context, Error, Pinned};
 use crate::info;
 use crate::tuning::Tuning;
 
 const MIB: u64 = 1 << 20;
 
-pub struct VramStore<'c> {
-    /// Declared before `memory`, so dropped first: the copier's `Drop`
-    /// ends the mailbox kernel and waits for the stream, and only then is
-    /// the memory their copies reach freed.
-    copier: Copier<'c>,
+/// The store's VRAM and what each connection needs to open a copier on it.
+pub struct VramBacking<'c> {
+    ctx: &'c Context,
     memory: VramMemory<'c>,
+    tuning: Tuning,
+}
+
+/// One connection's access: its own copier (stream, staging, kernels) on
+/// the shared memory, which outlives it by the borrow, so the copier's
+/// `Drop` (which ends its kernels and waits for its stream) always runs
+/// before the memory its copies reach is freed.
+pub struct VramStore<'a, 'c> {
+    copier: Copier<'c>,
+    memory: &'a VramMemory<'c>,
 }
 
 /// Allocation ended below the floor.
@@ -44,20 +53,18 @@ impl From<Error> for AllocError {
     }
 }
 
-impl<'c> VramStore<'c> {
+impl<'c> VramBacking<'c> {
     /// Allocates `want` bytes, or `step` less each time it cannot, down to
-    /// `min`; logs each step and the size obtained.
-    pub fn allocate(ctx: &'c Context, want: u64, step: u64, min: u64, tuning: &Tuning) -> Result<VramStore<'c>, AllocError> {
+    /// `min`, and clears them; logs each step and the size obtained.
+    pub fn allocate(ctx: &'c Context, want: u64, step: u64, min: u64, tuning: &Tuning) -> Result<VramBacking<'c>, AllocError> {
         let mut size = want;
         loop {
             let (free, total) = ctx.mem_info()?;
             if size <= free {
                 if let Some(memory) = VramMemory::allocate(ctx, size)? {
                     info!("allocated {} MiB of VRAM in {} chunk(s); {} MiB of {} MiB were free", size / MIB, memory.chunks().len(), free / MIB, total / MIB);
-                    let copier = Copier::new(ctx, &memory, tuning)?;
-                    let store = VramStore { copier, memory };
-                    store.memory.clear(store.copier.stream())?;
-                    return Ok(store);
+                    memory.clear()?;
+                    return Ok(VramBacking { ctx, memory, tuning: tuning.clone() });
                 }
             }
             let failed = format!("cannot allocate {} MiB of VRAM ({} MiB free of {} MiB)", size / MIB, free / MIB, total / MIB);
@@ -72,12 +79,28 @@ impl<'c> VramStore<'c> {
     }
 }
 
-impl<'c> Store for VramStore<'c> {
-    type Buf = Pinned<'c>;
+impl<'c> Backing for VramBacking<'c> {
+    type Store<'a>
+        = VramStore<'a, 'c>
+    where
+        Self: 'a;
 
     fn size(&self) -> u64 {
         self.memory.size()
     }
+
+    /// Makes the context current on the calling thread, which then owns
+    /// the copier's stream, events and kernels.
+    fn open(&self) -> io::Result<VramStore<'_, 'c>> {
+        let cuda = |e: Error| io::Error::other(e.to_string());
+        self.ctx.make_current().map_err(cuda)?;
+        let copier = Copier::new(self.ctx, &self.memory, &self.tuning).map_err(cuda)?;
+        Ok(VramStore { copier, memory: &self.memory })
+    }
+}
+
+impl<'c> Store for VramStore<'_, 'c> {
+    type Buf = Pinned<'c>;
 
     fn staging(&mut self, len: usize) -> io::Result<Pinned<'c>> {
         self.copier.staging(len)
@@ -85,17 +108,17 @@ impl<'c> Store for VramStore<'c> {
 
     fn read(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.memory.check(offset, buf.len() as u64)?;
-        self.copier.read(&self.memory, offset, buf)
+        self.copier.read(self.memory, offset, buf)
     }
 
     fn write(&mut self, offset: u64, buf: &[u8]) -> io::Result<()> {
         self.memory.check(offset, buf.len() as u64)?;
-        self.copier.write(&self.memory, offset, buf)
+        self.copier.write(self.memory, offset, buf)
     }
 
     fn zero(&mut self, offset: u64, len: u64) -> io::Result<()> {
         self.memory.check(offset, len)?;
-        self.copier.zero(&self.memory, offset, len)
+        self.copier.zero(self.memory, offset, len)
     }
 
     fn fence(&mut self) -> io::Result<usize> {

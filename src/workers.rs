@@ -1,0 +1,95 @@
+//! Serving threads: one per connection of a device, each with its own
+//! store (for VRAM: stream, kernels, pinned staging) and buffers, made on
+//! that thread and kept there. Only the store's memory and the CUDA
+//! context are shared.
+
+use std::ops::Range;
+use std::sync::{mpsc, Arc, Condvar, Mutex, PoisonError};
+use std::thread::{self, Scope, ScopedJoinHandle};
+
+use crate::fail::Failure;
+use crate::nbd::transmit::Buffers;
+use crate::store::{Backing, Store};
+use crate::tuning::Tuning;
+
+/// A serving thread's stack: the loop keeps its buffers on the heap.
+const STACK: usize = 1024 * 1024;
+
+/// One connection's store and buffers.
+pub struct Conn<'b, B: Backing + 'b> {
+    pub store: B::Store<'b>,
+    pub bufs: Buffers<<B::Store<'b> as Store>::Buf>,
+}
+
+/// Opens a connection's store and allocates its buffers, on this thread.
+pub fn open<'b, B: Backing>(backing: &'b B, tuning: &Tuning) -> Result<Conn<'b, B>, Failure> {
+    let mut store = backing.open().map_err(|e| Failure::os("opening the store", e))?;
+    let bufs = Buffers::new(&mut store, tuning).map_err(|e| Failure::os("allocating staging buffers", e))?;
+    Ok(Conn { store, bufs })
+}
+
+/// Starts a thread per index of `ids`, named `name-INDEX`, that opens its
+/// connection and then runs `work` on it; returns once every one has
+/// opened its own, so that nothing is served before all memory is taken.
+/// If one cannot, none serves: all end, and the first failure is returned.
+/// A thread that served returns `Some` of what `work` returned.
+pub fn spawn<'s, 'b, B, R, F>(
+    s: &'s Scope<'s, '_>,
+    backing: &'b B,
+    tuning: &'b Tuning,
+    name: &str,
+    ids: Range<usize>,
+    work: &'s F,
+) -> Result<Vec<ScopedJoinHandle<'s, Option<R>>>, Failure>
+where
+    'b: 's,
+    B: Backing,
+    F: Fn(usize, Conn<'b, B>) -> R + Sync,
+    R: Send + 's,
+{
+    let decision = Arc::new((Mutex::new(None::<bool>), Condvar::new()));
+    let (tell, told) = mpsc::channel();
+    let mut handles = Vec::with_capacity(ids.len());
+    let mut failure = None;
+    for i in ids {
+        let (tell, decision) = (tell.clone(), Arc::clone(&decision));
+        let spawned = thread::Builder::new().name(format!("{name}-{i}")).stack_size(STACK).spawn_scoped(s, move || {
+            let (conn, opened) = match open(backing, tuning) {
+                Ok(conn) => (Some(conn), Ok(())),
+                Err(f) => (None, Err(f)),
+            };
+            let _ = tell.send(opened);
+            let (go, decided) = &*decision;
+            let mut go = go.lock().unwrap_or_else(PoisonError::into_inner);
+            while go.is_none() {
+                go = decided.wait(go).unwrap_or_else(PoisonError::into_inner);
+            }
+            let serve = *go == Some(true);
+            drop(go);
+            conn.filter(|_| serve).map(|conn| work(i, conn))
+        });
+        match spawned {
+            Ok(h) => handles.push(h),
+            Err(e) => {
+                failure = Some(Failure::os("starting a serving thread", e));
+                break;
+            }
+        }
+    }
+    drop(tell);
+    for opened in told.iter().take(handles.len()) {
+        if let (Err(f), None) = (opened, &failure) {
+            failure = Some(f);
+        }
+    }
+    let (go, decided) = &*decision;
+    *go.lock().unwrap_or_else(PoisonError::into_inner) = Some(failure.is_none());
+    decided.notify_all();
+    match failure {
+        None => Ok(handles),
+        Some(f) => {
+            handles.into_iter().for_each(|h| drop(h.join()));
+            Err(f)
+        }
+    }
+}

@@ -1,0 +1,150 @@
+//! Several connections to one store at once (`--connections N`), each
+//! served by its own thread with its own copier: data stays intact under
+//! concurrent writers, a change answered on one connection is seen by a
+//! read or a flush on another, and a device failure on one fails all.
+
+mod common;
+mod fake_cuda_env;
+
+use std::os::unix::net::UnixStream;
+use std::sync::Barrier;
+use std::time::Duration;
+
+use common::raw::{greet, Nbd, CMD_FLUSH, CMD_WRITE_ZEROES};
+use common::{pattern, Server, TempDir, KIB, MIB};
+use fake_cuda_env::*;
+
+/// NBD_FLAG_CAN_MULTI_CONN ("Transmission flags").
+const CAN_MULTI_CONN: u16 = 1 << 8;
+
+fn connect(sock: &std::path::Path) -> Nbd {
+    let s = greet(sock);
+    // A server that took one client at a time would leave the others
+    // hanging: fail instead.
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    Nbd::go(s)
+}
+
+/// `n` clients connected at once, each writing and reading back its own
+/// quarter-megabyte ranges in sizes that take every copy path (lone 4 KiB
+/// by the mailbox kernel, batches, 1 MiB by the copy engine), then each
+/// reading another's ranges.
+fn concurrent_writers(server: &Server, n: usize) {
+    let barrier = Barrier::new(n);
+    let sizes = [4 * KIB as usize, 64 * KIB as usize, 12 * KIB as usize, MIB as usize];
+    let region = 2 * MIB; // per client
+    let data = |i: usize, round: usize, len: usize| pattern((i * 1000 + round) as u64, len);
+    std::thread::scope(|s| {
+        for i in 0..n {
+            let (barrier, sock) = (&barrier, &server.sock);
+            s.spawn(move || {
+                let mut nbd = connect(sock);
+                let multi = nbd.flags & CAN_MULTI_CONN != 0;
+                assert_eq!(multi, n > 1, "CAN_MULTI_CONN with {n} connections");
+                barrier.wait(); // all in transmission at once
+                let base = i as u64 * region;
+                for round in 0..24 {
+                    let len = sizes[round % sizes.len()];
+                    let at = base + (round as u64 * 96 * KIB) % (region - len as u64);
+                    let want = data(i, round, len);
+                    assert_eq!(nbd.write(at, &want), 0, "client {i} write {round}");
+                    read_ok(&mut nbd, at, &want, &format!("client {i} round {round}"));
+                }
+                // The last write of each client, read back by the next one.
+                barrier.wait();
+                let j = (i + 1) % n;
+                let round = 23;
+                let len = sizes[round % sizes.len()];
+                let at = j as u64 * region + (round as u64 * 96 * KIB) % (region - len as u64);
+                read_ok(&mut nbd, at, &data(j, round, len), &format!("client {i} reads client {j}'s"));
+                nbd.disconnect();
+            });
+        }
+    });
+}
+
+#[test]
+fn several_clients_at_once_keep_their_data_apart() {
+    for n in [1, 2, 4] {
+        let mut server = Serve::new(16).arg("--connections").arg(&n.to_string()).start();
+        concurrent_writers(&server, n);
+        server.assert_alive();
+        if n > 1 {
+            assert!(server.log().contains(&format!("{n} clients at once")), "{}", server.log());
+        }
+    }
+}
+
+#[test]
+fn the_host_store_takes_several_clients_too() {
+    let dir = TempDir::new();
+    let sock = dir.path("sock");
+    let listen = format!("unix:{}", sock.display());
+    let mut server = Server::start_with(dir, sock, &listen, 16 * MIB, &["--connections", "3"]);
+    concurrent_writers(&server, 3);
+    server.assert_alive();
+}
+
+/// Swap writes a page on one connection and may read it back on another
+/// as soon as the write is answered, with no flush between; NBD's
+/// multi-connection promise covers a flush. Both must see the write, on
+/// every copy path. The fake driver runs each stream's copies as late as
+/// it may and never one stream's for another's sync, so an answer given
+/// before the copy reached VRAM shows here as old data.
+#[test]
+fn a_change_answered_on_one_connection_is_seen_on_another() {
+    let mut server = Serve::new(8).arg("--connections").arg("2").start();
+    let mut a = connect(&server.sock);
+    let mut b = connect(&server.sock);
+    for (round, len) in [4 * KIB, 4 * KIB, 64 * KIB, 12 * KIB, MIB, 4 * KIB].into_iter().cycle().take(60).enumerate() {
+        let (writer, reader) = if round % 2 == 0 { (&mut a, &mut b) } else { (&mut b, &mut a) };
+        let at = (round as u64 * 128 * KIB) % (6 * MIB);
+        let want = pattern(round as u64 + 7, len as usize);
+        assert_eq!(writer.write(at, &want), 0, "write {round}");
+        if round % 3 == 0 {
+            assert_eq!(reader.command(0, CMD_FLUSH, 0, 0), 0, "flush {round} on the other connection");
+        }
+        read_ok(reader, at, &want, &format!("round {round}: {len} bytes written on one connection, read on the other"));
+        assert_eq!(writer.command(0, CMD_WRITE_ZEROES, at, 4096), 0, "zeroes {round}");
+        read_ok(reader, at, &[0; 4096], &format!("round {round}: zeroes on one connection, read on the other"));
+    }
+    a.disconnect();
+    b.disconnect();
+    server.assert_alive();
+}
+
+/// FAKE_CUDA_FAIL_SYNC=1: the first wait for handed-over work fails, on
+/// one connection; acknowledged data may be gone, so every request on
+/// every connection, the other one and new ones, answers EIO from then on.
+#[test]
+fn a_device_failure_on_one_connection_fails_them_all() {
+    let mut server = Serve::new(8).arg("--connections").arg("2").env("FAKE_CUDA_FAIL_SYNC", "1").env("NBD_VRAM_EARLY_HEADER", "0").start();
+    let mut a = connect(&server.sock);
+    let mut b = connect(&server.sock);
+    let data = pattern(5, 4096);
+    // Answered once the copy is done: the wait for it is sync 1, which fails.
+    assert_eq!(a.write(0, &data), EIO, "the write whose wait fails");
+    read_eio(&mut b, 0, 4096, "a read on the other connection");
+    assert_eq!(b.write(MIB, &data), EIO, "a write on the other connection");
+    b.disconnect();
+    assert_lost(&mut server, a, "CUDA_ERROR_ILLEGAL_ADDRESS", "FAIL_SYNC=1 on one of two connections");
+}
+
+/// A client beyond `--connections` waits until a connection ends: it is
+/// neither refused nor served alongside.
+#[test]
+fn a_client_beyond_the_limit_waits_its_turn() {
+    let server = Serve::new(8).arg("--connections").arg("2").start();
+    let (first, second) = (connect(&server.sock), connect(&server.sock));
+    let third = UnixStream::connect(&server.sock).unwrap();
+    third.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    let mut byte = [0u8; 1];
+    let waited = std::io::Read::read(&mut &third, &mut byte);
+    assert!(waited.is_err(), "a third client was greeted while two were served: {waited:?}");
+    drop(third);
+    first.disconnect();
+    let mut third = connect(&server.sock);
+    read_ok(&mut third, 0, &[0; 4096], "the third client, once the first left");
+    third.disconnect();
+    second.disconnect();
+}
