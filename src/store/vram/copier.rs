@@ -1,16 +1,17 @@
 //! `Copier`: moves bytes between staging and a `VramMemory` with async
 //! copies on one stream, so a batch of requests costs one synchronisation.
 //! It owns how each copy goes (batched, by the copy kernel, by the mailbox
-//! kernel, one by one), the fences, and the care for another process on
-//! the GPU; the memory it copies to and from is borrowed per call.
+//! kernel, one by one) and the care for another process on the GPU; what
+//! its fences cover and how far its work is done is `Fences`'; the memory
+//! it copies to and from is borrowed per call.
 
 use std::io;
 use std::ops::Range;
 
 use super::memory::VramMemory;
-use crate::cuda::{Context, CopyBatch, DeviceMem, Error, Event, Mailbox, Mover, Pinned, Stream};
+use super::fences::Fences;
+use crate::cuda::{Context, CopyBatch, DeviceMem, Error, Mailbox, Mover, Pinned, Stream};
 use crate::store::neighbours::Neighbours;
-use crate::store::FENCES;
 use crate::tuning::{MailboxUse, Tuning};
 use crate::{error, info, warn};
 
@@ -31,18 +32,7 @@ pub struct Copier<'c> {
     run: u32,
     /// A mailbox copy failed: the next `wait` or `sync` reports it.
     post_failed: bool,
-    /// One per fence token, created before serving.
-    events: Vec<Event<'c>>,
-    next_fence: usize,
-    /// The last fence, while no work has followed it: its event is
-    /// recorded only when work does, since until then waiting for the
-    /// whole stream is the same and costs one driver call less.
-    unrecorded: Option<usize>,
-    /// Hand-overs to the stream so far; what each fence covers; how many
-    /// are known complete. When all are, `sync` need not ask the driver.
-    issued: u64,
-    fenced: [u64; FENCES],
-    done: u64,
+    fences: Fences<'c>,
     /// Another process computing on the GPU keeps copies off our kernels
     /// and off the compute engine.
     neighbours: Neighbours,
@@ -92,7 +82,6 @@ impl<'c> Copier<'c> {
             writes: false,
             failed: false,
         });
-        let events = (0..FENCES).map(|_| ctx.event()).collect::<Result<_, _>>()?;
         let mut copier = Copier {
             ctx,
             stream,
@@ -103,12 +92,7 @@ impl<'c> Copier<'c> {
             posted: None,
             run: 0,
             post_failed: false,
-            events,
-            next_fence: 0,
-            unrecorded: None,
-            issued: 0,
-            fenced: [0; FENCES],
-            done: 0,
+            fences: Fences::new(ctx)?,
             neighbours: Neighbours::new(ctx, tuning.watch_neighbours), // all our memory is taken by now
             zeros: ctx.pinned(ZEROS)?,
         };
@@ -175,10 +159,10 @@ impl<'c> Copier<'c> {
             return false;
         }
         self.run += 1;
-        if self.done != self.issued && !self.stream.is_done().unwrap_or(false) {
+        if !self.fences.all_done() && !self.stream.is_done().unwrap_or(false) {
             return false;
         }
-        self.done = self.issued;
+        self.fences.mark_all_done();
         let (Some(mailbox), Some(b)) = (&mut self.mailbox, &mut self.batch) else { return false };
         if !mailbox.ready() {
             if self.run >= START_AFTER {
@@ -201,9 +185,8 @@ impl<'c> Copier<'c> {
             Some((dst, src, len)) => (mailbox.post_read(src, len), Some((dst, len))),
         };
         b.copies.clear();
-        self.unrecorded = None; // every fence so far is complete
-        self.issued += 1;
-        self.posted = Some(Posted { seq, read_into, index: self.issued });
+        let index = self.fences.hand_over_untracked();
+        self.posted = Some(Posted { seq, read_into, index });
         true
     }
 
@@ -232,7 +215,7 @@ impl<'c> Copier<'c> {
             let dst = unsafe { std::slice::from_raw_parts_mut(dst as *mut u8, len) };
             dst.copy_from_slice(mailbox.landed(len));
         }
-        self.done = self.done.max(p.index);
+        self.fences.done_up_to(p.index);
         Ok(())
     }
 
@@ -257,21 +240,12 @@ impl<'c> Copier<'c> {
         Ok(())
     }
 
-    /// Counts one more hand-over of work to the stream, recording first
-    /// the event of a fence that it follows. Should recording fail, the
-    /// stream is drained instead, which completes that fence too.
+    /// Counts one more hand-over of work to the stream (`Fences`), which
+    /// comes after the mailbox kernel's.
     fn hand_over(&mut self) -> Result<(), Error> {
-        self.finish()?; // the stream's work comes after the mailbox's
+        self.finish()?;
         self.forget_abandoned()?;
-        if let Some(token) = self.unrecorded.take() {
-            if let Err(e) = self.stream.record(&self.events[token]) {
-                error!("{e}");
-                self.stream.sync()?;
-                self.done = self.issued;
-            }
-        }
-        self.issued += 1;
-        Ok(())
+        self.fences.hand_over(&self.stream)
     }
 
     /// Makes room in the batch for copies in direction `writes`.
@@ -357,17 +331,7 @@ impl<'c> Copier<'c> {
     pub fn fence(&mut self) -> io::Result<usize> {
         self.flush();
         let failed = self.batch.as_mut().is_some_and(|b| std::mem::take(&mut b.failed));
-        // A fence with no work since the last one is the same point.
-        let token = match self.unrecorded {
-            Some(last) => last,
-            None => {
-                let token = self.next_fence % FENCES;
-                self.next_fence += 1;
-                self.fenced[token] = self.issued;
-                self.unrecorded = Some(token);
-                token
-            }
-        };
+        let token = self.fences.fence();
         if failed {
             return Err(io::Error::from_raw_os_error(libc::EIO));
         }
@@ -375,20 +339,10 @@ impl<'c> Copier<'c> {
     }
 
     pub fn wait(&mut self, token: usize) -> io::Result<()> {
-        if self.post_failed || self.posted.as_ref().is_some_and(|p| p.index <= self.fenced[token]) {
+        if self.post_failed || self.posted.as_ref().is_some_and(|p| self.fences.covers(token, p.index)) {
             self.finished()?;
         }
-        if self.fenced[token] <= self.done {
-            return Ok(());
-        }
-        if self.unrecorded == Some(token) {
-            self.stream.sync().map_err(eio)?;
-            self.done = self.issued;
-        } else {
-            self.events[token].wait().map_err(eio)?;
-            self.done = self.fenced[token];
-        }
-        Ok(())
+        self.fences.wait(&self.stream, token)
     }
 
     /// Also reports a batch that failed to start since the last fence: a
@@ -396,13 +350,8 @@ impl<'c> Copier<'c> {
     pub fn sync(&mut self) -> io::Result<()> {
         self.flush();
         let failed = self.batch.as_mut().is_some_and(|b| std::mem::take(&mut b.failed));
-        self.next_fence = 0;
-        self.unrecorded = None;
         let finished = self.finished();
-        if self.issued > self.done {
-            self.stream.sync().map_err(eio)?;
-            self.done = self.issued;
-        }
+        self.fences.sync(&self.stream)?;
         if failed {
             return Err(io::Error::from_raw_os_error(libc::EIO));
         }
@@ -461,7 +410,7 @@ fn as_rows(shared: bool, len: usize) -> bool {
 }
 
 /// A failed copy is logged with CUDA's words and answered `EIO`.
-fn eio(e: Error) -> io::Error {
+pub(super) fn eio(e: Error) -> io::Error {
     error!("{e}");
     io::Error::from_raw_os_error(libc::EIO)
 }

@@ -4,6 +4,7 @@
 //! one synchronisation.
 
 mod copier;
+mod fences;
 mod memory;
 
 use std::io;
