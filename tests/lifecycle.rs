@@ -83,31 +83,37 @@ fn every_thread_blocks_the_stop_signals_and_an_idle_server_stops_cleanly() {
     }
 }
 
-/// A client writes and reads back (lone requests, so the mailbox kernel
-/// runs too) while the stop comes.
+/// Clients write and read back (lone requests, so the mailbox kernel runs
+/// too) while the stop comes: one client, and three on as many serving
+/// threads (`--connections 3`).
 #[test]
 fn a_server_under_traffic_stops_cleanly() {
-    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
-        let server = mailbox_server();
-        let sock = server.sock.clone();
+    for (sig, clients) in [(libc::SIGTERM, 1), (libc::SIGINT, 1), (libc::SIGHUP, 1), (libc::SIGTERM, 3)] {
+        let server = Serve::new(16).env("NBD_VRAM_BATCH", "1").arg("--connections").arg(&clients.to_string()).start();
         let (go, done) = (Arc::new(AtomicBool::new(true)), Arc::new(AtomicU64::new(0)));
-        let (client_go, client_done) = (go.clone(), done.clone());
-        // Its requests fail (a panic in the client) once the server is gone.
-        let client = thread::spawn(move || {
-            let mut nbd = Nbd::connect(&sock);
-            let data = pattern(3, 4096);
-            while client_go.load(Ordering::Relaxed) {
-                let at = client_done.load(Ordering::Relaxed) % 1024 * 4096;
-                assert_eq!(nbd.write(at, &data), 0);
-                assert_eq!(nbd.read(at, 4096).as_deref(), Ok(&data[..]));
-                client_done.fetch_add(1, Ordering::Relaxed);
-            }
-        });
+        // Their requests fail (a panic in the client) once the server is gone.
+        let workers: Vec<_> = (0..clients)
+            .map(|i| {
+                let (sock, go, done) = (server.sock.clone(), go.clone(), done.clone());
+                thread::spawn(move || {
+                    let mut nbd = Nbd::connect(&sock);
+                    let data = pattern(3 + i, 4096);
+                    let mut n = 0u64;
+                    while go.load(Ordering::Relaxed) {
+                        let at = (i * 1024 + n % 1024) * 4096;
+                        assert_eq!(nbd.write(at, &data), 0);
+                        assert_eq!(nbd.read(at, 4096).as_deref(), Ok(&data[..]));
+                        done.fetch_add(1, Ordering::Relaxed);
+                        n += 1;
+                    }
+                })
+            })
+            .collect();
         thread::sleep(Duration::from_millis(300));
         assert_all_threads_block(&server);
-        stop_with(server, sig, "under traffic");
+        stop_with(server, sig, &format!("under traffic from {clients} client(s)"));
         go.store(false, Ordering::Relaxed);
-        let _ = client.join();
+        workers.into_iter().for_each(|w| drop(w.join()));
         assert!(done.load(Ordering::Relaxed) > 0, "no request was served before the stop");
     }
 }
