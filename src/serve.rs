@@ -16,7 +16,7 @@ use crate::cli::{self, Addr};
 use crate::store::StoreOpts;
 use crate::tuning::Tuning;
 use crate::signals::{Signals, STOP};
-use crate::sock::{set_recv_timeout, set_send_timeout};
+use crate::sock::{set_recv_timeout, set_send_timeout, Deadline};
 use crate::status::{self, Instance};
 use crate::fail::{Code, Failure};
 use crate::nbd::proto::{self, Export, Negotiated};
@@ -150,59 +150,15 @@ where
     match negotiated {
         Ok(Negotiated::Transmission) => {}
         Ok(Negotiated::Aborted) => return,
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+            return warn!("handshake failed: client did not finish negotiating within {} s", HANDSHAKE_TIMEOUT.as_secs())
+        }
         Err(e) => return warn!("handshake failed: {e}"),
     }
     let then = stats.snapshot();
     match transmit::run(&mut conn.store, &mut conn.bufs, shared, stats, client) {
         Ok(end) => info!("client done ({end:?}): {}", stats.since(&then)),
         Err(e) => warn!("connection dropped: {e}; {}", stats.since(&then)),
-    }
-}
-
-/// A connection whose reads and writes all end by `at`: before each, the
-/// socket's timeouts are set to the time left, since SO_RCVTIMEO and
-/// SO_SNDTIMEO bound one call each, not a conversation.
-struct Deadline<'a, T> {
-    conn: &'a mut T,
-    at: Instant,
-}
-
-impl<T: AsFd> Deadline<'_, T> {
-    fn left(&self) -> io::Result<Duration> {
-        match self.at.saturating_duration_since(Instant::now()) {
-            Duration::ZERO => Err(self.expired()),
-            left => Ok(left),
-        }
-    }
-
-    fn expired(&self) -> io::Error {
-        io::Error::new(ErrorKind::TimedOut, format!("client did not finish negotiating within {} s", HANDSHAKE_TIMEOUT.as_secs()))
-    }
-
-    /// A timed-out socket call fails with EAGAIN; say what it means.
-    fn explain(&self, e: io::Error) -> io::Error {
-        match e.kind() {
-            ErrorKind::WouldBlock | ErrorKind::TimedOut => self.expired(),
-            _ => e,
-        }
-    }
-}
-
-impl<T: io::Read + AsFd> io::Read for Deadline<'_, T> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        set_recv_timeout(self.conn.as_fd(), Some(self.left()?))?;
-        self.conn.read(buf).map_err(|e| self.explain(e))
-    }
-}
-
-impl<T: io::Write + AsFd> io::Write for Deadline<'_, T> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        set_send_timeout(self.conn.as_fd(), Some(self.left()?))?;
-        self.conn.write(buf).map_err(|e| self.explain(e))
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.conn.flush()
     }
 }
 

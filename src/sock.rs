@@ -1,7 +1,7 @@
 //! The few socket calls std lacks, behind safe signatures.
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::time::{Duration, Instant};
 
 /// Reads what is already queued on a socket, without blocking: `Ok(None)`
@@ -87,4 +87,41 @@ pub fn queued(fd: BorrowedFd) -> io::Result<usize> {
         return Err(io::Error::last_os_error());
     }
     Ok(n.max(0) as usize)
+}
+
+/// A connection whose reads and writes all end by `at`: before each, the
+/// socket's timeouts are set to the time left, since SO_RCVTIMEO and
+/// SO_SNDTIMEO bound one call each, not a conversation. Past `at` a call
+/// fails with `TimedOut`; one that runs out of the time left, with
+/// `WouldBlock` (the socket's EAGAIN).
+pub struct Deadline<'a, T> {
+    pub conn: &'a mut T,
+    pub at: Instant,
+}
+
+impl<T: AsFd> Deadline<'_, T> {
+    fn left(&self) -> io::Result<Duration> {
+        match self.at.saturating_duration_since(Instant::now()) {
+            Duration::ZERO => Err(io::ErrorKind::TimedOut.into()),
+            left => Ok(left),
+        }
+    }
+}
+
+impl<T: io::Read + AsFd> io::Read for Deadline<'_, T> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        set_recv_timeout(self.conn.as_fd(), Some(self.left()?))?;
+        self.conn.read(buf)
+    }
+}
+
+impl<T: io::Write + AsFd> io::Write for Deadline<'_, T> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        set_send_timeout(self.conn.as_fd(), Some(self.left()?))?;
+        self.conn.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.conn.flush()
+    }
 }

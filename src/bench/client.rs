@@ -9,7 +9,7 @@ use std::io::{self, IoSlice, Read, Write};
 use std::net::TcpStream;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::cli::Addr;
 use crate::fail::{Code, Failure};
@@ -95,43 +95,6 @@ impl AsFd for Conn {
             Conn::Unix(s) => s.as_fd(),
             Conn::Tcp(s) => s.as_fd(),
         }
-    }
-}
-
-/// A connection whose reads and writes all end by `at`: before each, the
-/// socket's timeouts are set to the time left, since they bound one call
-/// each, not a conversation. For the handshake, so that a server that
-/// greets late (one serving another client), trickles bytes or never
-/// answers cannot hold bench past the deadline.
-pub struct Deadline<'a> {
-    pub conn: &'a mut Conn,
-    pub at: Instant,
-}
-
-impl Deadline<'_> {
-    fn arm(&mut self) -> io::Result<()> {
-        match self.at.saturating_duration_since(Instant::now()) {
-            Duration::ZERO => Err(io::ErrorKind::TimedOut.into()),
-            left => self.conn.set_timeouts(left),
-        }
-    }
-}
-
-impl Read for Deadline<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.arm()?;
-        self.conn.read(buf)
-    }
-}
-
-impl Write for Deadline<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.arm()?;
-        self.conn.write(buf)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
     }
 }
 
@@ -318,7 +281,9 @@ fn be32(b: &[u8]) -> u32 {
 mod tests {
     use super::*;
     use crate::nbd::proto;
+    use crate::sock::Deadline;
     use std::thread;
+    use std::time::Instant;
 
     fn pair() -> (UnixStream, UnixStream) {
         let (a, b) = UnixStream::pair().unwrap();

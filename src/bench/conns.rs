@@ -16,7 +16,8 @@ use std::sync::{PoisonError, RwLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::client::{self, Conn, Deadline, Shown};
+use super::client::{self, Conn, Shown};
+use crate::sock::Deadline;
 use super::engine::{self, Bufs, Spec, Stop, Tally};
 use super::{check_export, MIB};
 use crate::cli::Addr;
