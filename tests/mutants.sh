@@ -30,6 +30,8 @@ late-job-races	src/store/vram/copier.rs	        self\.forget_abandoned\(\)\?;\n
 sync-hides-failed-batch	src/store/vram/copier.rs	        if failed \{\n            return Err\(io::Error::from_raw_os_error\(libc::EIO\)\);\n        \}\n        finished	        let _ = failed;\n        finished
 failed-batch-kept	src/store/vram/copier.rs	                b\.copies\.clear\(\);\n	\n	known gap: needs a hand-over that fails without failing the store, which the serve loop never reaches today
 one-sm-kernel	src/cuda/mailbox.rs	Ok\(sms\) if sms < 2 =>	Ok(sms) if sms < 1 =>
+answer-changes-early	src/nbd/transmit.rs	settle_changes: connections > 1 \}	settle_changes: false }
+multi-conn-always	src/nbd/proto.rs	if connections > 1 \{	if connections > 0 {
 EOF
 }
 
@@ -61,7 +63,7 @@ for name in $names; do
 		echo "mutant $name: caught by the compiler"; continue
 	fi
 	caught=""
-	for t in "--bin nbd-vram" "--test vram_start" "--test vram_copies" "--test vram_failures" "--test vram_mailbox" "--test vram_shared" "--test lifecycle"; do
+	for t in "--bin nbd-vram" "--test vram_start" "--test vram_copies" "--test vram_failures" "--test vram_mailbox" "--test vram_shared" "--test lifecycle" "--test connections"; do
 		# shellcheck disable=SC2086
 		timeout 600 cargo test --release -q $t >"$work/out" 2>&1 ||
 			caught="$caught $(grep -E '^    [a-z0-9_:]+$' "$work/out" | tr -d ' ' | tr '\n' ' ')"
