@@ -249,3 +249,28 @@ impl Row {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The file sums the connections' counters and lists each one, and
+    /// `status` reads each back.
+    #[test]
+    fn each_connection_is_published_and_read_back() {
+        let stats: Vec<Stats> = (0..3).map(|_| Stats::default()).collect();
+        stats[0].record(crate::uapi::NBD_CMD_READ, 4096, 0);
+        stats[2].record(crate::uapi::NBD_CMD_WRITE, 8192, 0);
+        stats[2].record(crate::uapi::NBD_CMD_WRITE, 8192, 5);
+        let inst = Instance { name: "nbd7".into(), target: "/dev/nbd7".into(), store: "host".into(), size: 1 << 20, priority: Some(5) };
+        let mut text = String::new();
+        render(&mut text, &inst, &stats, 0);
+        assert_eq!((num(&text, "connections"), num(&text, "requests"), num(&text, "errors")), (3, 3, 1), "{text}");
+        let path = std::env::temp_dir().join(format!("nbd-vram-status-test-{}.status", std::process::id()));
+        fs::write(&path, &text).unwrap();
+        let row = Row::read(&path).unwrap();
+        fs::remove_file(&path).unwrap();
+        assert_eq!(row.conns, vec![[1, 4096, 0, 0], [0, 0, 0, 0], [2, 0, 8192, 1]]);
+        assert!(row.json().contains(r#""connections":[{"requests":1,"read_bytes":4096,"written_bytes":0,"errors":0},"#), "{}", row.json());
+    }
+}
