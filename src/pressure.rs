@@ -92,13 +92,18 @@ pub fn set_loops(n: usize) {
     LOOPS.store(n.max(1), Ordering::Relaxed);
 }
 
+/// Serving threads of this process.
+pub fn loops() -> usize {
+    LOOPS.load(Ordering::Relaxed)
+}
+
 /// Whether a CPU is left over when every serving thread polls at once. A
 /// SCHED_FIFO thread that polls keeps everything else off its CPU: the
 /// kernel threads that send it requests, and where a GPU is emulated by
 /// CPU threads, the GPU. Without a spare CPU, serving threads only poll
 /// briefly before they sleep.
 pub fn cpu_to_spare() -> bool {
-    cpus_online() > LOOPS.load(Ordering::Relaxed)
+    cpus_online() > loops()
 }
 
 /// CPUs online. With one, a loop that polls instead of sleeping keeps its

@@ -233,3 +233,15 @@ fn one_sm_gets_no_mailbox_kernel() {
     assert!(server.log().contains("may use 1 SM: no mailbox kernel"), "{}", server.log());
     assert_eq!(mailbox_counts(&server)[2], 0, "{}", server.cuda_log());
 }
+
+/// Each serving thread has a mailbox kernel of its own: a context that
+/// may use no more SMs than there are threads gets none, as they would
+/// hold every SM.
+#[test]
+fn as_many_sms_as_serving_threads_get_no_mailbox_kernel() {
+    let Some(server) = mailbox_server(&[("FAKE_CUDA_SMS", "3")]) else { return };
+    assert!(!server.log().contains("no mailbox kernel"), "3 SMs and one thread: {}", server.log());
+    let server = Serve::new(8).arg("--connections").arg("3").env("NBD_VRAM_BATCH", "1").env("FAKE_CUDA_SMS", "3").start();
+    assert!(server.log().contains("may use 3 SMs: no mailbox kernel, as 3 of them would hold all"), "{}", server.log());
+    assert_eq!(mailbox_counts(&server)[2], 0, "{}", server.cuda_log());
+}

@@ -263,8 +263,10 @@ pub struct Mailbox<'c> {
 impl Context {
     /// Loads the mailbox kernel for copies to and from `memory`; `None` if
     /// this driver lacks an entry point for it, the GPU kills long kernels
-    /// or the context may use fewer than 2 SMs.
-    pub fn mailbox(&self, memory: &[DeviceMem]) -> Option<Result<Mailbox<'_>, Error>> {
+    /// or the context may use no more SMs than `resident`, the mailbox
+    /// kernels that may run at once (one per serving thread): they would
+    /// hold every SM, and a job waiting for one would miss its deadline.
+    pub fn mailbox(&self, memory: &[DeviceMem], resident: usize) -> Option<Result<Mailbox<'_>, Error>> {
         let api = self.cuda.api;
         let (load, get, launch) = (api.cuModuleLoadData?, api.cuModuleGetFunction?, api.cuLaunchKernel?);
         let attribute = api.cuDeviceGetAttribute?;
@@ -281,8 +283,9 @@ impl Context {
             return None;
         }
         match self.sm_count() {
-            Ok(sms) if sms < 2 => {
-                crate::info!("this context may use {sms} SM: no mailbox kernel, which would hold it");
+            Ok(sms) if (sms as usize) < resident + 1 => {
+                let sm = if sms == 1 { "SM" } else { "SMs" };
+                crate::info!("this context may use {sms} {sm}: no mailbox kernel, as {resident} of them would hold all");
                 return None;
             }
             Ok(_) => {}

@@ -29,6 +29,8 @@ pub struct Neighbours {
     present: bool,
     /// `NBD_VRAM_SHARED=0`: the GPU is ours alone, whatever it says.
     ignored: bool,
+    /// Says what it sees: one copier of a store does, for all.
+    tells: bool,
 }
 
 enum Watch {
@@ -48,17 +50,19 @@ impl Neighbours {
     /// Looks once now, so that a process already there counts from the
     /// first request; call once the store holds all its memory.
     /// `watch` false (`NBD_VRAM_SHARED=0`): the GPU is ours alone.
-    pub fn new(ctx: &Context, watch: bool) -> Neighbours {
+    pub fn new(ctx: &Context, watch: bool, tells: bool) -> Neighbours {
         let ignored = !watch;
         let bus = ctx.pci_bus_id().ok_or_else(|| "the CUDA driver gave no PCI address for the GPU".to_string());
         let watch = match bus.and_then(|bus| Nvml::open(&bus)) {
             Ok(nvml) => Watch::Listed(nvml),
             Err(e) => {
-                info!("NVML: {e}: another process on this GPU is seen only by the memory it takes after us");
+                if tells {
+                    info!("NVML: {e}: another process on this GPU is seen only by the memory it takes after us");
+                }
                 Watch::Memory { mark: free(ctx) }
             }
         };
-        let mut neighbours = Neighbours { watch, asked: Instant::now(), present: false, ignored };
+        let mut neighbours = Neighbours { watch, asked: Instant::now(), present: false, ignored, tells };
         if !ignored {
             neighbours.look(ctx);
         }
@@ -80,7 +84,9 @@ impl Neighbours {
             Watch::Listed(nvml) => match nvml.others() {
                 Ok(n) => Seen::Listed(n),
                 Err(e) => {
-                    warn!("NVML: {e}: watching the GPU's free memory instead");
+                    if self.tells {
+                        warn!("NVML: {e}: watching the GPU's free memory instead");
+                    }
                     self.watch = Watch::Memory { mark: free(ctx) };
                     return;
                 }
@@ -95,7 +101,7 @@ impl Neighbours {
             Seen::Listed(n) => n > 0,
             Seen::Taken(mib) => mib << 20 > SLACK,
         };
-        if present != self.present {
+        if present != self.present && self.tells {
             match (present, seen) {
                 (true, Seen::Listed(n)) => info!(
                     "{n} other process(es) use this GPU (NVML): copies stay on the copy engines while they are there, \

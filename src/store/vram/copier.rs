@@ -73,10 +73,11 @@ struct Batch {
 
 impl<'c> Copier<'c> {
     /// Sets up the stream, the copy paths `tuning` allows, the fence events
-    /// and the zero source; call once `memory` holds all it will.
-    pub fn new(ctx: &'c Context, memory: &VramMemory<'c>, tuning: &Tuning) -> Result<Copier<'c>, Error> {
+    /// and the zero source; call once `memory` holds all it will. One
+    /// copier of a store `tells` (logs) what it chose and sees, for all.
+    pub fn new(ctx: &'c Context, memory: &VramMemory<'c>, tuning: &Tuning, tells: bool) -> Result<Copier<'c>, Error> {
         let stream = ctx.stream()?;
-        let CopyPath { batched, mover, mailbox, lists } = copy_path(ctx, &stream, memory.chunks(), tuning);
+        let CopyPath { batched, mover, mailbox, lists } = copy_path(ctx, &stream, memory.chunks(), tuning, tells);
         let batch = batched.then(|| Batch {
             copies: CopyBatch::with_capacity(BATCH_PIECES),
             writes: false,
@@ -93,7 +94,7 @@ impl<'c> Copier<'c> {
             run: 0,
             post_failed: false,
             fences: Fences::new(ctx)?,
-            neighbours: Neighbours::new(ctx, tuning.watch_neighbours), // all our memory is taken by now
+            neighbours: Neighbours::new(ctx, tuning.watch_neighbours, tells), // all our memory is taken by now
             zeros: ctx.pinned(ZEROS)?,
         };
         copier.zeros.fill(0);
@@ -428,7 +429,7 @@ struct CopyPath<'c> {
     lists: bool,
 }
 
-fn copy_path<'c>(ctx: &'c Context, stream: &Stream, chunks: &[DeviceMem], tuning: &Tuning) -> CopyPath<'c> {
+fn copy_path<'c>(ctx: &'c Context, stream: &Stream, chunks: &[DeviceMem], tuning: &Tuning, tells: bool) -> CopyPath<'c> {
     let wanted = tuning.batch;
     let mover = match (wanted && tuning.copy_kernel).then(|| ctx.mover()).flatten() {
         Some(Ok(mover)) => Some(mover),
@@ -441,19 +442,22 @@ fn copy_path<'c>(ctx: &'c Context, stream: &Stream, chunks: &[DeviceMem], tuning
     let api = wanted && stream.can_batch();
     let rest = if api { "batched (cuMemcpyBatchAsync_v2)" } else { "one driver call each" };
     match mover {
-        Some(_) => info!("copies: small ones by the copy kernel, others {rest}"),
-        None => info!("copies: {rest}"),
+        Some(_) if tells => info!("copies: small ones by the copy kernel, others {rest}"),
+        None if tells => info!("copies: {rest}"),
+        _ => {}
     }
     let batched = api || mover.is_some();
     let lists = tuning.mailbox == MailboxUse::Lists;
-    let mailbox = match (batched && tuning.mailbox != MailboxUse::Off).then(|| ctx.mailbox(chunks)).flatten() {
+    let mailbox = match (batched && tuning.mailbox != MailboxUse::Off).then(|| ctx.mailbox(chunks, crate::pressure::loops())).flatten() {
         Some(Ok(mut mailbox)) => {
             if !crate::pressure::cpu_to_spare() {
                 // Spinning for a slow job would keep every CPU busy.
                 mailbox.spin_for(SPIN_WITHOUT_SPARE_CPU);
             }
             let what = if lists { "lone ones and batches" } else { "lone ones" };
-            info!("small copies back to back: by the mailbox kernel, {what}");
+            if tells {
+                info!("small copies back to back: by the mailbox kernel, {what}");
+            }
             Some(mailbox)
         }
         Some(Err(e)) => {

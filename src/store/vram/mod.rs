@@ -8,6 +8,7 @@ mod fences;
 mod memory;
 
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use self::copier::Copier;
 use self::memory::VramMemory;
@@ -23,6 +24,8 @@ pub struct VramBacking<'c> {
     ctx: &'c Context,
     memory: VramMemory<'c>,
     tuning: Tuning,
+    /// A copier has logged its copy paths: the others need not.
+    told: AtomicBool,
 }
 
 /// One connection's access: its own copier (stream, staging, kernels) on
@@ -65,7 +68,7 @@ impl<'c> VramBacking<'c> {
                 if let Some(memory) = VramMemory::allocate(ctx, size)? {
                     info!("allocated {} MiB of VRAM in {} chunk(s); {} MiB of {} MiB were free", size / MIB, memory.chunks().len(), free / MIB, total / MIB);
                     memory.clear()?;
-                    return Ok(VramBacking { ctx, memory, tuning: tuning.clone() });
+                    return Ok(VramBacking { ctx, memory, tuning: tuning.clone(), told: AtomicBool::new(false) });
                 }
             }
             let failed = format!("cannot allocate {} MiB of VRAM ({} MiB free of {} MiB)", size / MIB, free / MIB, total / MIB);
@@ -95,7 +98,8 @@ impl<'c> Backing for VramBacking<'c> {
     fn open(&self) -> io::Result<VramStore<'_, 'c>> {
         let cuda = |e: Error| io::Error::other(e.to_string());
         self.ctx.make_current().map_err(cuda)?;
-        let copier = Copier::new(self.ctx, &self.memory, &self.tuning).map_err(cuda)?;
+        let tells = !self.told.swap(true, Ordering::Relaxed);
+        let copier = Copier::new(self.ctx, &self.memory, &self.tuning, tells).map_err(cuda)?;
         Ok(VramStore { copier, memory: &self.memory })
     }
 }
