@@ -65,9 +65,7 @@ fn run<B: Backing>(opts: &SwapOpts, tuning: &Tuning, backing: &B) -> Result<(), 
     let (mut attached, mut described) = (None, None);
     let serve_other = |i: usize, mut conn: Conn<B>| {
         pressure::realtime();
-        let served = serve_link(&mut conn.store, &mut conn.bufs, &shared, &stats[i], &ours[i]);
-        shut_all(&ours);
-        served
+        serve_link(&mut conn.store, &mut conn.bufs, &shared, &stats[i], &ours[i])
     };
     let outcome = thread::scope(|s| {
         let dev = &*attached.insert(attach(opts, export, &theirs)?);
@@ -100,8 +98,9 @@ fn run<B: Backing>(opts: &SwapOpts, tuning: &Tuning, backing: &B) -> Result<(), 
             Ok(())
         });
         pressure::realtime();
+        // Until every link has ended: the kernel sends the requests of one
+        // that broke down the others, and ends them all at disconnect.
         let mut served = vec![serve_link(&mut first.store, &mut first.bufs, &shared, &stats[0], &ours[0])];
-        shut_all(&ours);
         let ended = |h: thread::ScopedJoinHandle<'_, Option<io::Result<End>>>| h.join().ok().flatten().unwrap_or_else(|| Err(io::Error::other("its thread failed")));
         served.extend(others.into_iter().map(ended));
         link_down.store(true, Ordering::SeqCst);
@@ -128,15 +127,34 @@ fn run<B: Backing>(opts: &SwapOpts, tuning: &Tuning, backing: &B) -> Result<(), 
     outcome
 }
 
-/// Serves one kernel connection until it closes.
-fn serve_link<S: Store>(store: &mut S, bufs: &mut Buffers<S::Buf>, shared: &Shared, stats: &Stats, ours: &UnixStream) -> io::Result<End> {
-    let mut conn = ours;
-    transmit::run(store, bufs, shared, stats, &mut conn)
+/// The timeout the kernel gets. Without one it only warns of a request
+/// that takes long (`nbd_xmit_timeout` in drivers/block/nbd.c), but with
+/// several connections it shuts the connection of a request older than
+/// the block layer's default 30 s and sends it down another: a GPU that
+/// stalls for half a minute must not cost a connection. So with several,
+/// no `--timeout` means one that never comes in practice.
+fn request_timeout(opts: &SwapOpts) -> u32 {
+    match (opts.timeout, opts.connections) {
+        (0, n) if n > 1 => PATIENT_TIMEOUT,
+        (t, _) => t,
+    }
 }
 
-/// The kernel sees end of stream only when every descriptor of our end is
-/// shut, the kernel thread's copy included; and once one link has ended
-/// the device is going down, so every other one is ended too.
+/// Seconds: a week, which in jiffies fits the block layer's 32-bit
+/// timeout at any HZ up to 1000 with room to spare.
+const PATIENT_TIMEOUT: u32 = 7 * 24 * 3600;
+
+/// Serves one kernel connection until it closes, then shuts our end: the
+/// kernel sees end of stream only when every descriptor of it is shut,
+/// the kernel thread's copy included.
+fn serve_link<S: Store>(store: &mut S, bufs: &mut Buffers<S::Buf>, shared: &Shared, stats: &Stats, ours: &UnixStream) -> io::Result<End> {
+    let mut conn = ours;
+    let served = transmit::run(store, bufs, shared, stats, &mut conn);
+    let _ = ours.shutdown(std::net::Shutdown::Both);
+    served
+}
+
+/// Ends every link: the device is gone.
 fn shut_all(ours: &[UnixStream]) {
     for sock in ours {
         let _ = sock.shutdown(std::net::Shutdown::Both);
@@ -181,7 +199,7 @@ fn attach(opts: &SwapOpts, export: &Export, theirs: &[OwnedFd]) -> Result<NbdDev
                 ),
             ));
         }
-        dev.configure(export.size, export.flags, opts.timeout).map_err(|e| Failure::os(format!("{}: configuring (NBD_SET_BLKSIZE/SIZE_BLOCKS/FLAGS/TIMEOUT)", path.display()), e))?;
+        dev.configure(export.size, export.flags, request_timeout(opts)).map_err(|e| Failure::os(format!("{}: configuring (NBD_SET_BLKSIZE/SIZE_BLOCKS/FLAGS/TIMEOUT)", path.display()), e))?;
         match theirs.iter().try_for_each(|sock| dev.set_sock(sock)) {
             Ok(()) => return Ok(dev),
             Err(e) if auto && e.raw_os_error() == Some(libc::EBUSY) => skip.push(path),
@@ -329,4 +347,22 @@ fn wait_for(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
         thread::sleep(Duration::from_millis(20));
     }
     done()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn several_connections_get_a_timeout_that_never_comes_unless_given_one() {
+        let opts = |timeout, connections| {
+            let Ok(crate::cli::Parsed { command: crate::cli::Command::Swap(mut o), .. }) = crate::cli::parse(Vec::<String>::new()) else { panic!() };
+            (o.timeout, o.connections) = (timeout, connections);
+            o
+        };
+        assert_eq!(request_timeout(&opts(0, 1)), 0, "one connection: the kernel only warns");
+        assert_eq!(request_timeout(&opts(0, 2)), PATIENT_TIMEOUT);
+        assert_eq!(request_timeout(&opts(30, 4)), 30, "the user's own");
+        assert!(u64::from(PATIENT_TIMEOUT) * 1000 < u64::from(u32::MAX), "fits 32-bit jiffies at HZ=1000");
+    }
 }

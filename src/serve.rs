@@ -2,6 +2,7 @@
 //! at once, each on a serving thread of its own, until stopped. The same
 //! transmission loop as the kernel path serves them.
 
+use std::convert::Infallible;
 use std::io::{self, ErrorKind};
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -24,7 +25,7 @@ use crate::nbd::transmit::{self, Shared};
 use crate::stats::Stats;
 use crate::store::{Backing, UseStore};
 use crate::workers::{self, Conn};
-use crate::{info, pressure, warn};
+use crate::{error, info, pressure, warn};
 
 /// How long a client may take to negotiate, from connect to transmission.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -88,28 +89,31 @@ fn serve<B: Backing>(backing: &B, how: &Serve) -> Result<(), Failure> {
         .stack_size(256 * 1024)
         .spawn(stopper)
         .map_err(|e| Failure::os("starting the status thread", e))?;
-    let work = |i: usize, mut conn: Conn<B>| -> Result<(), Failure> {
+    // A worker ends only on a failed accept, which ends serving: the
+    // others would wait in accept for ever, and the process must say why.
+    let work = |i: usize, mut conn: Conn<B>| {
         pressure::realtime();
-        accept_loop(&listener, &mut conn, &shared, &stats[i])
+        let Err(f) = accept_loop(&listener, &mut conn, &shared, &stats[i]);
+        error!("{f}");
+        Signals::exit_now(f.code as i32)
     };
-    thread::scope(|s| {
+    let served = thread::scope(|s| {
         let workers = workers::spawn(s, backing, how.tuning, "nbd-serve", 0..how.connections, &work)?;
         match how.connections {
             1 => info!("serving {} MiB on {addr}", shared.export.size >> 20),
             n => info!("serving {} MiB on {addr}, {n} clients at once", shared.export.size >> 20),
         }
-        // Workers end only on a failed accept: the first such ends serving.
-        for worker in workers {
-            if let Ok(Some(Err(f))) = worker.join() {
-                return Err(f);
-            }
-        }
+        workers.into_iter().for_each(|worker| drop(worker.join()));
         Ok(())
-    })
+    });
+    if let (Err(_), Addr::Unix(path)) = (&served, addr) {
+        let _ = std::fs::remove_file(path); // a store that could not open for every worker
+    }
+    served
 }
 
-/// Takes clients from `listener` one after another, for ever.
-fn accept_loop<B: Backing>(listener: &Listener, conn: &mut Conn<B>, shared: &Shared, stats: &Stats) -> Result<(), Failure> {
+/// Takes clients from `listener` one after another, until accepting fails.
+fn accept_loop<B: Backing>(listener: &Listener, conn: &mut Conn<B>, shared: &Shared, stats: &Stats) -> Result<Infallible, Failure> {
     loop {
         match listener {
             Listener::Unix(listener) => match listener.accept() {

@@ -7,7 +7,7 @@ use std::ops::Range;
 use std::sync::{mpsc, Arc, Condvar, Mutex, PoisonError};
 use std::thread::{self, Scope, ScopedJoinHandle};
 
-use crate::fail::Failure;
+use crate::fail::{Code, Failure};
 use crate::nbd::transmit::Buffers;
 use crate::store::{Backing, Store};
 use crate::tuning::Tuning;
@@ -59,6 +59,7 @@ where
                 Err(f) => (None, Err(f)),
             };
             let _ = tell.send(opened);
+            drop(tell); // so that a thread that dies cannot leave the count waiting
             let (go, decided) = &*decision;
             let mut go = go.lock().unwrap_or_else(PoisonError::into_inner);
             while go.is_none() {
@@ -77,10 +78,15 @@ where
         }
     }
     drop(tell);
-    for opened in told.iter().take(handles.len()) {
+    let mut heard = 0;
+    for opened in told.iter() {
+        heard += 1;
         if let (Err(f), None) = (opened, &failure) {
             failure = Some(f);
         }
+    }
+    if heard < handles.len() && failure.is_none() {
+        failure = Some(Failure::new(Code::Other, "a serving thread ended before it had opened its store"));
     }
     let (go, decided) = &*decision;
     *go.lock().unwrap_or_else(PoisonError::into_inner) = Some(failure.is_none());

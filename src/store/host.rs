@@ -15,10 +15,13 @@ pub struct HostBacking {
 }
 
 // SAFETY: the bytes are plain memory that `HostBacking` owns; threads reach
-// them only through `HostStore`, whose every access lies inside them (see
-// `HostStore::span`). Overlapping requests on two connections at once are
-// the clients' race, as on any disk: bytes have no invalid values, so the
-// worst outcome is a mix of the two payloads, which NBD allows.
+// them only through `HostStore`, each access inside them (`HostStore::span`)
+// and inside the range its own request names. Two connections meet on the
+// same bytes only when their clients send overlapping requests at once,
+// which NBD leaves undefined, as a disk does; the serve loop then hands
+// these bytes to the kernel (recv into them, writev from them) or copies
+// them whole, and no code of ours reads a value another thread may be
+// changing and relies on it.
 unsafe impl Sync for HostBacking {}
 // SAFETY: as above; ownership of the allocation may move between threads.
 unsafe impl Send for HostBacking {}
