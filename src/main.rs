@@ -5,6 +5,7 @@ mod bench;
 mod cli;
 mod cuda;
 mod daemon;
+mod desk;
 mod fail;
 mod gpus;
 mod log;

@@ -4,7 +4,7 @@
 
 use std::convert::Infallible;
 use std::io::{self, ErrorKind};
-use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::fd::AsFd;
 use std::os::unix::fs::FileTypeExt;
@@ -24,6 +24,7 @@ use crate::nbd::proto::{self, Export, Negotiated};
 use crate::nbd::transmit::{self, Shared};
 use crate::stats::Stats;
 use crate::store::{Backing, UseStore};
+use crate::desk::Desk;
 use crate::workers::{self, Conn};
 use crate::{error, info, pressure, warn};
 
@@ -46,12 +47,14 @@ impl UseStore for Serve<'_> {
     }
 }
 
-/// Every worker, this thread included, takes clients from the one
-/// listening socket (the kernel hands each to one of them); a client
-/// beyond `connections` waits in the listen backlog until a worker is
-/// free, as clients did for a server of one connection: one that
-/// reconnects while its last connection is still closing must not be
-/// turned away.
+/// This thread accepts clients and hands each to a serving thread that is
+/// free (`Desk`). With one serving thread a client waits until it is free,
+/// as clients always did (no `CAN_MULTI_CONN`: none opens two). With
+/// several, a client that finds every one busy for `GRACE` is turned away
+/// with a line in the log: the export says `CAN_MULTI_CONN`, and a client
+/// told so may open more connections than there are threads and wait for
+/// ever on the last (nbdcopy opens four); the grace lets a client that
+/// reconnects while its last connection is still closing in.
 fn serve<B: Backing>(backing: &B, how: &Serve) -> Result<(), Failure> {
     let signals = Signals::taken();
     pressure::set_loops(how.connections);
@@ -89,22 +92,35 @@ fn serve<B: Backing>(backing: &B, how: &Serve) -> Result<(), Failure> {
         .stack_size(256 * 1024)
         .spawn(stopper)
         .map_err(|e| Failure::os("starting the status thread", e))?;
-    // A worker ends only on a failed accept, which ends serving: the
-    // others would wait in accept for ever, and the process must say why.
+    let n = how.connections;
+    let desk = Desk::new(n);
     let work = |i: usize, mut conn: Conn<B>| {
         pressure::realtime();
-        let Err(f) = accept_loop(&listener, &mut conn, &shared, &stats[i]);
-        error!("{f}");
-        Signals::exit_now(f.code as i32)
+        loop {
+            match desk.next(i) {
+                Client::Unix(mut client) => session(&mut conn, &shared, &stats[i], &mut client),
+                Client::Tcp(mut client, peer) => {
+                    // Replies leave in one writev per batch: do not wait for more.
+                    let _ = client.set_nodelay(true);
+                    info!("client {peer} connected");
+                    session(&mut conn, &shared, &stats[i], &mut client)
+                }
+            }
+        }
     };
     let served = thread::scope(|s| {
-        let workers = workers::spawn(s, backing, how.tuning, "nbd-serve", 0..how.connections, &work)?;
-        match how.connections {
+        let _workers = workers::spawn(s, backing, how.tuning, "nbd-serve", 0..n, &work)?;
+        match n {
             1 => info!("serving {} MiB on {addr}", shared.export.size >> 20),
             n => info!("serving {} MiB on {addr}, {n} clients at once", shared.export.size >> 20),
         }
-        workers.into_iter().for_each(|worker| drop(worker.join()));
-        Ok(())
+        pressure::realtime();
+        let grace = (n > 1).then_some(GRACE);
+        // Only a failed accept ends this; the serving threads would wait
+        // for clients for ever, so the process ends with its error.
+        let Err(f) = front_desk(&listener, &desk, grace);
+        error!("{f}");
+        Signals::exit_now(f.code as i32)
     });
     if let (Err(_), Addr::Unix(path)) = (&served, addr) {
         let _ = std::fs::remove_file(path); // a store that could not open for every worker
@@ -112,23 +128,32 @@ fn serve<B: Backing>(backing: &B, how: &Serve) -> Result<(), Failure> {
     served
 }
 
-/// Takes clients from `listener` one after another, until accepting fails.
-fn accept_loop<B: Backing>(listener: &Listener, conn: &mut Conn<B>, shared: &Shared, stats: &Stats) -> Result<Infallible, Failure> {
+/// How long a client waits for a free serving thread when there are
+/// several, before it is turned away.
+const GRACE: Duration = Duration::from_secs(1);
+
+/// An accepted client, on its way to a serving thread.
+enum Client {
+    Unix(UnixStream),
+    Tcp(TcpStream, SocketAddr),
+}
+
+/// Accepts clients and hands each to a free serving thread, until
+/// accepting fails.
+fn front_desk(listener: &Listener, desk: &Desk<Client>, grace: Option<Duration>) -> Result<Infallible, Failure> {
     loop {
-        match listener {
-            Listener::Unix(listener) => match listener.accept() {
-                Ok((mut client, _)) => session(conn, shared, stats, &mut client),
-                Err(e) => accept_failed(e)?,
-            },
-            Listener::Tcp(listener) => match listener.accept() {
-                Ok((mut client, peer)) => {
-                    // Replies leave in one writev per batch: do not wait for more.
-                    let _ = client.set_nodelay(true);
-                    info!("client {peer} connected");
-                    session(conn, shared, stats, &mut client)
+        let client = match listener {
+            Listener::Unix(listener) => listener.accept().map(|(c, _)| Client::Unix(c)),
+            Listener::Tcp(listener) => listener.accept().map(|(c, peer)| Client::Tcp(c, peer)),
+        };
+        match client {
+            Ok(client) => {
+                if let Err(turned_away) = desk.hand(client, grace) {
+                    warn!("a client was turned away: every one of the {} connections is in use", desk.threads());
+                    drop(turned_away);
                 }
-                Err(e) => accept_failed(e)?,
-            },
+            }
+            Err(e) => accept_failed(e)?,
         }
     }
 }
