@@ -58,16 +58,19 @@ kill %1; wait %1 2>/dev/null
 # bench traffic. Each must exit 0 with "stopped" logged, never die by the
 # signal (the driver's threads must block it too), and each new process
 # must allocate the same size again. One summary line per case.
+# LIFE_CONNS (default 1): the server serves that many connections, and the
+# bench traffic uses them all.
 LIFECYCLE=${LIFECYCLE:-20}
+LIFE_CONNS=${LIFE_CONNS:-1}
 lifecycle_one() {   # SIGNAL HOW TRY: exit status, or "no-stop-logged" / "no-alloc"
 	local sig=$1 how=$2 try=$3 log="$T/life.log" sock="$T/life.sock" bench=
 	rm -f "$sock"; : >"$log"
-	"$B" serve --listen "unix:$sock" --size 1024 2>"$log" &
+	"$B" serve --listen "unix:$sock" --size 1024 --connections "$LIFE_CONNS" 2>"$log" &
 	local pid=$!
 	for _ in $(seq 600); do [ -S "$sock" ] && break; sleep 0.05; done
 	grep -q "allocated 1024 MiB of VRAM" "$log" || { kill -9 "$pid"; wait "$pid" 2>/dev/null; echo no-alloc; return; }
 	if [ $((try % 2)) = 1 ]; then
-		"$B" bench --connect "unix:$sock" --seconds 5 >/dev/null 2>&1 &
+		"$B" bench --connect "unix:$sock" --connections "$LIFE_CONNS" --seconds 5 >/dev/null 2>&1 &
 		bench=$!
 		sleep 1
 	fi
@@ -80,7 +83,7 @@ lifecycle_one() {   # SIGNAL HOW TRY: exit status, or "no-stop-logged" / "no-all
 	if [ "$rc" != 0 ]; then echo "$rc"; elif ! grep -q '^nbd-vram: stopped$' "$log"; then echo no-stop-logged; else echo 0; fi
 }
 if [ "$LIFECYCLE" -gt 0 ]; then
-	step "lifecycle: $LIFECYCLE stops each (odd tries under bench traffic)"
+	step "lifecycle: $LIFECYCLE stops each (odd tries under bench traffic), $LIFE_CONNS connection(s)"
 	for c in "TERM signal" "INT signal" "TERM stop"; do
 		read -r sig how <<<"$c"
 		clean=0 bad=""
@@ -88,7 +91,7 @@ if [ "$LIFECYCLE" -gt 0 ]; then
 			r=$(lifecycle_one "$sig" "$how" "$i")
 			if [ "$r" = 0 ]; then clean=$((clean + 1)); else bad="$bad $i:$r"; fi
 		done
-		echo "lifecycle: case=SIG$sig-$how clean=$clean/$LIFECYCLE${bad:+ failed=$bad}"
+		echo "lifecycle: case=SIG$sig-$how connections=$LIFE_CONNS clean=$clean/$LIFECYCLE${bad:+ failed=$bad}"
 		check [ "$clean" = "$LIFECYCLE" ]
 	done
 fi
