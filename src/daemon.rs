@@ -13,7 +13,7 @@ use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -63,9 +63,21 @@ fn run<B: Backing>(opts: &SwapOpts, tuning: &Tuning, backing: &B) -> Result<(), 
     let stats: Vec<Stats> = (0..n).map(|_| Stats::default()).collect();
     let link_down = AtomicBool::new(false);
     let (mut attached, mut described) = (None, None);
+    // Links still served. A store is dropped only once every link has
+    // ended: freeing its pinned memory may wait for every kernel on the
+    // GPU, and the other links' mailbox kernels end only when they do.
+    let live = AtomicUsize::new(n);
+    let all_ended = || {
+        live.fetch_sub(1, Ordering::SeqCst);
+        while live.load(Ordering::SeqCst) > 0 {
+            thread::sleep(Duration::from_millis(20));
+        }
+    };
     let serve_other = |i: usize, mut conn: Conn<B>| {
         pressure::realtime();
-        serve_link(&mut conn.store, &mut conn.bufs, &shared, &stats[i], &ours[i])
+        let served = serve_link(&mut conn.store, &mut conn.bufs, &shared, &stats[i], &ours[i]);
+        all_ended();
+        served
     };
     let outcome = thread::scope(|s| {
         let dev = &*attached.insert(attach(opts, export, &theirs)?);
@@ -101,6 +113,7 @@ fn run<B: Backing>(opts: &SwapOpts, tuning: &Tuning, backing: &B) -> Result<(), 
         // Until every link has ended: the kernel sends the requests of one
         // that broke down the others, and ends them all at disconnect.
         let mut served = vec![serve_link(&mut first.store, &mut first.bufs, &shared, &stats[0], &ours[0])];
+        all_ended();
         let ended = |h: thread::ScopedJoinHandle<'_, Option<io::Result<End>>>| h.join().ok().flatten().unwrap_or_else(|| Err(io::Error::other("its thread failed")));
         served.extend(others.into_iter().map(ended));
         link_down.store(true, Ordering::SeqCst);
