@@ -99,3 +99,63 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{HostBacking, HostStore};
+    use std::io;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Host memory whose `fail`-th open (from 1) fails.
+    struct Flaky {
+        inner: HostBacking,
+        opens: AtomicUsize,
+        fail: usize,
+    }
+
+    impl Backing for Flaky {
+        type Store<'a> = HostStore<'a>;
+
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+
+        fn open(&self) -> io::Result<HostStore<'_>> {
+            match self.opens.fetch_add(1, Ordering::SeqCst) + 1 {
+                n if n == self.fail => Err(io::Error::from_raw_os_error(libc::ENOMEM)),
+                _ => self.inner.open(),
+            }
+        }
+    }
+
+    fn start(fail: usize) -> (Result<Vec<usize>, String>, usize) {
+        let backing = Flaky { inner: HostBacking::new(1 << 20).unwrap(), opens: AtomicUsize::new(0), fail };
+        let served = AtomicUsize::new(0);
+        let work = |i: usize, _conn: Conn<Flaky>| {
+            served.fetch_add(1, Ordering::SeqCst);
+            i
+        };
+        let tuning = Tuning::default();
+        let got = thread::scope(|s| {
+            spawn(s, &backing, &tuning, "test", 0..4, &work)
+                .map(|handles| handles.into_iter().filter_map(|h| h.join().unwrap()).collect())
+                .map_err(|f| f.to_string())
+        });
+        (got, served.load(Ordering::SeqCst))
+    }
+
+    #[test]
+    fn every_thread_serves_once_all_have_opened_their_store() {
+        let (got, served) = start(0);
+        assert_eq!(got, Ok(vec![0, 1, 2, 3]));
+        assert_eq!(served, 4);
+    }
+
+    #[test]
+    fn if_one_thread_cannot_open_its_store_none_serves() {
+        let (got, served) = start(3);
+        assert!(got.as_ref().is_err_and(|e| e.contains("opening the store")), "{got:?}");
+        assert_eq!(served, 0, "a thread served although another could not open its store");
+    }
+}
