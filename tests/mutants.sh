@@ -32,6 +32,7 @@ failed-batch-kept	src/store/vram/copier.rs	                b\.copies\.clear\(\);
 one-sm-kernel	src/cuda/mailbox.rs	Ok\(sms\) if sms < 2 =>	Ok(sms) if sms < 1 =>
 answer-changes-early	src/nbd/transmit.rs	settle_changes: connections > 1 \}	settle_changes: false }
 multi-conn-always	src/nbd/proto.rs	if connections > 1 \{	if connections > 0 {
+serve-before-all-open	src/workers.rs	let serve = \*go == Some\(true\);	let serve = true;
 EOF
 }
 
