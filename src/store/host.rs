@@ -31,14 +31,17 @@ impl HostBacking {
     /// in fresh memory (and an impossible size fails here, not mid-I/O).
     pub fn new(size: u64) -> io::Result<HostBacking> {
         let len = usize::try_from(size).map_err(|_| io::Error::from_raw_os_error(libc::ENOMEM))?;
-        let mut bytes = Vec::new();
-        bytes
-            .try_reserve_exact(len)
-            .map_err(|_| io::Error::from_raw_os_error(libc::ENOMEM))?;
-        bytes.resize(len, 0);
-        let ptr = Box::into_raw(bytes.into_boxed_slice()).cast::<u8>();
+        let ptr = Box::into_raw(zeroed(len)?).cast::<u8>();
         Ok(HostBacking { ptr, len })
     }
+}
+
+/// `len` zero bytes, every page touched; ENOMEM where they cannot be had.
+fn zeroed(len: usize) -> io::Result<Box<[u8]>> {
+    let mut bytes = Vec::new();
+    bytes.try_reserve_exact(len).map_err(|_| io::Error::from_raw_os_error(libc::ENOMEM))?;
+    bytes.resize(len, 0);
+    Ok(bytes.into_boxed_slice())
 }
 
 impl Drop for HostBacking {
@@ -84,11 +87,7 @@ impl Store for HostStore<'_> {
     const IN_MEMORY: bool = true;
 
     fn staging(&mut self, len: usize) -> io::Result<Box<[u8]>> {
-        let mut buf = Vec::new();
-        buf.try_reserve_exact(len)
-            .map_err(|_| io::Error::from_raw_os_error(libc::ENOMEM))?;
-        buf.resize(len, 0);
-        Ok(buf.into_boxed_slice())
+        zeroed(len)
     }
 
     fn bytes(&self, offset: u64, len: usize) -> Option<&[u8]> {
