@@ -222,3 +222,16 @@ fn a_bad_environment_knob_exits_2_and_verbose_logs_the_settings() {
     let out = run(Command::new(BIN).args(["gpus", "-v", "--libcuda", "/nonexistent/libcuda.so.1"]).env("NBD_VRAM_GROUP", "4"), Duration::from_secs(30));
     assert!(out.stderr.contains("settings: Tuning {") && out.stderr.contains("group: 4"), "{}", out.stderr);
 }
+
+/// The host store holds its size in memory and little more (staging,
+/// buffers, code): all of it is locked, so waste is RAM taken from the
+/// machine.
+#[test]
+fn a_host_store_takes_its_size_in_memory_not_more() {
+    let mut server = Server::start(256 * MIB);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", server.child.id())).unwrap();
+    let rss_kib: u64 = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches(" kB").parse().ok()).unwrap();
+    assert!(rss_kib < (256 + 128) * 1024, "a 256 MiB store took {rss_kib} KiB");
+    assert!(rss_kib >= 256 * 1024, "a 256 MiB store is not all touched: {rss_kib} KiB");
+    server.assert_alive();
+}
