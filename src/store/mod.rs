@@ -58,7 +58,7 @@ pub trait Backing: Sync {
 }
 
 /// One connection's access to a fixed-size byte store. Callers check
-/// ranges against `size()` first.
+/// ranges against the backing's `size()` first.
 ///
 /// Operations may be queued and finish only later, which is how a GPU
 /// store batches its copies: the caller must neither read a buffer given to
