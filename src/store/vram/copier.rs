@@ -1,15 +1,16 @@
 //! `Copier`: moves bytes between staging and a `VramMemory` with async
 //! copies on one stream, so a batch of requests costs one synchronisation.
 //! It owns how each copy goes (batched, by the copy kernel, by the mailbox
-//! kernel, one by one) and the care for another process on the GPU; what
-//! its fences cover and how far its work is done is `Fences`'; the memory
-//! it copies to and from is borrowed per call.
+//! kernel as `Resident` decides, one by one) and the care for another
+//! process on the GPU; what its fences cover and how far its work is done
+//! is `Fences`'; the memory it copies to and from is borrowed per call.
 
 use std::io;
 use std::ops::Range;
 
 use super::memory::VramMemory;
 use super::fences::Fences;
+use super::resident::Resident;
 use crate::cuda::{Context, CopyBatch, DeviceMem, Error, Mailbox, Mover, Pinned, Stream};
 use crate::store::neighbours::Neighbours;
 use crate::tuning::{MailboxUse, Tuning};
@@ -22,16 +23,9 @@ pub struct Copier<'c> {
     batch: Option<Batch>,
     /// The copy kernel, for batches of small pieces.
     mover: Option<Mover<'c>>,
-    /// The resident kernel, for small copies while requests come back to
-    /// back: a lone one, or a batch as a list unless `lists` is off; the
-    /// job it has, until `finish`; batches it could take in a row since
-    /// the serve loop last slept or it was parked.
-    mailbox: Option<Mailbox<'c>>,
-    lists: bool,
-    posted: Option<Posted>,
-    run: u32,
-    /// A mailbox copy failed: the next `wait` or `sync` reports it.
-    post_failed: bool,
+    /// The mailbox kernel, for small copies while requests come back to
+    /// back: a lone one, or a batch as a list.
+    resident: Resident<'c>,
     fences: Fences<'c>,
     /// Another process computing on the GPU keeps copies off our kernels
     /// and off the compute engine.
@@ -45,24 +39,9 @@ pub struct Copier<'c> {
 /// The zero source's length: copies this long go on a copy engine.
 const ZEROS: usize = 64 * 1024;
 
-/// Batches in a row that the mailbox kernel could take before it starts:
-/// the first after a sleep says nothing of the next request; the second,
-/// that they come back to back. The second still goes the other way, as
-/// the kernel starts.
-const START_AFTER: u32 = 2;
-
 /// Pieces a batch holds before it is issued: a full batch of 4 KiB
 /// requests, each split at most once at a chunk boundary.
 const BATCH_PIECES: usize = 256;
-
-/// A job the mailbox kernel has: its sequence, the staging a lone read goes
-/// to from the landing buffer (`None` for a write or a list, which moves
-/// staging itself), and its hand-over number.
-struct Posted {
-    seq: u32,
-    read_into: Option<(u64, usize)>,
-    index: u64,
-}
 
 struct Batch {
     copies: CopyBatch,
@@ -88,11 +67,7 @@ impl<'c> Copier<'c> {
             stream,
             batch,
             mover,
-            mailbox,
-            lists,
-            posted: None,
-            run: 0,
-            post_failed: false,
+            resident: Resident::new(mailbox, lists),
             fences: Fences::new(ctx)?,
             neighbours: Neighbours::new(ctx, tuning.watch_neighbours, tells), // all our memory is taken by now
             zeros: ctx.pinned(ZEROS)?,
@@ -114,9 +89,11 @@ impl<'c> Copier<'c> {
         }
         let shared = self.neighbours.present(self.ctx);
         if shared {
-            self.park();
-        } else if self.post_mailbox() {
-            return;
+            self.resident.park(&mut self.fences);
+        } else if let Some(b) = &mut self.batch {
+            if self.resident.post(&mut b.copies, b.writes, &mut self.fences, &self.stream) {
+                return;
+            }
         }
         let handed = self.hand_over();
         if let Some(b) = &mut self.batch {
@@ -130,122 +107,11 @@ impl<'c> Copier<'c> {
         }
     }
 
-    /// Gives the batch to the mailbox kernel, when it takes it (one small
-    /// copy, or a list of them) and the stream has nothing left to do (so
-    /// the job comes after every copy before it; an error asking is left
-    /// for the next wait to report). Starts the kernel if such batches
-    /// came back to back; the one that does it, or finds it not ready yet,
-    /// goes to the stream.
-    fn post_mailbox(&mut self) -> bool {
-        let Some(b) = &self.batch else { return false };
-        let lone = b.copies.lone();
-        let takes = match lone {
-            Some((dst, src, len)) => self.mailbox.as_ref().is_some_and(|m| m.takes(if b.writes { dst } else { src }, len)),
-            None => self.lists && Mailbox::takes_list(&b.copies),
-        };
-        if !takes {
-            if lone.is_none() {
-                // Batches the kernel cannot take go to the stream, and it
-                // would only hold the GPU meanwhile.
-                self.run = 0;
-                self.park();
-            }
-            return false;
-        }
-        if self.mailbox.is_none() {
-            return false;
-        }
-        if let Err(e) = self.finish() {
-            error!("{e}"); // and the next wait or sync reports it
-            return false;
-        }
-        self.run += 1;
-        if !self.fences.all_done() && !self.stream.is_done().unwrap_or(false) {
-            return false;
-        }
-        self.fences.mark_all_done();
-        let (Some(mailbox), Some(b)) = (&mut self.mailbox, &mut self.batch) else { return false };
-        if !mailbox.ready() {
-            if self.run >= START_AFTER {
-                if let Err(e) = mailbox.start() {
-                    warn!("the mailbox kernel did not start ({e}): small copies go the other ways");
-                    self.mailbox = None;
-                }
-            }
-            return false;
-        }
-        let (seq, read_into) = match lone {
-            None => (mailbox.post_list(&b.copies, b.writes), None),
-            Some((dst, src, len)) if b.writes => {
-                // SAFETY: `src` is the staging given to `write`, which the
-                // caller leaves unchanged until a later wait or sync (the
-                // trait's contract); `len` bytes of it were queued.
-                let data = unsafe { std::slice::from_raw_parts(src as *const u8, len) };
-                (mailbox.post_write(dst, data), None)
-            }
-            Some((dst, src, len)) => (mailbox.post_read(src, len), Some((dst, len))),
-        };
-        b.copies.clear();
-        let index = self.fences.hand_over_untracked();
-        self.posted = Some(Posted { seq, read_into, index });
-        true
-    }
-
-    /// A mailbox kernel that missed a deadline may still do that job late,
-    /// over newer writes: until it has ended, no work is handed over (its
-    /// requests fail). Once it has, serving goes on without it.
-    fn forget_abandoned(&mut self) -> Result<(), Error> {
-        let Some(mailbox) = self.mailbox.as_ref().filter(|m| m.abandoned()) else { return Ok(()) };
-        mailbox.may_run_late()?;
-        warn!("the mailbox kernel has ended after missing its deadline: small copies go the other ways from now on");
-        self.mailbox = None;
-        Ok(())
-    }
-
-    /// Waits for the mailbox's copy and moves a read's bytes into staging.
-    fn finish(&mut self) -> Result<(), Error> {
-        let (Some(p), Some(mailbox)) = (self.posted.take(), &mut self.mailbox) else { return Ok(()) };
-        if let Err(e) = mailbox.wait(p.seq) {
-            self.post_failed = true;
-            return Err(e);
-        }
-        if let Some((dst, len)) = p.read_into {
-            // SAFETY: `dst` is the staging buffer given to `read`, which the
-            // caller leaves alone until a wait or sync returns (the trait's
-            // contract), and this is that wait.
-            let dst = unsafe { std::slice::from_raw_parts_mut(dst as *mut u8, len) };
-            dst.copy_from_slice(mailbox.landed(len));
-        }
-        self.fences.done_up_to(p.index);
-        Ok(())
-    }
-
-    /// Ends the mailbox kernel once its copy is done: a GPU shared with
-    /// other work gets its SM back, and its clocks may drop. A failure is
-    /// left for the next wait or sync to report.
-    fn park(&mut self) {
-        if let Err(e) = self.finish() {
-            error!("{e}");
-        }
-        if let Some(mailbox) = &mut self.mailbox {
-            mailbox.park();
-        }
-    }
-
-    /// `finish`, and a failure of an earlier one, as the trait reports them.
-    fn finished(&mut self) -> io::Result<()> {
-        let finished = self.finish();
-        if std::mem::take(&mut self.post_failed) {
-            return Err(finished.err().map_or(io::Error::from_raw_os_error(libc::EIO), eio));
-        }
-        Ok(())
-    }
-
     /// Counts one more hand-over of work to the stream (`Fences`), which
     /// comes after the mailbox kernel's.
     fn hand_over(&mut self) -> Result<(), Error> {
-        self.finish()?;
-        self.forget_abandoned()?;
+        self.resident.finish(&mut self.fences)?;
+        self.resident.forget_abandoned()?;
         self.fences.hand_over(&self.stream)
     }
 
@@ -340,8 +206,8 @@ impl<'c> Copier<'c> {
     }
 
     pub fn wait(&mut self, token: usize) -> io::Result<()> {
-        if self.post_failed || self.posted.as_ref().is_some_and(|p| self.fences.covers(token, p.index)) {
-            self.finished()?;
+        if self.resident.before(&self.fences, token) {
+            self.resident.finished(&mut self.fences)?;
         }
         self.fences.wait(&self.stream, token)
     }
@@ -351,7 +217,7 @@ impl<'c> Copier<'c> {
     pub fn sync(&mut self) -> io::Result<()> {
         self.flush();
         let failed = self.batch.as_mut().is_some_and(|b| std::mem::take(&mut b.failed));
-        let finished = self.finished();
+        let finished = self.resident.finished(&mut self.fences);
         self.fences.sync(&self.stream)?;
         if failed {
             return Err(io::Error::from_raw_os_error(libc::EIO));
@@ -362,8 +228,7 @@ impl<'c> Copier<'c> {
     /// Requests are apart: the mailbox kernel waits for batches in a row
     /// again before it starts.
     pub fn idle(&mut self) {
-        self.run = 0;
-        self.park();
+        self.resident.idle(&mut self.fences);
     }
 }
 
@@ -472,13 +337,10 @@ fn copy_path<'c>(ctx: &'c Context, stream: &Stream, chunks: &[DeviceMem], tuning
 impl Drop for Copier<'_> {
     /// Nothing queued may outlive the memory, module or staging it uses;
     /// the mailbox kernel goes first, as freeing memory may wait for every
-    /// kernel to end. The memory is freed after this (`VramStore` holds
-    /// its copier before its memory, and fields drop in order).
+    /// kernel to end. The memory is freed after this (a `VramStore` only
+    /// borrows it).
     fn drop(&mut self) {
-        if let Err(e) = self.finish() {
-            error!("{e}");
-        }
-        self.mailbox = None;
+        self.resident.end(&mut self.fences);
         if let Err(e) = self.stream.sync() {
             error!("{e}");
         }

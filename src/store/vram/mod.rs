@@ -6,6 +6,7 @@
 mod copier;
 mod fences;
 mod memory;
+mod resident;
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
