@@ -19,7 +19,8 @@ const PATTERNS: [&str; 8] = [
     "rand-write-4k-qd32",
 ];
 
-/// A scratch directory with a serve-mode child in it; both go on drop.
+/// A server child with its unix socket in a scratch directory; both go on
+/// drop.
 struct Server {
     child: Child,
     dir: PathBuf,
@@ -27,22 +28,36 @@ struct Server {
 }
 
 impl Server {
+    /// `nbd-vram serve --store host`, one client at a time.
     fn start(name: &str) -> Server {
+        Server::spawn(name, "nbd-vram serve", |sock| {
+            let mut cmd = Command::new(BIN);
+            cmd.args(["serve", "--store", "host", "--size", "64", "--listen"]).arg(format!("unix:{}", sock.display()));
+            cmd
+        })
+    }
+
+    /// `nbdkit ARGS`, which serves many connections at once.
+    fn nbdkit(name: &str, args: &[&str]) -> Server {
+        Server::spawn(name, "nbdkit (tests/deps.sh installs it)", |sock| {
+            let mut cmd = Command::new("nbdkit");
+            cmd.args(["-f", "-U"]).arg(sock).args(args);
+            cmd
+        })
+    }
+
+    /// Runs the command `serving` makes for a socket path, and waits (up to
+    /// 10 s) until the socket exists.
+    fn spawn(name: &str, what: &str, serving: impl FnOnce(&Path) -> Command) -> Server {
         let dir = std::env::temp_dir().join(format!("nbd-vram-bench-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("creating a scratch directory");
         let sock = dir.join("s.sock");
-        let child = Command::new(BIN)
-            .args(["serve", "--store", "host", "--size", "64", "--listen"])
-            .arg(format!("unix:{}", sock.display()))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting nbd-vram serve");
+        let child = serving(&sock).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap_or_else(|e| panic!("starting {what}: {e}"));
         let server = Server { child, dir, sock };
         let deadline = Instant::now() + Duration::from_secs(10);
         while !server.sock.exists() {
-            assert!(Instant::now() < deadline, "the server did not create its socket in 10 s");
+            assert!(Instant::now() < deadline, "{what} did not create its socket in 10 s");
             thread::sleep(Duration::from_millis(20));
         }
         server
@@ -143,46 +158,6 @@ fn value(line: &str, key: &str) -> f64 {
     v.and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no number {key}= in: {line}"))
 }
 
-/// `nbdkit memory`, which serves many connections at once, on a unix
-/// socket in a scratch directory; both go on drop.
-struct Nbdkit {
-    child: Child,
-    dir: PathBuf,
-    sock: PathBuf,
-}
-
-impl Nbdkit {
-    fn start(name: &str, args: &[&str]) -> Nbdkit {
-        let dir = std::env::temp_dir().join(format!("nbd-vram-bench-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("creating a scratch directory");
-        let sock = dir.join("s.sock");
-        let child = Command::new("nbdkit")
-            .args(["-f", "-U"])
-            .arg(&sock)
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting nbdkit (tests/deps.sh installs it)");
-        let server = Nbdkit { child, dir, sock };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !server.sock.exists() {
-            assert!(Instant::now() < deadline, "nbdkit did not create its socket in 10 s");
-            thread::sleep(Duration::from_millis(20));
-        }
-        server
-    }
-}
-
-impl Drop for Nbdkit {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 fn bench_connections(sock: &Path, connections: &str) -> Output {
     Command::new(BIN)
         .args(["bench", "--seconds", "1", "--connections", connections, "--connect"])
@@ -196,7 +171,7 @@ fn bench_connections(sock: &Path, connections: &str) -> Output {
 /// IOPS add up to the sum's within rounding.
 #[test]
 fn two_connections_report_the_sum_and_each() {
-    let server = Nbdkit::start("conns", &["memory", "256M"]);
+    let server = Server::nbdkit("conns", &["memory", "256M"]);
     let out = bench_connections(&server.sock, "2");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "bench failed: {:?}\n{stdout}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
@@ -234,7 +209,7 @@ fn one_client_at_a_time_is_a_clear_error_not_a_hang() {
     assert!(stderr.contains("connection 2 of 2 failed") && stderr.contains("--connections 1"), "{stderr}");
     assert!(took < Duration::from_secs(45), "took {took:?}");
 
-    let limited = Nbdkit::start("limit", &["--filter=limit", "memory", "64M", "limit=1"]);
+    let limited = Server::nbdkit("limit", &["--filter=limit", "memory", "64M", "limit=1"]);
     let out = bench_connections(&limited.sock, "3");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
