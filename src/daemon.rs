@@ -56,7 +56,7 @@ fn run<B: Backing>(opts: &SwapOpts, tuning: &Tuning, backing: &B) -> Result<(), 
         // Written straight into the store: no block I/O, no page cache.
         let header = swap::header(export.size).map_err(|e| Failure::new(Code::Usage, format!("--size: {e}")))?;
         let store = &mut first.store;
-        store.write(0, &header).and_then(|()| store.sync()).map_err(|e| Failure::os("writing the swap header", e))?;
+        store.write(0, &header).and_then(|_| store.sync()).map_err(|e| Failure::os("writing the swap header", e))?;
     }
     let pairs = (0..n).map(|_| UnixStream::pair()).collect::<io::Result<Vec<_>>>().map_err(|e| Failure::os("socketpair", e))?;
     let (ours, theirs): (Vec<UnixStream>, Vec<OwnedFd>) = pairs.into_iter().map(|(o, t)| (o, OwnedFd::from(t))).unzip();

@@ -3,8 +3,8 @@
 //!
 //! Blocking and single-threaded, and batched: it takes every request that is
 //! already waiting on the socket (up to `MAX_BATCH`, or until the staging
-//! buffer is full; for a store with nothing to queue, `DONE_BATCH` or
-//! `DONE_BYTES`) and queues all their store operations. Replies then go
+//! buffer is full; while the store has queued nothing, `DONE_BATCH` or
+//! `DONE_BYTES`) and hands them all to the store. Replies then go
 //! out in groups, each as soon as the store has done its part: reads wait
 //! for their data, a group of `group` of them at a time, so the first
 //! replies are on the wire while the device still copies the rest; writes
@@ -14,10 +14,11 @@
 //! comes round to them again (or for a flush or FUA). A full batch whose
 //! replies wait for the device is held while the loop queues the batch
 //! already waiting behind it, and answered only then, so that the device
-//! works meanwhile (`NBD_VRAM_AHEAD=0` answers each batch first). A store in this
-//! process's memory (host RAM) skips staging: read replies are sent from
-//! the store's own bytes, and write payloads land in it straight from the
-//! socket (a peer that vanishes mid-payload gets the old bytes put back).
+//! works meanwhile (`NBD_VRAM_AHEAD=0` answers each batch first). A store
+//! that lends its bytes (host RAM, `Done::Lent`) skips staging: read
+//! replies are sent from them, and write payloads land in them straight
+//! from the socket (a peer that vanishes mid-payload gets the old bytes
+//! put back).
 //! Reads poll the socket briefly before they block (`poll.rs`).
 //! All memory is allocated before the first request, so a swap device
 //! served here never needs a free page to make progress.
@@ -33,7 +34,7 @@ use super::proto::{self, Export, Request, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, MAX_PA
 use super::poll::Poll;
 use crate::sock::{queued, recv_nowait};
 use crate::stats::{Phases, Stats};
-use crate::store::Store;
+use crate::store::{Done, Store};
 use crate::tuning::Tuning;
 
 /// Requests in a batch at most. Fewer replies per burst keep the client's
@@ -42,9 +43,9 @@ use crate::tuning::Tuning;
 /// QD32 writes went 9–38 % faster than with 64, sequential patterns (QD8,
 /// never bound by it) within their noise.
 pub const MAX_BATCH: usize = 16;
-/// A batch's bounds for a store in memory, which finishes each operation on return:
-/// it has no copies to amortise, and answering sooner keeps the client's
-/// queue full. Measured with host RAM in alternating runs: 8 requests
+/// A batch's bounds while the store has queued none of it (a store in
+/// memory finishes each operation on return): there are no copies to
+/// amortise, and answering sooner keeps the client's queue full. Measured with host RAM in alternating runs: 8 requests
 /// against 64, 4 KiB QD32 +28–50 %; 64 KiB against no byte bound,
 /// sequential 128 KiB +7–29 % (docs/performance.md, "The host store and the serve loop").
 const DONE_BATCH: usize = 8;
@@ -102,24 +103,29 @@ pub enum End {
 struct Slot {
     reply: [u8; REPLY_LEN],
     /// Read data to send after the header: bytes of staging, or of the
-    /// store itself if `in_store`.
+    /// store itself if it lent them.
     data: Range<usize>,
-    in_store: bool,
-    /// Queued in the store: fails if the store cannot start its work.
-    queued: bool,
+    /// What the store had done with it; `None`: the store never saw it.
+    done: Option<Done>,
     /// Its reply waits until the store has done the work: a read's data,
     /// or a write with FUA.
     waits: bool,
 }
 
 impl Slot {
+    const EMPTY: Slot = Slot { reply: [0; REPLY_LEN], data: 0..0, done: None, waits: false };
+
     fn ok(&self) -> bool {
         self.reply[4..8] == [0; 4]
     }
 
-    /// Turns a queued request's success into `EIO`.
+    fn lent(&self) -> bool {
+        self.done == Some(Done::Lent)
+    }
+
+    /// Turns the success of a request the store took into `EIO`.
     fn fail(&mut self) {
-        if self.queued && self.ok() {
+        if self.done.is_some() && self.ok() {
             self.reply[4..8].copy_from_slice(&EIO.to_be_bytes());
         }
     }
@@ -197,13 +203,12 @@ impl<B: std::ops::DerefMut<Target = [u8]>> Buffers<B> {
     pub fn new<S: Store<Buf = B>>(store: &mut S, tuning: &Tuning) -> io::Result<Buffers<B>> {
         const { assert!(2 * MAX_BATCH <= crate::store::FENCES, "a fence per slot of two batches at most") };
         const { assert!(MAX_BATCH == crate::tuning::GROUP_MAX, "NBD_VRAM_GROUP goes up to a whole batch") };
-        let empty = Slot { reply: [0; REPLY_LEN], data: 0..0, in_store: false, queued: false, waits: false };
         Ok(Buffers {
             staging: store.staging(MAX_PAYLOAD as usize)?,
             ring: 0,
             input: Input { buf: vec![0u8; INPUT_LEN].into_boxed_slice(), start: 0, end: 0, direct: false, poll: Poll::with(tuning.spin) },
             replies: Replies {
-                slots: vec![empty; 2 * MAX_BATCH].into_boxed_slice(),
+                slots: vec![Slot::EMPTY; 2 * MAX_BATCH].into_boxed_slice(),
                 heads: vec![0u8; REPLY_LEN * 2 * MAX_BATCH].into_boxed_slice(),
                 groups: vec![(0, None); 2 * MAX_BATCH].into_boxed_slice(),
                 ngroups: 0,
@@ -248,9 +253,10 @@ where
             link.bufs.replies.forget_held();
         }
         // Only replies that wait for the device gain from it: writes are
-        // answered on hand-over, and the host store has nothing to wait for.
+        // answered on hand-over, and what the store finished or lent has
+        // nothing to wait for.
         let waits = link.bufs.replies.slots[..n].iter().any(|s| s.waits && s.ok());
-        let hold = more && waits && end.is_none() && answered.is_ok() && link.bufs.replies.ahead && !S::IN_MEMORY;
+        let hold = more && waits && end.is_none() && answered.is_ok() && link.bufs.replies.ahead;
         if hold {
             (link.bufs.replies.held, link.bufs.replies.held_groups) = (n, link.bufs.replies.ngroups);
         } else {
@@ -298,8 +304,9 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
         let mut waiting = 0;
         self.bufs.replies.ngroups = self.bufs.replies.held_groups;
         let mut payload = 0;
-        let (most, bytes) = if S::IN_MEMORY { (DONE_BATCH, DONE_BYTES) } else { (MAX_BATCH, usize::MAX) };
-        while n < most && payload < bytes {
+        let mut queued = false;
+        let full = |n: usize, payload: usize, queued: bool| n == MAX_BATCH || (!queued && (n == DONE_BATCH || payload >= DONE_BYTES));
+        while !full(n, payload, queued) {
             if self.bufs.input.available() < REQUEST_LEN {
                 match self.fill(n == 0 && base == 0) {
                     Ok(Got::Data) => continue,
@@ -316,12 +323,11 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
             let Some(req) = Request::parse(head) else {
                 return (n, false, Some(Err(broken("bad request magic"))));
             };
-            if S::IN_MEMORY && self.overwrites_read(&req, base + n) {
+            if self.overwrites_read(&req, base + n) {
                 break; // the read's reply goes first, from the store as it is
             }
             let len = staged_len(&req);
-            let staged = if S::IN_MEMORY { 0 } else { len };
-            if self.bufs.ring + staged > self.bufs.staging.len() {
+            if self.bufs.ring + len > self.bufs.staging.len() {
                 if n > 0 || base > 0 {
                     break; // the next batch starts with it, once nothing is held
                 }
@@ -329,7 +335,7 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
                 self.settle();
                 self.bufs.ring = 0;
             }
-            let stage = self.bufs.ring..self.bufs.ring + staged;
+            let stage = self.bufs.ring..self.bufs.ring + len;
             self.bufs.input.start += REQUEST_LEN;
             if req.command == sys::NBD_CMD_DISC {
                 return (n, false, Some(Ok(End::Disconnect)));
@@ -345,8 +351,11 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
                 Err(e) => return (n, false, Some(Err(e))),
             };
             let waits = slot.waits;
+            queued |= slot.done == Some(Done::Queued);
+            if !slot.lent() {
+                self.bufs.ring = stage.end; // the store may still copy to or from it
+            }
             self.bufs.replies.slots[base + n] = slot;
-            self.bufs.ring = stage.end;
             payload += len;
             n += 1;
             if waits {
@@ -357,18 +366,18 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
                 }
             }
         }
-        (n, n == most || payload >= bytes, None)
+        (n, full(n, payload, queued), None)
     }
 
     /// Whether `req` changes bytes that a read among the batch's first `n`
-    /// slots sends straight from the store.
+    /// slots sends straight from the store (lent).
     fn overwrites_read(&self, req: &Request, n: usize) -> bool {
         if !matches!(req.command, sys::NBD_CMD_WRITE | sys::NBD_CMD_TRIM | sys::NBD_VRAM_CMD_WRITE_ZEROES) {
             return false;
         }
         let (start, end) = (req.offset, req.offset.saturating_add(u64::from(req.len)));
         let reads = &self.bufs.replies.slots[..n];
-        reads.iter().any(|s| s.in_store && (s.data.start as u64) < end && start < s.data.end as u64)
+        reads.iter().any(|s| s.lent() && (s.data.start as u64) < end && start < s.data.end as u64)
     }
 
     /// Fences the slots since the last group up to `end`, so that their
@@ -410,48 +419,45 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
         }
     }
 
-    /// Runs (or queues) one request. `Err` only for a broken stream.
+    /// Hands one request to the store. `Err` only for a broken stream.
     fn execute(&mut self, req: &Request, stage: Range<usize>) -> io::Result<Slot> {
-        let mut slot = Slot { reply: [0; REPLY_LEN], data: 0..0, in_store: false, queued: false, waits: false };
+        let mut slot = Slot::EMPTY;
         let mut error = self.check(req);
+        let mut landed = false;
         if req.command == sys::NBD_CMD_WRITE {
             // The payload follows the header whatever we answer.
-            if S::IN_MEMORY && error == 0 {
-                error = self.write_in_place(req)?;
-            } else if stage.is_empty() {
-                self.discard(u64::from(req.len))?;
-            } else {
-                self.payload(stage.clone())?;
-            }
+            (error, landed) = self.take_write(req, error, stage.clone())?;
         }
-        if error == 0 {
-            let len = u64::from(req.len);
-            let at = Instant::now();
-            let done = match req.command {
-                sys::NBD_CMD_READ if S::IN_MEMORY => {
-                    let start = req.offset as usize; // `bytes` says it is in range
-                    slot.data = start..start + req.len as usize;
-                    slot.in_store = true;
-                    self.store.bytes(req.offset, slot.data.len()).map(drop).ok_or(io::ErrorKind::InvalidInput.into())
+        if error != 0 {
+            self.stats.record(req.command, req.len, error);
+            slot.reply = proto::reply(error, req.cookie);
+            return Ok(slot);
+        }
+        let len = u64::from(req.len);
+        let at = Instant::now();
+        let done = match req.command {
+            sys::NBD_CMD_READ => self.store.read(req.offset, &mut self.bufs.staging[stage.clone()]),
+            sys::NBD_CMD_WRITE if landed => Ok(Done::Lent),
+            sys::NBD_CMD_WRITE => self.store.write(req.offset, &self.bufs.staging[stage.clone()]),
+            sys::NBD_CMD_FLUSH => self.store.flush().map(|()| Done::Finished),
+            sys::NBD_CMD_TRIM => self.store.trim(req.offset, len),
+            _ => self.store.zero(req.offset, len), // check() let only WRITE_ZEROES through
+        };
+        self.phases.store += nanos(at);
+        match done {
+            Ok(done) => {
+                slot.done = Some(done);
+                slot.waits = done == Done::Queued
+                    && match req.command {
+                        sys::NBD_CMD_READ => true,
+                        _ => req.flags & CMD_FLAG_FUA != 0 || self.shared.settle_changes,
+                    };
+                if req.command == sys::NBD_CMD_READ {
+                    let start = req.offset as usize; // `check` put it in range
+                    slot.data = if done == Done::Lent { start..start + req.len as usize } else { stage };
                 }
-                sys::NBD_CMD_WRITE if S::IN_MEMORY => Ok(()), // done by write_in_place
-                sys::NBD_CMD_READ => {
-                    slot.data = stage.clone();
-                    self.store.read(req.offset, &mut self.bufs.staging[stage])
-                }
-                sys::NBD_CMD_WRITE => self.store.write(req.offset, &self.bufs.staging[stage]),
-                sys::NBD_CMD_FLUSH => self.store.flush(),
-                sys::NBD_CMD_TRIM => self.store.trim(req.offset, len),
-                _ => self.store.zero(req.offset, len), // check() let only WRITE_ZEROES through
-            };
-            self.phases.store += nanos(at);
-            slot.queued = true;
-            slot.waits = match req.command {
-                sys::NBD_CMD_READ => true,
-                sys::NBD_CMD_FLUSH => false,
-                _ => req.flags & CMD_FLAG_FUA != 0 || (self.shared.settle_changes && !S::IN_MEMORY),
-            };
-            if let Err(e) = done {
+            }
+            Err(e) => {
                 crate::error!("{} at offset {} length {len} failed: {e}", name(req.command), req.offset);
                 error = EIO;
                 if req.command == sys::NBD_CMD_FLUSH {
@@ -534,7 +540,7 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
     /// will answer EIO. Returns whether it was sent.
     fn tell_early(&mut self, slots: Range<usize>) -> io::Result<bool> {
         let [slot] = &self.bufs.replies.slots[slots] else { return Ok(false) };
-        if !self.bufs.replies.early || self.shared.lost() || slot.in_store || slot.data.is_empty() || !slot.ok() {
+        if !self.bufs.replies.early || self.shared.lost() || slot.lent() || slot.data.is_empty() || !slot.ok() {
             return Ok(false);
         }
         let at = Instant::now();
@@ -562,7 +568,7 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
         let mut run = usize::from(told); // first header not yet in an iovec
         for (i, slot) in b.replies.slots[slots.clone()].iter().enumerate() {
             if slot.ok() && !slot.data.is_empty() {
-                let data = if slot.in_store {
+                let data = if slot.lent() {
                     store.bytes(slot.data.start as u64, slot.data.len()).ok_or(broken("read left the store"))?
                 } else {
                     &b.staging[slot.data.clone()]
@@ -621,35 +627,40 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
         })
     }
 
-    /// Moves a write payload into staging: first what input already holds.
-    fn payload(&mut self, stage: Range<usize>) -> io::Result<()> {
-        let b = &mut *self.bufs;
-        let (conn, store) = (self.conn.as_fd(), &mut *self.store);
-        let input = &mut b.input;
-        take_payload(&input.buf[..input.end], &mut input.start, conn, &mut b.staging[stage], &mut [], &mut input.poll, &mut || store.idle())
-    }
-
-    /// Moves a write payload into an `IN_MEMORY` store; returns the
-    /// request's error. A payload that is not all on hand yet (in input or
-    /// queued on the socket) may never arrive whole: the bytes it replaces
-    /// are saved in staging as it arrives, and go back if the peer vanishes
-    /// mid-payload. Against landing the payload in staging and copying it
-    /// over: sequential 128 KiB writes +11–25 % per round (docs/performance.md,
-    /// "The host store and the serve loop").
-    fn write_in_place(&mut self, req: &Request) -> io::Result<u32> {
-        let len = req.len as usize;
-        let have = self.bufs.input.available().min(len);
-        // A socket that cannot say counts as empty.
-        let whole = have == len || queued(self.conn.as_fd()).unwrap_or(0) >= len - have;
-        let Some(dst) = self.store.bytes_mut(req.offset, len) else {
+    /// Takes a write's payload off the input: into the store where it
+    /// offers a `landing`, else into `stage`; skips it if `error` refuses
+    /// the write. Returns the request's error and whether it landed.
+    ///
+    /// A payload that lands in the store but is not all on hand yet (in
+    /// input or queued on the socket) may never arrive whole: the bytes it
+    /// replaces are saved in `stage` as it arrives, and go back if the peer
+    /// vanishes mid-payload. Against landing the payload in staging and
+    /// copying it over: sequential 128 KiB writes +11–25 % per round
+    /// (docs/performance.md, "The host store and the serve loop").
+    fn take_write(&mut self, req: &Request, error: u32, stage: Range<usize>) -> io::Result<(u32, bool)> {
+        if error != 0 || stage.is_empty() {
             self.discard(u64::from(req.len))?;
-            return Ok(EIO);
-        };
-        let b = &mut *self.bufs;
-        let undo = &mut b.staging[..if whole { 0 } else { len }];
+            return Ok((error, false));
+        }
+        let len = req.len as usize;
+        let (conn, b) = (self.conn.as_fd(), &mut *self.bufs);
         let input = &mut b.input;
-        take_payload(&input.buf[..input.end], &mut input.start, self.conn.as_fd(), dst, undo, &mut input.poll, &mut || {})?;
-        Ok(0)
+        let landed = match self.store.landing(req.offset, len) {
+            Some(dst) => {
+                let have = input.available().min(len);
+                // A socket that cannot say counts as empty.
+                let whole = have == len || queued(conn).unwrap_or(0) >= len - have;
+                let undo = &mut b.staging[if whole { 0..0 } else { stage }];
+                take_payload(&input.buf[..input.end], &mut input.start, conn, dst, undo, &mut input.poll, &mut || {})?;
+                true
+            }
+            None => {
+                let store = &mut *self.store;
+                take_payload(&input.buf[..input.end], &mut input.start, conn, &mut b.staging[stage], &mut [], &mut input.poll, &mut || store.idle())?;
+                false
+            }
+        };
+        Ok((0, landed))
     }
 
     /// Skips the payload of a refused write, so the stream stays in sync.

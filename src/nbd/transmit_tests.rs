@@ -186,14 +186,17 @@ impl Store for Failing<'_> {
     fn staging(&mut self, len: usize) -> io::Result<Box<[u8]>> {
         self.inner.staging(len)
     }
-    fn read(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+    fn read(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<Done> {
         self.inner.read(offset, buf)
     }
-    fn write(&mut self, offset: u64, buf: &[u8]) -> io::Result<()> {
+    fn write(&mut self, offset: u64, buf: &[u8]) -> io::Result<Done> {
         self.inner.write(offset, buf)
     }
-    fn zero(&mut self, offset: u64, len: u64) -> io::Result<()> {
+    fn zero(&mut self, offset: u64, len: u64) -> io::Result<Done> {
         self.inner.zero(offset, len)
+    }
+    fn bytes(&self, offset: u64, len: usize) -> Option<&[u8]> {
+        self.inner.bytes(offset, len)
     }
     fn sync(&mut self) -> io::Result<()> {
         match self.fail {

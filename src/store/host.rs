@@ -4,7 +4,7 @@
 use std::io;
 use std::ops::Range;
 
-use super::{Backing, Store};
+use super::{Backing, Done, Store};
 
 pub struct HostBacking {
     /// A leaked `Box<[u8]>`, freed by `Drop`. Held as a raw pointer because
@@ -65,7 +65,7 @@ impl Backing for HostBacking {
 }
 
 /// One connection's access to a `HostBacking`: every operation is done
-/// when it returns.
+/// when it returns, and the serve loop reads and writes the bytes in place.
 pub struct HostStore<'a> {
     backing: &'a HostBacking,
 }
@@ -78,13 +78,12 @@ impl HostStore<'_> {
     }
 
     fn range(&mut self, offset: u64, len: usize) -> io::Result<&mut [u8]> {
-        self.bytes_mut(offset, len).ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))
+        self.landing(offset, len).ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))
     }
 }
 
 impl Store for HostStore<'_> {
     type Buf = Box<[u8]>;
-    const IN_MEMORY: bool = true;
 
     fn staging(&mut self, len: usize) -> io::Result<Box<[u8]>> {
         zeroed(len)
@@ -98,27 +97,28 @@ impl Store for HostStore<'_> {
         Some(unsafe { std::slice::from_raw_parts(self.backing.ptr.add(span.start), span.len()) })
     }
 
-    fn bytes_mut(&mut self, offset: u64, len: usize) -> Option<&mut [u8]> {
+    fn landing(&mut self, offset: u64, len: usize) -> Option<&mut [u8]> {
         let span = self.span(offset, len)?;
         // SAFETY: as in `bytes`; `&mut self` keeps this connection from
         // holding another view of them at once.
         Some(unsafe { std::slice::from_raw_parts_mut(self.backing.ptr.add(span.start), span.len()) })
     }
 
-    fn read(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        buf.copy_from_slice(self.range(offset, buf.len())?);
-        Ok(())
+    /// Copies nothing: the reply is sent from the store's own bytes.
+    fn read(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<Done> {
+        self.range(offset, buf.len())?;
+        Ok(Done::Lent)
     }
 
-    fn write(&mut self, offset: u64, buf: &[u8]) -> io::Result<()> {
+    fn write(&mut self, offset: u64, buf: &[u8]) -> io::Result<Done> {
         self.range(offset, buf.len())?.copy_from_slice(buf);
-        Ok(())
+        Ok(Done::Finished)
     }
 
-    fn zero(&mut self, offset: u64, len: u64) -> io::Result<()> {
+    fn zero(&mut self, offset: u64, len: u64) -> io::Result<Done> {
         let len = usize::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
         self.range(offset, len)?.fill(0);
-        Ok(())
+        Ok(Done::Finished)
     }
 
     fn sync(&mut self) -> io::Result<()> {
@@ -134,13 +134,13 @@ mod tests {
     fn writes_read_back_and_zero_clears() {
         let backing = HostBacking::new(8192).unwrap();
         let mut s = backing.open().unwrap();
-        s.write(4090, &[7; 10]).unwrap();
-        let mut buf = [0u8; 12];
-        s.read(4089, &mut buf).unwrap();
-        assert_eq!(buf, [0, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 0]);
+        assert_eq!(s.write(4090, &[7; 10]).unwrap(), Done::Finished);
+        assert_eq!(s.read(4089, &mut [0u8; 12]).unwrap(), Done::Lent);
+        assert_eq!(s.bytes(4089, 12).unwrap(), [0, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 0]);
         s.trim(4092, 4).unwrap();
-        s.read(4089, &mut buf).unwrap();
-        assert_eq!(buf, [0, 7, 7, 0, 0, 0, 0, 7, 7, 7, 7, 0]);
+        assert_eq!(s.bytes(4089, 12).unwrap(), [0, 7, 7, 0, 0, 0, 0, 7, 7, 7, 7, 0]);
+        s.landing(4096, 2).unwrap().copy_from_slice(&[9, 9]);
+        assert_eq!(s.bytes(4095, 4).unwrap(), [0, 9, 9, 7]);
     }
 
     #[test]
@@ -150,7 +150,8 @@ mod tests {
         let err = s.write(4095, &[1, 2]).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EINVAL));
         assert!(s.zero(u64::MAX, 2).is_err());
-        assert!(s.bytes(4095, 2).is_none() && s.bytes_mut(u64::MAX, 1).is_none());
+        assert!(s.read(4095, &mut [0; 2]).is_err());
+        assert!(s.bytes(4095, 2).is_none() && s.landing(u64::MAX, 1).is_none());
         assert_eq!(s.bytes(4095, 1), Some(&[0u8][..]));
     }
 
@@ -163,8 +164,8 @@ mod tests {
                 s.spawn(move || backing.open().unwrap().write(u64::from(i) * 4096, &[i + 1; 4096]).unwrap());
             }
         });
-        let mut buf = [0u8; 8192];
-        backing.open().unwrap().read(0, &mut buf).unwrap();
+        let s = backing.open().unwrap();
+        let buf = s.bytes(0, 8192).unwrap();
         assert!(buf[..4096].iter().all(|&b| b == 1) && buf[4096..].iter().all(|&b| b == 2));
     }
 }

@@ -57,13 +57,28 @@ pub trait Backing: Sync {
     fn open(&self) -> io::Result<Self::Store<'_>>;
 }
 
-/// One connection's access to a fixed-size byte store. Callers check
-/// ranges against the backing's `size()` first.
+/// What an operation had done when it returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Done {
+    /// Handed to the device: done once `wait` on a later fence, or `sync`,
+    /// returns. Until then the caller neither reads the buffer of a `read`
+    /// nor changes the buffer of a `write`.
+    Queued,
+    /// Done.
+    Finished,
+    /// Done without a copy, because the bytes are this process's memory:
+    /// a read's data are the store's own bytes (`bytes` lends them), and a
+    /// write's payload already landed in them (`landing`).
+    Lent,
+}
+
+/// One connection's access to a fixed-size byte store, in the manner of
+/// nbdkit's plugin callbacks. Callers check ranges against the backing's
+/// `size()` first.
 ///
-/// Operations may be queued and finish only later, which is how a GPU
-/// store batches its copies: the caller must neither read a buffer given to
-/// `read` nor change one given to `write` before a `wait` on a later fence,
-/// or `sync`, returns. Errors are plain errnos so that reporting them never
+/// Each operation says what it had done on return (`Done`): a GPU store
+/// queues its copies and batches them, a store in memory finishes them or
+/// lends its bytes. Errors are plain errnos so that reporting them never
 /// allocates.
 ///
 /// Errors come in two kinds. One returned by an operation or by `fence`
@@ -73,20 +88,16 @@ pub trait Backing: Sync {
 pub trait Store {
     /// Staging memory the store copies from and to fastest (pinned for a GPU).
     type Buf: DerefMut<Target = [u8]>;
-    /// The bytes are plain memory of this process and every operation is
-    /// finished when it returns (no fences needed): the serve loop then
-    /// moves payloads between the socket and `bytes`/`bytes_mut` itself,
-    /// with no copy through staging.
-    const IN_MEMORY: bool = false;
 
     /// Allocates `len` bytes of staging memory, once, before serving.
     fn staging(&mut self, len: usize) -> io::Result<Self::Buf>;
-    fn read(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
-    fn write(&mut self, offset: u64, buf: &[u8]) -> io::Result<()>;
-    fn zero(&mut self, offset: u64, len: u64) -> io::Result<()>;
+    /// Reads into `buf`, or answers `Lent` and leaves `buf` alone.
+    fn read(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<Done>;
+    fn write(&mut self, offset: u64, buf: &[u8]) -> io::Result<Done>;
+    fn zero(&mut self, offset: u64, len: u64) -> io::Result<Done>;
     /// A discarded range reads back as zeroes: swap may trim, and a store
     /// that returned stale bytes there would leak one tenant's pages.
-    fn trim(&mut self, offset: u64, len: u64) -> io::Result<()> {
+    fn trim(&mut self, offset: u64, len: u64) -> io::Result<Done> {
         self.zero(offset, len)
     }
     /// Starts everything queued so far and returns a token that `wait`
@@ -102,13 +113,15 @@ pub trait Store {
     }
     /// Waits for every queued operation.
     fn sync(&mut self) -> io::Result<()>;
-    /// The stored bytes `offset..offset + len` of an `IN_MEMORY` store;
-    /// `None` out of range, or for any other store.
+    /// The stored bytes `offset..offset + len`, for the data of a read that
+    /// answered `Lent`; `None` out of range, or from a store that never lends.
     fn bytes(&self, offset: u64, len: usize) -> Option<&[u8]> {
         let _ = (offset, len);
         None
     }
-    fn bytes_mut(&mut self, offset: u64, len: usize) -> Option<&mut [u8]> {
+    /// Where a write's payload may land directly, with no `write` after
+    /// it (the write is then `Lent`); `None` to take it through staging.
+    fn landing(&mut self, offset: u64, len: usize) -> Option<&mut [u8]> {
         let _ = (offset, len);
         None
     }

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use self::copier::Copier;
 use self::memory::VramMemory;
-use super::{Backing, Store};
+use super::{Backing, Done, Store};
 use crate::cuda::{Context, Error, Pinned};
 use crate::info;
 use crate::tuning::Tuning;
@@ -112,19 +112,19 @@ impl<'c> Store for VramStore<'_, 'c> {
         self.copier.staging(len)
     }
 
-    fn read(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+    fn read(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<Done> {
         self.memory.check(offset, buf.len() as u64)?;
-        self.copier.read(self.memory, offset, buf)
+        self.copier.read(self.memory, offset, buf).map(|()| Done::Queued)
     }
 
-    fn write(&mut self, offset: u64, buf: &[u8]) -> io::Result<()> {
+    fn write(&mut self, offset: u64, buf: &[u8]) -> io::Result<Done> {
         self.memory.check(offset, buf.len() as u64)?;
-        self.copier.write(self.memory, offset, buf)
+        self.copier.write(self.memory, offset, buf).map(|()| Done::Queued)
     }
 
-    fn zero(&mut self, offset: u64, len: u64) -> io::Result<()> {
+    fn zero(&mut self, offset: u64, len: u64) -> io::Result<Done> {
         self.memory.check(offset, len)?;
-        self.copier.zero(self.memory, offset, len)
+        self.copier.zero(self.memory, offset, len).map(|()| Done::Queued)
     }
 
     fn fence(&mut self) -> io::Result<usize> {
