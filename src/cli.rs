@@ -15,6 +15,8 @@ USAGE
                                      serve the store to NBD clients (no kernel, no swap)
   nbd-vram gpus [--libcuda PATH]     list GPUs with total and free memory
   nbd-vram stop DEVICE               swapoff and detach DEVICE served by a running daemon
+  nbd-vram resize SIZE [DEVICE]      shrink or grow a running daemon's tier to SIZE, in
+                                     whole slices, and wait until it has (root)
   nbd-vram status [--json]           show running instances
   nbd-vram bench --connect ADDR [--seconds N] [--connections N | --verify]
                                      measure an NBD server the way the kernel drives it
@@ -43,6 +45,15 @@ SWAP DAEMON OPTIONS
   --no-swap          only export the block device, without swapon
   --connections N    kernel connections to the device, 1..16, each served by
                      its own thread (default 1; see the README)
+  --reserve SIZE     keep this much VRAM free for other processes: below it,
+                     give slices back (swapoff, detach, free), the one with
+                     the fewest pages first; take them again once the reserve
+                     and a slice are free for --hold-off (default 0: never)
+  --slice-size SIZE  split the tier into slices of this size, each its own
+                     VRAM, /dev/nbdN and swap area at the same priority
+                     (default: the whole --size; with --reserve, a quarter)
+  --hold-off S       seconds free VRAM must stay above the reserve and a
+                     slice before one is taken again (default 30)
 
 SERVE OPTIONS
   --listen ADDR      unix:PATH (created mode 0600) or tcp:HOST:PORT; HOST
@@ -119,7 +130,23 @@ pub struct SwapOpts {
     pub swap: bool,
     /// Kernel connections (`NBD_SET_SOCK` each), one serve loop each.
     pub connections: usize,
+    /// VRAM to keep free for others; 0: never give back on our own.
+    pub reserve: u64,
+    /// Bytes per slice; `store.size` is a whole number of them.
+    pub slice: u64,
+    pub hold_off: u32,
 }
+
+impl SwapOpts {
+    /// Slices in the whole tier.
+    pub fn slices(&self) -> usize {
+        (self.store.size / self.slice.max(1)) as usize
+    }
+}
+
+/// Slices per tier at most: each is a /dev/nbdN (the nbd module makes 16
+/// by default) and a swap area (the kernel allows 32 or fewer).
+pub const MAX_SLICES: u64 = 16;
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Command {
@@ -129,6 +156,7 @@ pub enum Command {
     Serve { store: StoreOpts, listen: Addr, allow_remote: bool, connections: usize },
     Gpus { libcuda: Option<PathBuf> },
     Stop { device: PathBuf },
+    Resize { size: u64, device: Option<PathBuf> },
     Status { json: bool },
     /// `servers`: each --connect with its --label (one with `verify`);
     /// `connections`: to each at once (1 with `verify`).
@@ -155,12 +183,19 @@ enum Mode {
     Serve,
     Gpus,
     Stop,
+    Resize,
     Status,
     Bench,
 }
 
-const MODES: [(&str, Mode); 5] =
-    [("serve", Mode::Serve), ("gpus", Mode::Gpus), ("stop", Mode::Stop), ("status", Mode::Status), ("bench", Mode::Bench)];
+const MODES: [(&str, Mode); 6] = [
+    ("serve", Mode::Serve),
+    ("gpus", Mode::Gpus),
+    ("stop", Mode::Stop),
+    ("resize", Mode::Resize),
+    ("status", Mode::Status),
+    ("bench", Mode::Bench),
+];
 
 impl Mode {
     fn name(self) -> &'static str {
@@ -184,6 +219,9 @@ const FLAGS: &[(&str, &[Mode])] = {
         ("--timeout", &[Daemon]),
         ("--discard", &[Daemon]),
         ("--no-swap", &[Daemon]),
+        ("--reserve", &[Daemon]),
+        ("--slice-size", &[Daemon]),
+        ("--hold-off", &[Daemon]),
         ("--listen", &[Serve]),
         ("--allow-remote", &[Serve]),
         ("--connect", &[Bench]),
@@ -215,8 +253,19 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed, String> 
         min_size: 512 * MIB,
         libcuda: None,
     };
-    let mut swap = SwapOpts { store: store.clone(), device: None, priority: 100, discard: false, timeout: 0, swap: true, connections: 1 };
-    let (mut listen, mut positional) = (None, None);
+    let mut swap = SwapOpts {
+        store: store.clone(),
+        device: None,
+        priority: 100,
+        discard: false,
+        timeout: 0,
+        swap: true,
+        connections: 1,
+        reserve: 0,
+        slice: 0,
+        hold_off: 30,
+    };
+    let (mut listen, mut positional, mut second) = (None, None, None);
     let mut servers: Vec<(Addr, Option<String>)> = Vec::new();
     let (mut sweep, mut svg, mut connections) = (false, None, 1);
     let (mut json, mut seconds, mut log_level) = (false, 3, crate::log::INFO);
@@ -277,6 +326,16 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed, String> 
             "--no-swap" => {
                 swap.swap = false;
             }
+            "--reserve" => {
+                let v = value(&flag)?;
+                swap.reserve = if v == "0" { 0 } else { size(&flag, &v)? };
+            }
+            "--slice-size" => {
+                swap.slice = size(&flag, &value(&flag)?)?;
+            }
+            "--hold-off" => {
+                swap.hold_off = number(&flag, &value(&flag)?, 0, 86400)?;
+            }
             "--listen" => {
                 listen = Some(addr(&value(&flag)?)?);
             }
@@ -313,7 +372,8 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed, String> 
             "--json" => {
                 json = true;
             }
-            _ if !arg.starts_with('-') && mode == Mode::Stop && positional.is_none() => positional = Some(PathBuf::from(&arg)),
+            _ if !arg.starts_with('-') && matches!(mode, Mode::Stop | Mode::Resize) && positional.is_none() => positional = Some(arg.clone()),
+            _ if !arg.starts_with('-') && mode == Mode::Resize && second.is_none() => second = Some(PathBuf::from(&arg)),
             _ => return Err(format!("unknown argument '{arg}' (see nbd-vram --help)")),
         }
         if let Some((_, modes)) = FLAGS.iter().find(|(name, _)| *name == flag) {
@@ -326,7 +386,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed, String> 
         store.min_size = store.size;
     }
     let command = match mode {
-        Mode::Daemon => Command::Swap(SwapOpts { store, connections, ..swap }),
+        Mode::Daemon => Command::Swap(slices(SwapOpts { store, connections, ..swap })?),
         Mode::Serve => {
             let listen = listen.ok_or("serve needs --listen unix:PATH or --listen tcp:HOST:PORT")?;
             if let (Addr::Tcp(hostport), false) = (&listen, allow_remote) {
@@ -340,7 +400,12 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed, String> 
             Command::Serve { store, listen, allow_remote, connections }
         }
         Mode::Gpus => Command::Gpus { libcuda: store.libcuda },
-        Mode::Stop => Command::Stop { device: positional.ok_or("stop needs a device, e.g. nbd-vram stop /dev/nbd0")? },
+        Mode::Stop => Command::Stop { device: positional.ok_or("stop needs a device, e.g. nbd-vram stop /dev/nbd0")?.into() },
+        Mode::Resize => {
+            let want = positional.ok_or("resize needs a size, e.g. nbd-vram resize 8G")?;
+            let size = if want == "0" { 0 } else { size("resize", &want)? };
+            Command::Resize { size, device: second }
+        }
         Mode::Status => Command::Status { json },
         Mode::Bench => {
             if servers.is_empty() {
@@ -363,6 +428,25 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed, String> 
         }
     };
     Ok(Parsed { command, log_level })
+}
+
+/// Settles the slice size: given, or all of `--size` (one slice, the
+/// tier as a whole), or with `--reserve` a quarter of it, so that giving
+/// back is gradual; `--size` is rounded down to whole slices.
+fn slices(mut swap: SwapOpts) -> Result<SwapOpts, String> {
+    let size = swap.store.size;
+    if swap.slice == 0 {
+        swap.slice = if swap.reserve > 0 { (size / 4).max(4096) & !4095 } else { size };
+    }
+    if swap.slice > size {
+        return Err(format!("--slice-size {} MiB is larger than --size {} MiB", swap.slice / MIB, size / MIB));
+    }
+    if size / swap.slice > MAX_SLICES {
+        return Err(format!("--size {} MiB in slices of {} MiB makes more than {MAX_SLICES}: give a larger --slice-size", size / MIB, swap.slice / MIB));
+    }
+    swap.store.size = size / swap.slice * swap.slice;
+    swap.store.min_size = swap.store.min_size.min(swap.store.size);
+    Ok(swap)
 }
 
 /// `Err` unless every address of `tcp:HOSTPORT` is loopback: NBD has no

@@ -1,381 +1,411 @@
-//! The swap daemon's life: allocate → attach → swapon → serve → swapoff →
-//! detach → free.
-//!
-//! This thread serves the kernel's first connection, and a thread each
-//! serves the others (`--connections`), each with its own store, whose
-//! CUDA calls stay on it (`workers`). One more thread sits in `NBD_DO_IT`
-//! for as long as the device runs; another does everything that waits on
-//! the kernel or on signals: swapon, swapoff (which needs the serve loops
-//! to read every page back) and disconnect. The store is freed only after
-//! `NBD_DO_IT` has returned: the kernel can no longer read it.
+//! The swap daemon: a tier of one or more slices (`slice.rs`), each its
+//! own allocation, /dev/nbdN and swap area, all at the same priority, so
+//! that the kernel spreads pages across them. This thread takes signals,
+//! allocates and frees the slices' memory, and gives slices back to GPU
+//! jobs or takes them again (`elastic.rs`: `--reserve`, `nbd-vram
+//! resize`), one change at a time. A slice's memory is freed only after
+//! its thread has returned it, swapped off and detached: the kernel can no
+//! longer read it.
 
-use std::io;
-use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::thread;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, PoisonError};
+use std::thread::{self, Scope, ScopedJoinHandle};
 use std::time::{Duration, Instant};
 
 use crate::cli::SwapOpts;
+use crate::elastic::{self, Change, Policy, State, Why};
 use crate::fail::{Code, Failure};
-use crate::nbd::kernel::{self, NbdDevice, OpenError};
-use crate::nbd::proto::Export;
-use crate::nbd::transmit::{self, Buffers, End, Shared};
-use crate::signals::{Signals, STOP, WAKE};
+use crate::nbd::proto::MAX_PAYLOAD;
+use crate::resize::{self, Request};
+use crate::signals::{Signals, STOP};
+use crate::slice::{self, Board, Ended, Setup};
 use crate::stats::Stats;
 use crate::status::{self, Instance};
-use crate::store::{Backing, Store, UseStore};
-use crate::workers::{self, Conn};
-use crate::swap::Outcome;
+use crate::store::{Tier, UseTier};
 use crate::tuning::Tuning;
 use crate::{error, info, notify, pressure, swap, warn};
 
-/// How often a refused swapoff is tried again.
-const SWAPOFF_RETRY: Duration = Duration::from_secs(10);
-/// Helper threads do little: small, locked stacks.
-const STACK: usize = 256 * 1024;
+/// How often free memory and the slices are looked at.
+const TICK: Duration = Duration::from_secs(1);
+/// Staging per connection when the tier has several slices, and so the
+/// longest request the kernel is let send: four slices of two
+/// connections lock 64 MiB, not 256.
+const SLICE_STAGING: usize = 8 << 20;
+/// A serving thread's stack (the first connection's loop runs on it).
+const STACK: usize = 1024 * 1024;
+const MIB: u64 = 1 << 20;
 
 pub struct Daemon<'a>(pub &'a SwapOpts, pub &'a Tuning);
 
-impl UseStore for Daemon<'_> {
-    fn run<B: Backing>(self, backing: &B) -> Result<(), Failure> {
-        run(self.0, self.1, backing)
+impl UseTier for Daemon<'_> {
+    fn run<T: Tier>(self, tier: &T) -> Result<(), Failure> {
+        run(self.0, self.1, tier)
     }
 }
 
-fn run<B: Backing>(opts: &SwapOpts, tuning: &Tuning, backing: &B) -> Result<(), Failure> {
+/// A slice's thread hands its backing back, to be freed on this thread.
+type Slot<'s, B> = Option<ScopedJoinHandle<'s, (Ended, B)>>;
+
+fn run<T: Tier>(opts: &SwapOpts, tuning: &Tuning, tier: &T) -> Result<(), Failure> {
     let signals = Signals::taken();
-    let n = opts.connections;
-    pressure::set_loops(n);
-    let shared = Shared::new(Export::new(backing.size()), n);
-    let export = &shared.export;
-    // This thread serves the first connection; its store writes the header.
-    let mut first = workers::open(backing, tuning)?;
-    if opts.swap {
-        // Written straight into the store: no block I/O, no page cache.
-        let header = swap::header(export.size).map_err(|e| Failure::new(Code::Usage, format!("--size: {e}")))?;
-        let store = &mut first.store;
-        store.write(0, &header).and_then(|_| store.sync()).map_err(|e| Failure::os("writing the swap header", e))?;
-    }
-    let pairs = (0..n).map(|_| UnixStream::pair()).collect::<io::Result<Vec<_>>>().map_err(|e| Failure::os("socketpair", e))?;
-    let (ours, theirs): (Vec<UnixStream>, Vec<OwnedFd>) = pairs.into_iter().map(|(o, t)| (o, OwnedFd::from(t))).unzip();
-    let stats: Vec<Stats> = (0..n).map(|_| Stats::default()).collect();
-    let link_down = AtomicBool::new(false);
-    let (mut attached, mut described) = (None, None);
-    // Links still served. A store is dropped only once every link has
-    // ended: freeing its pinned memory may wait for every kernel on the
-    // GPU, and the other links' mailbox kernels end only when they do.
-    let live = AtomicUsize::new(n);
-    let all_ended = || {
-        live.fetch_sub(1, Ordering::SeqCst);
-        while live.load(Ordering::SeqCst) > 0 {
-            thread::sleep(Duration::from_millis(20));
-        }
-    };
-    let serve_other = |i: usize, mut conn: Conn<B>| {
-        pressure::realtime();
-        let served = serve_link(&mut conn.store, &mut conn.bufs, &shared, &stats[i], &ours[i]);
-        all_ended();
-        served
-    };
-    let outcome = thread::scope(|s| {
-        let dev = &*attached.insert(attach(opts, export, &theirs)?);
-        // Before any other thread starts, so that every one inherits it;
-        // after attaching, so that an instance that finds the device busy
-        // exits before it locks all its memory.
-        pressure::prepare(true)?;
-        // The other connections' loops, each on a thread of its own with
-        // its own store and buffers, all made before the device starts.
-        let others = workers::spawn(s, backing, tuning, "nbd-conn", 1..n, &serve_other)?;
-        let path = dev.path();
-        info!("{} attached: {} MiB{}", path.display(), export.size >> 20, match n {
-            1 => String::new(),
-            n => format!(", {n} connections"),
-        });
-        let instance = &*described.insert(Instance {
-            name: path.file_name().map_or("nbd".into(), |n| n.to_string_lossy().into_owned()),
-            target: path.display().to_string(),
-            store: opts.store.describe(),
-            size: export.size,
-            priority: opts.swap.then_some(opts.priority),
-        });
-        let kernel = spawn(s, "nbd-do-it", || run_device(dev, &ours));
-        let control = spawn(s, "nbd-control", || control(dev, opts, &signals, &link_down));
-        let status = spawn(s, "nbd-status", || {
-            status::publish(instance, &stats, || {
-                thread::sleep(Duration::from_secs(1));
-                !link_down.load(Ordering::SeqCst)
+    let k = opts.slices();
+    pressure::set_loops(k * opts.connections);
+    let staging = if k > 1 { SLICE_STAGING } else { MAX_PAYLOAD as usize };
+    let first = Setup { opts, tuning, staging, device: opts.device.as_deref() };
+    let others = Setup { device: None, ..first };
+    let backings = allocate(opts, tier)?;
+    let boards: Vec<Board> = (0..k).map(|_| Board::new(opts.connections)).collect();
+    let stats: Vec<&Stats> = boards.iter().flat_map(|b| b.stats.iter()).collect();
+    let report = Report { change: Mutex::new(String::new()), resize: Mutex::new(None), done: AtomicBool::new(false) };
+    let mut policy = Policy::new(opts.reserve, opts.slice, Duration::from_secs(opts.hold_off.into()), k);
+    thread::scope(|s| {
+        let mut slots: Vec<Slot<'_, T::Backing<'_>>> = (0..k).map(|_| None).collect();
+        let mut outcome = Ok(());
+        // The slices there is memory for, one after the other.
+        for (i, backing) in backings.into_iter().enumerate() {
+            let Some(backing) = backing else { continue };
+            let setup = if i == 0 { &first } else { &others };
+            outcome = start(s, setup, backing, &boards[i], i).and_then(|h| {
+                slots[i] = Some(h);
+                wait_started(&signals, &boards[i], &mut slots[i])
             });
-            Ok(())
-        });
-        pressure::realtime();
-        // Until every link has ended: the kernel sends the requests of one
-        // that broke down the others, and ends them all at disconnect.
-        let mut served = vec![serve_link(&mut first.store, &mut first.bufs, &shared, &stats[0], &ours[0])];
-        all_ended();
-        let ended = |h: thread::ScopedJoinHandle<'_, Option<io::Result<End>>>| h.join().ok().flatten().unwrap_or_else(|| Err(io::Error::other("its thread failed")));
-        served.extend(others.into_iter().map(ended));
-        link_down.store(true, Ordering::SeqCst);
-        Signals::raise(WAKE);
-        let kernel = join(kernel, "NBD_DO_IT");
-        let control = join(control, "control");
-        let _ = join(status, "status");
-        for (i, served) in served.into_iter().enumerate() {
-            let which = if n > 1 { format!("kernel link {i}") } else { "kernel link".into() };
-            match served {
-                Ok(end) => info!("{which} closed ({end:?})"),
-                Err(e) => error!("{which} broke: {e}"),
+            if outcome.is_err() {
+                break;
             }
         }
-        control.and(kernel)
-    });
-    if let Some(dev) = &attached {
-        if let Err(e) = dev.clear_sock() {
-            warn!("{}: NBD_CLEAR_SOCK: {e}", dev.path().display());
+        let mut status = None;
+        if outcome.is_ok() {
+            let serving: Vec<String> = boards.iter().filter_map(|b| b.device()).map(|d| d.display().to_string()).collect();
+            notify::ready(&format!("swap on {}", serving.join(", ")));
+            let instance = instance(opts, &boards);
+            let (report, boards, stats) = (&report, &boards, &stats);
+            let name = instance.name.clone();
+            status = thread::Builder::new()
+                .name("nbd-status".into())
+                .stack_size(256 * 1024)
+                .spawn_scoped(s, move || {
+                    let extra = |t: &mut String| report.render(t, boards);
+                    status::publish(&instance, stats, &extra, || {
+                        thread::sleep(TICK);
+                        !report.done.load(Ordering::SeqCst)
+                    })
+                })
+                .ok();
+            let mut steer = Steer { opts, tier, setup: &others, boards, report, policy: &mut policy, name };
+            outcome = steer.run(s, &signals, &mut slots);
         }
-        drop(theirs);
-        info!("{} detached; freeing the store", dev.path().display());
-    }
-    outcome
-}
-
-/// The timeout the kernel gets. Without one it only warns of a request
-/// that takes long (`nbd_xmit_timeout` in drivers/block/nbd.c), but with
-/// several connections it shuts the connection of a request older than
-/// the block layer's default 30 s and sends it down another: a GPU that
-/// stalls for half a minute must not cost a connection. So with several,
-/// no `--timeout` means one that never comes in practice.
-fn request_timeout(opts: &SwapOpts) -> u32 {
-    match (opts.timeout, opts.connections) {
-        (0, n) if n > 1 => PATIENT_TIMEOUT,
-        (t, _) => t,
-    }
-}
-
-/// Seconds: a week, which in jiffies fits the block layer's 32-bit
-/// timeout at any HZ up to 1000 with room to spare.
-const PATIENT_TIMEOUT: u32 = 7 * 24 * 3600;
-
-/// Serves one kernel connection until it closes, then shuts our end: the
-/// kernel sees end of stream only when every descriptor of it is shut,
-/// the kernel thread's copy included.
-fn serve_link<S: Store>(store: &mut S, bufs: &mut Buffers<S::Buf>, shared: &Shared, stats: &Stats, ours: &UnixStream) -> io::Result<End> {
-    let mut conn = ours;
-    let served = transmit::run(store, bufs, shared, stats, &mut conn);
-    let _ = ours.shutdown(std::net::Shutdown::Both);
-    served
-}
-
-/// Ends every link: the device is gone.
-fn shut_all(ours: &[UnixStream]) {
-    for sock in ours {
-        let _ = sock.shutdown(std::net::Shutdown::Both);
-    }
-}
-
-fn spawn<'s, 'e, F>(s: &'s thread::Scope<'s, 'e>, name: &str, f: F) -> io::Result<thread::ScopedJoinHandle<'s, Result<(), Failure>>>
-where
-    F: FnOnce() -> Result<(), Failure> + Send + 's,
-{
-    thread::Builder::new().name(name.into()).stack_size(STACK).spawn_scoped(s, f)
-}
-
-fn join(h: io::Result<thread::ScopedJoinHandle<'_, Result<(), Failure>>>, what: &str) -> Result<(), Failure> {
-    match h {
-        Ok(h) => h.join().unwrap_or_else(|_| Err(Failure::new(Code::Other, format!("{what} thread panicked")))),
-        Err(e) => Err(Failure::os(format!("starting the {what} thread"), e)),
-    }
-}
-
-/// Opens, sizes and hands the kernel its socket. With `--device auto`, a
-/// device that turns out taken (another instance starting at the same
-/// moment claimed it first: `NBD_SET_SOCK` says EBUSY) or still swap is
-/// passed over for the next one.
-fn attach(opts: &SwapOpts, export: &Export, theirs: &[OwnedFd]) -> Result<NbdDevice, Failure> {
-    let auto = opts.device.is_none();
-    let mut skip = Vec::new();
-    loop {
-        let dev = open_device(opts, &skip)?;
-        let path = dev.path().to_path_buf();
-        if let Some(stale) = swap::active(&path) {
-            if auto {
-                skip.push(path);
-                continue;
+        notify::stopping();
+        for (board, slot) in boards.iter().zip(&slots) {
+            if slot.is_some() {
+                board.stop();
             }
-            return Err(Failure::new(
-                Code::Busy,
-                format!(
-                    "{} is still swap ({} KiB used), left by a daemon that died: those pages are lost. \
-                     Run `swapoff {}` (it may fail if they are needed; then reboot) before starting again",
-                    path.display(), stale.used_kib, path.display()
-                ),
-            ));
         }
-        dev.configure(export.size, export.flags, request_timeout(opts)).map_err(|e| Failure::os(format!("{}: configuring (NBD_SET_BLKSIZE/SIZE_BLOCKS/FLAGS/TIMEOUT)", path.display()), e))?;
-        match theirs.iter().try_for_each(|sock| dev.set_sock(sock)) {
-            Ok(()) => return Ok(dev),
-            Err(e) if auto && e.raw_os_error() == Some(libc::EBUSY) => skip.push(path),
-            Err(e) => return Err(Failure::os(format!("{}: NBD_SET_SOCK", path.display()), e)),
+        for (i, slot) in slots.iter_mut().enumerate() {
+            if let Some(h) = slot.take() {
+                if let Err(f) = reap(&boards[i], h, i) {
+                    outcome = outcome.and(Err(f));
+                }
+            }
         }
-    }
-}
-
-fn open_device(opts: &SwapOpts, skip: &[PathBuf]) -> Result<NbdDevice, Failure> {
-    let opened = match &opts.device {
-        Some(path) => NbdDevice::open(path).or_else(|e| match e {
-            OpenError::NoModule(_) if modprobe_nbd() => NbdDevice::open(path),
-            e => Err(e),
-        }),
-        None => NbdDevice::open_first_free(skip).or_else(|e| match e {
-            OpenError::NoModule(_) if modprobe_nbd() => NbdDevice::open_first_free(skip),
-            e => Err(e),
-        }),
-    };
-    opened.map_err(|e| match e {
-        OpenError::NoModule(p) => Failure::new(
-            Code::NoNbd,
-            format!("{}: no such device: nbd kernel module not loaded: run `modprobe nbd`", p.display()),
-        ),
-        OpenError::Busy { path, pid, comm } => Failure::new(
-            Code::Busy,
-            format!("{} is busy: served by pid {pid} ({comm}); pick another with --device, or --device auto", path.display()),
-        ),
-        OpenError::NoneFree => Failure::new(
-            Code::Busy,
-            "every /dev/nbdN is in use: load more with `modprobe nbd nbds_max=N` (after unloading it)",
-        ),
-        OpenError::Os(p, e) => Failure::os(p.display(), e),
+        report.done.store(true, Ordering::SeqCst);
+        if let Some(h) = status {
+            let _ = h.join();
+        }
+        outcome
     })
 }
 
-/// Tries `modprobe nbd` once, quietly; true if it ran and succeeded.
-fn modprobe_nbd() -> bool {
-    info!("no /dev/nbd*: trying `modprobe nbd`");
-    let ran = std::process::Command::new("modprobe").arg("nbd").status();
-    let ok = ran.is_ok_and(|s| s.success());
-    if ok {
-        // udev creates the nodes shortly after the module loads.
-        wait_for(Duration::from_secs(5), || Path::new("/dev/nbd0").exists());
+/// The tier's memory at start: with one slice, `--size` or the most of it
+/// that `--step` and `--min-size` allow; with several, every slice there
+/// is room for above `--reserve` (at least `--min-size` in all), the rest
+/// taken later.
+fn allocate<'t, T: Tier>(opts: &SwapOpts, tier: &'t T) -> Result<Vec<Option<T::Backing<'t>>>, Failure> {
+    let store = &opts.store;
+    if opts.slices() == 1 {
+        return Ok(vec![Some(tier.allocate(store.size, store.step, store.min_size)?)]);
     }
-    ok
+    let mut backings = Vec::new();
+    for i in 0..opts.slices() {
+        let room = tier.free().is_none_or(|f| f >= opts.reserve.saturating_add(opts.slice));
+        if !room && opts.reserve > 0 {
+            info!("slice {i} of {} MiB would leave less than --reserve free; it is taken when memory allows", opts.slice / MIB);
+            backings.push(None);
+            continue;
+        }
+        match tier.allocate(opts.slice, 0, opts.slice) {
+            Ok(b) => backings.push(Some(b)),
+            Err(f) if f.code == Code::NoVram => {
+                info!("slice {i} of {} MiB: {f}; it is taken when memory allows", opts.slice / MIB);
+                backings.push(None);
+            }
+            Err(f) => return Err(f),
+        }
+    }
+    let got = backings.iter().flatten().count() as u64 * opts.slice;
+    if got < store.min_size || got == 0 {
+        return Err(Failure::new(
+            Code::NoVram,
+            format!(
+                "only {} MiB of VRAM in {}-MiB slices could be had, below --min-size {} MiB: free GPU memory or lower --min-size",
+                got / MIB, opts.slice / MIB, store.min_size / MIB
+            ),
+        ));
+    }
+    Ok(backings)
 }
 
-/// The `NBD_DO_IT` thread; the device runs while it blocks.
-fn run_device(dev: &NbdDevice, ours: &[UnixStream]) -> Result<(), Failure> {
-    let done = dev.do_it();
-    // Whatever ended the device, the serve loops must not wait on for it.
-    shut_all(ours);
-    done.map_err(|e| Failure::os(format!("{}: NBD_DO_IT", dev.path().display()), e))
+fn instance(opts: &SwapOpts, boards: &[Board]) -> Instance {
+    let first = boards.iter().find_map(Board::device).unwrap_or_default();
+    Instance {
+        name: first.file_name().map_or("nbd".into(), |n| n.to_string_lossy().into_owned()),
+        target: first.display().to_string(),
+        store: opts.store.describe(),
+        size: opts.store.size,
+        priority: opts.swap.then_some(opts.priority),
+    }
 }
 
-/// swapon, wait for a stop signal, swapoff, disconnect.
-fn control(dev: &NbdDevice, opts: &SwapOpts, signals: &Signals, link_down: &AtomicBool) -> Result<(), Failure> {
-    let path = dev.path();
-    // Made now, while /proc resolves: after a switch_root it may not.
-    let off = swap::Swapoff::new(path, dev.as_fd());
-    let started = wait_for(Duration::from_secs(10), || {
-        // The kernel publishes the pid before it sizes the disk: swapon
-        // in between finds no swap signature.
-        link_down.load(Ordering::SeqCst) || (kernel::server_of(path).is_some() && kernel::sectors(path) > 0)
+/// Starts slice `i`'s thread on `backing`.
+fn start<'s, 'e, B: crate::store::Backing + Send + 's>(
+    s: &'s Scope<'s, 'e>,
+    setup: &'s Setup<'s>,
+    backing: B,
+    board: &'s Board,
+    i: usize,
+) -> Result<ScopedJoinHandle<'s, (Ended, B)>, Failure> {
+    board.starting();
+    let spawned = thread::Builder::new().name(format!("nbd-slice-{i}")).stack_size(STACK).spawn_scoped(s, move || {
+        let ended = slice::run(setup, &backing, board);
+        (ended, backing)
     });
-    if !started || link_down.load(Ordering::SeqCst) {
-        let _ = dev.disconnect();
-        return Err(Failure::new(Code::Other, format!("{}: the kernel did not start the device", path.display())));
-    }
-    if opts.swap {
-        if let Err(e) = swap::swapon(path, opts.priority, opts.discard) {
-            let _ = dev.disconnect();
-            return Err(swapon_failure(path, e));
-        }
-        info!("swap on {} with priority {}", path.display(), opts.priority);
-    }
-    notify::ready(&format!("swap on {}", path.display()));
-    loop {
-        let Some(sig) = signals.wait(Duration::from_secs(3600)) else { continue };
-        if sig == WAKE && link_down.load(Ordering::SeqCst) {
-            error!("{}: the kernel link ended by itself; swapped pages may be lost", path.display());
-            if opts.swap {
-                off.run();
-            }
-            return Err(Failure::new(Code::Other, format!("{}: kernel link lost", path.display())));
-        }
-        if STOP.contains(&sig) {
-            info!("stopping on signal {sig}");
-            break;
-        }
-    }
-    notify::stopping();
-    if opts.swap {
-        swapoff_until_done(&off, signals, link_down);
-    }
-    dev.disconnect().map_err(|e| Failure::os(format!("{}: NBD_DISCONNECT", path.display()), e))
+    spawned.map_err(|e| {
+        board.released();
+        Failure::os("starting a slice's thread", e)
+    })
 }
 
-/// Never gives up: while swap holds pages, the VRAM must stay served.
-fn swapoff_until_done(off: &swap::Swapoff, signals: &Signals, link_down: &AtomicBool) {
-    let path = off.path();
+
+/// Until a slice serves, its thread ends (a failure) or a stop comes.
+fn wait_started<B>(signals: &Signals, board: &Board, slot: &mut Slot<'_, B>) -> Result<(), Failure> {
     loop {
-        let t = Instant::now();
-        match off.run() {
-            Outcome::Off => return info!("swapoff {} done in {:.1} s", path.display(), t.elapsed().as_secs_f64()),
-            Outcome::Failed(e) if link_down.load(Ordering::SeqCst) => {
-                return error!("swapoff {}: {e}, and the link is gone", path.display())
-            }
-            // systemd's own dev-nbdN.swap unit may have swapped it off first.
-            Outcome::NotSwap => return info!("{} is no longer swap", path.display()),
-            Outcome::Failed(e) if e.raw_os_error() == Some(libc::ENOMEM) => error!(
-                "swapoff {}: {e}: RAM cannot take the swapped pages back yet; still serving them, retrying in {} s",
-                path.display(),
-                SWAPOFF_RETRY.as_secs()
-            ),
-            Outcome::Failed(e) => error!(
-                "swapoff {}: {e}; still serving it, retrying in {} s",
-                path.display(),
-                SWAPOFF_RETRY.as_secs()
-            ),
+        if board.state() == State::Serving {
+            return Ok(());
         }
-        signals.wait(SWAPOFF_RETRY);
+        if slot.as_ref().is_some_and(|h| h.is_finished()) {
+            let joined = slot.take().map(ScopedJoinHandle::join);
+            board.released();
+            return match joined {
+                Some(Ok((Ended::NotStarted(f) | Ended::Lost(f), _))) => Err(f),
+                _ => Err(Failure::new(Code::Other, "a slice ended before it served")),
+            };
+        }
+        if signals.wait(TICK).is_some_and(|sig| STOP.contains(&sig)) {
+            return Err(Failure::new(Code::Other, "stopped by a signal while starting"));
+        }
     }
 }
 
-fn swapon_failure(path: &Path, e: io::Error) -> Failure {
-    let hint = match e.raw_os_error() {
-        Some(libc::EBUSY) => " (already swap, or in use)",
-        Some(libc::EPERM) => " (needs root or CAP_SYS_ADMIN; or too many swap areas)",
-        Some(libc::EINVAL) => " (the kernel rejected the swap header)",
-        _ => "",
+/// Joins slice `i`'s thread and frees its memory; `Err` if its pages may
+/// be lost.
+fn reap<B>(board: &Board, h: ScopedJoinHandle<'_, (Ended, B)>, i: usize) -> Result<(), Failure> {
+    let device = board.device();
+    let joined = h.join();
+    board.released();
+    let Ok((ended, backing)) = joined else {
+        return Err(Failure::new(Code::Other, format!("slice {i}'s thread panicked")));
     };
-    let code = if e.raw_os_error() == Some(libc::EBUSY) { Code::Busy } else { Code::Swap };
-    Failure::new(code, format!("swapon {}: {e}{hint}", path.display()))
-}
-
-/// Polls `done` until true or `limit` passes.
-fn wait_for(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if done() {
-            return true;
+    drop(backing);
+    match ended {
+        Ended::Off => {
+            if let Some(d) = device {
+                info!("slice {i} ({}) detached and its memory freed", d.display());
+            }
+            Ok(())
         }
-        thread::sleep(Duration::from_millis(20));
+        Ended::NotStarted(f) => {
+            warn!("slice {i} did not start: {f}");
+            Ok(())
+        }
+        Ended::Lost(f) => Err(f),
     }
-    done()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// What the steering tells `status`.
+struct Report {
+    /// The last change and why.
+    change: Mutex<String>,
+    /// A `resize` under way or answered, and its outcome.
+    resize: Mutex<Option<(Request, String)>>,
+    done: AtomicBool,
+}
 
-    #[test]
-    fn several_connections_get_a_timeout_that_never_comes_unless_given_one() {
-        let opts = |timeout, connections| {
-            let Ok(crate::cli::Parsed { command: crate::cli::Command::Swap(mut o), .. }) = crate::cli::parse(Vec::<String>::new()) else { panic!() };
-            (o.timeout, o.connections) = (timeout, connections);
-            o
-        };
-        assert_eq!(request_timeout(&opts(0, 1)), 0, "one connection: the kernel only warns");
-        assert_eq!(request_timeout(&opts(0, 2)), PATIENT_TIMEOUT);
-        assert_eq!(request_timeout(&opts(30, 4)), 30, "the user's own");
-        assert!(u64::from(PATIENT_TIMEOUT) * 1000 < u64::from(u32::MAX), "fits 32-bit jiffies at HZ=1000");
+impl Report {
+    /// `slices`, one `slice.I=DEVICE STATE USED_PAGES` line each,
+    /// `change=...` and `resize=ID OUTCOME`.
+    fn render(&self, t: &mut String, boards: &[Board]) {
+        let _ = writeln!(t, "slices={}", boards.len());
+        for (i, b) in boards.iter().enumerate() {
+            let device = b.device().map_or("-".into(), |d| d.display().to_string());
+            let _ = writeln!(t, "slice.{i}={device} {} {}", state_name(b.state()), b.used_pages.load(Ordering::Relaxed));
+        }
+        let _ = writeln!(t, "change={}", self.change.lock().unwrap_or_else(PoisonError::into_inner));
+        if let Some((req, outcome)) = &*self.resize.lock().unwrap_or_else(PoisonError::into_inner) {
+            let _ = writeln!(t, "resize={} {outcome}", req.id);
+        }
+    }
+
+    fn tell(&self, change: String) {
+        info!("{change}");
+        *self.change.lock().unwrap_or_else(PoisonError::into_inner) = change;
+    }
+}
+
+pub fn state_name(state: State) -> &'static str {
+    match state {
+        State::Starting => "starting",
+        State::Serving => "serving",
+        State::Draining => "draining",
+        State::Released => "released",
+    }
+}
+
+/// Gives slices back and takes them again, one change at a time.
+struct Steer<'a, 't, T: Tier> {
+    opts: &'a SwapOpts,
+    tier: &'t T,
+    setup: &'a Setup<'a>,
+    boards: &'a [Board],
+    report: &'a Report,
+    policy: &'a mut Policy,
+    /// The instance's name, which `resize` requests go by.
+    name: String,
+}
+
+impl<'a, 't, T: Tier> Steer<'a, 't, T> {
+    /// Until a stop signal, or a slice whose pages may be lost.
+    fn run<'s>(&mut self, s: &'s Scope<'s, '_>, signals: &Signals, slots: &mut [Slot<'s, T::Backing<'t>>]) -> Result<(), Failure>
+    where
+        'a: 's,
+        't: 's,
+    {
+        let watch = self.opts.reserve > 0 || self.boards.len() > 1;
+        loop {
+            if let Some(sig) = signals.wait(TICK) {
+                if STOP.contains(&sig) {
+                    info!("stopping on signal {sig}");
+                    return Ok(());
+                }
+            }
+            let now = Instant::now();
+            for (i, slot) in slots.iter_mut().enumerate() {
+                if !slot.as_ref().is_some_and(|h| h.is_finished()) {
+                    continue;
+                }
+                let starting = self.boards[i].state() == State::Starting;
+                if let Some(h) = slot.take() {
+                    reap(&self.boards[i], h, i)?;
+                }
+                if starting {
+                    self.policy.grow_failed(now);
+                    self.answer(format!("failed: slice {i} could not start (see the log)"));
+                }
+            }
+            if let Some(req) = resize::take(&self.name) {
+                self.resize(req);
+            }
+            if watch || self.pending() {
+                self.step(s, now, slots);
+            }
+        }
+    }
+
+    /// Looks at free memory and the slices, and makes the change the
+    /// policy names, if any.
+    fn step<'s>(&mut self, s: &'s Scope<'s, '_>, now: Instant, slots: &mut [Slot<'s, T::Backing<'t>>])
+    where
+        'a: 's,
+        't: 's,
+    {
+        for board in self.boards {
+            if let Some(dev) = board.device() {
+                let used = swap::active(&dev).map_or(0, |a| a.used_kib / 4);
+                board.used_pages.store(used, Ordering::Relaxed);
+            }
+            if board.take_refusal() {
+                self.policy.refused(now);
+                self.answer("failed: a swapoff was refused: RAM cannot take its pages back now; the daemon tries again".into());
+            }
+        }
+        let view: Vec<elastic::Slice> =
+            self.boards.iter().map(|b| elastic::Slice { state: b.state(), used_pages: b.used_pages.load(Ordering::Relaxed) }).collect();
+        let free = self.tier.free();
+        match self.policy.decide(now, free, &view) {
+            Some((Change::Drain(i), why)) => {
+                let dev = self.boards[i].device().map_or("-".into(), |d| d.display().to_string());
+                self.report.tell(format!("giving back slice {i} ({dev}, {} pages in swap): {}", view[i].used_pages, reason(why, free, self.opts)));
+                self.boards[i].drain();
+            }
+            Some((Change::Grow(i), why)) => {
+                let backing = match self.tier.allocate(self.opts.slice, 0, self.opts.slice) {
+                    Ok(b) => b,
+                    Err(f) => {
+                        warn!("taking slice {i} again: {f}");
+                        self.policy.grow_failed(now);
+                        return self.answer(format!("failed: {f}"));
+                    }
+                };
+                self.report.tell(format!("taking slice {i} again ({} MiB): {}", self.opts.slice / MIB, reason(why, free, self.opts)));
+                match start(s, self.setup, backing, &self.boards[i], i) {
+                    Ok(h) => slots[i] = Some(h),
+                    Err(f) => {
+                        error!("{f}");
+                        self.policy.grow_failed(now);
+                    }
+                }
+            }
+            None => {
+                let busy = view.iter().any(|v| matches!(v.state, State::Starting | State::Draining));
+                let serving = view.iter().filter(|v| v.state == State::Serving).count();
+                if !busy && serving == self.policy.target() && self.pending() {
+                    self.answer(format!("done: {serving} slice(s), {} MiB", serving as u64 * self.opts.slice / MIB));
+                }
+                let need = self.opts.reserve.saturating_add(self.opts.slice);
+                if let Some(f) = free.filter(|&f| !busy && serving < self.policy.target() && self.opts.reserve > 0 && f < need) {
+                    self.answer(format!(
+                        "failed: {} MiB of VRAM free, and a slice above --reserve {} MiB needs {} MiB; it is taken once there is room",
+                        f / MIB, self.opts.reserve / MIB, need / MIB
+                    ));
+                }
+            }
+        }
+    }
+
+    /// `nbd-vram resize`: a new target, in whole slices, at most all of them.
+    fn resize(&mut self, req: Request) {
+        let slices = ((req.size / self.opts.slice) as usize).min(self.boards.len());
+        self.report.tell(format!("resize to {} MiB asked: {slices} slice(s) of {} MiB", req.size / MIB, self.opts.slice / MIB));
+        self.policy.set_target(slices);
+        *self.report.resize.lock().unwrap_or_else(PoisonError::into_inner) = Some((req, "pending".into()));
+    }
+
+    fn pending(&self) -> bool {
+        self.report.resize.lock().unwrap_or_else(PoisonError::into_inner).as_ref().is_some_and(|(_, o)| o == "pending")
+    }
+
+    /// Answers a pending `resize`.
+    fn answer(&self, outcome: String) {
+        if let Some((_, o)) = self.report.resize.lock().unwrap_or_else(PoisonError::into_inner).as_mut().filter(|(_, o)| o == "pending") {
+            *o = outcome;
+        }
+    }
+}
+
+fn reason(why: Why, free: Option<u64>, opts: &SwapOpts) -> String {
+    let free = free.map_or("?".into(), |f| (f / MIB).to_string());
+    match why {
+        Why::Reserve => format!("{free} MiB of VRAM free, below --reserve {} MiB", opts.reserve / MIB),
+        Why::Room => format!("{free} MiB of VRAM free for --hold-off {} s", opts.hold_off),
+        Why::Asked => "nbd-vram resize".into(),
     }
 }

@@ -6,6 +6,7 @@ mod cli;
 mod cuda;
 mod daemon;
 mod desk;
+mod elastic;
 mod fail;
 mod gpus;
 mod log;
@@ -13,7 +14,9 @@ mod nbd;
 mod notify;
 mod nvml;
 mod pressure;
+mod resize;
 mod signals;
+mod slice;
 mod sock;
 mod stats;
 mod status;
@@ -71,7 +74,8 @@ fn run(command: Command, tuning: &tuning::Tuning) -> Result<(), Failure> {
         Command::Serve { store, listen, allow_remote, connections } => {
             store::with_store(&store, tuning, serve::Serve { addr: &listen, store: &store, allow_remote, connections, tuning })?
         }
-        Command::Swap(opts) => store::with_store(&opts.store, tuning, daemon::Daemon(&opts, tuning))?,
+        Command::Swap(opts) => store::with_tier(&opts.store, tuning, daemon::Daemon(&opts, tuning))?,
+        Command::Resize { size, device } => resize::resize(size, device.as_deref())?,
         Command::Gpus { libcuda } => gpus::list(libcuda.as_deref(), tuning)?,
         Command::Stop { device } => stop::stop(&device)?,
         Command::Bench { servers, verify: true, .. } => bench::verify(&servers[0].0, 0x6e62_642d_7672_616d)?,

@@ -2,16 +2,18 @@
 //! page: every measure the serve loop relies on, taken once, at start.
 
 use std::io;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use crate::fail::Failure;
 use crate::uapi;
 use crate::{info, warn};
 
 /// Call after every buffer is allocated and before serving; threads
-/// started afterwards inherit the I/O-flusher mark. The swap daemon
-/// requires all of it; serve mode (`strict` false) only warns, so that it
-/// runs unprivileged too.
+/// started afterwards by the calling thread inherit the I/O-flusher mark,
+/// which each thread that starts serving threads (one per slice of a
+/// swap tier) takes for itself; the memory lock is the process's, taken
+/// once. The swap daemon requires all of it; serve mode (`strict` false)
+/// only warns, so that it runs unprivileged too.
 pub fn prepare(strict: bool) -> Result<(), Failure> {
     match prepare_all() {
         Err(f) if !strict => warn!("{f}: serving anyway"),
@@ -20,20 +22,26 @@ pub fn prepare(strict: bool) -> Result<(), Failure> {
     Ok(())
 }
 
+/// The memory lock and the OOM score, once per process.
+static LOCKED: AtomicBool = AtomicBool::new(false);
+
 fn prepare_all() -> Result<(), Failure> {
-    let t = std::time::Instant::now();
-    lock_memory()?;
-    info!("memory locked in {:.0} ms: {}", t.elapsed().as_secs_f64() * 1e3, locked());
+    if !LOCKED.load(Ordering::SeqCst) {
+        let t = std::time::Instant::now();
+        lock_memory()?;
+        info!("memory locked in {:.0} ms: {}", t.elapsed().as_secs_f64() * 1e3, locked());
+        // The OOM killer must never choose the process that holds swapped pages.
+        if let Err(e) = std::fs::write("/proc/self/oom_score_adj", "-1000") {
+            warn!("cannot set oom_score_adj to -1000: {e}; the OOM killer may pick nbd-vram");
+        }
+        LOCKED.store(true, Ordering::SeqCst);
+    }
     // Reclaim triggered by our own allocations (there should be none)
     // must not issue I/O to the device we serve, and our writes are not
     // throttled as dirty-page producers: PF_MEMALLOC_NOIO|PF_LOCAL_THROTTLE.
     // SAFETY: prctl with integer arguments only.
     if unsafe { libc::prctl(uapi::PR_SET_IO_FLUSHER as libc::c_int, 1, 0, 0, 0) } < 0 {
         return Err(Failure::os("prctl(PR_SET_IO_FLUSHER) (needs CAP_SYS_RESOURCE)", io::Error::last_os_error()));
-    }
-    // The OOM killer must never choose the process that holds swapped pages.
-    if let Err(e) = std::fs::write("/proc/self/oom_score_adj", "-1000") {
-        warn!("cannot set oom_score_adj to -1000: {e}; the OOM killer may pick nbd-vram");
     }
     Ok(())
 }

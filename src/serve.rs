@@ -20,7 +20,7 @@ use crate::signals::{Signals, STOP};
 use crate::sock::{set_recv_timeout, set_send_timeout, Deadline};
 use crate::status::{self, Instance};
 use crate::fail::{Code, Failure};
-use crate::nbd::proto::{self, Export, Negotiated};
+use crate::nbd::proto::{self, Export, Negotiated, MAX_PAYLOAD};
 use crate::nbd::transmit::{self, Shared};
 use crate::stats::Stats;
 use crate::store::{Backing, UseStore};
@@ -80,7 +80,8 @@ fn serve<B: Backing>(backing: &B, how: &Serve) -> Result<(), Failure> {
         Addr::Tcp(_) => None,
     };
     let stopper = move || {
-        status::publish(&instance, stats, || signals.wait(Duration::from_secs(1)).is_none_or(|sig| !STOP.contains(&sig)));
+        let all: Vec<&Stats> = stats.iter().collect();
+        status::publish(&instance, &all, &|_| {}, || signals.wait(Duration::from_secs(1)).is_none_or(|sig| !STOP.contains(&sig)));
         if let Some(path) = socket {
             let _ = std::fs::remove_file(path);
         }
@@ -109,7 +110,7 @@ fn serve<B: Backing>(backing: &B, how: &Serve) -> Result<(), Failure> {
         }
     };
     let served = thread::scope(|s| {
-        let _workers = workers::spawn(s, backing, how.tuning, "nbd-serve", 0..n, &work)?;
+        let _workers = workers::spawn(s, backing, how.tuning, MAX_PAYLOAD as usize, "nbd-serve", 0..n, &work)?;
         match n {
             1 => info!("serving {} MiB on {addr}", shared.export.size >> 20),
             n => info!("serving {} MiB on {addr}, {n} clients at once", shared.export.size >> 20),

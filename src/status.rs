@@ -35,11 +35,12 @@ fn now() -> u64 {
 }
 
 /// Publishes after each `tick` (which waits about a second) until it
-/// returns false, then removes the file. After the first round it
-/// allocates nothing: one open file rewritten in place from one reused
+/// returns false, then removes the file; `more` adds lines of its own (the
+/// swap daemon's slices). Besides what `more` does, after the first round
+/// it allocates nothing: one open file rewritten in place from one reused
 /// buffer, since under memory pressure even this thread should not wait
 /// in reclaim.
-pub fn publish(inst: &Instance, stats: &[Stats], mut tick: impl FnMut() -> bool) {
+pub fn publish(inst: &Instance, stats: &[&Stats], more: &dyn Fn(&mut String), mut tick: impl FnMut() -> bool) {
     let name = format!("{}.status", inst.name);
     let path = PathBuf::from(DIR).join(&name);
     // The directory by descriptor too: a daemon started from the initramfs
@@ -54,6 +55,7 @@ pub fn publish(inst: &Instance, stats: &[Stats], mut tick: impl FnMut() -> bool)
     loop {
         text.clear();
         render(&mut text, inst, stats, started);
+        more(&mut text);
         let written = file.write_all_at(text.as_bytes(), 0).and_then(|()| file.set_len(text.len() as u64));
         if let Err(e) = written {
             crate::debug!("{}: {e}", path.display());
@@ -82,7 +84,7 @@ fn unlink_in(dir: &fs::File, name: &CStr) {
 /// One `key=value` a line: trivially written and read, no JSON parser.
 /// Counters are the device's, summed over its connections; then each
 /// connection's own, as `conn.I=requests read_bytes written_bytes errors`.
-fn render(s: &mut String, inst: &Instance, stats: &[Stats], started: u64) {
+fn render(s: &mut String, inst: &Instance, stats: &[&Stats], started: u64) {
     let mut kv = |k: &str, v: &dyn std::fmt::Display| {
         let _ = writeln!(s, "{k}={v}");
     };
@@ -157,6 +159,14 @@ pub fn show(json: bool) -> Result<(), Failure> {
                     println!("  connection {i}: {requests} requests, {} MiB read, {} MiB written, {errors} errors", read >> 20, written >> 20);
                 }
             }
+            if r.slices.len() > 1 || !r.change.is_empty() {
+                for (i, (device, state, used)) in r.slices.iter().enumerate() {
+                    println!("  slice {i}: {device} {state}, {used} pages in swap");
+                }
+            }
+            if !r.change.is_empty() {
+                println!("  last change: {}", r.change);
+            }
         }
     }
     if rows.iter().any(|r| r.health() != "ok") {
@@ -182,6 +192,10 @@ struct Row {
     /// Each connection's requests, bytes read, bytes written, errors.
     conns: Vec<[u64; 4]>,
     swap: Option<swap::Active>,
+    /// A swap daemon's slices: device (or `-`), state, pages in swap.
+    slices: Vec<(String, String, u64)>,
+    /// Its last change, and why.
+    change: String,
 }
 
 impl Row {
@@ -209,6 +223,14 @@ impl Row {
                     std::array::from_fn(|_| n.next().unwrap_or(0))
                 })
                 .collect(),
+            slices: (0..num(&t, "slices").min(64))
+                .map(|i| {
+                    let mut words = field(&t, &format!("slice.{i}")).split(' ');
+                    let mut word = || words.next().unwrap_or("-").to_string();
+                    (word(), word(), word().parse().unwrap_or(0))
+                })
+                .collect(),
+            change: field(&t, "change").to_string(),
         })
     }
 
@@ -236,6 +258,11 @@ impl Row {
         let swap = self.swap.as_ref().map_or("null".into(), |a| {
             format!("{{\"size_kib\":{},\"used_kib\":{},\"priority\":{}}}", a.size_kib, a.used_kib, a.priority)
         });
+        let slices: Vec<String> = self
+            .slices
+            .iter()
+            .map(|(d, s, u)| format!("{{\"device\":{d:?},\"state\":{s:?},\"used_pages\":{u}}}"))
+            .collect();
         let conns: Vec<String> = self
             .conns
             .iter()
@@ -243,9 +270,9 @@ impl Row {
             .collect();
         format!(
             "{{\"name\":{:?},\"target\":{:?},\"store\":{:?},\"pid\":{},\"size_bytes\":{},\"swap\":{swap},\"requests\":{},\
-             \"read_bytes\":{},\"written_bytes\":{},\"errors\":{},\"mean_batch_us\":{},\"health\":{:?},\"connections\":[{}]}}",
+             \"read_bytes\":{},\"written_bytes\":{},\"errors\":{},\"mean_batch_us\":{},\"health\":{:?},\"connections\":[{}],\"slices\":[{}],\"change\":{:?}}}",
             self.name, self.target, self.store, self.pid, self.size, self.requests,
-            self.read, self.written, self.errors, self.latency_us(), self.health(), conns.join(",")
+            self.read, self.written, self.errors, self.latency_us(), self.health(), conns.join(","), slices.join(","), self.change
         )
     }
 }
@@ -264,7 +291,8 @@ mod tests {
         stats[2].record(crate::uapi::NBD_CMD_WRITE, 8192, 5);
         let inst = Instance { name: "nbd7".into(), target: "/dev/nbd7".into(), store: "host".into(), size: 1 << 20, priority: Some(5) };
         let mut text = String::new();
-        render(&mut text, &inst, &stats, 0);
+        render(&mut text, &inst, &stats.iter().collect::<Vec<_>>(), 0);
+        text.push_str("slices=2\nslice.0=/dev/nbd7 serving 12\nslice.1=- released 0\nchange=giving back slice 1\n");
         assert_eq!((num(&text, "connections"), num(&text, "requests"), num(&text, "errors")), (3, 3, 1), "{text}");
         let path = std::env::temp_dir().join(format!("nbd-vram-status-test-{}.status", std::process::id()));
         fs::write(&path, &text).unwrap();
@@ -272,5 +300,8 @@ mod tests {
         fs::remove_file(&path).unwrap();
         assert_eq!(row.conns, vec![[1, 4096, 0, 0], [0, 0, 0, 0], [2, 0, 8192, 1]]);
         assert!(row.json().contains(r#""connections":[{"requests":1,"read_bytes":4096,"written_bytes":0,"errors":0},"#), "{}", row.json());
+        assert_eq!(row.slices, vec![("/dev/nbd7".into(), "serving".into(), 12), ("-".into(), "released".into(), 0)]);
+        assert!(row.json().contains(r#""slices":[{"device":"/dev/nbd7","state":"serving","used_pages":12},"#), "{}", row.json());
+        assert!(row.json().contains(r#""change":"giving back slice 1""#), "{}", row.json());
     }
 }

@@ -21,10 +21,11 @@ pub struct Conn<'b, B: Backing + 'b> {
     pub bufs: Buffers<<B::Store<'b> as Store>::Buf>,
 }
 
-/// Opens a connection's store and allocates its buffers, on this thread.
-pub fn open<'b, B: Backing>(backing: &'b B, tuning: &Tuning) -> Result<Conn<'b, B>, Failure> {
+/// Opens a connection's store and allocates its buffers, with `staging`
+/// bytes of staging, on this thread.
+pub fn open<'b, B: Backing>(backing: &'b B, tuning: &Tuning, staging: usize) -> Result<Conn<'b, B>, Failure> {
     let mut store = backing.open().map_err(|e| Failure::os("opening the store", e))?;
-    let bufs = Buffers::new(&mut store, tuning).map_err(|e| Failure::os("allocating staging buffers", e))?;
+    let bufs = Buffers::with_staging(&mut store, tuning, staging).map_err(|e| Failure::os("allocating staging buffers", e))?;
     Ok(Conn { store, bufs })
 }
 
@@ -37,6 +38,7 @@ pub fn spawn<'s, 'b, B, R, F>(
     s: &'s Scope<'s, '_>,
     backing: &'b B,
     tuning: &'b Tuning,
+    staging: usize,
     name: &str,
     ids: Range<usize>,
     work: &'s F,
@@ -54,7 +56,7 @@ where
     for i in ids {
         let (tell, decision) = (tell.clone(), Arc::clone(&decision));
         let spawned = thread::Builder::new().name(format!("{name}-{i}")).stack_size(STACK).spawn_scoped(s, move || {
-            let (conn, opened) = match open(backing, tuning) {
+            let (conn, opened) = match open(backing, tuning, staging) {
                 Ok(conn) => (Some(conn), Ok(())),
                 Err(f) => (None, Err(f)),
             };
@@ -138,7 +140,7 @@ mod tests {
         };
         let tuning = Tuning::default();
         let got = thread::scope(|s| {
-            spawn(s, &backing, &tuning, "test", 0..4, &work)
+            spawn(s, &backing, &tuning, 1 << 20, "test", 0..4, &work)
                 .map(|handles| handles.into_iter().filter_map(|h| h.join().unwrap()).collect())
                 .map_err(|f| f.to_string())
         });

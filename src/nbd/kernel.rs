@@ -114,6 +114,20 @@ impl NbdDevice {
         self.ioctl("NBD_DISCONNECT", sys::NBD_VRAM_DISCONNECT, 0)
     }
 
+    /// Has the block layer split every read and write into requests of
+    /// `bytes` at most (`max_sectors_kb`), and checks that it took:
+    /// the serve loop refuses a longer one, which for swap would lose a page.
+    pub fn limit_requests(&self, bytes: usize) -> io::Result<()> {
+        let file = sysfs_dir(&self.path).join("queue/max_sectors_kb");
+        let kib = bytes / 1024;
+        fs::write(&file, kib.to_string())?;
+        let now: usize = fs::read_to_string(&file)?.trim().parse().map_err(|_| io::Error::from(io::ErrorKind::InvalidData))?;
+        if now > kib {
+            return Err(io::Error::other(format!("max_sectors_kb stayed at {now}")));
+        }
+        Ok(())
+    }
+
     /// Forgets the socket, so the device can be attached again.
     pub fn clear_sock(&self) -> io::Result<()> {
         self.ioctl("NBD_CLEAR_SOCK", sys::NBD_VRAM_CLEAR_SOCK, 0)

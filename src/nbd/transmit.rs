@@ -200,11 +200,20 @@ impl Replies {
 }
 
 impl<B: std::ops::DerefMut<Target = [u8]>> Buffers<B> {
+    /// With staging for the largest request NBD allows.
+    #[cfg(test)]
     pub fn new<S: Store<Buf = B>>(store: &mut S, tuning: &Tuning) -> io::Result<Buffers<B>> {
+        Self::with_staging(store, tuning, MAX_PAYLOAD as usize)
+    }
+
+    /// With `staging` bytes of staging: a read or write longer than that
+    /// is refused (`EINVAL`), so the kernel must be told to send none
+    /// (`NbdDevice::limit_requests`).
+    pub fn with_staging<S: Store<Buf = B>>(store: &mut S, tuning: &Tuning, staging: usize) -> io::Result<Buffers<B>> {
         const { assert!(2 * MAX_BATCH <= crate::store::FENCES, "a fence per slot of two batches at most") };
         const { assert!(MAX_BATCH == crate::tuning::GROUP_MAX, "NBD_VRAM_GROUP goes up to a whole batch") };
         Ok(Buffers {
-            staging: store.staging(MAX_PAYLOAD as usize)?,
+            staging: store.staging(staging.min(MAX_PAYLOAD as usize))?,
             ring: 0,
             input: Input { buf: vec![0u8; INPUT_LEN].into_boxed_slice(), start: 0, end: 0, direct: false, poll: Poll::with(tuning.spin) },
             replies: Replies {
@@ -326,7 +335,7 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
             if self.overwrites_read(&req, base + n) {
                 break; // the read's reply goes first, from the store as it is
             }
-            let len = staged_len(&req);
+            let len = self.staged_len(&req);
             if self.bufs.ring + len > self.bufs.staging.len() {
                 if n > 0 || base > 0 {
                     break; // the next batch starts with it, once nothing is held
@@ -489,7 +498,7 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
             _ => return EINVAL,
         };
         let staged = matches!(req.command, sys::NBD_CMD_READ | sys::NBD_CMD_WRITE);
-        if req.len == 0 || (staged && req.len > MAX_PAYLOAD) {
+        if req.len == 0 || (staged && req.len as usize > self.bufs.staging.len()) {
             return EINVAL;
         }
         match req.offset.checked_add(u64::from(req.len)) {
@@ -663,6 +672,14 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
         Ok((0, landed))
     }
 
+    /// Staging a request occupies: its payload, if it has one that fits.
+    fn staged_len(&self, req: &Request) -> usize {
+        match req.command {
+            sys::NBD_CMD_READ | sys::NBD_CMD_WRITE if req.len as usize <= self.bufs.staging.len() => req.len as usize,
+            _ => 0,
+        }
+    }
+
     /// Skips the payload of a refused write, so the stream stays in sync.
     fn discard(&mut self, mut len: u64) -> io::Result<()> {
         while len > 0 {
@@ -755,14 +772,6 @@ impl Landing<'_> {
         let end = (self.saved + SAVE_CHUNK).min(self.dst.len());
         self.undo[self.saved..end].copy_from_slice(&self.dst[self.saved..end]);
         self.saved = end;
-    }
-}
-
-/// Staging a request occupies: its payload, if it has a valid-sized one.
-fn staged_len(req: &Request) -> usize {
-    match req.command {
-        sys::NBD_CMD_READ | sys::NBD_CMD_WRITE if req.len <= MAX_PAYLOAD => req.len as usize,
-        _ => 0,
     }
 }
 

@@ -146,6 +146,44 @@ fn a_read_gets_the_bytes_before_a_later_change_in_its_batch() {
     }
 }
 
+/// With less staging than NBD allows (a sliced swap tier), a longer read
+/// or write is refused with EINVAL, its payload skipped, and the
+/// connection goes on: the store never sees it, and nothing panics.
+#[test]
+fn a_request_longer_than_staging_is_refused_and_the_connection_goes_on() {
+    const STAGING: usize = 64 * 1024;
+    let req = |command, cookie: u8, len| Request { flags: 0, command, cookie: [cookie; 8], offset: 0, len };
+    let mut wire = Vec::new();
+    wire.extend(req(sys::NBD_CMD_WRITE, 1, STAGING as u32 + 4096).encode());
+    wire.extend(vec![0x33u8; STAGING + 4096]);
+    wire.extend(req(sys::NBD_CMD_READ, 2, STAGING as u32 + 4096).encode());
+    wire.extend(req(sys::NBD_CMD_WRITE, 3, STAGING as u32).encode());
+    wire.extend(vec![0x44u8; STAGING]);
+    wire.extend(req(sys::NBD_CMD_READ, 4, 4096).encode());
+    wire.extend(req(sys::NBD_CMD_DISC, 5, 0).encode());
+    let (mut ours, mut theirs) = UnixStream::pair().unwrap();
+    let writer = thread::spawn(move || {
+        theirs.write_all(&wire).unwrap();
+        theirs
+    });
+    // Staging through a store that does not lend, as a GPU store's.
+    let backing = HostBacking::new(SIZE).unwrap();
+    let mut store = Failing { inner: backing.open().unwrap(), fail: false };
+    let mut bufs = Buffers::with_staging(&mut store, &crate::tuning::Tuning::default(), STAGING).unwrap();
+    let end = run(&mut store, &mut bufs, &Shared::new(Export::new(SIZE), 1), &Stats::default(), &mut ours).unwrap();
+    assert_eq!(end, End::Disconnect);
+    let mut theirs = writer.join().unwrap();
+    for (cookie, error, data) in [(1u8, EINVAL, 0), (2, EINVAL, 0), (3, 0, 0), (4, 0, 4096)] {
+        let mut head = [0u8; REPLY_LEN];
+        theirs.read_exact(&mut head).unwrap();
+        assert_eq!(u32::from_be_bytes(head[4..8].try_into().unwrap()), error, "request {cookie}");
+        assert_eq!(head[8..16], [cookie; 8]);
+        let mut got = vec![0u8; data];
+        theirs.read_exact(&mut got).unwrap();
+        assert!(got.iter().all(|&b| b == 0x44), "request {cookie}: the write that fit is what reads back");
+    }
+}
+
 /// A payload cut short puts back every byte it overwrote, however far the
 /// socket let it run ahead of what was saved; one that arrives whole
 /// lands whole. The first bytes come from input, as after a header.

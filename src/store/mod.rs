@@ -10,6 +10,7 @@ use std::io;
 use std::ops::DerefMut;
 use std::path::PathBuf;
 
+use crate::cuda;
 use crate::fail::Failure;
 use crate::tuning::Tuning;
 
@@ -157,6 +158,75 @@ pub fn with_store<U: UseStore>(opts: &StoreOpts, tuning: &Tuning, user: U) -> Re
             let ctx = gpu::open(&cuda, opts.gpu)?;
             let backing = gpu::allocate(&ctx, opts, tuning)?;
             user.run(&backing)
+        }
+    }
+}
+
+/// Where the swap daemon's slices come from: each `allocate` is a backing
+/// of its own (one VRAM allocation, or host RAM), made and dropped on the
+/// thread that holds the tier, while other slices serve.
+pub trait Tier: Sync {
+    type Backing<'t>: Backing + Send
+    where
+        Self: 't;
+
+    /// `size` bytes, or `step` less each time that cannot be had, down to `min`.
+    fn allocate(&self, size: u64, step: u64, min: u64) -> Result<Self::Backing<'_>, Failure>;
+    /// Device memory free now, for `--reserve`; `None` for host RAM.
+    fn free(&self) -> Option<u64>;
+}
+
+/// What runs on a tier of slices (the swap daemon).
+pub trait UseTier {
+    fn run<T: Tier>(self, tier: &T) -> Result<(), Failure>;
+}
+
+/// RAM: each slice its own allocation.
+struct HostTier;
+
+impl Tier for HostTier {
+    type Backing<'t> = HostBacking;
+
+    fn allocate(&self, size: u64, _: u64, _: u64) -> Result<HostBacking, Failure> {
+        HostBacking::new(size).map_err(|e| Failure::os(format!("allocating {} MiB of RAM", size >> 20), e))
+    }
+
+    fn free(&self) -> Option<u64> {
+        None
+    }
+}
+
+/// VRAM of one GPU, in one context that lives as long as the tier.
+struct VramTier<'c> {
+    ctx: &'c cuda::Context,
+    opts: &'c StoreOpts,
+    tuning: &'c Tuning,
+}
+
+impl Tier for VramTier<'_> {
+    type Backing<'t>
+        = VramBacking<'t>
+    where
+        Self: 't;
+
+    fn allocate(&self, size: u64, step: u64, min: u64) -> Result<VramBacking<'_>, Failure> {
+        gpu::allocate(self.ctx, &StoreOpts { size, step, min_size: min, ..self.opts.clone() }, self.tuning)
+    }
+
+    fn free(&self) -> Option<u64> {
+        self.ctx.mem_info().ok().map(|(free, _)| free)
+    }
+}
+
+/// Opens the tier `opts` describes and hands it to `user`; slices are
+/// allocated by `user`, on this thread, where the CUDA context is current.
+pub fn with_tier<U: UseTier>(opts: &StoreOpts, tuning: &Tuning, user: U) -> Result<(), Failure> {
+    match opts.kind {
+        StoreKind::Host => user.run(&HostTier),
+        StoreKind::Vram => {
+            let cuda = gpu::init(opts.libcuda.as_deref(), tuning)?;
+            let ctx = gpu::open(&cuda, opts.gpu)?;
+            user.run(&VramTier { ctx: &ctx, opts, tuning })
         }
     }
 }

@@ -1,6 +1,6 @@
 /* hog: a memory hog that proves what it wrote comes back.
  *
- *     hog [-f FILE] [-z N] MIB [SEED]
+ *     hog [-f FILE] [-z N] [-w FILE] MIB [SEED]
  *
  * Maps MIB MiB, writes into every 8-byte word a pattern derived from the
  * word's address and SEED (default: from the clock, so stale data from an
@@ -10,6 +10,10 @@
  *
  * -f FILE maps FILE MAP_SHARED instead of anonymous memory, e.g. a PCI BAR's
  * sysfs resourceN (its size comes from fstat: lseek does not work there).
+ *
+ * -w FILE waits, once everything is written, until FILE exists before it
+ * verifies, printing "hog: written, waiting for FILE": the swap tier can
+ * change under pages it holds meanwhile.
  *
  * -z N keeps the pattern in the first 1/N of each 4 KiB page only and
  * zeroes the rest (still every word checked), so pages compress about N:1,
@@ -50,18 +54,20 @@ static double now(void)
 
 static int usage(void)
 {
-    fprintf(stderr, "usage: hog [-f FILE] [-z N] MIB [SEED]\n");
+    fprintf(stderr, "usage: hog [-f FILE] [-z N] [-w FILE] MIB [SEED]\n");
     return 2;
 }
 
 int main(int argc, char **argv)
 {
-    const char *file = NULL;
+    const char *file = NULL, *go = NULL;
     unsigned long z = 1;
     int opt;
-    while ((opt = getopt(argc, argv, "f:z:")) != -1) {
+    while ((opt = getopt(argc, argv, "f:w:z:")) != -1) {
         if (opt == 'f')
             file = optarg;
+        else if (opt == 'w')
+            go = optarg;
         else if (opt == 'z' && (z = strtoul(optarg, NULL, 0)) >= 1 && z <= 512)
             continue;
         else
@@ -109,6 +115,11 @@ int main(int argc, char **argv)
         p[i] = (i * 8) % 4096 < keep ? pattern((uintptr_t)&p[i], seed) : 0;
         if ((i + 1) % per_step == 0 || i + 1 == words)
             printf("hog: wrote %zu/%lu MiB\n", (i + 1) * 8 / MIB, mib);
+    }
+    if (go) {
+        printf("hog: written, waiting for %s\n", go);
+        while (access(go, F_OK) != 0)
+            usleep(100 * 1000);
     }
     double t1 = now();
 

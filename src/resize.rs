@@ -1,0 +1,104 @@
+//! `nbd-vram resize SIZE`: asks a running swap daemon to shrink or grow
+//! its tier to SIZE, in whole slices, and waits for the outcome. The ask
+//! is a file beside the daemon's status file, `NAME.resize`, and `WAKE`;
+//! the answer comes back in the status file (`resize=ID OUTCOME`).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::fail::{Code, Failure};
+use crate::signals::WAKE;
+use crate::status::DIR;
+
+/// Swapping a slice off moves its pages; systemd's timeouts bound us too.
+const PATIENCE: Duration = Duration::from_secs(600);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub size: u64,
+    /// The asking process, so that it knows its answer.
+    pub id: u32,
+}
+
+/// The daemon's side: a request waiting for the instance `name`, taken
+/// (removed) so that it is acted on once.
+pub fn take(name: &str) -> Option<Request> {
+    let path = PathBuf::from(DIR).join(format!("{name}.resize"));
+    let text = fs::read_to_string(&path).ok()?;
+    let _ = fs::remove_file(&path);
+    let mut words = text.split_whitespace().map(str::parse::<u64>);
+    match (words.next(), words.next()) {
+        (Some(Ok(size)), Some(Ok(id))) => Some(Request { size, id: id as u32 }),
+        _ => {
+            crate::warn!("{}: not a resize request: {text:?}", path.display());
+            None
+        }
+    }
+}
+
+/// `nbd-vram resize SIZE [DEVICE]`.
+pub fn resize(size: u64, device: Option<&Path>) -> Result<(), Failure> {
+    // SAFETY: geteuid only returns a number.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(Failure::new(Code::Permission, "resize changes swap: run it as root"));
+    }
+    let (name, pid) = daemon(device)?;
+    let id = std::process::id();
+    let path = PathBuf::from(DIR).join(format!("{name}.resize"));
+    let tmp = path.with_extension("resize.tmp");
+    fs::write(&tmp, format!("{size} {id}\n")).and_then(|()| fs::rename(&tmp, &path)).map_err(|e| Failure::os(path.display(), e))?;
+    // SAFETY: kill with a pid read from the daemon's status file and a valid signal.
+    if unsafe { libc::kill(pid as libc::pid_t, WAKE) } < 0 {
+        return Err(Failure::os(format!("signalling pid {pid}"), std::io::Error::last_os_error()));
+    }
+    crate::info!("asked pid {pid} ({name}) to resize to {} MiB; waiting", size >> 20);
+    let status = PathBuf::from(DIR).join(format!("{name}.status"));
+    let start = Instant::now();
+    while start.elapsed() < PATIENCE {
+        thread::sleep(Duration::from_millis(200));
+        let Ok(text) = fs::read_to_string(&status) else {
+            return Err(Failure::new(Code::Other, format!("{name} stopped before it answered")));
+        };
+        let answer = text.lines().find_map(|l| l.strip_prefix("resize=")?.strip_prefix(&format!("{id} ")));
+        match answer {
+            Some(a) if a.starts_with("done") => {
+                println!("{name}: {a}");
+                return Ok(());
+            }
+            Some(a) if a.starts_with("failed") => return Err(Failure::new(Code::Swap, format!("{name}: resize {a}"))),
+            _ => {}
+        }
+    }
+    Err(Failure::new(Code::Swap, format!("{name} has not finished resizing after {} s; see its log", PATIENCE.as_secs())))
+}
+
+/// The swap daemon to ask: the one serving `device` as a slice, or the
+/// only one running.
+fn daemon(device: Option<&Path>) -> Result<(String, u32), Failure> {
+    let mut found = Vec::new();
+    for entry in fs::read_dir(DIR).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.extension().is_none_or(|x| x != "status") {
+            continue;
+        }
+        let Ok(text) = fs::read_to_string(&path) else { continue };
+        if !text.lines().any(|l| l.starts_with("slices=")) {
+            continue; // serve mode
+        }
+        let serves = |d: &Path| text.lines().any(|l| l.starts_with("slice.") && l.split(['=', ' ']).nth(1) == Some(&*d.to_string_lossy()));
+        if device.is_some_and(|d| !serves(d)) {
+            continue;
+        }
+        let pid = text.lines().find_map(|l| l.strip_prefix("pid=")?.parse().ok()).unwrap_or(0);
+        let name = path.file_stem().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        found.push((name, pid));
+    }
+    match (found.len(), device) {
+        (1, _) => Ok(found.remove(0)),
+        (0, Some(d)) => Err(Failure::new(Code::Other, format!("no running swap daemon serves {}", d.display()))),
+        (0, None) => Err(Failure::new(Code::Other, "no swap daemon is running")),
+        _ => Err(Failure::new(Code::Usage, "several swap daemons run: name one by a device it serves, e.g. nbd-vram resize 8G /dev/nbd0")),
+    }
+}
