@@ -327,12 +327,16 @@ impl<'a, 't, T: Tier> Steer<'a, 't, T> {
         'a: 's,
         't: 's,
     {
-        for board in self.boards {
+        for (i, board) in self.boards.iter().enumerate() {
             if let Some(dev) = board.device() {
                 let used = swap::active(&dev).map_or(0, |a| a.used_kib / 4);
                 board.used_pages.store(used, Ordering::Relaxed);
             }
             if board.take_refusal() {
+                self.report.tell(format!(
+                    "swapoff of slice {i} refused: RAM cannot take its pages back now; it serves on, and a slice is given back again in {} s",
+                    elastic::RETRY.as_secs()
+                ));
                 self.policy.refused(now);
                 self.answer("failed: a swapoff was refused: RAM cannot take its pages back now; the daemon tries again".into());
             }

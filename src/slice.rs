@@ -144,6 +144,14 @@ impl Board {
         self.changed.notify_all();
     }
 
+    /// A drain that was refused is over: the daemon orders the next.
+    fn serve_on(&self) {
+        let mut orders = self.lock();
+        if orders.want == Want::Drain {
+            orders.want = Want::Serve;
+        }
+    }
+
     fn link_ended(&self) {
         self.lock().link_down = true;
         self.changed.notify_all();
@@ -479,6 +487,7 @@ fn control(dev: &NbdDevice, opts: &SwapOpts, board: &Board) -> Result<Ended, Fai
                 if give_back(&off, board) {
                     break;
                 }
+                board.serve_on();
                 board.set_state(State::Serving);
             }
             (Want::Drain, false) => break,
@@ -600,6 +609,18 @@ mod tests {
         board.starting();
         board.stop();
         board.drain();
+        board.serve_on();
         assert_eq!(board.wait(Duration::ZERO), (Want::Stop, false));
+    }
+
+    /// A refused drain is not tried again until the daemon says so.
+    #[test]
+    fn a_refused_drain_waits_for_the_next_order() {
+        let board = Board::new(1);
+        board.starting();
+        board.drain();
+        assert_eq!(board.wait(Duration::ZERO), (Want::Drain, false));
+        board.serve_on();
+        assert_eq!(board.wait(Duration::ZERO), (Want::Serve, false));
     }
 }
