@@ -332,6 +332,10 @@ impl<'a, 't, T: Tier> Steer<'a, 't, T> {
                 let used = swap::active(&dev).map_or(0, |a| a.used_kib / 4);
                 board.used_pages.store(used, Ordering::Relaxed);
             }
+            if board.state() == State::Released && board.moved.1.load(Ordering::SeqCst) > 0 {
+                let (pages, ms) = (board.moved.0.swap(0, Ordering::SeqCst), board.moved.1.swap(0, Ordering::SeqCst));
+                self.report.tell(format!("gave back slice {i}: swapoff moved {pages} page(s) out in {:.1} s", ms as f64 / 1e3));
+            }
             if board.take_refusal() {
                 self.report.tell(format!(
                     "swapoff of slice {i} refused: RAM cannot take its pages back now; it serves on, and a slice is given back again in {} s",

@@ -61,6 +61,8 @@ pub struct Board {
     pub used_pages: AtomicU64,
     /// A drain's swapoff was refused since the daemon last looked.
     refused: AtomicBool,
+    /// The last drain's swapoff: pages it moved out, and milliseconds.
+    pub moved: (AtomicU64, AtomicU64),
     orders: Mutex<Orders>,
     changed: Condvar,
     /// Each connection's counters, for `status`.
@@ -80,6 +82,7 @@ impl Board {
             device: AtomicU32::new(NO_DEVICE),
             used_pages: AtomicU64::new(0),
             refused: AtomicBool::new(false),
+            moved: (AtomicU64::new(0), AtomicU64::new(0)),
             orders: Mutex::new(Orders { want: Want::Serve, link_down: false }),
             changed: Condvar::new(),
             stats: (0..connections).map(|_| Stats::default()).collect(),
@@ -514,6 +517,8 @@ fn give_back(off: &swap::Swapoff, board: &Board) -> bool {
     match off.run() {
         Outcome::Off | Outcome::NotSwap => {
             info!("swapoff {} done: {pages} page(s) moved out in {:.1} s", path.display(), t.elapsed().as_secs_f64());
+            board.moved.0.store(pages, Ordering::SeqCst);
+            board.moved.1.store((t.elapsed().as_millis() as u64).max(1), Ordering::SeqCst);
             true
         }
         Outcome::Failed(e) => {
