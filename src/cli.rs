@@ -438,6 +438,9 @@ fn slices(mut swap: SwapOpts) -> Result<SwapOpts, String> {
     if swap.slice == 0 {
         swap.slice = if swap.reserve > 0 { (size / 4).max(4096) & !4095 } else { size };
     }
+    if !swap.swap && (swap.reserve > 0 || swap.slice < size) {
+        return Err("--reserve and --slice-size give memory back by swapoff: they need swap (leave out --no-swap)".into());
+    }
     if swap.slice > size {
         return Err(format!("--slice-size {} MiB is larger than --size {} MiB", swap.slice / MIB, size / MIB));
     }
@@ -508,6 +511,25 @@ mod tests {
 
     fn p(s: &str) -> Result<Command, String> {
         parse(s.split_whitespace().map(String::from)).map(|p| p.command)
+    }
+
+    #[test]
+    fn slices_default_to_one_or_a_quarter_with_a_reserve_and_need_swap() {
+        let sliced = |s: &str| match p(s) {
+            Ok(Command::Swap(o)) => (o.slices(), o.slice >> 20, o.store.size >> 20, o.reserve >> 20),
+            other => panic!("{s}: {other:?}"),
+        };
+        assert_eq!(sliced("--size 4096"), (1, 4096, 4096, 0), "one slice: the daemon as it always was");
+        assert_eq!(sliced("--size 4096 --reserve 1024"), (4, 1024, 4096, 1024));
+        assert_eq!(sliced("--size 1000 --slice-size 300"), (3, 300, 900, 0), "rounded down to whole slices");
+        assert!(p("--size 1024 --slice-size 2048").unwrap_err().contains("larger than --size"));
+        assert!(p("--size 1024 --slice-size 32").unwrap_err().contains("more than 16"));
+        assert!(p("--size 1024 --reserve 256 --no-swap").unwrap_err().contains("need swap"));
+        assert!(p("--size 1024 --slice-size 256 --no-swap").unwrap_err().contains("need swap"));
+        assert!(p("serve --listen unix:/x --reserve 1").unwrap_err().contains("does not apply"));
+        assert_eq!(p("resize 8G /dev/nbd2"), Ok(Command::Resize { size: 8 << 30, device: Some("/dev/nbd2".into()) }));
+        assert_eq!(p("resize 0"), Ok(Command::Resize { size: 0, device: None }));
+        assert!(p("resize").is_err() && p("resize 7x").is_err());
     }
 
     #[test]

@@ -23,7 +23,7 @@ use crate::slice::{self, Board, Ended, Setup};
 use crate::stats::Stats;
 use crate::status::{self, Instance};
 use crate::store::{Tier, UseTier};
-use crate::tuning::Tuning;
+use crate::tuning::{MailboxUse, Tuning};
 use crate::{error, info, notify, pressure, swap, warn};
 
 /// How often free memory and the slices are looked at.
@@ -52,6 +52,14 @@ fn run<T: Tier>(opts: &SwapOpts, tuning: &Tuning, tier: &T) -> Result<(), Failur
     let k = opts.slices();
     pressure::set_loops(k * opts.connections);
     let staging = if k > 1 { SLICE_STAGING } else { MAX_PAYLOAD as usize };
+    // Freeing memory or loading a module waits, in the CUDA driver, for
+    // every kernel running in the context, and copies queued behind such
+    // a call wait too (H200, driver 580). A slice given back or taken
+    // again would then wait for the other slices' resident mailbox
+    // kernels, which only their own loops end, and those loops may be
+    // stuck behind it: several slices go without the mailbox kernel.
+    let sliced = Tuning { mailbox: MailboxUse::Off, ..tuning.clone() };
+    let tuning = if k > 1 { &sliced } else { tuning };
     let first = Setup { opts, tuning, staging, device: opts.device.as_deref() };
     let others = Setup { device: None, ..first };
     let backings = allocate(opts, tier)?;
@@ -61,7 +69,7 @@ fn run<T: Tier>(opts: &SwapOpts, tuning: &Tuning, tier: &T) -> Result<(), Failur
     let mut policy = Policy::new(opts.reserve, opts.slice, Duration::from_secs(opts.hold_off.into()), k);
     thread::scope(|s| {
         let mut slots: Vec<Slot<'_, T::Backing<'_>>> = (0..k).map(|_| None).collect();
-        let mut outcome = Ok(());
+        let mut outcome = Ok(true);
         // The slices there is memory for, one after the other.
         for (i, backing) in backings.into_iter().enumerate() {
             let Some(backing) = backing else { continue };
@@ -70,12 +78,14 @@ fn run<T: Tier>(opts: &SwapOpts, tuning: &Tuning, tier: &T) -> Result<(), Failur
                 slots[i] = Some(h);
                 wait_started(&signals, &boards[i], &mut slots[i])
             });
-            if outcome.is_err() {
+            if !matches!(outcome, Ok(true)) {
                 break;
             }
         }
+        let started = matches!(outcome, Ok(true));
+        let mut outcome = outcome.map(drop);
         let mut status = None;
-        if outcome.is_ok() {
+        if started {
             let serving: Vec<String> = boards.iter().filter_map(|b| b.device()).map(|d| d.display().to_string()).collect();
             notify::ready(&format!("swap on {}", serving.join(", ")));
             let instance = instance(opts, &boards);
@@ -92,7 +102,7 @@ fn run<T: Tier>(opts: &SwapOpts, tuning: &Tuning, tier: &T) -> Result<(), Failur
                     })
                 })
                 .ok();
-            let mut steer = Steer { opts, tier, setup: &others, boards, report, policy: &mut policy, name };
+            let mut steer = Steer { opts, tier, setups: [&first, &others], boards, report, policy: &mut policy, name };
             outcome = steer.run(s, &signals, &mut slots);
         }
         notify::stopping();
@@ -127,7 +137,7 @@ fn allocate<'t, T: Tier>(opts: &SwapOpts, tier: &'t T) -> Result<Vec<Option<T::B
     }
     let mut backings = Vec::new();
     for i in 0..opts.slices() {
-        let room = tier.free().is_none_or(|f| f >= opts.reserve.saturating_add(opts.slice));
+        let room = tier.free().is_none_or(|f| elastic::room(f, opts.reserve, opts.slice));
         if !room && opts.reserve > 0 {
             info!("slice {i} of {} MiB would leave less than --reserve free; it is taken when memory allows", opts.slice / MIB);
             backings.push(None);
@@ -186,11 +196,12 @@ fn start<'s, 'e, B: crate::store::Backing + Send + 's>(
 }
 
 
-/// Until a slice serves, its thread ends (a failure) or a stop comes.
-fn wait_started<B>(signals: &Signals, board: &Board, slot: &mut Slot<'_, B>) -> Result<(), Failure> {
+/// Until a slice serves (true), its thread ends (a failure) or a stop
+/// comes (false).
+fn wait_started<B>(signals: &Signals, board: &Board, slot: &mut Slot<'_, B>) -> Result<bool, Failure> {
     loop {
         if board.state() == State::Serving {
-            return Ok(());
+            return Ok(true);
         }
         if slot.as_ref().is_some_and(|h| h.is_finished()) {
             let joined = slot.take().map(ScopedJoinHandle::join);
@@ -200,8 +211,9 @@ fn wait_started<B>(signals: &Signals, board: &Board, slot: &mut Slot<'_, B>) -> 
                 _ => Err(Failure::new(Code::Other, "a slice ended before it served")),
             };
         }
-        if signals.wait(TICK).is_some_and(|sig| STOP.contains(&sig)) {
-            return Err(Failure::new(Code::Other, "stopped by a signal while starting"));
+        if let Some(sig) = signals.wait(TICK).filter(|sig| STOP.contains(sig)) {
+            info!("stopping on signal {sig} while starting");
+            return Ok(false);
         }
     }
 }
@@ -274,7 +286,8 @@ pub fn state_name(state: State) -> &'static str {
 struct Steer<'a, 't, T: Tier> {
     opts: &'a SwapOpts,
     tier: &'t T,
-    setup: &'a Setup<'a>,
+    /// The first slice's setup (`--device`), and the others'.
+    setups: [&'a Setup<'a>; 2],
     boards: &'a [Board],
     report: &'a Report,
     policy: &'a mut Policy,
@@ -327,11 +340,18 @@ impl<'a, 't, T: Tier> Steer<'a, 't, T> {
         'a: 's,
         't: 's,
     {
-        for (i, board) in self.boards.iter().enumerate() {
+        for board in self.boards {
             if let Some(dev) = board.device() {
                 let used = swap::active(&dev).map_or(0, |a| a.used_kib / 4);
                 board.used_pages.store(used, Ordering::Relaxed);
             }
+        }
+        // States first, refusals after: a slice stores its refusal before
+        // it serves on, so one seen serving here with its refusal not yet
+        // taken is held off by it all the same.
+        let view: Vec<elastic::Slice> =
+            self.boards.iter().map(|b| elastic::Slice { state: b.state(), used_pages: b.used_pages.load(Ordering::Relaxed) }).collect();
+        for (i, board) in self.boards.iter().enumerate() {
             if board.state() == State::Released && board.moved.1.load(Ordering::SeqCst) > 0 {
                 let (pages, ms) = (board.moved.0.swap(0, Ordering::SeqCst), board.moved.1.swap(0, Ordering::SeqCst));
                 self.report.tell(format!("gave back slice {i}: swapoff moved {pages} page(s) out in {:.1} s", ms as f64 / 1e3));
@@ -345,8 +365,6 @@ impl<'a, 't, T: Tier> Steer<'a, 't, T> {
                 self.answer("failed: a swapoff was refused: RAM cannot take its pages back now; the daemon tries again".into());
             }
         }
-        let view: Vec<elastic::Slice> =
-            self.boards.iter().map(|b| elastic::Slice { state: b.state(), used_pages: b.used_pages.load(Ordering::Relaxed) }).collect();
         let free = self.tier.free();
         match self.policy.decide(now, free, &view) {
             Some((Change::Drain(i), why)) => {
@@ -355,7 +373,13 @@ impl<'a, 't, T: Tier> Steer<'a, 't, T> {
                 self.boards[i].drain();
             }
             Some((Change::Grow(i), why)) => {
-                let backing = match self.tier.allocate(self.opts.slice, 0, self.opts.slice) {
+                // One slice is the whole tier, with the fallback it had at start.
+                let store = &self.opts.store;
+                let allocated = match self.boards.len() {
+                    1 => self.tier.allocate(store.size, store.step, store.min_size),
+                    _ => self.tier.allocate(self.opts.slice, 0, self.opts.slice),
+                };
+                let backing = match allocated {
                     Ok(b) => b,
                     Err(f) => {
                         warn!("taking slice {i} again: {f}");
@@ -364,7 +388,7 @@ impl<'a, 't, T: Tier> Steer<'a, 't, T> {
                     }
                 };
                 self.report.tell(format!("taking slice {i} again ({} MiB): {}", self.opts.slice / MIB, reason(why, free, self.opts)));
-                match start(s, self.setup, backing, &self.boards[i], i) {
+                match start(s, self.setups[usize::from(i > 0)], backing, &self.boards[i], i) {
                     Ok(h) => slots[i] = Some(h),
                     Err(f) => {
                         error!("{f}");
@@ -391,6 +415,11 @@ impl<'a, 't, T: Tier> Steer<'a, 't, T> {
 
     /// `nbd-vram resize`: a new target, in whole slices, at most all of them.
     fn resize(&mut self, req: Request) {
+        if !self.opts.swap {
+            *self.report.resize.lock().unwrap_or_else(PoisonError::into_inner) =
+                Some((req, "failed: a --no-swap device may hold a file system; it is never taken away".into()));
+            return;
+        }
         let slices = ((req.size / self.opts.slice) as usize).min(self.boards.len());
         self.report.tell(format!("resize to {} MiB asked: {slices} slice(s) of {} MiB", req.size / MIB, self.opts.slice / MIB));
         self.policy.set_target(slices);

@@ -8,6 +8,15 @@ use std::time::{Duration, Instant};
 /// How long after a refused swapoff, or a slice that could not be taken,
 /// before the next try.
 pub const RETRY: Duration = Duration::from_secs(10);
+/// Free memory beyond the reserve and a slice that a slice taken again
+/// needs: what the driver adds for it (its kernels, rounding), so that
+/// taking it never leaves less than the reserve and drains it at once.
+pub const MARGIN: u64 = 64 << 20;
+
+/// Whether `free` bytes leave room for a slice of `slice` above `reserve`.
+pub fn room(free: u64, reserve: u64, slice: u64) -> bool {
+    free >= reserve.saturating_add(slice).saturating_add(MARGIN)
+}
 
 /// Where a slice is in its life, as the policy sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,7 +84,7 @@ impl Policy {
     /// `resize`: from now on at most `slices`; a shrink or a grow by hand
     /// needs no hold-off, and is not put off by an earlier refusal.
     pub fn set_target(&mut self, slices: usize) {
-        self.asked = slices > self.target;
+        self.asked = true;
         self.target = slices;
         (self.drain_after, self.grow_after) = (None, None);
     }
@@ -97,7 +106,7 @@ impl Policy {
     /// (`None`: unknown, as for a host store: then only `resize` counts).
     pub fn decide(&mut self, now: Instant, free: Option<u64>, slices: &[Slice]) -> Option<(Change, Why)> {
         let serving = slices.iter().filter(|s| matches!(s.state, State::Serving | State::Starting)).count();
-        let room = free.is_some_and(|f| f >= self.reserve.saturating_add(self.slice));
+        let room = free.is_some_and(|f| room(f, self.reserve, self.slice));
         self.room_since = if room { self.room_since.or(Some(now)) } else { None };
         if slices.iter().any(|s| matches!(s.state, State::Starting | State::Draining)) {
             return None; // one change at a time
@@ -187,9 +196,9 @@ mod tests {
         let mut p = Policy::new(1024 * MIB, 512 * MIB, HOLD, 2);
         let t = Instant::now();
         let s = slices(&[(Serving, 900), (Released, 0)]);
-        let room = Some(1536 * MIB); // the reserve and one slice, exactly
+        let room = Some(1536 * MIB + MARGIN); // the reserve, one slice and the margin, exactly
         assert_eq!(p.decide(t, room, &s), None, "room only just appeared");
-        assert_eq!(p.decide(t + HOLD / 2, Some(1535 * MIB), &s), None, "room gone again: the wait starts over");
+        assert_eq!(p.decide(t + HOLD / 2, Some(1536 * MIB), &s), None, "room gone again: the wait starts over");
         assert_eq!(p.decide(t + HOLD, room, &s), None);
         assert_eq!(p.decide(t + HOLD + HOLD / 2, room, &s), None);
         assert_eq!(p.decide(t + HOLD * 2, room, &s), Some((Change::Grow(1), Why::Room)));
@@ -202,8 +211,8 @@ mod tests {
         let mut p = Policy::new(1024 * MIB, 512 * MIB, HOLD, 2);
         let t = Instant::now();
         let before = slices(&[(Serving, 0), (Released, 0)]);
-        p.decide(t, Some(1536 * MIB), &before);
-        assert_eq!(p.decide(t + HOLD, Some(1536 * MIB), &before), Some((Change::Grow(1), Why::Room)));
+        p.decide(t, Some(1536 * MIB + MARGIN), &before);
+        assert_eq!(p.decide(t + HOLD, Some(1536 * MIB + MARGIN), &before), Some((Change::Grow(1), Why::Room)));
         let after = slices(&[(Serving, 0), (Serving, 0)]);
         assert_eq!(p.decide(t + HOLD, Some(1024 * MIB), &after), None);
     }
@@ -229,6 +238,18 @@ mod tests {
         p.set_target(2);
         assert_eq!(p.decide(t, Some(1200 * MIB), &s), None, "no room for a slice above the reserve");
         assert_eq!(p.decide(t, Some(1600 * MIB), &s), Some((Change::Grow(1), Why::Asked)));
+    }
+
+    /// A grow asked for after the reserve took slices does not wait for
+    /// the hold-off either, though the target did not change.
+    #[test]
+    fn resize_to_the_same_target_grows_at_once() {
+        let mut p = Policy::new(1024 * MIB, 512 * MIB, HOLD, 2);
+        let t = Instant::now();
+        let s = slices(&[(Serving, 5), (Released, 0)]);
+        assert_eq!(p.decide(t, Some(4096 * MIB), &s), None, "the hold-off runs");
+        p.set_target(2);
+        assert_eq!(p.decide(t, Some(4096 * MIB), &s), Some((Change::Grow(1), Why::Asked)));
     }
 
     #[test]

@@ -22,19 +22,26 @@ pub struct Request {
     pub id: u32,
 }
 
-/// The daemon's side: a request waiting for the instance `name`, taken
-/// (removed) so that it is acted on once.
+/// The daemon's side: a request for the instance `name` addressed to this
+/// process, taken (removed) so that it is acted on once. A request left
+/// for an earlier daemon of the same name is removed unheard.
 pub fn take(name: &str) -> Option<Request> {
     let path = PathBuf::from(DIR).join(format!("{name}.resize"));
     let text = fs::read_to_string(&path).ok()?;
     let _ = fs::remove_file(&path);
+    let request = parse(&text, std::process::id());
+    if request.is_none() {
+        crate::warn!("{}: not a resize request for this daemon: {text:?}", path.display());
+    }
+    request
+}
+
+/// `SIZE ID PID`: a request from process ID for daemon PID.
+fn parse(text: &str, pid: u32) -> Option<Request> {
     let mut words = text.split_whitespace().map(str::parse::<u64>);
-    match (words.next(), words.next()) {
-        (Some(Ok(size)), Some(Ok(id))) => Some(Request { size, id: id as u32 }),
-        _ => {
-            crate::warn!("{}: not a resize request: {text:?}", path.display());
-            None
-        }
+    match (words.next(), words.next(), words.next(), words.next()) {
+        (Some(Ok(size)), Some(Ok(id)), Some(Ok(to)), None) if to == u64::from(pid) => Some(Request { size, id: u32::try_from(id).ok()? }),
+        _ => None,
     }
 }
 
@@ -47,10 +54,12 @@ pub fn resize(size: u64, device: Option<&Path>) -> Result<(), Failure> {
     let (name, pid) = daemon(device)?;
     let id = std::process::id();
     let path = PathBuf::from(DIR).join(format!("{name}.resize"));
-    let tmp = path.with_extension("resize.tmp");
-    fs::write(&tmp, format!("{size} {id}\n")).and_then(|()| fs::rename(&tmp, &path)).map_err(|e| Failure::os(path.display(), e))?;
-    // SAFETY: kill with a pid read from the daemon's status file and a valid signal.
+    let tmp = path.with_extension(format!("resize.{id}"));
+    fs::write(&tmp, format!("{size} {id} {pid}\n")).and_then(|()| fs::rename(&tmp, &path)).map_err(|e| Failure::os(path.display(), e))?;
+    // SAFETY: kill with a positive pid of a live nbd-vram (`daemon`) and a
+    // valid signal, which that process blocks and takes.
     if unsafe { libc::kill(pid as libc::pid_t, WAKE) } < 0 {
+        let _ = fs::remove_file(&path);
         return Err(Failure::os(format!("signalling pid {pid}"), std::io::Error::last_os_error()));
     }
     crate::info!("asked pid {pid} ({name}) to resize to {} MiB; waiting", size >> 20);
@@ -59,6 +68,7 @@ pub fn resize(size: u64, device: Option<&Path>) -> Result<(), Failure> {
     while start.elapsed() < PATIENCE {
         thread::sleep(Duration::from_millis(200));
         let Ok(text) = fs::read_to_string(&status) else {
+            let _ = fs::remove_file(&path);
             return Err(Failure::new(Code::Other, format!("{name} stopped before it answered")));
         };
         let answer = text.lines().find_map(|l| l.strip_prefix("resize=")?.strip_prefix(&format!("{id} ")));
@@ -71,6 +81,7 @@ pub fn resize(size: u64, device: Option<&Path>) -> Result<(), Failure> {
             _ => {}
         }
     }
+    let _ = fs::remove_file(&path);
     Err(Failure::new(Code::Swap, format!("{name} has not finished resizing after {} s; see its log", PATIENCE.as_secs())))
 }
 
@@ -91,7 +102,13 @@ fn daemon(device: Option<&Path>) -> Result<(String, u32), Failure> {
         if device.is_some_and(|d| !serves(d)) {
             continue;
         }
-        let pid = text.lines().find_map(|l| l.strip_prefix("pid=")?.parse().ok()).unwrap_or(0);
+        // A file a dead daemon left, or whose pid now names another
+        // process, is not asked: the signal would end that process.
+        let pid: u32 = text.lines().find_map(|l| l.strip_prefix("pid=")?.parse().ok()).unwrap_or(0);
+        let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if pid == 0 || comm.trim() != "nbd-vram" {
+            continue;
+        }
         let name = path.file_stem().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         found.push((name, pid));
     }
@@ -100,5 +117,19 @@ fn daemon(device: Option<&Path>) -> Result<(String, u32), Failure> {
         (0, Some(d)) => Err(Failure::new(Code::Other, format!("no running swap daemon serves {}", d.display()))),
         (0, None) => Err(Failure::new(Code::Other, "no swap daemon is running")),
         _ => Err(Failure::new(Code::Usage, "several swap daemons run: name one by a device it serves, e.g. nbd-vram resize 8G /dev/nbd0")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_is_heard_only_by_the_daemon_it_names() {
+        assert_eq!(parse("402653184 77 1234\n", 1234), Some(Request { size: 384 << 20, id: 77 }));
+        assert_eq!(parse("402653184 77 1234", 99), None, "left for an earlier daemon");
+        for bad in ["", "8G 77 1234", "1 2", "1 2 1234 5", "1 -2 1234", "1 99999999999 1234"] {
+            assert_eq!(parse(bad, 1234), None, "{bad:?}");
+        }
     }
 }

@@ -125,7 +125,10 @@ impl Board {
         }
     }
 
+    /// Draining from now on, before the slice's thread wakes, so that the
+    /// daemon never orders a second drain meanwhile.
     pub fn drain(&self) {
+        self.state.store(State::Draining as u8, Ordering::SeqCst);
         self.order(Want::Drain);
     }
 
@@ -496,8 +499,8 @@ fn control(dev: &NbdDevice, opts: &SwapOpts, board: &Board) -> Result<Ended, Fai
             (Want::Drain, false) => break,
             (Want::Stop, false) => {
                 board.set_state(State::Draining);
-                if opts.swap {
-                    swapoff_until_done(&off, board);
+                if opts.swap && !swapoff_until_done(&off, board) {
+                    return Err(Failure::new(Code::Other, format!("{}: kernel link lost while swapping off", path.display())));
                 }
                 break;
             }
@@ -521,6 +524,10 @@ fn give_back(off: &swap::Swapoff, board: &Board) -> bool {
             board.moved.1.store((t.elapsed().as_millis() as u64).max(1), Ordering::SeqCst);
             true
         }
+        Outcome::Failed(e) if board.lock().link_down => {
+            error!("swapoff {}: {e}, and the link is gone", path.display());
+            false
+        }
         Outcome::Failed(e) => {
             let why = match e.raw_os_error() {
                 Some(libc::ENOMEM) => "RAM cannot take its pages back now".to_string(),
@@ -534,17 +541,25 @@ fn give_back(off: &swap::Swapoff, board: &Board) -> bool {
 }
 
 /// Never gives up: while swap holds pages, the VRAM must stay served.
-fn swapoff_until_done(off: &swap::Swapoff, board: &Board) {
+/// False if the link ended first: the pages left in swap are lost.
+fn swapoff_until_done(off: &swap::Swapoff, board: &Board) -> bool {
     let path = off.path();
     loop {
         let t = Instant::now();
         match off.run() {
-            Outcome::Off => return info!("swapoff {} done in {:.1} s", path.display(), t.elapsed().as_secs_f64()),
+            Outcome::Off => {
+                info!("swapoff {} done in {:.1} s", path.display(), t.elapsed().as_secs_f64());
+                return true;
+            }
             Outcome::Failed(e) if board.lock().link_down => {
-                return error!("swapoff {}: {e}, and the link is gone", path.display())
+                error!("swapoff {}: {e}, and the link is gone", path.display());
+                return false;
             }
             // systemd's own dev-nbdN.swap unit may have swapped it off first.
-            Outcome::NotSwap => return info!("{} is no longer swap", path.display()),
+            Outcome::NotSwap => {
+                info!("{} is no longer swap", path.display());
+                return true;
+            }
             Outcome::Failed(e) if e.raw_os_error() == Some(libc::ENOMEM) => error!(
                 "swapoff {}: {e}: RAM cannot take the swapped pages back yet; still serving them, retrying in {} s",
                 path.display(),
