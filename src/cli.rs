@@ -386,7 +386,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed, String> 
         store.min_size = store.size;
     }
     let command = match mode {
-        Mode::Daemon => Command::Swap(slices(SwapOpts { store, connections, ..swap })?),
+        Mode::Daemon => Command::Swap(settle_slices(SwapOpts { store, connections, ..swap })?),
         Mode::Serve => {
             let listen = listen.ok_or("serve needs --listen unix:PATH or --listen tcp:HOST:PORT")?;
             if let (Addr::Tcp(hostport), false) = (&listen, allow_remote) {
@@ -433,7 +433,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed, String> 
 /// Settles the slice size: given, or all of `--size` (one slice, the
 /// tier as a whole), or with `--reserve` a quarter of it, so that giving
 /// back is gradual; `--size` is rounded down to whole slices.
-fn slices(mut swap: SwapOpts) -> Result<SwapOpts, String> {
+fn settle_slices(mut swap: SwapOpts) -> Result<SwapOpts, String> {
     let size = swap.store.size;
     if swap.slice == 0 {
         swap.slice = if swap.reserve > 0 { (size / 4).max(4096) & !4095 } else { size };

@@ -195,7 +195,6 @@ fn start<'s, 'e, B: crate::store::Backing + Send + 's>(
     })
 }
 
-
 /// Until a slice serves (true), its thread ends (a failure) or a stop
 /// comes (false).
 fn wait_started<B>(signals: &Signals, board: &Board, slot: &mut Slot<'_, B>) -> Result<bool, Failure> {
@@ -259,7 +258,7 @@ impl Report {
         let _ = writeln!(t, "slices={}", boards.len());
         for (i, b) in boards.iter().enumerate() {
             let device = b.device().map_or("-".into(), |d| d.display().to_string());
-            let _ = writeln!(t, "slice.{i}={device} {} {}", state_name(b.state()), b.used_pages.load(Ordering::Relaxed));
+            let _ = writeln!(t, "slice.{i}={device} {} {}", b.state().name(), b.used_pages.load(Ordering::Relaxed));
         }
         let _ = writeln!(t, "change={}", self.change.lock().unwrap_or_else(PoisonError::into_inner));
         if let Some((req, outcome)) = &*self.resize.lock().unwrap_or_else(PoisonError::into_inner) {
@@ -270,15 +269,6 @@ impl Report {
     fn tell(&self, change: String) {
         info!("{change}");
         *self.change.lock().unwrap_or_else(PoisonError::into_inner) = change;
-    }
-}
-
-pub fn state_name(state: State) -> &'static str {
-    match state {
-        State::Starting => "starting",
-        State::Serving => "serving",
-        State::Draining => "draining",
-        State::Released => "released",
     }
 }
 
@@ -340,9 +330,10 @@ impl<'a, 't, T: Tier> Steer<'a, 't, T> {
         'a: 's,
         't: 's,
     {
+        let swaps = swap::table();
         for board in self.boards {
             if let Some(dev) = board.device() {
-                let used = swap::active(&dev).map_or(0, |a| a.used_kib / 4);
+                let used = swap::entry(&swaps, &dev).map_or(0, |a| a.used_kib / 4);
                 board.used_pages.store(used, Ordering::Relaxed);
             }
         }
@@ -402,11 +393,11 @@ impl<'a, 't, T: Tier> Steer<'a, 't, T> {
                 if !busy && serving == self.policy.target() && self.pending() {
                     self.answer(format!("done: {serving} slice(s), {} MiB", serving as u64 * self.opts.slice / MIB));
                 }
-                let need = self.opts.reserve.saturating_add(self.opts.slice);
-                if let Some(f) = free.filter(|&f| !busy && serving < self.policy.target() && self.opts.reserve > 0 && f < need) {
+                let (reserve, slice) = (self.opts.reserve, self.opts.slice);
+                if let Some(f) = free.filter(|&f| !busy && serving < self.policy.target() && reserve > 0 && !elastic::room(f, reserve, slice)) {
                     self.answer(format!(
                         "failed: {} MiB of VRAM free, and a slice above --reserve {} MiB needs {} MiB; it is taken once there is room",
-                        f / MIB, self.opts.reserve / MIB, need / MIB
+                        f / MIB, reserve / MIB, (reserve + slice + elastic::MARGIN) / MIB
                     ));
                 }
             }

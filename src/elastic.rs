@@ -31,6 +31,18 @@ pub enum State {
     Released,
 }
 
+impl State {
+    /// As `status` shows it.
+    pub fn name(self) -> &'static str {
+        match self {
+            State::Starting => "starting",
+            State::Serving => "serving",
+            State::Draining => "draining",
+            State::Released => "released",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct Slice {
     pub state: State,
@@ -206,8 +218,8 @@ mod tests {
 
     #[test]
     fn hysteresis_a_grown_slice_leaves_the_reserve_free() {
-        // Growing needs the reserve plus a slice free, so right after it
-        // the reserve is still free and nothing drains.
+        // Growing needs the reserve, a slice and the margin free, so right
+        // after it the reserve is still free and nothing drains.
         let mut p = Policy::new(1024 * MIB, 512 * MIB, HOLD, 2);
         let t = Instant::now();
         let before = slices(&[(Serving, 0), (Released, 0)]);

@@ -167,6 +167,12 @@ impl Board {
         self.orders.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Waits up to `limit`, or until the link ends.
+    fn wait_link(&self, limit: Duration) {
+        let orders = self.lock();
+        let _ = self.changed.wait_timeout_while(orders, limit, |o| !o.link_down).unwrap_or_else(PoisonError::into_inner);
+    }
+
     /// Waits up to `limit` for an order other than serving, or the link's end.
     fn wait(&self, limit: Duration) -> (Want, bool) {
         let orders = self.lock();
@@ -587,7 +593,7 @@ fn swapon_failure(path: &Path, e: io::Error) -> Failure {
 }
 
 /// Polls `done` until true or `limit` passes.
-pub fn wait_for(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+fn wait_for(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
     let start = Instant::now();
     while start.elapsed() < limit {
         if done() {
@@ -596,14 +602,6 @@ pub fn wait_for(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
         thread::sleep(Duration::from_millis(20));
     }
     done()
-}
-
-impl Board {
-    /// Waits up to `limit`, or until the link ends.
-    fn wait_link(&self, limit: Duration) {
-        let orders = self.lock();
-        let _ = self.changed.wait_timeout_while(orders, limit, |o| !o.link_down).unwrap_or_else(PoisonError::into_inner);
-    }
 }
 
 #[cfg(test)]

@@ -170,10 +170,17 @@ pub fn active(path: &Path) -> Option<Active> {
 
 /// `path`'s line of /proc/swaps, if any; `None` if it cannot be read.
 fn lookup(path: &Path) -> Option<Option<Active>> {
-    Some(parse_swaps(&std::fs::read_to_string("/proc/swaps").ok()?, path))
+    Some(entry(&std::fs::read_to_string("/proc/swaps").ok()?, path))
 }
 
-fn parse_swaps(text: &str, path: &Path) -> Option<Active> {
+/// /proc/swaps, for `entry` to look up several devices in one read; empty
+/// if it cannot be read.
+pub fn table() -> String {
+    std::fs::read_to_string("/proc/swaps").unwrap_or_default()
+}
+
+/// `path`'s line in `text`, a copy of /proc/swaps.
+pub fn entry(text: &str, path: &Path) -> Option<Active> {
     text.lines().skip(1).find_map(|line| {
         let f: Vec<&str> = line.split_whitespace().collect();
         if f.len() < 5 || Path::new(f[0]) != path {
@@ -244,9 +251,9 @@ mod tests {
     #[test]
     fn proc_swaps_lines_parse() {
         let text = "Filename\tType\tSize\tUsed\tPriority\n/dev/nbd0  partition\t786428\t1024\t100\n/dev/zram0 partition 100 0 -2\n";
-        let a = parse_swaps(text, Path::new("/dev/nbd0")).unwrap();
+        let a = entry(text, Path::new("/dev/nbd0")).unwrap();
         assert_eq!(a, Active { size_kib: 786428, used_kib: 1024, priority: 100 });
-        assert_eq!(parse_swaps(text, Path::new("/dev/zram0")).unwrap().priority, -2);
-        assert!(parse_swaps(text, Path::new("/dev/nbd1")).is_none());
+        assert_eq!(entry(text, Path::new("/dev/zram0")).unwrap().priority, -2);
+        assert!(entry(text, Path::new("/dev/nbd1")).is_none());
     }
 }
