@@ -23,7 +23,7 @@ use crate::slice::{self, Board, Ended, Setup};
 use crate::stats::Stats;
 use crate::status::{self, Instance};
 use crate::store::{Tier, UseTier};
-use crate::tuning::{MailboxUse, Tuning};
+use crate::tuning::Tuning;
 use crate::{error, info, notify, pressure, swap, warn};
 
 /// How often free memory and the slices are looked at.
@@ -52,14 +52,6 @@ fn run<T: Tier>(opts: &SwapOpts, tuning: &Tuning, tier: &T) -> Result<(), Failur
     let k = opts.slices();
     pressure::set_loops(k * opts.connections);
     let staging = if k > 1 { SLICE_STAGING } else { MAX_PAYLOAD as usize };
-    // Freeing memory or loading a module waits, in the CUDA driver, for
-    // every kernel running in the context, and copies queued behind such
-    // a call wait too (H200, driver 580). A slice given back or taken
-    // again would then wait for the other slices' resident mailbox
-    // kernels, which only their own loops end, and those loops may be
-    // stuck behind it: several slices go without the mailbox kernel.
-    let sliced = Tuning { mailbox: MailboxUse::Off, ..tuning.clone() };
-    let tuning = if k > 1 { &sliced } else { tuning };
     let first = Setup { opts, tuning, staging, device: opts.device.as_deref() };
     let others = Setup { device: None, ..first };
     let backings = allocate(opts, tier)?;
@@ -102,7 +94,7 @@ fn run<T: Tier>(opts: &SwapOpts, tuning: &Tuning, tier: &T) -> Result<(), Failur
                     })
                 })
                 .ok();
-            let mut steer = Steer { opts, tier, setups: [&first, &others], boards, report, policy: &mut policy, name };
+            let mut steer = Steer { opts, tier, setups: [&first, &others], boards, report, policy: &mut policy, name, chosen: vec![None; k] };
             outcome = steer.run(s, &signals, &mut slots);
         }
         notify::stopping();
@@ -187,6 +179,7 @@ fn start<'s, 'e, B: crate::store::Backing + Send + 's>(
     board.starting();
     let spawned = thread::Builder::new().name(format!("nbd-slice-{i}")).stack_size(STACK).spawn_scoped(s, move || {
         let ended = slice::run(setup, &backing, board);
+        board.ending();
         (ended, backing)
     });
     spawned.map_err(|e| {
@@ -283,6 +276,8 @@ struct Steer<'a, 't, T: Tier> {
     policy: &'a mut Policy,
     /// The instance's name, which `resize` requests go by.
     name: String,
+    /// When each slice being given back was chosen.
+    chosen: Vec<Option<Instant>>,
 }
 
 impl<'a, 't, T: Tier> Steer<'a, 't, T> {
@@ -302,12 +297,21 @@ impl<'a, 't, T: Tier> Steer<'a, 't, T> {
             }
             let now = Instant::now();
             for (i, slot) in slots.iter_mut().enumerate() {
-                if !slot.as_ref().is_some_and(|h| h.is_finished()) {
+                if !slot.as_ref().is_some_and(|h| h.is_finished() || self.boards[i].has_ended()) {
                     continue;
                 }
                 let starting = self.boards[i].state() == State::Starting;
                 if let Some(h) = slot.take() {
                     reap(&self.boards[i], h, i)?;
+                }
+                if let Some(chosen) = self.chosen[i].take() {
+                    let board = &self.boards[i];
+                    let (pages, ms) = (board.moved.0.swap(0, Ordering::SeqCst), board.moved.1.swap(0, Ordering::SeqCst));
+                    self.report.tell(format!(
+                        "gave back slice {i}: swapoff moved {pages} page(s) out in {:.1} s; its memory was freed {:.2} s after it was chosen",
+                        ms as f64 / 1e3,
+                        chosen.elapsed().as_secs_f64()
+                    ));
                 }
                 if starting {
                     self.policy.grow_failed(now);
@@ -343,11 +347,8 @@ impl<'a, 't, T: Tier> Steer<'a, 't, T> {
         let view: Vec<elastic::Slice> =
             self.boards.iter().map(|b| elastic::Slice { state: b.state(), used_pages: b.used_pages.load(Ordering::Relaxed) }).collect();
         for (i, board) in self.boards.iter().enumerate() {
-            if board.state() == State::Released && board.moved.1.load(Ordering::SeqCst) > 0 {
-                let (pages, ms) = (board.moved.0.swap(0, Ordering::SeqCst), board.moved.1.swap(0, Ordering::SeqCst));
-                self.report.tell(format!("gave back slice {i}: swapoff moved {pages} page(s) out in {:.1} s", ms as f64 / 1e3));
-            }
             if board.take_refusal() {
+                self.chosen[i] = None;
                 self.report.tell(format!(
                     "swapoff of slice {i} refused: RAM cannot take its pages back now; it serves on, and a slice is given back again in {} s",
                     elastic::RETRY.as_secs()
@@ -362,6 +363,7 @@ impl<'a, 't, T: Tier> Steer<'a, 't, T> {
                 let dev = self.boards[i].device().map_or("-".into(), |d| d.display().to_string());
                 self.report.tell(format!("giving back slice {i} ({dev}, {} pages in swap): {}", view[i].used_pages, reason(why, free, self.opts)));
                 self.boards[i].drain();
+                self.chosen[i] = Some(now);
             }
             Some((Change::Grow(i), why)) => {
                 // One slice is the whole tier, with the fallback it had at start.

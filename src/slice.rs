@@ -16,7 +16,7 @@ use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Condvar, Mutex, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -63,6 +63,8 @@ pub struct Board {
     refused: AtomicBool,
     /// The last drain's swapoff: pages it moved out, and milliseconds.
     pub moved: (AtomicU64, AtomicU64),
+    /// Its thread is returning: the daemon joins it at once.
+    ending: AtomicBool,
     orders: Mutex<Orders>,
     changed: Condvar,
     /// Each connection's counters, for `status`.
@@ -83,6 +85,7 @@ impl Board {
             used_pages: AtomicU64::new(0),
             refused: AtomicBool::new(false),
             moved: (AtomicU64::new(0), AtomicU64::new(0)),
+            ending: AtomicBool::new(false),
             orders: Mutex::new(Orders { want: Want::Serve, link_down: false }),
             changed: Condvar::new(),
             stats: (0..connections).map(|_| Stats::default()).collect(),
@@ -107,7 +110,20 @@ impl Board {
     pub fn starting(&self) {
         *self.lock() = Orders { want: Want::Serve, link_down: false };
         self.refused.store(false, Ordering::SeqCst);
+        self.ending.store(false, Ordering::SeqCst);
         self.state.store(State::Starting as u8, Ordering::SeqCst);
+    }
+
+    /// Its thread's last act: a freed slice's memory goes back now, not
+    /// at the daemon's next look.
+    pub fn ending(&self) {
+        self.ending.store(true, Ordering::SeqCst);
+        Signals::raise(WAKE);
+    }
+
+    /// Whether its thread has returned, or is about to.
+    pub fn has_ended(&self) -> bool {
+        self.ending.load(Ordering::SeqCst)
     }
 
     /// After its thread has ended and its memory is freed.
@@ -259,22 +275,10 @@ fn serve<'b, B: Backing>(
     ours: &[UnixStream],
 ) -> Ended {
     let n = setup.opts.connections;
-    // Links still served. A store is dropped only once every link has
-    // ended: freeing its pinned memory may wait for every kernel on the
-    // GPU, and the other links' mailbox kernels end only when they do.
-    let live = AtomicUsize::new(n);
-    let all_ended = || {
-        live.fetch_sub(1, Ordering::SeqCst);
-        while live.load(Ordering::SeqCst) > 0 {
-            thread::sleep(Duration::from_millis(20));
-        }
-    };
     let stats = &board.stats;
     let serve_other = |i: usize, mut conn: Conn<B>| {
         pressure::realtime();
-        let served = serve_link(&mut conn.store, &mut conn.bufs, shared, &stats[i], &ours[i]);
-        all_ended();
-        served
+        serve_link(&mut conn.store, &mut conn.bufs, shared, &stats[i], &ours[i])
     };
     let path = dev.path();
     // Before this slice's other threads start, so that every one inherits
@@ -300,7 +304,6 @@ fn serve<'b, B: Backing>(
         // Until every link has ended: the kernel sends the requests of one
         // that broke down the others, and ends them all at disconnect.
         let mut served = vec![serve_link(&mut first.store, &mut first.bufs, shared, &stats[0], &ours[0])];
-        all_ended();
         let ended = |h: thread::ScopedJoinHandle<'_, Option<io::Result<End>>>| h.join().ok().flatten().unwrap_or_else(|| Err(io::Error::other("its thread failed")));
         served.extend(others.into_iter().map(ended));
         board.link_ended();

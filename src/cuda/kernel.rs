@@ -82,7 +82,7 @@ impl Context {
         let mut module: CUmodule = std::ptr::null_mut();
         // SAFETY: `PTX` is a NUL-terminated PTX text, as the call expects;
         // it writes one module handle to a live local.
-        if let Err(e) = self.cuda.check("cuModuleLoadData", unsafe { load(&mut module, PTX.as_ptr().cast()) }) {
+        if let Err(e) = self.cuda.check("cuModuleLoadData", super::gate::alone(|| unsafe { load(&mut module, PTX.as_ptr().cast()) })) {
             return Some(Err(e));
         }
         // Owned from here, so that a failure below unloads it.
@@ -99,7 +99,7 @@ impl Drop for Mover<'_> {
         if let Some(unload) = self.ctx.cuda.api.cuModuleUnload {
             // SAFETY: the module came from cuModuleLoadData and is unloaded
             // only here, after the store has synced the stream that ran it.
-            let r = unsafe { unload(self.module) };
+            let r = super::gate::alone(|| unsafe { unload(self.module) });
             if let Err(e) = self.ctx.cuda.check("cuModuleUnload", r) {
                 crate::warn!("{e}");
             }

@@ -18,6 +18,7 @@ use std::ffi::{c_int, c_uint, c_void};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use super::gate::{self, Admission};
 use super::kernel::LaunchKernel;
 use super::sys::{self, CUfunction, CUmodule};
 use super::{Context, CopyBatch, DeviceMem, Error, Pinned, Stream};
@@ -256,6 +257,8 @@ pub struct Mailbox<'c> {
     /// The lowest VRAM address the store has: jobs name offsets from it.
     base: u64,
     state: State,
+    /// Held from the launch until the kernel is told to end (`gate`).
+    admission: Option<Admission>,
     /// How long `wait` spins before it sleeps between looks.
     spin: Duration,
 }
@@ -302,7 +305,7 @@ impl Context {
         let mut module: CUmodule = std::ptr::null_mut();
         // SAFETY: `PTX` is a NUL-terminated PTX text, as the call expects;
         // it writes one module handle to a live local.
-        if let Err(e) = self.cuda.check("cuModuleLoadData", unsafe { load(&mut module, PTX.as_ptr().cast()) }) {
+        if let Err(e) = self.cuda.check("cuModuleLoadData", gate::alone(|| unsafe { load(&mut module, PTX.as_ptr().cast()) })) {
             return Some(Err(e));
         }
         // Owned from here, so that a failure below unloads it.
@@ -317,6 +320,7 @@ impl Context {
             seq: 0,
             base: memory.iter().map(|m| m.ptr).min().unwrap_or(0),
             state: State::Parked,
+            admission: None,
             spin: SPIN,
         };
         mailbox.slot.fill(0);
@@ -388,10 +392,12 @@ impl Mailbox<'_> {
 
     /// Launches the kernel if it is parked; it is ready some microseconds
     /// later. Queued behind the parked one, which has its order to end.
+    /// Does nothing while a call that waits for every kernel is due.
     pub fn start(&mut self) -> Result<(), Error> {
         if !matches!(self.state, State::Parked) {
             return Ok(());
         }
+        let Some(admission) = gate::admit() else { return Ok(()) };
         let (mut slot, mut landing, mut last, mut base) = (self.slot.ptr as u64, self.landing.ptr as u64, self.seq, self.base);
         let mut params: [*mut c_void; 4] = [(&raw mut slot).cast(), (&raw mut landing).cast(), (&raw mut last).cast(), (&raw mut base).cast()];
         // SAFETY: `params` points at the kernel's four parameters, laid out
@@ -402,6 +408,7 @@ impl Mailbox<'_> {
         let r = unsafe { (self.launch)(self.function, 1, 1, 1, THREADS, 1, 1, 0, self.stream.stream, params.as_mut_ptr(), std::ptr::null_mut()) };
         self.ctx.cuda.check("cuLaunchKernel", r)?;
         self.state = State::Starting(self.seq);
+        self.admission = Some(admission);
         Ok(())
     }
 
@@ -495,6 +502,7 @@ impl Mailbox<'_> {
     fn abandon(&mut self) {
         self.post(0);
         self.state = State::Abandoned;
+        self.admission = None;
     }
 
     /// Whether a wait missed its deadline: the kernel is never used again.
@@ -522,7 +530,14 @@ impl Mailbox<'_> {
         if matches!(self.state, State::Starting(_) | State::Running) {
             self.post(0);
             self.state = State::Parked;
+            self.admission = None;
         }
+    }
+
+    /// Whether the kernel runs and a call that waits for every kernel is
+    /// due: the caller parks it now.
+    pub fn holds_up_others(&self) -> bool {
+        self.admission.is_some() && gate::wanted()
     }
 }
 
@@ -535,7 +550,7 @@ impl Drop for Mailbox<'_> {
         if let Some(unload) = self.ctx.cuda.api.cuModuleUnload {
             // SAFETY: the module came from cuModuleLoadData and is unloaded
             // only here, after the kernel has ended.
-            if let Err(e) = self.ctx.cuda.check("cuModuleUnload", unsafe { unload(self.module) }) {
+            if let Err(e) = self.ctx.cuda.check("cuModuleUnload", gate::alone(|| unsafe { unload(self.module) })) {
                 crate::warn!("{e}");
             }
         }

@@ -1,6 +1,7 @@
 //! Safe owners over the CUDA driver API: every handle is freed by `Drop`,
 //! every `CUresult` becomes an `Error` naming the call and CUDA's own words.
 
+mod gate;
 mod kernel;
 mod mailbox;
 mod sys;
@@ -8,6 +9,7 @@ mod sys;
 use std::ffi::{c_char, c_uint, c_void, CStr};
 use std::fmt;
 use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use sys::{Api, CUcontext, CUdevice, CUdeviceptr, CUevent, CUresult, CUstream};
 
@@ -204,6 +206,7 @@ impl Context {
         let len = usize::try_from(len).unwrap_or(usize::MAX);
         // SAFETY: writes one device pointer to a live local.
         self.cuda.check("cuMemAlloc_v2", unsafe { (self.cuda.api.cuMemAlloc_v2)(&mut ptr, len) })?;
+        HELD.fetch_add(len as u64, Ordering::Relaxed);
         Ok(DeviceMem { ctx: self, ptr, len: len as u64 })
     }
 
@@ -270,10 +273,22 @@ impl DeviceMem<'_> {
     }
 }
 
+/// Device memory this process holds, counted after an allocation
+/// returns and before a free is made, so that free memory plus this never
+/// reads above what it would be without us: another process's share is
+/// what it falls below its highest.
+static HELD: AtomicU64 = AtomicU64::new(0);
+
+/// Device memory this process holds, as `HELD` counts it.
+pub fn held() -> u64 {
+    HELD.load(Ordering::Relaxed)
+}
+
 impl Drop for DeviceMem<'_> {
     fn drop(&mut self) {
+        HELD.fetch_sub(self.len, Ordering::Relaxed);
         // SAFETY: `ptr` came from cuMemAlloc_v2 and is freed only here.
-        let r = unsafe { (self.ctx.cuda.api.cuMemFree_v2)(self.ptr) };
+        let r = gate::alone(|| unsafe { (self.ctx.cuda.api.cuMemFree_v2)(self.ptr) });
         if let Err(e) = self.ctx.cuda.check("cuMemFree_v2", r) {
             crate::error!("{e}");
         }
@@ -305,7 +320,7 @@ impl DerefMut for Pinned<'_> {
 impl Drop for Pinned<'_> {
     fn drop(&mut self) {
         // SAFETY: `ptr` came from cuMemHostAlloc and is freed only here.
-        let r = unsafe { (self.ctx.cuda.api.cuMemFreeHost)(self.ptr.cast()) };
+        let r = gate::alone(|| unsafe { (self.ctx.cuda.api.cuMemFreeHost)(self.ptr.cast()) });
         if let Err(e) = self.ctx.cuda.check("cuMemFreeHost", r) {
             crate::error!("{e}");
         }

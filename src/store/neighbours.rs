@@ -35,8 +35,9 @@ pub struct Neighbours {
 
 enum Watch {
     Listed(Nvml),
-    /// The most memory seen free since the store was set up: someone who
-    /// was there before and has left is not counted when they come back.
+    /// The most memory seen free since the store was set up, counting
+    /// what this process holds as free: someone who was there before and
+    /// has left is not counted when they come back.
     Memory { mark: u64 },
 }
 
@@ -59,7 +60,7 @@ impl Neighbours {
                 if tells {
                     info!("NVML: {e}: another process on this GPU is seen only by the memory it takes after us");
                 }
-                Watch::Memory { mark: free(ctx) }
+                Watch::Memory { mark: free(ctx).unwrap_or(0) }
             }
         };
         let mut neighbours = Neighbours { watch, asked: Instant::now(), present: false, ignored, tells };
@@ -87,12 +88,12 @@ impl Neighbours {
                     if self.tells {
                         warn!("NVML: {e}: watching the GPU's free memory instead");
                     }
-                    self.watch = Watch::Memory { mark: free(ctx) };
+                    self.watch = Watch::Memory { mark: free(ctx).unwrap_or(0) };
                     return;
                 }
             },
             Watch::Memory { mark } => {
-                let Ok((free, _)) = ctx.mem_info() else { return };
+                let Some(free) = free(ctx) else { return };
                 *mark = (*mark).max(free);
                 Seen::Taken((*mark - free) >> 20)
             }
@@ -118,6 +119,8 @@ impl Neighbours {
     }
 }
 
-fn free(ctx: &Context) -> u64 {
-    ctx.mem_info().map_or(0, |(free, _)| free)
+/// Free memory as it would be without this process's allocations: the
+/// slices given back and taken again are not another process.
+fn free(ctx: &Context) -> Option<u64> {
+    ctx.mem_info().ok().map(|(free, _)| free + crate::cuda::held())
 }

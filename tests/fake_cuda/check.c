@@ -15,6 +15,8 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
+#include <signal.h>
+#include <time.h>
 #include <unistd.h>
 
 typedef int CUresult;
@@ -825,6 +827,76 @@ static void s_mailbox_overlap_list(void)   /* each row of a list job */
     EQ(all(landing, 4096, 0), 1);                 /* no row ran */
 }
 
+/* Calls that wait for every kernel (FAKE_CUDA_MAILBOX_STALL=2: the kernel
+ * takes its second job 3 s late). A cuMemFree on another thread waits for
+ * the kernel to take its end; this thread's calls wait behind it. */
+static CUdeviceptr spare;
+static void *free_spare(void *ctx)
+{
+    EQ(cu.cuCtxSetCurrent(ctx), 0);
+    EQ(cu.cuMemFree_v2(spare), 0);
+    return NULL;
+}
+static double seconds(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + t.tv_nsec / 1e9;
+}
+static CUstream free_while_running(unsigned char **slot, unsigned second_job, pthread_t *t)
+{
+    void *fn;
+    unsigned char *landing;
+    CUdeviceptr d;
+    CUstream st = mailbox(&fn, slot, &landing, &d);
+    EQ(cu.cuMemAlloc_v2(&spare, 4096), 0);
+    post(*slot, d, 1, 4096);
+    EQ(flag_becomes(*slot, 64, 1), 1);   /* running, not told to end */
+    post(*slot, d, 2, second_job);
+    CUcontext ctx = NULL;
+    EQ(cu.cuDevicePrimaryCtxRetain(&ctx, 0), 0);
+    EQ(pthread_create(t, NULL, free_spare, ctx), 0);
+    usleep(200 * 1000);   /* the free waits for the kernel */
+    return st;
+}
+static void s_wait_all(void)
+{
+    unsigned char *slot;
+    pthread_t t;
+    CUstream st = free_while_running(&slot, 0, &t);   /* the second job: the end */
+    double t0 = seconds();
+    EQ(cu.cuStreamQuery(st), 0);   /* held until the free returned: the kernel has ended */
+    EQ(seconds() - t0 > 2.0, 1);
+    EQ(pthread_join(t, NULL), 0);
+}
+static void wait_all_deadlock(void)
+{
+    unsigned char *slot;
+    pthread_t t;
+    CUstream st = free_while_running(&slot, 16, &t);   /* the second job: a read */
+    cu.cuStreamQuery(st);   /* the free waits for this thread to end its kernel */
+}
+static void s_wait_all_deadlock(void)
+{
+    fflush(stdout);
+    fflush(stderr);
+    pid_t pid = fork();
+    if (pid == 0) {
+        capture_stderr();
+        wait_all_deadlock();
+        _exit(0);
+    }
+    int st = 0;
+    waitpid(pid, &st, 0);
+    EQ(WIFSIGNALED(st) && WTERMSIG(st) == SIGABRT, 1);
+    char path[128], buf[4096] = "";
+    snprintf(path, sizeof path, "%s/stderr.%d", tmp, (int)pid);
+    int fd = open(path, O_RDONLY);
+    EQ(fd >= 0 && read(fd, buf, sizeof buf - 1) > 0, 1);
+    if (fd >= 0) close(fd);
+    EQ(strstr(buf, "cuStreamQuery waits behind cuMemFree, which waits for this thread's nbd_vram_mailbox") != NULL, 1);
+}
+
 static void s_mailbox_overlap_host(void)   /* the landing buffer */
 {
     void *fn;
@@ -1260,6 +1332,8 @@ int main(int argc, char **argv)
     bad |= run("mailbox_overlap", s_mailbox_overlap, "");
     bad |= run("mailbox_overlap_list", s_mailbox_overlap_list, "");
     bad |= run("mailbox_overlap_host", s_mailbox_overlap_host, "");
+    bad |= run("wait_all", s_wait_all, "FAKE_CUDA_MAILBOX_STALL=2");
+    bad |= run("wait_all_deadlock", s_wait_all_deadlock, "FAKE_CUDA_MAILBOX_STALL=2");
     snprintf(env, sizeof env, "FAKE_CUDA_BACKING=%s/backing", tmp);
     bad |= run("backing_file", s_backing, env);
     snprintf(env, sizeof env, "FAKE_CUDA_BACKING=%s/backing FAKE_CUDA_TOTAL_MIB=32", tmp);

@@ -97,6 +97,7 @@ struct mailbox {
     unsigned long long base;
     unsigned last;
     int running, on_sm, started, acquire, release, fresh;
+    pthread_t owner;   /* the thread that launched it, which alone tells it to end */
 };
 /* flags & 1: CU_STREAM_NON_BLOCKING; q: its pending work, ops allocated at
  * cuStreamCreate (and faulted in then). */
@@ -340,7 +341,8 @@ static CUresult ctx_ok(void)
     return c && c->refs > 0 ? OK : E_CONTEXT;
 }
 static CUresult need_ctx(void) { CUresult rc = ctx_ok(); return rc ? rc : sticky; }
-#define LOCKED(expr) do { pthread_mutex_lock(&lock); CUresult rc_ = (expr); \
+static void held_back(const char *call);
+#define LOCKED(expr) do { pthread_mutex_lock(&lock); held_back(__func__); CUresult rc_ = (expr); \
                           pthread_mutex_unlock(&lock); return rc_; } while (0)
 
 /* The pending async work: a queue per stream (struct queue, above), and
@@ -629,17 +631,51 @@ static CUresult mem_alloc(CUdeviceptr *dptr, size_t size)
 }
 API CUresult cuMemAlloc_v2(CUdeviceptr *dptr, size_t size) { LOCKED(mem_alloc(dptr, size)); }
 
-/* Freeing memory may wait for every kernel to end: a mailbox kernel ends
- * once it takes the end posted to it, one not told to end never does (the
- * fake stops the test instead). */
+/* Calls that wait for every kernel to end (tests/gpu/blocking-probe.c:
+ * cuMemFree, cuMemFreeHost, cuModuleLoadData, cuModuleUnload, and the
+ * context's destruction) hold every other thread's calls until they
+ * return, as the driver does. A mailbox kernel ends once it takes the end
+ * posted to it; one not told to end never does (the fake stops the test
+ * instead), nor does one whose launching thread, the only one that tells
+ * it, makes a call meanwhile: that call waits behind the one that waits
+ * for its kernel. */
+static const char *waiting_call;   /* such a call, waiting, or NULL */
+static pthread_t waiting_thread;
+static pthread_cond_t waited = PTHREAD_COND_INITIALIZER;
 static int resident_ends(struct CUstream_st *s);
 static void no_resident_kernel(const char *call)
 {
+    waiting_call = call;
+    waiting_thread = pthread_self();
     for (struct CUstream_st *s = streams; s; s = s->next)
         if (!resident_ends(s)) {
             fprintf(stderr, "fake libcuda: %s while nbd_vram_mailbox runs would wait for ever\n", call);
             abort();
         }
+    waiting_call = NULL;
+    pthread_cond_broadcast(&waited);
+}
+
+/* The job posted to m is its end, not taken yet. */
+static int told_to_end(const struct mailbox *m)
+{
+    unsigned long long word = __atomic_load_n((unsigned long long *)m->slot, __ATOMIC_ACQUIRE);
+    return (unsigned)(word & 0xff) != m->last && (word >> 9 & 0x3fff) == 0;
+}
+
+/* Every API call starts here (lock held): it waits while another thread's
+ * call waits for every kernel. */
+static void held_back(const char *call)
+{
+    while (waiting_call && !pthread_equal(waiting_thread, pthread_self())) {
+        for (struct CUstream_st *s = streams; s; s = s->next)
+            if (s->mb.running && pthread_equal(s->mb.owner, pthread_self()) && !told_to_end(&s->mb)) {
+                fprintf(stderr, "fake libcuda: %s waits behind %s, which waits for this thread's "
+                        "nbd_vram_mailbox to end: both would wait for ever\n", call, waiting_call);
+                abort();
+            }
+        pthread_cond_wait(&waited, &lock);
+    }
 }
 
 static CUresult mem_free(CUdeviceptr dptr)
@@ -805,6 +841,7 @@ static const char *mailbox_image;   /* the PTX it was loaded from */
 
 static CUresult module_load(void **mod, const void *image)
 {
+    no_resident_kernel("cuModuleLoadData");
     CUresult rc = need_ctx() ? need_ctx() : !mod || !image ? E_VALUE : OK;
     if (!rc && no_jit) rc = 221;
     if (!rc && !strstr(image, ".entry " COPY_KERNEL "(") && !strstr(image, ".entry " MAILBOX_KERNEL "(")) rc = 218;
@@ -825,7 +862,12 @@ static CUresult module_function(void **fn, void *mod, const char *name)
     return rc;
 }
 API CUresult cuModuleGetFunction(void **fn, void *mod, const char *name) { LOCKED(module_function(fn, mod, name)); }
-API CUresult cuModuleUnload(void *mod) { return mod ? OK : E_HANDLE; }
+static CUresult module_unload(void *mod)
+{
+    no_resident_kernel("cuModuleUnload");
+    return mod ? OK : E_HANDLE;
+}
+API CUresult cuModuleUnload(void *mod) { LOCKED(module_unload(mod)); }
 
 /* The copy kernel: params are a u32 count and up to 128 {dst, src, len},
  * one block each, 16-byte aligned. Queued like a batch, last to first,
@@ -949,6 +991,7 @@ static CUresult mailbox_launch(unsigned gx, unsigned gy, unsigned gz, unsigned b
         .release = strstr(ptx, "st.release.sys") || strstr(ptx, "fence.acq_rel.sys") ||
                    strstr(ptx, "fence.sc.sys") || strstr(ptx, "membar.sys"),
         .fresh = reads_past_l1(ptx),
+        .owner = pthread_self(),
     };
     pthread_cond_broadcast(&sm_kick);
     logf_("launch " MAILBOX_KERNEL " -> ok");

@@ -146,6 +146,7 @@ echo "run.sh: qemu exited with status $rc after $(($(date +%s) - start)) s$([ $r
 tr -d '\r' <$LOG | grep -ao 'VM-STAT: .*' || true
 # The daemon's own account of each slice it gave back.
 tr -d '\r' <$LOG | grep -ao 'swapoff /dev/nbd[0-9]* done: .* moved out in .*' | sed 's/^/VM-STAT: elastic /' || true
+tr -d '\r' <$LOG | grep -ao 'gave back slice .*' | sed 's/^/VM-STAT: elastic /' || true
 result=$(tr -d '\r' <$LOG | grep -ao 'VM-TEST: .*' | tail -n 1)
 # The guest sees that swap stayed up after the stop; only the console shows
 # that the daemon itself met the refusal and kept retrying.

@@ -50,6 +50,9 @@ impl<'c> Resident<'c> {
     /// report). Starts the kernel if such batches came back to back; the
     /// one that does it, or finds it not ready yet, goes to the stream.
     pub fn post(&mut self, copies: &mut CopyBatch, writes: bool, fences: &mut Fences, stream: &Stream) -> bool {
+        if self.mailbox.as_ref().is_some_and(Mailbox::holds_up_others) {
+            self.park(fences);
+        }
         let lone = copies.lone();
         let takes = match lone {
             Some((dst, src, len)) => self.mailbox.as_ref().is_some_and(|m| m.takes(if writes { dst } else { src }, len)),
