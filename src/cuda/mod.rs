@@ -1,6 +1,8 @@
 //! Safe owners over the CUDA driver API: every handle is freed by `Drop`,
 //! every `CUresult` becomes an `Error` naming the call and CUDA's own words.
 
+#[cfg(test)]
+mod fake_tests;
 mod gate;
 mod kernel;
 mod mailbox;

@@ -7,18 +7,17 @@
 //! and running commands with a time limit.
 #![allow(dead_code)]
 
-use std::fs;
+mod compile;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use std::io::Read;
 
 use crate::common::raw::{Nbd, CMD_FLUSH, CMD_READ};
 use crate::common::{self, run, Output, Server, TempDir, BIN, MIB};
-
-const SOURCES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fake_cuda");
 
 /// `target/tmp/fake-cuda/libcuda.so.1`, compiled from `libcuda.c` the
 /// first time a test of this process asks (and again if the source is newer).
@@ -41,28 +40,9 @@ pub fn checker() -> &'static Path {
     CHECK.get_or_init(|| build("fake-cuda", "check.c", "check", &["-O2", "-Wall", "-Wextra", "-Werror", "-pthread"]))
 }
 
-fn modified(p: &Path) -> Option<SystemTime> {
-    fs::metadata(p).and_then(|m| m.modified()).ok()
-}
-
-/// Compiles `source` into `target/tmp/DIR/output` unless an output at
-/// least as new as the source is there. Several test binaries may run at
-/// once, so each compiles to its own name and renames into place.
+/// Compiles `source` into `target/tmp/DIR/output` (see `compile`).
 fn build(dir: &str, source: &str, output: &str, flags: &[&str]) -> PathBuf {
-    let src = Path::new(SOURCES).join(source);
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(dir);
-    let out = dir.join(output);
-    let src_time = modified(&src).unwrap_or_else(|| panic!("{} is missing", src.display()));
-    if modified(&out).is_some_and(|t| t >= src_time) {
-        return out;
-    }
-    fs::create_dir_all(&dir).expect("creating a directory in target/tmp");
-    let tmp = dir.join(format!(".{output}.{}", std::process::id()));
-    let mut cc = Command::new("cc");
-    cc.args(flags).arg("-o").arg(&tmp).arg(&src);
-    run(&mut cc, Duration::from_secs(120)).assert_success(&format!("cc {source}"));
-    fs::rename(&tmp, &out).expect("moving the fake into place");
-    out
+    compile::compile(&Path::new(env!("CARGO_TARGET_TMPDIR")).join(dir), source, output, flags)
 }
 
 /// A `Command` for the nbd-vram binary with a clean CUDA environment: no

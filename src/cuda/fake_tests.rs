@@ -1,0 +1,72 @@
+//! What only a driver shows, against the fake one (tests/fake_cuda) loaded
+//! into this process: it aborts the process where a GPU would hang.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use super::Cuda;
+
+#[path = "../../tests/fake_cuda_env/compile.rs"]
+mod compile;
+
+fn fake() -> Cuda {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tmp/fake-cuda-unit");
+    let lib = compile::compile(&dir, "libcuda.c", "libcuda.so.1", &["-shared", "-fPIC", "-O2"]);
+    Cuda::init(Some(&lib.to_string_lossy())).unwrap_or_else(|e| panic!("loading the fake driver: {e:?}"))
+}
+
+/// `cuMemFree` waits for every kernel, and holds other threads' calls
+/// meanwhile: one made while another thread's mailbox kernel serves would
+/// wait for ever, unless that kernel is parked first. The free waits
+/// (`gate::alone`) until the serving thread has parked it, which it does
+/// at its next job, and the kernel serves again after.
+#[test]
+fn a_free_waits_until_another_threads_mailbox_kernel_is_parked() {
+    let cuda = fake();
+    let ctx = cuda.device(0).and_then(|d| d.context()).expect("a context on the fake");
+    ctx.make_current().expect("current");
+    let memory = [ctx.alloc(1 << 20).expect("the store's memory")];
+    let freed = ctx.alloc(1 << 16).expect("memory to free");
+    let serving = AtomicBool::new(false);
+    let done = AtomicBool::new(false);
+    let (parks, jobs_after) = thread::scope(|s| {
+        let server = s.spawn(|| {
+            ctx.make_current().expect("current");
+            let mut mailbox = ctx.mailbox(&memory, 1).expect("the fake runs the mailbox kernel").expect("loaded");
+            let stream = ctx.stream().expect("a stream");
+            let (mut parks, mut jobs_after) = (0, 0);
+            // Bounded, so that a free that does not wait meets a kernel
+            // left running, never told to end: the fake aborts.
+            let until = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < until && jobs_after < 10 {
+                if mailbox.holds_up_others() {
+                    mailbox.park();
+                    parks += 1;
+                }
+                if !mailbox.ready() {
+                    mailbox.start().expect("launched");
+                    continue;
+                }
+                serving.store(true, Ordering::SeqCst);
+                let seq = mailbox.post_read(memory[0].ptr, 4096);
+                thread::sleep(Duration::from_micros(200));
+                mailbox.wait(seq).expect("a job done");
+                // The loop's other driver calls, between jobs: behind a
+                // free that waits for this kernel, one would wait for ever.
+                stream.is_done().expect("a stream query");
+                jobs_after += usize::from(done.load(Ordering::SeqCst));
+            }
+            (parks, jobs_after)
+        });
+        while !serving.load(Ordering::SeqCst) {
+            thread::sleep(Duration::from_millis(1));
+        }
+        drop(freed);
+        done.store(true, Ordering::SeqCst);
+        server.join().expect("the serving thread")
+    });
+    assert!(parks >= 1, "the free did not wait for the kernel to be parked");
+    assert_eq!(jobs_after, 10, "the kernel did not serve again after the free");
+}
