@@ -304,7 +304,9 @@ impl<'a, 't, T: Tier> Steer<'a, 't, T> {
                 if let Some(h) = slot.take() {
                     reap(&self.boards[i], h, i)?;
                 }
-                if let Some(chosen) = self.chosen[i].take() {
+                // A slice whose swapoff was refused and that then ended
+                // for another reason was not given back: `reap` said why.
+                if let Some(chosen) = self.chosen[i].take().filter(|_| !self.boards[i].take_refusal()) {
                     let board = &self.boards[i];
                     let (pages, ms) = (board.moved.0.swap(0, Ordering::SeqCst), board.moved.1.swap(0, Ordering::SeqCst));
                     self.report.tell(format!(

@@ -15,7 +15,9 @@ use crate::tuning::Tuning;
 /// A serving thread's stack: the loop keeps its buffers on the heap.
 const STACK: usize = 1024 * 1024;
 
-/// One connection's store and buffers.
+/// One connection's store and buffers, dropped in that order: the store
+/// ends its mailbox kernel before the staging is freed, as freeing waits
+/// until every kernel has been told to end (`cuda::gate`), this one too.
 pub struct Conn<'b, B: Backing + 'b> {
     pub store: B::Store<'b>,
     pub bufs: Buffers<<B::Store<'b> as Store>::Buf>,

@@ -24,6 +24,7 @@ fn fake() -> Cuda {
 /// at its next job, and the kernel serves again after.
 #[test]
 fn a_free_waits_until_another_threads_mailbox_kernel_is_parked() {
+    let _turn = super::gate::serial();
     let cuda = fake();
     let ctx = cuda.device(0).and_then(|d| d.context()).expect("a context on the fake");
     ctx.make_current().expect("current");
@@ -60,7 +61,9 @@ fn a_free_waits_until_another_threads_mailbox_kernel_is_parked() {
             }
             (parks, jobs_after)
         });
-        while !serving.load(Ordering::SeqCst) {
+        let start = Instant::now();
+        while !serving.load(Ordering::SeqCst) && !server.is_finished() {
+            assert!(start.elapsed() < Duration::from_secs(30), "the mailbox kernel did not start");
             thread::sleep(Duration::from_millis(1));
         }
         drop(freed);

@@ -11,10 +11,12 @@
 //!
 //! So a kernel is launched only with an `Admission`, held until it is told
 //! to end, and those calls go through `alone`, which waits until no
-//! admission is held and admits none meanwhile. A serving thread never
-//! waits here: without an admission it copies the other ways, and it parks
-//! its kernel at its next batch once it sees `wanted` (it parks it before
-//! it sleeps anyway).
+//! admission is held and admits none meanwhile. Serving does not wait
+//! here: a launch without an admission is skipped (the copies go the other
+//! ways), and a serving thread parks its kernel at its next request once
+//! it sees `wanted` (and before it sleeps anyway). A thread waits in
+//! `alone` only to drop a kernel or a store, never while it holds an
+//! admission itself: it would wait for itself.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
@@ -89,6 +91,13 @@ pub fn alone<R>(call: impl FnOnce() -> R) -> R {
     r
 }
 
+/// The gate is the process's: tests that use it take turns.
+#[cfg(test)]
+pub fn serial() -> MutexGuard<'static, ()> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -96,10 +105,11 @@ mod tests {
     use std::thread;
     use std::time::Duration;
 
-    /// One test, as the gate is the process's: a call waits for the
-    /// admitted kernel to be told to end, and admits none meanwhile.
+    /// A call waits for the admitted kernel to be told to end, and admits
+    /// none meanwhile.
     #[test]
     fn a_call_waits_for_admitted_kernels_and_admits_none_meanwhile() {
+        let _turn = serial();
         let kernel = admit().expect("an open gate admits");
         assert!(!wanted());
         let step = AtomicUsize::new(0);

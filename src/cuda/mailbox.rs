@@ -11,8 +11,9 @@
 //! While it runs it holds one SM and keeps the GPU clocked up, and a
 //! kernel that never ends shares the GPU badly with other processes'
 //! work; so the store starts it only for copies in a row, and `park`
-//! ends it whenever the serve loop sleeps, a client leaves or a batch
-//! comes that it does not take.
+//! ends it whenever the serve loop sleeps, a client leaves, a batch comes
+//! that it does not take, or a call that waits for every kernel is due
+//! (`gate`).
 
 use std::ffi::{c_int, c_uint, c_void};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};

@@ -288,9 +288,11 @@ pub fn held() -> u64 {
 
 impl Drop for DeviceMem<'_> {
     fn drop(&mut self) {
-        HELD.fetch_sub(self.len, Ordering::Relaxed);
-        // SAFETY: `ptr` came from cuMemAlloc_v2 and is freed only here.
-        let r = gate::alone(|| unsafe { (self.ctx.cuda.api.cuMemFree_v2)(self.ptr) });
+        let r = gate::alone(|| {
+            HELD.fetch_sub(self.len, Ordering::Relaxed);
+            // SAFETY: `ptr` came from cuMemAlloc_v2 and is freed only here.
+            unsafe { (self.ctx.cuda.api.cuMemFree_v2)(self.ptr) }
+        });
         if let Err(e) = self.ctx.cuda.check("cuMemFree_v2", r) {
             crate::error!("{e}");
         }

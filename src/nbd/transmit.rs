@@ -682,6 +682,7 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
 
     /// Skips the payload of a refused write, so the stream stays in sync.
     fn discard(&mut self, mut len: u64) -> io::Result<()> {
+        self.store.idle(); // its reads may block
         while len > 0 {
             let input = &mut self.bufs.input;
             if input.available() == 0 {

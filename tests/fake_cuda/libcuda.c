@@ -632,9 +632,10 @@ static CUresult mem_alloc(CUdeviceptr *dptr, size_t size)
 API CUresult cuMemAlloc_v2(CUdeviceptr *dptr, size_t size) { LOCKED(mem_alloc(dptr, size)); }
 
 /* Calls that wait for every kernel to end (tests/gpu/blocking-probe.c:
- * cuMemFree, cuMemFreeHost, cuModuleLoadData, cuModuleUnload, and the
- * context's destruction) hold every other thread's calls until they
- * return, as the driver does. A mailbox kernel ends once it takes the end
+ * cuMemFree, cuMemFreeHost, cuModuleLoadData, cuModuleUnload; and the
+ * context's destruction, not measured) hold every other thread's calls
+ * until they return: the first three do on a GPU, and the fake is as
+ * strict with the others. A mailbox kernel ends once it takes the end
  * posted to it; one not told to end never does (the fake stops the test
  * instead), nor does one whose launching thread, the only one that tells
  * it, makes a call meanwhile: that call waits behind the one that waits

@@ -84,6 +84,8 @@ impl<'c> Copier<'c> {
 
     /// Issues the waiting batch, if any; a failure shows at `fence`.
     fn flush(&mut self) {
+        // Every request passes here (fences, memsets and syncs too).
+        self.resident.yield_to_waiting_call(&mut self.fences);
         if self.batch.as_ref().is_none_or(|b| b.copies.is_empty()) {
             return;
         }

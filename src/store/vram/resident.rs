@@ -50,9 +50,6 @@ impl<'c> Resident<'c> {
     /// report). Starts the kernel if such batches came back to back; the
     /// one that does it, or finds it not ready yet, goes to the stream.
     pub fn post(&mut self, copies: &mut CopyBatch, writes: bool, fences: &mut Fences, stream: &Stream) -> bool {
-        if self.mailbox.as_ref().is_some_and(Mailbox::holds_up_others) {
-            self.park(fences);
-        }
         let lone = copies.lone();
         let takes = match lone {
             Some((dst, src, len)) => self.mailbox.as_ref().is_some_and(|m| m.takes(if writes { dst } else { src }, len)),
@@ -144,6 +141,14 @@ impl<'c> Resident<'c> {
         }
         if let Some(mailbox) = &mut self.mailbox {
             mailbox.park();
+        }
+    }
+
+    /// Parks the kernel if a call that waits for every kernel is due
+    /// (`cuda::gate`).
+    pub fn yield_to_waiting_call(&mut self, fences: &mut Fences) {
+        if self.mailbox.as_ref().is_some_and(Mailbox::holds_up_others) {
+            self.park(fences);
         }
     }
 
