@@ -3,7 +3,8 @@
 // other threads' calls wait with them. nbd-vram keeps a call that waits
 // from ever meeting a mailbox kernel that nobody has told to end
 // (src/cuda/gate.rs); the fake driver models what this prints
-// (tests/fake_cuda/libcuda.c, "Calls that wait for every kernel").
+// (tests/fake_cuda/libcuda.c, "Calls that wait for every kernel"), and
+// tests/gpu/run.sh checks that no other call waits.
 // For each call: a kernel spinning on a flag in mapped pinned memory is
 // started on a non-blocking stream, a helper thread lifts the flag HOLD_MS
 // later, and the call is timed on the main thread; meanwhile a third

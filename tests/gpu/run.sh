@@ -31,6 +31,18 @@ uname -sr; nproc; ldd "$B"; ls -l "$B"
 step "gpus"
 "$B" gpus
 
+# Every call that waits for a running kernel must be one that
+# src/cuda/gate.rs keeps apart from mailbox kernels: a driver that made
+# another wait would hang a tier of several slices.
+step "driver calls that wait for a running kernel"
+if [ -x target/probe/blocking-probe ]; then
+	target/probe/blocking-probe 300 | tee "$T/blocking.txt"
+	check grep -q '^cuMemFree_v2 .* yes' "$T/blocking.txt"
+	check sh -c "! grep ' yes' '$T/blocking.txt' | grep -vE '^(cuMemFree_v2|cuMemFreeHost|cuModuleLoadData|cuModuleUnload) '"
+else
+	echo "target/probe/blocking-probe not carried (gcc -O2 -o target/probe/blocking-probe tests/gpu/blocking-probe.c -ldl -lpthread)"
+fi
+
 step "invalid --gpu"
 n=$(nvidia-smi -L | wc -l)
 "$B" serve --listen "unix:$T/bad.sock" --gpu "$n" --size 1024; rc=$?
