@@ -2,9 +2,9 @@
 //! kernels that nobody has told to end.
 //!
 //! `cuMemFree`, `cuMemFreeHost`, `cuModuleLoadData` and `cuModuleUnload`
-//! return only once every kernel of the context has ended, and while they
-//! wait, other threads' driver calls wait with them (H200, driver 580,
-//! tests/gpu/blocking-probe.c). A mailbox kernel ends only when its own
+//! return only once every kernel of the context has ended, and while the
+//! first three wait, other threads' driver calls wait with them (H200,
+//! driver 580, tests/gpu/blocking-probe.c). A mailbox kernel ends only when its own
 //! serving thread tells it to; if that thread made a driver call first, it
 //! would wait behind the call that waits for its kernel, for ever. Freeing
 //! one slice while another slice's kernel runs is such a case.
@@ -24,7 +24,7 @@ use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 struct Gate {
     state: Mutex<State>,
     changed: Condvar,
-    /// A call waits in `alone`: read by serving threads at every batch.
+    /// A call waits in `alone`: read by serving threads at every request.
     wanted: AtomicBool,
 }
 
