@@ -72,9 +72,9 @@ fn run(command: Command, tuning: &tuning::Tuning) -> Result<(), Failure> {
         Command::Help => print!("{}", cli::HELP),
         Command::Version => println!("nbd-vram {}", env!("CARGO_PKG_VERSION")),
         Command::Serve { store, listen, allow_remote, connections } => {
-            store::with_store(&store, tuning, serve::Serve { addr: &listen, store: &store, allow_remote, connections, tuning })?
+            store::with_store(&store, connections, tuning, serve::Serve { addr: &listen, store: &store, allow_remote, connections, tuning })?
         }
-        Command::Swap(opts) => store::with_tier(&opts.store, tuning, daemon::Daemon(&opts, tuning))?,
+        Command::Swap(opts) => store::with_tier(&opts.store, opts.connections, tuning, daemon::Daemon(&opts, tuning))?,
         Command::Resize { size, device } => resize::resize(size, device.as_deref())?,
         Command::Gpus { libcuda } => gpus::list(libcuda.as_deref(), tuning)?,
         Command::Stop { device } => stop::stop(&device)?,

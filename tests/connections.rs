@@ -122,10 +122,13 @@ fn a_device_failure_on_one_connection_fails_them_all() {
     let mut a = connect(&server.sock);
     let mut b = connect(&server.sock);
     let data = pattern(5, 4096);
-    // Answered once the copy is done: the wait for it is sync 1, which fails.
-    assert_eq!(a.write(0, &data), EIO, "the write whose wait fails");
+    // Answered once its copy is queued. A flush on the other connection
+    // covers it, so its wait (sync 1, which fails) includes that copy.
+    assert_eq!(a.write(0, &data), 0, "the write, answered before its copy ran");
+    assert_eq!(b.command(0, CMD_FLUSH, 0, 0), EIO, "a flush on the other connection, after the write");
     read_eio(&mut b, 0, 4096, "a read on the other connection");
     assert_eq!(b.write(MIB, &data), EIO, "a write on the other connection");
+    assert_eq!(a.command(0, CMD_FLUSH, 0, 0), EIO, "a flush on the first connection");
     b.disconnect();
     assert_lost(&mut server, a, "CUDA_ERROR_ILLEGAL_ADDRESS", "FAIL_SYNC=1 on one of two connections");
 }

@@ -11,7 +11,8 @@ use super::Cuda;
 #[path = "../../tests/fake_cuda_env/compile.rs"]
 mod compile;
 
-fn fake() -> Cuda {
+/// The fake driver, built once and loaded into this process.
+pub fn fake() -> Cuda {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tmp/fake-cuda-unit");
     let lib = compile::compile(&dir, "libcuda.c", "libcuda.so.1", &["-shared", "-fPIC", "-O2"]);
     Cuda::init(Some(&lib.to_string_lossy())).unwrap_or_else(|e| panic!("loading the fake driver: {e:?}"))

@@ -2,8 +2,8 @@
 //! every `CUresult` becomes an `Error` naming the call and CUDA's own words.
 
 #[cfg(test)]
-mod fake_tests;
-mod gate;
+pub mod fake_tests;
+pub(crate) mod gate;
 mod kernel;
 mod mailbox;
 mod sys;
@@ -167,10 +167,11 @@ pub struct Context {
 
 // SAFETY: the driver API is thread-safe, and a primary context may be
 // current on several threads at once; every thread that uses one makes it
-// current first (`make_current`), and each stream, event, kernel and
-// pinned buffer made in it stays with the thread that made it (none of
-// those types is Send), so threads share only the context and the device
-// memory, which the driver lets any thread of the context reach.
+// current first (`make_current`), and each stream, kernel and pinned
+// buffer made in it stays with the thread that made it (none of those
+// types is Send), so threads share only the context, the device memory,
+// which the driver lets any thread of the context reach, and events (see
+// `Event`).
 unsafe impl Sync for Context {}
 // SAFETY: as above; releasing the retained context from another thread is
 // allowed.
@@ -429,6 +430,15 @@ impl Stream<'_> {
         // SAFETY: both handles are live and belong to the same context.
         self.ctx.cuda.check("cuEventRecord", unsafe { (self.api().cuEventRecord)(event.event, self.stream) })
     }
+
+    /// Makes the work queued after this wait for the point `event` was
+    /// last recorded at, perhaps on another thread's stream; the calling
+    /// thread does not wait.
+    pub fn wait_for(&self, event: &Event) -> Result<(), Error> {
+        // SAFETY: both handles are live and belong to the same context;
+        // flags 0 is the only value the call takes.
+        self.ctx.cuda.check("cuStreamWaitEvent", unsafe { (self.api().cuStreamWaitEvent)(self.stream, event.event, 0) })
+    }
 }
 
 /// A point in a stream's work: waiting on it waits for what was queued
@@ -437,6 +447,14 @@ pub struct Event<'c> {
     ctx: &'c Context,
     event: CUevent,
 }
+
+// SAFETY: the driver API is thread-safe, and an event of a context may be
+// recorded on one thread's stream and waited for on another's, in that
+// context (current on both); the handle is destroyed only by `Drop`, when
+// no other thread can hold a reference to it.
+unsafe impl Sync for Event<'_> {}
+// SAFETY: as above; the context it borrows is Sync.
+unsafe impl Send for Event<'_> {}
 
 impl Event<'_> {
     pub fn wait(&self) -> Result<(), Error> {

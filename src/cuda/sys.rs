@@ -150,6 +150,7 @@ api! {
         cuEventCreate(*mut CUevent, c_uint);
         cuEventRecord(CUevent, CUstream);
         cuEventSynchronize(CUevent);
+        cuStreamWaitEvent(CUstream, CUevent, c_uint);
         cuEventDestroy_v2(CUevent);
         cuGetErrorName(CUresult, *mut *const c_char);
         cuGetErrorString(CUresult, *mut *const c_char);

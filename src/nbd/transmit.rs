@@ -69,18 +69,11 @@ pub struct Shared {
     /// The store failed after taking work: what it holds is unknown, so
     /// every request on every connection is answered `EIO` from now on.
     lost: AtomicBool,
-    /// Served on several connections at once: then a reply to a change
-    /// (write, trim, zeroes) waits until the store has done it, not only
-    /// taken it, so that a read on any other connection after the reply
-    /// sees it. The kernel relies on that (swap reads a page back on
-    /// whichever connection its CPU maps to, with no flush between), and a
-    /// flush on one connection then covers every change answered on all.
-    settle_changes: bool,
 }
 
 impl Shared {
     pub fn new(export: Export, connections: usize) -> Shared {
-        Shared { export: export.with_connections(connections), lost: AtomicBool::new(false), settle_changes: connections > 1 }
+        Shared { export: export.with_connections(connections), lost: AtomicBool::new(false) }
     }
 
     pub fn lost(&self) -> bool {
@@ -459,7 +452,7 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
                 slot.waits = done == Done::Queued
                     && match req.command {
                         sys::NBD_CMD_READ => true,
-                        _ => req.flags & CMD_FLAG_FUA != 0 || self.shared.settle_changes,
+                        _ => req.flags & CMD_FLAG_FUA != 0,
                     };
                 if req.command == sys::NBD_CMD_READ {
                     let start = req.offset as usize; // `check` put it in range

@@ -61,9 +61,10 @@ pub fn open(cuda: &Cuda, gpu: u32) -> Result<Context, Failure> {
     device.context().map_err(cuda_failure)
 }
 
-/// Allocates the store with the fallback of `--step` and `--min-size`.
-pub fn allocate<'c>(ctx: &'c Context, opts: &StoreOpts, tuning: &Tuning) -> Result<VramBacking<'c>, Failure> {
-    VramBacking::allocate(ctx, opts.size, opts.step, opts.min_size, tuning).map_err(|e| match e {
+/// Allocates the store with the fallback of `--step` and `--min-size`,
+/// for `connections` at once.
+pub fn allocate<'c>(ctx: &'c Context, opts: &StoreOpts, connections: usize, tuning: &Tuning) -> Result<VramBacking<'c>, Failure> {
+    VramBacking::allocate(ctx, opts.size, opts.step, opts.min_size, connections, tuning).map_err(|e| match e {
         AllocError::Cuda(e) => cuda_failure(e),
         AllocError::NoVram(n) => Failure::new(
             Code::NoVram,

@@ -86,6 +86,12 @@ pub enum Done {
 /// means that work was never started: its requests fail, the store is
 /// intact. One returned by `wait` or `sync` means queued work failed on the
 /// device after it was handed over: what it wrote is unknown.
+///
+/// A change (write, zero, trim) may be answered once a `fence` after it
+/// has returned, done or not: every operation handed to any store of the
+/// same backing after that sees it, and a `flush` or `sync` covers it. The
+/// kernel relies on that with several connections: swap reads a page back
+/// on whichever connection its CPU maps to, with no flush between.
 pub trait Store {
     /// Staging memory the store copies from and to fastest (pinned for a GPU).
     type Buf: DerefMut<Target = [u8]>;
@@ -144,9 +150,10 @@ pub trait UseStore {
     fn run<B: Backing>(self, backing: &B) -> Result<(), Failure>;
 }
 
-/// Builds the store `opts` describe and hands it to `user`. A VRAM store
-/// borrows its CUDA context, which lives exactly as long as this call.
-pub fn with_store<U: UseStore>(opts: &StoreOpts, tuning: &Tuning, user: U) -> Result<(), Failure> {
+/// Builds the store `opts` describe, for `connections` at once, and hands
+/// it to `user`. A VRAM store borrows its CUDA context, which lives exactly
+/// as long as this call.
+pub fn with_store<U: UseStore>(opts: &StoreOpts, connections: usize, tuning: &Tuning, user: U) -> Result<(), Failure> {
     match opts.kind {
         StoreKind::Host => {
             let backing = HostBacking::new(opts.size)
@@ -156,7 +163,7 @@ pub fn with_store<U: UseStore>(opts: &StoreOpts, tuning: &Tuning, user: U) -> Re
         StoreKind::Vram => {
             let cuda = gpu::init(opts.libcuda.as_deref(), tuning)?;
             let ctx = gpu::open(&cuda, opts.gpu)?;
-            let backing = gpu::allocate(&ctx, opts, tuning)?;
+            let backing = gpu::allocate(&ctx, opts, connections, tuning)?;
             user.run(&backing)
         }
     }
@@ -200,6 +207,7 @@ impl Tier for HostTier {
 struct VramTier<'c> {
     ctx: &'c cuda::Context,
     opts: &'c StoreOpts,
+    connections: usize,
     tuning: &'c Tuning,
 }
 
@@ -210,7 +218,7 @@ impl Tier for VramTier<'_> {
         Self: 't;
 
     fn allocate(&self, size: u64, step: u64, min: u64) -> Result<VramBacking<'_>, Failure> {
-        gpu::allocate(self.ctx, &StoreOpts { size, step, min_size: min, ..self.opts.clone() }, self.tuning)
+        gpu::allocate(self.ctx, &StoreOpts { size, step, min_size: min, ..self.opts.clone() }, self.connections, self.tuning)
     }
 
     fn free(&self) -> Option<u64> {
@@ -220,13 +228,13 @@ impl Tier for VramTier<'_> {
 
 /// Opens the tier `opts` describes and hands it to `user`; slices are
 /// allocated by `user`, on this thread, where the CUDA context is current.
-pub fn with_tier<U: UseTier>(opts: &StoreOpts, tuning: &Tuning, user: U) -> Result<(), Failure> {
+pub fn with_tier<U: UseTier>(opts: &StoreOpts, connections: usize, tuning: &Tuning, user: U) -> Result<(), Failure> {
     match opts.kind {
         StoreKind::Host => user.run(&HostTier),
         StoreKind::Vram => {
             let cuda = gpu::init(opts.libcuda.as_deref(), tuning)?;
             let ctx = gpu::open(&cuda, opts.gpu)?;
-            user.run(&VramTier { ctx: &ctx, opts, tuning })
+            user.run(&VramTier { ctx: &ctx, opts, connections, tuning })
         }
     }
 }

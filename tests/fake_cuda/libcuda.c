@@ -1,6 +1,6 @@
 /* A fake CUDA driver (libcuda.so.1) for testing nbd-vram without a GPU.
  *
- * It exports the 29 driver entry points nbd-vram needs and the seven it uses
+ * It exports the 30 driver entry points nbd-vram needs and the seven it uses
  * where present (cuMemcpyBatchAsync_v2, the copy and mailbox kernels' module
  * and launch calls, cuStreamQuery, cuDeviceGetAttribute), with the real ABI,
  * and backs "device memory" with
@@ -79,10 +79,11 @@ static const struct { CUresult code; const char *name, *text; } errors[] = {
 #define MAX_DEVICES 16
 
 struct CUctx_st { int dev, refs; };        /* a device's primary context */
-/* Async work waiting to run: a copy or memset. A queue holds one stream's,
- * in order: op number seq (counted from 0) lives in ops[seq % QCAP];
- * [done, queued) are pending. */
-enum copy_kind { H2D, D2H, SET };
+/* Async work waiting to run: a copy or memset, or a wait for another
+ * queue's ops below `n` (WAIT, `host` that queue). A queue holds one
+ * stream's, in order: op number seq (counted from 0) lives in
+ * ops[seq % QCAP]; [done, queued) are pending. */
+enum copy_kind { H2D, D2H, SET, WAIT };
 struct op { enum copy_kind kind; unsigned char val; char *dev; void *host; size_t n; };
 #define QCAP 4096
 struct queue { struct op *ops; unsigned long long done, queued; };
@@ -356,9 +357,11 @@ static void held_back(const char *call);
 static struct op legacy_ops[QCAP];
 static struct queue legacy = {legacy_ops, 0, 0};
 
+static void run_until(struct queue *q, unsigned long long seq);
 static void run_op(const struct op *o)
 {
-    if (o->kind == H2D) memcpy(o->dev, o->host, o->n);
+    if (o->kind == WAIT) run_until(o->host, o->n);   /* its queue's ops first */
+    else if (o->kind == H2D) memcpy(o->dev, o->host, o->n);
     else if (o->kind == D2H) memcpy(o->host, o->dev, o->n);
     else memset(o->dev, o->val, o->n);
 }
@@ -415,8 +418,8 @@ static CUresult sync_to(struct queue *q, unsigned long long seq)
     return OK;
 }
 
-/* A stream about to be freed, its work run: events recorded on it are
- * complete. */
+/* A stream about to be freed, its work and every other stream's run:
+ * events recorded on it are complete, and no wait for it is pending. */
 static void forget_stream(struct CUstream_st *s)
 {
     for (struct CUevent_st *e = events; e; e = e->next)
@@ -1070,6 +1073,7 @@ static int overlap(const void *a, size_t an, const void *b, size_t bn)
  * memset or an HtoD copy writes device memory, a DtoH copy host memory. */
 static int conflict(const struct op *a, const struct op *b)
 {
+    if (a->kind == WAIT || b->kind == WAIT) return 0;
     if ((a->kind != D2H || b->kind != D2H) && overlap(a->dev, a->n, b->dev, b->n)) return 1;
     return a->kind != SET && b->kind != SET && (a->kind == D2H || b->kind == D2H) &&
            overlap(a->host, a->n, b->host, b->n);
@@ -1402,6 +1406,17 @@ static CUresult event_record(CUevent e, CUstream s)
     return rc;
 }
 API CUresult cuEventRecord(CUevent e, CUstream s) { LOCKED(event_record(e, s)); }
+
+/* Queues a wait, run when the stream's later work is due (never sooner:
+ * the other stream's work stays as late as it may), for the ops the event
+ * was last recorded behind. */
+static CUresult stream_wait_event(CUstream s, CUevent e, unsigned flags)
+{
+    CUresult rc = need_ctx() ? need_ctx() : !find_event(e) || !stream_ok(s) ? E_HANDLE : flags ? E_VALUE : OK;
+    if (!rc && e->q && e->q != queue_of(s)) enqueue(s, &(struct op){WAIT, 0, NULL, e->q, e->seq});
+    return rc;
+}
+API CUresult cuStreamWaitEvent(CUstream s, CUevent e, unsigned flags) { LOCKED(stream_wait_event(s, e, flags)); }
 
 static CUresult event_sync(CUevent e)
 {

@@ -3,13 +3,15 @@
 //! It owns how each copy goes (batched, by the copy kernel, by the mailbox
 //! kernel as `Resident` decides, one by one) and the care for another
 //! process on the GPU; what its fences cover and how far its work is done
-//! is `Fences`'; the memory it copies to and from is borrowed per call.
+//! is `Fences`'; its order with the other connections' copiers, `Lane`'s;
+//! the memory it copies to and from is borrowed per call.
 
 use std::io;
 use std::ops::Range;
 
 use super::memory::VramMemory;
 use super::fences::Fences;
+use super::lanes::{Lane, Span};
 use super::resident::Resident;
 use crate::cuda::{Context, CopyBatch, DeviceMem, Error, Mailbox, Mover, Pinned, Stream};
 use crate::store::neighbours::Neighbours;
@@ -27,6 +29,12 @@ pub struct Copier<'c> {
     /// back: a lone one, or a batch as a list.
     resident: Resident<'c>,
     fences: Fences<'c>,
+    /// With several connections: this one's place among them, the blocks
+    /// its work queued since it last followed the others touches, and
+    /// those its changes since it last published do.
+    lane: Option<Lane<'c>>,
+    touched: Span,
+    changed: Span,
     /// Another process computing on the GPU keeps copies off our kernels
     /// and off the compute engine.
     neighbours: Neighbours,
@@ -54,7 +62,7 @@ impl<'c> Copier<'c> {
     /// Sets up the stream, the copy paths `tuning` allows, the fence events
     /// and the zero source; call once `memory` holds all it will. One
     /// copier of a store `tells` (logs) what it chose and sees, for all.
-    pub fn new(ctx: &'c Context, memory: &VramMemory<'c>, tuning: &Tuning, tells: bool) -> Result<Copier<'c>, Error> {
+    pub fn new(ctx: &'c Context, memory: &VramMemory<'c>, lane: Option<Lane<'c>>, tuning: &Tuning, tells: bool) -> Result<Copier<'c>, Error> {
         let stream = ctx.stream()?;
         let CopyPath { batched, mover, mailbox, lists } = copy_path(ctx, &stream, memory.chunks(), tuning, tells);
         let batch = batched.then(|| Batch {
@@ -69,6 +77,9 @@ impl<'c> Copier<'c> {
             mover,
             resident: Resident::new(mailbox, lists),
             fences: Fences::new(ctx)?,
+            lane,
+            touched: Span::EMPTY,
+            changed: Span::EMPTY,
             neighbours: Neighbours::new(ctx, tuning.watch_neighbours, tells), // all our memory is taken by now
             zeros: ctx.pinned(ZEROS)?,
         };
@@ -90,10 +101,14 @@ impl<'c> Copier<'c> {
             return;
         }
         let shared = self.neighbours.present(self.ctx);
+        // Another connection's published changes come first: the stream
+        // waits for them, and the mailbox kernel would not.
+        let news = self.lane.as_ref().is_some_and(|lane| lane.news(self.touched));
         if shared {
             self.resident.park(&mut self.fences);
-        } else if let Some(b) = &mut self.batch {
+        } else if let Some(b) = self.batch.as_mut().filter(|_| !news) {
             if self.resident.post(&mut b.copies, b.writes, &mut self.fences, &self.stream) {
+                self.touched = Span::EMPTY;
                 return;
             }
         }
@@ -110,10 +125,15 @@ impl<'c> Copier<'c> {
     }
 
     /// Counts one more hand-over of work to the stream (`Fences`), which
-    /// comes after the mailbox kernel's.
+    /// comes after the mailbox kernel's and after the changes other
+    /// connections published.
     fn hand_over(&mut self) -> Result<(), Error> {
         self.resident.finish(&mut self.fences)?;
         self.resident.forget_abandoned()?;
+        let touched = std::mem::replace(&mut self.touched, Span::EMPTY);
+        if let Some(lane) = &mut self.lane {
+            lane.follow(&self.stream, touched)?;
+        }
         self.fences.hand_over(&self.stream)
     }
 
@@ -152,6 +172,7 @@ impl<'c> Copier<'c> {
     /// The caller has checked the range (`VramMemory::check`).
     pub fn read(&mut self, memory: &VramMemory, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         let len = buf.len() as u64;
+        self.touched.add(offset, len);
         if self.queue(memory, offset, len, false, |b, chunk, inner, r| b.read(chunk, inner, &mut buf[r])) {
             return Ok(());
         }
@@ -166,6 +187,8 @@ impl<'c> Copier<'c> {
     }
 
     pub fn write(&mut self, memory: &VramMemory, offset: u64, buf: &[u8]) -> io::Result<()> {
+        self.touched.add(offset, buf.len() as u64);
+        self.changed.add(offset, buf.len() as u64);
         if self.queue(memory, offset, buf.len() as u64, true, |b, chunk, inner, r| b.write(chunk, inner, &buf[r])) {
             return Ok(());
         }
@@ -181,6 +204,8 @@ impl<'c> Copier<'c> {
     }
 
     pub fn zero(&mut self, memory: &VramMemory, offset: u64, len: u64) -> io::Result<()> {
+        self.touched.add(offset, len);
+        self.changed.add(offset, len);
         self.flush(); // the memset is ordered after queued copies only once they are issued
         self.hand_over().map_err(eio)?;
         let shared = self.neighbours.present(self.ctx);
@@ -197,12 +222,28 @@ impl<'c> Copier<'c> {
         Ok(())
     }
 
+    /// With several connections, also lets the changes before it be
+    /// answered (`Lane::publish`); a change the mailbox kernel has is
+    /// waited for here instead, as no stream covers it.
     pub fn fence(&mut self) -> io::Result<usize> {
         self.flush();
         let failed = self.batch.as_mut().is_some_and(|b| std::mem::take(&mut b.failed));
         let token = self.fences.fence();
         if failed {
             return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        if let Some(lane) = &mut self.lane {
+            // A failed job fails this fence's requests, and the next wait
+            // or sync reports it.
+            self.resident.finish_writes(&mut self.fences).map_err(eio)?;
+            let changed = std::mem::replace(&mut self.changed, Span::EMPTY);
+            if !changed.is_empty() {
+                if let Err(e) = lane.publish(&self.stream, changed, self.fences.all_done()) {
+                    error!("{e}");
+                    self.stream.sync().map_err(eio)?; // done, then: nothing to publish
+                    self.fences.mark_all_done();
+                }
+            }
         }
         Ok(token)
     }
@@ -218,6 +259,11 @@ impl<'c> Copier<'c> {
     /// caller that writes and syncs (the swap header) must hear of it.
     pub fn sync(&mut self) -> io::Result<()> {
         self.flush();
+        if self.lane.as_ref().is_some_and(|lane| lane.news(Span::ALL)) {
+            // A flush covers the changes answered on every connection.
+            self.touched = Span::ALL;
+            self.hand_over().map_err(eio)?;
+        }
         let failed = self.batch.as_mut().is_some_and(|b| std::mem::take(&mut b.failed));
         let finished = self.resident.finished(&mut self.fences);
         self.fences.sync(&self.stream)?;
@@ -231,6 +277,11 @@ impl<'c> Copier<'c> {
     /// again before it starts.
     pub fn idle(&mut self) {
         self.resident.idle(&mut self.fences);
+    }
+
+    #[cfg(test)]
+    pub fn kernel_serves(&mut self) -> bool {
+        self.resident.serves()
     }
 }
 

@@ -5,13 +5,16 @@
 
 mod copier;
 mod fences;
+mod lanes;
 mod memory;
 mod resident;
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use self::copier::Copier;
+use self::lanes::Lanes;
 use self::memory::VramMemory;
 use super::{Backing, Done, Store};
 use crate::cuda::{Context, Error, Pinned};
@@ -24,6 +27,8 @@ const MIB: u64 = 1 << 20;
 pub struct VramBacking<'c> {
     ctx: &'c Context,
     memory: VramMemory<'c>,
+    /// How its connections see each other's answered changes.
+    lanes: Arc<Lanes<'c>>,
     tuning: Tuning,
     /// A copier has logged its copy paths: the others need not.
     told: AtomicBool,
@@ -60,8 +65,10 @@ impl From<Error> for AllocError {
 
 impl<'c> VramBacking<'c> {
     /// Allocates `want` bytes, or `step` less each time it cannot, down to
-    /// `min`, and clears them; logs each step and the size obtained.
-    pub fn allocate(ctx: &'c Context, want: u64, step: u64, min: u64, tuning: &Tuning) -> Result<VramBacking<'c>, AllocError> {
+    /// `min`, and clears them, for up to `connections` at once; logs each
+    /// step and the size obtained.
+    pub fn allocate(ctx: &'c Context, want: u64, step: u64, min: u64, connections: usize, tuning: &Tuning) -> Result<VramBacking<'c>, AllocError> {
+        let lanes = Arc::new(Lanes::new(ctx, connections)?);
         let mut size = want;
         loop {
             let (free, total) = ctx.mem_info()?;
@@ -69,7 +76,7 @@ impl<'c> VramBacking<'c> {
                 if let Some(memory) = VramMemory::allocate(ctx, size)? {
                     info!("allocated {} MiB of VRAM in {} chunk(s); {} MiB of {} MiB were free", size / MIB, memory.chunks().len(), free / MIB, total / MIB);
                     memory.clear()?;
-                    return Ok(VramBacking { ctx, memory, tuning: tuning.clone(), told: AtomicBool::new(false) });
+                    return Ok(VramBacking { ctx, memory, lanes, tuning: tuning.clone(), told: AtomicBool::new(false) });
                 }
             }
             let failed = format!("cannot allocate {} MiB of VRAM ({} MiB free of {} MiB)", size / MIB, free / MIB, total / MIB);
@@ -95,12 +102,17 @@ impl<'c> Backing for VramBacking<'c> {
     }
 
     /// Makes the context current on the calling thread, which then owns
-    /// the copier's stream, events and kernels.
+    /// the copier's stream, events and kernels. With several connections,
+    /// at most as many stores are open at once as it was allocated for.
     fn open(&self) -> io::Result<VramStore<'_, 'c>> {
         let cuda = |e: Error| io::Error::other(e.to_string());
         self.ctx.make_current().map_err(cuda)?;
         let tells = !self.told.swap(true, Ordering::Relaxed);
-        let copier = Copier::new(self.ctx, &self.memory, &self.tuning, tells).map_err(cuda)?;
+        let lane = self.lanes.take();
+        if lane.is_none() && self.lanes.len() > 0 {
+            return Err(io::Error::other(format!("more than {} connections to one store", self.lanes.len())));
+        }
+        let copier = Copier::new(self.ctx, &self.memory, lane, &self.tuning, tells).map_err(cuda)?;
         Ok(VramStore { copier, memory: &self.memory })
     }
 }
@@ -147,3 +159,7 @@ impl<'c> Store for VramStore<'_, 'c> {
         self.copier.idle();
     }
 }
+
+#[cfg(test)]
+#[path = "lanes_tests.rs"]
+mod lanes_tests;

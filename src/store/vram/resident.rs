@@ -31,11 +31,12 @@ const START_AFTER: u32 = 2;
 
 /// A job the mailbox kernel has: its sequence, the staging a lone read goes
 /// to from the landing buffer (`None` for a write or a list, which moves
-/// staging itself), and its hand-over number.
+/// staging itself), its hand-over number, and whether it writes VRAM.
 struct Posted {
     seq: u32,
     read_into: Option<(u64, usize)>,
     index: u64,
+    writes: bool,
 }
 
 impl<'c> Resident<'c> {
@@ -99,7 +100,7 @@ impl<'c> Resident<'c> {
         };
         copies.clear();
         let index = fences.hand_over_untracked();
-        self.posted = Some(Posted { seq, read_into, index });
+        self.posted = Some(Posted { seq, read_into, index, writes });
         true
     }
 
@@ -130,6 +131,20 @@ impl<'c> Resident<'c> {
         }
         fences.done_up_to(p.index);
         Ok(())
+    }
+
+    /// `finish`, if the job writes VRAM.
+    pub fn finish_writes(&mut self, fences: &mut Fences) -> Result<(), Error> {
+        match &self.posted {
+            Some(p) if p.writes => self.finish(fences),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether the kernel runs and takes jobs.
+    #[cfg(test)]
+    pub fn serves(&mut self) -> bool {
+        self.mailbox.as_mut().is_some_and(Mailbox::ready)
     }
 
     /// Ends the kernel once its job is done: a GPU shared with other work

@@ -1,0 +1,108 @@
+//! Two connections to one VRAM store, against the fake driver
+//! (tests/fake_cuda) loaded into this process: it runs each stream's
+//! copies as late as it may, the mailbox kernel's jobs on threads of their
+//! own, and fails a job that would race with copies still pending.
+
+use super::{VramBacking, VramStore};
+use crate::cuda::fake_tests::fake;
+use crate::store::{Backing, Done, Store};
+use crate::tuning::Tuning;
+
+const BLOCK: usize = 4096;
+const ROUNDS: usize = 40;
+
+/// With `serves`, lone 4 KiB reads of block 0, each waited for, until the
+/// mailbox kernel of `store` serves them; else it is parked.
+fn kernel(store: &mut VramStore, buf: &mut [u8], serves: bool) -> Result<(), String> {
+    if !serves {
+        store.idle();
+        return Ok(());
+    }
+    for _ in 0..10_000 {
+        if store.copier.kernel_serves() {
+            return Ok(());
+        }
+        store.read(0, &mut buf[..BLOCK]).map_err(|e| format!("a read: {e}"))?;
+        let token = store.fence().map_err(|e| format!("a fence: {e}"))?;
+        store.wait(token).map_err(|e| format!("a read's wait: {e}"))?;
+    }
+    Err("the mailbox kernel never served".into())
+}
+
+/// Writes `writes` pieces of `len` bytes on `a`, letting each be answered
+/// (a fence), reads the first 4 KiB back on `b` and checks them, round
+/// after round; `a_kernel` and `b_kernel` say whose mailbox kernel serves
+/// meanwhile (it takes lone copies of up to 64 KiB).
+fn written_on_one_read_on_the_other(a_kernel: bool, b_kernel: bool, len: usize, writes: usize) {
+    let _turn = crate::cuda::gate::serial();
+    let cuda = fake();
+    let ctx = cuda.device(0).and_then(|d| d.context()).expect("a context on the fake");
+    ctx.make_current().expect("current");
+    let tuning = Tuning { watch_neighbours: false, ..Tuning::default() };
+    let Ok(backing) = VramBacking::allocate(&ctx, 16 << 20, 0, 16 << 20, 2, &tuning) else { panic!("16 MiB on the fake") };
+    let (mut a, mut b) = (backing.open().expect("a"), backing.open().expect("b"));
+    let (mut sa, mut sb) = (a.staging(len).expect("staging"), b.staging(BLOCK).expect("staging"));
+    let mut rounds = || -> Result<(), String> {
+        for round in 0..ROUNDS {
+            kernel(&mut a, &mut sa, a_kernel)?;
+            kernel(&mut b, &mut sb, b_kernel)?;
+            let at = ((1 + round * writes) * len) as u64;
+            let stamp = round as u8 + 1;
+            sa.fill(stamp);
+            // Writes answered in turn, the first read back: a later
+            // publication must not hide an earlier one.
+            for piece in 0..writes {
+                let to = at + (piece * len) as u64;
+                assert_eq!(a.write(to, &sa).map_err(|e| format!("round {round}: a write: {e}"))?, Done::Queued);
+                a.fence().map_err(|e| format!("round {round}: the fence a write's answer waits for: {e}"))?;
+            }
+            b.read(at, &mut sb).map_err(|e| format!("round {round}: the read: {e}"))?;
+            let token = b.fence().map_err(|e| format!("round {round}: the read's fence: {e}"))?;
+            b.wait(token).map_err(|e| format!("round {round}: the read's wait: {e}"))?;
+            if sb.iter().any(|&x| x != stamp) {
+                return Err(format!("round {round}: the read on the other connection saw {}, not {stamp}", sb[0]));
+            }
+            a.sync().map_err(|e| format!("round {round}: a sync, before the writes' staging is used again: {e}"))?;
+        }
+        Ok(())
+    };
+    let outcome = rounds();
+    // One thread holds both: each kernel is parked before either store
+    // goes (a store's end waits for every kernel to be parked), and the
+    // stores go before their staging.
+    a.idle();
+    b.idle();
+    drop((a, b));
+    if let Err(e) = outcome {
+        panic!("{e}");
+    }
+}
+
+/// Copy-engine writes on one connection (128 KiB: the mailbox kernel
+/// takes none), answered before they ran, and reads on another by the
+/// copy engine: its stream waits for them.
+#[test]
+fn changes_answered_on_one_connection_are_seen_on_another() {
+    written_on_one_read_on_the_other(false, false, 128 << 10, 2);
+}
+
+/// The same, read by a mailbox kernel that serves: the read goes the
+/// stream's way, behind the writes (the fake fails a job that would race
+/// with copies pending).
+#[test]
+fn changes_answered_on_one_connection_are_seen_by_anothers_mailbox_kernel() {
+    written_on_one_read_on_the_other(false, true, 128 << 10, 2);
+}
+
+/// A lone write the mailbox kernel took, and a read on another connection
+/// by the copy engine: the write is done before it is answered.
+#[test]
+fn a_change_the_mailbox_kernel_took_is_seen_by_another_connection() {
+    written_on_one_read_on_the_other(true, false, BLOCK, 1);
+}
+
+/// Both through the mailbox kernels.
+#[test]
+fn a_change_crosses_between_mailbox_kernels() {
+    written_on_one_read_on_the_other(true, true, BLOCK, 1);
+}
