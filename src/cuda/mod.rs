@@ -453,7 +453,9 @@ pub struct Event<'c> {
 // context (current on both); the handle is destroyed only by `Drop`, when
 // no other thread can hold a reference to it.
 unsafe impl Sync for Event<'_> {}
-// SAFETY: as above; the context it borrows is Sync.
+// SAFETY: as above; the context it borrows is Sync. `Drop` needs the
+// context current on the dropping thread: shared events (a store's lanes)
+// are dropped with their backing, on the thread that made them.
 unsafe impl Send for Event<'_> {}
 
 impl Event<'_> {

@@ -126,15 +126,18 @@ impl<'c> Copier<'c> {
 
     /// Counts one more hand-over of work to the stream (`Fences`), which
     /// comes after the mailbox kernel's and after the changes other
-    /// connections published.
+    /// connections published. The waits for those go after the event of
+    /// the fence before (so its reads never wait for another connection's
+    /// writes), and are counted with the work that follows them.
     fn hand_over(&mut self) -> Result<(), Error> {
         self.resident.finish(&mut self.fences)?;
         self.resident.forget_abandoned()?;
+        self.fences.hand_over(&self.stream)?;
         let touched = std::mem::replace(&mut self.touched, Span::EMPTY);
-        if let Some(lane) = &mut self.lane {
-            lane.follow(&self.stream, touched)?;
+        match &mut self.lane {
+            Some(lane) => lane.follow(&self.stream, touched),
+            None => Ok(()),
         }
-        self.fences.hand_over(&self.stream)
     }
 
     /// Makes room in the batch for copies in direction `writes`.

@@ -34,18 +34,10 @@ fn kernel(store: &mut VramStore, buf: &mut [u8], serves: bool) -> Result<(), Str
 /// after round; `a_kernel` and `b_kernel` say whose mailbox kernel serves
 /// meanwhile (it takes lone copies of up to 64 KiB).
 fn written_on_one_read_on_the_other(a_kernel: bool, b_kernel: bool, len: usize, writes: usize) {
-    let _turn = crate::cuda::gate::serial();
-    let cuda = fake();
-    let ctx = cuda.device(0).and_then(|d| d.context()).expect("a context on the fake");
-    ctx.make_current().expect("current");
-    let tuning = Tuning { watch_neighbours: false, ..Tuning::default() };
-    let Ok(backing) = VramBacking::allocate(&ctx, 16 << 20, 0, 16 << 20, 2, &tuning) else { panic!("16 MiB on the fake") };
-    let (mut a, mut b) = (backing.open().expect("a"), backing.open().expect("b"));
-    let (mut sa, mut sb) = (a.staging(len).expect("staging"), b.staging(BLOCK).expect("staging"));
-    let mut rounds = || -> Result<(), String> {
+    two_connections(len, |a, sa, b, sb| {
         for round in 0..ROUNDS {
-            kernel(&mut a, &mut sa, a_kernel)?;
-            kernel(&mut b, &mut sb, b_kernel)?;
+            kernel(a, sa, a_kernel)?;
+            kernel(b, sb, b_kernel)?;
             let at = ((1 + round * writes) * len) as u64;
             let stamp = round as u8 + 1;
             sa.fill(stamp);
@@ -53,10 +45,10 @@ fn written_on_one_read_on_the_other(a_kernel: bool, b_kernel: bool, len: usize, 
             // publication must not hide an earlier one.
             for piece in 0..writes {
                 let to = at + (piece * len) as u64;
-                assert_eq!(a.write(to, &sa).map_err(|e| format!("round {round}: a write: {e}"))?, Done::Queued);
+                assert_eq!(a.write(to, sa).map_err(|e| format!("round {round}: a write: {e}"))?, Done::Queued);
                 a.fence().map_err(|e| format!("round {round}: the fence a write's answer waits for: {e}"))?;
             }
-            b.read(at, &mut sb).map_err(|e| format!("round {round}: the read: {e}"))?;
+            b.read(at, sb).map_err(|e| format!("round {round}: the read: {e}"))?;
             let token = b.fence().map_err(|e| format!("round {round}: the read's fence: {e}"))?;
             b.wait(token).map_err(|e| format!("round {round}: the read's wait: {e}"))?;
             if sb.iter().any(|&x| x != stamp) {
@@ -65,8 +57,21 @@ fn written_on_one_read_on_the_other(a_kernel: bool, b_kernel: bool, len: usize, 
             a.sync().map_err(|e| format!("round {round}: a sync, before the writes' staging is used again: {e}"))?;
         }
         Ok(())
-    };
-    let outcome = rounds();
+    });
+}
+
+/// Two stores of one backing for two connections, on this thread, with
+/// staging of `len` and 4 KiB; `rounds` runs on them and says what failed.
+fn two_connections(len: usize, rounds: impl FnOnce(&mut VramStore, &mut [u8], &mut VramStore, &mut [u8]) -> Result<(), String>) {
+    let _turn = crate::cuda::gate::serial();
+    let cuda = fake();
+    let ctx = cuda.device(0).and_then(|d| d.context()).expect("a context on the fake");
+    ctx.make_current().expect("current");
+    let tuning = Tuning { watch_neighbours: false, ..Tuning::default() };
+    let Ok(backing) = VramBacking::allocate(&ctx, 16 << 20, 0, 16 << 20, 2, &tuning) else { panic!("16 MiB on the fake") };
+    let (mut a, mut b) = (backing.open().expect("a"), backing.open().expect("b"));
+    let (mut sa, mut sb) = (a.staging(len).expect("staging"), b.staging(BLOCK).expect("staging"));
+    let outcome = rounds(&mut a, &mut sa, &mut b, &mut sb);
     // One thread holds both: each kernel is parked before either store
     // goes (a store's end waits for every kernel to be parked), and the
     // stores go before their staging.
@@ -76,6 +81,31 @@ fn written_on_one_read_on_the_other(a_kernel: bool, b_kernel: bool, len: usize, 
     if let Err(e) = outcome {
         panic!("{e}");
     }
+}
+
+/// A write answered on one connection, then one to the same block on
+/// another: the second lands last, whichever stream the fake runs first.
+#[test]
+fn a_later_write_on_another_connection_lands_last() {
+    two_connections(BLOCK, |a, sa, b, sb| {
+        for round in 0..ROUNDS as u8 {
+            let at = (1 + u64::from(round)) * BLOCK as u64;
+            sa.fill(2 * round + 1);
+            sb.fill(2 * round + 2);
+            a.write(at, sa).map_err(|e| format!("round {round}: the first write: {e}"))?;
+            a.fence().map_err(|e| format!("round {round}: its fence: {e}"))?;
+            b.write(at, sb).map_err(|e| format!("round {round}: the second write: {e}"))?;
+            b.fence().map_err(|e| format!("round {round}: its fence: {e}"))?;
+            b.sync().map_err(|e| format!("round {round}: {e}"))?;
+            a.sync().map_err(|e| format!("round {round}: {e}"))?;
+            a.read(at, sa).map_err(|e| format!("round {round}: the read: {e}"))?;
+            a.sync().map_err(|e| format!("round {round}: the read's sync: {e}"))?;
+            if sa.iter().any(|&x| x != 2 * round + 2) {
+                return Err(format!("round {round}: the block holds {}, not the later write's {}", sa[0], 2 * round + 2));
+            }
+        }
+        Ok(())
+    });
 }
 
 /// Copy-engine writes on one connection (128 KiB: the mailbox kernel
