@@ -11,8 +11,7 @@
 //! the device, it makes its stream wait for each other lane whose
 //! published blocks that work touches (`follow`). The waits run on the
 //! GPU: no serving thread waits for another, and connections that work on
-//! different blocks (as the kernel's do, mostly: swap gives each CPU its
-//! own clusters) never wait for each other at all.
+//! different blocks never wait for each other at all.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
