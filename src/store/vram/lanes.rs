@@ -20,7 +20,7 @@ use crate::cuda::{Context, Error, Event, Stream};
 
 /// The 4 KiB blocks `lo..hi` of the store, as one word, so that another
 /// thread reads both ends of one publication.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Span {
     lo: u32,
     hi: u32,
@@ -36,7 +36,7 @@ impl Span {
         let block = |byte: u64| u32::try_from(byte / 4096).unwrap_or(u32::MAX);
         let lo = block(offset).min(u32::MAX - 1);
         let hi = block(offset.saturating_add(len).saturating_add(4095)).max(lo.saturating_add(1));
-        *self = if self.is_empty() { Span { lo, hi } } else { Span { lo: self.lo.min(lo), hi: self.hi.max(hi) } };
+        *self = self.union(Span { lo, hi });
     }
 
     pub fn is_empty(&self) -> bool {
@@ -108,7 +108,7 @@ impl<'c> Lanes<'c> {
         // Publications before this holder's time are followed too: an
         // earlier connection's answered changes may still be on their way.
         let seen = vec![0; self.lanes.len()].into_boxed_slice();
-        Some(Lane { lanes: Arc::clone(self), me, seen, reach: Span::EMPTY })
+        Some(Lane { lanes: Arc::clone(self), me, seen })
     }
 }
 
@@ -118,8 +118,6 @@ pub struct Lane<'c> {
     me: usize,
     /// Each lane's `published` when this one's stream last waited for it.
     seen: Box<[u64]>,
-    /// What this lane last published as its reach.
-    reach: Span,
 }
 
 impl Lane<'_> {
@@ -150,16 +148,17 @@ impl Lane<'_> {
     /// (its copier saw it complete), nothing is left for others to wait
     /// for; until then its reach only grows. Asking the driver here would
     /// cost a call per batch of writes.
-    pub fn publish(&mut self, stream: &Stream, blocks: Span, done: bool) -> Result<(), Error> {
+    pub fn publish(&self, stream: &Stream, blocks: Span, done: bool) -> Result<(), Error> {
         let lane = &self.lanes.lanes[self.me];
         if done {
-            self.reach = Span::EMPTY;
             lane.reach.store(Span::EMPTY.pack(), Ordering::Release);
             return Ok(());
         }
         // Wider first: a reader that sees the new count sees this reach.
-        self.reach = self.reach.union(blocks);
-        lane.reach.store(self.reach.pack(), Ordering::Release);
+        // Only this lane's holder stores it, so its own last value needs
+        // no ordering.
+        let reach = Span::unpack(lane.reach.load(Ordering::Relaxed)).union(blocks);
+        lane.reach.store(reach.pack(), Ordering::Release);
         stream.record(&lane.event)?;
         lane.published.fetch_add(1, Ordering::Release);
         Ok(())
@@ -176,8 +175,12 @@ impl Lane<'_> {
 }
 
 impl Drop for Lane<'_> {
+    /// After its copier, which synced its stream: nothing it published is
+    /// left to wait for, as when a holder starts with an empty reach.
     fn drop(&mut self) {
-        self.lanes.lanes[self.me].taken.store(false, Ordering::Release);
+        let lane = &self.lanes.lanes[self.me];
+        lane.reach.store(Span::EMPTY.pack(), Ordering::Release);
+        lane.taken.store(false, Ordering::Release);
     }
 }
 
