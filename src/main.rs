@@ -78,7 +78,7 @@ fn run(command: Command, tuning: &tuning::Tuning) -> Result<(), Failure> {
         Command::Resize { size, device } => resize::resize(size, device.as_deref())?,
         Command::Gpus { libcuda } => gpus::list(libcuda.as_deref(), tuning)?,
         Command::Stop { device } => stop::stop(&device)?,
-        Command::Bench { servers, verify: true, .. } => bench::verify(&servers[0].0, 0x6e62_642d_7672_616d)?,
+        Command::Bench { servers, verify: true, connections, .. } => bench::verify(&servers[0].0, connections, 0x6e62_642d_7672_616d)?,
         Command::Bench { servers, connections, sweep, seconds, svg, .. } => {
             let servers = bench::Servers { list: &servers, connections };
             match (sweep, servers.list.len()) {

@@ -155,3 +155,18 @@ fn a_client_beyond_the_limit_is_turned_away() {
     third.disconnect();
     second.disconnect();
 }
+
+/// `bench --verify --connections N`, the GPU script's check that a write
+/// answered on one connection is seen on another at once: the whole store
+/// in 4 MiB requests and lone 4 KiB reads after writes, every read on
+/// another connection than its write.
+#[test]
+fn bench_verify_reads_each_write_on_another_connection() {
+    for n in ["2", "4"] {
+        let server = Serve::new(16).arg("--connections").arg(n).env("FAKE_CUDA_MAX_ALLOC_MIB", "8").start();
+        let connect = format!("unix:{}", server.sock.display());
+        let out = common::run(&mut nbd_vram(&["bench", "--connect", &connect, "--verify", "--connections", n], &[]), Duration::from_secs(120));
+        out.assert_success("bench --verify --connections");
+        assert!(out.stdout.contains(&format!("verify: PASS, 16 MiB written and read back intact over {n} connections")), "{}", out.stdout);
+    }
+}

@@ -4,7 +4,9 @@
 //! a time as swap-ins come (the VRAM store's mailbox path), some right
 //! after a write of new data to the same block, read back both ways. A
 //! correctness check over the full range (every chunk of a VRAM store),
-//! not a benchmark.
+//! not a benchmark. Over several connections, requests still go one at a
+//! time, and each read goes on another connection than the write it
+//! checks: a write answered on one must be seen on every other at once.
 
 use std::io::{Read, Write};
 use std::time::Instant;
@@ -50,11 +52,23 @@ fn coprime_stride(n: u64, near: u64) -> u64 {
     (near..).find(|&s| gcd(s, n) == 1).unwrap_or(1)
 }
 
-pub fn run(connect: &Addr, seed: u64) -> Result<(), Failure> {
+pub fn run(connect: &Addr, connections: usize, seed: u64) -> Result<(), Failure> {
     let at = Shown(connect);
     let fail = |what: String| Failure::new(Code::Other, format!("{at}: verify: {what}"));
-    let mut conn = Conn::connect(connect)?;
-    let export = client::handshake(&mut conn).map_err(|e| fail(format!("handshake: {e}")))?;
+    let mut conns = Vec::with_capacity(connections);
+    let mut export = None;
+    for i in 0..connections {
+        let mut conn = Conn::connect(connect)?;
+        let this = client::handshake(&mut conn).map_err(|e| fail(format!("handshake of connection {i}: {e}")))?;
+        if connections > 1 && this.flags & sys::NBD_FLAG_CAN_MULTI_CONN as u16 == 0 {
+            // Without it, what one connection answered need not show on another.
+            return Err(fail("the server does not say CAN_MULTI_CONN: check it over one connection".into()));
+        }
+        export.get_or_insert(this);
+        conns.push(conn);
+    }
+    let Some(export) = export else { unreachable!("the parser allows 1 connection or more") };
+    let n_conns = conns.len();
     let chunk = CHUNK.min(u64::from(export.max_block)).max(4096);
     if export.size % chunk != 0 {
         return Err(fail(format!("export size {} is not a multiple of {chunk}", export.size)));
@@ -67,7 +81,8 @@ pub fn run(connect: &Addr, seed: u64) -> Result<(), Failure> {
         for i in 0..n {
             let offset = scrambled(i, n, stride) * chunk;
             fill(&mut want, seed, offset);
-            exchange(&mut conn, pass == "write", i, offset, &want, &mut got).map_err(fail)?;
+            let turn = offset / chunk + u64::from(pass == "read");
+            exchange(on(&mut conns, turn), pass == "write", i, offset, &want, &mut got).map_err(fail)?;
         }
         let secs = start.elapsed().as_secs_f64();
         println!("verify: {pass} {} MiB in {secs:.1} s ({:.0} MB/s)", export.size >> 20, export.size as f64 / secs / 1e6);
@@ -80,19 +95,27 @@ pub fn run(connect: &Addr, seed: u64) -> Result<(), Failure> {
     for i in 0..lone {
         let offset = scrambled(i, blocks, stride) * 4096;
         fill(want, seed, offset);
-        exchange(&mut conn, false, 4 * i, offset, want, got).map_err(fail)?;
+        exchange(on(&mut conns, i), false, 4 * i, offset, want, got).map_err(fail)?;
         if i % 4 == 0 {
             fill(want, !seed, offset);
-            exchange(&mut conn, true, 4 * i + 1, offset, want, got).map_err(fail)?;
-            exchange(&mut conn, false, 4 * i + 2, offset, want, got).map_err(fail)?;
+            exchange(on(&mut conns, i + 1), true, 4 * i + 1, offset, want, got).map_err(fail)?;
+            exchange(on(&mut conns, i + 2), false, 4 * i + 2, offset, want, got).map_err(fail)?;
             // Not 16-byte aligned, so not the mailbox kernel's: what it
             // wrote must be there for the copy engine too.
-            exchange(&mut conn, false, 4 * i + 3, offset + 8, &want[8..4088], &mut got[8..4088]).map_err(fail)?;
+            exchange(on(&mut conns, i + 3), false, 4 * i + 3, offset + 8, &want[8..4088], &mut got[8..4088]).map_err(fail)?;
         }
     }
     println!("verify: {lone} lone 4 KiB reads in {:.2} s, a quarter of them after a write", start.elapsed().as_secs_f64());
-    println!("verify: PASS, {} MiB written and read back intact", export.size >> 20);
+    let over = if n_conns > 1 { format!(" over {n_conns} connections, each read on another than its write") } else { String::new() };
+    println!("verify: PASS, {} MiB written and read back intact{over}", export.size >> 20);
     Ok(())
+}
+
+/// The connection of turn `k`: a read the turn after its write goes on
+/// the next one.
+fn on(conns: &mut [Conn], k: u64) -> &mut Conn {
+    let n = conns.len() as u64;
+    &mut conns[(k % n) as usize]
 }
 
 /// One request, answered before the next: a write of `want`, or a read

@@ -84,12 +84,12 @@ pub enum Done {
 ///
 /// Errors come in two kinds. One returned by an operation or by `fence`
 /// means that work was never started: its requests fail, the store is
-/// intact. One returned by `wait` or `sync` means queued work failed on the
+/// intact. One returned by `wait`, `sync` or `flush` means queued work failed on the
 /// device after it was handed over: what it wrote is unknown.
 ///
 /// A change (write, zero, trim) may be answered once a `fence` after it
 /// has returned, done or not: every operation handed to any store of the
-/// same backing after that sees it, and a `flush` or `sync` covers it. The
+/// same backing after that sees it, and a `flush` on any of them covers it. The
 /// kernel relies on that with several connections: swap reads a page back
 /// on whichever connection its CPU maps to, with no flush between.
 pub trait Store {
@@ -118,7 +118,8 @@ pub trait Store {
         let _ = token;
         Ok(())
     }
-    /// Waits for every queued operation.
+    /// Waits for every operation queued on this store (its staging is
+    /// free again).
     fn sync(&mut self) -> io::Result<()>;
     /// The stored bytes `offset..offset + len`, for the data of a read that
     /// answered `Lent`; `None` out of range, or from a store that never lends.
@@ -135,7 +136,9 @@ pub trait Store {
     /// The serve loop is about to sleep until the next request: what the
     /// store keeps busy for back-to-back requests can stop.
     fn idle(&mut self) {}
-    /// Memory is volatile either way: a flush only has to order writes.
+    /// `sync`, and every change answered on another store of the backing
+    /// is done too. Memory is volatile either way: a flush only has to
+    /// order writes.
     fn flush(&mut self) -> io::Result<()> {
         self.sync()
     }

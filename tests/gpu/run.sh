@@ -64,6 +64,17 @@ check "$B" bench --connect "unix:$T/vram.sock" --verify
 nvidia-smi --query-compute-apps=pid,used_memory --format=csv
 kill %1; wait %1 2>/dev/null
 
+# A write answered on one connection is only queued: the other
+# connections' streams and mailbox kernels must wait for it on the GPU,
+# which only the real driver can show racing. Requests one at a time, so
+# each loop idles between them and its mailbox kernel serves.
+step "4 connections to one VRAM store: every read on another connection than its write"
+serve "$T/multi.sock" --size 4096 --connections 4 || fail=1
+check "$B" bench --connect "unix:$T/multi.sock" --verify --connections 4
+kill %1; wait %1 2>/dev/null
+grep -E "mailbox kernel|client done" "$T/serve.log"
+: >"$T/serve.log"
+
 # LIFECYCLE (default 20; 0 leaves it out): a VRAM server stopped by
 # SIGTERM, by SIGINT and as `nbd-vram stop` does it (SIGTERM, then wait
 # until the process is gone), LIFECYCLE times each, every other time under

@@ -258,15 +258,12 @@ impl<'c> Copier<'c> {
         self.fences.wait(&self.stream, token)
     }
 
-    /// Also reports a batch that failed to start since the last fence: a
-    /// caller that writes and syncs (the swap header) must hear of it.
+    /// Waits for this copier's own work, so that its staging is free
+    /// again. Also reports a batch that failed to start since the last
+    /// fence: a caller that writes and syncs (the swap header) must hear
+    /// of it.
     pub fn sync(&mut self) -> io::Result<()> {
         self.flush();
-        if self.lane.as_ref().is_some_and(|lane| lane.news(Span::ALL)) {
-            // A flush covers the changes answered on every connection.
-            self.touched = Span::ALL;
-            self.hand_over().map_err(eio)?;
-        }
         let failed = self.batch.as_mut().is_some_and(|b| std::mem::take(&mut b.failed));
         let finished = self.resident.finished(&mut self.fences);
         self.fences.sync(&self.stream)?;
@@ -274,6 +271,17 @@ impl<'c> Copier<'c> {
             return Err(io::Error::from_raw_os_error(libc::EIO));
         }
         finished
+    }
+
+    /// `sync`, covering also the changes answered on every other
+    /// connection (an NBD flush, with several).
+    pub fn sync_all(&mut self) -> io::Result<()> {
+        self.flush();
+        if self.lane.as_ref().is_some_and(|lane| lane.news(Span::ALL)) {
+            self.touched = Span::ALL;
+            self.hand_over().map_err(eio)?;
+        }
+        self.sync()
     }
 
     /// Requests are apart: the mailbox kernel waits for batches in a row

@@ -153,6 +153,10 @@ impl<'c> Store for VramStore<'_, 'c> {
         self.copier.sync()
     }
 
+    fn flush(&mut self) -> io::Result<()> {
+        self.copier.sync_all()
+    }
+
     /// Requests are apart: the mailbox kernel waits for batches in a row
     /// again before it starts.
     fn idle(&mut self) {
