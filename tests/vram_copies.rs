@@ -69,6 +69,7 @@ fn without_the_copy_kernel_copies_still_batch() {
 /// data, sent in one piece so that they land in one batch: every read must
 /// see the write before it, although the fake runs a batched call's copies
 /// last to first, by kernel or batched call (the latter from 8 copies).
+/// The blocks lie 8 KiB apart, so that no two go as one copy.
 #[test]
 fn batched_copies_read_what_was_just_written() {
     on_each_copy_path(|| Serve::new(8), read_what_was_just_written);
@@ -81,12 +82,12 @@ fn read_what_was_just_written(server: &mut VramServer) {
     let mut cookie = 0;
     for fill in [0x11u8, 0x22] {
         for block in 0..8u64 {
-            wire.extend(common::raw::header(0, CMD_WRITE, cookie, block * 4096, 4096));
+            wire.extend(common::raw::header(0, CMD_WRITE, cookie, block * 8192, 4096));
             wire.extend([fill + block as u8; 4096]);
             cookie += 1;
         }
         for block in 0..8u64 {
-            wire.extend(common::raw::header(0, CMD_READ, cookie, block * 4096, 4096));
+            wire.extend(common::raw::header(0, CMD_READ, cookie, block * 8192, 4096));
             cookie += 1;
         }
     }

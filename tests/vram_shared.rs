@@ -14,7 +14,8 @@ use common::raw::{Nbd, CMD_READ, CMD_WRITE, CMD_WRITE_ZEROES};
 use fake_cuda_env::*;
 
 /// Lone reads and writes, eight writes together and eight reads of them
-/// together, and a write of zeroes, each checked; `round` picks the data.
+/// together (8 KiB apart, so that each is a copy of its own), and a write
+/// of zeroes, each checked; `round` picks the data.
 fn mixed_traffic(nbd: &mut Nbd, round: u8) {
     use std::io::Write;
     for block in 0..4u64 {
@@ -24,12 +25,12 @@ fn mixed_traffic(nbd: &mut Nbd, round: u8) {
     let data = |i: u64| [round ^ (i as u8 + 1); 4096];
     let mut writes = Vec::new();
     for i in 0..8 {
-        writes.extend(common::raw::header(0, CMD_WRITE, 1000 + i, (8 + i) * 4096, 4096));
+        writes.extend(common::raw::header(0, CMD_WRITE, 1000 + i, (8 + 2 * i) * 4096, 4096));
         writes.extend(data(i));
     }
     nbd.s.write_all(&writes).unwrap();
     (0..8).for_each(|i| assert_eq!(nbd.reply(), (0, 1000 + i), "one of eight writes"));
-    let reads: Vec<u8> = (0..8).flat_map(|i| common::raw::header(0, CMD_READ, 2000 + i, (8 + i) * 4096, 4096)).collect();
+    let reads: Vec<u8> = (0..8).flat_map(|i| common::raw::header(0, CMD_READ, 2000 + i, (8 + 2 * i) * 4096, 4096)).collect();
     nbd.s.write_all(&reads).unwrap();
     for i in 0..8 {
         assert_eq!(nbd.reply(), (0, 2000 + i), "one of eight reads");

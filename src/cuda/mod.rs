@@ -478,18 +478,23 @@ impl Drop for Event<'_> {
 /// Copies gathered for one `cuMemcpyBatchAsync`: one driver call for a
 /// whole batch of small requests instead of one each. The driver may run
 /// them in any order, so a batch never holds copies that depend on each
-/// other (the store flushes when the direction changes).
+/// other (the store flushes when the direction changes). A piece that
+/// continues the last one on both sides, in the same allocation, extends
+/// it: sequential requests, end to end in staging and in VRAM, go as one
+/// copy.
 pub struct CopyBatch {
     dsts: Vec<CUdeviceptr>,
     srcs: Vec<CUdeviceptr>,
     sizes: Vec<usize>,
+    /// The device allocation of the last piece: a copy never spans two.
+    last_mem: CUdeviceptr,
     /// Every piece is one the copy kernel takes.
     small: bool,
 }
 
 impl CopyBatch {
     pub fn with_capacity(n: usize) -> CopyBatch {
-        CopyBatch { dsts: Vec::with_capacity(n), srcs: Vec::with_capacity(n), sizes: Vec::with_capacity(n), small: true }
+        CopyBatch { dsts: Vec::with_capacity(n), srcs: Vec::with_capacity(n), sizes: Vec::with_capacity(n), last_mem: 0, small: true }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -523,17 +528,29 @@ impl CopyBatch {
     }
 
     /// Device → host; the same promise as `Stream::read` holds for `dst`.
+    /// Host sides end to end are taken for one range: the store's come
+    /// from one staging allocation (a range over two would still copy
+    /// right, at the driver's pace for memory it does not know pinned).
     pub fn read(&mut self, src: &DeviceMem, offset: u64, dst: &mut [u8]) {
-        self.push(dst.as_mut_ptr() as CUdeviceptr, src.at(offset, dst.len()), dst.len());
+        self.push(dst.as_mut_ptr() as CUdeviceptr, src.at(offset, dst.len()), dst.len(), src.ptr);
     }
 
-    /// Host → device; the same promise as `Stream::write` holds for `src`.
+    /// Host → device; the same promise as `Stream::write` holds for `src`,
+    /// and the same about host sides as in `read`.
     pub fn write(&mut self, dst: &DeviceMem, offset: u64, src: &[u8]) {
-        self.push(dst.at(offset, src.len()), src.as_ptr() as CUdeviceptr, src.len());
+        self.push(dst.at(offset, src.len()), src.as_ptr() as CUdeviceptr, src.len(), dst.ptr);
     }
 
-    fn push(&mut self, dst: CUdeviceptr, src: CUdeviceptr, len: usize) {
+    fn push(&mut self, dst: CUdeviceptr, src: CUdeviceptr, len: usize, mem: CUdeviceptr) {
+        if let (Some(&d), Some(&s), Some(n)) = (self.dsts.last(), self.srcs.last(), self.sizes.last_mut()) {
+            if mem == self.last_mem && d + *n as u64 == dst && s + *n as u64 == src {
+                *n += len;
+                self.small &= kernel::takes(d, s, *n);
+                return;
+            }
+        }
         debug_assert!(!self.is_full(), "callers flush a full batch first");
+        self.last_mem = mem;
         self.dsts.push(dst);
         self.srcs.push(src);
         self.sizes.push(len);
@@ -613,3 +630,30 @@ impl Drop for Stream<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::CopyBatch;
+
+    #[test]
+    fn pieces_end_to_end_in_one_allocation_go_as_one_copy() {
+        let mut b = CopyBatch::with_capacity(8);
+        let (vram, other, host) = (1 << 40, 2 << 40, 1 << 20);
+        b.push(vram, host, 4096, vram);
+        b.push(vram + 4096, host + 4096, 4096, vram);
+        assert_eq!((b.len(), b.sizes()), (1, &[8192][..]));
+        assert!(b.is_small());
+        b.push(vram + 8192, host + 8192, 128 << 10, vram);
+        assert_eq!(b.sizes(), &[8192 + (128 << 10)], "a long piece extends it too");
+        assert!(!b.is_small(), "the copy kernel takes pieces of 64 KiB at most");
+        let end = vram + 8192 + (128 << 10);
+        b.push(end, host, 4096, vram);
+        b.push(end + 8192, host + 4096, 4096, vram);
+        b.push(end + 12288, host + 4096 + 4096, 4096, other);
+        assert_eq!(b.sizes().len(), 4, "not end to end on the host side, on the device side, or in another allocation");
+        b.clear();
+        b.push(end + 16384, host + 12288, 4096, other);
+        assert_eq!(b.len(), 1);
+    }
+}
+

@@ -111,6 +111,7 @@ struct block { char *p; size_t size; int dev; struct block *next; };
 static struct device {
     size_t total, free;   /* bytes; "free" also counts FAKE_CUDA_FREE_MIB's phantom use */
     char *base;           /* backing mode: this device's slice of the mapping */
+    char *space;          /* else: address space reserved for its allocations */
     struct CUctx_st ctx;
 } devs[MAX_DEVICES];
 
@@ -118,6 +119,12 @@ static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static CUresult init_rc = -1;             /* -1: cuInit(0) not called yet */
 static int ndev;
 static size_t max_alloc = SIZE_MAX;
+
+/* Gives a freed block's pages back, its addresses staying reserved. */
+static void unmap_block(char *p, size_t size)
+{
+    mmap(p, size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0);
+}
 static unsigned long long fail_copy, copies, fail_sync, syncs, no_jit, exec_timeout, fail_mailbox, mailbox_jobs, late_start;
 static unsigned long long sms = 132, stall_job, jobs_seen;
 static CUresult sticky;                   /* FAKE_CUDA_FAIL_SYNC's error, once it fired */
@@ -483,7 +490,7 @@ static CUresult ctx_release(CUdevice d)
             if (b->dev != d) { pp = &b->next; continue; }
             leaked += b->size;
             devs[d].free += b->size;
-            if (!devs[d].base) munmap(b->p, b->size);
+            if (!devs[d].base) unmap_block(b->p, b->size);
             *pp = b->next;
             free(b);
         }
@@ -590,13 +597,13 @@ API CUresult cuMemGetInfo_v2(size_t *free, size_t *total) { LOCKED(mem_info(free
 /* Backing mode: first fit, page-aligned, in the gaps between the live
  * blocks of this device's slice (freed space is reused; no fragmentation
  * handling beyond that). Returns where to link the new block, or NULL. */
-static struct block **place(struct device *dv, size_t size, char **out)
+static struct block **place(char *base, size_t total, size_t size, char **out)
 {
-    char *at = dv->base, *end = dv->base + dv->total;
+    char *at = base, *end = base + total;
     size_t need = (size + PAGE - 1) / PAGE * PAGE;
     struct block **pp = &allocs;
     for (; *pp && (*pp)->p < end; pp = &(*pp)->next) {
-        if ((*pp)->p < dv->base) continue;
+        if ((*pp)->p < base) continue;
         if ((size_t)((*pp)->p - at) >= need) break;
         at = (*pp)->p + ((*pp)->size + PAGE - 1) / PAGE * PAGE;
     }
@@ -613,14 +620,22 @@ static CUresult mem_alloc(CUdeviceptr *dptr, size_t size)
     char *p = NULL;
     /* free is exact bytes; CUDA would round up to its page size */
     if (!rc && (size > dv->free || size > max_alloc)) rc = E_OOM;
-    if (!rc && dv->base && !(pp = place(dv, size, &p))) rc = E_OOM;
+    if (!rc && dv->base && !(pp = place(dv->base, dv->total, size, &p))) rc = E_OOM;
     if (!rc && !dv->base) {
-        p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-        if (p == MAP_FAILED) rc = E_OOM;
-        for (pp = &allocs; !rc && *pp && (*pp)->p < p;) pp = &(*pp)->next;
+        /* A driver hands out allocations end to end: a copy that runs on
+         * from one into the next must fail here (check_copy) as it may
+         * there, so they are placed as in backing mode, in address space
+         * reserved up front. */
+        if (!dv->space) {
+            dv->space = mmap(NULL, dv->total, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+            if (dv->space == MAP_FAILED) dv->space = NULL;
+        }
+        if (!dv->space || !(pp = place(dv->space, dv->total, size, &p))) rc = E_OOM;
+        if (!rc && mmap(p, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0) == MAP_FAILED)
+            rc = E_OOM;
     }
     if (!rc && !(b = malloc(sizeof *b))) {
-        if (!dv->base) munmap(p, size);
+        if (!dv->base) unmap_block(p, size);
         rc = E_OOM;
     }
     if (!rc) {
@@ -693,7 +708,7 @@ static CUresult mem_free(CUdeviceptr dptr)
     drain();   /* cuMemFree synchronises; pending ops may use the block */
     *pp = b->next;
     devs[b->dev].free += b->size;
-    if (!devs[b->dev].base) munmap(b->p, b->size);
+    if (!devs[b->dev].base) unmap_block(b->p, b->size);
     logf_("free %zu", b->size);
     free(b);
     return OK;
