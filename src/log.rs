@@ -1,10 +1,20 @@
 //! One line per event on stderr. Under systemd (`JOURNAL_STREAM` set) each
 //! line starts with a `<N>` syslog priority, which the journal parses.
-//! Writing formats straight to stderr, so logging never allocates.
+//! Logging never allocates.
+//!
+//! A serving thread never writes to stderr itself: whatever reads it (the
+//! journal, a pipe, a file on tmpfs) may wait for a page that is swapped
+//! out to the very device the thread serves. Its lines go through a ring
+//! of fixed slots to a relay thread, which does the writing and may wait;
+//! when the ring is full they are dropped, and counted. Other threads
+//! write their own lines, after what the relay holds, so lines keep their
+//! order.
 
-use std::fmt;
-use std::io::Write;
+use std::cell::Cell;
+use std::fmt::{self, Write as _};
+use std::io::{self, Write};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 
 pub const ERR: u8 = 3;
 pub const WARNING: u8 = 4;
@@ -13,6 +23,13 @@ pub const DEBUG: u8 = 7;
 
 static LEVEL: AtomicU8 = AtomicU8::new(INFO);
 static JOURNAL: AtomicBool = AtomicBool::new(false);
+static RELAY: Relay = Relay::new();
+/// The relay thread runs: relayed lines reach stderr.
+static RELAYING: AtomicBool = AtomicBool::new(false);
+
+thread_local! {
+    static RELAYED: Cell<bool> = const { Cell::new(false) };
+}
 
 /// Reads the environment once, before any thread starts.
 pub fn init(level: u8) {
@@ -20,17 +37,165 @@ pub fn init(level: u8) {
     JOURNAL.store(std::env::var_os("JOURNAL_STREAM").is_some(), Ordering::Relaxed);
 }
 
+/// Starts the relay thread, which inherits the caller's signal mask. If
+/// it cannot start, every thread writes its own lines.
+pub fn start_relay() {
+    let spawned = std::thread::Builder::new().name("nbd-log".into()).stack_size(64 * 1024).spawn(|| loop {
+        RELAY.wait();
+        RELAY.drain(&mut io::stderr());
+    });
+    match spawned {
+        Ok(_) => RELAYING.store(true, Ordering::Relaxed),
+        Err(e) => write(WARNING, format_args!("cannot start the log thread ({e}): serving threads write their own lines")),
+    }
+}
+
+/// The calling thread serves a device from now on: its lines are relayed.
+pub fn relay_here() {
+    RELAYED.with(|r| r.set(true));
+}
+
+/// Writes what the relay still holds, before the process ends.
+pub fn flush() {
+    RELAY.drain(&mut io::stderr());
+}
+
 pub fn write(priority: u8, args: fmt::Arguments) {
     if priority > LEVEL.load(Ordering::Relaxed) {
         return;
     }
-    let mut err = std::io::stderr().lock();
+    if RELAYED.with(Cell::get) && RELAYING.load(Ordering::Relaxed) {
+        RELAY.push(priority, args);
+        return;
+    }
+    let _order = RELAY.writing();
+    let mut err = io::stderr().lock();
+    RELAY.drain_locked(&mut err);
     // Nothing sensible is left to do if stderr itself fails.
-    let _ = if JOURNAL.load(Ordering::Relaxed) {
-        writeln!(err, "<{priority}>{args}")
-    } else {
-        writeln!(err, "nbd-vram: {args}")
-    };
+    let _ = writeln!(err, "{}{args}", Prefix(priority));
+}
+
+/// `<N>` for the journal, else the program's name.
+struct Prefix(u8);
+
+impl fmt::Display for Prefix {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        if JOURNAL.load(Ordering::Relaxed) {
+            write!(f, "<{}>", self.0)
+        } else {
+            f.write_str("nbd-vram: ")
+        }
+    }
+}
+
+/// Lines in the ring at most, and the longest kept whole.
+const SLOTS: usize = 64;
+const LINE: usize = 512;
+
+/// A line, formatted where it was logged; a longer one is cut.
+#[derive(Clone, Copy)]
+struct Line {
+    priority: u8,
+    len: usize,
+    text: [u8; LINE],
+}
+
+impl Line {
+    const EMPTY: Line = Line { priority: 0, len: 0, text: [0; LINE] };
+}
+
+impl fmt::Write for Line {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let n = s.len().min(LINE - self.len);
+        self.text[self.len..self.len + n].copy_from_slice(&s.as_bytes()[..n]);
+        self.len += n;
+        Ok(())
+    }
+}
+
+struct Ring {
+    lines: [Line; SLOTS],
+    first: usize,
+    len: usize,
+    dropped: u64,
+}
+
+struct Relay {
+    ring: Mutex<Ring>,
+    ready: Condvar,
+    /// Held while a line goes to stderr, so that lines keep their order.
+    out: Mutex<()>,
+}
+
+impl Relay {
+    const fn new() -> Relay {
+        Relay { ring: Mutex::new(Ring { lines: [Line::EMPTY; SLOTS], first: 0, len: 0, dropped: 0 }), ready: Condvar::new(), out: Mutex::new(()) }
+    }
+
+    fn ring(&self) -> MutexGuard<'_, Ring> {
+        self.ring.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn writing(&self) -> MutexGuard<'_, ()> {
+        self.out.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues a line; never waits for a writer, only for another thread's
+    /// copy into or out of the ring.
+    fn push(&self, priority: u8, args: fmt::Arguments) {
+        let mut line = Line { priority, ..Line::EMPTY };
+        let _ = line.write_fmt(args);
+        let mut ring = self.ring();
+        if ring.len == SLOTS {
+            ring.dropped += 1;
+        } else {
+            let at = (ring.first + ring.len) % SLOTS;
+            ring.lines[at] = line;
+            ring.len += 1;
+        }
+        drop(ring);
+        self.ready.notify_one();
+    }
+
+    /// Until there is something to write.
+    fn wait(&self) {
+        let mut ring = self.ring();
+        while ring.len == 0 && ring.dropped == 0 {
+            ring = self.ready.wait(ring).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    fn drain(&self, out: &mut impl Write) {
+        let _order = self.writing();
+        self.drain_locked(out);
+    }
+
+    /// Writes the queued lines, taking each out of the ring before the
+    /// write, so that pushes go on meanwhile; the caller holds `out`.
+    fn drain_locked(&self, out: &mut impl Write) {
+        loop {
+            let mut ring = self.ring();
+            let dropped = std::mem::take(&mut ring.dropped);
+            let line = (ring.len > 0).then(|| {
+                let line = ring.lines[ring.first];
+                ring.first = (ring.first + 1) % SLOTS;
+                ring.len -= 1;
+                line
+            });
+            drop(ring);
+            if dropped > 0 {
+                let _ = writeln!(out, "{}{dropped} log line(s) of serving threads dropped: stderr took no more", Prefix(WARNING));
+            }
+            let Some(line) = line else { return };
+            // One write for the line, prefix and newline included.
+            let mut whole = Line::EMPTY;
+            let _ = write!(whole, "{}", Prefix(line.priority));
+            let end = (whole.len + line.len).min(LINE - 1);
+            whole.text[whole.len..end].copy_from_slice(&line.text[..end - whole.len]);
+            whole.text[end] = b'\n';
+            let _ = out.write_all(&whole.text[..=end]);
+        }
+    }
 }
 
 #[macro_export]
@@ -48,4 +213,42 @@ macro_rules! info {
 #[macro_export]
 macro_rules! debug {
     ($($t:tt)*) => { $crate::log::write($crate::log::DEBUG, format_args!($($t)*)) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A writer that is stuck (`out` held) never holds up a push; what
+    /// does not fit is counted, and written once the writer goes on.
+    #[test]
+    fn a_stuck_writer_never_holds_up_a_push() {
+        static RELAY: Relay = Relay::new();
+        let relay = &RELAY;
+        let stuck = relay.writing();
+        let (done, pushed) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            (0..SLOTS + 10).for_each(|i| relay.push(INFO, format_args!("line {i}")));
+            let _ = done.send(());
+        });
+        let waited = pushed.recv_timeout(std::time::Duration::from_secs(10));
+        assert!(waited.is_ok(), "a push waited for the writer");
+        drop(stuck);
+        let mut out = Vec::new();
+        relay.drain(&mut out);
+        let out = String::from_utf8(out).unwrap();
+        assert!(out.contains("10 log line(s) of serving threads dropped"), "{out}");
+        assert!(out.contains("nbd-vram: line 0\n") && out.contains(&format!("line {}\n", SLOTS - 1)), "{out}");
+        assert!(!out.contains(&format!("line {}\n", SLOTS)), "{out}");
+    }
+
+    #[test]
+    fn a_long_line_is_cut_not_spilled() {
+        let relay = Relay::new();
+        relay.push(ERR, format_args!("{}", "x".repeat(2 * LINE)));
+        let mut out = Vec::new();
+        relay.drain(&mut out);
+        assert_eq!(out.len(), LINE, "cut to one slot, its newline included");
+        assert!(out.starts_with(b"nbd-vram: xx") && out.ends_with(b"x\n"));
+    }
 }

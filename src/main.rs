@@ -44,10 +44,14 @@ fn main() -> ExitCode {
     // Before any library is loaded or thread started (parsing does
     // neither), so that every thread, the CUDA driver's too, inherits the
     // mask; other commands keep Ctrl-C's default.
-    if matches!(parsed.command, Command::Serve { .. } | Command::Swap(_)) {
+    let serves = matches!(parsed.command, Command::Serve { .. } | Command::Swap(_));
+    if serves {
         signals::Signals::block();
     }
     log::init(parsed.log_level);
+    if serves {
+        log::start_relay(); // a thread, so after the mask
+    }
     // Only for what serves or opens a GPU: a bad knob must not stop `stop`.
     let tuned = matches!(parsed.command, Command::Serve { .. } | Command::Swap(_) | Command::Gpus { .. });
     let tuning = match tuned.then(tuning::Tuning::from_env).unwrap_or_else(|| Ok(tuning::Tuning::default())) {
@@ -58,7 +62,9 @@ fn main() -> ExitCode {
         }
     };
     tuning.log();
-    match run(parsed.command, &tuning) {
+    let done = run(parsed.command, &tuning);
+    log::flush();
+    match done {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
             error!("{f}");

@@ -97,6 +97,7 @@ fn serve<B: Backing>(backing: &B, how: &Serve) -> Result<(), Failure> {
     let desk = Desk::new(n);
     let work = |i: usize, mut conn: Conn<B>| {
         pressure::realtime();
+        crate::log::relay_here();
         loop {
             match desk.next(i) {
                 Client::Unix(mut client) => session(&mut conn, &shared, &stats[i], &mut client),

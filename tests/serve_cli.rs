@@ -235,3 +235,34 @@ fn a_host_store_takes_its_size_in_memory_not_more() {
     assert!(rss_kib >= 256 * 1024, "a 256 MiB store is not all touched: {rss_kib} KiB");
     server.assert_alive();
 }
+
+/// A serving thread never writes to stderr itself: stderr may wait on a
+/// page swapped out to the device being served. Here it is a pipe that
+/// nobody reads: after it fills (64 KiB, some 300 "client done" lines),
+/// clients are still served, and what did not fit is dropped.
+#[test]
+fn a_stderr_nobody_reads_never_holds_up_serving() {
+    use std::process::Stdio;
+    let dir = TempDir::new();
+    let sock = dir.path("sock");
+    let mut server = Command::new(BIN)
+        .args(["serve", "--store", "host", "--size", "16", "--listen"])
+        .arg(format!("unix:{}", sock.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    for _ in 0..600 {
+        if sock.exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for _ in 0..1000 {
+        // A server stuck on its log would leave the greeting unsent: the
+        // read times out and fails the test.
+        Nbd::go(common::raw::greet(&sock)).disconnect();
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+}

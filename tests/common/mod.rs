@@ -103,8 +103,20 @@ impl Server {
         format!("nbd+unix:///?socket={}", self.sock.display())
     }
 
+    /// The server's log once it has settled: serving threads' lines reach
+    /// it through a log thread, a moment after what they report.
     pub fn log(&self) -> String {
-        fs::read_to_string(self.dir.path("server.log")).unwrap_or_default()
+        let read = || fs::read_to_string(self.dir.path("server.log")).unwrap_or_default();
+        let mut log = read();
+        for _ in 0..40 {
+            thread::sleep(Duration::from_millis(50));
+            let now = read();
+            if now == log {
+                break;
+            }
+            log = now;
+        }
+        log
     }
 
     /// What the fake CUDA driver logged (`FAKE_CUDA_LOG=DIR/cuda.log`), if
