@@ -1,20 +1,21 @@
 //! One line per event on stderr. Under systemd (`JOURNAL_STREAM` set) each
 //! line starts with a `<N>` syslog priority, which the journal parses.
-//! Logging never allocates.
+//! The log itself never allocates (what a caller formats may).
 //!
-//! A serving thread never writes to stderr itself: whatever reads it (the
-//! journal, a pipe, a file on tmpfs) may wait for a page that is swapped
-//! out to the very device the thread serves. Its lines go through a ring
-//! of fixed slots to a relay thread, which does the writing and may wait;
-//! when the ring is full they are dropped, and counted. Other threads
-//! write their own lines, after what the relay holds, so lines keep their
-//! order.
+//! Where something is served (`start_relay`), no thread but one writes to
+//! stderr: whatever reads it (the journal, a pipe, a file on tmpfs) may
+//! wait for a page swapped out to the very device being served, and a
+//! stop must not wait for it either. Lines go, in order, through a ring of
+//! fixed slots to a relay thread, which does the writing and may wait.
+//! When the ring is full, a serving thread's line is dropped at once; any
+//! other thread's waits a moment for room first. Dropped lines are counted.
 
 use std::cell::Cell;
 use std::fmt::{self, Write as _};
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError, TryLockError};
+use std::time::{Duration, Instant};
 
 pub const ERR: u8 = 3;
 pub const WARNING: u8 = 4;
@@ -45,27 +46,55 @@ pub fn start_relay() {
         RELAY.drain(&mut io::stderr());
     });
     match spawned {
-        Ok(_) => RELAYING.store(true, Ordering::Relaxed),
+        Ok(_) => {
+            RELAYING.store(true, Ordering::Relaxed);
+            // panic = "abort": the lines that led to a panic are written
+            // first, if stderr takes them.
+            let report = std::panic::take_hook();
+            std::panic::set_hook(Box::new(move |info| {
+                flush();
+                report(info);
+            }));
+        }
         Err(e) => write(WARNING, format_args!("cannot start the log thread ({e}): serving threads write their own lines")),
     }
 }
 
-/// The calling thread serves a device from now on: its lines are relayed.
+/// The calling thread serves a device from now on: its lines never wait
+/// for room in the ring.
 pub fn relay_here() {
     RELAYED.with(|r| r.set(true));
 }
 
-/// Writes what the relay still holds, before the process ends.
+/// Writes what the relay still holds, before the process ends, unless
+/// the relay is stuck writing for longer than `FLUSH_PATIENCE`.
 pub fn flush() {
-    RELAY.drain(&mut io::stderr());
+    let deadline = Instant::now() + FLUSH_PATIENCE;
+    loop {
+        match RELAY.out.try_lock() {
+            Ok(_order) => return RELAY.drain_locked(&mut io::stderr()),
+            Err(TryLockError::Poisoned(p)) => {
+                let _order = p.into_inner();
+                return RELAY.drain_locked(&mut io::stderr());
+            }
+            Err(TryLockError::WouldBlock) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+            Err(TryLockError::WouldBlock) => return,
+        }
+    }
 }
+
+/// How long a line of a thread that does not serve waits for room in a
+/// full ring, and how long the last lines wait for stderr at exit.
+const ROOM_PATIENCE: Duration = Duration::from_millis(100);
+const FLUSH_PATIENCE: Duration = Duration::from_millis(500);
 
 pub fn write(priority: u8, args: fmt::Arguments) {
     if priority > LEVEL.load(Ordering::Relaxed) {
         return;
     }
-    if RELAYED.with(Cell::get) && RELAYING.load(Ordering::Relaxed) {
-        RELAY.push(priority, args);
+    if RELAYING.load(Ordering::Relaxed) {
+        let patience = if RELAYED.with(Cell::get) { Duration::ZERO } else { ROOM_PATIENCE };
+        RELAY.push(priority, args, patience);
         return;
     }
     let _order = RELAY.writing();
@@ -89,7 +118,7 @@ impl fmt::Display for Prefix {
 }
 
 /// Lines in the ring at most, and the longest kept whole.
-const SLOTS: usize = 64;
+const SLOTS: usize = 128;
 const LINE: usize = 512;
 
 /// A line, formatted where it was logged; a longer one is cut.
@@ -106,7 +135,10 @@ impl Line {
 
 impl fmt::Write for Line {
     fn write_str(&mut self, s: &str) -> fmt::Result {
-        let n = s.len().min(LINE - self.len);
+        let mut n = s.len().min(LINE - self.len);
+        while !s.is_char_boundary(n) {
+            n -= 1;
+        }
         self.text[self.len..self.len + n].copy_from_slice(&s.as_bytes()[..n]);
         self.len += n;
         Ok(())
@@ -122,14 +154,21 @@ struct Ring {
 
 struct Relay {
     ring: Mutex<Ring>,
+    /// A line came in; a line went out.
     ready: Condvar,
+    room: Condvar,
     /// Held while a line goes to stderr, so that lines keep their order.
     out: Mutex<()>,
 }
 
 impl Relay {
     const fn new() -> Relay {
-        Relay { ring: Mutex::new(Ring { lines: [Line::EMPTY; SLOTS], first: 0, len: 0, dropped: 0 }), ready: Condvar::new(), out: Mutex::new(()) }
+        Relay {
+            ring: Mutex::new(Ring { lines: [Line::EMPTY; SLOTS], first: 0, len: 0, dropped: 0 }),
+            ready: Condvar::new(),
+            room: Condvar::new(),
+            out: Mutex::new(()),
+        }
     }
 
     fn ring(&self) -> MutexGuard<'_, Ring> {
@@ -140,12 +179,15 @@ impl Relay {
         self.out.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Queues a line; never waits for a writer, only for another thread's
-    /// copy into or out of the ring.
-    fn push(&self, priority: u8, args: fmt::Arguments) {
+    /// Queues a line, waiting at most `patience` for room (and for
+    /// another thread's copy into or out of the ring), never for a write.
+    fn push(&self, priority: u8, args: fmt::Arguments, patience: Duration) {
         let mut line = Line { priority, ..Line::EMPTY };
         let _ = line.write_fmt(args);
         let mut ring = self.ring();
+        if ring.len == SLOTS && !patience.is_zero() {
+            ring = self.room.wait_timeout_while(ring, patience, |r| r.len == SLOTS).unwrap_or_else(PoisonError::into_inner).0;
+        }
         if ring.len == SLOTS {
             ring.dropped += 1;
         } else {
@@ -175,16 +217,18 @@ impl Relay {
     fn drain_locked(&self, out: &mut impl Write) {
         loop {
             let mut ring = self.ring();
-            let dropped = std::mem::take(&mut ring.dropped);
             let line = (ring.len > 0).then(|| {
                 let line = ring.lines[ring.first];
                 ring.first = (ring.first + 1) % SLOTS;
                 ring.len -= 1;
                 line
             });
+            // Said after the lines that came before the drops.
+            let dropped = if line.is_none() { std::mem::take(&mut ring.dropped) } else { 0 };
             drop(ring);
+            self.room.notify_all();
             if dropped > 0 {
-                let _ = writeln!(out, "{}{dropped} log line(s) of serving threads dropped: stderr took no more", Prefix(WARNING));
+                let _ = writeln!(out, "{}{dropped} log line(s) dropped: stderr took no more", Prefix(WARNING));
             }
             let Some(line) = line else { return };
             // One write for the line, prefix and newline included.
@@ -228,7 +272,7 @@ mod tests {
         let stuck = relay.writing();
         let (done, pushed) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            (0..SLOTS + 10).for_each(|i| relay.push(INFO, format_args!("line {i}")));
+            (0..SLOTS + 10).for_each(|i| relay.push(INFO, format_args!("line {i}"), Duration::ZERO));
             let _ = done.send(());
         });
         let waited = pushed.recv_timeout(std::time::Duration::from_secs(10));
@@ -237,15 +281,36 @@ mod tests {
         let mut out = Vec::new();
         relay.drain(&mut out);
         let out = String::from_utf8(out).unwrap();
-        assert!(out.contains("10 log line(s) of serving threads dropped"), "{out}");
+        assert!(out.contains("10 log line(s) dropped"), "{out}");
         assert!(out.contains("nbd-vram: line 0\n") && out.contains(&format!("line {}\n", SLOTS - 1)), "{out}");
         assert!(!out.contains(&format!("line {}\n", SLOTS)), "{out}");
+    }
+
+    /// Another thread's line waits for room, and gets it as the writer
+    /// goes on.
+    #[test]
+    fn a_line_of_a_thread_that_does_not_serve_waits_for_room() {
+        let relay = Relay::new();
+        (0..SLOTS).for_each(|i| relay.push(INFO, format_args!("line {i}"), Duration::ZERO));
+        let mut out = std::thread::scope(|s| {
+            let writer = s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(20));
+                let mut out = Vec::new();
+                relay.drain(&mut out);
+                out
+            });
+            relay.push(INFO, format_args!("the last"), Duration::from_secs(10));
+            writer.join().unwrap()
+        });
+        relay.drain(&mut out);
+        let out = String::from_utf8(out).unwrap();
+        assert!(out.ends_with("nbd-vram: the last\n") && !out.contains("dropped"), "{out}");
     }
 
     #[test]
     fn a_long_line_is_cut_not_spilled() {
         let relay = Relay::new();
-        relay.push(ERR, format_args!("{}", "x".repeat(2 * LINE)));
+        relay.push(ERR, format_args!("{}", "x".repeat(2 * LINE)), Duration::ZERO);
         let mut out = Vec::new();
         relay.drain(&mut out);
         assert_eq!(out.len(), LINE, "cut to one slot, its newline included");

@@ -58,19 +58,20 @@ fn main() -> ExitCode {
         Ok(t) => t,
         Err(msg) => {
             error!("{msg}");
+            log::flush();
             return ExitCode::from(Code::Usage as u8);
         }
     };
     tuning.log();
-    let done = run(parsed.command, &tuning);
-    log::flush();
-    match done {
+    let code = match run(parsed.command, &tuning) {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
             error!("{f}");
             ExitCode::from(f.code as u8)
         }
-    }
+    };
+    log::flush(); // what the log thread still holds
+    code
 }
 
 fn run(command: Command, tuning: &tuning::Tuning) -> Result<(), Failure> {

@@ -96,8 +96,8 @@ fn serve<B: Backing>(backing: &B, how: &Serve) -> Result<(), Failure> {
     let n = how.connections;
     let desk = Desk::new(n);
     let work = |i: usize, mut conn: Conn<B>| {
-        pressure::realtime();
         crate::log::relay_here();
+        pressure::realtime();
         loop {
             match desk.next(i) {
                 Client::Unix(mut client) => session(&mut conn, &shared, &stats[i], &mut client),

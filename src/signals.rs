@@ -64,6 +64,7 @@ impl Signals {
     /// Ends the process at once, skipping exit handlers: another thread
     /// may be inside libcuda, whose handlers would tear it down under it.
     pub fn exit_now(code: i32) -> ! {
+        crate::log::flush();
         // SAFETY: _exit only ends the process; nothing is left to unwind.
         unsafe { libc::_exit(code) }
     }

@@ -277,8 +277,8 @@ fn serve<'b, B: Backing>(
     let n = setup.opts.connections;
     let stats = &board.stats;
     let serve_other = |i: usize, mut conn: Conn<B>| {
-        pressure::realtime();
         crate::log::relay_here();
+        pressure::realtime();
         serve_link(&mut conn.store, &mut conn.bufs, shared, &stats[i], &ours[i])
     };
     let path = dev.path();
@@ -301,8 +301,8 @@ fn serve<'b, B: Backing>(
         });
         let kernel = spawn(s, "nbd-do-it", || run_device(dev, ours));
         let control = spawn(s, "nbd-control", || control(dev, setup.opts, board));
-        pressure::realtime();
         crate::log::relay_here();
+        pressure::realtime();
         // Until every link has ended: the kernel sends the requests of one
         // that broke down the others, and ends them all at disconnect.
         let mut served = vec![serve_link(&mut first.store, &mut first.bufs, shared, &stats[0], &ours[0])];

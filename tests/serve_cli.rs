@@ -263,6 +263,19 @@ fn a_stderr_nobody_reads_never_holds_up_serving() {
         // read times out and fails the test.
         Nbd::go(common::raw::greet(&sock)).disconnect();
     }
-    let _ = server.kill();
-    let _ = server.wait();
+    // Nor does the log hold up a stop.
+    // SAFETY: signals a child this test started and has not reaped.
+    assert_eq!(unsafe { libc::kill(server.id() as libc::pid_t, libc::SIGTERM) }, 0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = server.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = server.kill();
+            panic!("still running 10 s after SIGTERM, its stderr full");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
 }

@@ -357,6 +357,11 @@ impl Context {
 }
 
 impl Mailbox<'_> {
+    /// Whether a copy of `len` bytes is longer than any job.
+    pub fn too_long(len: usize) -> bool {
+        len > LANDING
+    }
+
     /// Whether a job of `len` bytes at device address `vram` fits.
     pub fn takes(&self, vram: u64, len: usize) -> bool {
         let offset = vram.wrapping_sub(self.base);

@@ -88,7 +88,7 @@ impl Server {
         // "nbd-vram: serving N MiB on ADDR" is logged once the socket
         // listens (not the "...: serving anyway" warnings before it).
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !server.log().lines().any(|l| l.starts_with("nbd-vram: serving ") && l.contains(" MiB on ")) {
+        while !server.log_now().lines().any(|l| l.starts_with("nbd-vram: serving ") && l.contains(" MiB on ")) {
             if let Some(status) = server.child.try_wait().expect("try_wait") {
                 panic!("nbd-vram serve exited early ({status}):\n{}", server.log());
             }
@@ -103,10 +103,15 @@ impl Server {
         format!("nbd+unix:///?socket={}", self.sock.display())
     }
 
-    /// The server's log once it has settled: serving threads' lines reach
-    /// it through a log thread, a moment after what they report.
+    /// The server's log as it is.
+    pub fn log_now(&self) -> String {
+        fs::read_to_string(self.dir.path("server.log")).unwrap_or_default()
+    }
+
+    /// The server's log once it has settled: its lines reach it through a
+    /// log thread, a moment after what they report.
     pub fn log(&self) -> String {
-        let read = || fs::read_to_string(self.dir.path("server.log")).unwrap_or_default();
+        let read = || self.log_now();
         let mut log = read();
         for _ in 0..40 {
             thread::sleep(Duration::from_millis(50));

@@ -123,7 +123,10 @@ static size_t max_alloc = SIZE_MAX;
 /* Gives a freed block's pages back, its addresses staying reserved. */
 static void unmap_block(char *p, size_t size)
 {
-    mmap(p, size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0);
+    if (mmap(p, size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0) == MAP_FAILED) {
+        fprintf(stderr, "fake libcuda: cannot give back %zu bytes at %p: %s\n", size, (void *)p, strerror(errno));
+        abort();
+    }
 }
 static unsigned long long fail_copy, copies, fail_sync, syncs, no_jit, exec_timeout, fail_mailbox, mailbox_jobs, late_start;
 static unsigned long long sms = 132, stall_job, jobs_seen;
@@ -631,8 +634,10 @@ static CUresult mem_alloc(CUdeviceptr *dptr, size_t size)
             if (dv->space == MAP_FAILED) dv->space = NULL;
         }
         if (!dv->space || !(pp = place(dv->space, dv->total, size, &p))) rc = E_OOM;
-        if (!rc && mmap(p, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0) == MAP_FAILED)
+        if (!rc && mmap(p, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0) == MAP_FAILED) {
+            unmap_block(p, size);   /* the reservation, whole again */
             rc = E_OOM;
+        }
     }
     if (!rc && !(b = malloc(sizeof *b))) {
         if (!dv->base) unmap_block(p, size);

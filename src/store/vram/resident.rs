@@ -57,9 +57,10 @@ impl<'c> Resident<'c> {
             None => self.lists && Mailbox::takes_list(copies),
         };
         if !takes {
-            if lone.is_none() {
-                // Batches the kernel cannot take go to the stream, and it
-                // would only hold the GPU meanwhile.
+            if lone.is_none_or(|(_, _, len)| Mailbox::too_long(len)) {
+                // Batches the kernel cannot take, and copies too long for
+                // it (requests end to end, merged), go to the stream, and
+                // it would only hold the GPU meanwhile.
                 self.run = 0;
                 self.park(fences);
             }
