@@ -97,6 +97,9 @@ pub trait Store {
     type Buf: DerefMut<Target = [u8]>;
 
     /// Allocates `len` bytes of staging memory, once, before serving.
+    /// The loop's buffers for `read` and `write` lie in it: a GPU store
+    /// merges copies that run on end to end, right for any buffer but
+    /// fast only for memory the driver knows pinned.
     fn staging(&mut self, len: usize) -> io::Result<Self::Buf>;
     /// Reads into `buf`, or answers `Lent` and leaves `buf` alone.
     fn read(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<Done>;
