@@ -171,6 +171,33 @@ fn batches_it_cannot_take_park_the_mailbox_kernel() {
     }
 }
 
+/// Two 64 KiB reads end to end in one batch go as one 128 KiB copy, too
+/// long for a job: like a batch the kernel cannot take, it parks the
+/// kernel, which lone reads in a row start again.
+#[test]
+fn requests_end_to_end_too_long_together_park_the_mailbox_kernel() {
+    use std::io::Write;
+    let data = pattern(11, 128 << 10);
+    let lone = |nbd: &mut Nbd| (0..4).for_each(|_| read_ok(nbd, 4096, &data[4096..8192], "a lone read"));
+    on_a_quiet_try(&[], |server, mut nbd| {
+        assert_eq!(nbd.write(0, &data), 0);
+        lone(&mut nbd);
+        let both = [common::raw::header(0, CMD_READ, 1, 0, 64 << 10), common::raw::header(0, CMD_READ, 2, 64 << 10, 64 << 10)].concat();
+        nbd.s.write_all(&both).unwrap();
+        for (cookie, at) in [(1, 0), (2, 64 << 10)] {
+            assert_eq!(nbd.reply(), (0, cookie));
+            let mut read = vec![0u8; 64 << 10];
+            nbd.s.read_exact(&mut read).unwrap();
+            assert!(read[..] == data[at..at + (64 << 10)], "the read at {at}");
+        }
+        lone(&mut nbd);
+        nbd.disconnect();
+        server.assert_alive();
+        let [reads, _, launched, ended] = mailbox_counts(server);
+        launched == 2 && reads >= 2 && (1..=2).contains(&ended)
+    });
+}
+
 /// A mailbox kernel that has not started yet (`alive` unwritten) is left
 /// alone: lone copies go to the copy engine meanwhile, it is launched once,
 /// and it is told to end all the same.
