@@ -108,6 +108,19 @@ impl Server {
         fs::read_to_string(self.dir.path("server.log")).unwrap_or_default()
     }
 
+    /// The server's log once `line` is in it (at most 10 s): all logged
+    /// before it, in order, is there too, as one thread writes the log.
+    pub fn log_through(&self, line: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = self.log_now();
+            if log.contains(line) || Instant::now() > deadline {
+                return log;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// The server's log once it has settled: its lines reach it through a
     /// log thread, a moment after what they report.
     pub fn log(&self) -> String {
