@@ -71,15 +71,16 @@ pub fn relay_here() {
 pub fn flush() {
     let deadline = Instant::now() + FLUSH_PATIENCE;
     loop {
-        match RELAY.out.try_lock() {
-            Ok(_order) => return RELAY.drain_locked(&mut io::stderr()),
-            Err(TryLockError::Poisoned(p)) => {
-                let _order = p.into_inner();
-                return RELAY.drain_locked(&mut io::stderr());
+        let _order = match RELAY.out.try_lock() {
+            Ok(order) => order,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
             }
-            Err(TryLockError::WouldBlock) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
             Err(TryLockError::WouldBlock) => return,
-        }
+        };
+        return RELAY.drain_locked(&mut io::stderr());
     }
 }
 
@@ -97,11 +98,8 @@ pub fn write(priority: u8, args: fmt::Arguments) {
         RELAY.push(priority, args, patience);
         return;
     }
-    let _order = RELAY.writing();
-    let mut err = io::stderr().lock();
-    RELAY.drain_locked(&mut err);
     // Nothing sensible is left to do if stderr itself fails.
-    let _ = writeln!(err, "{}{args}", Prefix(priority));
+    let _ = writeln!(io::stderr().lock(), "{}{args}", Prefix(priority));
 }
 
 /// `<N>` for the journal, else the program's name.
@@ -121,21 +119,22 @@ impl fmt::Display for Prefix {
 const SLOTS: usize = 128;
 const LINE: usize = 512;
 
-/// A line, formatted where it was logged; a longer one is cut.
+/// A line as it goes out, prefix and newline included, formatted where
+/// it was logged; a longer one is cut.
 #[derive(Clone, Copy)]
 struct Line {
-    priority: u8,
     len: usize,
     text: [u8; LINE],
 }
 
 impl Line {
-    const EMPTY: Line = Line { priority: 0, len: 0, text: [0; LINE] };
+    const EMPTY: Line = Line { len: 0, text: [0; LINE] };
 }
 
 impl fmt::Write for Line {
+    /// Leaves room for the newline.
     fn write_str(&mut self, s: &str) -> fmt::Result {
-        let mut n = s.len().min(LINE - self.len);
+        let mut n = s.len().min(LINE - 1 - self.len);
         while !s.is_char_boundary(n) {
             n -= 1;
         }
@@ -182,8 +181,10 @@ impl Relay {
     /// Queues a line, waiting at most `patience` for room (and for
     /// another thread's copy into or out of the ring), never for a write.
     fn push(&self, priority: u8, args: fmt::Arguments, patience: Duration) {
-        let mut line = Line { priority, ..Line::EMPTY };
-        let _ = line.write_fmt(args);
+        let mut line = Line::EMPTY;
+        let _ = write!(line, "{}{args}", Prefix(priority));
+        line.text[line.len] = b'\n';
+        line.len += 1;
         let mut ring = self.ring();
         if ring.len == SLOTS && !patience.is_zero() {
             ring = self.room.wait_timeout_while(ring, patience, |r| r.len == SLOTS).unwrap_or_else(PoisonError::into_inner).0;
@@ -231,13 +232,7 @@ impl Relay {
                 let _ = writeln!(out, "{}{dropped} log line(s) dropped: stderr took no more", Prefix(WARNING));
             }
             let Some(line) = line else { return };
-            // One write for the line, prefix and newline included.
-            let mut whole = Line::EMPTY;
-            let _ = write!(whole, "{}", Prefix(line.priority));
-            let end = (whole.len + line.len).min(LINE - 1);
-            whole.text[whole.len..end].copy_from_slice(&line.text[..end - whole.len]);
-            whole.text[end] = b'\n';
-            let _ = out.write_all(&whole.text[..=end]);
+            let _ = out.write_all(&line.text[..line.len]);
         }
     }
 }

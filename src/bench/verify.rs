@@ -55,20 +55,20 @@ fn coprime_stride(n: u64, near: u64) -> u64 {
 pub fn run(connect: &Addr, connections: usize, seed: u64) -> Result<(), Failure> {
     let at = Shown(connect);
     let fail = |what: String| Failure::new(Code::Other, format!("{at}: verify: {what}"));
-    let mut conns = Vec::with_capacity(connections);
-    let mut export = None;
-    for i in 0..connections {
+    let open = |i: usize| {
         let mut conn = Conn::connect(connect)?;
-        let this = client::handshake(&mut conn).map_err(|e| fail(format!("handshake of connection {i}: {e}")))?;
-        if connections > 1 && this.flags & sys::NBD_FLAG_CAN_MULTI_CONN as u16 == 0 {
-            // Without it, what one connection answered need not show on another.
-            return Err(fail("the server does not say CAN_MULTI_CONN: check it over one connection".into()));
-        }
-        export.get_or_insert(this);
-        conns.push(conn);
+        let export = client::handshake(&mut conn).map_err(|e| fail(format!("handshake of connection {i}: {e}")))?;
+        Ok::<_, Failure>((conn, export))
+    };
+    let (first, export) = open(0)?;
+    if connections > 1 && export.flags & sys::NBD_FLAG_CAN_MULTI_CONN as u16 == 0 {
+        // Without it, what one connection answered need not show on another.
+        return Err(fail("the server does not say CAN_MULTI_CONN: check it over one connection".into()));
     }
-    let Some(export) = export else { unreachable!("the parser allows 1 connection or more") };
-    let n_conns = conns.len();
+    let mut conns = vec![first];
+    for i in 1..connections {
+        conns.push(open(i)?.0);
+    }
     let chunk = CHUNK.min(u64::from(export.max_block)).max(4096);
     if export.size % chunk != 0 {
         return Err(fail(format!("export size {} is not a multiple of {chunk}", export.size)));
@@ -106,7 +106,7 @@ pub fn run(connect: &Addr, connections: usize, seed: u64) -> Result<(), Failure>
         }
     }
     println!("verify: {lone} lone 4 KiB reads in {:.2} s, a quarter of them after a write", start.elapsed().as_secs_f64());
-    let over = if n_conns > 1 { format!(" over {n_conns} connections, each read on another than its write") } else { String::new() };
+    let over = if connections > 1 { format!(" over {connections} connections, each read on another than its write") } else { String::new() };
     println!("verify: PASS, {} MiB written and read back intact{over}", export.size >> 20);
     Ok(())
 }

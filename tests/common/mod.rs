@@ -124,11 +124,10 @@ impl Server {
     /// The server's log once it has settled: its lines reach it through a
     /// log thread, a moment after what they report.
     pub fn log(&self) -> String {
-        let read = || self.log_now();
-        let mut log = read();
+        let mut log = self.log_now();
         for _ in 0..40 {
             thread::sleep(Duration::from_millis(50));
-            let now = read();
+            let now = self.log_now();
             if now == log {
                 break;
             }

@@ -623,21 +623,20 @@ static CUresult mem_alloc(CUdeviceptr *dptr, size_t size)
     char *p = NULL;
     /* free is exact bytes; CUDA would round up to its page size */
     if (!rc && (size > dv->free || size > max_alloc)) rc = E_OOM;
-    if (!rc && dv->base && !(pp = place(dv->base, dv->total, size, &p))) rc = E_OOM;
-    if (!rc && !dv->base) {
-        /* A driver hands out allocations end to end: a copy that runs on
-         * from one into the next must fail here (check_copy) as it may
-         * there, so they are placed as in backing mode, in address space
-         * reserved up front. */
-        if (!dv->space) {
-            dv->space = mmap(NULL, dv->total, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-            if (dv->space == MAP_FAILED) dv->space = NULL;
-        }
-        if (!dv->space || !(pp = place(dv->space, dv->total, size, &p))) rc = E_OOM;
-        if (!rc && mmap(p, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0) == MAP_FAILED) {
-            unmap_block(p, size);   /* the reservation, whole again */
-            rc = E_OOM;
-        }
+    /* A driver hands out allocations end to end: a copy that runs on from
+     * one into the next must fail here (check_copy) as it may there, so
+     * without a backing file they are placed the same way, in address
+     * space reserved up front. */
+    if (!rc && !dv->base && !dv->space) {
+        dv->space = mmap(NULL, dv->total, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (dv->space == MAP_FAILED) dv->space = NULL;
+    }
+    char *area = rc ? NULL : dv->base ? dv->base : dv->space;
+    if (!rc && (!area || !(pp = place(area, dv->total, size, &p)))) rc = E_OOM;
+    if (!rc && !dv->base &&
+        mmap(p, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0) == MAP_FAILED) {
+        unmap_block(p, size);   /* the reservation, whole again */
+        rc = E_OOM;
     }
     if (!rc && !(b = malloc(sizeof *b))) {
         if (!dv->base) unmap_block(p, size);
