@@ -26,6 +26,7 @@ mod store;
 mod swap;
 mod tuning;
 mod uapi;
+mod uncached;
 mod workers;
 
 use std::process::ExitCode;

@@ -40,6 +40,9 @@ pub struct Tuning {
     pub ahead: bool,
     /// `NBD_VRAM_EARLY_HEADER=0`: a read's header only with its data.
     pub early_header: bool,
+    /// `NBD_VRAM_UNCACHED=0`: write payloads always reach staging through
+    /// the CPU caches, even while other connections write too.
+    pub uncached: bool,
 }
 
 impl Default for Tuning {
@@ -54,6 +57,7 @@ impl Default for Tuning {
             group: GROUP_MAX,
             ahead: true,
             early_header: true,
+            uncached: true,
         }
     }
 }
@@ -103,6 +107,7 @@ impl Tuning {
         t.group = number("NBD_VRAM_GROUP", GROUP_MAX as u64)?.map_or(t.group, |n| n as usize);
         t.ahead = switch("NBD_VRAM_AHEAD", t.ahead)?;
         t.early_header = switch("NBD_VRAM_EARLY_HEADER", t.early_header)?;
+        t.uncached = switch("NBD_VRAM_UNCACHED", t.uncached)?;
         Ok(t)
     }
 
@@ -137,6 +142,7 @@ mod tests {
             ("NBD_VRAM_GROUP", "0"),
             ("NBD_VRAM_AHEAD", "0"),
             ("NBD_VRAM_EARLY_HEADER", "0"),
+            ("NBD_VRAM_UNCACHED", "0"),
         ];
         let t = parse(&vars).unwrap();
         let want = Tuning {
@@ -149,6 +155,7 @@ mod tests {
             group: 0,
             ahead: false,
             early_header: false,
+            uncached: false,
         };
         assert_eq!(t, want);
         assert_eq!(parse(&[("NBD_VRAM_MAILBOX", "0")]).unwrap().mailbox, MailboxUse::Off);

@@ -1,6 +1,7 @@
 //! `nbd-vram bench --verify`: writes the whole export with data derived
-//! from each word's offset, in a scrambled order, then reads it all back
-//! in another order and compares every byte. Then lone 4 KiB reads, one at
+//! from each word's offset, in a scrambled order (every other chunk as
+//! 128 KiB requests, the size swap writes), then reads it all back in
+//! another order and compares every byte. Then lone 4 KiB reads, one at
 //! a time as swap-ins come (the VRAM store's mailbox path), some right
 //! after a write of new data to the same block, read back both ways. A
 //! correctness check over the full range (every chunk of a VRAM store),
@@ -19,6 +20,10 @@ use crate::uapi as sys;
 use crate::nbd::proto::REPLY_LEN;
 
 const CHUNK: u64 = 4 << 20;
+/// Every other chunk is written as requests of this size, each on the
+/// next connection: with several, a VRAM store lands them in staging
+/// around the CPU caches (`uncached`).
+const PIECE: usize = 128 << 10;
 /// Lone 4 KiB reads of the last pass (every fourth block rewritten first).
 const LONE: u64 = 16384;
 
@@ -82,6 +87,15 @@ pub fn run(connect: &Addr, connections: usize, seed: u64) -> Result<(), Failure>
             let offset = scrambled(i, n, stride) * chunk;
             fill(&mut want, seed, offset);
             let turn = offset / chunk + u64::from(pass == "read");
+            if pass == "write" && i % 2 == 1 {
+                // Never on the connection the chunk is read back on (`turn + 1`).
+                let others = conns.len() as u64 - 1;
+                for (p, piece) in (0..).zip(want.chunks(PIECE)) {
+                    let k = if others > 0 { turn + 2 + p % others } else { turn };
+                    exchange(on(&mut conns, k), true, i, offset + p * PIECE as u64, piece, &mut got).map_err(fail)?;
+                }
+                continue;
+            }
             exchange(on(&mut conns, turn), pass == "write", i, offset, &want, &mut got).map_err(fail)?;
         }
         let secs = start.elapsed().as_secs_f64();

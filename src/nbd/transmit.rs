@@ -36,6 +36,7 @@ use crate::sock::{queued, recv_nowait};
 use crate::stats::{Phases, Stats};
 use crate::store::{Done, Store};
 use crate::tuning::Tuning;
+use crate::uncached::Uncached;
 
 /// Requests in a batch at most. Fewer replies per burst keep the client's
 /// queue fuller, and 16 still leaves the copy kernel 8 or more copies per
@@ -658,7 +659,12 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
             }
             None => {
                 let store = &mut *self.store;
-                take_payload(&input.buf[..input.end], &mut input.start, conn, &mut b.staging[stage], &mut [], &mut input.poll, &mut || store.idle())?;
+                let dst = &mut b.staging[stage];
+                if store.uncached(len) {
+                    take_payload_uncached(input, conn, dst, &mut || store.idle())?;
+                } else {
+                    take_payload(&input.buf[..input.end], &mut input.start, conn, dst, &mut [], &mut input.poll, &mut || store.idle())?;
+                }
                 false
             }
         };
@@ -715,6 +721,35 @@ fn take_payload(
         landing.dst[..saved].copy_from_slice(&landing.undo[..saved]);
     }
     got
+}
+
+/// Fills `dst` with a write payload as `take_payload` does, through
+/// `input`'s buffer, which stays in cache, and from there around the
+/// caches (`Uncached`): what the store asks for while other connections
+/// write too.
+fn take_payload_uncached(input: &mut Input, conn: BorrowedFd, dst: &mut [u8], sleeping: &mut dyn FnMut()) -> io::Result<()> {
+    let len = dst.len();
+    let mut out = Uncached::new(dst);
+    let mut at = input.available().min(len);
+    out.put(0, &input.buf[input.start..][..at]);
+    input.start += at;
+    if at < len {
+        input.clear(); // all taken: the buffer carries the rest
+    }
+    while at < len {
+        let take = (len - at).min(input.buf.len());
+        let buf = &mut input.buf[..take];
+        let got = match recv_nowait(conn, buf)? {
+            Some(n) => n,
+            None => input.poll.recv(conn, buf, &mut *sleeping)?,
+        };
+        if got == 0 {
+            return Err(broken("truncated write payload"));
+        }
+        out.put(at, &input.buf[..got]);
+        at += got;
+    }
+    Ok(())
 }
 
 /// Bytes saved at a time: socket reads go no further than what is saved,

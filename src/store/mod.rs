@@ -136,6 +136,14 @@ pub trait Store {
         let _ = (offset, len);
         None
     }
+    /// Whether a write payload of `len` bytes should reach staging around
+    /// the CPU caches (`Uncached`): the loop then copies it twice, which
+    /// pays only where the device reading staging and other connections'
+    /// copies slow each other.
+    fn uncached(&mut self, len: usize) -> bool {
+        let _ = len;
+        false
+    }
     /// The serve loop is about to sleep until the next request: what the
     /// store keeps busy for back-to-back requests can stop.
     fn idle(&mut self) {}

@@ -8,6 +8,7 @@
 
 use std::io;
 use std::ops::Range;
+use std::time::Instant;
 
 use super::memory::VramMemory;
 use super::fences::Fences;
@@ -33,6 +34,8 @@ pub struct Copier<'c> {
     /// its work queued since it last followed the others touches, and
     /// those its changes since it last published do.
     lane: Option<Lane<'c>>,
+    /// Write payloads may reach staging around the caches (`uncached`).
+    uncached: bool,
     touched: Span,
     changed: Span,
     /// Another process computing on the GPU keeps copies off our kernels
@@ -46,6 +49,17 @@ pub struct Copier<'c> {
 
 /// The zero source's length: copies this long go on a copy engine.
 const ZEROS: usize = 64 * 1024;
+
+/// Connections writing at once from which a write payload reaches staging
+/// around the CPU caches: payloads up to the first length from the first
+/// count, longer ones from the second. Landing so costs the loop a second
+/// copy and saves the contention of the GPU reading staging that the
+/// cores' caches hold. On an H200 (2026-12-04, docs/performance.md,
+/// "Several connections"), against landing through the caches: 128 KiB
+/// writes 0.90–1.03× alone, 1.12–1.18× at 2 connections, 1.26–1.58× at
+/// 4 and 8; 1 MiB writes 0.78–0.90× alone, 0.88–1.02× at 2 and 4,
+/// 1.06–1.18× at 8.
+const UNCACHED_WRITERS: ((usize, usize), usize) = ((256 * 1024, 2), 8);
 
 /// Pieces a batch holds before it is issued: a full batch of 4 KiB
 /// requests, each split at most once at a chunk boundary.
@@ -78,6 +92,7 @@ impl<'c> Copier<'c> {
             resident: Resident::new(mailbox, lists),
             fences: Fences::new(ctx)?,
             lane,
+            uncached: tuning.uncached,
             touched: Span::EMPTY,
             changed: Span::EMPTY,
             neighbours: Neighbours::new(ctx, tuning.watch_neighbours, tells), // all our memory is taken by now
@@ -282,6 +297,17 @@ impl<'c> Copier<'c> {
             self.hand_over().map_err(eio)?;
         }
         self.sync()
+    }
+
+    /// Whether a write payload of `len` bytes should reach staging around
+    /// the CPU caches: while as many connections write at once, as of
+    /// `now`, as `UNCACHED_WRITERS` asks for its size.
+    pub fn uncached(&mut self, len: usize, now: Instant) -> bool {
+        let Some(lane) = self.lane.as_mut().filter(|_| self.uncached) else {
+            return false;
+        };
+        let (small, large) = UNCACHED_WRITERS;
+        1 + lane.others_writing(now) >= if len <= small.0 { small.1 } else { large }
     }
 
     /// Requests are apart: the mailbox kernel waits for batches in a row

@@ -15,6 +15,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crate::cuda::{Context, Error, Event, Stream};
 
@@ -108,7 +109,8 @@ impl<'c> Lanes<'c> {
         // Publications before this holder's time are followed too: an
         // earlier connection's answered changes may still be on their way.
         let seen = vec![0; self.lanes.len()].into_boxed_slice();
-        Some(Lane { lanes: Arc::clone(self), me, seen })
+        let heard = self.lanes.iter().map(|l| (l.published.load(Ordering::Relaxed), None)).collect();
+        Some(Lane { lanes: Arc::clone(self), me, seen, heard })
     }
 }
 
@@ -118,7 +120,14 @@ pub struct Lane<'c> {
     me: usize,
     /// Each lane's `published` when this one's stream last waited for it.
     seen: Box<[u64]>,
+    /// Each lane's `published` when `others_writing` last looked, and
+    /// when it last saw it change.
+    heard: Box<[(u64, Option<Instant>)]>,
 }
+
+/// How long after its last publication another lane still counts as
+/// writing: several batches of the largest writes.
+const WRITING: Duration = Duration::from_millis(10);
 
 impl Lane<'_> {
     /// Whether work on `blocks` must wait for another lane's published
@@ -162,6 +171,20 @@ impl Lane<'_> {
         stream.record(&lane.event)?;
         lane.published.fetch_add(1, Ordering::Release);
         Ok(())
+    }
+
+    /// How many other lanes published within `WRITING` before `now`: the
+    /// connections writing at the same time as this one.
+    pub fn others_writing(&mut self, now: Instant) -> usize {
+        let mut n = 0;
+        for (j, (heard, at)) in self.heard.iter_mut().enumerate() {
+            let published = self.lanes.lanes[j].published.load(Ordering::Relaxed);
+            if published != *heard {
+                (*heard, *at) = (published, Some(now));
+            }
+            n += usize::from(j != self.me && at.is_some_and(|at| now.saturating_duration_since(at) < WRITING));
+        }
+        n
     }
 
     /// Lane `j`'s count of publications if it is another lane, with one

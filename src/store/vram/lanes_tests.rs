@@ -3,6 +3,8 @@
 //! copies as late as it may, the mailbox kernel's jobs on threads of their
 //! own, and fails a job that would race with copies still pending.
 
+use std::time::{Duration, Instant};
+
 use super::{VramBacking, VramStore};
 use crate::cuda::fake_tests::fake;
 use crate::store::{Backing, Done, Store};
@@ -135,4 +137,33 @@ fn a_change_the_mailbox_kernel_took_is_seen_by_another_connection() {
 #[test]
 fn a_change_crosses_between_mailbox_kernels() {
     written_on_one_read_on_the_other(true, true, BLOCK, 1);
+}
+
+/// A write payload goes around the CPU caches only while another
+/// connection writes too, and not long after it stops; a payload over
+/// 256 KiB only with 8 writers.
+#[test]
+fn payloads_go_around_the_caches_only_while_another_connection_writes() {
+    two_connections(BLOCK, |a, _, b, sb| {
+        let (small, large) = (128 << 10, 1 << 20);
+        if a.copier.uncached(small, Instant::now()) {
+            return Err("around the caches with no other connection writing".into());
+        }
+        b.write(0, sb).map_err(|e| format!("a write: {e}"))?;
+        b.fence().map_err(|e| format!("its fence: {e}"))?;
+        let now = Instant::now();
+        if !a.copier.uncached(small, now) {
+            return Err("through the caches while another connection writes".into());
+        }
+        if b.copier.uncached(small, now) {
+            return Err("a connection's own writes counted as another's".into());
+        }
+        if a.copier.uncached(large, now) {
+            return Err("1 MiB around the caches with 2 writers".into());
+        }
+        if a.copier.uncached(small, now + Duration::from_millis(11)) {
+            return Err("another connection still counted as writing 11 ms after it last did".into());
+        }
+        Ok(())
+    });
 }

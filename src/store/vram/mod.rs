@@ -157,6 +157,10 @@ impl<'c> Store for VramStore<'_, 'c> {
         self.copier.sync_all()
     }
 
+    fn uncached(&mut self, len: usize) -> bool {
+        self.copier.uncached(len, std::time::Instant::now())
+    }
+
     /// Requests are apart: the mailbox kernel waits for batches in a row
     /// again before it starts.
     fn idle(&mut self) {
