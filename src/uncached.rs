@@ -1,40 +1,44 @@
-//! `Uncached`: bytes written for a device to read next, sent to memory
-//! around the CPU caches.
+//! `fill`: bytes written for a device to read next, sent to memory around
+//! the CPU caches.
 //!
 //! A write payload copied into staging the usual way is still in the
 //! copying core's cache when the GPU reads it. With several connections
 //! writing at once, those reads and the cores' own copies slowed each
-//! other: on an H200, 128 KiB writes at 4 connections went 1.3–1.6× faster
-//! landed with streaming stores (docs/performance.md, "Several
+//! other: on an H200, 128 KiB writes at 4 and 8 connections went 1.3–1.7×
+//! faster landed with streaming stores (docs/performance.md, "Several
 //! connections"). Elsewhere than x86-64 the bytes are copied as usual.
 
-/// Memory being written with streaming stores. They are ordered before
-/// whatever the thread does next only by a store fence, which `Drop`
-/// issues: keep it alive until the last `put`, and drop it before the
-/// memory is handed to the device.
+/// Memory being filled with streaming stores, front to back, each byte
+/// once. Only `fill` makes one, and fences after it.
 pub struct Uncached<'a> {
     dst: &'a mut [u8],
+    at: usize,
 }
 
-impl<'a> Uncached<'a> {
-    pub fn new(dst: &'a mut [u8]) -> Uncached<'a> {
-        Uncached { dst }
-    }
-
-    /// Copies `src` to `at..` of the memory.
-    pub fn put(&mut self, at: usize, src: &[u8]) {
-        stream(&mut self.dst[at..at + src.len()], src);
+impl Uncached<'_> {
+    /// Copies `src` after what was put before.
+    pub fn put(&mut self, src: &[u8]) {
+        stream(&mut self.dst[self.at..self.at + src.len()], src);
+        self.at += src.len();
     }
 }
 
-impl Drop for Uncached<'_> {
-    fn drop(&mut self) {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: SSE is part of every x86-64 CPU; a fence touches no memory.
-        unsafe {
-            std::arch::x86_64::_mm_sfence();
+/// Runs `put_all` to fill `dst` with streaming stores, then issues the
+/// store fence that orders them before whatever the thread does next
+/// (reusing `dst`, handing it to the device), on every way out of it.
+pub fn fill<R>(dst: &mut [u8], put_all: impl FnOnce(&mut Uncached) -> R) -> R {
+    struct Fence;
+    impl Drop for Fence {
+        fn drop(&mut self) {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: SSE is part of every x86-64 CPU; a fence touches no memory.
+            unsafe {
+                std::arch::x86_64::_mm_sfence();
+            }
         }
     }
+    let _fence = Fence;
+    put_all(&mut Uncached { dst, at: 0 })
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -65,20 +69,17 @@ fn stream(dst: &mut [u8], src: &[u8]) {
 
 #[cfg(test)]
 mod tests {
-    use super::Uncached;
-
     #[test]
     fn every_byte_lands_whatever_the_alignment_and_length() {
         let src: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 3) as u8).collect();
         for start in [0, 1, 7, 15, 16, 17, 63] {
             for len in [0, 1, 15, 16, 17, 31, 100, 1000, 4000] {
                 let mut dst = vec![0xAAu8; 4200];
-                {
-                    let mut out = Uncached::new(&mut dst[start..start + len]);
-                    let half = len / 3;
-                    out.put(0, &src[..half]);
-                    out.put(half, &src[half..len]);
-                }
+                super::fill(&mut dst[start..start + len], |out| {
+                    let third = len / 3;
+                    out.put(&src[..third]);
+                    out.put(&src[third..len]);
+                });
                 assert_eq!(&dst[start..start + len], &src[..len], "start {start}, length {len}");
                 assert!(dst[..start].iter().chain(&dst[start + len..]).all(|&b| b == 0xAA), "start {start}, length {len}: a byte outside");
             }

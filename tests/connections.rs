@@ -158,8 +158,10 @@ fn a_client_beyond_the_limit_is_turned_away() {
 
 /// `bench --verify --connections N`, the GPU script's check that a write
 /// answered on one connection is seen on another at once: the whole store
-/// in 4 MiB requests and lone 4 KiB reads after writes, every read on
-/// another connection than its write.
+/// in 4 MiB requests and, every other chunk, 128 KiB ones (which land in
+/// staging around the caches, as other connections write too), and lone
+/// 4 KiB reads after writes, every read on another connection than its
+/// write.
 #[test]
 fn bench_verify_reads_each_write_on_another_connection() {
     for n in ["2", "4"] {

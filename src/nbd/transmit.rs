@@ -36,7 +36,7 @@ use crate::sock::{queued, recv_nowait};
 use crate::stats::{Phases, Stats};
 use crate::store::{Done, Store};
 use crate::tuning::Tuning;
-use crate::uncached::Uncached;
+use crate::uncached;
 
 /// Requests in a batch at most. Fewer replies per burst keep the client's
 /// queue fuller, and 16 still leaves the copy kernel 8 or more copies per
@@ -725,31 +725,32 @@ fn take_payload(
 
 /// Fills `dst` with a write payload as `take_payload` does, through
 /// `input`'s buffer, which stays in cache, and from there around the
-/// caches (`Uncached`): what the store asks for while other connections
-/// write too.
+/// caches (`uncached::fill`): what the store asks for while other
+/// connections write too.
 fn take_payload_uncached(input: &mut Input, conn: BorrowedFd, dst: &mut [u8], sleeping: &mut dyn FnMut()) -> io::Result<()> {
     let len = dst.len();
-    let mut out = Uncached::new(dst);
-    let mut at = input.available().min(len);
-    out.put(0, &input.buf[input.start..][..at]);
-    input.start += at;
-    if at < len {
-        input.clear(); // all taken: the buffer carries the rest
-    }
-    while at < len {
-        let take = (len - at).min(input.buf.len());
-        let buf = &mut input.buf[..take];
-        let got = match recv_nowait(conn, buf)? {
-            Some(n) => n,
-            None => input.poll.recv(conn, buf, &mut *sleeping)?,
-        };
-        if got == 0 {
-            return Err(broken("truncated write payload"));
+    uncached::fill(dst, |out| {
+        let mut at = input.available().min(len);
+        out.put(&input.buf[input.start..][..at]);
+        input.start += at;
+        if at < len {
+            input.clear(); // all taken: the buffer carries the rest
         }
-        out.put(at, &input.buf[..got]);
-        at += got;
-    }
-    Ok(())
+        while at < len {
+            let take = (len - at).min(input.buf.len());
+            let buf = &mut input.buf[..take];
+            let got = match recv_nowait(conn, buf)? {
+                Some(n) => n,
+                None => input.poll.recv(conn, buf, &mut *sleeping)?,
+            };
+            if got == 0 {
+                return Err(broken("truncated write payload"));
+            }
+            out.put(&input.buf[..got]);
+            at += got;
+        }
+        Ok(())
+    })
 }
 
 /// Bytes saved at a time: socket reads go no further than what is saved,

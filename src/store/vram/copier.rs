@@ -55,10 +55,9 @@ const ZEROS: usize = 64 * 1024;
 /// count, longer ones from the second. Landing so costs the loop a second
 /// copy and saves the contention of the GPU reading staging that the
 /// cores' caches hold. On an H200 (2026-12-04, docs/performance.md,
-/// "Several connections"), against landing through the caches: 128 KiB
-/// writes 0.90–1.03× alone, 1.12–1.18× at 2 connections, 1.26–1.58× at
-/// 4 and 8; 1 MiB writes 0.78–0.90× alone, 0.88–1.02× at 2 and 4,
-/// 1.06–1.18× at 8.
+/// "Several connections"), against landing through the caches, at 1 / 2 /
+/// 4 / 8 connections: 128 KiB writes 0.90–0.99 / 1.12 / 1.39–1.43 /
+/// 1.49–1.84×, 1 MiB writes 0.78–0.89 / 0.98 / 0.93–1.02 / 1.10–1.18×.
 const UNCACHED_WRITERS: ((usize, usize), usize) = ((256 * 1024, 2), 8);
 
 /// Pieces a batch holds before it is issued: a full batch of 4 KiB

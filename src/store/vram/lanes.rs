@@ -110,7 +110,7 @@ impl<'c> Lanes<'c> {
         // earlier connection's answered changes may still be on their way.
         let seen = vec![0; self.lanes.len()].into_boxed_slice();
         let heard = self.lanes.iter().map(|l| (l.published.load(Ordering::Relaxed), None)).collect();
-        Some(Lane { lanes: Arc::clone(self), me, seen, heard })
+        Some(Lane { lanes: Arc::clone(self), me, seen, heard, looked: None })
     }
 }
 
@@ -121,8 +121,9 @@ pub struct Lane<'c> {
     /// Each lane's `published` when this one's stream last waited for it.
     seen: Box<[u64]>,
     /// Each lane's `published` when `others_writing` last looked, and
-    /// when it last saw it change.
+    /// when it last saw it change; and when it last looked.
     heard: Box<[(u64, Option<Instant>)]>,
+    looked: Option<Instant>,
 }
 
 /// How long after its last publication another lane still counts as
@@ -174,15 +175,23 @@ impl Lane<'_> {
     }
 
     /// How many other lanes published within `WRITING` before `now`: the
-    /// connections writing at the same time as this one.
+    /// connections writing at the same time as this one. A publication is
+    /// timed when it is first seen, so one seen after a longer gap since
+    /// the last look, of unknown age, does not count. Changes done before
+    /// they were answered (the mailbox kernel's) are not published, so
+    /// their writers are not counted: their copies are small, not those
+    /// that slow the others.
     pub fn others_writing(&mut self, now: Instant) -> usize {
+        let recent = |at: Instant| now.saturating_duration_since(at) < WRITING;
+        let fresh = self.looked.is_some_and(recent);
+        self.looked = Some(now);
         let mut n = 0;
         for (j, (heard, at)) in self.heard.iter_mut().enumerate() {
             let published = self.lanes.lanes[j].published.load(Ordering::Relaxed);
             if published != *heard {
-                (*heard, *at) = (published, Some(now));
+                (*heard, *at) = (published, Some(now).filter(|_| fresh));
             }
-            n += usize::from(j != self.me && at.is_some_and(|at| now.saturating_duration_since(at) < WRITING));
+            n += usize::from(j != self.me && at.is_some_and(recent));
         }
         n
     }
