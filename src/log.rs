@@ -237,6 +237,27 @@ impl Relay {
     }
 }
 
+/// An `io::Error` as its `Display` says it, but an OS error's text is
+/// looked up into a buffer on the stack, where std's own `Display`
+/// allocates it: for a serving thread's lines.
+pub struct ErrorText<'a>(pub &'a io::Error);
+
+impl fmt::Display for ErrorText<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        let Some(code) = self.0.raw_os_error() else {
+            return self.0.fmt(f);
+        };
+        let mut buf = [0u8; 128];
+        // SAFETY: `buf` is writable for its whole length, which is passed;
+        // the XSI strerror_r (which the libc crate binds) writes at most
+        // that much, NUL-terminated, an unknown code's message included
+        // (std's own text comes from the same call).
+        unsafe { libc::strerror_r(code, buf.as_mut_ptr().cast(), buf.len()) };
+        let text = std::ffi::CStr::from_bytes_until_nul(&buf).ok().and_then(|s| s.to_str().ok()).filter(|s| !s.is_empty());
+        write!(f, "{} (os error {code})", text.unwrap_or("Unknown error"))
+    }
+}
+
 #[macro_export]
 macro_rules! error {
     ($($t:tt)*) => { $crate::log::write($crate::log::ERR, format_args!($($t)*)) };
@@ -260,6 +281,13 @@ mod tests {
 
     /// A writer that is stuck (`out` held) never holds up a push; what
     /// does not fit is counted, and written once the writer goes on.
+    #[test]
+    fn an_error_reads_as_std_says_it() {
+        for e in [io::Error::from_raw_os_error(libc::EIO), io::Error::from_raw_os_error(libc::ENOSPC), io::Error::from_raw_os_error(99999), io::Error::other("a custom one")] {
+            assert_eq!(ErrorText(&e).to_string(), e.to_string());
+        }
+    }
+
     #[test]
     fn a_stuck_writer_never_holds_up_a_push() {
         static RELAY: Relay = Relay::new();

@@ -189,7 +189,7 @@ where
     let then = stats.snapshot();
     match transmit::run(&mut conn.store, &mut conn.bufs, shared, stats, client) {
         Ok(end) => info!("client done ({end:?}): {}", stats.since(&then)),
-        Err(e) => warn!("connection dropped: {e}; {}", stats.since(&then)),
+        Err(e) => warn!("connection dropped: {}; {}", crate::log::ErrorText(&e), stats.since(&then)),
     }
 }
 

@@ -1,6 +1,7 @@
 //! Counters the serve loop bumps per request; `status` reads them.
 //! Plain atomics: counting never allocates or blocks.
 
+use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use crate::uapi as sys;
@@ -75,13 +76,25 @@ impl Stats {
     }
 
     /// What the loop did since `then`, for the log when a client leaves:
-    /// the share of its time in each phase names the bottleneck.
-    pub fn since(&self, then: &[u64; 7]) -> String {
+    /// the share of its time in each phase names the bottleneck. Formatted
+    /// where it is written, into the log's own slot: a serving thread's
+    /// line allocates nothing.
+    pub fn since(&self, then: &[u64; 7]) -> Account {
         let now = self.snapshot();
-        let [requests, batches, wall, idle, store, send, quick] = std::array::from_fn(|i| now[i] - then[i]);
+        Account(std::array::from_fn(|i| now[i] - then[i]))
+    }
+}
+
+/// `Stats::since`'s counters, as a log line says them.
+pub struct Account([u64; 7]);
+
+impl fmt::Display for Account {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        let [requests, batches, wall, idle, store, send, quick] = self.0;
         let pct = |x: u64| 100.0 * x as f64 / wall.max(1) as f64;
         let recv = wall.saturating_sub(idle + store + send);
-        format!(
+        write!(
+            f,
             "{requests} requests in {batches} batches ({:.1} per batch) over {:.2} s: waiting for requests {:.0} %, \
              reading them {:.0} % ({:.1} socket reads per batch), store {:.0} %, replies {:.0} %",
             requests as f64 / batches.max(1) as f64,
@@ -107,7 +120,7 @@ mod tests {
             stats.record_batch(0);
             stats.record_phases(&Phases { wall: 1000, idle: 100, store: 200, send: 400, quick_reads });
         }
-        let said = stats.since(&then);
+        let said = stats.since(&then).to_string();
         assert!(said.contains("waiting for requests 10 %, reading them 30 % (2.5 socket reads per batch), store 20 %, replies 40 %"), "{said}");
     }
 }

@@ -461,7 +461,7 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
                 }
             }
             Err(e) => {
-                crate::error!("{} at offset {} length {len} failed: {e}", name(req.command), req.offset);
+                crate::error!("{} at offset {} length {len} failed: {}", name(req.command), req.offset, crate::log::ErrorText(&e));
                 error = EIO;
                 if req.command == sys::NBD_CMD_FLUSH {
                     self.lose(); // a failed sync: work already taken failed
