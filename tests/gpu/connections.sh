@@ -1,11 +1,13 @@
 #!/bin/bash
 # The connections curve, for the device machine: nbd-vram's VRAM store,
-# its host store and nbdkit's memory plugin, each serving up to 8 clients
-# at once in one process, driven by `nbd-vram bench --connections N` for N
-# = 1, 2, 4, 8, the servers taking turns within each pattern (so a machine
-# that drifts moves them all alike). At N = 1 an older build, if carried
-# as BEFORE (default target/gpu/nbd-vram-before), takes its turns too: one
-# connection against the build before several existed.
+# the same with NBD_VRAM_UNCACHED=0 (write payloads through the CPU
+# caches), its host store and nbdkit's memory plugin, each serving up to
+# 8 clients at once in one process, driven by `nbd-vram bench
+# --connections N` for N = 1, 2, 4, 8, the servers taking turns within
+# each pattern (so a machine that drifts moves them all alike). At N = 1
+# an older build, if carried as BEFORE (default
+# target/gpu/nbd-vram-before), takes its turns too: one connection against
+# the build before several existed.
 #   tests/gpu/connections.sh [SIZE_MIB]      default 8192 per server
 # Carry target/release/nbd-vram, and target/peers: nbdkit, its memory
 # plugin (plugins/) and the libraries they need (lib/), copied from the
@@ -24,6 +26,7 @@ date -u +%Y-%m-%dT%H:%MZ
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 nproc
 NBD_VRAM_SHARED=0 "$B" serve --listen "unix:$T/vram.sock" --size "$SIZE" --connections 8 2>"$T/vram.log" &
+NBD_VRAM_SHARED=0 NBD_VRAM_UNCACHED=0 "$B" serve --listen "unix:$T/cached.sock" --size "$SIZE" --connections 8 2>"$T/cached.log" &
 "$B" serve --listen "unix:$T/host.sock" --store host --size "$SIZE" --connections 8 2>"$T/host.log" &
 LD_LIBRARY_PATH=target/peers/lib target/peers/nbdkit -f -U "$T/nbdkit.sock" \
 	target/peers/plugins/nbdkit-memory-plugin.so "size=${SIZE}M" 2>"$T/nbdkit.log" &
@@ -35,13 +38,14 @@ if [ -x "$BEFORE" ]; then
 	listening "$T/before.sock"
 	before=(--connect "unix:$T/before.sock" --label vram-before)
 fi
-for s in vram host nbdkit; do listening "$T/$s.sock"; done
+for s in vram cached host nbdkit; do listening "$T/$s.sock"; done
 for n in 1 2 4 8; do
 	echo; echo "== $n connection(s) each"
 	extra=()
 	[ "$n" = 1 ] && extra=("${before[@]}")
 	"$B" bench --seconds "$SECONDS_PER" --connections "$n" \
 		--connect "unix:$T/vram.sock" --label vram "${extra[@]}" \
+		--connect "unix:$T/cached.sock" --label cached \
 		--connect "unix:$T/host.sock" --label host \
 		--connect "unix:$T/nbdkit.sock" --label nbdkit | tee "$T/bench-$n.txt" | grep -v '^bench: conn='
 done
