@@ -279,8 +279,6 @@ macro_rules! debug {
 mod tests {
     use super::*;
 
-    /// A writer that is stuck (`out` held) never holds up a push; what
-    /// does not fit is counted, and written once the writer goes on.
     #[test]
     fn an_error_reads_as_std_says_it() {
         for e in [io::Error::from_raw_os_error(libc::EIO), io::Error::from_raw_os_error(libc::ENOSPC), io::Error::from_raw_os_error(99999), io::Error::other("a custom one")] {
@@ -288,6 +286,8 @@ mod tests {
         }
     }
 
+    /// A writer that is stuck (`out` held) never holds up a push; what
+    /// does not fit is counted, and written once the writer goes on.
     #[test]
     fn a_stuck_writer_never_holds_up_a_push() {
         static RELAY: Relay = Relay::new();

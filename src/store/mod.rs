@@ -137,9 +137,9 @@ pub trait Store {
         None
     }
     /// Whether a write payload of `len` bytes should reach staging around
-    /// the CPU caches (`Uncached`): the loop then copies it twice, which
-    /// pays only where the device reading staging and other connections'
-    /// copies slow each other.
+    /// the CPU caches (`uncached::fill`): the loop then copies it twice,
+    /// which pays only where the device reading staging and other
+    /// connections' copies slow each other.
     fn uncached(&mut self, len: usize) -> bool {
         let _ = len;
         false

@@ -300,13 +300,14 @@ impl<'c> Copier<'c> {
 
     /// Whether a write payload of `len` bytes should reach staging around
     /// the CPU caches: while as many connections write at once, as of
-    /// `now`, as `UNCACHED_WRITERS` asks for its size.
-    pub fn uncached(&mut self, len: usize, now: Instant) -> bool {
+    /// `now()` (not asked on one connection), as `UNCACHED_WRITERS` asks
+    /// for its size.
+    pub fn uncached(&mut self, len: usize, now: impl FnOnce() -> Instant) -> bool {
         let Some(lane) = self.lane.as_mut().filter(|_| self.uncached) else {
             return false;
         };
         let (small, large) = UNCACHED_WRITERS;
-        1 + lane.others_writing(now) >= if len <= small.0 { small.1 } else { large }
+        1 + lane.others_writing(now()) >= if len <= small.0 { small.1 } else { large }
     }
 
     /// Requests are apart: the mailbox kernel waits for batches in a row

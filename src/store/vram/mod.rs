@@ -158,7 +158,7 @@ impl<'c> Store for VramStore<'_, 'c> {
     }
 
     fn uncached(&mut self, len: usize) -> bool {
-        self.copier.uncached(len, std::time::Instant::now())
+        self.copier.uncached(len, std::time::Instant::now)
     }
 
     /// Requests are apart: the mailbox kernel waits for batches in a row
