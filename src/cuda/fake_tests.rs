@@ -74,3 +74,28 @@ fn a_free_waits_until_another_threads_mailbox_kernel_is_parked() {
     assert!(parks >= 1, "the free did not wait for the kernel to be parked");
     assert_eq!(jobs_after, 10, "the kernel did not serve again after the free");
 }
+
+/// The copy kernel reaches host memory only through the GPU's mapping of
+/// pinned memory: a piece on ordinary memory faults when the kernel runs,
+/// and the context is lost from then on, as on a GPU.
+#[test]
+fn the_copy_kernel_faults_on_host_memory_that_is_not_pinned() {
+    let _turn = super::gate::serial();
+    let cuda = fake();
+    let ctx = cuda.device(0).and_then(|d| d.context()).expect("a context on the fake");
+    ctx.make_current().expect("current");
+    let memory = ctx.alloc(1 << 20).expect("device memory");
+    let pinned = ctx.pinned(4096).expect("pinned memory");
+    let plain = vec![0u128; 256]; // 4 KiB on 16-byte boundaries, as the kernel needs
+    let stream = ctx.stream().expect("a stream");
+    let mover = ctx.mover().expect("a copy kernel on the fake").expect("loaded");
+    let mut batch = super::CopyBatch::with_capacity(1);
+    batch.push(memory.ptr, pinned.as_ptr() as u64, 4096, memory.ptr);
+    stream.launch(&mover, &batch).expect("launched");
+    stream.sync().expect("a piece on pinned memory copied");
+    batch.clear();
+    batch.push(memory.ptr + 4096, plain.as_ptr() as u64, 4096, memory.ptr);
+    stream.launch(&mover, &batch).expect("launched: the fault shows when it runs");
+    assert!(stream.sync().is_err(), "a piece on ordinary memory copied");
+    assert!(stream.sync().is_err(), "the context works again after a fault");
+}

@@ -530,14 +530,18 @@ static void s_async(void)   /* deferred async work and events */
     (void)ctx;
 }
 
-/* The copy kernel: known by name only, run like a batch, last to first. */
+/* The copy kernel: known by name only, run like a batch, last to first;
+ * host memory only if pinned, else a fault when it runs. */
 static const char ptx[] = ".version 7.0\n.visible .entry nbd_vram_copy(.param .u32 count)\n{ ret; }\n";
 static void s_kernel(void)
 {
-    void *mod, *fn, *none;
+    void *mod, *fn, *none, *pinned;
     CUdeviceptr d;
-    unsigned char in[64], out[32];
+    unsigned char *in, *out, plain[32] __attribute__((aligned(16)));
     start(0);
+    EQ(cu.cuMemHostAlloc(&pinned, 96, 0), 0);
+    in = pinned;
+    out = in + 64;
     EQ(cu.cuModuleLoadData(&mod, ".version 7.0\n.visible .entry other(\n"), 218);
     EQ(cu.cuModuleLoadData(&mod, ptx), 0);
     EQ(cu.cuModuleGetFunction(&none, mod, "other"), 500);
@@ -566,6 +570,11 @@ static void s_kernel(void)
     unsigned char back[64];
     EQ(cu.cuMemcpyDtoH_v2(back, d, 64), 0);
     EQ(all(back, 32, 1) && all(back + 32, 32, 2), 1);
+    unsigned long long off_pinned[1][3] = {{(uintptr_t)plain, d, 32}};
+    void *params2[2] = {&(unsigned){1}, off_pinned};
+    EQ(cu.cuLaunchKernel(fn, 1, 1, 1, 256, 1, 1, 0, NULL, params2, NULL), 0);   /* faults when it runs */
+    EQ(cu.cuStreamSynchronize(NULL), 700);
+    EQ(cu.cuMemcpyDtoH_v2(back, d, 64), 700);   /* sticky */
     EQ(cu.cuModuleUnload(mod), 0);
 }
 

@@ -83,7 +83,7 @@ struct CUctx_st { int dev, refs; };        /* a device's primary context */
  * queue's ops below `n` (WAIT, `host` that queue). A queue holds one
  * stream's, in order: op number seq (counted from 0) lives in
  * ops[seq % QCAP]; [done, queued) are pending. */
-enum copy_kind { H2D, D2H, SET, WAIT };
+enum copy_kind { H2D, D2H, SET, WAIT, FAULT };
 struct op { enum copy_kind kind; unsigned char val; char *dev; void *host; size_t n; };
 #define QCAP 4096
 struct queue { struct op *ops; unsigned long long done, queued; };
@@ -370,7 +370,8 @@ static struct queue legacy = {legacy_ops, 0, 0};
 static void run_until(struct queue *q, unsigned long long seq);
 static void run_op(const struct op *o)
 {
-    if (o->kind == WAIT) run_until(o->host, o->n);   /* its queue's ops first */
+    if (o->kind == FAULT) sticky = E_ILLEGAL;        /* a kernel touched memory the GPU cannot reach */
+    else if (o->kind == WAIT) run_until(o->host, o->n);   /* its queue's ops first */
     else if (o->kind == H2D) memcpy(o->dev, o->host, o->n);
     else if (o->kind == D2H) memcpy(o->host, o->dev, o->n);
     else memset(o->dev, o->val, o->n);
@@ -425,7 +426,7 @@ static CUresult sync_to(struct queue *q, unsigned long long seq)
         return E_ILLEGAL;
     }
     if (q) run_until(q, seq);
-    return OK;
+    return sticky;   /* a fault among the work run */
 }
 
 /* A stream about to be freed, its work and every other stream's run:
@@ -892,6 +893,8 @@ static CUresult module_unload(void *mod)
 }
 API CUresult cuModuleUnload(void *mod) { LOCKED(module_unload(mod)); }
 
+static int inside(const struct block *list, const void *p, size_t n);
+
 /* The copy kernel: params are a u32 count and up to 128 {dst, src, len},
  * one block each, 16-byte aligned. Queued like a batch, last to first,
  * since blocks run in any order. */
@@ -910,11 +913,22 @@ static CUresult launch(void *fn, unsigned gx, unsigned gy, unsigned gz, unsigned
         return E_VALUE;
     CUdeviceptr dsts[128], srcs[128];
     size_t sizes[128];
+    int reaches = 1;
     for (unsigned i = 0; i < count; i++) {
         if ((pieces[i][0] | pieces[i][1] | pieces[i][2]) % 16) return 716;   /* CUDA_ERROR_MISALIGNED_ADDRESS */
+        /* The kernel reaches host memory only through the GPU's mapping of
+         * pinned memory: any other host address faults when it runs. */
+        CUdeviceptr host = is_device(pieces[i][0]) ? pieces[i][1] : pieces[i][0];
+        reaches &= inside(host_allocs, (void *)(uintptr_t)host, pieces[i][2]);
         dsts[i] = pieces[i][0];
         srcs[i] = pieces[i][1];
         sizes[i] = pieces[i][2];
+    }
+    if (!reaches) {
+        struct op fault = {FAULT, 0, NULL, NULL, 0};
+        enqueue(s, &fault);
+        logf_("launch " COPY_KERNEL " %u -> a piece off pinned memory: faults when it runs", count);
+        return OK;
     }
     memcpy_attrs attrs = {1, {0, 0}, {0, 0}, 0};
     size_t first = 0;
