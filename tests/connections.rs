@@ -70,7 +70,7 @@ fn several_clients_at_once_keep_their_data_apart() {
         concurrent_writers(&server, n);
         server.assert_alive();
         if n > 1 {
-            assert!(server.log().contains(&format!("{n} clients at once")), "{}", server.log());
+            assert!(server.logged(&format!("{n} clients at once")), "{}", server.log());
         }
     }
 }
@@ -148,7 +148,7 @@ fn a_client_beyond_the_limit_is_turned_away() {
     let mut byte = [0u8; 1];
     assert_eq!(std::io::Read::read(&mut third, &mut byte).ok(), Some(0), "a third client was not turned away");
     assert!(started.elapsed() >= Duration::from_millis(900), "turned away before the grace: {:?}", started.elapsed());
-    assert!(server.log().contains("a client was turned away: every one of the 2 connections is in use"), "{}", server.log());
+    assert!(server.logged("a client was turned away: every one of the 2 connections is in use"), "{}", server.log());
     first.disconnect();
     let mut third = connect(&server.sock);
     read_ok(&mut third, 0, &[0; 4096], "a client once the first left");

@@ -63,7 +63,7 @@ fn a_failed_copy_fails_that_request_only() {
     // four chunks, 5 is a write, 6 and 7 the two halves of the next one:
     // its second half fails.
     let mut server = Serve::new(8).env("FAKE_CUDA_MAX_ALLOC_MIB", "2").env("FAKE_CUDA_FAIL_COPY", "7").start();
-    assert!(server.log().contains("in 4 chunk(s)"), "{}", server.log());
+    assert!(server.logged("in 4 chunk(s)"), "{}", server.log());
     let mut nbd = Nbd::connect(&server.sock);
     let at = 2 * MIB - 32 * KIB;
     assert_eq!(nbd.write(0, &a), 0);
@@ -149,7 +149,7 @@ fn a_device_failure_after_handing_over_fails_every_request() {
             assert_eq!(nbd.command(0, CMD_FLUSH, 0, 0), EIO, "the flush whose sync fails");
         } else if early == "1" {
             assert_eq!(read_or_cut(&mut nbd, 0, 4096, &what), None, "{what}: the read whose wait fails");
-            assert!(server.log().contains("its data cannot follow"), "{what}:\n{}", server.log());
+            assert!(server.logged("its data cannot follow"), "{what}:\n{}", server.log());
             nbd = Nbd::connect(&server.sock);
         } else {
             read_eio(&mut nbd, 0, 4096, "the read whose wait fails");

@@ -46,7 +46,7 @@ fn lone_copies_go_through_the_mailbox_kernel() {
     for _ in 0..3 {
         let serve = Serve::new(16).env("NBD_VRAM_BATCH", "1").env("FAKE_CUDA_MAX_ALLOC_MIB", "8");
         let mut server = serve.env("NBD_VRAM_SPIN", SPIN_US).start();
-        assert!(server.log().contains("small copies back to back: by the mailbox kernel, lone ones and batches"), "{}", server.log());
+        assert!(server.logged("small copies back to back: by the mailbox kernel, lone ones and batches"), "{}", server.log());
         let mut nbd = Nbd::connect(&server.sock);
         let blocks: Vec<u64> = (0..24).map(|i| (i * 683 % 4096) * 4096).collect();
         let mut model: Vec<Vec<u8>> = blocks.iter().map(|_| vec![0u8; 4096]).collect();
@@ -118,7 +118,7 @@ fn a_mailbox_fault_fails_every_request_after_it() {
             }
         }
         assert!(server.cuda_log().contains("nbd_vram_mailbox job 3 read -> ILLEGAL_ADDRESS"), "{}", server.cuda_log());
-        assert!(server.log().contains("its data cannot follow"), "{}", server.log());
+        assert!(server.logged("its data cannot follow"), "{}", server.log());
         let nbd = Nbd::connect(&server.sock);
         assert_lost(server, nbd, "cuStreamQuery: CUDA_ERROR_ILLEGAL_ADDRESS", "FAIL_MAILBOX=3");
         true
@@ -257,7 +257,7 @@ fn one_sm_gets_no_mailbox_kernel() {
     (0..16).for_each(|_| read_ok(&mut nbd, 4096, &[0; 4096], "a lone read"));
     nbd.disconnect();
     server.assert_alive();
-    assert!(server.log().contains("may use 1 SM: no mailbox kernel"), "{}", server.log());
+    assert!(server.logged("may use 1 SM: no mailbox kernel"), "{}", server.log());
     assert_eq!(mailbox_counts(&server)[2], 0, "{}", server.cuda_log());
 }
 
@@ -269,6 +269,6 @@ fn as_many_sms_as_serving_threads_get_no_mailbox_kernel() {
     let Some(server) = mailbox_server(&[("FAKE_CUDA_SMS", "3")]) else { return };
     assert!(!server.log().contains("no mailbox kernel"), "3 SMs and one thread: {}", server.log());
     let server = Serve::new(8).arg("--connections").arg("3").env("NBD_VRAM_BATCH", "1").env("FAKE_CUDA_SMS", "3").start();
-    assert!(server.log().contains("may use 3 SMs: no mailbox kernel, as 3 of them would hold all"), "{}", server.log());
+    assert!(server.logged("may use 3 SMs: no mailbox kernel, as 3 of them would hold all"), "{}", server.log());
     assert_eq!(mailbox_counts(&server)[2], 0, "{}", server.cuda_log());
 }

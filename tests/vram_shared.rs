@@ -84,7 +84,7 @@ fn our_kernels_return_once_it_leaves(mut nbd: Nbd, server: &mut VramServer, othe
     fs::remove_file(others).unwrap();
     std::thread::sleep(Duration::from_millis(1100));
     until_compute_serves(&mut nbd, server, before);
-    assert!(server.log().contains("ours alone again"), "{}", server.log());
+    assert!(server.logged("ours alone again"), "{}", server.log());
     nbd.disconnect();
     server.assert_alive();
 }
@@ -98,14 +98,14 @@ fn our_kernels_make_way_for_another_process() {
     let dir = common::TempDir::new();
     let others = dir.path("others");
     let Some(mut server) = mailbox_server(&[("FAKE_CUDA_OTHERS_FILE", others.to_str().unwrap())]) else { return };
-    assert!(server.log().contains("NVML: "), "{}", server.log());
+    assert!(server.logged("NVML: "), "{}", server.log());
     let mut nbd = Nbd::connect(&server.sock);
     let before = until_compute_serves(&mut nbd, &server, [0; 3]);
 
     fs::write(&others, "1024").unwrap();
     std::thread::sleep(Duration::from_millis(1100));
     assert_copy_engines_only(&mut nbd, &server, before);
-    assert!(server.log().contains("another process took 1024 MiB"), "{}", server.log());
+    assert!(server.logged("another process took 1024 MiB"), "{}", server.log());
     our_kernels_return_once_it_leaves(nbd, &mut server, &others, before);
 }
 
@@ -124,7 +124,7 @@ fn a_process_there_before_us_keeps_our_kernels_off() {
             env.push(("FAKE_NVML_HOST_PIDS", host_pids));
         }
         let Some(mut server) = mailbox_server(&env) else { return };
-        assert!(server.log().contains("1 other process(es) use this GPU (NVML)"), "{}", server.log());
+        assert!(server.logged("1 other process(es) use this GPU (NVML)"), "{}", server.log());
         let mut nbd = Nbd::connect(&server.sock);
         assert_copy_engines_only(&mut nbd, &server, [0; 3]);
         our_kernels_return_once_it_leaves(nbd, &mut server, &others, [0; 3]);

@@ -59,7 +59,7 @@ fn fake_libcuda_passes_its_own_checks() {
 #[test]
 fn data_survives_chunk_boundaries() {
     let mut server = Serve::new(64).env("FAKE_CUDA_MAX_ALLOC_MIB", "16").start();
-    assert!(server.log().contains("allocated 64 MiB of VRAM in 4 chunk(s)"), "{}", server.log());
+    assert!(server.logged("allocated 64 MiB of VRAM in 4 chunk(s)"), "{}", server.log());
     assert_eq!(ok_allocs(&server.cuda_log()), vec![16 * MIB; 4], "fake's log:\n{}", server.cuda_log());
 
     enum Op {
@@ -183,7 +183,7 @@ fn below_the_floor_exits_4_and_says_why() {
 #[test]
 fn odd_size_ends_in_a_short_chunk() {
     let mut server = Serve::new(40).env("FAKE_CUDA_MAX_ALLOC_MIB", "16").start();
-    assert!(server.log().contains("allocated 40 MiB of VRAM in 3 chunk(s)"), "{}", server.log());
+    assert!(server.logged("allocated 40 MiB of VRAM in 3 chunk(s)"), "{}", server.log());
     assert_eq!(ok_allocs(&server.cuda_log()), vec![16 * MIB, 16 * MIB, 8 * MIB], "{}", server.cuda_log());
     let (at, len) = (32 * MIB - 3 * KIB, 8 * MIB + 3 * KIB);
     qemu_io(&mut server, &[format!("write -P 0x6d {at} {len}"), format!("read -P 0x6d {at} {len}"), format!("read -P 0 0 {at}")]);
@@ -308,7 +308,7 @@ fn gpus_lists_two_devices_and_gpu_1_serves() {
     }
 
     let mut server = Serve::new(16).arg("--gpu").arg("1").env("FAKE_CUDA_DEVICES", "2").start();
-    assert!(server.log().contains("allocated 16 MiB of VRAM"), "{}", server.log());
+    assert!(server.logged("allocated 16 MiB of VRAM"), "{}", server.log());
     qemu_io(&mut server, &[format!("write -P 0x61 {} {}", 15 * MIB, MIB), format!("read -P 0x61 {} {}", 15 * MIB, MIB), format!("read -P 0 0 {}", 15 * MIB)]);
 }
 
@@ -335,7 +335,7 @@ fn fresh_vram_reads_as_zeroes() {
     let backing = backing.to_str().unwrap();
     // In 4 MiB chunks, so that every chunk must be cleared.
     let mut server = Serve::new(16).env("FAKE_CUDA_BACKING", backing).env("FAKE_CUDA_MAX_ALLOC_MIB", "4").start();
-    assert!(server.log().contains("allocated 16 MiB of VRAM in 4 chunk(s)"), "{}", server.log());
+    assert!(server.logged("allocated 16 MiB of VRAM in 4 chunk(s)"), "{}", server.log());
     qemu_io(&mut server, &[format!("read -P 0 0 {}", 16 * MIB)]);
 }
 

@@ -121,6 +121,11 @@ impl Server {
         }
     }
 
+    /// Whether `line` is in the server's log, or comes within 10 s.
+    pub fn logged(&self, line: &str) -> bool {
+        self.log_through(line).contains(line)
+    }
+
     /// The server's log once it has settled: its lines reach it through a
     /// log thread, a moment after what they report.
     pub fn log(&self) -> String {
