@@ -279,7 +279,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed, String> 
             _ => (arg.clone(), None),
         };
         let mut value = |name: &str| -> Result<String, String> {
-            inline.clone().or_else(|| args.next()).ok_or(format!("{name} needs a value (see nbd-vram --help)"))
+            inline.clone().or_else(|| args.next()).ok_or_else(|| format!("{name} needs a value (see nbd-vram --help)"))
         };
         match flag.as_str() {
             "-h" | "--help" => return Ok(Parsed { command: Command::Help, log_level }),
@@ -478,7 +478,7 @@ fn size(flag: &str, v: &str) -> Result<u64, String> {
         "T" | "TB" | "TIB" => 1 << 40,
         _ => return Err(format!("{flag} {v}: unknown unit (use K, M, G or T; plain numbers are MiB)")),
     };
-    let bytes = n.checked_mul(unit).ok_or(format!("{flag} {v}: too large"))?;
+    let bytes = n.checked_mul(unit).ok_or_else(|| format!("{flag} {v}: too large"))?;
     check_size(bytes).map_err(|e| format!("{flag} {v}: {e}"))
 }
 

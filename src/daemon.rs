@@ -160,7 +160,7 @@ fn allocate<'t, T: Tier>(opts: &SwapOpts, tier: &'t T) -> Result<Vec<Option<T::B
 fn instance(opts: &SwapOpts, boards: &[Board]) -> Instance {
     let first = boards.iter().find_map(Board::device).unwrap_or_default();
     Instance {
-        name: first.file_name().map_or("nbd".into(), |n| n.to_string_lossy().into_owned()),
+        name: first.file_name().map_or_else(|| "nbd".into(), |n| n.to_string_lossy().into_owned()),
         target: first.display().to_string(),
         store: opts.store.describe(),
         size: opts.store.size,
@@ -250,7 +250,7 @@ impl Report {
     fn render(&self, t: &mut String, boards: &[Board]) {
         let _ = writeln!(t, "slices={}", boards.len());
         for (i, b) in boards.iter().enumerate() {
-            let device = b.device().map_or("-".into(), |d| d.display().to_string());
+            let device = b.device().map_or_else(|| "-".into(), |d| d.display().to_string());
             let _ = writeln!(t, "slice.{i}={device} {} {}", b.state().name(), b.used_pages.load(Ordering::Relaxed));
         }
         let _ = writeln!(t, "change={}", self.change.lock().unwrap_or_else(PoisonError::into_inner));
@@ -362,7 +362,7 @@ impl<'a, 't, T: Tier> Steer<'a, 't, T> {
         let free = self.tier.free();
         match self.policy.decide(now, free, &view) {
             Some((Change::Drain(i), why)) => {
-                let dev = self.boards[i].device().map_or("-".into(), |d| d.display().to_string());
+                let dev = self.boards[i].device().map_or_else(|| "-".into(), |d| d.display().to_string());
                 self.report.tell(format!("giving back slice {i} ({dev}, {} pages in swap): {}", view[i].used_pages, reason(why, free, self.opts)));
                 self.boards[i].drain();
                 self.chosen[i] = Some(now);
@@ -434,7 +434,7 @@ impl<'a, 't, T: Tier> Steer<'a, 't, T> {
 }
 
 fn reason(why: Why, free: Option<u64>, opts: &SwapOpts) -> String {
-    let free = free.map_or("?".into(), |f| (f / MIB).to_string());
+    let free = free.map_or_else(|| "?".into(), |f| (f / MIB).to_string());
     match why {
         Why::Reserve => format!("{free} MiB of VRAM free, below --reserve {} MiB", opts.reserve / MIB),
         Why::Room => format!("{free} MiB of VRAM free for --hold-off {} s", opts.hold_off),

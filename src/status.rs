@@ -246,7 +246,7 @@ impl Row {
     }
 
     fn swap_used(&self) -> String {
-        self.swap.as_ref().map_or("-".into(), |a| format!("{} MiB", a.used_kib >> 10))
+        self.swap.as_ref().map_or_else(|| "-".into(), |a| format!("{} MiB", a.used_kib >> 10))
     }
 
     /// Mean service time of a batch, the kernel's wait beyond the socket.
@@ -255,7 +255,7 @@ impl Row {
     }
 
     fn json(&self) -> String {
-        let swap = self.swap.as_ref().map_or("null".into(), |a| {
+        let swap = self.swap.as_ref().map_or_else(|| "null".into(), |a| {
             format!("{{\"size_kib\":{},\"used_kib\":{},\"priority\":{}}}", a.size_kib, a.used_kib, a.priority)
         });
         let slices: Vec<String> = self

@@ -50,7 +50,7 @@ pub const DEFAULT_LIBS: [&str; 2] = ["libcuda.so.1", "libcuda.so"];
 impl Cuda {
     /// Loads libcuda (`path`, else `DEFAULT_LIBS`) and runs `cuInit`.
     pub fn init(path: Option<&str>) -> Result<Cuda, InitError> {
-        let tried: Vec<&str> = path.map_or(DEFAULT_LIBS.to_vec(), |p| vec![p]);
+        let tried: Vec<&str> = path.map_or_else(|| DEFAULT_LIBS.to_vec(), |p| vec![p]);
         let api = sys::load(&tried).map_err(|e| InitError::Load(tried.join(", then "), e))?;
         let cuda = Cuda { api };
         // SAFETY: cuInit takes flags by value; 0 is the only valid value.

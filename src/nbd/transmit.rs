@@ -572,7 +572,7 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
         for (i, slot) in b.replies.slots[slots.clone()].iter().enumerate() {
             if slot.ok() && !slot.data.is_empty() {
                 let data = if slot.lent() {
-                    store.bytes(slot.data.start as u64, slot.data.len()).ok_or(broken("read left the store"))?
+                    store.bytes(slot.data.start as u64, slot.data.len()).ok_or_else(|| broken("read left the store"))?
                 } else {
                     &b.staging[slot.data.clone()]
                 };

@@ -179,7 +179,7 @@ impl<'c> Resident<'c> {
     pub fn finished(&mut self, fences: &mut Fences) -> io::Result<()> {
         let finished = self.finish(fences);
         if std::mem::take(&mut self.failed) {
-            return Err(finished.err().map_or(io::Error::from_raw_os_error(libc::EIO), eio));
+            return Err(finished.err().map_or_else(|| io::Error::from_raw_os_error(libc::EIO), eio));
         }
         Ok(())
     }
