@@ -6,16 +6,20 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::Cuda;
+use super::{Context, Cuda};
 
 #[path = "../../tests/fake_cuda_env/compile.rs"]
 mod compile;
 
-/// The fake driver, built once and loaded into this process.
-pub fn fake() -> Cuda {
+/// A context on the fake driver (built once and loaded into this
+/// process), current on the calling thread.
+pub fn fake_context() -> Context {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tmp/fake-cuda-unit");
     let lib = compile::compile(&dir, "libcuda.c", "libcuda.so.1", &["-shared", "-fPIC", "-O2"]);
-    Cuda::init(Some(&lib.to_string_lossy())).unwrap_or_else(|e| panic!("loading the fake driver: {e:?}"))
+    let cuda = Cuda::init(Some(&lib.to_string_lossy())).unwrap_or_else(|e| panic!("loading the fake driver: {e:?}"));
+    let ctx = cuda.device(0).and_then(|d| d.context()).expect("a context on the fake");
+    ctx.make_current().expect("current");
+    ctx
 }
 
 /// `cuMemFree` waits for every kernel, and holds other threads' calls
@@ -26,9 +30,7 @@ pub fn fake() -> Cuda {
 #[test]
 fn a_free_waits_until_another_threads_mailbox_kernel_is_parked() {
     let _turn = super::gate::serial();
-    let cuda = fake();
-    let ctx = cuda.device(0).and_then(|d| d.context()).expect("a context on the fake");
-    ctx.make_current().expect("current");
+    let ctx = fake_context();
     let memory = [ctx.alloc(1 << 20).expect("the store's memory")];
     let freed = ctx.alloc(1 << 16).expect("memory to free");
     let serving = AtomicBool::new(false);
@@ -81,9 +83,7 @@ fn a_free_waits_until_another_threads_mailbox_kernel_is_parked() {
 #[test]
 fn the_copy_kernel_faults_on_host_memory_that_is_not_pinned() {
     let _turn = super::gate::serial();
-    let cuda = fake();
-    let ctx = cuda.device(0).and_then(|d| d.context()).expect("a context on the fake");
-    ctx.make_current().expect("current");
+    let ctx = fake_context();
     let memory = ctx.alloc(1 << 20).expect("device memory");
     let pinned = ctx.pinned(4096).expect("pinned memory");
     let plain = vec![0u128; 256]; // 4 KiB on 16-byte boundaries, as the kernel needs

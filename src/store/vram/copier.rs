@@ -50,15 +50,20 @@ pub struct Copier<'c> {
 /// The zero source's length: copies this long go on a copy engine.
 const ZEROS: usize = 64 * 1024;
 
-/// Connections writing at once from which a write payload reaches staging
-/// around the CPU caches: payloads up to the first length from the first
-/// count, longer ones from the second. Landing so costs the loop a second
-/// copy and saves the contention of the GPU reading staging that the
-/// cores' caches hold. On an H200 (2026-12-04, docs/performance.md,
+/// Connections writing at once from which a write payload of `len` bytes
+/// reaches staging around the CPU caches. Landing so costs the loop a
+/// second copy and saves the contention of the GPU reading staging that
+/// the cores' caches hold. On an H200 (2026-12-04, docs/performance.md,
 /// "Several connections"), against landing through the caches, at 1 / 2 /
 /// 4 / 8 connections: 128 KiB writes 0.90–0.99 / 1.12 / 1.39–1.43 /
 /// 1.49–1.84×, 1 MiB writes 0.78–0.89 / 0.98 / 0.93–1.02 / 1.10–1.18×.
-const UNCACHED_WRITERS: ((usize, usize), usize) = ((256 * 1024, 2), 8);
+fn uncached_from(len: usize) -> usize {
+    if len <= 256 * 1024 {
+        2
+    } else {
+        8
+    }
+}
 
 /// Pieces a batch holds before it is issued: a full batch of 4 KiB
 /// requests, each split at most once at a chunk boundary.
@@ -300,14 +305,13 @@ impl<'c> Copier<'c> {
 
     /// Whether a write payload of `len` bytes should reach staging around
     /// the CPU caches: while as many connections write at once, as of
-    /// `now()` (not asked on one connection), as `UNCACHED_WRITERS` asks
-    /// for its size.
+    /// `now()` (not asked on one connection), as `uncached_from` asks for
+    /// its size.
     pub fn uncached(&mut self, len: usize, now: impl FnOnce() -> Instant) -> bool {
         let Some(lane) = self.lane.as_mut().filter(|_| self.uncached) else {
             return false;
         };
-        let (small, large) = UNCACHED_WRITERS;
-        1 + lane.others_writing(now()) >= if len <= small.0 { small.1 } else { large }
+        1 + lane.others_writing(now()) >= uncached_from(len)
     }
 
     /// Requests are apart: the mailbox kernel waits for batches in a row

@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use super::{VramBacking, VramStore};
-use crate::cuda::fake_tests::fake;
+use crate::cuda::fake_tests::fake_context;
 use crate::store::{Backing, Done, Store};
 use crate::tuning::Tuning;
 
@@ -69,9 +69,7 @@ fn written_on_one_read_on_the_other(a_kernel: bool, b_kernel: bool, len: usize, 
 /// staging of `len` and 4 KiB; `rounds` runs on them and says what failed.
 fn two_connections(len: usize, rounds: impl FnOnce(&mut VramStore, &mut [u8], &mut VramStore, &mut [u8]) -> Result<(), String>) {
     let _turn = crate::cuda::gate::serial();
-    let cuda = fake();
-    let ctx = cuda.device(0).and_then(|d| d.context()).expect("a context on the fake");
-    ctx.make_current().expect("current");
+    let ctx = fake_context();
     let tuning = Tuning { watch_neighbours: false, ..Tuning::default() };
     let Ok(backing) = VramBacking::allocate(&ctx, 16 << 20, 0, 16 << 20, 2, &tuning) else { panic!("16 MiB on the fake") };
     let (mut a, mut b) = (backing.open().expect("a"), backing.open().expect("b"));
