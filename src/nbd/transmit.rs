@@ -18,25 +18,24 @@
 //! that lends its bytes (host RAM, `Done::Lent`) skips staging: read
 //! replies are sent from them, and write payloads land in them straight
 //! from the socket (a peer that vanishes mid-payload gets the old bytes
-//! put back).
+//! put back; `input.rs` takes payloads off the socket).
 //! Reads poll the socket briefly before they block (`poll.rs`).
 //! All memory is allocated before the first request, so a swap device
 //! served here never needs a free page to make progress.
 
 use std::io::{self, IoSlice, Read, Write};
 use std::ops::Range;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::Instant;
 
 use crate::uapi as sys;
-use super::proto::{self, Export, Request, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, MAX_PAYLOAD, REPLY_LEN, REQUEST_LEN};
-use super::poll::Poll;
-use crate::sock::{queued, recv_nowait};
+use super::proto::{self, Export, Request, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, MAX_PAYLOAD, REPLY_LEN};
+use super::input::{Got, Input};
+use crate::sock::queued;
 use crate::stats::{Phases, Stats};
 use crate::store::{Done, Store};
 use crate::tuning::Tuning;
-use crate::uncached;
 
 /// Requests in a batch at most. Fewer replies per burst keep the client's
 /// queue fuller, and 16 still leaves the copy kernel 8 or more copies per
@@ -53,12 +52,6 @@ const DONE_BATCH: usize = 8;
 const DONE_BYTES: usize = 64 * 1024;
 /// iovecs the kernel copies without allocating (`UIO_FASTIOV`, uio.h).
 const UIO_FASTIOV: usize = 8;
-/// Socket reads land here first; a batch of small requests fits at once.
-const INPUT_LEN: usize = 256 * 1024;
-/// After a write this large, input reads stop at the next header, so that
-/// the next payload goes straight from the socket into staging (or the
-/// store): copying it out of input would cost more than the extra read.
-const DIRECT_WRITE: u32 = 16 * 1024;
 
 const EINVAL: u32 = libc::EINVAL as u32;
 const ENOSPC: u32 = libc::ENOSPC as u32;
@@ -125,27 +118,6 @@ impl Slot {
     }
 }
 
-/// What the client sent that the loop has not taken yet, `buf[start..end]`,
-/// and how it waits for more.
-struct Input {
-    buf: Box<[u8]>,
-    start: usize,
-    end: usize,
-    /// The last request was a write of `DIRECT_WRITE` or more.
-    direct: bool,
-    poll: Poll,
-}
-
-impl Input {
-    fn available(&self) -> usize {
-        self.end - self.start
-    }
-
-    fn clear(&mut self) {
-        (self.start, self.end) = (0, 0);
-    }
-}
-
 /// Everything the loop needs, allocated once and reused by every connection.
 pub struct Buffers<B> {
     staging: B,
@@ -209,7 +181,7 @@ impl<B: std::ops::DerefMut<Target = [u8]>> Buffers<B> {
         Ok(Buffers {
             staging: store.staging(staging.min(MAX_PAYLOAD as usize))?,
             ring: 0,
-            input: Input { buf: vec![0u8; INPUT_LEN].into_boxed_slice(), start: 0, end: 0, direct: false, poll: Poll::with(tuning.spin) },
+            input: Input::new(tuning.spin),
             replies: Replies {
                 slots: vec![Slot::EMPTY; 2 * MAX_BATCH].into_boxed_slice(),
                 heads: vec![0u8; REPLY_LEN * 2 * MAX_BATCH].into_boxed_slice(),
@@ -223,12 +195,6 @@ impl<B: std::ops::DerefMut<Target = [u8]>> Buffers<B> {
             },
         })
     }
-}
-
-enum Got {
-    Data,
-    Nothing,
-    Eof,
 }
 
 /// Serves one negotiated connection until the client disconnects.
@@ -310,7 +276,7 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
         let mut queued = false;
         let full = |n: usize, payload: usize, queued: bool| n == MAX_BATCH || (!queued && (n == DONE_BATCH || payload >= DONE_BYTES));
         while !full(n, payload, queued) {
-            if self.bufs.input.available() < REQUEST_LEN {
+            let Some(head) = self.bufs.input.header() else {
                 match self.fill(n == 0 && base == 0) {
                     Ok(Got::Data) => continue,
                     Ok(Got::Nothing) => break,
@@ -318,10 +284,6 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
                     Ok(Got::Eof) => return (n, false, Some(Err(broken("truncated request")))),
                     Err(e) => return (n, false, Some(Err(e))),
                 }
-            }
-            let head: &[u8; REQUEST_LEN] = match self.bufs.input.buf[self.bufs.input.start..][..REQUEST_LEN].try_into() {
-                Ok(head) => head,
-                Err(_) => unreachable!("available() checked"),
             };
             let Some(req) = Request::parse(head) else {
                 return (n, false, Some(Err(broken("bad request magic"))));
@@ -339,11 +301,10 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
                 self.bufs.ring = 0;
             }
             let stage = self.bufs.ring..self.bufs.ring + len;
-            self.bufs.input.start += REQUEST_LEN;
+            self.bufs.input.take_header(&req);
             if req.command == sys::NBD_CMD_DISC {
                 return (n, false, Some(Ok(End::Disconnect)));
             }
-            self.bufs.input.direct = req.command == sys::NBD_CMD_WRITE && req.len >= DIRECT_WRITE;
             if req.command == sys::NBD_CMD_FLUSH {
                 // What fails to start before a flush fails its own requests, not the flush.
                 self.close_group(base + n);
@@ -599,35 +560,17 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
         Ok(())
     }
 
-    /// Reads more input, waiting only if `wait`.
+    /// Reads more input, waiting only if `wait` (`Input::fill`).
     fn fill(&mut self, wait: bool) -> io::Result<Got> {
-        let input = &mut self.bufs.input;
-        if input.start == input.end {
-            input.clear();
-        } else if input.end == input.buf.len() || !wait {
-            input.buf.copy_within(input.start..input.end, 0);
-            (input.start, input.end) = (0, input.end - input.start);
-        }
-        // Called with less than a header in input, so `want` is past `end`.
-        let want = if input.direct { (input.start + REQUEST_LEN).min(input.buf.len()) } else { input.buf.len() };
-        let space = &mut input.buf[input.end..want];
-        let got = if wait {
-            let at = Instant::now();
-            let got = input.poll.recv(self.conn.as_fd(), space, || self.store.idle()).map(Some);
-            self.phases.idle += nanos(at);
-            got
-        } else {
+        let (conn, store) = (self.conn.as_fd(), &mut *self.store);
+        if !wait {
             self.phases.quick_reads += 1;
-            recv_nowait(self.conn.as_fd(), space)
-        };
-        Ok(match got? {
-            None => Got::Nothing,
-            Some(0) => Got::Eof,
-            Some(n) => {
-                input.end += n;
-                Got::Data
-            }
-        })
+            return self.bufs.input.fill(conn, false, || {});
+        }
+        let at = Instant::now();
+        let got = self.bufs.input.fill(conn, true, || store.idle());
+        self.phases.idle += nanos(at);
+        got
     }
 
     /// Takes a write's payload off the input: into the store where it
@@ -654,16 +597,16 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
                 // A socket that cannot say counts as empty.
                 let whole = have == len || queued(conn).unwrap_or(0) >= len - have;
                 let undo = &mut b.staging[if whole { 0..0 } else { stage }];
-                take_payload(&input.buf[..input.end], &mut input.start, conn, dst, undo, &mut input.poll, &mut || {})?;
+                input.take_payload(conn, dst, undo, &mut || {})?;
                 true
             }
             None => {
                 let store = &mut *self.store;
                 let dst = &mut b.staging[stage];
                 if store.uncached(len) {
-                    take_payload_uncached(input, conn, dst, &mut || store.idle())?;
+                    input.take_payload_uncached(conn, dst, &mut || store.idle())?;
                 } else {
-                    take_payload(&input.buf[..input.end], &mut input.start, conn, dst, &mut [], &mut input.poll, &mut || store.idle())?;
+                    input.take_payload(conn, dst, &mut [], &mut || store.idle())?;
                 }
                 false
             }
@@ -680,128 +623,9 @@ impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
     }
 
     /// Skips the payload of a refused write, so the stream stays in sync.
-    fn discard(&mut self, mut len: u64) -> io::Result<()> {
+    fn discard(&mut self, len: u64) -> io::Result<()> {
         self.store.idle(); // its reads may block
-        while len > 0 {
-            let input = &mut self.bufs.input;
-            if input.available() == 0 {
-                input.clear();
-                let n = self.conn.read(&mut input.buf).map_err(truncated)?;
-                if n == 0 {
-                    return Err(broken("truncated write payload"));
-                }
-                input.end = n;
-            }
-            let take = (input.available() as u64).min(len);
-            input.start += take as usize;
-            len -= take;
-        }
-        Ok(())
-    }
-}
-
-/// Fills `dst` with a write payload: first what `input[*start..]` holds,
-/// the rest from the socket, through `poll`, calling `sleeping` before it
-/// blocks. With an `undo` as long as `dst`, each byte of `dst` is saved
-/// there before it is overwritten, and put back if the payload is cut short.
-fn take_payload(
-    input: &[u8],
-    start: &mut usize,
-    conn: BorrowedFd,
-    dst: &mut [u8],
-    undo: &mut [u8],
-    poll: &mut Poll,
-    sleeping: &mut dyn FnMut(),
-) -> io::Result<()> {
-    let saved = if undo.is_empty() { dst.len() } else { 0 };
-    let mut landing = Landing { dst, undo, saved };
-    let got = landing.receive(input, start, conn, poll, sleeping);
-    if got.is_err() && !landing.undo.is_empty() {
-        let saved = landing.saved;
-        landing.dst[..saved].copy_from_slice(&landing.undo[..saved]);
-    }
-    got
-}
-
-/// Fills `dst` with a write payload as `take_payload` does, through
-/// `input`'s buffer, which stays in cache, and from there around the
-/// caches (`uncached::fill`): what the store asks for while other
-/// connections write too.
-fn take_payload_uncached(input: &mut Input, conn: BorrowedFd, dst: &mut [u8], sleeping: &mut dyn FnMut()) -> io::Result<()> {
-    let len = dst.len();
-    uncached::fill(dst, |out| {
-        let mut at = input.available().min(len);
-        out.put(&input.buf[input.start..][..at]);
-        input.start += at;
-        if at < len {
-            input.clear(); // all taken: the buffer carries the rest
-        }
-        while at < len {
-            let take = (len - at).min(input.buf.len());
-            let buf = &mut input.buf[..take];
-            let got = match recv_nowait(conn, buf)? {
-                Some(n) => n,
-                None => input.poll.recv(conn, buf, &mut *sleeping)?,
-            };
-            if got == 0 {
-                return Err(broken("truncated write payload"));
-            }
-            out.put(&input.buf[..got]);
-            at += got;
-        }
-        Ok(())
-    })
-}
-
-/// Bytes saved at a time: socket reads go no further than what is saved,
-/// so this is also the least a read may take.
-const SAVE_CHUNK: usize = 64 * 1024;
-
-/// A write payload on its way into `dst`; `dst[..saved]` is in `undo`.
-struct Landing<'a> {
-    dst: &'a mut [u8],
-    undo: &'a mut [u8],
-    saved: usize,
-}
-
-impl Landing<'_> {
-    /// `take_payload`'s loop. The saving runs ahead while the socket is
-    /// empty, so that it takes the time a wait for the peer would:
-    /// sequential 1 MiB writes +15–24 % per round against saving all
-    /// first, the rest level (docs/performance.md, "The host store and the serve loop").
-    fn receive(&mut self, input: &[u8], start: &mut usize, conn: BorrowedFd, poll: &mut Poll, sleeping: &mut dyn FnMut()) -> io::Result<()> {
-        let len = self.dst.len();
-        let mut at = (input.len() - *start).min(len);
-        while self.saved < at {
-            self.save_chunk();
-        }
-        self.dst[..at].copy_from_slice(&input[*start..*start + at]);
-        *start += at;
-        while at < len {
-            if self.saved == at {
-                self.save_chunk();
-            }
-            let got = match recv_nowait(conn, &mut self.dst[at..self.saved])? {
-                Some(n) => n,
-                None if self.saved < len => {
-                    self.save_chunk();
-                    continue;
-                }
-                None => poll.recv(conn, &mut self.dst[at..self.saved], &mut *sleeping)?,
-            };
-            if got == 0 {
-                return Err(broken("truncated write payload"));
-            }
-            at += got;
-        }
-        Ok(())
-    }
-
-    /// Saves the next `SAVE_CHUNK` bytes after `saved`.
-    fn save_chunk(&mut self) {
-        let end = (self.saved + SAVE_CHUNK).min(self.dst.len());
-        self.undo[self.saved..end].copy_from_slice(&self.dst[self.saved..end]);
-        self.saved = end;
+        self.bufs.input.discard(self.conn.as_fd(), len)
     }
 }
 
@@ -817,14 +641,6 @@ fn name(command: u32) -> &'static str {
 
 fn broken(what: &'static str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what)
-}
-
-fn truncated(e: io::Error) -> io::Error {
-    if e.kind() == io::ErrorKind::UnexpectedEof {
-        broken("truncated write payload")
-    } else {
-        e
-    }
 }
 
 #[cfg(test)]
