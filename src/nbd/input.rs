@@ -13,11 +13,11 @@ use crate::uapi as sys;
 use crate::uncached;
 
 /// Socket reads land here first; a batch of small requests fits at once.
-pub(super) const INPUT_LEN: usize = 256 * 1024;
+const INPUT_LEN: usize = 256 * 1024;
 /// After a write this large, input reads stop at the next header, so that
 /// the next payload goes straight from the socket into staging (or the
 /// store): copying it out of input would cost more than the extra read.
-pub(super) const DIRECT_WRITE: u32 = 16 * 1024;
+const DIRECT_WRITE: u32 = 16 * 1024;
 /// Bytes saved at a time for a payload that lands in the store: socket
 /// reads go no further than what is saved, so this is also the least a
 /// read may take.
@@ -71,13 +71,14 @@ impl Input {
     /// queued. After a large write, reads stop at the next header, so
     /// that its payload, if it has one, can go straight where it lands.
     pub fn fill(&mut self, conn: BorrowedFd, wait: bool, sleeping: impl FnOnce()) -> io::Result<Got> {
+        debug_assert!(self.header().is_none(), "asked for more with a header on hand");
         if self.start == self.end {
             self.clear();
         } else if self.end == self.buf.len() || !wait {
             self.buf.copy_within(self.start..self.end, 0);
             (self.start, self.end) = (0, self.end - self.start);
         }
-        // Called with less than a header here, so `want` is past `end`.
+        // With less than a header here, `want` is past `end`.
         let want = if self.direct { (self.start + REQUEST_LEN).min(self.buf.len()) } else { self.buf.len() };
         let space = &mut self.buf[self.end..want];
         let got = if wait { self.poll.recv(conn, space, sleeping).map(Some) } else { recv_nowait(conn, space) };
@@ -245,8 +246,8 @@ mod tests {
     }
 
     /// Around the caches, a payload longer than the buffer lands whole,
-    /// and what followed it on the socket stays there for the next
-    /// header; one cut short is an error.
+    /// and what followed it, on the socket or in input, stays there for
+    /// the next header; one cut short is an error.
     #[test]
     fn a_payload_around_the_caches_lands_whole_and_takes_no_more() {
         const LEN: usize = INPUT_LEN * 2 + 12_345;
@@ -260,15 +261,27 @@ mod tests {
             });
             let mut dst = vec![0u8; LEN];
             let got = input.take_payload_uncached(ours.as_fd(), &mut dst, &mut || {});
-            writer.join().unwrap();
             if sent < LEN {
                 assert!(got.is_err(), "a cut payload fails");
                 continue;
             }
-            assert!(got.is_ok() && dst == new, "the payload lands whole");
+            if let Err(e) = got {
+                drop(ours); // so that a writer still blocked fails, not hangs
+                let _ = writer.join();
+                panic!("a whole payload failed: {e}");
+            }
+            writer.join().unwrap();
+            assert!(dst == new, "the payload lands whole");
             assert_eq!(input.available(), 0, "input is consumed");
             let mut next = [0u8; 8];
             assert_eq!(recv_nowait(ours.as_fd(), &mut next).unwrap(), Some(7), "the next bytes are still queued");
         }
+        // A payload all in input already leaves what follows it there.
+        let (ours, _theirs) = UnixStream::pair().unwrap();
+        let mut input = holding(&new[..5000], Duration::ZERO);
+        let mut dst = vec![0u8; 4000];
+        input.take_payload_uncached(ours.as_fd(), &mut dst, &mut || {}).unwrap();
+        assert!(dst == new[..4000], "the payload lands whole");
+        assert_eq!(input.available(), 1000, "the next request's bytes stay in input");
     }
 }

@@ -23,7 +23,7 @@
 //! All memory is allocated before the first request, so a swap device
 //! served here never needs a free page to make progress.
 
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, IoSlice, Write};
 use std::ops::Range;
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -203,7 +203,7 @@ impl<B: std::ops::DerefMut<Target = [u8]>> Buffers<B> {
 pub fn run<S, T>(store: &mut S, bufs: &mut Buffers<S::Buf>, shared: &Shared, stats: &Stats, conn: &mut T) -> io::Result<End>
 where
     S: Store,
-    T: Read + Write + AsFd,
+    T: Write + AsFd,
 {
     bufs.input.clear();
     bufs.ring = 0; // the last connection ended with a sync
@@ -262,7 +262,7 @@ fn nanos(since: Instant) -> u64 {
     since.elapsed().as_nanos() as u64
 }
 
-impl<S: Store, T: Read + Write + AsFd> Link<'_, S, T> {
+impl<S: Store, T: Write + AsFd> Link<'_, S, T> {
     /// Queues a batch after the held one, if any; returns its size,
     /// whether it stopped at its bounds (more may be waiting) and, if the
     /// connection must end after answering it, how. Waits for a first

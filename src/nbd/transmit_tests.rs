@@ -11,7 +11,8 @@ use std::time::Duration;
 use crate::store::{Backing, HostBacking, HostStore};
 
 const SIZE: u64 = 8 << 20;
-/// Payload sizes on both sides of `input::DIRECT_WRITE`, and one of `input::INPUT_LEN`.
+/// Payload sizes on both sides of 16 KiB (`DIRECT_WRITE` in input.rs), and
+/// one of its buffer's length (256 KiB).
 const LENS: [u32; 7] = [4096, 12288, 16384, 20480, 65536, 131072, 262144];
 
 /// A tiny xorshift: the same stream on every run, no dependency.
