@@ -7,7 +7,7 @@ use std::os::fd::BorrowedFd;
 use std::time::Duration;
 
 use super::poll::Poll;
-use super::proto::{Request, REQUEST_LEN};
+use super::proto::{broken, Request, REQUEST_LEN};
 use crate::sock::{recv_nowait, recv_wait};
 use crate::uapi as sys;
 use crate::uncached;
@@ -196,7 +196,7 @@ impl Landing<'_> {
 /// A read of `got` bytes mid-payload: none means the peer hung up.
 fn more(got: usize) -> io::Result<usize> {
     if got == 0 {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "truncated write payload"));
+        return Err(broken("truncated write payload"));
     }
     Ok(got)
 }

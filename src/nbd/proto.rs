@@ -140,8 +140,9 @@ pub enum Negotiated {
     Aborted,
 }
 
-fn invalid(msg: &str) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, msg.to_string())
+/// The error for a peer that broke the protocol: its connection ends.
+pub fn broken(what: &'static str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what)
 }
 
 /// Runs the server side of the newstyle handshake ("Newstyle
@@ -158,7 +159,7 @@ pub fn handshake<S: Read + Write>(s: &mut S, export: &Export) -> io::Result<Nego
     s.read_exact(&mut word)?;
     let client_flags = u32::from_be_bytes(word);
     if client_flags & !CLIENT_FLAGS_KNOWN != 0 {
-        return Err(invalid("client sent unknown handshake flags"));
+        return Err(broken("client sent unknown handshake flags"));
     }
     // Without it the client speaks plain newstyle, as older nbd-client did:
     // it may send only NBD_OPT_EXPORT_NAME, and gets no option replies.
@@ -169,20 +170,20 @@ pub fn handshake<S: Read + Write>(s: &mut S, export: &Export) -> io::Result<Nego
         let mut head = [0u8; 16];
         s.read_exact(&mut head)?;
         if u64::from_be_bytes(head[0..8].try_into().unwrap_or_default()) != IHAVEOPT {
-            return Err(invalid("bad option magic"));
+            return Err(broken("bad option magic"));
         }
         let option = be32(&head[8..12]);
         let len = be32(&head[12..16]);
         // "Option haggling": a plain newstyle client that sends anything but
         // EXPORT_NAME must be disconnected, without a reply.
         if !fixed && option != OPT_EXPORT_NAME {
-            return Err(invalid("client without fixed-newstyle sent an option other than NBD_OPT_EXPORT_NAME"));
+            return Err(broken("client without fixed-newstyle sent an option other than NBD_OPT_EXPORT_NAME"));
         }
         if len > MAX_OPTION_LEN {
             if option == OPT_EXPORT_NAME {
                 // EXPORT_NAME has no option replies: an error would be read
                 // as the export's size and flags. The spec leaves only a close.
-                return Err(invalid("NBD_OPT_EXPORT_NAME name too long"));
+                return Err(broken("NBD_OPT_EXPORT_NAME name too long"));
             }
             // Skipped, not stored, so that haggling stays in sync without a
             // large allocation; the negotiation deadline bounds the time.

@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::Instant;
 
 use crate::uapi as sys;
-use super::proto::{self, Export, Request, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, MAX_PAYLOAD, REPLY_LEN};
+use super::proto::{self, broken, Export, Request, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, MAX_PAYLOAD, REPLY_LEN};
 use super::input::{Got, Input};
 use crate::sock::queued;
 use crate::stats::{Phases, Stats};
@@ -637,10 +637,6 @@ fn name(command: u32) -> &'static str {
         sys::NBD_CMD_TRIM => "trim",
         _ => "write-zeroes",
     }
-}
-
-fn broken(what: &'static str) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, what)
 }
 
 #[cfg(test)]
