@@ -539,6 +539,11 @@ fn give_back(off: &swap::Swapoff, board: &Board) -> bool {
             error!("swapoff {}: {e}, and the link is gone", path.display());
             false
         }
+        // Served until that swapoff ends; the daemon orders the drain again.
+        Outcome::Elsewhere => {
+            info!("{}: another swapoff of it is still moving its pages back; serving them", path.display());
+            false
+        }
         Outcome::Failed(e) => {
             let why = match e.raw_os_error() {
                 Some(libc::ENOMEM) => "RAM cannot take its pages back now".to_string(),
@@ -555,6 +560,7 @@ fn give_back(off: &swap::Swapoff, board: &Board) -> bool {
 /// False if the link ended first: the pages left in swap are lost.
 fn swapoff_until_done(off: &swap::Swapoff, board: &Board) -> bool {
     let path = off.path();
+    let mut elsewhere = false;
     loop {
         let t = Instant::now();
         match off.run() {
@@ -570,6 +576,19 @@ fn swapoff_until_done(off: &swap::Swapoff, board: &Board) -> bool {
             Outcome::NotSwap => {
                 info!("{} is no longer swap", path.display());
                 return true;
+            }
+            // Or be at it still: its pages are served until it ends.
+            Outcome::Elsewhere if board.lock().link_down => {
+                error!("{}: the link is gone while another swapoff of it was under way", path.display());
+                return false;
+            }
+            Outcome::Elsewhere => {
+                if !elsewhere {
+                    info!("{}: another swapoff of it is still moving its pages back; serving them until it ends", path.display());
+                }
+                elsewhere = true;
+                board.wait_link(Duration::from_secs(1));
+                continue;
             }
             Outcome::Failed(e) if e.raw_os_error() == Some(libc::ENOMEM) => error!(
                 "swapoff {}: {e}: RAM cannot take the swapped pages back yet; still serving them, retrying in {} s",

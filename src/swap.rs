@@ -4,7 +4,7 @@
 use std::ffi::CString;
 use std::fs::OpenOptions;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
@@ -102,6 +102,12 @@ pub enum Outcome {
     Off,
     /// The device is not a swap area (any more).
     NotSwap,
+    /// Another swapoff of it (systemd's `dev-nbdN.swap` unit, an
+    /// administrator's) is still moving its pages back: the kernel takes an
+    /// area off its list as a swapoff starts, so this one was refused as
+    /// for no swap area, but the device is still held and its pages still
+    /// need serving. If that swapoff fails, the area is swap again.
+    Elsewhere,
     /// Still swap, as far as anyone can tell: ENOMEM while RAM cannot take
     /// the pages back, or whatever else the kernel said.
     Failed(io::Error),
@@ -129,12 +135,24 @@ impl<'a> Swapoff<'a> {
         };
         match result {
             Ok(()) => Outcome::Off,
-            // The kernel's answer for a file that is no swap area. By
-            // descriptor that file is the device itself; a name may now
-            // lead elsewhere, so then /proc/swaps must agree.
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && (self.dirs.is_some() || matches!(lookup(self.path), Some(None))) => {
-                Outcome::NotSwap
-            }
+            // The kernel's answer for a file that is not on its list of
+            // swap areas, which is also what a second swapoff gets while
+            // another one runs.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => match &self.dirs {
+                // By descriptor that file is the device itself. Swap holds
+                // a block device exclusively until the last page is back.
+                Some((fds, _)) => match held(self.dev, fds) {
+                    Ok(false) => Outcome::NotSwap,
+                    Ok(true) => Outcome::Elsewhere,
+                    Err(e) => Outcome::Failed(e),
+                },
+                // A name may now lead elsewhere, so /proc/swaps must agree.
+                None => match lookup(self.path) {
+                    Some(None) => Outcome::NotSwap,
+                    Some(Some(_)) => Outcome::Elsewhere,
+                    None => Outcome::Failed(e),
+                },
+            },
             Err(e) => Outcome::Failed(e),
         }
     }
@@ -142,17 +160,39 @@ impl<'a> Swapoff<'a> {
 
 fn by_descriptor(dev: BorrowedFd, fds: &OwnedFd, cwd: &OwnedFd) -> io::Result<()> {
     let name = dev.as_raw_fd().to_string();
+    // SAFETY: unshare(CLONE_FS) touches no memory; from now on this
+    // thread's working directory is its own, so that the fchdir below
+    // moves no other thread's (two slices swap off at once at a stop).
+    if unsafe { libc::unshare(libc::CLONE_FS) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
     // SAFETY: fchdir takes a directory descriptor that `fds` keeps open.
-    // The working directory is the process's, but no other thread resolves
-    // relative paths.
     if unsafe { libc::fchdir(fds.as_raw_fd()) } < 0 {
         return Err(io::Error::last_os_error());
     }
     let r = swapoff(Path::new(&name));
-    // SAFETY: as above; `cwd` stays open. Should it fail, the working
-    // directory stays /proc/self/fd, which nothing else uses.
+    // SAFETY: as above; `cwd` stays open. Should it fail, this thread's
+    // working directory stays /proc/self/fd, which it resolves nothing in.
     unsafe { libc::fchdir(cwd.as_raw_fd()) };
     r
+}
+
+/// Whether something still holds the block device `dev` exclusively, as
+/// swap does until its swapoff has moved every page back: an exclusive
+/// open says EBUSY then (open(2), O_EXCL without O_CREAT). Any other file
+/// opens.
+fn held(dev: BorrowedFd, fds: &OwnedFd) -> io::Result<bool> {
+    let name = c_path(Path::new(&dev.as_raw_fd().to_string()))?;
+    // SAFETY: `name` is NUL-terminated and outlives the call; `fds` is an
+    // open directory. The descriptor returned is owned at once below.
+    let fd = unsafe { libc::openat(fds.as_raw_fd(), name.as_ptr(), libc::O_RDONLY | libc::O_EXCL | libc::O_CLOEXEC) };
+    if fd < 0 {
+        let e = io::Error::last_os_error();
+        return if e.raw_os_error() == Some(libc::EBUSY) { Ok(true) } else { Err(e) };
+    }
+    // SAFETY: `fd` was just opened and nothing else owns it.
+    drop(unsafe { OwnedFd::from_raw_fd(fd) });
+    Ok(false)
 }
 
 /// One line of /proc/swaps.
@@ -246,6 +286,34 @@ mod tests {
         let named = Swapoff { path: &path, dev: file.as_fd(), dirs: None };
         assert!(matches!(judged(named.run()), None | Some(Outcome::NotSwap)));
         std::fs::remove_file(&path).unwrap();
+    }
+
+    /// Two slices swap off at once at a stop: each thread's lookup by
+    /// descriptor must find its own file, never the other's working
+    /// directory (ENOENT) or a file of that name there.
+    #[test]
+    fn swapoffs_on_two_threads_each_find_their_own_device() {
+        let dir = std::env::temp_dir().join(format!("nbd-vram-swapoff-threads-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let files: Vec<std::fs::File> = (0..2).map(|i| std::fs::File::create(dir.join(i.to_string())).unwrap()).collect();
+        let start = std::sync::Barrier::new(files.len());
+        std::thread::scope(|s| {
+            for file in &files {
+                let start = &start;
+                s.spawn(move || {
+                    let off = Swapoff::new(Path::new("/nonexistent/nbd0"), file.as_fd());
+                    start.wait();
+                    for _ in 0..20_000 {
+                        match judged(off.run()) {
+                            None | Some(Outcome::NotSwap) => {}
+                            Some(Outcome::Failed(e)) => panic!("a swapoff by descriptor lost its way: {e}"),
+                            Some(_) => panic!("a plain file was taken for swap"),
+                        }
+                    }
+                });
+            }
+        });
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

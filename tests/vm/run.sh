@@ -7,6 +7,7 @@
 # memory hog; tests/vm/init does the work in the guest:
 #   (default)  nbd-vram as swap (--discard) under a hog 1.5x guest RAM, then
 #              stopped while swap holds pages RAM cannot take back; again,
+#              stopped while another swapoff reads its pages back; again,
 #              stopped from a new root after a simulated switch_root
 #   --check    the VM itself: modules load, ivshmem BAR works, hog and
 #              nbd-vram --help run, the hog is OOM-killed without swap
