@@ -478,12 +478,14 @@ impl<S: Store, T: Write + AsFd> Link<'_, S, T> {
                 self.phases.store += nanos(at);
                 if waited.is_err() {
                     self.lose();
-                    if told {
-                        return Err(broken("a read failed after its reply header was sent, and its data cannot follow"));
-                    }
                 }
             }
+            // Lost here or, meanwhile, on another connection: every reply
+            // is EIO, but one whose success header went out cannot say so.
             if self.shared.lost() {
+                if told {
+                    return Err(broken("the store failed after a read's reply header was sent, and its data cannot follow"));
+                }
                 self.bufs.replies.slots[start..end].iter_mut().for_each(Slot::fail);
             }
             let at = Instant::now();

@@ -261,3 +261,68 @@ fn a_store_lost_on_one_connection_answers_eio_on_every_one() {
         }
     });
 }
+
+/// A store whose queued reads finish, while another connection loses the
+/// store during the wait (its `lose`).
+struct LostDuringWait<'a> {
+    inner: HostStore<'a>,
+    shared: &'a Shared,
+}
+
+impl Store for LostDuringWait<'_> {
+    type Buf = Box<[u8]>;
+    fn staging(&mut self, len: usize) -> io::Result<Box<[u8]>> {
+        self.inner.staging(len)
+    }
+    fn read(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<Done> {
+        self.inner.read(offset, buf)?;
+        Ok(Done::Queued)
+    }
+    fn write(&mut self, offset: u64, buf: &[u8]) -> io::Result<Done> {
+        self.inner.write(offset, buf)
+    }
+    fn zero(&mut self, offset: u64, len: u64) -> io::Result<Done> {
+        self.inner.zero(offset, len)
+    }
+    fn wait(&mut self, _token: usize) -> io::Result<()> {
+        self.shared.lost.store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+    fn sync(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A lone read's success header goes out before its copy is done; if the
+/// store is lost meanwhile, on any connection, its data must not follow,
+/// nor anything else the client would take for it: the connection ends.
+#[test]
+fn a_store_lost_after_an_early_header_ends_the_connection() {
+    let backing = HostBacking::new(SIZE).unwrap();
+    let shared = Shared::new(Export::new(SIZE), 2);
+    let (mut ours, mut theirs) = UnixStream::pair().unwrap();
+    theirs.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let read = Request { flags: 0, command: sys::NBD_CMD_READ, cookie: [1; 8], offset: 0, len: 4096 };
+    theirs.write_all(&read.encode()).unwrap();
+    let served = thread::scope(|scope| {
+        let (backing, shared) = (&backing, &shared);
+        let server = scope.spawn(move || {
+            let mut store = LostDuringWait { inner: backing.open().unwrap(), shared };
+            let mut bufs = Buffers::new(&mut store, &crate::tuning::Tuning::default()).unwrap();
+            run(&mut store, &mut bufs, shared, &Stats::default(), &mut ours)
+            // `ours` closes here: the client sees the end.
+        });
+        let mut head = [0u8; REPLY_LEN];
+        theirs.read_exact(&mut head).unwrap();
+        assert_eq!(u32::from_be_bytes(head[4..8].try_into().unwrap()), 0, "the header went out early");
+        let flush = Request { flags: 0, command: sys::NBD_CMD_FLUSH, cookie: [2; 8], offset: 0, len: 0 };
+        let _ = theirs.write_all(&flush.encode());
+        let mut rest = Vec::new();
+        let _ = theirs.read_to_end(&mut rest);
+        let _ = theirs.shutdown(std::net::Shutdown::Both); // so that a server still serving ends
+        let served = server.join().unwrap();
+        assert!(rest.is_empty(), "{} bytes followed a header the store could not honour", rest.len());
+        served
+    });
+    assert!(served.is_err(), "the connection ends with an error");
+}
