@@ -34,7 +34,7 @@ use super::proto::{self, broken, Export, Request, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE
 use super::input::{Got, Input};
 use crate::sock::queued;
 use crate::stats::{Phases, Stats};
-use crate::store::{Done, Store};
+use crate::store::{Done, Store, Unfenced};
 use crate::tuning::Tuning;
 
 /// Requests in a batch at most. Fewer replies per burst keep the client's
@@ -347,14 +347,22 @@ impl<S: Store, T: Write + AsFd> Link<'_, S, T> {
     /// Fences the slots since the last group up to `end`, so that their
     /// work starts now; if it cannot, they are answered `EIO`.
     fn close_group(&mut self, end: usize) {
-        let b = &mut *self.bufs;
-        let start = b.replies.ngroups.checked_sub(1).map_or(0, |g| b.replies.groups[g].0);
+        let replies = &self.bufs.replies;
+        let start = replies.ngroups.checked_sub(1).map_or(0, |g| replies.groups[g].0);
         if end == start {
             return;
         }
         let at = Instant::now();
-        let fence = self.store.fence().ok();
+        let fence = match self.store.fence() {
+            Ok(token) => Some(token),
+            Err(Unfenced::NotStarted) => None,
+            Err(Unfenced::Lost) => {
+                self.lose();
+                None
+            }
+        };
         self.phases.store += nanos(at);
+        let b = &mut *self.bufs;
         if fence.is_none() {
             b.replies.slots[start..end].iter_mut().for_each(Slot::fail);
         }

@@ -82,10 +82,11 @@ pub enum Done {
 /// lends its bytes. Errors are plain errnos so that reporting them never
 /// allocates.
 ///
-/// Errors come in two kinds. One returned by an operation or by `fence`
-/// means that work was never started: its requests fail, the store is
-/// intact. One returned by `wait`, `sync` or `flush` means queued work failed on the
-/// device after it was handed over: what it wrote is unknown.
+/// Errors come in two kinds. One returned by an operation, or
+/// `Unfenced::NotStarted` from `fence`, means that work was never started:
+/// its requests fail, the store is intact. One returned by `wait`, `sync`
+/// or `flush`, or `Unfenced::Lost` from `fence`, means queued work failed
+/// on the device after it was handed over: what it wrote is unknown.
 ///
 /// A change (write, zero, trim) may be answered once a `fence` after it
 /// has returned, done or not: every operation handed to any store of the
@@ -111,9 +112,8 @@ pub trait Store {
         self.zero(offset, len)
     }
     /// Starts everything queued so far and returns a token that `wait`
-    /// takes. An error: some of it since the last fence could not start.
-    /// A token stays valid until `FENCES` more fences or a `sync`.
-    fn fence(&mut self) -> io::Result<usize> {
+    /// takes. A token stays valid until `FENCES` more fences or a `sync`.
+    fn fence(&mut self) -> Result<usize, Unfenced> {
         Ok(0)
     }
     /// Waits for the work queued before `fence` returned `token`.
@@ -152,6 +152,25 @@ pub trait Store {
     /// order writes.
     fn flush(&mut self) -> io::Result<()> {
         self.sync()
+    }
+}
+
+/// Why a `fence` failed; either way its requests fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unfenced {
+    /// Some work since the last fence could not start; the store is intact.
+    NotStarted,
+    /// Work already handed over failed on the device: what it wrote is
+    /// unknown, and may yet land over later writes.
+    Lost,
+}
+
+impl std::fmt::Display for Unfenced {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(match self {
+            Unfenced::NotStarted => "work could not start",
+            Unfenced::Lost => "work already handed over failed",
+        })
     }
 }
 

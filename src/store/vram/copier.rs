@@ -16,6 +16,7 @@ use super::lanes::{Lane, Span};
 use super::resident::Resident;
 use crate::cuda::{Context, CopyBatch, DeviceMem, Error, Mailbox, Mover, Pinned, Stream};
 use crate::store::neighbours::Neighbours;
+use crate::store::Unfenced;
 use crate::tuning::{MailboxUse, Tuning};
 use crate::{error, info, warn};
 
@@ -247,27 +248,34 @@ impl<'c> Copier<'c> {
     /// With several connections, also lets the changes before it be
     /// answered (`Lane::publish`); a change the mailbox kernel has is
     /// waited for here instead, as no stream covers it.
-    pub fn fence(&mut self) -> io::Result<usize> {
+    pub fn fence(&mut self) -> Result<usize, Unfenced> {
         self.flush();
         let failed = self.batch.as_mut().is_some_and(|b| std::mem::take(&mut b.failed));
         let token = self.fences.fence();
-        if failed {
-            return Err(io::Error::from_raw_os_error(libc::EIO));
-        }
         if let Some(lane) = &mut self.lane {
-            // A failed job fails this fence's requests, and the next wait
-            // or sync reports it.
-            self.resident.finish_writes(&mut self.fences).map_err(eio)?;
+            // A write the kernel did not finish in time may still land,
+            // after writes answered on other connections that no stream
+            // orders it with.
+            if let Err(e) = self.resident.finish_writes(&mut self.fences) {
+                error!("{e}");
+                return Err(Unfenced::Lost);
+            }
+            // Whatever was handed over, also when a batch after it could
+            // not start: its copies run all the same.
             let changed = std::mem::replace(&mut self.changed, Span::EMPTY);
             if !changed.is_empty() {
                 if let Err(e) = lane.publish(&self.stream, changed, self.fences.all_done()) {
                     error!("{e}");
-                    self.stream.sync().map_err(eio)?; // done, then: nothing to publish
+                    // Done, then: nothing to publish.
+                    self.stream.sync().map_err(|_| Unfenced::Lost)?;
                     self.fences.mark_all_done();
                 }
             }
         }
-        Ok(token)
+        match failed {
+            true => Err(Unfenced::NotStarted),
+            false => Ok(token),
+        }
     }
 
     pub fn wait(&mut self, token: usize) -> io::Result<()> {

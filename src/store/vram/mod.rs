@@ -16,7 +16,7 @@ use std::sync::Arc;
 use self::copier::Copier;
 use self::lanes::Lanes;
 use self::memory::VramMemory;
-use super::{Backing, Done, Store};
+use super::{Backing, Done, Store, Unfenced};
 use crate::cuda::{Context, Error, Pinned};
 use crate::info;
 use crate::tuning::Tuning;
@@ -139,7 +139,7 @@ impl<'c> Store for VramStore<'_, 'c> {
         self.copier.zero(self.memory, offset, len).map(|()| Done::Queued)
     }
 
-    fn fence(&mut self) -> io::Result<usize> {
+    fn fence(&mut self) -> Result<usize, Unfenced> {
         self.copier.fence()
     }
 
