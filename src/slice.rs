@@ -375,10 +375,12 @@ fn join<T>(h: io::Result<thread::ScopedJoinHandle<'_, Result<T, Failure>>>, what
     }
 }
 
-/// Opens, sizes and hands the kernel its sockets. With no device named, a
-/// device that turns out taken (another instance, or another slice,
-/// starting at the same moment claimed it first: `NBD_SET_SOCK` says
-/// EBUSY) or still swap is passed over for the next one.
+/// Opens, claims and sizes a device. The first `NBD_SET_SOCK` claims it
+/// for this thread until `NBD_DO_IT` (another instance's, or another
+/// slice's, at the same moment says EBUSY), so the device is sized only
+/// after: before that, a loser's size and flags would replace the
+/// winner's. With no device named, one taken or still swap is passed
+/// over for the next one.
 fn attach(setup: &Setup, export: &Export, theirs: &[OwnedFd]) -> Result<NbdDevice, Failure> {
     let opts = setup.opts;
     let auto = setup.device.is_none();
@@ -400,20 +402,32 @@ fn attach(setup: &Setup, export: &Export, theirs: &[OwnedFd]) -> Result<NbdDevic
                 ),
             ));
         }
-        dev.configure(export.size, export.flags, request_timeout(opts)).map_err(|e| Failure::os(format!("{}: configuring (NBD_SET_BLKSIZE/SIZE_BLOCKS/FLAGS/TIMEOUT)", path.display()), e))?;
-        match theirs.iter().try_for_each(|sock| dev.set_sock(sock)) {
+        let mut given = 0;
+        match theirs.iter().try_for_each(|sock| dev.set_sock(sock).map(|()| given += 1)) {
             Ok(()) => {}
-            Err(e) if auto && e.raw_os_error() == Some(libc::EBUSY) => {
+            Err(e) if given == 0 && auto && e.raw_os_error() == Some(libc::EBUSY) => {
                 skip.push(path);
                 continue;
             }
-            Err(e) => return Err(Failure::os(format!("{}: NBD_SET_SOCK", path.display()), e)),
-        }
-        if setup.staging < crate::nbd::proto::MAX_PAYLOAD as usize {
-            if let Err(e) = dev.limit_requests(setup.staging) {
-                let _ = dev.clear_sock();
-                return Err(Failure::os(format!("{}: queue/max_sectors_kb", path.display()), e));
+            Err(e) => {
+                // Only sockets of ours: NBD_CLEAR_SOCK would also take
+                // those of whoever claimed the device.
+                if given > 0 {
+                    let _ = dev.clear_sock();
+                }
+                return Err(Failure::os(format!("{}: NBD_SET_SOCK", path.display()), e));
             }
+        }
+        let configured = dev
+            .configure(export.size, export.flags, request_timeout(opts))
+            .map_err(|e| Failure::os(format!("{}: configuring (NBD_SET_BLKSIZE/SIZE_BLOCKS/FLAGS/TIMEOUT)", path.display()), e))
+            .and_then(|()| match setup.staging < crate::nbd::proto::MAX_PAYLOAD as usize {
+                true => dev.limit_requests(setup.staging).map_err(|e| Failure::os(format!("{}: queue/max_sectors_kb", path.display()), e)),
+                false => Ok(()),
+            });
+        if let Err(f) = configured {
+            let _ = dev.clear_sock();
+            return Err(f);
         }
         return Ok(dev);
     }

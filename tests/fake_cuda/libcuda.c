@@ -129,7 +129,7 @@ static void unmap_block(char *p, size_t size)
     }
 }
 static unsigned long long fail_copy, copies, fail_sync, syncs, no_jit, exec_timeout, fail_mailbox, mailbox_jobs, late_start;
-static unsigned long long sms = 132, stall_job, jobs_seen;
+static unsigned long long sms = 132, stall_job, jobs_seen, stream_delay_ms;
 static CUresult sticky;                   /* FAKE_CUDA_FAIL_SYNC's error, once it fired */
 static char log_path[PATH_MAX], others_path[PATH_MAX];
 static struct block *allocs;              /* device memory, sorted by address */
@@ -297,7 +297,8 @@ static CUresult do_init(void)
         knob("FAKE_CUDA_FAIL_COPY", &fail_copy) < 0 || knob("FAKE_CUDA_FAIL_SYNC", &fail_sync) < 0 ||
         knob("FAKE_CUDA_NO_JIT", &no_jit) < 0 || knob("FAKE_CUDA_EXEC_TIMEOUT", &exec_timeout) < 0 ||
         knob("FAKE_CUDA_FAIL_MAILBOX", &fail_mailbox) < 0 || knob("FAKE_CUDA_LATE_START", &late_start) < 0 ||
-        knob("FAKE_CUDA_SMS", &sms) < 0 || knob("FAKE_CUDA_MAILBOX_STALL", &stall_job) < 0)
+        knob("FAKE_CUDA_SMS", &sms) < 0 || knob("FAKE_CUDA_MAILBOX_STALL", &stall_job) < 0 ||
+        knob("FAKE_CUDA_STREAM_DELAY_MS", &stream_delay_ms) < 0)
         return E_UNKNOWN;
     if (backing && *backing) {
         CUresult rc = map_backing(backing, &base, &bsize);
@@ -1368,7 +1369,11 @@ static CUresult stream_create(CUstream *ps, unsigned flags)
     streams = *ps = s;
     return OK;
 }
-API CUresult cuStreamCreate(CUstream *ps, unsigned flags) { LOCKED(stream_create(ps, flags)); }
+API CUresult cuStreamCreate(CUstream *ps, unsigned flags)
+{
+    if (stream_delay_ms) usleep(stream_delay_ms * 1000);   /* FAKE_CUDA_STREAM_DELAY_MS, outside the lock */
+    LOCKED(stream_create(ps, flags));
+}
 
 /* A stream's sync runs its own pending work, no other stream's (the legacy
  * stream's, the blocking streams' too). A mailbox kernel that was not told

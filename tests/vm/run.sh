@@ -5,7 +5,8 @@
 # with 256 MiB of RAM and an initramfs holding nbd-vram, a fake libcuda whose
 # "VRAM" is an ivshmem BAR (memory outside guest RAM, as VRAM is), and a
 # memory hog; tests/vm/init does the work in the guest:
-#   (default)  nbd-vram as swap (--discard) under a hog 1.5x guest RAM, then
+#   (default)  two instances claiming devices at once; nbd-vram as swap
+#              (--discard) under a hog 1.5x guest RAM, then
 #              stopped while swap holds pages RAM cannot take back; again,
 #              stopped while another swapoff reads its pages back; again,
 #              stopped from a new root after a simulated switch_root
