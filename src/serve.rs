@@ -17,7 +17,7 @@ use crate::cli::{self, Addr};
 use crate::store::StoreOpts;
 use crate::tuning::Tuning;
 use crate::signals::{Signals, STOP};
-use crate::sock::{set_recv_timeout, set_send_timeout, Deadline};
+use crate::sock::{set_keepalive, set_recv_timeout, set_send_timeout, Deadline};
 use crate::status::{self, Instance};
 use crate::fail::{Code, Failure};
 use crate::nbd::proto::{self, Export, Negotiated, MAX_PAYLOAD};
@@ -104,6 +104,7 @@ fn serve<B: Backing>(backing: &B, how: &Serve) -> Result<(), Failure> {
                 Client::Tcp(mut client, peer) => {
                     // Replies leave in one writev per batch: do not wait for more.
                     let _ = client.set_nodelay(true);
+                    let _ = set_keepalive(client.as_fd(), KEEPALIVE_IDLE);
                     info!("client {peer} connected");
                     session(&mut conn, &shared, &stats[i], &mut client)
                 }
@@ -134,6 +135,14 @@ fn serve<B: Backing>(backing: &B, how: &Serve) -> Result<(), Failure> {
 /// several, before it is turned away.
 const GRACE: Duration = Duration::from_secs(1);
 
+/// A TCP client silent this long is probed (`sock::set_keepalive`): an
+/// idle one answers, a vanished one frees its serving thread.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+
+/// How long accepting pauses while the process or the system is out of
+/// descriptors or memory; the client waits in the listen backlog.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+
 /// An accepted client, on its way to a serving thread.
 enum Client {
     Unix(UnixStream),
@@ -143,6 +152,7 @@ enum Client {
 /// Accepts clients and hands each to a free serving thread, until
 /// accepting fails.
 fn front_desk(listener: &Listener, desk: &Desk<Client>, grace: Option<Duration>) -> Result<Infallible, Failure> {
+    let mut warned = None;
     loop {
         let client = match listener {
             Listener::Unix(listener) => listener.accept().map(|(c, _)| Client::Unix(c)),
@@ -155,7 +165,7 @@ fn front_desk(listener: &Listener, desk: &Desk<Client>, grace: Option<Duration>)
                     drop(turned_away);
                 }
             }
-            Err(e) => accept_failed(e)?,
+            Err(e) => accept_failed(e, &mut warned)?,
         }
     }
 }
@@ -193,11 +203,32 @@ where
     }
 }
 
-fn accept_failed(e: io::Error) -> Result<(), Failure> {
-    match e.kind() {
-        ErrorKind::Interrupted | ErrorKind::ConnectionAborted => Ok(()),
-        _ if e.raw_os_error() == Some(libc::EMFILE) => {
-            warn!("accept: {e}");
+/// What a failed accept costs: nothing for an error of the connection
+/// being accepted (accept(2) says to take the next one, as Linux passes
+/// such errors on); a pause while the process or the system is out of
+/// descriptors or memory, said once in 10 s; the server, for anything
+/// else (the listening socket itself is wrong).
+fn accept_failed(e: io::Error, warned: &mut Option<Instant>) -> Result<(), Failure> {
+    match e.raw_os_error() {
+        Some(
+            libc::EINTR
+            | libc::ECONNABORTED
+            | libc::EPROTO
+            | libc::EPERM
+            | libc::ENETDOWN
+            | libc::ENOPROTOOPT
+            | libc::EHOSTDOWN
+            | libc::ENONET
+            | libc::EHOSTUNREACH
+            | libc::EOPNOTSUPP
+            | libc::ENETUNREACH,
+        ) => Ok(()),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => {
+            if warned.is_none_or(|at: Instant| at.elapsed() >= Duration::from_secs(10)) {
+                warn!("accept: {e}; new clients wait until it passes");
+                *warned = Some(Instant::now());
+            }
+            thread::sleep(ACCEPT_PAUSE);
             Ok(())
         }
         _ => Err(Failure::os("accept", e)),
@@ -240,4 +271,25 @@ fn bind_unix(path: &Path) -> Result<UnixListener, Failure> {
     // SAFETY: as above, restoring the previous mask.
     unsafe { libc::umask(old) };
     bound.map_err(|e| Failure::os(format!("unix:{}", path.display()), e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Out of descriptors or memory, or a connection that failed on its
+    /// way in: the next client is taken. Only a listener that is itself
+    /// wrong ends serving.
+    #[test]
+    fn only_a_broken_listener_ends_accepting() {
+        let mut warned = None;
+        for errno in [libc::EINTR, libc::ECONNABORTED, libc::EPROTO, libc::ENETUNREACH, libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM] {
+            let e = io::Error::from_raw_os_error(errno);
+            assert!(accept_failed(e, &mut warned).is_ok(), "errno {errno} ended accepting");
+        }
+        assert!(warned.is_some(), "running out was said");
+        for errno in [libc::EBADF, libc::EINVAL, libc::ENOTSOCK] {
+            assert!(accept_failed(io::Error::from_raw_os_error(errno), &mut warned).is_err(), "errno {errno}");
+        }
+    }
 }

@@ -195,3 +195,23 @@ fn nbdcopy_over_four_connections_reads_back_what_it_wrote() {
     assert!(served >= 8, "nbdcopy did not use 4 connections each way:\n{}", server.log());
     server.assert_alive();
 }
+
+/// Accepting that fails for want of memory or descriptors (ENOBUFS here,
+/// from an `LD_PRELOAD` shim) ends no server: it says so, and the client,
+/// waiting in the listen backlog meanwhile, is served.
+#[test]
+fn an_accept_out_of_memory_is_waited_out() {
+    let dir = TempDir::new();
+    let sock = dir.path("sock");
+    let mut cmd = std::process::Command::new(common::BIN);
+    cmd.args(["serve", "--listen", &format!("unix:{}", sock.display()), "--store", "host", "--size", "1M", "--connections", "2"])
+        .env("LD_PRELOAD", accept_shim())
+        .env("SHIM_ACCEPT_ERRNO", libc::ENOBUFS.to_string());
+    let mut server = Server::spawn(cmd, dir, sock, MIB);
+    let mut nbd = connect(&server.sock);
+    assert_eq!(nbd.write(0, &[7; 4096]), 0, "a write once accepting works again");
+    nbd.disconnect();
+    server.assert_alive();
+    let log = server.log();
+    assert!(log.contains("accept: No buffer space available"), "{log}");
+}

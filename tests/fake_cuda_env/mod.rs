@@ -34,6 +34,13 @@ pub fn nvml_dir() -> &'static Path {
     lib.parent().expect("a directory")
 }
 
+/// An `LD_PRELOAD` shim whose first `accept4` fails with the errno in
+/// `SHIM_ACCEPT_ERRNO` (`accept_fails.c`).
+pub fn accept_shim() -> &'static Path {
+    static LIB: OnceLock<PathBuf> = OnceLock::new();
+    LIB.get_or_init(|| build("accept-shim", "accept_fails.c", "accept_fails.so", &["-shared", "-fPIC", "-O2", "-Wall", "-Wextra"]))
+}
+
 /// The fake's own self-test program (`check.c`), compiled like `libcuda()`.
 pub fn checker() -> &'static Path {
     static CHECK: OnceLock<PathBuf> = OnceLock::new();
