@@ -301,6 +301,11 @@ fn serve<'b, B: Backing>(
         });
         let kernel = spawn(s, "nbd-do-it", || run_device(dev, ours));
         let control = spawn(s, "nbd-control", || control(dev, setup.opts, board));
+        let controlled = control.is_ok();
+        if !controlled {
+            // Nothing would swap on, nor ever end the device: end it now.
+            let _ = dev.disconnect();
+        }
         crate::log::relay_here();
         pressure::realtime();
         // Until every link has ended: the kernel sends the requests of one
@@ -319,6 +324,7 @@ fn serve<'b, B: Backing>(
             }
         }
         match (control, kernel) {
+            (Err(f), _) if !controlled => Ended::NotStarted(f),
             (Ok(Ended::Off), Ok(())) => Ended::Off,
             (Ok(Ended::NotStarted(f)), _) => Ended::NotStarted(f),
             (Ok(Ended::Lost(f)) | Err(f), _) | (Ok(Ended::Off), Err(f)) => Ended::Lost(f),

@@ -199,8 +199,13 @@ struct Row {
 }
 
 impl Row {
+    /// `None` also for a file its instance has created but not written
+    /// yet: with no pid, it would pass for a dead one's, and be removed.
     fn read(path: &std::path::Path) -> Option<Row> {
         let t = fs::read_to_string(path).ok()?;
+        if num(&t, "pid") == 0 {
+            return None;
+        }
         let target = field(&t, "target").to_string();
         Some(Row {
             name: path.file_stem()?.to_string_lossy().into_owned(),
@@ -297,6 +302,9 @@ mod tests {
         let path = std::env::temp_dir().join(format!("nbd-vram-status-test-{}.status", std::process::id()));
         fs::write(&path, &text).unwrap();
         let row = Row::read(&path).unwrap();
+        // As just created by `publish`, before its first write.
+        fs::write(&path, "").unwrap();
+        assert!(Row::read(&path).is_none(), "a file not written yet was read as an instance's");
         fs::remove_file(&path).unwrap();
         assert_eq!(row.conns, vec![[1, 4096, 0, 0], [0, 0, 0, 0], [2, 0, 8192, 1]]);
         assert!(row.json().contains(r#""connections":[{"requests":1,"read_bytes":4096,"written_bytes":0,"errors":0},"#), "{}", row.json());
