@@ -22,6 +22,19 @@ pub fn fake_context() -> Context {
     ctx
 }
 
+/// Runs this binary's ignored test `name` alone, in a process of its own:
+/// the fake driver reads `env` when it starts.
+pub fn alone(name: &str, env: &[(&str, &str)]) {
+    let exe = std::env::current_exe().expect("the test binary");
+    let out = std::process::Command::new(exe)
+        .args([name, "--exact", "--ignored", "--test-threads=1"])
+        .envs(env.iter().copied())
+        .output()
+        .expect("running the test binary");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && text.contains("1 passed"), "{name} with {env:?}:\n{text}");
+}
+
 /// `cuMemFree` waits for every kernel, and holds other threads' calls
 /// meanwhile: one made while another thread's mailbox kernel serves would
 /// wait for ever, unless that kernel is parked first. The free waits
@@ -98,4 +111,46 @@ fn the_copy_kernel_faults_on_host_memory_that_is_not_pinned() {
     stream.launch(&mover, &batch).expect("launched: the fault shows when it runs");
     assert!(stream.sync().is_err(), "a piece on ordinary memory copied");
     assert!(stream.sync().is_err(), "the context works again after a fault");
+}
+
+/// A kernel launched again is not taken for running on the word the one
+/// before left: after 256 jobs between their launches the sequence has
+/// wrapped, and that word equals the new kernel's.
+#[test]
+fn a_relaunched_kernel_is_not_ready_before_it_runs() {
+    alone("cuda::fake_tests::relaunched_after_256_jobs", &[("FAKE_CUDA_LATE_START", "1")]);
+}
+
+#[test]
+#[ignore = "run by a_relaunched_kernel_is_not_ready_before_it_runs"]
+fn relaunched_after_256_jobs() {
+    let _turn = super::gate::serial();
+    let ctx = fake_context();
+    let memory = [ctx.alloc(1 << 20).expect("the store's memory")];
+    let mut mailbox = ctx.mailbox(&memory, 1).expect("the fake runs the mailbox kernel").expect("loaded");
+    let until = Instant::now() + Duration::from_secs(10);
+    mailbox.start().expect("launched");
+    // Started late: once its stream is asked about.
+    while !mailbox.ready() {
+        assert!(Instant::now() < until, "the first kernel never ran");
+        mailbox.stream_is_done().expect("a stream query");
+    }
+    for _ in 0..255 {
+        let seq = mailbox.post_read(memory[0].ptr, 4096);
+        mailbox.wait(seq).expect("a job done");
+    }
+    mailbox.park(); // the 256th
+    while !mailbox.stream_is_done().expect("a stream query") {
+        assert!(Instant::now() < until, "the first kernel never ended");
+        thread::sleep(Duration::from_millis(1));
+    }
+    mailbox.start().expect("launched again");
+    assert!(!mailbox.ready(), "a kernel not yet running was taken for running");
+    while !mailbox.ready() {
+        assert!(Instant::now() < until, "the second kernel never ran");
+        mailbox.stream_is_done().expect("a stream query");
+    }
+    let seq = mailbox.post_read(memory[0].ptr, 4096);
+    mailbox.wait(seq).expect("a job done by the second kernel");
+    mailbox.park();
 }

@@ -404,6 +404,9 @@ impl Mailbox<'_> {
             return Ok(());
         }
         let Some(admission) = gate::admit() else { return Ok(()) };
+        // The kernel before this one said it was alive with its sequence,
+        // which this one's equals after a multiple of 256 jobs between them.
+        self.u32_at(ALIVE).store(u32::MAX, Ordering::Relaxed);
         let (mut slot, mut landing, mut last, mut base) = (self.slot.ptr as u64, self.landing.ptr as u64, self.seq, self.base);
         let mut params: [*mut c_void; 4] = [(&raw mut slot).cast(), (&raw mut landing).cast(), (&raw mut last).cast(), (&raw mut base).cast()];
         // SAFETY: `params` points at the kernel's four parameters, laid out
@@ -523,6 +526,13 @@ impl Mailbox<'_> {
             Ok(false) => Err(self.ctx.cuda.error("nbd_vram_mailbox may still do a job that missed its deadline", sys::CUDA_ERROR_NOT_READY)),
             _ => Ok(()),
         }
+    }
+
+    /// Asks the driver whether the kernel's stream is done (the fake
+    /// starts a kernel launched with `FAKE_CUDA_LATE_START` then).
+    #[cfg(test)]
+    pub fn stream_is_done(&self) -> Result<bool, Error> {
+        self.stream.is_done()
     }
 
     /// The bytes of the last read done.

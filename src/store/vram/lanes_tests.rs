@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use super::{VramBacking, VramStore};
-use crate::cuda::fake_tests::fake_context;
+use crate::cuda::fake_tests::{alone, fake_context};
 use crate::store::{Backing, Done, Store};
 use crate::tuning::Tuning;
 
@@ -181,19 +181,6 @@ fn payloads_go_around_the_caches_only_while_another_connection_writes() {
         }
         Ok(())
     });
-}
-
-/// Runs this binary's ignored test `name` alone, in a process of its own:
-/// the fake driver reads `env` when it starts.
-fn alone(name: &str, env: &[(&str, &str)]) {
-    let exe = std::env::current_exe().expect("the test binary");
-    let out = std::process::Command::new(exe)
-        .args([name, "--exact", "--ignored", "--test-threads=1"])
-        .envs(env.iter().copied())
-        .output()
-        .expect("running the test binary");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success() && text.contains("1 passed"), "{name} with {env:?}:\n{text}");
 }
 
 /// A write the mailbox kernel did not take in time may still land late,
