@@ -140,9 +140,13 @@ pub enum Negotiated {
     Aborted,
 }
 
-/// The error for a peer that broke the protocol: its connection ends.
+/// The error that ends a connection whose stream cannot go on: a peer
+/// that broke the protocol, or a reply that cannot be honoured. `what` is
+/// logged here: an error that carried it would be allocated, and a swap
+/// server's connection may end so when memory is shortest.
 pub fn broken(what: &'static str) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, what)
+    crate::warn!("{what}");
+    io::ErrorKind::InvalidData.into()
 }
 
 /// Runs the server side of the newstyle handshake ("Newstyle
