@@ -65,7 +65,9 @@ SERVE OPTIONS
                      Prefer a unix socket or loopback with an SSH or TLS
                      tunnel
   --connections N    clients served at once, 1..16, each by its own thread
-                     (default 1); more wait until one leaves
+                     (default 1). With 1, another client waits until the
+                     one served leaves; with more, a client beyond N is
+                     turned away after waiting 1 s for a free thread
 
 BENCH OPTIONS
   --connect ADDR     unix:PATH or tcp:HOST:PORT of a running NBD server; given
@@ -281,13 +283,20 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed, String> 
         let mut value = |name: &str| -> Result<String, String> {
             inline.clone().or_else(|| args.next()).ok_or_else(|| format!("{name} needs a value (see nbd-vram --help)"))
         };
+        // A switch is on by being there: `--allow-remote=no` must not turn it on.
+        let switch = || match &inline {
+            Some(v) => Err(format!("{flag} takes no value (got {flag}={v}); leave it out to turn it off")),
+            None => Ok(()),
+        };
         match flag.as_str() {
             "-h" | "--help" => return Ok(Parsed { command: Command::Help, log_level }),
             "-V" | "--version" => return Ok(Parsed { command: Command::Version, log_level }),
             "-q" | "--quiet" => {
+                switch()?;
                 log_level = crate::log::ERR;
             }
             "-v" | "--verbose" => {
+                switch()?;
                 log_level = crate::log::DEBUG;
             }
             "--size" => {
@@ -323,9 +332,11 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed, String> 
                 swap.timeout = number(&flag, &value(&flag)?, 0, 86400)?;
             }
             "--discard" => {
+                switch()?;
                 swap.discard = true;
             }
             "--no-swap" => {
+                switch()?;
                 swap.swap = false;
             }
             "--reserve" => {
@@ -342,6 +353,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed, String> 
                 listen = Some(addr(&value(&flag)?)?);
             }
             "--allow-remote" => {
+                switch()?;
                 allow_remote = true;
             }
             "--connect" => {
@@ -350,11 +362,13 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed, String> 
             "--label" => {
                 let v = value(&flag)?;
                 let Some(last) = servers.last_mut() else { return Err("--label names the --connect before it".into()) };
-                if v.is_empty() || v.contains(char::is_whitespace) || last.1.replace(v).is_some() {
-                    return Err("--label takes one word, once per --connect".into());
+                // Its results go out as key=value lines.
+                if v.is_empty() || v.contains(|c: char| c.is_whitespace() || c == '=') || last.1.replace(v).is_some() {
+                    return Err("--label takes one word (no spaces, no '='), once per --connect".into());
                 }
             }
             "--sweep" => {
+                switch()?;
                 sweep = true;
             }
             "--svg" => {
@@ -369,9 +383,11 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed, String> 
                 connections = number(&flag, &value(&flag)?, 1u32, most)? as usize;
             }
             "--verify" => {
+                switch()?;
                 verify = true;
             }
             "--json" => {
+                switch()?;
                 json = true;
             }
             _ if !arg.starts_with('-') && matches!(mode, Mode::Stop | Mode::Resize) && positional.is_none() => positional = Some(arg.clone()),
@@ -575,6 +591,14 @@ mod tests {
         assert!(p("serve --listen foo").unwrap_err().contains("unix:PATH"));
         assert!(p("serve --listen unix:/x --priority 3").unwrap_err().contains("does not apply to serve"));
         assert!(p("stop").unwrap_err().contains("needs a device"));
+        assert!(p("--no-swap --discard -q").is_ok());
+        for switch in ["--no-swap=false", "--discard=no", "--verbose=0"] {
+            let flag = switch.split('=').next().unwrap();
+            assert!(p(switch).unwrap_err().contains(&format!("{flag} takes no value")), "{switch}");
+        }
+        assert!(p("serve --listen tcp:0.0.0.0:10809 --allow-remote=no").unwrap_err().contains("--allow-remote takes no value"));
+        assert!(p("bench --connect unix:/x --verify=no").unwrap_err().contains("--verify takes no value"));
+        assert!(p("bench --connect unix:/x --label a=b").unwrap_err().contains("no '='"));
     }
 
     #[test]
