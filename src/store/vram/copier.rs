@@ -255,9 +255,11 @@ impl<'c> Copier<'c> {
         if let Some(lane) = &mut self.lane {
             // A write the kernel did not finish in time may still land,
             // after writes answered on other connections that no stream
-            // orders it with.
+            // orders it with; found here or by an earlier wait for it.
             if let Err(e) = self.resident.finish_writes(&mut self.fences) {
                 error!("{e}");
+            }
+            if self.resident.take_missed_write() {
                 return Err(Unfenced::Lost);
             }
             // Whatever was handed over, also when a batch after it could

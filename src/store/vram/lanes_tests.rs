@@ -188,21 +188,39 @@ fn payloads_go_around_the_caches_only_while_another_connection_writes() {
 /// with: the fence that finds it says the store is lost.
 #[test]
 fn a_write_the_kernel_missed_loses_the_store() {
-    alone("store::vram::lanes_tests::late_write_on_a_stalled_kernel", &[("FAKE_CUDA_MAILBOX_STALL", "1")]);
+    for name in ["late_write_alone", "late_write_then_a_read"] {
+        alone(&format!("store::vram::lanes_tests::{name}"), &[("FAKE_CUDA_MAILBOX_STALL", "1")]);
+    }
 }
 
-#[test]
-#[ignore = "run by a_write_the_kernel_missed_loses_the_store"]
-fn late_write_on_a_stalled_kernel() {
+/// The write's job is waited for by the fence, or before (when the read
+/// after it is posted): either way the fence says the store is lost.
+fn late_write(read_after: bool) {
     two_connections(BLOCK, |a, sa, _, _| {
         kernel(a, sa, true)?;
         sa.fill(1);
         a.write(0, sa).map_err(|e| format!("the write: {e}"))?;
+        if read_after {
+            let mut other = vec![0u8; BLOCK];
+            a.read(5 * BLOCK as u64, &mut other).map_err(|e| format!("the read: {e}"))?;
+        }
         match a.fence() {
             Err(crate::store::Unfenced::Lost) => Ok(()),
             other => Err(format!("the fence after a job the kernel missed: {other:?}")),
         }
     });
+}
+
+#[test]
+#[ignore = "run by a_write_the_kernel_missed_loses_the_store"]
+fn late_write_alone() {
+    late_write(false);
+}
+
+#[test]
+#[ignore = "run by a_write_the_kernel_missed_loses_the_store"]
+fn late_write_then_a_read() {
+    late_write(true);
 }
 
 /// A write handed over in a group whose later batch could not start is

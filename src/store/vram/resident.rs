@@ -21,6 +21,9 @@ pub struct Resident<'c> {
     run: u32,
     /// A job failed: the next `wait` or `sync` reports it.
     failed: bool,
+    /// A job that writes VRAM failed, whichever call found it: the kernel
+    /// may still do it late, over writes answered on other connections.
+    missed_write: bool,
 }
 
 /// Batches in a row that the mailbox kernel could take before it starts:
@@ -41,7 +44,7 @@ struct Posted {
 
 impl<'c> Resident<'c> {
     pub fn new(mailbox: Option<Mailbox<'c>>, lists: bool) -> Resident<'c> {
-        Resident { mailbox, lists, posted: None, run: 0, failed: false }
+        Resident { mailbox, lists, posted: None, run: 0, failed: false, missed_write: false }
     }
 
     /// Gives `copies` (all to VRAM if `writes`) to the mailbox kernel, and
@@ -121,6 +124,7 @@ impl<'c> Resident<'c> {
         let (Some(p), Some(mailbox)) = (self.posted.take(), &mut self.mailbox) else { return Ok(()) };
         if let Err(e) = mailbox.wait(p.seq) {
             self.failed = true;
+            self.missed_write |= p.writes;
             return Err(e);
         }
         if let Some((dst, len)) = p.read_into {
@@ -132,6 +136,11 @@ impl<'c> Resident<'c> {
         }
         fences.done_up_to(p.index);
         Ok(())
+    }
+
+    /// Whether a job that writes VRAM failed since the last call.
+    pub fn take_missed_write(&mut self) -> bool {
+        std::mem::take(&mut self.missed_write)
     }
 
     /// `finish`, if the job writes VRAM.
