@@ -36,6 +36,14 @@ no-streaming-stores	src/uncached.rs	        stream\(&mut self\.dst\[self\.at\.\.
 no-store-fence	src/uncached.rs	std::arch::x86_64::_mm_sfence\(\);	std::arch::x86_64::_mm_lfence();	known gap: x86 makes streaming stores visible soon without it, and the fake driver's copies start after a lock handover; only a rare race on real hardware would show it
 multi-conn-always	src/nbd/proto.rs	if connections > 1 \{	if connections > 0 {
 serve-before-all-open	src/workers.rs	let serve = \*go == Some\(true\);	let serve = true;
+missed-write-kept	src/store/vram/resident.rs	            self\.missed_write \|= p\.writes;	            self.missed_write |= false;
+failed-group-unpublished	src/store/vram/copier.rs	        let token = self\.fences\.fence\(\);\n        if let Some\(lane\)	        let token = self.fences.fence();\n        if failed {\n            return Err(Unfenced::NotStarted);\n        }\n        if let Some(lane)
+early-header-data-dropped	src/nbd/transmit.rs	if self\.shared\.lost\(\) && !told \{	if self.shared.lost() {
+stale-alive	src/cuda/mailbox.rs	        self\.u32_at\(ALIVE\)\.store\(u32::MAX, Ordering::Relaxed\);\n        let \(mut slot	        let (mut slot
+shared-cwd	src/swap.rs	if unsafe \{ libc::unshare\(libc::CLONE_FS\) \} < 0 \{	if false {
+other-swapoff-taken-for-done	src/swap.rs	Ok\(true\) => Outcome::Elsewhere,	Ok(true) => Outcome::NotSwap,	known gap: only the kernel's swapoff shows it: the VM test's stop_during_swapoff fails (the hog gets SIGBUS), which this script does not run
+size-before-claim	src/slice.rs	(?s)        let mut given = 0;\n(.*?)        let configured = dev\n            \.configure\(export\.size, export\.flags, request_timeout\(opts\)\)\n            \.map_err\([^\n]*\n	        let _ = dev.configure(export.size, export.flags, request_timeout(opts));\n        let mut given = 0;\n\1        let configured = Ok::<(), Failure>(())\n	known gap: only the kernel's NBD driver shows it: the VM test's claimed_while_starting fails, which this script does not run
+accept-shortage-fatal	src/serve.rs	Some\(libc::EMFILE \| libc::ENFILE \| libc::ENOBUFS \| libc::ENOMEM\) =>	Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM) =>
 EOF
 }
 

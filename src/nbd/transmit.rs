@@ -486,14 +486,18 @@ impl<S: Store, T: Write + AsFd> Link<'_, S, T> {
                 self.phases.store += nanos(at);
                 if waited.is_err() {
                     self.lose();
+                    if told {
+                        return Err(broken("a read failed after its reply header was sent, and its data cannot follow"));
+                    }
                 }
             }
             // Lost here or, meanwhile, on another connection: every reply
-            // is EIO, but one whose success header went out cannot say so.
-            if self.shared.lost() {
-                if told {
-                    return Err(broken("the store failed after a read's reply header was sent, and its data cannot follow"));
-                }
+            // is EIO, but for a read whose success header went out before
+            // (it is alone in its group) and whose copy is done: its data
+            // follows, as they would have a moment earlier. Ending the
+            // connection instead would leave the kernel's request waiting
+            // for its timeout.
+            if self.shared.lost() && !told {
                 self.bufs.replies.slots[start..end].iter_mut().for_each(Slot::fail);
             }
             let at = Instant::now();
