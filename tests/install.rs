@@ -238,6 +238,9 @@ fn initramfs_tools(dest: &Path) {
     fs::write(&shim, "manual_add_modules() { echo \"$*\" >>\"$DESTDIR/../modules\"; }\n").unwrap();
     let libcuda = work.join("libcuda.so.1");
     fs::copy(BIN, &libcuda).unwrap();
+    // What libcuda loads itself beside it: here its PTX compiler, no NVML.
+    let ptxjit = work.join("libnvidia-ptxjitcompiler.so.1");
+    fs::copy(BIN, &ptxjit).unwrap();
     let config = work.join("nbd-vram.conf");
     let installed_bin = dest.join("usr/bin/nbd-vram");
 
@@ -288,6 +291,9 @@ fn initramfs_tools(dest: &Path) {
     assert_eq!(text(&stage.join("etc/default/nbd-vram")), text(&config));
     let image_lib = stage.join(libcuda.strip_prefix("/").unwrap());
     assert!(image_lib.is_file(), "libcuda.so.1 not copied to {}", image_lib.display());
+    let image_ptxjit = stage.join(ptxjit.strip_prefix("/").unwrap());
+    assert!(image_ptxjit.is_file(), "the PTX compiler not copied to {}", image_ptxjit.display());
+    assert!(!image_ptxjit.with_file_name("libnvidia-ml.so.1").exists(), "an NVML that is not there was copied");
     assert_eq!(text(&stage.join("conf/nbd-vram.conf")).trim(), format!("NBD_VRAM_LIBCUDA_IMAGE='{}'", libcuda.display()));
     let modules = text(&work.join("modules"));
     assert_eq!(modules.lines().collect::<Vec<_>>(), ["nbd", "nvidia nvidia_uvm"], "modules asked for");
@@ -322,6 +328,8 @@ fn dracut(dest: &Path) {
     let config = work.join("nbd-vram.conf");
     let libcuda = work.join("libcuda.so.1");
     fs::copy(BIN, &libcuda).unwrap();
+    let ptxjit = work.join("libnvidia-ptxjitcompiler.so.1");
+    fs::copy(BIN, &ptxjit).unwrap();
     let initdir = work.join("initdir");
     fs::create_dir(&initdir).unwrap();
     let log = work.join("calls");
@@ -389,6 +397,7 @@ check; echo "check-no-binary=$?"
         format!("inst_binary {} /usr/bin/nbd-vram", dest.join("usr/bin/nbd-vram").display()),
         format!("inst_simple {} /etc/default/nbd-vram", config.display()),
         format!("inst_library {}", libcuda.display()),
+        format!("inst_library {}", ptxjit.display()),
         "inst_multiple -o nvidia-modprobe mknod sed grep".to_string(),
         format!("inst_hook pre-mount 50 {}/nbd-vram-start.sh", moddir.display()),
     ];

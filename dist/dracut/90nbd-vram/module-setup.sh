@@ -67,6 +67,14 @@ install() {
     libcuda=$(nbd_vram_libcuda)
     if [ -n "$libcuda" ] && [ -f "$libcuda" ]; then
         inst_library "$libcuda"
+        # What libcuda loads itself, when needed, beside it: its PTX
+        # compiler (without it, no copy or mailbox kernel) and NVML (to
+        # see other processes on the GPU).
+        for lib in libnvidia-ptxjitcompiler.so.1 libnvidia-ml.so.1; do
+            if [ -e "${libcuda%/*}/$lib" ]; then
+                inst_library "${libcuda%/*}/$lib"
+            fi
+        done
         # The start script tells the daemon where it is.
         mkdir -p "${initdir}/etc/nbd-vram"
         echo "NBD_VRAM_LIBCUDA_IMAGE='$libcuda'" >"${initdir}/etc/nbd-vram/initramfs.conf"
