@@ -382,8 +382,8 @@ fn join<T>(h: io::Result<thread::ScopedJoinHandle<'_, Result<T, Failure>>>, what
 }
 
 /// Opens, claims and sizes a device. The first `NBD_SET_SOCK` claims it
-/// for this thread until `NBD_DO_IT` (another instance's, or another
-/// slice's, at the same moment says EBUSY), so the device is sized only
+/// for this thread (another instance's, or another slice's, at the same
+/// moment says EBUSY), so the device is sized only
 /// after: before that, a loser's size and flags would replace the
 /// winner's. With no device named, one taken or still swap is passed
 /// over for the next one.
