@@ -494,7 +494,7 @@ impl<S: Store, T: Write + AsFd> Link<'_, S, T> {
             // Lost here or, meanwhile, on another connection: every reply
             // is EIO, but for a read whose success header went out before
             // (it is alone in its group) and whose copy is done: its data
-            // follows, as they would have a moment earlier. Ending the
+            // follows, as it would have a moment earlier. Ending the
             // connection instead would leave the kernel's request waiting
             // for its timeout.
             if self.shared.lost() && !told {
