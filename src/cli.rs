@@ -341,7 +341,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed, String> 
             }
             "--reserve" => {
                 let v = value(&flag)?;
-                swap.reserve = if v == "0" { 0 } else { size(&flag, &v)? };
+                swap.reserve = size_or_none(&flag, &v)?;
             }
             "--slice-size" => {
                 swap.slice = size(&flag, &value(&flag)?)?;
@@ -421,7 +421,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed, String> 
         Mode::Stop => Command::Stop { device: positional.ok_or("stop needs a device, e.g. nbd-vram stop /dev/nbd0")?.into() },
         Mode::Resize => {
             let want = positional.ok_or("resize needs a size, e.g. nbd-vram resize 8G")?;
-            let size = if want == "0" { 0 } else { size("resize", &want)? };
+            let size = size_or_none("resize", &want)?;
             Command::Resize { size, device: second }
         }
         Mode::Status => Command::Status { json },
@@ -484,7 +484,20 @@ pub fn refuse_remote(hostport: &str, addrs: &[SocketAddr]) -> Result<(), String>
 }
 
 /// A size: plain numbers are MiB; K, M, G, T suffixes (binary) are allowed.
+/// `size`, where nothing (0, in any unit) is allowed too.
+fn size_or_none(flag: &str, v: &str) -> Result<u64, String> {
+    match bytes(flag, v)? {
+        0 => Ok(0),
+        _ => size(flag, v),
+    }
+}
+
 fn size(flag: &str, v: &str) -> Result<u64, String> {
+    check_size(bytes(flag, v)?).map_err(|e| format!("{flag} {v}: {e}"))
+}
+
+/// A number of MiB, or of the unit it ends in.
+fn bytes(flag: &str, v: &str) -> Result<u64, String> {
     let digits = v.trim_end_matches(|c: char| c.is_ascii_alphabetic());
     let n: u64 = digits.parse().map_err(|_| format!("{flag} {v}: not a size (e.g. 7168 for 7168 MiB, or 7G)"))?;
     let unit = match v[digits.len()..].to_ascii_uppercase().as_str() {
@@ -494,8 +507,7 @@ fn size(flag: &str, v: &str) -> Result<u64, String> {
         "T" | "TB" | "TIB" => 1 << 40,
         _ => return Err(format!("{flag} {v}: unknown unit (use K, M, G or T; plain numbers are MiB)")),
     };
-    let bytes = n.checked_mul(unit).ok_or_else(|| format!("{flag} {v}: too large"))?;
-    check_size(bytes).map_err(|e| format!("{flag} {v}: {e}"))
+    n.checked_mul(unit).ok_or_else(|| format!("{flag} {v}: too large"))
 }
 
 fn number<T: TryFrom<i64> + std::fmt::Display + Copy>(flag: &str, v: &str, lo: T, hi: T) -> Result<T, String>
@@ -536,6 +548,10 @@ mod tests {
         };
         assert_eq!(sliced("--size 4096"), (1, 4096, 4096, 0), "one slice: the daemon as it always was");
         assert_eq!(sliced("--size 4096 --reserve 1024"), (4, 1024, 4096, 1024));
+        for none in ["0", "0M", "0K", "0G"] {
+            assert_eq!(p(&format!("--size 4096 --reserve {none}")).map(|_| ()), Ok(()), "--reserve {none}");
+        }
+        assert!(p("--size 4096 --reserve 0X").unwrap_err().contains("unknown unit"));
         assert_eq!(sliced("--size 1000 --slice-size 300"), (3, 300, 900, 0), "rounded down to whole slices");
         assert!(p("--size 1024 --slice-size 2048").unwrap_err().contains("larger than --size"));
         assert!(p("--size 1024 --slice-size 32").unwrap_err().contains("more than 16"));
