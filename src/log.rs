@@ -35,7 +35,23 @@ thread_local! {
 /// Reads the environment once, before any thread starts.
 pub fn init(level: u8) {
     LEVEL.store(level, Ordering::Relaxed);
-    JOURNAL.store(std::env::var_os("JOURNAL_STREAM").is_some(), Ordering::Relaxed);
+    JOURNAL.store(std::env::var_os("JOURNAL_STREAM").is_some_and(|v| stderr_is(&v)), Ordering::Relaxed);
+}
+
+/// Whether stderr is the file `JOURNAL_STREAM` names ("DEVICE:INODE",
+/// systemd.exec(5)): a process that inherited the variable but writes
+/// elsewhere (a script's log file) is not talking to the journal.
+fn stderr_is(stream: &std::ffi::OsStr) -> bool {
+    let Some((dev, ino)) = stream.to_str().and_then(|s| s.split_once(':')) else { return false };
+    let (Ok(dev), Ok(ino)) = (dev.parse::<u64>(), ino.parse::<u64>()) else { return false };
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: fstat writes one stat into `st`, which is live and large enough.
+    if unsafe { libc::fstat(libc::STDERR_FILENO, st.as_mut_ptr()) } < 0 {
+        return false;
+    }
+    // SAFETY: fstat succeeded, so it filled `st`.
+    let st = unsafe { st.assume_init() };
+    st.st_dev == dev && st.st_ino == ino
 }
 
 /// Starts the relay thread, which inherits the caller's signal mask. If

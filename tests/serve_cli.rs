@@ -189,18 +189,33 @@ fn status_shows_a_running_server_and_its_traffic() {
     assert!(!after.stdout.contains(&target), "a dead instance is still listed:\n{}", after.stdout);
 }
 
-/// Under systemd (JOURNAL_STREAM set) each log line carries its syslog
-/// priority instead of the program name.
+/// Under systemd (JOURNAL_STREAM naming stderr) each log line carries its
+/// syslog priority instead of the program name; with the variable
+/// inherited but stderr elsewhere, lines stay plain.
 #[test]
 fn journal_lines_carry_priorities() {
-    let out = run(
-        Command::new(BIN).args(["serve", "--listen", "unix:/nonexistent-dir/s", "--store", "host", "--size", "1"]).env("JOURNAL_STREAM", "8:1"),
-        Duration::from_secs(10),
-    );
-    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
-    let last = out.stderr.lines().last().unwrap_or_default();
-    assert!(last.starts_with("<3>") && last.contains("/nonexistent-dir/s"), "{}", out.stderr);
-    assert!(!out.stderr.contains("nbd-vram: "), "{}", out.stderr);
+    use std::os::unix::fs::MetadataExt;
+    let dir = TempDir::new();
+    for journal in [true, false] {
+        let path = dir.path(&format!("stderr-{journal}"));
+        let err = std::fs::File::create(&path).unwrap();
+        let meta = err.metadata().unwrap();
+        let stream = if journal { format!("{}:{}", meta.dev(), meta.ino()) } else { "8:1".into() };
+        let status = Command::new(BIN)
+            .args(["serve", "--listen", "unix:/nonexistent-dir/s", "--store", "host", "--size", "1"])
+            .env("JOURNAL_STREAM", &stream)
+            .stderr(err)
+            .status()
+            .unwrap();
+        assert_eq!(status.code(), Some(1));
+        let text = std::fs::read_to_string(&path).unwrap();
+        let last = text.lines().last().unwrap_or_default();
+        assert!(last.contains("/nonexistent-dir/s"), "{text}");
+        match journal {
+            true => assert!(last.starts_with("<3>") && !text.contains("nbd-vram: "), "JOURNAL_STREAM={stream}:\n{text}"),
+            false => assert!(last.starts_with("nbd-vram: ") && !text.contains("<3>"), "JOURNAL_STREAM={stream}:\n{text}"),
+        }
+    }
 }
 
 /// Environment knobs are checked before anything starts: a bad value
