@@ -294,6 +294,9 @@ fn initramfs_tools(dest: &Path) {
     let image_ptxjit = stage.join(ptxjit.strip_prefix("/").unwrap());
     assert!(image_ptxjit.is_file(), "the PTX compiler not copied to {}", image_ptxjit.display());
     assert!(!image_ptxjit.with_file_name("libnvidia-ml.so.1").exists(), "an NVML that is not there was copied");
+    for tool in ["grep", "sed", "mknod"] {
+        assert!(stage.join("bin").join(tool).is_file(), "{tool}, which the boot script runs, is not in the image");
+    }
     assert_eq!(text(&stage.join("conf/nbd-vram.conf")).trim(), format!("NBD_VRAM_LIBCUDA_IMAGE='{}'", libcuda.display()));
     let modules = text(&work.join("modules"));
     assert_eq!(modules.lines().collect::<Vec<_>>(), ["nbd", "nvidia nvidia_uvm"], "modules asked for");
