@@ -166,6 +166,21 @@ fn bench_connections(sock: &Path, connections: &str) -> Output {
         .expect("running nbd-vram bench")
 }
 
+/// `--verify` against a server that takes only whole 4 KiB blocks (nbdkit's
+/// blocksize-policy filter, which fails any other request) sends it none
+/// other, and passes.
+#[test]
+fn verify_keeps_to_the_servers_minimum_block() {
+    let server = Server::nbdkit(
+        "blocks",
+        &["--filter=blocksize-policy", "memory", "64M", "blocksize-minimum=4096", "blocksize-preferred=4096", "blocksize-error-policy=error"],
+    );
+    let out = Command::new(BIN).args(["bench", "--verify", "--connect"]).arg(format!("unix:{}", server.sock.display())).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("verify: PASS"), "{stdout}");
+}
+
 /// Two connections at once: each pattern's line gives the sum, with
 /// `conns=2`, and a `conn=0` and a `conn=1` line follow it, whose MB/s and
 /// IOPS add up to the sum's within rounding.
