@@ -44,11 +44,21 @@ impl UseTier for Daemon<'_> {
     }
 }
 
+/// What serving the kernel changes in `tuning`. With several connections
+/// the kernel sends a request whose connection ended down another one
+/// only at its timeout (`slice::request_timeout`: a week then), so a read
+/// whose header went out early and whose copy then failed would hold its
+/// task that long: the header waits for the data.
+fn for_the_kernel(opts: &SwapOpts, tuning: &Tuning) -> Tuning {
+    Tuning { early_header: tuning.early_header && opts.connections == 1, ..tuning.clone() }
+}
+
 /// A slice's thread hands its backing back, to be freed on this thread.
 type Slot<'s, B> = Option<ScopedJoinHandle<'s, (Ended, B)>>;
 
 fn run<T: Tier>(opts: &SwapOpts, tuning: &Tuning, tier: &T) -> Result<(), Failure> {
     let signals = Signals::taken();
+    let tuning = &for_the_kernel(opts, tuning);
     let k = opts.slices();
     pressure::set_loops(k * opts.connections);
     let staging = if k > 1 { SLICE_STAGING } else { MAX_PAYLOAD as usize };
@@ -439,5 +449,24 @@ fn reason(why: Why, free: Option<u64>, opts: &SwapOpts) -> String {
         Why::Reserve => format!("{free} MiB of VRAM free, below --reserve {} MiB", opts.reserve / MIB),
         Why::Room => format!("{free} MiB of VRAM free for --hold-off {} s", opts.hold_off),
         Why::Asked => "nbd-vram resize".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{parse, Command};
+
+    /// One connection keeps the early header; several leave it out, as a
+    /// read that failed after it would wait for the kernel's timeout.
+    #[test]
+    fn several_kernel_connections_send_a_reads_header_with_its_data() {
+        let early = |args: &str| {
+            let Ok(Command::Swap(opts)) = parse(args.split_whitespace().map(String::from)).map(|p| p.command) else { panic!("{args}") };
+            for_the_kernel(&opts, &Tuning::default()).early_header
+        };
+        assert!(Tuning::default().early_header);
+        assert!(early("--size 256"));
+        assert!(!early("--size 256 --connections 2"));
     }
 }
