@@ -303,8 +303,11 @@ fn serve<'b, B: Backing>(
         let control = spawn(s, "nbd-control", || control(dev, setup.opts, board));
         let controlled = control.is_ok();
         if !controlled {
-            // Nothing would swap on, nor ever end the device: end it now.
-            let _ = dev.disconnect();
+            // Nothing would swap on, nor ever end the device: end it now,
+            // or at least its links.
+            if dev.disconnect().is_err() {
+                shut_all(ours);
+            }
         }
         crate::log::relay_here();
         pressure::realtime();

@@ -67,9 +67,9 @@ install() {
     libcuda=$(nbd_vram_libcuda)
     if [ -n "$libcuda" ] && [ -f "$libcuda" ]; then
         inst_library "$libcuda"
-        # What libcuda loads itself, when needed, beside it: its PTX
-        # compiler (without it, no copy or mailbox kernel) and NVML (to
-        # see other processes on the GPU).
+        # Loaded by name at run time, so no library walk finds them:
+        # libcuda's PTX compiler (without it, no copy or mailbox kernel)
+        # and NVML, which nbd-vram loads to see other processes on the GPU.
         for lib in libnvidia-ptxjitcompiler.so.1 libnvidia-ml.so.1; do
             if [ -e "${libcuda%/*}/$lib" ]; then
                 inst_library "${libcuda%/*}/$lib"
