@@ -132,7 +132,16 @@ pub fn show(json: bool) -> Result<(), Failure> {
         Err(e) => return Err(Failure::os(DIR, e)),
     };
     files.sort();
-    let mut rows: Vec<Row> = files.iter().filter_map(|p| Row::read(p)).collect();
+    let mut rows: Vec<Row> = files
+        .iter()
+        .filter_map(|p| {
+            let row = Row::read(p);
+            if row.is_none() && stillborn(p) {
+                let _ = fs::remove_file(p);
+            }
+            row
+        })
+        .collect();
     // A dead instance matters only while the kernel still swaps to its
     // device; otherwise its file is litter from a kill -9.
     rows.retain(|r| {
@@ -197,6 +206,16 @@ struct Row {
     /// Its last change, and why.
     change: String,
 }
+
+/// A status file with no pid long after it was made: its instance died
+/// before it first wrote there (each writes within a second of making it).
+fn stillborn(path: &std::path::Path) -> bool {
+    let old = fs::metadata(path).and_then(|m| m.modified()).is_ok_and(|t| t.elapsed().is_ok_and(|age| age > STILLBORN));
+    old && fs::read_to_string(path).is_ok_and(|t| num(&t, "pid") == 0)
+}
+
+/// See `stillborn`.
+const STILLBORN: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Row {
     /// `None` also for a file its instance has created but not written
@@ -305,6 +324,13 @@ mod tests {
         // As just created by `publish`, before its first write.
         fs::write(&path, "").unwrap();
         assert!(Row::read(&path).is_none(), "a file not written yet was read as an instance's");
+        assert!(!stillborn(&path), "a file just made was taken for a dead instance's");
+        let long_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
+        fs::File::options().write(true).open(&path).unwrap().set_modified(long_ago).unwrap();
+        assert!(stillborn(&path), "a file never written in a minute was kept");
+        fs::write(&path, &text).unwrap();
+        fs::File::options().write(true).open(&path).unwrap().set_modified(long_ago).unwrap();
+        assert!(!stillborn(&path), "an instance's file was taken for a stillborn one");
         fs::remove_file(&path).unwrap();
         assert_eq!(row.conns, vec![[1, 4096, 0, 0], [0, 0, 0, 0], [2, 0, 8192, 1]]);
         assert!(row.json().contains(r#""connections":[{"requests":1,"read_bytes":4096,"written_bytes":0,"errors":0},"#), "{}", row.json());
