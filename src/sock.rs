@@ -69,14 +69,7 @@ pub fn set_keepalive(fd: BorrowedFd, idle: Duration) -> io::Result<()> {
 }
 
 fn set_int(fd: BorrowedFd, level: libc::c_int, option: libc::c_int, value: libc::c_int) -> io::Result<()> {
-    // SAFETY: `value` is a live c_int and the length passed is its size.
-    let r = unsafe {
-        libc::setsockopt(fd.as_raw_fd(), level, option, (&value as *const libc::c_int).cast(), std::mem::size_of::<libc::c_int>() as libc::socklen_t)
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    set_option(fd, level, option, &value)
 }
 
 /// A zero timeval means no limit to the kernel, as `None` does here; a
@@ -84,16 +77,14 @@ fn set_int(fd: BorrowedFd, level: libc::c_int, option: libc::c_int, value: libc:
 fn set_timeout(fd: BorrowedFd, option: libc::c_int, timeout: Option<Duration>) -> io::Result<()> {
     let t = timeout.map_or(Duration::ZERO, |t| t.max(Duration::from_micros(1)));
     let tv = libc::timeval { tv_sec: t.as_secs() as libc::time_t, tv_usec: t.subsec_micros() as libc::suseconds_t };
-    // SAFETY: `tv` is a live timeval and the length passed is its size.
-    let r = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            option,
-            (&tv as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
+    set_option(fd, libc::SOL_SOCKET, option, &tv)
+}
+
+/// setsockopt(2) with `value`, a C value of the type `option` takes.
+fn set_option<T>(fd: BorrowedFd, level: libc::c_int, option: libc::c_int, value: &T) -> io::Result<()> {
+    // SAFETY: `value` is live for the call and the length passed is its
+    // size; the kernel only reads it.
+    let r = unsafe { libc::setsockopt(fd.as_raw_fd(), level, option, (value as *const T).cast(), std::mem::size_of::<T>() as libc::socklen_t) };
     if r < 0 {
         return Err(io::Error::last_os_error());
     }
