@@ -62,8 +62,7 @@ fn run<T: Tier>(opts: &SwapOpts, tuning: &Tuning, tier: &T) -> Result<(), Failur
     let k = opts.slices();
     pressure::set_loops(k * opts.connections);
     let staging = if k > 1 { SLICE_STAGING } else { MAX_PAYLOAD as usize };
-    // A link to the device (a udev alias) names it as /dev/nbdN does.
-    let device = opts.device.as_deref().map(|d| std::fs::canonicalize(d).unwrap_or_else(|_| d.to_path_buf()));
+    let device = opts.device.as_deref().map(crate::nbd::kernel::resolve);
     let first = Setup { opts, tuning, staging, device: device.as_deref() };
     let others = Setup { device: None, ..first };
     let backings = allocate(opts, tier)?;

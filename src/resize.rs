@@ -88,8 +88,7 @@ pub fn resize(size: u64, device: Option<&Path>) -> Result<(), Failure> {
 /// The swap daemon to ask: the one serving `device` as a slice, or the
 /// only one running.
 fn daemon(device: Option<&Path>) -> Result<(String, u32), Failure> {
-    // A link to the device names it as /dev/nbdN does.
-    let device = device.map(|d| fs::canonicalize(d).unwrap_or_else(|_| d.to_path_buf()));
+    let device = device.map(crate::nbd::kernel::resolve);
     let device = device.as_deref();
     let mut found = Vec::new();
     for entry in fs::read_dir(DIR).into_iter().flatten().flatten() {

@@ -2,7 +2,6 @@
 //! DEVICE to swapoff and detach, and waits until it has exited, so that no
 //! one frees VRAM the kernel may still read.
 
-use std::fs;
 use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -15,8 +14,7 @@ use crate::{info, swap};
 const PATIENCE: Duration = Duration::from_secs(600);
 
 pub fn stop(dev: &Path) -> Result<(), Failure> {
-    // A link to the device (a udev alias, say) names it as /dev/nbdN does.
-    let dev = &fs::canonicalize(dev).unwrap_or_else(|_| dev.to_path_buf());
+    let dev = &kernel::resolve(dev);
     let Some((pid, comm)) = kernel::server_of(dev) else {
         if swap::active(dev).is_some() {
             return Err(Failure::new(

@@ -141,6 +141,12 @@ impl AsFd for NbdDevice {
     }
 }
 
+/// The device `path` names: a link to it (a udev alias) is followed, as
+/// the kernel's sysfs and /proc/swaps know it only as /dev/nbdN.
+pub fn resolve(path: &Path) -> PathBuf {
+    fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
 /// /sys/block/nbdN for /dev/nbdN.
 pub fn sysfs_dir(dev: &Path) -> PathBuf {
     let name = dev.file_name().map_or_else(Default::default, |n| n.to_owned());
