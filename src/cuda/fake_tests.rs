@@ -113,6 +113,16 @@ fn the_copy_kernel_faults_on_host_memory_that_is_not_pinned() {
     assert!(stream.sync().is_err(), "the context works again after a fault");
 }
 
+/// Whether `knob` is set, as `alone` sets it; an ignored test run by hand
+/// (`cargo test -- --ignored`) without it says so and does nothing.
+pub fn knob_given(knob: &str) -> bool {
+    let given = std::env::var_os(knob).is_some();
+    if !given {
+        eprintln!("needs {knob}: the test that runs this one alone sets it");
+    }
+    given
+}
+
 /// A kernel launched again is not taken for running on the word the one
 /// before left: after 256 jobs between their launches the sequence has
 /// wrapped, and that word equals the new kernel's.
@@ -124,8 +134,8 @@ fn a_relaunched_kernel_is_not_ready_before_it_runs() {
 #[test]
 #[ignore = "run by a_relaunched_kernel_is_not_ready_before_it_runs"]
 fn relaunched_after_256_jobs() {
-    if std::env::var_os("FAKE_CUDA_LATE_START").is_none() {
-        return eprintln!("needs FAKE_CUDA_LATE_START: a_relaunched_kernel_is_not_ready_before_it_runs sets it");
+    if !knob_given("FAKE_CUDA_LATE_START") {
+        return;
     }
     let _turn = super::gate::serial();
     let ctx = fake_context();

@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use super::{VramBacking, VramStore};
-use crate::cuda::fake_tests::{alone, fake_context};
+use crate::cuda::fake_tests::{alone, fake_context, knob_given};
 use crate::store::{Backing, Done, Store};
 use crate::tuning::Tuning;
 
@@ -196,8 +196,8 @@ fn a_write_the_kernel_missed_loses_the_store() {
 /// The write's job is waited for by the fence, or before (when the read
 /// after it is posted): either way the fence says the store is lost.
 fn late_write(read_after: bool) {
-    if std::env::var_os("FAKE_CUDA_MAILBOX_STALL").is_none() {
-        return eprintln!("needs FAKE_CUDA_MAILBOX_STALL: a_write_the_kernel_missed_loses_the_store sets it");
+    if !knob_given("FAKE_CUDA_MAILBOX_STALL") {
+        return;
     }
     two_connections(BLOCK, |a, sa, _, _| {
         kernel(a, sa, true)?;
@@ -238,8 +238,8 @@ fn a_write_in_a_group_that_failed_is_published() {
 #[test]
 #[ignore = "run by a_write_in_a_group_that_failed_is_published"]
 fn write_before_a_copy_that_fails() {
-    if std::env::var_os("FAKE_CUDA_FAIL_COPY").is_none() {
-        return eprintln!("needs FAKE_CUDA_FAIL_COPY: a_write_in_a_group_that_failed_is_published sets it");
+    if !knob_given("FAKE_CUDA_FAIL_COPY") {
+        return;
     }
     two_connections(BLOCK, |a, sa, b, sb| {
         a.idle();
