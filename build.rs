@@ -16,6 +16,7 @@ fn main() {
         .allowlist_item("NBD_.*")
         .allowlist_var("SWAP_FLAG_.*")
         .allowlist_var("PR_SET_IO_FLUSHER")
+        .allowlist_var("RAMFS_MAGIC")
         .prepend_enum_name(false)
         .generate()
         .expect("bindgen could not read wrapper.h: install linux-libc-dev and libclang-dev")

@@ -34,3 +34,4 @@ enum nbd_vram_write_zeroes { NBD_VRAM_CMD_WRITE_ZEROES = 6 };
 /* Also used by the swap daemon, and not in the libc crate for glibc targets. */
 #include <sys/swap.h>    /* SWAP_FLAG_PREFER, SWAP_FLAG_DISCARD, SWAP_FLAG_PRIO_MASK */
 #include <linux/prctl.h> /* PR_SET_IO_FLUSHER (Linux 5.6) */
+#include <linux/magic.h> /* RAMFS_MAGIC: an initramfs root */

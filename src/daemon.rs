@@ -17,6 +17,7 @@ use crate::cli::SwapOpts;
 use crate::elastic::{self, Change, Policy, State, Why};
 use crate::fail::{Code, Failure};
 use crate::nbd::proto::MAX_PAYLOAD;
+use crate::reroot::InitRoot;
 use crate::resize::{self, Request};
 use crate::signals::{Signals, STOP};
 use crate::slice::{self, Board, Ended, Setup};
@@ -58,6 +59,8 @@ type Slot<'s, B> = Option<ScopedJoinHandle<'s, (Ended, B)>>;
 
 fn run<T: Tier>(opts: &SwapOpts, tuning: &Tuning, tier: &T) -> Result<(), Failure> {
     let signals = Signals::taken();
+    // Looked at now, while /proc still resolves.
+    let root = InitRoot::watch();
     let tuning = &for_the_kernel(opts, tuning);
     let k = opts.slices();
     pressure::set_loops(k * opts.connections);
@@ -105,7 +108,7 @@ fn run<T: Tier>(opts: &SwapOpts, tuning: &Tuning, tier: &T) -> Result<(), Failur
                     })
                 })
                 .ok();
-            let mut steer = Steer { opts, tier, setups: [&first, &others], boards, report, policy: &mut policy, name, chosen: vec![None; k] };
+            let mut steer = Steer { opts, tier, setups: [&first, &others], boards, report, policy: &mut policy, name, chosen: vec![None; k], root };
             outcome = steer.run(s, &signals, &mut slots);
         }
         notify::stopping();
@@ -168,10 +171,12 @@ fn allocate<'t, T: Tier>(opts: &SwapOpts, tier: &'t T) -> Result<Vec<Option<T::B
     Ok(backings)
 }
 
+/// Named after its first device, which `status` and `resize` go by.
 fn instance(opts: &SwapOpts, boards: &[Board]) -> Instance {
     let first = boards.iter().find_map(Board::device).unwrap_or_default();
+    let name = first.file_name().map_or_else(|| "nbd".into(), |n| n.to_string_lossy().into_owned());
     Instance {
-        name: first.file_name().map_or_else(|| "nbd".into(), |n| n.to_string_lossy().into_owned()),
+        name: status::free_name(&name),
         target: first.display().to_string(),
         store: opts.store.describe(),
         size: opts.store.size,
@@ -289,6 +294,8 @@ struct Steer<'a, 't, T: Tier> {
     name: String,
     /// When each slice being given back was chosen.
     chosen: Vec<Option<Instant>>,
+    /// Init's root, for a daemon started from the initramfs.
+    root: Option<InitRoot>,
 }
 
 impl<'a, 't, T: Tier> Steer<'a, 't, T> {
@@ -305,6 +312,9 @@ impl<'a, 't, T: Tier> Steer<'a, 't, T> {
                     info!("stopping on signal {sig}");
                     return Ok(());
                 }
+            }
+            if let Some(root) = &mut self.root {
+                root.follow();
             }
             let now = Instant::now();
             for (i, slot) in slots.iter_mut().enumerate() {

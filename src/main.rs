@@ -14,6 +14,7 @@ mod nbd;
 mod notify;
 mod nvml;
 mod pressure;
+mod reroot;
 mod resize;
 mod signals;
 mod slice;

@@ -107,8 +107,7 @@ fn daemon(device: Option<&Path>) -> Result<(String, u32), Failure> {
         // A file a dead daemon left, or whose pid now names another
         // process, is not asked: the signal would end that process.
         let pid: u32 = text.lines().find_map(|l| l.strip_prefix("pid=")?.parse().ok()).unwrap_or(0);
-        let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        if pid == 0 || comm.trim() != "nbd-vram" {
+        if !crate::status::is_nbd_vram(pid.into()) {
             continue;
         }
         let name = path.file_stem().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();

@@ -59,13 +59,18 @@ pub fn set_send_timeout(fd: BorrowedFd, timeout: Option<Duration>) -> io::Result
 /// Has TCP probe a peer after `idle` without traffic, every 10 s, and end
 /// the connection after 3 probes unanswered: a client host that vanished
 /// without a word (powered off, cable pulled) then costs its serving
-/// thread a minute or two, not for ever.
+/// thread a minute or two, not for ever. Probes go out only while nothing
+/// is in flight, so a reply that has waited as long for the peer to take
+/// it (unacknowledged, or the peer's window shut) ends the connection too
+/// (`TCP_USER_TIMEOUT`), where TCP alone would retry for a quarter of an
+/// hour, or for ever on a peer that stopped reading.
 pub fn set_keepalive(fd: BorrowedFd, idle: Duration) -> io::Result<()> {
-    let idle = libc::c_int::try_from(idle.as_secs().max(1)).unwrap_or(libc::c_int::MAX);
+    let idle = libc::c_int::try_from(idle.as_secs().clamp(1, 3600)).unwrap_or(3600);
     set_int(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)?;
     set_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, idle)?;
     set_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 10)?;
-    set_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3)
+    set_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3)?;
+    set_int(fd, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, (idle + 3 * 10) * 1000)
 }
 
 fn set_int(fd: BorrowedFd, level: libc::c_int, option: libc::c_int, value: libc::c_int) -> io::Result<()> {
@@ -164,5 +169,6 @@ mod tests {
         assert_eq!(get_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE), 30);
         assert_eq!(get_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL), 10);
         assert_eq!(get_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT), 3);
+        assert_eq!(get_int(fd, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT), 60_000, "ms: as long as keepalive takes");
     }
 }

@@ -34,6 +34,29 @@ fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
+/// `name`, or `name-PID` (this process's) while a live instance of that
+/// name publishes: a daemon that gave its first device back keeps its
+/// name, and one that took the device since must not share its files.
+pub fn free_name(name: &str) -> String {
+    free_name_in(std::path::Path::new(DIR), name)
+}
+
+fn free_name_in(dir: &std::path::Path, name: &str) -> String {
+    let text = fs::read_to_string(dir.join(format!("{name}.status"))).unwrap_or_default();
+    let (pid, ours) = (num(&text, "pid"), u64::from(std::process::id()));
+    if pid != ours && is_nbd_vram(pid) {
+        format!("{name}-{ours}")
+    } else {
+        name.to_string()
+    }
+}
+
+/// Whether `pid` is a running nbd-vram: a file whose pid now names
+/// another process was left by a dead instance.
+pub fn is_nbd_vram(pid: u64) -> bool {
+    pid != 0 && fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "nbd-vram")
+}
+
 /// Publishes after each `tick` (which waits about a second) until it
 /// returns false, then removes the file; `more` adds lines of its own (the
 /// swap daemon's slices). Besides what `more` does, after the first round
@@ -200,6 +223,8 @@ struct Row {
     busy_ns: u64,
     /// Each connection's requests, bytes read, bytes written, errors.
     conns: Vec<[u64; 4]>,
+    /// Its devices in /proc/swaps, summed: a dead instance's file is kept
+    /// while any of them is still swap.
     swap: Option<swap::Active>,
     /// A swap daemon's slices: device (or `-`), state, pages in swap.
     slices: Vec<(String, String, u64)>,
@@ -214,6 +239,21 @@ fn stillborn(path: &std::path::Path) -> bool {
     old && fs::read_to_string(path).is_ok_and(|t| num(&t, "pid") == 0)
 }
 
+/// What the kernel swaps to an instance's devices: its slices' (those
+/// serving now), or for serve mode and older files its `target`; `None`
+/// if none is swap. The priority is the first one's.
+fn swapped(table: &str, target: &str, slices: &[(String, String, u64)]) -> Option<swap::Active> {
+    let devices: Vec<&str> = match slices.is_empty() {
+        true => vec![target],
+        false => slices.iter().map(|(d, _, _)| d.as_str()).filter(|&d| d != "-").collect(),
+    };
+    devices.iter().filter_map(|d| swap::entry(table, std::path::Path::new(d))).reduce(|a, b| swap::Active {
+        size_kib: a.size_kib + b.size_kib,
+        used_kib: a.used_kib + b.used_kib,
+        priority: a.priority,
+    })
+}
+
 /// See `stillborn`.
 const STILLBORN: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -226,9 +266,16 @@ impl Row {
             return None;
         }
         let target = field(&t, "target").to_string();
+        let slices: Vec<(String, String, u64)> = (0..num(&t, "slices").min(64))
+            .map(|i| {
+                let mut words = field(&t, &format!("slice.{i}")).split(' ');
+                let mut word = || words.next().unwrap_or("-").to_string();
+                (word(), word(), word().parse().unwrap_or(0))
+            })
+            .collect();
         Some(Row {
             name: path.file_stem()?.to_string_lossy().into_owned(),
-            swap: swap::active(std::path::Path::new(&target)),
+            swap: swapped(&swap::table(), &target, &slices),
             target,
             store: field(&t, "store").to_string(),
             pid: num(&t, "pid"),
@@ -247,13 +294,7 @@ impl Row {
                     std::array::from_fn(|_| n.next().unwrap_or(0))
                 })
                 .collect(),
-            slices: (0..num(&t, "slices").min(64))
-                .map(|i| {
-                    let mut words = field(&t, &format!("slice.{i}")).split(' ');
-                    let mut word = || words.next().unwrap_or("-").to_string();
-                    (word(), word(), word().parse().unwrap_or(0))
-                })
-                .collect(),
+            slices,
             change: field(&t, "change").to_string(),
         })
     }
@@ -337,5 +378,40 @@ mod tests {
         assert_eq!(row.slices, vec![("/dev/nbd7".into(), "serving".into(), 12), ("-".into(), "released".into(), 0)]);
         assert!(row.json().contains(r#""slices":[{"device":"/dev/nbd7","state":"serving","used_pages":12},"#), "{}", row.json());
         assert!(row.json().contains(r#""change":"giving back slice 1""#), "{}", row.json());
+    }
+
+    /// A daemon that gave its first device back and one that took that
+    /// device since would share one name: the later one takes another.
+    #[test]
+    fn a_name_a_live_instance_publishes_under_is_not_taken_again() {
+        let dir = std::env::temp_dir().join(format!("nbd-vram-names-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        // A process whose command name is nbd-vram, as the kernel takes it
+        // from the path executed.
+        std::os::unix::fs::symlink("/bin/sleep", dir.join("nbd-vram")).unwrap();
+        let mut other = std::process::Command::new(dir.join("nbd-vram")).arg("30").spawn().unwrap();
+        let ours = std::process::id();
+        fs::write(dir.join("nbd0.status"), format!("pid={}\n", other.id())).unwrap();
+        fs::write(dir.join("nbd1.status"), format!("pid={ours}\n")).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(100)); // exec'd by now
+        assert_eq!(free_name_in(&dir, "nbd0"), format!("nbd0-{ours}"));
+        assert_eq!(free_name_in(&dir, "nbd1"), "nbd1", "this process's own file");
+        assert_eq!(free_name_in(&dir, "nbd2"), "nbd2", "no file");
+        other.kill().unwrap();
+        other.wait().unwrap();
+        assert_eq!(free_name_in(&dir, "nbd0"), "nbd0", "a dead instance's file");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A dead daemon's file stays while any of its slices is swap, not
+    /// only the device it started on; SWAP USED sums them.
+    #[test]
+    fn every_slice_counts_for_swap() {
+        let table = "Filename Type Size Used Priority\n/dev/nbd1 partition 1000 40 100\n/dev/nbd2 partition 1000 2 100\n";
+        let slices = |d: [&str; 3]| d.map(|d| (d.to_string(), "serving".to_string(), 0)).to_vec();
+        let a = swapped(table, "/dev/nbd0", &slices(["-", "/dev/nbd1", "/dev/nbd2"])).unwrap();
+        assert_eq!((a.size_kib, a.used_kib, a.priority), (2000, 42, 100));
+        assert!(swapped(table, "/dev/nbd1", &slices(["/dev/nbd0", "-", "/dev/nbd3"])).is_none());
+        assert_eq!(swapped(table, "/dev/nbd2", &[]).unwrap().used_kib, 2, "serve mode: its target");
     }
 }
