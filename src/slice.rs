@@ -536,6 +536,9 @@ fn control(dev: &NbdDevice, opts: &SwapOpts, board: &Board) -> Result<Ended, Fai
                 if opts.swap && !swapoff_until_done(&off, board) {
                     return Err(Failure::new(Code::Other, format!("{}: kernel link lost while swapping off", path.display())));
                 }
+                if !opts.swap && !until_released(&off, board) {
+                    return Err(Failure::new(Code::Other, format!("{}: kernel link lost while the device was in use", path.display())));
+                }
                 break;
             }
         }
@@ -625,6 +628,34 @@ fn swapoff_until_done(off: &swap::Swapoff, board: &Board) -> bool {
             ),
         }
         board.wait_link(SWAPOFF_RETRY);
+    }
+}
+
+/// A device that is not our swap (`--no-swap`) may carry a mounted file
+/// system, or swap of an administrator's own: it is detached only once
+/// nothing holds it, and served until then. False if the link ended first.
+fn until_released(off: &swap::Swapoff, board: &Board) -> bool {
+    let path = off.path();
+    let mut told = false;
+    loop {
+        match off.in_use() {
+            Ok(false) => return true,
+            Err(e) => {
+                warn!("{}: cannot tell whether it is in use ({e}); detaching it", path.display());
+                return true;
+            }
+            Ok(true) if board.lock().link_down => {
+                error!("{}: the link is gone while the device was in use", path.display());
+                return false;
+            }
+            Ok(true) => {
+                if !told {
+                    info!("{}: in use (a mounted file system, or swap): serving it until it is released, then detaching", path.display());
+                    told = true;
+                }
+                board.wait_link(Duration::from_secs(1));
+            }
+        }
     }
 }
 

@@ -158,6 +158,18 @@ impl<'a> Swapoff<'a> {
     }
 }
 
+impl Swapoff<'_> {
+    /// Whether something holds the device exclusively, as a mounted file
+    /// system or a swap area does: detaching it then would take its data
+    /// away. Without /proc at start, nobody can tell: false.
+    pub fn in_use(&self) -> io::Result<bool> {
+        match &self.dirs {
+            Some((fds, _)) => held(self.dev, fds),
+            None => Ok(false),
+        }
+    }
+}
+
 fn by_descriptor(dev: BorrowedFd, fds: &OwnedFd, cwd: &OwnedFd) -> io::Result<()> {
     let name = dev.as_raw_fd().to_string();
     // SAFETY: unshare(CLONE_FS) touches no memory; from now on this
