@@ -57,6 +57,26 @@ pub fn is_nbd_vram(pid: u64) -> bool {
     pid != 0 && fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "nbd-vram")
 }
 
+/// The running swap daemon that started on `dev` (its status file's
+/// `target`) and no longer serves it, as pid and name; none if no such
+/// one, or several.
+pub fn started_on(dev: &std::path::Path) -> Option<(u32, String)> {
+    started_on_in(std::path::Path::new(DIR), dev)
+}
+
+fn started_on_in(dir: &std::path::Path, dev: &std::path::Path) -> Option<(u32, String)> {
+    let mut found = fs::read_dir(dir).ok()?.filter_map(|e| {
+        let path = e.ok()?.path();
+        let text = fs::read_to_string(&path).ok().filter(|_| path.extension().is_some_and(|x| x == "status"))?;
+        let swap_daemon = text.lines().any(|l| l.starts_with("slices="));
+        let pid = num(&text, "pid");
+        (swap_daemon && std::path::Path::new(field(&text, "target")) == dev && is_nbd_vram(pid))
+            .then(|| Some((u32::try_from(pid).ok()?, path.file_stem()?.to_string_lossy().into_owned())))?
+    });
+    let first = found.next()?;
+    found.next().is_none().then_some(first)
+}
+
 /// Publishes after each `tick` (which waits about a second) until it
 /// returns false, then removes the file; `more` adds lines of its own (the
 /// swap daemon's slices). Besides what `more` does, after the first round
@@ -382,24 +402,51 @@ mod tests {
 
     /// A daemon that gave its first device back and one that took that
     /// device since would share one name: the later one takes another.
+    /// A directory for status files, and a process in it whose command
+    /// name is nbd-vram, as the kernel takes it from the path executed.
+    fn with_a_daemon(what: &str) -> (std::path::PathBuf, std::process::Child) {
+        let dir = std::env::temp_dir().join(format!("nbd-vram-{what}-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        std::os::unix::fs::symlink("/bin/sleep", dir.join("nbd-vram")).unwrap();
+        let other = std::process::Command::new(dir.join("nbd-vram")).arg("30").spawn().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(100)); // exec'd by now
+        (dir, other)
+    }
+
     #[test]
     fn a_name_a_live_instance_publishes_under_is_not_taken_again() {
-        let dir = std::env::temp_dir().join(format!("nbd-vram-names-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
-        // A process whose command name is nbd-vram, as the kernel takes it
-        // from the path executed.
-        std::os::unix::fs::symlink("/bin/sleep", dir.join("nbd-vram")).unwrap();
-        let mut other = std::process::Command::new(dir.join("nbd-vram")).arg("30").spawn().unwrap();
+        let (dir, mut other) = with_a_daemon("names");
         let ours = std::process::id();
         fs::write(dir.join("nbd0.status"), format!("pid={}\n", other.id())).unwrap();
         fs::write(dir.join("nbd1.status"), format!("pid={ours}\n")).unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(100)); // exec'd by now
         assert_eq!(free_name_in(&dir, "nbd0"), format!("nbd0-{ours}"));
         assert_eq!(free_name_in(&dir, "nbd1"), "nbd1", "this process's own file");
         assert_eq!(free_name_in(&dir, "nbd2"), "nbd2", "no file");
         other.kill().unwrap();
         other.wait().unwrap();
         assert_eq!(free_name_in(&dir, "nbd0"), "nbd0", "a dead instance's file");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// `stop` on the device a swap daemon started on and gave back finds
+    /// that daemon: only a live one, only a swap daemon, only one.
+    #[test]
+    fn the_daemon_that_started_on_a_device_is_found_by_it() {
+        let (dir, mut other) = with_a_daemon("started");
+        let pid = other.id();
+        let file = |name: &str, text: String| fs::write(dir.join(format!("{name}.status")), text).unwrap();
+        file("nbd0", format!("pid={pid}\ntarget=/dev/nbd0\nslices=2\nslice.0=- released 0\nslice.1=/dev/nbd1 serving 0\n"));
+        file("serve-1", format!("pid={pid}\ntarget=/dev/nbd2\n"));
+        file("nbd3", "pid=1\ntarget=/dev/nbd3\nslices=1\n".into());
+        let found = |d: &str| started_on_in(&dir, std::path::Path::new(d));
+        assert_eq!(found("/dev/nbd0"), Some((pid, "nbd0".into())));
+        assert_eq!(found("/dev/nbd2"), None, "serve mode has no slices to give back");
+        assert_eq!(found("/dev/nbd3"), None, "pid 1 is no nbd-vram");
+        assert_eq!(found("/dev/nbd1"), None, "not the device it started on");
+        file("nbd0-7", format!("pid={pid}\ntarget=/dev/nbd0\nslices=1\n"));
+        assert_eq!(found("/dev/nbd0"), None, "two daemons started on it: neither is guessed");
+        other.kill().unwrap();
+        other.wait().unwrap();
         fs::remove_dir_all(&dir).unwrap();
     }
 

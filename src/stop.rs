@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::fail::{Code, Failure};
 use crate::nbd::kernel;
-use crate::{info, swap};
+use crate::{info, status, swap};
 
 /// swapoff of many GiB can take minutes; systemd's stop timeout bounds us too.
 const PATIENCE: Duration = Duration::from_secs(600);
@@ -22,13 +22,25 @@ pub fn stop(dev: &Path) -> Result<(), Failure> {
                 format!("{} is swap but no daemon serves it (it died; its pages are lost): run `swapoff {}`", dev.display(), dev.display()),
             ));
         }
+        // The device a unit names (`ExecStop=`) is the one its daemon
+        // started on, which `--reserve` or `resize` may have given back.
+        if let Some((pid, name)) = status::started_on(dev) {
+            info!("{} was given back by {name} (pid {pid}), which started on it and serves on: stopping it", dev.display());
+            return terminate(pid, dev);
+        }
         info!("{} is not attached: nothing to stop", dev.display());
         return Ok(());
     };
     if comm != "nbd-vram" {
         return Err(Failure::new(Code::Busy, format!("{} is served by pid {pid} ({comm}), not by nbd-vram", dev.display())));
     }
-    // SAFETY: kill with a pid read from the kernel and a valid signal.
+    terminate(pid, dev)
+}
+
+/// SIGTERM to the daemon `pid`, then waits until it has exited.
+fn terminate(pid: u32, dev: &Path) -> Result<(), Failure> {
+    // SAFETY: kill with the pid of an nbd-vram (the kernel's server of
+    // the device, or a live instance's status) and a valid signal.
     if unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) } < 0 {
         return Err(Failure::os(format!("signalling pid {pid}"), std::io::Error::last_os_error()));
     }
