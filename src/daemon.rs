@@ -71,7 +71,7 @@ fn run<T: Tier>(opts: &SwapOpts, tuning: &Tuning, tier: &T) -> Result<(), Failur
     let backings = allocate(opts, tier)?;
     let boards: Vec<Board> = (0..k).map(|_| Board::new(opts.connections)).collect();
     let stats: Vec<&Stats> = boards.iter().flat_map(|b| b.stats.iter()).collect();
-    let report = Report { change: Mutex::new(String::new()), resize: Mutex::new(None), done: AtomicBool::new(false) };
+    let report = Report::new();
     let mut policy = Policy::new(opts.reserve, opts.slice, Duration::from_secs(opts.hold_off.into()), k);
     thread::scope(|s| {
         let mut slots: Vec<Slot<'_, T::Backing<'_>>> = (0..k).map(|_| None).collect();
@@ -257,10 +257,17 @@ struct Report {
     change: Mutex<String>,
     /// A `resize` under way or answered, and its outcome.
     resize: Mutex<Option<(Request, String)>>,
+    /// A `resize` a later one replaced before it was answered: its client
+    /// waits for an answer too.
+    superseded: Mutex<Option<(Request, String)>>,
     done: AtomicBool,
 }
 
 impl Report {
+    fn new() -> Report {
+        Report { change: Mutex::new(String::new()), resize: Mutex::new(None), superseded: Mutex::new(None), done: AtomicBool::new(false) }
+    }
+
     /// `slices`, one `slice.I=DEVICE STATE USED_PAGES` line each,
     /// `change=...` and `resize=ID OUTCOME`.
     fn render(&self, t: &mut String, boards: &[Board]) {
@@ -270,9 +277,22 @@ impl Report {
             let _ = writeln!(t, "slice.{i}={device} {} {}", b.state().name(), b.used_pages.load(Ordering::Relaxed));
         }
         let _ = writeln!(t, "change={}", self.change.lock().unwrap_or_else(PoisonError::into_inner));
-        if let Some((req, outcome)) = &*self.resize.lock().unwrap_or_else(PoisonError::into_inner) {
-            let _ = writeln!(t, "resize={} {outcome}", req.id);
+        for resize in [&self.superseded, &self.resize] {
+            if let Some((req, outcome)) = &*resize.lock().unwrap_or_else(PoisonError::into_inner) {
+                let _ = writeln!(t, "resize={} {outcome}", req.id);
+            }
         }
+    }
+
+    /// Takes `req` with its first outcome; one still pending is answered
+    /// as replaced.
+    fn ask(&self, req: Request, outcome: String) {
+        let mut resize = self.resize.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((old, _)) = resize.take_if(|r| r.1 == "pending") {
+            let why = format!("failed: replaced by a later resize to {} MiB (pid {})", req.size / MIB, req.id);
+            *self.superseded.lock().unwrap_or_else(PoisonError::into_inner) = Some((old, why));
+        }
+        *resize = Some((req, outcome));
     }
 
     fn tell(&self, change: String) {
@@ -432,14 +452,13 @@ impl<'a, 't, T: Tier> Steer<'a, 't, T> {
     /// `nbd-vram resize`: a new target, in whole slices, at most all of them.
     fn resize(&mut self, req: Request) {
         if !self.opts.swap {
-            *self.report.resize.lock().unwrap_or_else(PoisonError::into_inner) =
-                Some((req, "failed: a --no-swap device may hold a file system; it is never taken away".into()));
+            self.report.ask(req, "failed: a --no-swap device may hold a file system; it is never taken away".into());
             return;
         }
         let slices = ((req.size / self.opts.slice) as usize).min(self.boards.len());
         self.report.tell(format!("resize to {} MiB asked: {slices} slice(s) of {} MiB", req.size / MIB, self.opts.slice / MIB));
         self.policy.set_target(slices);
-        *self.report.resize.lock().unwrap_or_else(PoisonError::into_inner) = Some((req, "pending".into()));
+        self.report.ask(req, "pending".into());
     }
 
     fn pending(&self) -> bool {
@@ -467,6 +486,28 @@ fn reason(why: Why, free: Option<u64>, opts: &SwapOpts) -> String {
 mod tests {
     use super::*;
     use crate::cli::{parse, Command};
+
+    /// Each `resize` client finds an answer under its own id: one that a
+    /// later request replaced before it was done is told so.
+    #[test]
+    fn a_resize_replaced_while_pending_is_answered() {
+        let report = Report::new();
+        let ask = |id, size| report.ask(Request { size, id }, "pending".into());
+        let rendered = || {
+            let mut t = String::new();
+            report.render(&mut t, &[]);
+            t
+        };
+        ask(11, 4 * MIB);
+        assert!(rendered().contains("resize=11 pending\n"), "{}", rendered());
+        ask(12, 8 * MIB);
+        let t = rendered();
+        assert!(t.contains("resize=11 failed: replaced by a later resize to 8 MiB (pid 12)\n"), "{t}");
+        assert!(t.contains("resize=12 pending\n"), "{t}");
+        *report.resize.lock().unwrap() = Some((Request { size: 8 * MIB, id: 12 }, "done: 2 slice(s)".into()));
+        ask(13, 4 * MIB);
+        assert!(!rendered().contains("replaced by a later resize to 4 MiB"), "an answered request was taken for replaced");
+    }
 
     /// One connection keeps the early header; several leave it out, as a
     /// read that failed after it would wait for the kernel's timeout.

@@ -55,7 +55,10 @@ pub fn resize(size: u64, device: Option<&Path>) -> Result<(), Failure> {
     let id = std::process::id();
     let path = PathBuf::from(DIR).join(format!("{name}.resize"));
     let tmp = path.with_extension(format!("resize.{id}"));
-    fs::write(&tmp, format!("{size} {id} {pid}\n")).and_then(|()| fs::rename(&tmp, &path)).map_err(|e| Failure::os(path.display(), e))?;
+    fs::write(&tmp, format!("{size} {id} {pid}\n")).and_then(|()| place(&tmp, &path, QUEUED)).map_err(|e| match e.kind() {
+        std::io::ErrorKind::AlreadyExists => Failure::new(Code::Other, format!("{name} has not taken an earlier resize request in {} s", QUEUED.as_secs())),
+        _ => Failure::os(path.display(), e),
+    })?;
     // SAFETY: kill with a positive pid of a live nbd-vram (`daemon`) and a
     // valid signal, which that process blocks and takes.
     if unsafe { libc::kill(pid as libc::pid_t, WAKE) } < 0 {
@@ -83,6 +86,26 @@ pub fn resize(size: u64, device: Option<&Path>) -> Result<(), Failure> {
     }
     let _ = fs::remove_file(&path);
     Err(Failure::new(Code::Swap, format!("{name} has not finished resizing after {} s; see its log", PATIENCE.as_secs())))
+}
+
+/// How long a request waits for an earlier one to be taken.
+const QUEUED: Duration = Duration::from_secs(10);
+
+/// Moves the request `tmp` to `path` once no earlier one waits there: a
+/// rename would replace that one unheard, and leave its client waiting.
+/// The daemon takes a request within a second of its signal.
+fn place(tmp: &Path, path: &Path, patience: Duration) -> std::io::Result<()> {
+    let start = Instant::now();
+    let placed = loop {
+        match fs::hard_link(tmp, path) {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && start.elapsed() < patience => {
+                thread::sleep(Duration::from_millis(50));
+            }
+            other => break other,
+        }
+    };
+    let _ = fs::remove_file(tmp);
+    placed
 }
 
 /// The swap daemon to ask: the one serving `device` as a slice, or the
@@ -124,6 +147,31 @@ fn daemon(device: Option<&Path>) -> Result<(String, u32), Failure> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A request waits until the one before it is taken, and replaces none.
+    #[test]
+    fn a_request_waits_for_the_one_before_it_to_be_taken() {
+        let dir = std::env::temp_dir().join(format!("nbd-vram-resize-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let (path, tmp) = (dir.join("nbd0.resize"), dir.join("nbd0.resize.2"));
+        fs::write(&path, "1 1 1\n").unwrap();
+        fs::write(&tmp, "2 2 1\n").unwrap();
+        let err = place(&tmp, &path, Duration::from_millis(200)).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::AlreadyExists);
+        assert_eq!(fs::read_to_string(&path).unwrap(), "1 1 1\n", "the earlier request was replaced");
+        fs::write(&tmp, "2 2 1\n").unwrap();
+        thread::scope(|s| {
+            s.spawn(|| {
+                thread::sleep(Duration::from_millis(300));
+                assert_eq!(fs::read_to_string(&path).unwrap(), "1 1 1\n");
+                fs::remove_file(&path).unwrap(); // taken
+            });
+            place(&tmp, &path, Duration::from_secs(5)).unwrap();
+        });
+        assert_eq!(fs::read_to_string(&path).unwrap(), "2 2 1\n");
+        assert!(!tmp.exists());
+        fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn a_request_is_heard_only_by_the_daemon_it_names() {
