@@ -91,7 +91,13 @@ fn run<T: Tier>(opts: &SwapOpts, tuning: &Tuning, tier: &T) -> Result<(), Failur
         let started = matches!(outcome, Ok(true));
         let mut outcome = outcome.map(drop);
         let mut status = None;
+        let mut root = root;
         if started {
+            // The status file is made by name: where init moved on while
+            // the slices started, in its new root.
+            if let Some(root) = &mut root {
+                root.follow();
+            }
             let serving: Vec<String> = boards.iter().filter_map(|b| b.device()).map(|d| d.display().to_string()).collect();
             notify::ready(&format!("swap on {}", serving.join(", ")));
             let instance = instance(opts, &boards);
@@ -251,21 +257,26 @@ fn reap<B>(board: &Board, h: ScopedJoinHandle<'_, (Ended, B)>, i: usize) -> Resu
     }
 }
 
+/// Earlier `resize` answers the status file keeps: more than clients
+/// come in the second between two of its writes.
+const EARLIER: usize = 8;
+
 /// What the steering tells `status`.
 struct Report {
     /// The last change and why.
     change: Mutex<String>,
     /// A `resize` under way or answered, and its outcome.
     resize: Mutex<Option<(Request, String)>>,
-    /// A `resize` a later one replaced before it was answered: its client
-    /// waits for an answer too.
-    superseded: Mutex<Option<(Request, String)>>,
+    /// Earlier `resize`s with their outcomes, the newest last: a later
+    /// request may come before the status file showed one's answer, and
+    /// its client waits for it too. One still pending was replaced.
+    earlier: Mutex<Vec<(Request, String)>>,
     done: AtomicBool,
 }
 
 impl Report {
     fn new() -> Report {
-        Report { change: Mutex::new(String::new()), resize: Mutex::new(None), superseded: Mutex::new(None), done: AtomicBool::new(false) }
+        Report { change: Mutex::new(String::new()), resize: Mutex::new(None), earlier: Mutex::new(Vec::new()), done: AtomicBool::new(false) }
     }
 
     /// `slices`, one `slice.I=DEVICE STATE USED_PAGES` line each,
@@ -277,20 +288,27 @@ impl Report {
             let _ = writeln!(t, "slice.{i}={device} {} {}", b.state().name(), b.used_pages.load(Ordering::Relaxed));
         }
         let _ = writeln!(t, "change={}", self.change.lock().unwrap_or_else(PoisonError::into_inner));
-        for resize in [&self.superseded, &self.resize] {
-            if let Some((req, outcome)) = &*resize.lock().unwrap_or_else(PoisonError::into_inner) {
-                let _ = writeln!(t, "resize={} {outcome}", req.id);
-            }
+        for (req, outcome) in self.earlier.lock().unwrap_or_else(PoisonError::into_inner).iter() {
+            let _ = writeln!(t, "resize={} {outcome}", req.id);
+        }
+        if let Some((req, outcome)) = &*self.resize.lock().unwrap_or_else(PoisonError::into_inner) {
+            let _ = writeln!(t, "resize={} {outcome}", req.id);
         }
     }
 
-    /// Takes `req` with its first outcome; one still pending is answered
-    /// as replaced.
+    /// Takes `req` with its first outcome; the one before it is kept with
+    /// its answer, or answered as replaced if it was still pending.
     fn ask(&self, req: Request, outcome: String) {
         let mut resize = self.resize.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((old, _)) = resize.take_if(|r| r.1 == "pending") {
-            let why = format!("failed: replaced by a later resize to {} MiB (pid {})", req.size / MIB, req.id);
-            *self.superseded.lock().unwrap_or_else(PoisonError::into_inner) = Some((old, why));
+        if let Some((old, mut answer)) = resize.take() {
+            if answer == "pending" {
+                answer = format!("failed: replaced by a later resize to {} MiB (pid {})", req.size / MIB, req.id);
+            }
+            let mut earlier = self.earlier.lock().unwrap_or_else(PoisonError::into_inner);
+            if earlier.len() == EARLIER {
+                earlier.remove(0);
+            }
+            earlier.push((old, answer));
         }
         *resize = Some((req, outcome));
     }
@@ -506,7 +524,14 @@ mod tests {
         assert!(t.contains("resize=12 pending\n"), "{t}");
         *report.resize.lock().unwrap() = Some((Request { size: 8 * MIB, id: 12 }, "done: 2 slice(s)".into()));
         ask(13, 4 * MIB);
-        assert!(!rendered().contains("replaced by a later resize to 4 MiB"), "an answered request was taken for replaced");
+        let t = rendered();
+        assert!(!t.contains("replaced by a later resize to 4 MiB"), "an answered request was taken for replaced");
+        assert!(t.contains("resize=12 done: 2 slice(s)\n"), "an answer dropped before the status file showed it: {t}");
+        assert!(t.contains("resize=11 failed"), "{t}");
+        for id in 14..30 {
+            ask(id, 4 * MIB);
+        }
+        assert_eq!(rendered().matches("resize=").count(), EARLIER + 1, "{}", rendered());
     }
 
     /// One connection keeps the early header; several leave it out, as a

@@ -62,7 +62,7 @@ pub fn resize(size: u64, device: Option<&Path>) -> Result<(), Failure> {
     // SAFETY: kill with a positive pid of a live nbd-vram (`daemon`) and a
     // valid signal, which that process blocks and takes.
     if unsafe { libc::kill(pid as libc::pid_t, WAKE) } < 0 {
-        let _ = fs::remove_file(&path);
+        withdraw(&path, id);
         return Err(Failure::os(format!("signalling pid {pid}"), std::io::Error::last_os_error()));
     }
     crate::info!("asked pid {pid} ({name}) to resize to {} MiB; waiting", size >> 20);
@@ -71,7 +71,7 @@ pub fn resize(size: u64, device: Option<&Path>) -> Result<(), Failure> {
     while start.elapsed() < PATIENCE {
         thread::sleep(Duration::from_millis(200));
         let Ok(text) = fs::read_to_string(&status) else {
-            let _ = fs::remove_file(&path);
+            withdraw(&path, id);
             return Err(Failure::new(Code::Other, format!("{name} stopped before it answered")));
         };
         let answer = text.lines().find_map(|l| l.strip_prefix("resize=")?.strip_prefix(&format!("{id} ")));
@@ -84,8 +84,17 @@ pub fn resize(size: u64, device: Option<&Path>) -> Result<(), Failure> {
             _ => {}
         }
     }
-    let _ = fs::remove_file(&path);
+    withdraw(&path, id);
     Err(Failure::new(Code::Swap, format!("{name} has not finished resizing after {} s; see its log", PATIENCE.as_secs())))
+}
+
+/// Removes our request if the daemon has not taken it: by now the file
+/// may hold a later client's, which stays.
+fn withdraw(path: &Path, id: u32) {
+    let ours = fs::read_to_string(path).is_ok_and(|t| t.split_whitespace().nth(1) == Some(&*id.to_string()));
+    if ours {
+        let _ = fs::remove_file(path);
+    }
 }
 
 /// How long a request waits for an earlier one to be taken.
@@ -170,6 +179,10 @@ mod tests {
         });
         assert_eq!(fs::read_to_string(&path).unwrap(), "2 2 1\n");
         assert!(!tmp.exists());
+        withdraw(&path, 1);
+        assert!(path.exists(), "another client's request was withdrawn");
+        withdraw(&path, 2);
+        assert!(!path.exists(), "our own request stayed");
         fs::remove_dir_all(&dir).unwrap();
     }
 

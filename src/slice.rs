@@ -640,9 +640,15 @@ fn until_released(off: &swap::Swapoff, board: &Board) -> bool {
     loop {
         match off.in_use() {
             Ok(false) => return true,
-            Err(e) => {
-                warn!("{}: cannot tell whether it is in use ({e}); detaching it", path.display());
+            // The device itself is gone: nothing to keep it for.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENXIO | libc::ENODEV | libc::ENOENT)) => {
+                warn!("{}: {e}; detaching it", path.display());
                 return true;
+            }
+            // A shortage (EMFILE, ENOMEM) passes: ask again.
+            Err(e) => {
+                warn!("{}: cannot tell whether it is in use ({e}); asking again in 1 s", path.display());
+                board.wait_link(Duration::from_secs(1));
             }
             Ok(true) if board.lock().link_down => {
                 error!("{}: the link is gone while the device was in use", path.display());

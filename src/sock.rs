@@ -65,12 +65,14 @@ pub fn set_send_timeout(fd: BorrowedFd, timeout: Option<Duration>) -> io::Result
 /// (`TCP_USER_TIMEOUT`), where TCP alone would retry for a quarter of an
 /// hour, or for ever on a peer that stopped reading.
 pub fn set_keepalive(fd: BorrowedFd, idle: Duration) -> io::Result<()> {
-    let idle = libc::c_int::try_from(idle.as_secs().clamp(1, 3600)).unwrap_or(3600);
+    const INTERVAL: libc::c_int = 10;
+    const PROBES: libc::c_int = 3;
+    let idle = idle.as_secs().clamp(1, 3600) as libc::c_int;
     set_int(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)?;
     set_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, idle)?;
-    set_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 10)?;
-    set_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3)?;
-    set_int(fd, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, (idle + 3 * 10) * 1000)
+    set_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, INTERVAL)?;
+    set_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, PROBES)?;
+    set_int(fd, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, (idle + PROBES * INTERVAL) * 1000)
 }
 
 fn set_int(fd: BorrowedFd, level: libc::c_int, option: libc::c_int, value: libc::c_int) -> io::Result<()> {

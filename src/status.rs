@@ -44,7 +44,7 @@ pub fn free_name(name: &str) -> String {
 fn free_name_in(dir: &std::path::Path, name: &str) -> String {
     let text = fs::read_to_string(dir.join(format!("{name}.status"))).unwrap_or_default();
     let (pid, ours) = (num(&text, "pid"), u64::from(std::process::id()));
-    if pid != ours && is_nbd_vram(pid) {
+    if pid != ours && publishing(&text) {
         format!("{name}-{ours}")
     } else {
         name.to_string()
@@ -57,9 +57,15 @@ pub fn is_nbd_vram(pid: u64) -> bool {
     pid != 0 && fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "nbd-vram")
 }
 
+/// Whether a status file's instance still publishes: its pid is an
+/// nbd-vram, and it wrote within `STALE` (a dead instance's pid may have
+/// gone to another nbd-vram since).
+fn publishing(text: &str) -> bool {
+    is_nbd_vram(num(text, "pid")) && now().saturating_sub(num(text, "updated")) <= STALE
+}
+
 /// The running swap daemon that started on `dev` (its status file's
-/// `target`) and no longer serves it, as pid and name; none if no such
-/// one, or several.
+/// `target`), as pid and name; none if no such one, or several.
 pub fn started_on(dev: &std::path::Path) -> Option<(u32, String)> {
     started_on_in(std::path::Path::new(DIR), dev)
 }
@@ -70,7 +76,7 @@ fn started_on_in(dir: &std::path::Path, dev: &std::path::Path) -> Option<(u32, S
         let text = fs::read_to_string(&path).ok().filter(|_| path.extension().is_some_and(|x| x == "status"))?;
         let swap_daemon = text.lines().any(|l| l.starts_with("slices="));
         let pid = num(&text, "pid");
-        (swap_daemon && std::path::Path::new(field(&text, "target")) == dev && is_nbd_vram(pid))
+        (swap_daemon && std::path::Path::new(field(&text, "target")) == dev && publishing(&text))
             .then(|| Some((u32::try_from(pid).ok()?, path.file_stem()?.to_string_lossy().into_owned())))?
     });
     let first = found.next()?;
@@ -408,8 +414,8 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("nbd-vram-{what}-{}", std::process::id()));
         fs::create_dir_all(&dir).unwrap();
         std::os::unix::fs::symlink("/bin/sleep", dir.join("nbd-vram")).unwrap();
+        // spawn returns once the exec succeeded.
         let other = std::process::Command::new(dir.join("nbd-vram")).arg("30").spawn().unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(100)); // exec'd by now
         (dir, other)
     }
 
@@ -417,11 +423,13 @@ mod tests {
     fn a_name_a_live_instance_publishes_under_is_not_taken_again() {
         let (dir, mut other) = with_a_daemon("names");
         let ours = std::process::id();
-        fs::write(dir.join("nbd0.status"), format!("pid={}\n", other.id())).unwrap();
-        fs::write(dir.join("nbd1.status"), format!("pid={ours}\n")).unwrap();
+        fs::write(dir.join("nbd0.status"), format!("pid={}\nupdated={}\n", other.id(), now())).unwrap();
+        fs::write(dir.join("nbd1.status"), format!("pid={ours}\nupdated={}\n", now())).unwrap();
+        fs::write(dir.join("nbd2.status"), format!("pid={}\nupdated={}\n", other.id(), now() - 60)).unwrap();
         assert_eq!(free_name_in(&dir, "nbd0"), format!("nbd0-{ours}"));
         assert_eq!(free_name_in(&dir, "nbd1"), "nbd1", "this process's own file");
-        assert_eq!(free_name_in(&dir, "nbd2"), "nbd2", "no file");
+        assert_eq!(free_name_in(&dir, "nbd2"), "nbd2", "a file not written for a minute");
+        assert_eq!(free_name_in(&dir, "nbd3"), "nbd3", "no file");
         other.kill().unwrap();
         other.wait().unwrap();
         assert_eq!(free_name_in(&dir, "nbd0"), "nbd0", "a dead instance's file");
@@ -429,21 +437,24 @@ mod tests {
     }
 
     /// `stop` on the device a swap daemon started on and gave back finds
-    /// that daemon: only a live one, only a swap daemon, only one.
+    /// that daemon: only one that publishes, only a swap daemon, only one.
     #[test]
     fn the_daemon_that_started_on_a_device_is_found_by_it() {
         let (dir, mut other) = with_a_daemon("started");
         let pid = other.id();
         let file = |name: &str, text: String| fs::write(dir.join(format!("{name}.status")), text).unwrap();
-        file("nbd0", format!("pid={pid}\ntarget=/dev/nbd0\nslices=2\nslice.0=- released 0\nslice.1=/dev/nbd1 serving 0\n"));
-        file("serve-1", format!("pid={pid}\ntarget=/dev/nbd2\n"));
-        file("nbd3", "pid=1\ntarget=/dev/nbd3\nslices=1\n".into());
+        let t = now();
+        file("nbd0", format!("pid={pid}\nupdated={t}\ntarget=/dev/nbd0\nslices=2\nslice.0=- released 0\nslice.1=/dev/nbd1 serving 0\n"));
+        file("serve-1", format!("pid={pid}\nupdated={t}\ntarget=/dev/nbd2\n"));
+        file("nbd3", format!("pid=1\nupdated={t}\ntarget=/dev/nbd3\nslices=1\n"));
+        file("nbd4", format!("pid={pid}\nupdated={}\ntarget=/dev/nbd4\nslices=1\n", t - 60));
         let found = |d: &str| started_on_in(&dir, std::path::Path::new(d));
         assert_eq!(found("/dev/nbd0"), Some((pid, "nbd0".into())));
         assert_eq!(found("/dev/nbd2"), None, "serve mode has no slices to give back");
         assert_eq!(found("/dev/nbd3"), None, "pid 1 is no nbd-vram");
         assert_eq!(found("/dev/nbd1"), None, "not the device it started on");
-        file("nbd0-7", format!("pid={pid}\ntarget=/dev/nbd0\nslices=1\n"));
+        assert_eq!(found("/dev/nbd4"), None, "a file not written for a minute: its pid may be another's now");
+        file("nbd0-7", format!("pid={pid}\nupdated={t}\ntarget=/dev/nbd0\nslices=1\n"));
         assert_eq!(found("/dev/nbd0"), None, "two daemons started on it: neither is guessed");
         other.kill().unwrap();
         other.wait().unwrap();

@@ -1,4 +1,4 @@
-//! `nbd-vram stop DEVICE`: what `ExecStop=` runs. Asks the daemon serving
+//! `nbd-vram stop DEVICE`: for an administrator. Asks the daemon serving
 //! DEVICE to swapoff and detach, and waits until it has exited, so that no
 //! one frees VRAM the kernel may still read.
 
@@ -22,8 +22,8 @@ pub fn stop(dev: &Path) -> Result<(), Failure> {
                 format!("{} is swap but no daemon serves it (it died; its pages are lost): run `swapoff {}`", dev.display(), dev.display()),
             ));
         }
-        // The device a unit names (`ExecStop=`) is the one its daemon
-        // started on, which `--reserve` or `resize` may have given back.
+        // The device a daemon is known by is the one it started on, which
+        // `--reserve` or `resize` may have given back.
         if let Some((pid, name)) = status::started_on(dev) {
             info!("{} was given back by {name} (pid {pid}), which started on it and serves on: stopping it", dev.display());
             return terminate(pid, dev);

@@ -83,7 +83,8 @@ fn swapoff(path: &Path) -> io::Result<()> {
 
 /// swapoff(2) of a device this process holds open, named by its
 /// descriptor. A daemon started from the initramfs keeps the old root after
-/// switch_root: /dev/nbdN and /proc no longer resolve there, but the
+/// switch_root until it follows init (`reroot`), or for good where that
+/// fails: /dev/nbdN and /proc no longer resolve there, but the
 /// descriptor still names the device. swapoff takes only a path, so the
 /// path is the descriptor's number, looked up with /proc/self/fd as the
 /// working directory, a directory opened while /proc could still be
@@ -127,6 +128,16 @@ impl<'a> Swapoff<'a> {
         self.path
     }
 
+    /// Whether something holds the device exclusively, as a mounted file
+    /// system or a swap area does: detaching it then would take its data
+    /// away. Without /proc at start, nobody can tell: false.
+    pub fn in_use(&self) -> io::Result<bool> {
+        match &self.dirs {
+            Some((fds, _)) => held(self.dev, fds),
+            None => Ok(false),
+        }
+    }
+
     /// Moves every page back into RAM first, so it can take long or fail.
     pub fn run(&self) -> Outcome {
         let result = match &self.dirs {
@@ -154,18 +165,6 @@ impl<'a> Swapoff<'a> {
                 },
             },
             Err(e) => Outcome::Failed(e),
-        }
-    }
-}
-
-impl Swapoff<'_> {
-    /// Whether something holds the device exclusively, as a mounted file
-    /// system or a swap area does: detaching it then would take its data
-    /// away. Without /proc at start, nobody can tell: false.
-    pub fn in_use(&self) -> io::Result<bool> {
-        match &self.dirs {
-            Some((fds, _)) => held(self.dev, fds),
-            None => Ok(false),
         }
     }
 }

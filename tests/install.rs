@@ -131,7 +131,7 @@ fn units(dest: &Path) {
     let unit_dir = dest.join("lib/systemd/system");
     let single = text(&unit_dir.join("nbd-vram.service"));
     assert!(single.contains("\nExecStart=/usr/bin/nbd-vram --size 7168 --device /dev/nbd0 --priority 100\n"), "{single}");
-    assert!(single.contains("\nExecStop=/usr/bin/nbd-vram stop /dev/nbd0\n"));
+    assert!(!single.contains("\nExecStop="), "a device named there may serve another daemon by then");
     let template = text(&unit_dir.join("nbd-vram@.service"));
     assert!(template.contains("\nExecStart=/usr/bin/nbd-vram --gpu %i "), "{template}");
     assert!(template.contains("--device auto --priority 100\n"));

@@ -10,9 +10,9 @@
 # final shutdown spree spares it too; systemd swaps the device off before.
 # The units cannot adopt it and skip themselves while
 # /run/nbd-vram/initramfs exists (written below; /run moves to the real
-# root). After switch_root its root directory is the old initramfs: it
-# serves on, and `nbd-vram stop` still stops it (its swapoff goes through a
-# descriptor, not /dev/nbdN); see nbd-vram(8), "Starting from the initramfs".
+# root). At switch_root it follows init into the real root, and it serves,
+# reports and stops through descriptors even where that fails; see
+# nbd-vram(8), "Starting from the initramfs".
 
 nbd_vram_start() {
     local dev="" swap=yes prev="" a pid waited=0 info minor uvm
