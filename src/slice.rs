@@ -645,14 +645,14 @@ fn until_released(off: &swap::Swapoff, board: &Board) -> bool {
                 warn!("{}: {e}; detaching it", path.display());
                 return true;
             }
+            Err(_) | Ok(true) if board.lock().link_down => {
+                error!("{}: the link is gone while the device may be in use", path.display());
+                return false;
+            }
             // A shortage (EMFILE, ENOMEM) passes: ask again.
             Err(e) => {
                 warn!("{}: cannot tell whether it is in use ({e}); asking again in 1 s", path.display());
                 board.wait_link(Duration::from_secs(1));
-            }
-            Ok(true) if board.lock().link_down => {
-                error!("{}: the link is gone while the device was in use", path.display());
-                return false;
             }
             Ok(true) => {
                 if !told {
