@@ -414,8 +414,13 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("nbd-vram-{what}-{}", std::process::id()));
         fs::create_dir_all(&dir).unwrap();
         std::os::unix::fs::symlink("/bin/sleep", dir.join("nbd-vram")).unwrap();
-        // spawn returns once the exec succeeded.
         let other = std::process::Command::new(dir.join("nbd-vram")).arg("30").spawn().unwrap();
+        // spawn may return before exec has named the process.
+        let named = std::time::Instant::now();
+        while !is_nbd_vram(other.id().into()) {
+            assert!(named.elapsed().as_secs() < 5, "the child never took the name nbd-vram");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         (dir, other)
     }
 
