@@ -6,6 +6,7 @@ mod cli;
 mod cuda;
 mod daemon;
 mod desk;
+mod dirfd;
 mod elastic;
 mod fail;
 mod gpus;

@@ -9,8 +9,9 @@
 use std::ffi::CStr;
 use std::io;
 use std::mem::MaybeUninit;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 
+use crate::dirfd::openat;
 use crate::{info, uapi, warn};
 
 /// Init's root, watched through /proc opened at start (a descriptor
@@ -27,7 +28,7 @@ impl InitRoot {
     /// container stays where it was put, and one started from the real
     /// root has nothing to follow.
     pub fn watch() -> Option<InitRoot> {
-        let proc = open(None, c"/proc", libc::O_PATH | libc::O_DIRECTORY).ok()?;
+        let proc = openat(None, c"/proc", libc::O_PATH | libc::O_DIRECTORY).ok()?;
         let init = identity(&proc, c"1/root").ok()?;
         let ours = identity(&proc, c"self/root").ok()?;
         (init == ours && initramfs().unwrap_or(false)).then_some(InitRoot { proc, seen: init })
@@ -47,19 +48,6 @@ impl InitRoot {
             Err(e) => warn!("init's root changed (switch_root), and following it failed: {e}; --reserve and resize no longer take slices"),
         }
     }
-}
-
-/// `openat(dir or the working directory, name)`, owned.
-fn open(dir: Option<&OwnedFd>, name: &CStr, flags: libc::c_int) -> io::Result<OwnedFd> {
-    let at = dir.map_or(libc::AT_FDCWD, AsRawFd::as_raw_fd);
-    // SAFETY: `name` is NUL-terminated and `at` an open directory (or
-    // AT_FDCWD), both live for the call; the result is owned at once.
-    let fd = unsafe { libc::openat(at, name.as_ptr(), flags | libc::O_CLOEXEC) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` was just opened and nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// The device and inode `name` (under `proc`) leads to.
@@ -90,7 +78,7 @@ fn initramfs() -> io::Result<bool> {
 /// chroot to init's root, with the working directory there first, as
 /// switch_root itself leaves it.
 fn enter(proc: &OwnedFd) -> io::Result<()> {
-    let root = open(Some(proc), c"1/root", libc::O_PATH | libc::O_DIRECTORY)?;
+    let root = openat(Some(proc), c"1/root", libc::O_PATH | libc::O_DIRECTORY)?;
     // SAFETY: fchdir and chroot take a live directory descriptor and a
     // NUL-terminated path; neither touches our memory.
     let moved = unsafe { libc::fchdir(root.as_raw_fd()) == 0 && libc::chroot(c".".as_ptr()) == 0 };
@@ -115,7 +103,7 @@ mod tests {
 
     #[test]
     fn init_and_this_process_are_seen_through_proc() {
-        let proc = open(None, c"/proc", libc::O_PATH | libc::O_DIRECTORY).unwrap();
+        let proc = openat(None, c"/proc", libc::O_PATH | libc::O_DIRECTORY).unwrap();
         let ours = identity(&proc, c"self/root").unwrap();
         let root = std::fs::metadata("/").unwrap();
         use std::os::unix::fs::MetadataExt;

@@ -4,7 +4,7 @@
 use std::ffi::CString;
 use std::fs::OpenOptions;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
@@ -194,16 +194,11 @@ fn by_descriptor(dev: BorrowedFd, fds: &OwnedFd, cwd: &OwnedFd) -> io::Result<()
 /// opens.
 fn held(dev: BorrowedFd, fds: &OwnedFd) -> io::Result<bool> {
     let name = c_path(Path::new(&dev.as_raw_fd().to_string()))?;
-    // SAFETY: `name` is NUL-terminated and outlives the call; `fds` is an
-    // open directory. The descriptor returned is owned at once below.
-    let fd = unsafe { libc::openat(fds.as_raw_fd(), name.as_ptr(), libc::O_RDONLY | libc::O_EXCL | libc::O_CLOEXEC) };
-    if fd < 0 {
-        let e = io::Error::last_os_error();
-        return if e.raw_os_error() == Some(libc::EBUSY) { Ok(true) } else { Err(e) };
+    match crate::dirfd::openat(Some(fds), &name, libc::O_RDONLY | libc::O_EXCL) {
+        Ok(_) => Ok(false),
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Ok(true),
+        Err(e) => Err(e),
     }
-    // SAFETY: `fd` was just opened and nothing else owns it.
-    drop(unsafe { OwnedFd::from_raw_fd(fd) });
-    Ok(false)
 }
 
 /// One line of /proc/swaps.
