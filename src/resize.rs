@@ -129,7 +129,7 @@ fn daemon(device: Option<&Path>) -> Result<(String, u32), Failure> {
             continue;
         }
         let Ok(text) = fs::read_to_string(&path) else { continue };
-        if !text.lines().any(|l| l.starts_with("slices=")) {
+        if !crate::status::swap_daemon(&text) {
             continue; // serve mode
         }
         let serves = |d: &Path| text.lines().any(|l| l.starts_with("slice.") && l.split(['=', ' ']).nth(1) == Some(&*d.to_string_lossy()));

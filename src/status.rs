@@ -57,6 +57,12 @@ pub fn is_nbd_vram(pid: u64) -> bool {
     pid != 0 && fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "nbd-vram")
 }
 
+/// Whether a status file is a swap daemon's (which lists its slices), not
+/// serve mode's.
+pub fn swap_daemon(text: &str) -> bool {
+    text.lines().any(|l| l.starts_with("slices="))
+}
+
 /// Whether a status file's instance still publishes: its pid is an
 /// nbd-vram, and it wrote within `STALE` (a dead instance's pid may have
 /// gone to another nbd-vram since).
@@ -74,10 +80,10 @@ fn started_on_in(dir: &std::path::Path, dev: &std::path::Path) -> Option<(u32, S
     let mut found = fs::read_dir(dir).ok()?.filter_map(|e| {
         let path = e.ok()?.path();
         let text = fs::read_to_string(&path).ok().filter(|_| path.extension().is_some_and(|x| x == "status"))?;
-        let swap_daemon = text.lines().any(|l| l.starts_with("slices="));
-        let pid = num(&text, "pid");
-        (swap_daemon && std::path::Path::new(field(&text, "target")) == dev && publishing(&text))
-            .then(|| Some((u32::try_from(pid).ok()?, path.file_stem()?.to_string_lossy().into_owned())))?
+        if !(swap_daemon(&text) && std::path::Path::new(field(&text, "target")) == dev && publishing(&text)) {
+            return None;
+        }
+        Some((u32::try_from(num(&text, "pid")).ok()?, path.file_stem()?.to_string_lossy().into_owned()))
     });
     let first = found.next()?;
     found.next().is_none().then_some(first)
