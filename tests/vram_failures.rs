@@ -173,3 +173,51 @@ fn a_lone_read_after_a_failed_group_answers_eio() {
     assert_eq!(cookies, (0..9).collect::<Vec<u64>>());
     assert_lost(&mut server, nbd, "CUDA_ERROR_ILLEGAL_ADDRESS", "nine reads, FAIL_SYNC=1");
 }
+
+/// An event that could not be recorded, where the stream sync tried in its
+/// place failed too (neither error sticky), leaves the fence before it
+/// unmarked: that group's reads must still wait for their copies, never be
+/// answered from staging the device has not filled yet. The failure is
+/// placed at every event of a batch of 16 reads in groups of 4: each read
+/// gets its own data or EIO, and serving goes on.
+#[test]
+fn a_fence_whose_event_was_not_recorded_still_waits() {
+    use std::io::Write;
+    let data = pattern(10, MIB as usize);
+    let part = |i: usize| &data[i * 64 * KIB as usize..][..64 * KIB as usize];
+    let mut failed = Vec::new();
+    for n in 1..=8 {
+        let what = format!("FAIL_RECORD={n}");
+        let mut server = Serve::new(8)
+            .env("FAKE_CUDA_FAIL_RECORD", &n.to_string())
+            .env("NBD_VRAM_GROUP", "4")
+            .env("NBD_VRAM_MAILBOX", "0")
+            .start();
+        let mut nbd = Nbd::connect(&server.sock);
+        while nbd.write(0, &data) != 0 {} // the failure may meet the write
+        let wire: Vec<u8> = (0..16).flat_map(|i| common::raw::header(0, CMD_READ, i, i * 64 * KIB, 64 * KIB as u32)).collect();
+        nbd.s.write_all(&wire).unwrap();
+        for _ in 0..16 {
+            let (error, cookie) = nbd.reply();
+            if error == EIO {
+                failed.push((n, cookie));
+                continue;
+            }
+            assert_eq!(error, 0, "{what}: read {cookie}");
+            let mut got = vec![0u8; 64 * KIB as usize];
+            nbd.s.read_exact(&mut got).unwrap();
+            assert!(got == part(cookie as usize), "{what}: read {cookie} answered before its copy ran");
+        }
+        // The failure may meet these reads instead, once.
+        let mut again = nbd.read(0, MIB as u32);
+        if again == Err(EIO) {
+            failed.push((n, 16));
+            again = nbd.read(0, MIB as u32);
+        }
+        assert!(again.as_deref() == Ok(&data[..]), "{what}: serving goes on: {:?}", again.err());
+        nbd.disconnect();
+        server.assert_alive();
+    }
+    eprintln!("reads answered EIO (FAIL_RECORD, cookie): {failed:?}");
+    assert!(failed.iter().any(|&(_, c)| c > 0), "no failure met a group after the first: this test proves nothing");
+}

@@ -1269,6 +1269,36 @@ static void s_rows(void)   /* 2D copies (host to device) and PCI addresses */
     EQ(out[36] != 0xee && out[68] != 0xee && out[100] == 0, 1);
 }
 
+static void s_fail_record(void)   /* FAIL_RECORD 2: that record and the next sync fail, not sticky */
+{
+    CUdeviceptr d;
+    CUstream st;
+    CUevent ev, ev2;
+    void *h;
+    unsigned char *out;
+    start(0);
+    EQ(cu.cuMemAlloc_v2(&d, 4096), 0);
+    EQ(cu.cuMemHostAlloc(&h, 4096, 0), 0);
+    out = h;
+    EQ(cu.cuStreamCreate(&st, 0), 0);
+    EQ(cu.cuEventCreate(&ev, 0), 0);
+    EQ(cu.cuEventCreate(&ev2, 0), 0);
+    EQ(cu.cuMemsetD8_v2(d, 5, 64), 0);
+    EQ(cu.cuEventRecord(ev, (CUstream)&d), 400);   /* invalid: not counted */
+    EQ(cu.cuEventRecord(ev, st), 0);   /* 1 */
+    memset(out, 0, 64);
+    EQ(cu.cuMemcpyDtoHAsync_v2(out, d, 64, st), 0);
+    EQ(cu.cuEventRecord(ev2, st), 2);   /* 2: records nothing */
+    EQ(cu.cuEventSynchronize(ev2), 0);   /* never recorded: nothing to wait for */
+    EQ(all(out, 64, 0), 1);
+    EQ(cu.cuStreamSynchronize(st), 2);   /* the next sync fails, running nothing */
+    EQ(all(out, 64, 0), 1);
+    EQ(cu.cuEventRecord(ev2, st), 0);   /* not sticky */
+    EQ(cu.cuEventSynchronize(ev2), 0);
+    EQ(all(out, 64, 5), 1);
+    EQ(cu.cuStreamSynchronize(st), 0);
+}
+
 static int run(const char *name, void (*fn)(void), const char *env)
 {
     fflush(stdout);
@@ -1277,7 +1307,7 @@ static int run(const char *name, void (*fn)(void), const char *env)
         scenario = name;
         static const char *const knobs[] = {"DEVICES", "TOTAL_MIB", "FREE_MIB", "MAX_ALLOC_MIB",
             "INIT_ERROR", "FAIL_COPY", "FAIL_SYNC", "LOG", "BACKING", "PCI_DIR", "NO_JIT",
-            "EXEC_TIMEOUT", "FAIL_MAILBOX", "LATE_START"};
+            "EXEC_TIMEOUT", "FAIL_MAILBOX", "LATE_START", "FAIL_RECORD"};
         char var[32], *e = strdup(env), *save = NULL;   /* "K=V K=V" */
         for (size_t i = 0; i < sizeof knobs / sizeof *knobs; i++) {
             snprintf(var, sizeof var, "FAKE_CUDA_%s", knobs[i]);
@@ -1340,6 +1370,7 @@ int main(int argc, char **argv)
     bad |= run("streams", s_streams, "");
     bad |= run("fail_copy_batch", s_fail_copy_batch, "FAKE_CUDA_FAIL_COPY=3");
     bad |= run("fail_sync", s_fail_sync, "FAKE_CUDA_FAIL_SYNC=2");
+    bad |= run("fail_record", s_fail_record, "FAKE_CUDA_FAIL_RECORD=2");
     bad |= run("rows", s_rows, "");
     bad |= run("kernel", s_kernel, "");
     bad |= run("no_jit", s_no_jit, "FAKE_CUDA_NO_JIT=1");

@@ -129,7 +129,8 @@ static void unmap_block(char *p, size_t size)
     }
 }
 static unsigned long long fail_copy, copies, fail_sync, syncs, no_jit, exec_timeout, fail_mailbox, mailbox_jobs, late_start;
-static unsigned long long sms = 132, stall_job, jobs_seen, stream_delay_ms;
+static unsigned long long sms = 132, stall_job, jobs_seen, stream_delay_ms, fail_record, records;
+static int short_sync;                    /* FAKE_CUDA_FAIL_RECORD: the next stream sync fails too */
 static CUresult sticky;                   /* FAKE_CUDA_FAIL_SYNC's error, once it fired */
 static char log_path[PATH_MAX], others_path[PATH_MAX];
 static struct block *allocs;              /* device memory, sorted by address */
@@ -298,7 +299,7 @@ static CUresult do_init(void)
         knob("FAKE_CUDA_NO_JIT", &no_jit) < 0 || knob("FAKE_CUDA_EXEC_TIMEOUT", &exec_timeout) < 0 ||
         knob("FAKE_CUDA_FAIL_MAILBOX", &fail_mailbox) < 0 || knob("FAKE_CUDA_LATE_START", &late_start) < 0 ||
         knob("FAKE_CUDA_SMS", &sms) < 0 || knob("FAKE_CUDA_MAILBOX_STALL", &stall_job) < 0 ||
-        knob("FAKE_CUDA_STREAM_DELAY_MS", &stream_delay_ms) < 0)
+        knob("FAKE_CUDA_STREAM_DELAY_MS", &stream_delay_ms) < 0 || knob("FAKE_CUDA_FAIL_RECORD", &fail_record) < 0)
         return E_UNKNOWN;
     if (backing && *backing) {
         CUresult rc = map_backing(backing, &base, &bsize);
@@ -1386,6 +1387,10 @@ static CUresult stream_sync(CUstream s)
         abort();
     }
     if (!rc && (uintptr_t)s > 2 && sticky) rc = sticky;
+    if (!rc && short_sync) {   /* FAKE_CUDA_FAIL_RECORD: runs nothing */
+        short_sync = 0;
+        return E_OOM;
+    }
     if (!rc) rc = sync_to(queue_of(s), queue_of(s)->queued);
     if (!rc && (uintptr_t)s <= 2) drain_blocking();   /* the legacy stream waits for them */
     return rc;
@@ -1436,6 +1441,10 @@ API CUresult cuEventCreate(CUevent *pe, unsigned flags) { LOCKED(event_create(pe
 static CUresult event_record(CUevent e, CUstream s)
 {
     CUresult rc = need_ctx() ? need_ctx() : !find_event(e) || !stream_ok(s) ? E_HANDLE : OK;
+    if (!rc && ++records == fail_record) {   /* records nothing */
+        short_sync = 1;
+        return E_OOM;
+    }
     if (!rc && (uintptr_t)s <= 2) drain_blocking();   /* the legacy stream waits for them */
     if (!rc) {   /* the stream's work so far; no other stream's */
         e->q = queue_of(s);

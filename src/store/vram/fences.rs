@@ -37,7 +37,12 @@ impl<'c> Fences<'c> {
         if let Some(token) = self.unrecorded.take() {
             if let Err(e) = stream.record(&self.events[token]) {
                 crate::error!("{e}");
-                stream.sync()?;
+                if let Err(e) = stream.sync() {
+                    // Its event holds nothing, or an older point: a wait
+                    // for this fence must still ask the stream.
+                    self.unrecorded = Some(token);
+                    return Err(e);
+                }
                 self.done = self.issued;
             }
         }
