@@ -26,6 +26,7 @@ mod serve;
 mod stop;
 mod store;
 mod swap;
+mod touch;
 mod tuning;
 mod uapi;
 mod uncached;

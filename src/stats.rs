@@ -2,7 +2,7 @@
 //! Plain atomics: counting never allocates or blocks.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 
 use crate::uapi as sys;
 
@@ -27,6 +27,9 @@ pub struct Stats {
     /// Socket reads for requests that did not wait: each a syscall of the
     /// reading phase, so their count per batch says what that phase is.
     pub quick_reads: AtomicU64,
+    /// This connection found its store failed: every request to the
+    /// device is answered EIO from then on.
+    pub failed: AtomicBool,
 }
 
 /// The serve loop's time for one batch, by phase (see `Stats`).

@@ -166,6 +166,7 @@ fn render(s: &mut String, inst: &Instance, stats: &[&Stats], started: u64) {
     kv("idle_ns", &sum(|c| &c.idle_ns));
     kv("store_ns", &sum(|c| &c.store_ns));
     kv("send_ns", &sum(|c| &c.send_ns));
+    kv("failed", &u8::from(stats.iter().any(|c| c.failed.load(Relaxed))));
     for (i, c) in stats.iter().enumerate() {
         let [r, rb, wb, e] = [&c.requests, &c.read_bytes, &c.written_bytes, &c.errors].map(|n| n.load(Relaxed));
         let _ = writeln!(s, "conn.{i}={r} {rb} {wb} {e}");
@@ -247,6 +248,8 @@ struct Row {
     size: u64,
     priority: String,
     updated: u64,
+    /// Its store failed: every request is answered EIO.
+    failed: bool,
     requests: u64,
     read: u64,
     written: u64,
@@ -314,6 +317,7 @@ impl Row {
             size: num(&t, "size_bytes"),
             priority: field(&t, "priority").to_string(),
             updated: num(&t, "updated"),
+            failed: num(&t, "failed") != 0,
             requests: num(&t, "requests"),
             read: num(&t, "read_bytes"),
             written: num(&t, "written_bytes"),
@@ -335,6 +339,8 @@ impl Row {
         let alive = std::path::Path::new(&format!("/proc/{}", self.pid)).exists();
         if !alive {
             "dead"
+        } else if self.failed {
+            "failed"
         } else if now().saturating_sub(self.updated) > STALE {
             "stalled"
         } else {

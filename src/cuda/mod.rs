@@ -494,7 +494,11 @@ pub struct CopyBatch {
 
 impl CopyBatch {
     pub fn with_capacity(n: usize) -> CopyBatch {
-        CopyBatch { dsts: Vec::with_capacity(n), srcs: Vec::with_capacity(n), sizes: Vec::with_capacity(n), last_mem: 0, small: true }
+        let mut b = CopyBatch { dsts: Vec::with_capacity(n), srcs: Vec::with_capacity(n), sizes: Vec::with_capacity(n), last_mem: 0, small: true };
+        crate::touch::spare(&mut b.dsts);
+        crate::touch::spare(&mut b.srcs);
+        crate::touch::spare(&mut b.sizes);
+        b
     }
 
     pub fn is_empty(&self) -> bool {

@@ -43,8 +43,8 @@ pub(super) struct Input {
 
 impl Input {
     /// Polls the socket for up to `spin` before it sleeps (`Poll::with`).
-    pub fn new(spin: Option<Duration>) -> Input {
-        Input { buf: vec![0u8; INPUT_LEN].into_boxed_slice(), start: 0, end: 0, direct: false, poll: Poll::with(spin) }
+    pub fn new(spin: Option<Duration>) -> io::Result<Input> {
+        Ok(Input { buf: crate::touch::zeroed(INPUT_LEN)?, start: 0, end: 0, direct: false, poll: Poll::with(spin) })
     }
 
     pub fn available(&self) -> usize {
@@ -212,11 +212,19 @@ mod tests {
 
     /// `Input` holding `bytes`, as after a read from the socket.
     fn holding(bytes: &[u8], spin: Duration) -> Input {
-        let mut input = Input::new(Some(spin));
+        let mut input = Input::new(Some(spin)).unwrap();
         input.poll = Poll::new(spin);
         input.buf[..bytes.len()].copy_from_slice(bytes);
         input.end = bytes.len();
         input
+    }
+
+    /// The most a burst of swap-outs fills is already in RAM: a fresh page
+    /// then would wait for reclaim, which may wait for this very loop.
+    #[test]
+    fn the_buffer_is_in_ram_before_serving() {
+        let input = Input::new(None).unwrap();
+        assert!(crate::touch::resident(input.buf.as_ptr(), input.buf.len()));
     }
 
     /// A payload cut short puts back every byte it overwrote, however far

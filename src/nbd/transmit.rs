@@ -181,10 +181,10 @@ impl<B: std::ops::DerefMut<Target = [u8]>> Buffers<B> {
         Ok(Buffers {
             staging: store.staging(staging.min(MAX_PAYLOAD as usize))?,
             ring: 0,
-            input: Input::new(tuning.spin),
+            input: Input::new(tuning.spin)?,
             replies: Replies {
                 slots: vec![Slot::EMPTY; 2 * MAX_BATCH].into_boxed_slice(),
-                heads: vec![0u8; REPLY_LEN * 2 * MAX_BATCH].into_boxed_slice(),
+                heads: crate::touch::zeroed(REPLY_LEN * 2 * MAX_BATCH)?,
                 groups: vec![(0, None); 2 * MAX_BATCH].into_boxed_slice(),
                 ngroups: 0,
                 group: tuning.group,
@@ -383,6 +383,7 @@ impl<S: Store, T: Write + AsFd> Link<'_, S, T> {
     /// The store failed with work already taken: logs it once, and from
     /// now on nothing is trusted to it.
     fn lose(&mut self) {
+        self.stats.failed.store(true, Relaxed);
         if !self.shared.lost.swap(true, Relaxed) {
             crate::error!(
                 "the store failed after taking writes, some of which may have been acknowledged: \

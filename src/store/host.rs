@@ -5,6 +5,7 @@ use std::io;
 use std::ops::Range;
 
 use super::{Backing, Done, Store};
+use crate::touch;
 
 pub struct HostBacking {
     /// A leaked `Box<[u8]>`, freed by `Drop`. Held as a raw pointer because
@@ -31,17 +32,9 @@ impl HostBacking {
     /// in fresh memory (and an impossible size fails here, not mid-I/O).
     pub fn new(size: u64) -> io::Result<HostBacking> {
         let len = usize::try_from(size).map_err(|_| io::Error::from_raw_os_error(libc::ENOMEM))?;
-        let ptr = Box::into_raw(zeroed(len)?).cast::<u8>();
+        let ptr = Box::into_raw(touch::zeroed(len)?).cast::<u8>();
         Ok(HostBacking { ptr, len })
     }
-}
-
-/// `len` zero bytes, every page touched; ENOMEM where they cannot be had.
-fn zeroed(len: usize) -> io::Result<Box<[u8]>> {
-    let mut bytes = Vec::new();
-    bytes.try_reserve_exact(len).map_err(|_| io::Error::from_raw_os_error(libc::ENOMEM))?;
-    bytes.resize(len, 0);
-    Ok(bytes.into_boxed_slice())
 }
 
 impl Drop for HostBacking {
@@ -86,7 +79,7 @@ impl Store for HostStore<'_> {
     type Buf = Box<[u8]>;
 
     fn staging(&mut self, len: usize) -> io::Result<Box<[u8]>> {
-        zeroed(len)
+        touch::zeroed(len)
     }
 
     fn bytes(&self, offset: u64, len: usize) -> Option<&[u8]> {

@@ -229,6 +229,14 @@ pub fn assert_lost(server: &mut VramServer, mut nbd: Nbd, error: &str, what: &st
     let log = server.log();
     assert_eq!(log.matches("their data may be lost").count(), 1, "{what}:\n{log}");
     assert!(log.contains(error), "{what}:\n{log}");
+    // `status` says so, within the second it takes to publish.
+    let target = format!("unix:{}", server.sock.display());
+    let health = || {
+        let out = run(Command::new(BIN).args(["status", "--json"]), Duration::from_secs(30));
+        out.stdout.split("},").find(|e| e.contains(&target)).map(|e| e.contains("\"health\":\"failed\""))
+    };
+    let failed = (0..30).any(|_| health() == Some(true) || { std::thread::sleep(Duration::from_millis(100)); false });
+    assert!(failed, "{what}: nbd-vram status does not show the failed store");
 }
 
 /// The mailbox kernel's lone 4 KiB reads and writes the fake ran, and its
