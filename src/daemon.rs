@@ -113,6 +113,7 @@ fn run<T: Tier>(opts: &SwapOpts, tuning: &Tuning, tier: &T) -> Result<(), Failur
                         !report.done.load(Ordering::SeqCst)
                     })
                 })
+                .map_err(|e| warn!("cannot start the status thread ({e}): `nbd-vram status`, `resize` and `stop` by a device given back will not find this instance"))
                 .ok();
             let mut steer = Steer { opts, tier, setups: [&first, &others], boards, report, policy: &mut policy, name, chosen: vec![None; k], root };
             outcome = steer.run(s, &signals, &mut slots);
@@ -365,7 +366,7 @@ impl<'a, 't, T: Tier> Steer<'a, 't, T> {
                 }
                 // A slice whose swapoff was refused and that then ended
                 // for another reason was not given back: `reap` said why.
-                if let Some(chosen) = self.chosen[i].take().filter(|_| !self.boards[i].take_refusal()) {
+                if let Some(chosen) = self.chosen[i].take().filter(|_| self.boards[i].take_refusal().is_none()) {
                     let board = &self.boards[i];
                     let (pages, ms) = (board.moved.0.swap(0, Ordering::SeqCst), board.moved.1.swap(0, Ordering::SeqCst));
                     self.report.tell(format!(
@@ -408,14 +409,15 @@ impl<'a, 't, T: Tier> Steer<'a, 't, T> {
         let view: Vec<elastic::Slice> =
             self.boards.iter().map(|b| elastic::Slice { state: b.state(), used_pages: b.used_pages.load(Ordering::Relaxed) }).collect();
         for (i, board) in self.boards.iter().enumerate() {
-            if board.take_refusal() {
+            if let Some(refusal) = board.take_refusal() {
                 self.chosen[i] = None;
                 self.report.tell(format!(
-                    "swapoff of slice {i} refused: RAM cannot take its pages back now; it serves on, and a slice is given back again in {} s",
+                    "swapoff of slice {i} refused: {}; it serves on, and a slice is given back again in {} s",
+                    refusal.why(),
                     elastic::RETRY.as_secs()
                 ));
                 self.policy.refused(now);
-                self.answer("failed: a swapoff was refused: RAM cannot take its pages back now; the daemon tries again".into());
+                self.answer(format!("failed: a swapoff was refused: {}; the daemon tries again", refusal.why()));
             }
         }
         let free = self.tier.free();

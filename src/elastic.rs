@@ -101,7 +101,8 @@ impl Policy {
         (self.drain_after, self.grow_after) = (None, None);
     }
 
-    /// A swapoff was refused (RAM cannot take the pages back): no drain
+    /// A drain did not give its slice back (RAM cannot take the pages
+    /// back, another swapoff is under way, ...): no drain
     /// before `RETRY`.
     pub fn refused(&mut self, now: Instant) {
         self.drain_after = Some(now + RETRY);

@@ -30,7 +30,7 @@ use crate::nbd::transmit::{self, Buffers, End, Shared};
 use crate::signals::{Signals, WAKE};
 use crate::stats::Stats;
 use crate::store::{Backing, Store};
-use crate::swap::Outcome;
+use crate::swap::{Claim, Outcome};
 use crate::tuning::Tuning;
 use crate::workers::{self, Conn};
 use crate::{error, info, pressure, swap, warn};
@@ -51,6 +51,32 @@ enum Want {
     Stop,
 }
 
+/// Why a drain did not give its slice back; the slice serves on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// swapoff said ENOMEM: RAM cannot take the pages back now.
+    Ram = 1,
+    /// Another swapoff of it is still moving its pages back.
+    Elsewhere,
+    /// A swapon or a mount took the device right after its swapoff.
+    Taken,
+    /// Whatever else the kernel said; the slice's log line has it.
+    Other,
+}
+
+impl Refusal {
+    const ALL: [Refusal; 4] = [Refusal::Ram, Refusal::Elsewhere, Refusal::Taken, Refusal::Other];
+
+    pub fn why(self) -> &'static str {
+        match self {
+            Refusal::Ram => "RAM cannot take its pages back now",
+            Refusal::Elsewhere => "another swapoff of it is still under way",
+            Refusal::Taken => "a swapon or a mount took the device right after its swapoff",
+            Refusal::Other => "the kernel refused it (see the log)",
+        }
+    }
+}
+
 /// What a slice and the daemon tell each other. The daemon gives orders;
 /// the slice says where it is, and raises `WAKE` when that changes.
 pub struct Board {
@@ -59,8 +85,9 @@ pub struct Board {
     device: AtomicU32,
     /// Pages the kernel keeps in it, as the daemon last read /proc/swaps.
     pub used_pages: AtomicU64,
-    /// A drain's swapoff was refused since the daemon last looked.
-    refused: AtomicBool,
+    /// Why a drain did not give the slice back, since the daemon last
+    /// looked (`Refusal`); 0: none.
+    refused: AtomicU8,
     /// The last drain's swapoff: pages it moved out, and milliseconds.
     pub moved: (AtomicU64, AtomicU64),
     /// Its thread is returning: the daemon joins it at once.
@@ -83,7 +110,7 @@ impl Board {
             state: AtomicU8::new(State::Released as u8),
             device: AtomicU32::new(NO_DEVICE),
             used_pages: AtomicU64::new(0),
-            refused: AtomicBool::new(false),
+            refused: AtomicU8::new(0),
             moved: (AtomicU64::new(0), AtomicU64::new(0)),
             ending: AtomicBool::new(false),
             orders: Mutex::new(Orders { want: Want::Serve, link_down: false }),
@@ -109,7 +136,7 @@ impl Board {
     /// Before its thread starts: a fresh slice, told to serve.
     pub fn starting(&self) {
         *self.lock() = Orders { want: Want::Serve, link_down: false };
-        self.refused.store(false, Ordering::SeqCst);
+        self.refused.store(0, Ordering::SeqCst);
         self.ending.store(false, Ordering::SeqCst);
         self.state.store(State::Starting as u8, Ordering::SeqCst);
     }
@@ -152,9 +179,15 @@ impl Board {
         self.order(Want::Stop);
     }
 
-    /// Whether a drain was refused since the last call.
-    pub fn take_refusal(&self) -> bool {
-        self.refused.swap(false, Ordering::SeqCst)
+    /// Why a drain did not give the slice back, if one did not since the
+    /// last call.
+    pub fn take_refusal(&self) -> Option<Refusal> {
+        let why = self.refused.swap(0, Ordering::SeqCst);
+        Refusal::ALL.into_iter().find(|&r| r as u8 == why)
+    }
+
+    fn refuse(&self, why: Refusal) {
+        self.refused.store(why as u8, Ordering::SeqCst);
     }
 
     fn order(&self, want: Want) {
@@ -328,6 +361,11 @@ fn serve<'b, B: Backing>(
         }
         match (control, kernel) {
             (Err(f), _) if !controlled => Ended::NotStarted(f),
+            // Swapoff succeeds over pages it could not read back: the
+            // kernel poisons them, and their processes get SIGBUS.
+            (Ok(Ended::Off), Ok(())) if shared.lost() => {
+                Ended::Lost(Failure::new(Code::Other, format!("{}: the store failed while serving: pages swapped to it may be lost", path.display())))
+            }
             (Ok(Ended::Off), Ok(())) => Ended::Off,
             (Ok(Ended::NotStarted(f)), _) => Ended::NotStarted(f),
             (Ok(Ended::Lost(f)) | Err(f), _) | (Ok(Ended::Off), Err(f)) => Ended::Lost(f),
@@ -512,7 +550,8 @@ fn control(dev: &NbdDevice, opts: &SwapOpts, board: &Board) -> Result<Ended, Fai
         info!("swap on {} with priority {}", path.display(), opts.priority);
     }
     board.set_state(State::Serving);
-    loop {
+    // Kept until the link is cut: nothing can take the device meanwhile.
+    let claim = loop {
         match board.wait(Duration::from_secs(3600)) {
             (_, true) => {
                 error!("{}: the kernel link ended by itself; swapped pages may be lost", path.display());
@@ -524,144 +563,145 @@ fn control(dev: &NbdDevice, opts: &SwapOpts, board: &Board) -> Result<Ended, Fai
             (Want::Serve, false) => continue,
             (Want::Drain, false) if opts.swap => {
                 board.set_state(State::Draining);
-                if give_back(&off, board) {
-                    break;
+                if let Some(claim) = give_back(&off, board) {
+                    break claim;
                 }
                 board.serve_on();
                 board.set_state(State::Serving);
             }
-            (Want::Drain, false) => break,
-            (Want::Stop, false) => {
+            (Want::Drain | Want::Stop, false) => {
                 board.set_state(State::Draining);
-                if opts.swap && !swapoff_until_done(&off, board) {
-                    return Err(Failure::new(Code::Other, format!("{}: kernel link lost while swapping off", path.display())));
+                match release(&off, board, opts.swap) {
+                    Some(claim) => break claim,
+                    None if opts.swap => return Err(Failure::new(Code::Other, format!("{}: kernel link lost while swapping off", path.display()))),
+                    None => return Err(Failure::new(Code::Other, format!("{}: kernel link lost while the device was in use", path.display()))),
                 }
-                if !opts.swap && !until_released(&off, board) {
-                    return Err(Failure::new(Code::Other, format!("{}: kernel link lost while the device was in use", path.display())));
-                }
-                break;
             }
         }
-    }
+    };
     dev.disconnect().map_err(|e| Failure::os(format!("{}: NBD_DISCONNECT", path.display()), e))?;
+    drop(claim);
     Ok(Ended::Off)
 }
 
-/// One swapoff to give the slice back; false if the kernel refused it
-/// (the daemon tries again later, or another slice).
-fn give_back(off: &swap::Swapoff, board: &Board) -> bool {
+/// One swapoff to give the slice back; `None` if the kernel refused it, or
+/// something took the device right after (the daemon tries again later,
+/// or another slice).
+fn give_back(off: &swap::Swapoff, board: &Board) -> Option<Claim> {
     let path = off.path();
     let pages = board.used_pages.load(Ordering::SeqCst);
     info!("giving back {}: swapoff of its {pages} page(s)", path.display());
     let t = Instant::now();
-    match off.run() {
-        Outcome::Off | Outcome::NotSwap => {
-            info!("swapoff {} done: {pages} page(s) moved out in {:.1} s", path.display(), t.elapsed().as_secs_f64());
-            board.moved.0.store(pages, Ordering::SeqCst);
-            board.moved.1.store((t.elapsed().as_millis() as u64).max(1), Ordering::SeqCst);
-            true
-        }
+    let why = match off.run() {
+        Outcome::Off | Outcome::NotSwap => match off.claim() {
+            Ok(Claim::Taken) => Refusal::Taken,
+            Ok(claim) => {
+                info!("swapoff {} done: {pages} page(s) moved out in {:.1} s", path.display(), t.elapsed().as_secs_f64());
+                board.moved.0.store(pages, Ordering::SeqCst);
+                board.moved.1.store((t.elapsed().as_millis() as u64).max(1), Ordering::SeqCst);
+                return Some(claim);
+            }
+            Err(e) => {
+                warn!("{}: cannot claim it after its swapoff: {e}", path.display());
+                Refusal::Other
+            }
+        },
         Outcome::Failed(e) if board.lock().link_down => {
             error!("swapoff {}: {e}, and the link is gone", path.display());
-            false
+            return None;
         }
-        // Served until that swapoff ends; the daemon orders the drain again.
-        Outcome::Elsewhere => {
-            info!("{}: another swapoff of it is still moving its pages back; serving them", path.display());
-            false
-        }
+        Outcome::Elsewhere => Refusal::Elsewhere,
+        Outcome::Failed(e) if e.raw_os_error() == Some(libc::ENOMEM) => Refusal::Ram,
         Outcome::Failed(e) => {
-            let why = match e.raw_os_error() {
-                Some(libc::ENOMEM) => "RAM cannot take its pages back now".to_string(),
-                _ => e.to_string(),
-            };
-            warn!("swapoff {}: {why}: it stays swap and is served on; trying again later", path.display());
-            board.refused.store(true, Ordering::SeqCst);
-            false
+            warn!("swapoff {}: {e}", path.display());
+            Refusal::Other
         }
-    }
+    };
+    warn!("{} not given back: {}; it is served on, and tried again later", path.display(), why.why());
+    // Also held off a while: the state's change wakes the daemon at once.
+    board.refuse(why);
+    None
 }
 
-/// Never gives up: while swap holds pages, the VRAM must stay served.
-/// False if the link ended first: the pages left in swap are lost.
-fn swapoff_until_done(off: &swap::Swapoff, board: &Board) -> bool {
+/// Serves the device until nothing else holds it, then claims it, so that
+/// nothing (a swapon by udev or an administrator, a mount) takes it in the
+/// moment before the link is cut. Our swap (`swap`) is swapped off first,
+/// and again if someone makes it swap again; a `--no-swap` device may carry
+/// a mounted file system, or swap of an administrator's own, which are
+/// waited for. Never gives up: while anything may keep data there, the VRAM
+/// stays served. `None` if the link ended first: what was left there is
+/// lost.
+fn release(off: &swap::Swapoff, board: &Board, swap: bool) -> Option<Claim> {
     let path = off.path();
-    let mut elsewhere = false;
+    let (mut elsewhere, mut told) = (false, false);
     loop {
-        let t = Instant::now();
-        match off.run() {
-            Outcome::Off => {
-                info!("swapoff {} done in {:.1} s", path.display(), t.elapsed().as_secs_f64());
-                return true;
-            }
-            Outcome::Failed(e) if board.lock().link_down => {
-                error!("swapoff {}: {e}, and the link is gone", path.display());
-                return false;
-            }
-            // systemd's own dev-nbdN.swap unit may have swapped it off first.
-            Outcome::NotSwap => {
-                info!("{} is no longer swap", path.display());
-                return true;
-            }
-            // Or be at it still: its pages are served until it ends.
-            Outcome::Elsewhere if board.lock().link_down => {
-                error!("{}: the link is gone while another swapoff of it was under way", path.display());
-                return false;
-            }
-            Outcome::Elsewhere => {
-                if !elsewhere {
-                    info!("{}: another swapoff of it is still moving its pages back; serving them until it ends", path.display());
+        let mut off_now = false;
+        if swap {
+            let t = Instant::now();
+            match off.run() {
+                Outcome::Off => {
+                    info!("swapoff {} done in {:.1} s", path.display(), t.elapsed().as_secs_f64());
+                    off_now = true;
                 }
-                elsewhere = true;
-                board.wait_link(Duration::from_secs(1));
+                // systemd's own dev-nbdN.swap unit may have swapped it off first.
+                Outcome::NotSwap if !told => info!("{} is no longer swap", path.display()),
+                Outcome::NotSwap => {}
+                Outcome::Failed(e) if board.lock().link_down => {
+                    error!("swapoff {}: {e}, and the link is gone", path.display());
+                    return None;
+                }
+                // Or be at it still: its pages are served until it ends.
+                Outcome::Elsewhere if board.lock().link_down => {
+                    error!("{}: the link is gone while another swapoff of it was under way", path.display());
+                    return None;
+                }
+                Outcome::Elsewhere => {
+                    if !elsewhere {
+                        info!("{}: another swapoff of it is still moving its pages back; serving them until it ends", path.display());
+                    }
+                    elsewhere = true;
+                    board.wait_link(Duration::from_secs(1));
+                    continue;
+                }
+                Outcome::Failed(e) => {
+                    match e.raw_os_error() {
+                        Some(libc::ENOMEM) => error!(
+                            "swapoff {}: {e}: RAM cannot take the swapped pages back yet; still serving them, retrying in {} s",
+                            path.display(),
+                            SWAPOFF_RETRY.as_secs()
+                        ),
+                        _ => error!("swapoff {}: {e}; still serving it, retrying in {} s", path.display(), SWAPOFF_RETRY.as_secs()),
+                    }
+                    board.wait_link(SWAPOFF_RETRY);
+                    continue;
+                }
+            }
+        }
+        match off.claim() {
+            Ok(Claim::Taken) if off_now => {
+                info!("{}: made swap again, or mounted, right after its swapoff", path.display());
                 continue;
             }
-            Outcome::Failed(e) if e.raw_os_error() == Some(libc::ENOMEM) => error!(
-                "swapoff {}: {e}: RAM cannot take the swapped pages back yet; still serving them, retrying in {} s",
-                path.display(),
-                SWAPOFF_RETRY.as_secs()
-            ),
-            Outcome::Failed(e) => error!(
-                "swapoff {}: {e}; still serving it, retrying in {} s",
-                path.display(),
-                SWAPOFF_RETRY.as_secs()
-            ),
-        }
-        board.wait_link(SWAPOFF_RETRY);
-    }
-}
-
-/// A device that is not our swap (`--no-swap`) may carry a mounted file
-/// system, or swap of an administrator's own: it is detached only once
-/// nothing holds it, and served until then. False if the link ended first.
-fn until_released(off: &swap::Swapoff, board: &Board) -> bool {
-    let path = off.path();
-    let mut told = false;
-    loop {
-        match off.in_use() {
-            Ok(false) => return true,
+            Ok(claim @ (Claim::Ours { .. } | Claim::Unknown)) => return Some(claim),
             // The device itself is gone: nothing to keep it for.
             Err(e) if matches!(e.raw_os_error(), Some(libc::ENXIO | libc::ENODEV | libc::ENOENT)) => {
                 warn!("{}: {e}; detaching it", path.display());
-                return true;
+                return Some(Claim::Unknown);
             }
-            Err(_) | Ok(true) if board.lock().link_down => {
+            Err(_) | Ok(Claim::Taken) if board.lock().link_down => {
                 error!("{}: the link is gone while the device may be in use", path.display());
-                return false;
+                return None;
             }
             // A shortage (EMFILE, ENOMEM) passes: ask again.
-            Err(e) => {
-                warn!("{}: cannot tell whether it is in use ({e}); asking again in 1 s", path.display());
-                board.wait_link(Duration::from_secs(1));
-            }
-            Ok(true) => {
+            Err(e) => warn!("{}: cannot tell whether it is in use ({e}); asking again in 1 s", path.display()),
+            Ok(Claim::Taken) => {
                 if !told {
                     info!("{}: in use (a mounted file system, or swap): serving it until it is released, then detaching", path.display());
                     told = true;
                 }
-                board.wait_link(Duration::from_secs(1));
             }
         }
+        board.wait_link(Duration::from_secs(1));
     }
 }
 

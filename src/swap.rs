@@ -128,13 +128,12 @@ impl<'a> Swapoff<'a> {
         self.path
     }
 
-    /// Whether something holds the device exclusively, as a mounted file
-    /// system or a swap area does: detaching it then would take its data
-    /// away. Without /proc at start, nobody can tell: false.
-    pub fn in_use(&self) -> io::Result<bool> {
+    /// Claims the device if nothing else holds it (`Claim`). Without /proc
+    /// at start, nobody can tell: `Claim::Unknown`.
+    pub fn claim(&self) -> io::Result<Claim> {
         match &self.dirs {
-            Some((fds, _)) => held(self.dev, fds),
-            None => Ok(false),
+            Some((fds, _)) => Ok(claim_by(self.dev, fds)?.map_or(Claim::Taken, |fd| Claim::Ours { _open: fd })),
+            None => Ok(Claim::Unknown),
         }
     }
 
@@ -152,9 +151,9 @@ impl<'a> Swapoff<'a> {
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => match &self.dirs {
                 // By descriptor that file is the device itself. Swap holds
                 // a block device exclusively until the last page is back.
-                Some((fds, _)) => match held(self.dev, fds) {
-                    Ok(false) => Outcome::NotSwap,
-                    Ok(true) => Outcome::Elsewhere,
+                Some((fds, _)) => match claim_by(self.dev, fds) {
+                    Ok(Some(_)) => Outcome::NotSwap,
+                    Ok(None) => Outcome::Elsewhere,
                     Err(e) => Outcome::Failed(e),
                 },
                 // A name may now lead elsewhere, so /proc/swaps must agree.
@@ -188,15 +187,27 @@ fn by_descriptor(dev: BorrowedFd, fds: &OwnedFd, cwd: &OwnedFd) -> io::Result<()
     r
 }
 
-/// Whether something still holds the block device `dev` exclusively, as
-/// swap does until its swapoff has moved every page back: an exclusive
-/// open says EBUSY then (open(2), O_EXCL without O_CREAT). Any other file
-/// opens.
-fn held(dev: BorrowedFd, fds: &OwnedFd) -> io::Result<bool> {
+/// What an exclusive open of the device found (open(2): O_EXCL without
+/// O_CREAT on a block device). It fails with EBUSY while anything else
+/// holds the device so, as swap does until its swapoff has moved every
+/// page back and a mounted file system does; once it succeeds, no swapon
+/// and no mount can take the device until it is closed.
+pub enum Claim {
+    /// Nothing else held it; nothing else can while this is open.
+    Ours { _open: OwnedFd },
+    /// Something holds it: a swap area, a mounted file system.
+    Taken,
+    /// Without /proc at start, nobody can tell, or keep it.
+    Unknown,
+}
+
+/// An exclusive open of the block device `dev`, reopened through
+/// /proc/self/fd; `None` if something else holds it.
+fn claim_by(dev: BorrowedFd, fds: &OwnedFd) -> io::Result<Option<OwnedFd>> {
     let name = c_path(Path::new(&dev.as_raw_fd().to_string()))?;
     match crate::dirfd::openat(Some(fds), &name, libc::O_RDONLY | libc::O_EXCL) {
-        Ok(_) => Ok(false),
-        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Ok(true),
+        Ok(fd) => Ok(Some(fd)),
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Ok(None),
         Err(e) => Err(e),
     }
 }
@@ -320,6 +331,45 @@ mod tests {
             }
         });
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A loop device over a file, detached (and swapped off, should a
+    /// test fail with it on) when dropped.
+    struct Looped(std::path::PathBuf, std::path::PathBuf);
+
+    impl Drop for Looped {
+        fn drop(&mut self) {
+            let _ = swapoff(&self.1);
+            let _ = std::process::Command::new("losetup").arg("-d").arg(&self.1).status();
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    /// What a stop keeps from its swapoff until the link is cut, on a real
+    /// block device: while claimed, no swapon takes it; while it is swap,
+    /// nobody claims it; once swapped off, the claim succeeds again.
+    #[test]
+    fn a_claimed_device_cannot_be_made_swap() {
+        let file = std::env::temp_dir().join(format!("nbd-vram-claim-test-{}", std::process::id()));
+        std::fs::write(&file, [header(1 << 20).unwrap().as_slice(), &[0; (1 << 20) - PAGE]].concat()).unwrap();
+        let out = std::process::Command::new("losetup").args(["-f", "--show"]).arg(&file).output();
+        let Some(out) = out.ok().filter(|o| o.status.success()) else {
+            eprintln!("no loop device here (it needs root and losetup): not judged");
+            std::fs::remove_file(&file).unwrap();
+            return;
+        };
+        let looped = Looped(file, String::from_utf8(out.stdout).unwrap().trim().into());
+        let dev = std::fs::File::open(&looped.1).unwrap();
+        let off = Swapoff::new(&looped.1, dev.as_fd());
+        let claim = off.claim().unwrap();
+        assert!(matches!(claim, Claim::Ours { .. }));
+        let refused = swapon(&looped.1, 0, false).expect_err("a swapon took a claimed device");
+        assert_eq!(refused.raw_os_error(), Some(libc::EBUSY));
+        drop(claim);
+        swapon(&looped.1, 0, false).unwrap();
+        assert!(matches!(off.claim().unwrap(), Claim::Taken), "a swap area was claimed");
+        assert!(matches!(off.run(), Outcome::Off));
+        assert!(matches!(off.claim().unwrap(), Claim::Ours { .. }));
     }
 
     #[test]

@@ -28,6 +28,7 @@ data-after-post	src/cuda/mailbox.rs	(?s)        self\.landing\[\.\.data\.len\(\)
 no-deadline	src/cuda/mailbox.rs	false if start\.elapsed\(\) > PATIENCE =>	false if false =>
 late-job-races	src/store/vram/copier.rs	        self\.resident\.forget_abandoned\(\)\?;\n	
 sync-hides-failed-batch	src/store/vram/copier.rs	        if failed \{\n            return Err\(io::Error::from_raw_os_error\(libc::EIO\)\);\n        \}\n        finished	        let _ = failed;\n        finished
+unrecorded-fence-done	src/store/vram/fences.rs	                    self\.unrecorded = Some\(token\);\n	
 failed-batch-kept	src/store/vram/copier.rs	                b\.copies\.clear\(\);\n	\n	known gap: needs a hand-over that fails without failing the store, which the serve loop never reaches today
 one-sm-kernel	src/cuda/mailbox.rs	Ok\(sms\) if \(sms as usize\) < resident \+ 1 =>	Ok(sms) if (sms as usize) < resident =>
 no-follow	src/store/vram/lanes.rs	                stream\.wait_for\(&self\.lanes\.lanes\[j\]\.event\)\?;\n	
@@ -41,12 +42,14 @@ failed-group-unpublished	src/store/vram/copier.rs	        let token = self\.fenc
 early-header-data-dropped	src/nbd/transmit.rs	if self\.shared\.lost\(\) && !told \{	if self.shared.lost() {
 stale-alive	src/cuda/mailbox.rs	        self\.u32_at\(ALIVE\)\.store\(u32::MAX, Ordering::Relaxed\);\n        let \(mut slot	        let (mut slot
 shared-cwd	src/swap.rs	if unsafe \{ libc::unshare\(libc::CLONE_FS\) \} < 0 \{	if false {
-other-swapoff-taken-for-done	src/swap.rs	Ok\(true\) => Outcome::Elsewhere,	Ok(true) => Outcome::NotSwap,	known gap: only the kernel's swapoff shows it: the VM test's stop_during_swapoff fails (the hog gets SIGBUS), which this script does not run
 size-before-claim	src/slice.rs	(?s)        let mut given = 0;\n(.*?)        let configured = dev\n            \.configure\(export\.size, export\.flags, request_timeout\(opts\)\)\n            \.map_err\([^\n]*\n	        let _ = dev.configure(export.size, export.flags, request_timeout(opts));\n        let mut given = 0;\n\1        let configured = Ok::<(), Failure>(())\n	known gap: only the kernel's NBD driver shows it: the VM test's claimed_while_starting fails, which this script does not run
 cut-write-undoes-others	src/nbd/transmit.rs	                if whole \|\| alone \{	                if whole || alone || true {
 follow-init-off	src/reroot.rs	        if now == self\.seen \{	        if true {	known gap: only a real switch_root shows it: the VM test's after_switch_root fails (resize times out in the new root), which this script does not run
-in-use-detached	src/slice.rs	                if !opts\.swap && !until_released\(&off, board\) \{	                if false {	known gap: only the kernel shows it: the VM test's second_instance fails (a --no-swap device that is swap of the administrator's own is detached), which this script does not run
+in-use-detached	src/slice.rs	Ok\(claim @ \(Claim::Ours \{ \.\. \} \| Claim::Unknown\)\) => return Some\(claim\),	Ok(claim) => return Some(claim),	known gap: only the kernel shows it: the VM test's second_instance fails (a --no-swap device that is swap of the administrator's own is detached), which this script does not run
+claim-not-exclusive	src/swap.rs	libc::O_RDONLY \| libc::O_EXCL\)	libc::O_RDONLY)
+claim-dropped-early	src/slice.rs	(?s)    dev\.disconnect\(\)([^\n]*)\?;\n    drop\(claim\);	    drop(claim);\n    dev.disconnect()\1?;	known gap: only a swapon or mount landing in the microseconds between the claim and NBD_DISCONNECT shows it, which no test can time
 stop-misses-given-back	src/stop.rs	if let Some\(\(pid, name\)\) = status::started_on\(dev\) \{	if let Some((pid, name)) = None::<(u32, String)> {	known gap: only the kernel shows it: the VM test's after_switch_root fails (stop by the device given back leaves the daemon running), which this script does not run
+calloc-input	src/nbd/input.rs	buf: crate::touch::zeroed\(INPUT_LEN\)\?,	buf: vec![0u8; INPUT_LEN].into_boxed_slice(),
 accept-shortage-fatal	src/serve.rs	Some\(libc::EMFILE \| libc::ENFILE \| libc::ENOBUFS \| libc::ENOMEM\) =>	Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM) =>
 EOF
 }
