@@ -264,8 +264,9 @@ fn bind_unix(path: &Path) -> Result<UnixListener, Failure> {
         std::fs::remove_file(path).map_err(|e| Failure::os(format!("removing stale {}", path.display()), e))?;
     }
     // SAFETY: umask only swaps the process's file mode mask; no memory is
-    // involved. Our other threads start after binding, so no file
-    // creation of ours races with the narrowed mask.
+    // involved. Serving threads start after binding; a file the
+    // driver's own threads make meanwhile (a JIT cache entry) only comes
+    // out more private.
     let old = unsafe { libc::umask(0o177) };
     let bound = UnixListener::bind(path);
     // SAFETY: as above, restoring the previous mask.

@@ -198,6 +198,7 @@ pub fn show(json: bool) -> Result<(), Failure> {
             row
         })
         .collect();
+    disown(&mut rows, &swap::table());
     // A dead instance matters only while the kernel still swaps to its
     // device; otherwise its file is litter from a kill -9.
     rows.retain(|r| {
@@ -240,6 +241,7 @@ pub fn show(json: bool) -> Result<(), Failure> {
     Ok(())
 }
 
+#[derive(Default)]
 struct Row {
     name: String,
     target: String,
@@ -274,19 +276,35 @@ fn stillborn(path: &std::path::Path) -> bool {
     old && fs::read_to_string(path).is_ok_and(|t| num(&t, "pid") == 0)
 }
 
-/// What the kernel swaps to an instance's devices: its slices' (those
-/// serving now), or for serve mode and older files its `target`; `None`
-/// if none is swap. The priority is the first one's.
-fn swapped(table: &str, target: &str, slices: &[(String, String, u64)]) -> Option<swap::Active> {
-    let devices: Vec<&str> = match slices.is_empty() {
+/// The devices an instance's file names: its slices' (those serving
+/// now), or for serve mode and older files its `target`.
+fn devices<'a>(target: &'a str, slices: &'a [(String, String, u64)]) -> Vec<&'a str> {
+    match slices.is_empty() {
         true => vec![target],
         false => slices.iter().map(|(d, _, _)| d.as_str()).filter(|&d| d != "-").collect(),
-    };
+    }
+}
+
+/// What the kernel swaps to `devices`, summed; `None` if none is swap.
+/// The priority is the first one's.
+fn swapped(table: &str, devices: &[&str]) -> Option<swap::Active> {
     devices.iter().filter_map(|d| swap::entry(table, std::path::Path::new(d))).reduce(|a, b| swap::Active {
         size_kib: a.size_kib + b.size_kib,
         used_kib: a.used_kib + b.used_kib,
         priority: a.priority,
     })
+}
+
+/// A dead instance's last slice list may name a device that a live one
+/// has taken and made swap since: that swap is the live one's, and keeps
+/// no dead file.
+fn disown(rows: &mut [Row], table: &str) {
+    let live: Vec<String> =
+        rows.iter().filter(|r| r.health() != "dead").flat_map(|r| devices(&r.target, &r.slices)).map(String::from).collect();
+    for r in rows.iter_mut().filter(|r| r.health() == "dead") {
+        let own: Vec<&str> = devices(&r.target, &r.slices).into_iter().filter(|d| !live.iter().any(|l| l == d)).collect();
+        r.swap = swapped(table, &own);
+    }
 }
 
 /// See `stillborn`.
@@ -310,7 +328,7 @@ impl Row {
             .collect();
         Some(Row {
             name: path.file_stem()?.to_string_lossy().into_owned(),
-            swap: swapped(&swap::table(), &target, &slices),
+            swap: swapped(&swap::table(), &devices(&target, &slices)),
             target,
             store: field(&t, "store").to_string(),
             pid: num(&t, "pid"),
@@ -484,9 +502,20 @@ mod tests {
     fn every_slice_counts_for_swap() {
         let table = "Filename Type Size Used Priority\n/dev/nbd1 partition 1000 40 100\n/dev/nbd2 partition 1000 2 100\n";
         let slices = |d: [&str; 3]| d.map(|d| (d.to_string(), "serving".to_string(), 0)).to_vec();
-        let a = swapped(table, "/dev/nbd0", &slices(["-", "/dev/nbd1", "/dev/nbd2"])).unwrap();
+        let a = swapped(table, &devices("/dev/nbd0", &slices(["-", "/dev/nbd1", "/dev/nbd2"]))).unwrap();
         assert_eq!((a.size_kib, a.used_kib, a.priority), (2000, 42, 100));
-        assert!(swapped(table, "/dev/nbd1", &slices(["/dev/nbd0", "-", "/dev/nbd3"])).is_none());
-        assert_eq!(swapped(table, "/dev/nbd2", &[]).unwrap().used_kib, 2, "serve mode: its target");
+        assert!(swapped(table, &devices("/dev/nbd1", &slices(["/dev/nbd0", "-", "/dev/nbd3"]))).is_none());
+        assert_eq!(swapped(table, &devices("/dev/nbd2", &[])).unwrap().used_kib, 2, "serve mode: its target");
+        // A dead daemon whose slice 1 a live one has taken since.
+        let row = |pid: u64, slices: Vec<(String, String, u64)>| Row { pid, updated: now(), slices, ..Row::default() };
+        let dead = 1 << 23; // above any pid_max
+        let mut rows = [row(dead, slices(["-", "/dev/nbd1", "/dev/nbd2"])), row(std::process::id().into(), slices(["/dev/nbd1", "-", "-"]))];
+        disown(&mut rows, table);
+        assert_eq!(rows[0].health(), "dead");
+        assert_eq!(rows[0].swap.as_ref().map(|a| a.used_kib), Some(2), "only /dev/nbd2 is still the dead one's");
+        rows[0].slices = slices(["-", "/dev/nbd1", "-"]);
+        disown(&mut rows, table);
+        assert!(rows[0].swap.is_none(), "a device another serves kept a dead file");
+        assert!(rows[1].swap.is_none(), "a live row is left as read");
     }
 }
