@@ -58,7 +58,8 @@ pub enum Refusal {
     Ram = 1,
     /// Another swapoff of it is still moving its pages back.
     Elsewhere,
-    /// A swapon or a mount took the device right after its swapoff.
+    /// Something else holds the device: a swapon or a mount after its
+    /// swapoff.
     Taken,
     /// Whatever else the kernel said; the slice's log line has it.
     Other,
@@ -71,7 +72,7 @@ impl Refusal {
         match self {
             Refusal::Ram => "RAM cannot take its pages back now",
             Refusal::Elsewhere => "another swapoff of it is still under way",
-            Refusal::Taken => "a swapon or a mount took the device right after its swapoff",
+            Refusal::Taken => "something else holds the device (a swapon or a mount after its swapoff)",
             Refusal::Other => "the kernel refused it (see the log)",
         }
     }

@@ -101,13 +101,15 @@ pub struct Swapoff<'a> {
 /// What one swapoff found.
 pub enum Outcome {
     Off,
-    /// The device is not a swap area (any more).
+    /// The device is not a swap area (any more). Something else may hold
+    /// it all the same (a mounted file system): only a `Claim` tells.
     NotSwap,
     /// Another swapoff of it (systemd's `dev-nbdN.swap` unit, an
     /// administrator's) is still moving its pages back: the kernel takes an
-    /// area off its list as a swapoff starts, so this one was refused as
-    /// for no swap area, but the device is still held and its pages still
-    /// need serving. If that swapoff fails, the area is swap again.
+    /// area off its list of active ones as a swapoff starts, so this one
+    /// was refused as for no swap area, but the device is still held, and
+    /// listed in /proc/swaps, and its pages still need serving. If that
+    /// swapoff fails, the area is swap again.
     Elsewhere,
     /// Still swap, as far as anyone can tell: ENOMEM while RAM cannot take
     /// the pages back, or whatever else the kernel said.
@@ -150,9 +152,12 @@ impl<'a> Swapoff<'a> {
             // another one runs.
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => match &self.dirs {
                 // By descriptor that file is the device itself. Swap holds
-                // a block device exclusively until the last page is back.
+                // a block device exclusively until the last page is back,
+                // and /proc/swaps lists it until then; a mount holds it
+                // too, unlisted.
                 Some((fds, _)) => match claim_by(self.dev, fds) {
                     Ok(Some(_)) => Outcome::NotSwap,
+                    Ok(None) if lookup(self.path).is_some_and(|a| a.is_none()) => Outcome::NotSwap,
                     Ok(None) => Outcome::Elsewhere,
                     Err(e) => Outcome::Failed(e),
                 },
@@ -370,6 +375,12 @@ mod tests {
         assert!(matches!(off.claim().unwrap(), Claim::Taken), "a swap area was claimed");
         assert!(matches!(off.run(), Outcome::Off));
         assert!(matches!(off.claim().unwrap(), Claim::Ours { .. }));
+        // Held as a mount holds it: no swap area, so no other swapoff to
+        // wait for, but not to be taken either.
+        let holder = OpenOptions::new().read(true).custom_flags(libc::O_EXCL).open(&looped.1).unwrap();
+        assert!(matches!(off.run(), Outcome::NotSwap));
+        assert!(matches!(off.claim().unwrap(), Claim::Taken));
+        drop(holder);
     }
 
     #[test]
