@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use crate::cli::SwapOpts;
 use crate::elastic::{self, Change, Policy, State, Why};
 use crate::fail::{Code, Failure};
+use crate::nbd::kernel;
 use crate::nbd::proto::MAX_PAYLOAD;
 use crate::reroot::InitRoot;
 use crate::resize::{self, Request};
@@ -135,7 +136,14 @@ fn run<T: Tier>(opts: &SwapOpts, tuning: &Tuning, tier: &T) -> Result<(), Failur
         if let Some(h) = status {
             let _ = h.join();
         }
-        outcome
+        // Swapoff succeeds over pages it could not read back (the kernel
+        // poisons them, and their processes get SIGBUS): after a store
+        // failed, no stop is a clean one.
+        let failed = boards.iter().any(|b| b.stats.iter().any(|c| c.failed.load(Ordering::Relaxed)));
+        match outcome {
+            Ok(()) if failed => Err(Failure::new(Code::Other, "a store failed while serving: pages swapped to it may be lost")),
+            outcome => outcome,
+        }
     })
 }
 
@@ -412,12 +420,12 @@ impl<'a, 't, T: Tier> Steer<'a, 't, T> {
             if let Some(refusal) = board.take_refusal() {
                 self.chosen[i] = None;
                 self.report.tell(format!(
-                    "swapoff of slice {i} refused: {}; it serves on, and a slice is given back again in {} s",
+                    "slice {i} not given back: {}; it serves on, and a slice is given back again in {} s",
                     refusal.why(),
                     elastic::RETRY.as_secs()
                 ));
                 self.policy.refused(now);
-                self.answer(format!("failed: a swapoff was refused: {}; the daemon tries again", refusal.why()));
+                self.answer(format!("failed: slice {i} not given back: {}; the daemon tries again", refusal.why()));
             }
         }
         let free = self.tier.free();
@@ -444,7 +452,7 @@ impl<'a, 't, T: Tier> Steer<'a, 't, T> {
                     }
                 };
                 self.report.tell(format!("taking slice {i} again ({} MiB): {}", self.opts.slice / MIB, reason(why, free, self.opts)));
-                match start(s, self.setups[usize::from(i > 0)], backing, &self.boards[i], i) {
+                match start(s, self.setup_for(i), backing, &self.boards[i], i) {
                     Ok(h) => slots[i] = Some(h),
                     Err(f) => {
                         error!("{f}");
@@ -466,6 +474,20 @@ impl<'a, 't, T: Tier> Steer<'a, 't, T> {
                     ));
                 }
             }
+        }
+    }
+
+    /// Slice 0 takes `--device` again while that is free; once another
+    /// server has taken it (or left it swap), the first free device, as
+    /// the others do, so that it is not asked for again and again.
+    fn setup_for(&self, i: usize) -> &'a Setup<'a> {
+        let free = |d: &std::path::Path| kernel::server_of(d).is_none() && swap::active(d).is_none();
+        match self.setups[0].device {
+            Some(d) if i == 0 && !free(d) => {
+                warn!("slice 0: {} is taken since it was given back; taking the first free device instead", d.display());
+                self.setups[1]
+            }
+            _ => self.setups[usize::from(i > 0)],
         }
     }
 

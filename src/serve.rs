@@ -7,7 +7,7 @@ use std::io::{self, ErrorKind};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::fd::AsFd;
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
 
 use std::thread;
@@ -264,14 +264,17 @@ fn bind_unix(path: &Path) -> Result<UnixListener, Failure> {
         std::fs::remove_file(path).map_err(|e| Failure::os(format!("removing stale {}", path.display()), e))?;
     }
     // SAFETY: umask only swaps the process's file mode mask; no memory is
-    // involved. Serving threads start after binding; a file the
-    // driver's own threads make meanwhile (a JIT cache entry) only comes
-    // out more private.
-    let old = unsafe { libc::umask(0o177) };
+    // involved. Owner only from the start, so that nobody connects before
+    // the chmod below. Serving threads start after binding; a file or
+    // directory the driver's own threads make meanwhile (a JIT cache
+    // entry) only comes out private to its owner.
+    let old = unsafe { libc::umask(0o077) };
     let bound = UnixListener::bind(path);
     // SAFETY: as above, restoring the previous mask.
     unsafe { libc::umask(old) };
-    bound.map_err(|e| Failure::os(format!("unix:{}", path.display()), e))
+    let bound = bound.map_err(|e| Failure::os(format!("unix:{}", path.display()), e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|e| Failure::os(format!("chmod {}", path.display()), e))?;
+    Ok(bound)
 }
 
 #[cfg(test)]

@@ -61,7 +61,7 @@ pub enum Refusal {
     /// Something else holds the device: a swapon or a mount after its
     /// swapoff.
     Taken,
-    /// Whatever else the kernel said; the slice's log line has it.
+    /// Whatever else went wrong; the slice's log line has it.
     Other,
 }
 
@@ -70,10 +70,10 @@ impl Refusal {
 
     pub fn why(self) -> &'static str {
         match self {
-            Refusal::Ram => "RAM cannot take its pages back now",
+            Refusal::Ram => "its swapoff was refused: RAM cannot take its pages back now",
             Refusal::Elsewhere => "another swapoff of it is still under way",
             Refusal::Taken => "something else holds the device (a swapon or a mount after its swapoff)",
-            Refusal::Other => "the kernel refused it (see the log)",
+            Refusal::Other => "see the log",
         }
     }
 }
@@ -363,11 +363,6 @@ fn serve<'b, B: Backing>(
         }
         match (control, kernel) {
             (Err(f), _) if !controlled => Ended::NotStarted(f),
-            // Swapoff succeeds over pages it could not read back: the
-            // kernel poisons them, and their processes get SIGBUS.
-            (Ok(Ended::Off), Ok(())) if shared.lost() => {
-                Ended::Lost(Failure::new(Code::Other, format!("{}: the store failed while serving: pages swapped to it may be lost", path.display())))
-            }
             (Ok(Ended::Off), Ok(())) => Ended::Off,
             (Ok(Ended::NotStarted(f)), _) => Ended::NotStarted(f),
             (Ok(Ended::Lost(f)) | Err(f), _) | (Ok(Ended::Off), Err(f)) => Ended::Lost(f),

@@ -57,10 +57,11 @@ pub fn is_nbd_vram(pid: u64) -> bool {
     pid != 0 && fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "nbd-vram")
 }
 
-/// Whether a status file is a swap daemon's (which lists its slices), not
-/// serve mode's.
+/// Whether a status file is a swap daemon's (which lists its slices, and
+/// has a priority), not serve mode's or a `--no-swap` daemon's, whose one
+/// device is never given back or resized.
 pub fn swap_daemon(text: &str) -> bool {
-    text.lines().any(|l| l.starts_with("slices="))
+    text.lines().any(|l| l.starts_with("slices=")) && !matches!(field(text, "priority"), "-" | "")
 }
 
 /// Whether a status file's instance still publishes: its pid is an
@@ -479,17 +480,19 @@ mod tests {
         let pid = other.id();
         let file = |name: &str, text: String| fs::write(dir.join(format!("{name}.status")), text).unwrap();
         let t = now();
-        file("nbd0", format!("pid={pid}\nupdated={t}\ntarget=/dev/nbd0\nslices=2\nslice.0=- released 0\nslice.1=/dev/nbd1 serving 0\n"));
-        file("serve-1", format!("pid={pid}\nupdated={t}\ntarget=/dev/nbd2\n"));
-        file("nbd3", format!("pid=1\nupdated={t}\ntarget=/dev/nbd3\nslices=1\n"));
-        file("nbd4", format!("pid={pid}\nupdated={}\ntarget=/dev/nbd4\nslices=1\n", t - 60));
+        file("nbd0", format!("pid={pid}\nupdated={t}\ntarget=/dev/nbd0\npriority=100\nslices=2\nslice.0=- released 0\nslice.1=/dev/nbd1 serving 0\n"));
+        file("serve-1", format!("pid={pid}\nupdated={t}\ntarget=/dev/nbd2\npriority=-\n"));
+        file("nbd3", format!("pid=1\nupdated={t}\ntarget=/dev/nbd3\npriority=100\nslices=1\n"));
+        file("nbd4", format!("pid={pid}\nupdated={}\ntarget=/dev/nbd4\npriority=100\nslices=1\n", t - 60));
+        file("nbd5", format!("pid={pid}\nupdated={t}\ntarget=/dev/nbd5\npriority=-\nslices=1\n"));
         let found = |d: &str| started_on_in(&dir, std::path::Path::new(d));
         assert_eq!(found("/dev/nbd0"), Some((pid, "nbd0".into())));
         assert_eq!(found("/dev/nbd2"), None, "serve mode has no slices to give back");
         assert_eq!(found("/dev/nbd3"), None, "pid 1 is no nbd-vram");
         assert_eq!(found("/dev/nbd1"), None, "not the device it started on");
         assert_eq!(found("/dev/nbd4"), None, "a file not written for a minute: its pid may be another's now");
-        file("nbd0-7", format!("pid={pid}\nupdated={t}\ntarget=/dev/nbd0\nslices=1\n"));
+        assert_eq!(found("/dev/nbd5"), None, "a --no-swap daemon gives nothing back");
+        file("nbd0-7", format!("pid={pid}\nupdated={t}\ntarget=/dev/nbd0\npriority=5\nslices=1\n"));
         assert_eq!(found("/dev/nbd0"), None, "two daemons started on it: neither is guessed");
         other.kill().unwrap();
         other.wait().unwrap();

@@ -24,8 +24,11 @@ pub fn zeroed(len: usize) -> io::Result<Box<[u8]>> {
 /// Touches every page of `v`'s spare capacity now, as `zeroed` does its
 /// bytes: what a vector made with capacity takes while serving.
 pub fn spare<T>(v: &mut Vec<T>) {
+    if std::mem::size_of::<T>() == 0 {
+        return; // no memory behind it
+    }
     let spare = v.spare_capacity_mut();
-    let step = (4096 / std::mem::size_of::<T>().max(1)).max(1);
+    let step = (4096 / std::mem::size_of::<T>()).max(1);
     for at in (0..spare.len()).step_by(step).chain(spare.len().checked_sub(1)) {
         // SAFETY: `at` lies in the spare capacity, which may be written
         // with anything a `MaybeUninit<T>` holds.
