@@ -186,10 +186,11 @@ fn a_fence_whose_event_was_not_recorded_still_waits() {
     let data = pattern(10, MIB as usize);
     let part = |i: usize| &data[i * 64 * KIB as usize..][..64 * KIB as usize];
     let mut failed = Vec::new();
-    for n in 1..=8 {
-        let what = format!("FAIL_RECORD={n}");
+    for (batch, n) in ["0", "1"].into_iter().flat_map(|b| (1..=8).map(move |n| (b, n))) {
+        let what = format!("NBD_VRAM_BATCH={batch} FAIL_RECORD={n}");
         let mut server = Serve::new(8)
             .env("FAKE_CUDA_FAIL_RECORD", &n.to_string())
+            .env("NBD_VRAM_BATCH", batch)
             .env("NBD_VRAM_GROUP", "4")
             .env("NBD_VRAM_MAILBOX", "0")
             .start();
@@ -200,7 +201,7 @@ fn a_fence_whose_event_was_not_recorded_still_waits() {
         for _ in 0..16 {
             let (error, cookie) = nbd.reply();
             if error == EIO {
-                failed.push((n, cookie));
+                failed.push((batch, n, cookie));
                 continue;
             }
             assert_eq!(error, 0, "{what}: read {cookie}");
@@ -211,13 +212,72 @@ fn a_fence_whose_event_was_not_recorded_still_waits() {
         // The failure may meet these reads instead, once.
         let mut again = nbd.read(0, MIB as u32);
         if again == Err(EIO) {
-            failed.push((n, 16));
+            failed.push((batch, n, 16));
             again = nbd.read(0, MIB as u32);
         }
         assert!(again.as_deref() == Ok(&data[..]), "{what}: serving goes on: {:?}", again.err());
         nbd.disconnect();
         server.assert_alive();
     }
-    eprintln!("reads answered EIO (FAIL_RECORD, cookie): {failed:?}");
-    assert!(failed.iter().any(|&(_, c)| c > 0), "no failure met a group after the first: this test proves nothing");
+    eprintln!("reads answered EIO (NBD_VRAM_BATCH, FAIL_RECORD, cookie): {failed:?}");
+    for batch in ["0", "1"] {
+        let later = failed.iter().any(|&(b, _, c)| b == batch && c > 0);
+        assert!(later, "NBD_VRAM_BATCH={batch}: no failure met a group after the first: this test proves nothing");
+    }
+}
+
+/// A write whose batch could not be handed over (an event not recorded,
+/// and the sync tried in its place failing, neither error sticky) is
+/// answered EIO and never issued later: once another connection has
+/// written the same range since, and been answered, its bytes are the ones
+/// read back. The failure is placed at each event in turn; where it meets
+/// a publication to the other connection instead, the store is lost, and
+/// says so.
+#[test]
+fn a_write_that_could_not_start_never_lands_later() {
+    let len = 64 * KIB as usize;
+    let (before, lost, after) = (pattern(20, len), pattern(21, len), pattern(22, len));
+    let mut failed = Vec::new();
+    for (batch, n) in ["0", "1"].into_iter().flat_map(|b| (1..=8).map(move |n| (b, n))) {
+        let what = format!("NBD_VRAM_BATCH={batch} FAIL_RECORD={n}");
+        let mut server = Serve::new(8)
+            .arg("--connections")
+            .arg("2")
+            .env("FAKE_CUDA_FAIL_RECORD", &n.to_string())
+            .env("NBD_VRAM_BATCH", batch)
+            .env("NBD_VRAM_MAILBOX", "0")
+            .start();
+        let (mut a, mut b) = (Nbd::connect(&server.sock), Nbd::connect(&server.sock));
+        // The failure is met once: a request that meets it is asked again.
+        let twice = |nbd: &mut Nbd, offset: u64, data: &[u8]| nbd.write(offset, data) == 0 || nbd.write(offset, data) == 0;
+        let written = twice(&mut a, MIB, &before) // a fence, whose event the next hand-over records
+            && match a.write(0, &lost) {
+                EIO => {
+                    failed.push((batch, n));
+                    true
+                }
+                e => e == 0,
+            }
+            && twice(&mut b, 0, &after);
+        if !written {
+            assert!(server.logged("their data may be lost"), "{what}: a write failed twice:\n{}", server.log());
+            continue;
+        }
+        // The next request on the first connection issues whatever it
+        // still holds.
+        for nbd in [&mut a, &mut b] {
+            let mut got = nbd.read(0, len as u32);
+            if got == Err(EIO) {
+                got = nbd.read(0, len as u32);
+            }
+            assert!(got.as_deref() == Ok(&after[..]), "{what}: a write answered EIO landed after a later one: {:?}", got.err());
+        }
+        a.disconnect();
+        b.disconnect();
+        server.assert_alive();
+    }
+    eprintln!("writes answered EIO at (NBD_VRAM_BATCH, FAIL_RECORD) = {failed:?}");
+    for batch in ["0", "1"] {
+        assert!(failed.iter().any(|&(b, _)| b == batch), "NBD_VRAM_BATCH={batch}: no write met the failure: this test proves nothing");
+    }
 }
