@@ -189,17 +189,18 @@ pub fn show(json: bool) -> Result<(), Failure> {
         Err(e) => return Err(Failure::os(DIR, e)),
     };
     files.sort();
+    let table = swap::table();
     let mut rows: Vec<Row> = files
         .iter()
         .filter_map(|p| {
-            let row = Row::read(p);
+            let row = Row::read(p, &table);
             if row.is_none() && stillborn(p) {
                 let _ = fs::remove_file(p);
             }
             row
         })
         .collect();
-    disown(&mut rows, &swap::table());
+    disown(&mut rows, &table);
     // A dead instance matters only while the kernel still swaps to its
     // device; otherwise its file is litter from a kill -9.
     rows.retain(|r| {
@@ -314,7 +315,8 @@ const STILLBORN: std::time::Duration = std::time::Duration::from_secs(10);
 impl Row {
     /// `None` also for a file its instance has created but not written
     /// yet: with no pid, it would pass for a dead one's, and be removed.
-    fn read(path: &std::path::Path) -> Option<Row> {
+    /// `table`: /proc/swaps, read once for every file.
+    fn read(path: &std::path::Path, table: &str) -> Option<Row> {
         let t = fs::read_to_string(path).ok()?;
         if num(&t, "pid") == 0 {
             return None;
@@ -329,7 +331,7 @@ impl Row {
             .collect();
         Some(Row {
             name: path.file_stem()?.to_string_lossy().into_owned(),
-            swap: swapped(&swap::table(), &devices(&target, &slices)),
+            swap: swapped(table, &devices(&target, &slices)),
             target,
             store: field(&t, "store").to_string(),
             pid: num(&t, "pid"),
@@ -418,10 +420,10 @@ mod tests {
         assert_eq!((num(&text, "connections"), num(&text, "requests"), num(&text, "errors")), (3, 3, 1), "{text}");
         let path = std::env::temp_dir().join(format!("nbd-vram-status-test-{}.status", std::process::id()));
         fs::write(&path, &text).unwrap();
-        let row = Row::read(&path).unwrap();
+        let row = Row::read(&path, "").unwrap();
         // As just created by `publish`, before its first write.
         fs::write(&path, "").unwrap();
-        assert!(Row::read(&path).is_none(), "a file not written yet was read as an instance's");
+        assert!(Row::read(&path, "").is_none(), "a file not written yet was read as an instance's");
         assert!(!stillborn(&path), "a file just made was taken for a dead instance's");
         let long_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
         fs::File::options().write(true).open(&path).unwrap().set_modified(long_ago).unwrap();

@@ -1,12 +1,10 @@
 //! Swap by itself, no util-linux: the swap header, swapon(2), swapoff(2)
 //! and what /proc/swaps says.
 
-use std::ffi::CString;
-use std::fs::OpenOptions;
+use std::ffi::{CStr, CString};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use crate::uapi;
@@ -118,10 +116,8 @@ pub enum Outcome {
 
 impl<'a> Swapoff<'a> {
     pub fn new(path: &'a Path, dev: BorrowedFd<'a>) -> Swapoff<'a> {
-        let dir = |p: &str| {
-            OpenOptions::new().read(true).custom_flags(libc::O_PATH | libc::O_DIRECTORY).open(p).map(OwnedFd::from)
-        };
-        let dirs = dir("/proc/self/fd").and_then(|fds| Ok((fds, dir(".")?))).ok();
+        let dir = |p: &CStr| crate::dirfd::openat(None, p, libc::O_PATH | libc::O_DIRECTORY);
+        let dirs = dir(c"/proc/self/fd").and_then(|fds| Ok((fds, dir(c".")?))).ok();
         Swapoff { path, dev, dirs }
     }
 
@@ -377,7 +373,8 @@ mod tests {
         assert!(matches!(off.claim().unwrap(), Claim::Ours { .. }));
         // Held as a mount holds it: no swap area, so no other swapoff to
         // wait for, but not to be taken either.
-        let holder = OpenOptions::new().read(true).custom_flags(libc::O_EXCL).open(&looped.1).unwrap();
+        use std::os::unix::fs::OpenOptionsExt;
+        let holder = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_EXCL).open(&looped.1).unwrap();
         assert!(matches!(off.run(), Outcome::NotSwap));
         assert!(matches!(off.claim().unwrap(), Claim::Taken));
         drop(holder);

@@ -174,6 +174,13 @@ fn a_lone_read_after_a_failed_group_answers_eio() {
     assert_lost(&mut server, nbd, "CUDA_ERROR_ILLEGAL_ADDRESS", "nine reads, FAIL_SYNC=1");
 }
 
+/// Where `FAKE_CUDA_FAIL_RECORD` is placed: each of the first eight
+/// events, with copies one driver call each (`NBD_VRAM_BATCH=0`) and
+/// batched.
+fn record_failures() -> impl Iterator<Item = (&'static str, u32)> {
+    ["0", "1"].into_iter().flat_map(|batch| (1..=8).map(move |n| (batch, n)))
+}
+
 /// An event that could not be recorded, where the stream sync tried in its
 /// place failed too (neither error sticky), leaves the fence before it
 /// unmarked: that group's reads must still wait for their copies, never be
@@ -186,7 +193,7 @@ fn a_fence_whose_event_was_not_recorded_still_waits() {
     let data = pattern(10, MIB as usize);
     let part = |i: usize| &data[i * 64 * KIB as usize..][..64 * KIB as usize];
     let mut failed = Vec::new();
-    for (batch, n) in ["0", "1"].into_iter().flat_map(|b| (1..=8).map(move |n| (b, n))) {
+    for (batch, n) in record_failures() {
         let what = format!("NBD_VRAM_BATCH={batch} FAIL_RECORD={n}");
         let mut server = Serve::new(8)
             .env("FAKE_CUDA_FAIL_RECORD", &n.to_string())
@@ -238,7 +245,7 @@ fn a_write_that_could_not_start_never_lands_later() {
     let len = 64 * KIB as usize;
     let (before, lost, after) = (pattern(20, len), pattern(21, len), pattern(22, len));
     let mut failed = Vec::new();
-    for (batch, n) in ["0", "1"].into_iter().flat_map(|b| (1..=8).map(move |n| (b, n))) {
+    for (batch, n) in record_failures() {
         let what = format!("NBD_VRAM_BATCH={batch} FAIL_RECORD={n}");
         let mut server = Serve::new(8)
             .arg("--connections")
