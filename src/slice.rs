@@ -343,7 +343,6 @@ fn serve<'b, B: Backing>(
                 shut_all(ours);
             }
         }
-        crate::touch::stack();
         crate::log::relay_here();
         pressure::realtime();
         // Until every link has ended: the kernel sends the requests of one

@@ -71,10 +71,7 @@ where
             }
             let serve = *go == Some(true);
             drop(go);
-            conn.filter(|_| serve).map(|conn| {
-                crate::touch::stack();
-                work(i, conn)
-            })
+            conn.filter(|_| serve).map(|conn| work(i, conn))
         });
         match spawned {
             Ok(h) => handles.push(h),

@@ -659,5 +659,27 @@ mod tests {
         b.push(end + 16384, host + 12288, 4096, other);
         assert_eq!(b.len(), 1);
     }
+
+    /// A batch's lists are in RAM before serving, as the input buffer is
+    /// (nbd/input.rs): alone, with glibc's mmap threshold fixed, so that
+    /// lists this long come fresh from mmap.
+    #[test]
+    fn a_batch_is_in_ram_before_serving() {
+        super::fake_tests::alone("cuda::tests::batch_in_ram", &[("MALLOC_MMAP_THRESHOLD_", "131072")]);
+    }
+
+    #[test]
+    #[ignore = "run by a_batch_is_in_ram_before_serving"]
+    fn batch_in_ram() {
+        use crate::touch::resident;
+        if !super::fake_tests::knob_given("MALLOC_MMAP_THRESHOLD_") {
+            return;
+        }
+        const N: usize = 1 << 15; // 256 KiB a list
+        let plain: Vec<u64> = Vec::with_capacity(N);
+        assert!(!resident(plain.as_ptr(), N * 8), "fresh capacity counted as touched: this test proves nothing");
+        let b = CopyBatch::with_capacity(N);
+        assert!(resident(b.dsts.as_ptr(), N * 8) && resident(b.srcs.as_ptr(), N * 8) && resident(b.sizes.as_ptr(), N * 8));
+    }
 }
 

@@ -205,6 +205,9 @@ where
     S: Store,
     T: Write + AsFd,
 {
+    // Here, not where each serving thread starts: whatever thread serves,
+    // the stack its requests use is in RAM before the first one.
+    crate::touch::stack();
     bufs.input.clear();
     bufs.ring = 0; // the last connection ended with a sync
     (bufs.replies.held, bufs.replies.held_groups) = (0, 0);

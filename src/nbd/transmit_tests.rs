@@ -186,6 +186,38 @@ fn a_request_longer_than_staging_is_refused_and_the_connection_goes_on() {
     }
 }
 
+/// Every thread that serves finds the stack its requests use in RAM: the
+/// loop touches it before the first request, whichever thread runs it.
+/// Thread stacks of an odd size no other test asks for, so that glibc
+/// cannot hand this one a stack another thread touched.
+#[test]
+fn the_loop_serves_on_a_stack_already_in_ram() {
+    use crate::touch::{resident, STACK};
+    let serve = |served: bool| {
+        thread::Builder::new()
+            .stack_size(20 * STACK + 12288)
+            .spawn(move || {
+                let here = 0u8;
+                let top = std::hint::black_box(&here) as *const u8 as usize;
+                if served {
+                    let (mut ours, theirs) = UnixStream::pair().unwrap();
+                    drop(theirs); // the client is gone before its first request
+                    let backing = HostBacking::new(SIZE).unwrap();
+                    let mut store = backing.open().unwrap();
+                    let mut bufs = Buffers::new(&mut store, &crate::tuning::Tuning::default()).unwrap();
+                    let _ = run(&mut store, &mut bufs, &Shared::new(Export::new(SIZE), 1), &Stats::default(), &mut ours);
+                }
+                // Well below what the frames down to the loop's use.
+                resident((top - STACK + 32768) as *const u8, STACK - 65536)
+            })
+            .unwrap()
+            .join()
+            .unwrap()
+    };
+    assert!(!serve(false), "a fresh stack counted as touched: this test proves nothing");
+    assert!(serve(true), "the loop served on a stack not yet in RAM");
+}
+
 /// A connection's store that fails every sync once told to, as a device
 /// that failed after taking work; its neighbour's store still works (the
 /// failure is not sticky, as a missed mailbox deadline is not).
