@@ -38,6 +38,9 @@ use cli::Command;
 use fail::{Code, Failure};
 
 fn main() -> ExitCode {
+    if let Some(code) = swap::run_child_if_asked() {
+        return ExitCode::from(code);
+    }
     let parsed = match cli::parse(std::env::args().skip(1)) {
         Ok(p) => p,
         Err(msg) => {

@@ -263,18 +263,22 @@ pub fn run<B: Backing>(setup: &Setup, backing: &B, board: &Board) -> Ended {
     let n = opts.connections;
     let shared = Shared::new(Export::new(backing.size()), n);
     let export = &shared.export;
+    // Made before the store that copies it, so that it outlives any copy
+    // of it a failed sync left queued.
+    let header = match opts.swap.then(|| swap::header(export.size)).transpose() {
+        Ok(header) => header,
+        Err(e) => return Ended::NotStarted(Failure::new(Code::Usage, format!("--size: {e}"))),
+    };
     // This thread serves the first connection; its store writes the header.
     let mut first = match workers::open(backing, tuning, setup.staging) {
         Ok(first) => first,
         Err(f) => return Ended::NotStarted(f),
     };
-    if opts.swap {
+    if let Some(h) = &header {
         // Written straight into the store: no block I/O, no page cache.
-        let header = swap::header(export.size).map_err(|e| Failure::new(Code::Usage, format!("--size: {e}")));
         let store = &mut first.store;
-        let written = header.and_then(|h| store.write(0, &h).and_then(|_| store.sync()).map_err(|e| Failure::os("writing the swap header", e)));
-        if let Err(f) = written {
-            return Ended::NotStarted(f);
+        if let Err(e) = store.write(0, h).and_then(|_| store.sync()) {
+            return Ended::NotStarted(Failure::os("writing the swap header", e));
         }
     }
     let pairs = match (0..n).map(|_| UnixStream::pair()).collect::<io::Result<Vec<_>>>() {
@@ -353,6 +357,7 @@ fn serve<'b, B: Backing>(
         board.link_ended();
         let kernel = join(kernel, "NBD_DO_IT");
         let control = join(control, "control");
+        let broke = served.iter().any(Result::is_err);
         for (i, served) in served.into_iter().enumerate() {
             let which = if n > 1 { format!("{} link {i}", path.display()) } else { format!("{} link", path.display()) };
             match served {
@@ -362,6 +367,8 @@ fn serve<'b, B: Backing>(
         }
         match (control, kernel) {
             (Err(f), _) if !controlled => Ended::NotStarted(f),
+            // Its requests then failed, or went down another link.
+            (Ok(Ended::Off), Ok(())) if broke => Ended::Lost(Failure::new(Code::Other, format!("{}: a link broke while serving: data sent to it may be lost", path.display()))),
             (Ok(Ended::Off), Ok(())) => Ended::Off,
             (Ok(Ended::NotStarted(f)), _) => Ended::NotStarted(f),
             (Ok(Ended::Lost(f)) | Err(f), _) | (Ok(Ended::Off), Err(f)) => Ended::Lost(f),
@@ -591,6 +598,11 @@ fn give_back(off: &swap::Swapoff, board: &Board) -> Option<Claim> {
     let why = match off.run() {
         Outcome::Off | Outcome::NotSwap => match off.claim() {
             Ok(Claim::Taken) => Refusal::Taken,
+            // What the kernel could not read back, it gave up on.
+            Ok(_) if board.lock().link_down => {
+                error!("swapoff {}: the link ended while it ran; pages it could not read back are lost", path.display());
+                return None;
+            }
             Ok(claim) => {
                 info!("swapoff {} done: {pages} page(s) moved out in {:.1} s", path.display(), t.elapsed().as_secs_f64());
                 board.moved.0.store(pages, Ordering::SeqCst);
@@ -607,7 +619,7 @@ fn give_back(off: &swap::Swapoff, board: &Board) -> Option<Claim> {
             return None;
         }
         Outcome::Elsewhere => Refusal::Elsewhere,
-        Outcome::Failed(e) if e.raw_os_error() == Some(libc::ENOMEM) => Refusal::Ram,
+        Outcome::Failed(e) if e.kind() == io::ErrorKind::OutOfMemory => Refusal::Ram,
         Outcome::Failed(e) => {
             warn!("swapoff {}: {e}", path.display());
             Refusal::Other
@@ -660,8 +672,8 @@ fn release(off: &swap::Swapoff, board: &Board, swap: bool) -> Option<Claim> {
                     continue;
                 }
                 Outcome::Failed(e) => {
-                    match e.raw_os_error() {
-                        Some(libc::ENOMEM) => error!(
+                    match e.kind() {
+                        io::ErrorKind::OutOfMemory => error!(
                             "swapoff {}: {e}: RAM cannot take the swapped pages back yet; still serving them, retrying in {} s",
                             path.display(),
                             SWAPOFF_RETRY.as_secs()
@@ -677,6 +689,10 @@ fn release(off: &swap::Swapoff, board: &Board, swap: bool) -> Option<Claim> {
             Ok(Claim::Taken) if off_now => {
                 info!("{}: made swap again, or mounted, right after its swapoff", path.display());
                 continue;
+            }
+            Ok(Claim::Ours { .. } | Claim::Unknown) if board.lock().link_down => {
+                error!("{}: the link ended before its swapoff did; pages it could not read back are lost", path.display());
+                return None;
             }
             Ok(claim @ (Claim::Ours { .. } | Claim::Unknown)) => return Some(claim),
             // The device itself is gone: nothing to keep it for.

@@ -9,6 +9,9 @@ use std::path::Path;
 
 use crate::uapi;
 
+mod child;
+pub use child::run_if_asked as run_child_if_asked;
+
 pub const PAGE: usize = 4096;
 const LABEL: &[u8] = b"nbd-vram";
 
@@ -136,11 +139,27 @@ impl<'a> Swapoff<'a> {
     }
 
     /// Moves every page back into RAM first, so it can take long or fail.
+    /// Runs in a child process (`child`), which an out-of-memory moment
+    /// meanwhile costs its life, not the daemon's; here only where no
+    /// child can be had: without /proc at start, or without the program's
+    /// loader in a root the daemon could not leave at switch_root.
     pub fn run(&self) -> Outcome {
         let result = match &self.dirs {
-            Some((fds, cwd)) => by_descriptor(self.dev, fds, cwd),
+            Some((fds, cwd)) => match child::swapoff(self.dev, fds) {
+                Ok(done) => done,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOMEM | libc::EAGAIN)) => Err(e),
+                Err(e) => {
+                    crate::warn!("{}: no process for its swapoff ({e}): swapping off from the daemon itself", self.path.display());
+                    by_descriptor(self.dev, fds, cwd)
+                }
+            },
             None => swapoff(self.path),
         };
+        self.outcome(result)
+    }
+
+    /// What swapoff's `result` means for the device.
+    fn outcome(&self, result: io::Result<()>) -> Outcome {
         match result {
             Ok(()) => Outcome::Off,
             // The kernel's answer for a file that is not on its list of
@@ -306,9 +325,32 @@ mod tests {
         std::fs::remove_file(&path).unwrap();
     }
 
-    /// Two slices swap off at once at a stop: each thread's lookup by
-    /// descriptor must find its own file, never the other's working
-    /// directory (ENOENT) or a file of that name there.
+    /// A swapoff whose process the OOM killer took: still swap, for want
+    /// of RAM, and the daemon that asked for it lives on. Without a child
+    /// (the swapoff run by the daemon itself) nothing is killed, and the
+    /// plain file is found to be no swap area.
+    #[test]
+    fn a_swapoff_killed_by_the_oom_killer_costs_only_its_own_process() {
+        let path = std::env::temp_dir().join(format!("nbd-vram-swapoff-killed-{}", std::process::id()));
+        let file = std::fs::File::create(&path).unwrap();
+        let off = Swapoff::new(Path::new("/nonexistent/nbd0"), file.as_fd());
+        child::tests::KILLED.set(true);
+        let outcome = off.run();
+        child::tests::KILLED.set(false);
+        std::fs::remove_file(&path).unwrap();
+        match outcome {
+            Outcome::Failed(e) => {
+                assert_eq!(e.kind(), io::ErrorKind::OutOfMemory, "{e}");
+                assert!(e.to_string().contains("killed by signal 9"), "{e}");
+            }
+            _ => panic!("a swapoff whose process was killed was taken for an answer: was there a process?"),
+        }
+    }
+
+    /// Two slices swap off at once at a stop, from the daemon itself where
+    /// no child can be had: each thread's lookup by descriptor must find
+    /// its own file, never the other's working directory (ENOENT) or a
+    /// file of that name there.
     #[test]
     fn swapoffs_on_two_threads_each_find_their_own_device() {
         let dir = std::env::temp_dir().join(format!("nbd-vram-swapoff-threads-{}", std::process::id()));
@@ -320,9 +362,10 @@ mod tests {
                 let start = &start;
                 s.spawn(move || {
                     let off = Swapoff::new(Path::new("/nonexistent/nbd0"), file.as_fd());
+                    let (fds, cwd) = off.dirs.as_ref().unwrap();
                     start.wait();
                     for _ in 0..20_000 {
-                        match judged(off.run()) {
+                        match judged(off.outcome(by_descriptor(off.dev, fds, cwd))) {
                             None | Some(Outcome::NotSwap) => {}
                             Some(Outcome::Failed(e)) => panic!("a swapoff by descriptor lost its way: {e}"),
                             Some(_) => panic!("a plain file was taken for swap"),

@@ -23,7 +23,7 @@
 set -eu
 cd "$(dirname "$0")/../.."
 
-MODE=test TIMEOUT=480
+MODE=test TIMEOUT=720
 case ${1:-} in
 "") ;;
 --check) MODE=check TIMEOUT=300 ;;

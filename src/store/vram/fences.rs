@@ -110,12 +110,14 @@ impl<'c> Fences<'c> {
     /// Waits for everything handed over to `stream`; every token is
     /// spent.
     pub fn sync(&mut self, stream: &Stream) -> io::Result<()> {
-        self.next = 0;
-        self.unrecorded = None;
         if self.issued > self.done {
             stream.sync().map_err(eio)?;
             self.done = self.issued;
         }
+        // Only once synced: after a failed sync, a fence whose event was
+        // never recorded must still be waited for on the stream.
+        self.next = 0;
+        self.unrecorded = None;
         Ok(())
     }
 }
