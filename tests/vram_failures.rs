@@ -177,6 +177,26 @@ fn a_lone_read_after_a_failed_group_answers_eio() {
 /// Where `FAKE_CUDA_FAIL_RECORD` is placed: each of the first eight
 /// events, with copies one driver call each (`NBD_VRAM_BATCH=0`) and
 /// batched.
+/// A flush is answered for itself: a write after it in the same batch
+/// whose batched copy could not start is answered EIO, the flush, done
+/// before that write was even queued, success.
+#[test]
+fn a_write_that_could_not_start_after_a_flush_fails_alone() {
+    use std::io::Write;
+    // Copy 1 zeroes the store; copy 2 is the write after the flush.
+    let mut server = Serve::new(8).env("FAKE_CUDA_FAIL_COPY", "2").env("NBD_VRAM_MAILBOX", "0").env("NBD_VRAM_BATCH", "1").start();
+    let mut nbd = Nbd::connect(&server.sock);
+    // One send, so that both are one batch.
+    let mut wire = common::raw::header(0, CMD_FLUSH, 1, 0, 0).to_vec();
+    wire.extend(common::raw::header(0, CMD_WRITE, 2, 0, 4096));
+    wire.extend(pattern(1, 4096));
+    nbd.s.write_all(&wire).unwrap();
+    let (flush, write) = (nbd.reply(), nbd.reply());
+    assert_eq!(write, (EIO, 2), "the write whose copy could not start");
+    assert_eq!(flush, (0, 1), "the flush, done before the write was queued");
+    server.assert_alive();
+}
+
 fn record_failures() -> impl Iterator<Item = (&'static str, u32)> {
     ["0", "1"].into_iter().flat_map(|batch| (1..=8).map(move |n| (batch, n)))
 }

@@ -325,7 +325,11 @@ impl<S: Store, T: Write + AsFd> Link<'_, S, T> {
             self.bufs.replies.slots[base + n] = slot;
             payload += len;
             n += 1;
-            if waits {
+            if req.command == sys::NBD_CMD_FLUSH {
+                // Nor does what fails after it: the flush is done.
+                self.close_group(base + n);
+                waiting = 0;
+            } else if waits {
                 waiting += 1;
                 if waiting == self.bufs.replies.group {
                     self.close_group(base + n);
