@@ -46,6 +46,31 @@ fn recv(fd: BorrowedFd, buf: &mut [u8], flags: libc::c_int) -> io::Result<Option
     }
 }
 
+/// Sends what a socket has room for now, without blocking: `Ok(None)`
+/// when it has none.
+pub fn send_nowait(fd: BorrowedFd, iov: &[io::IoSlice]) -> io::Result<Option<usize>> {
+    // SAFETY: an all-zero msghdr is valid: no name, no control data.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    // `IoSlice` is an iovec (std documents it ABI-compatible on Unix);
+    // sendmsg only reads through the pointer.
+    msg.msg_iov = iov.as_ptr().cast_mut().cast();
+    msg.msg_iovlen = iov.len() as _;
+    loop {
+        // SAFETY: `msg` points at `iov`, valid for reads for the whole
+        // call, and `fd` is a live descriptor borrowed for it.
+        let n = unsafe { libc::sendmsg(fd.as_raw_fd(), &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+        if n >= 0 {
+            return Ok(Some(n as usize));
+        }
+        let err = io::Error::last_os_error();
+        match err.kind() {
+            io::ErrorKind::WouldBlock => return Ok(None),
+            io::ErrorKind::Interrupted => continue,
+            _ => return Err(err),
+        }
+    }
+}
+
 /// Bounds how long a blocking read waits (`None`: for ever).
 pub fn set_recv_timeout(fd: BorrowedFd, timeout: Option<Duration>) -> io::Result<()> {
     set_timeout(fd, libc::SO_RCVTIMEO, timeout)

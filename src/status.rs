@@ -90,6 +90,17 @@ fn started_on_in(dir: &std::path::Path, dev: &std::path::Path) -> Option<(u32, S
     found.next().is_none().then_some(first)
 }
 
+/// Whether the instance `pid` says its store failed (its status file's
+/// `failed`), as last published.
+pub fn failed(pid: u32) -> bool {
+    failed_in(std::path::Path::new(DIR), pid)
+}
+
+fn failed_in(dir: &std::path::Path, pid: u32) -> bool {
+    let Ok(files) = fs::read_dir(dir) else { return false };
+    files.filter_map(|e| fs::read_to_string(e.ok()?.path()).ok()).any(|text| num(&text, "pid") == u64::from(pid) && num(&text, "failed") != 0)
+}
+
 /// Publishes after each `tick` (which waits about a second) until it
 /// returns false, then removes the file; `more` adds lines of its own (the
 /// swap daemon's slices). Besides what `more` does, after the first round
@@ -498,6 +509,19 @@ mod tests {
         assert_eq!(found("/dev/nbd0"), None, "two daemons started on it: neither is guessed");
         other.kill().unwrap();
         other.wait().unwrap();
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// `stop` learns of a failed store from the daemon's own file only.
+    #[test]
+    fn a_failed_store_is_read_from_its_daemons_file() {
+        let dir = std::env::temp_dir().join(format!("nbd-vram-failed-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("a.status"), "pid=7\nfailed=0\n").unwrap();
+        fs::write(dir.join("b.status"), "pid=8\nfailed=1\n").unwrap();
+        assert!(!failed_in(&dir, 7));
+        assert!(failed_in(&dir, 8));
+        assert!(!failed_in(&dir, 9), "no file, nothing known");
         fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -46,7 +46,11 @@ fn terminate(pid: u32, dev: &Path) -> Result<(), Failure> {
     }
     info!("asked pid {pid} to stop {}; waiting for swapoff and detach", dev.display());
     let start = Instant::now();
+    // Its exit status is its parent's to see: what its status file says
+    // meanwhile is ours.
+    let mut failed = false;
     while running(pid) {
+        failed |= status::failed(pid);
         if start.elapsed() > PATIENCE {
             return Err(Failure::new(
                 Code::Swap,
@@ -54,6 +58,9 @@ fn terminate(pid: u32, dev: &Path) -> Result<(), Failure> {
             ));
         }
         thread::sleep(Duration::from_millis(100));
+    }
+    if failed {
+        return Err(Failure::new(Code::Other, format!("{} stopped, but its store had failed: pages swapped to it may be lost (see the daemon's log)", dev.display())));
     }
     info!("{} stopped", dev.display());
     Ok(())

@@ -144,6 +144,9 @@ impl<'a> Swapoff<'a> {
     /// child can be had: without /proc at start, or without the program's
     /// loader in a root the daemon could not leave at switch_root.
     pub fn run(&self) -> Outcome {
+        if let Some(short) = shortage(self.path) {
+            return Outcome::Failed(short);
+        }
         let result = match &self.dirs {
             Some((fds, cwd)) => match child::swapoff(self.dev, fds) {
                 Ok(done) => done,
@@ -230,6 +233,41 @@ fn claim_by(dev: BorrowedFd, fds: &OwnedFd) -> io::Result<Option<OwnedFd>> {
         Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Ok(None),
         Err(e) => Err(e),
     }
+}
+
+/// Refuses a swapoff that RAM cannot take, before it starts, as strict
+/// overcommit would: under the default heuristic the kernel starts it all
+/// the same, pulls pages in until memory runs out, and the OOM killer
+/// takes the process that called swapoff (`child`), which first spends
+/// the last reserves, and others may go with it. Room is what
+/// /proc/meminfo counts available, less 1/64 of RAM, plus what the other
+/// swap areas have free; nothing is refused where /proc cannot tell.
+fn shortage(path: &Path) -> Option<io::Error> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let (need, room) = shortage_in(&table(), &meminfo, path)?;
+    Some(io::Error::new(
+        io::ErrorKind::OutOfMemory,
+        format!("{} MiB to read back, room for {} MiB in RAM and other swap", need >> 10, room >> 10),
+    ))
+}
+
+/// `shortage` on copies of /proc/swaps and /proc/meminfo: KiB needed and
+/// KiB of room, if too little.
+fn shortage_in(swaps: &str, meminfo: &str, path: &Path) -> Option<(u64, u64)> {
+    let need = entry(swaps, path)?.used_kib;
+    let kib = |key: &str| meminfo.lines().find_map(|l| l.strip_prefix(key)?.trim().strip_suffix("kB")?.trim().parse::<u64>().ok());
+    let (available, total) = (kib("MemAvailable:")?, kib("MemTotal:")?);
+    let elsewhere: u64 = swaps
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (size, used): (u64, u64) = (f.get(2)?.parse().ok()?, f.get(3)?.parse().ok()?);
+            (Path::new(f[0]) != path).then(|| size.saturating_sub(used))
+        })
+        .sum();
+    let room = (available + elsewhere).saturating_sub(total / 64);
+    (need > room).then_some((need, room))
 }
 
 /// One line of /proc/swaps.
@@ -421,6 +459,19 @@ mod tests {
         assert!(matches!(off.run(), Outcome::NotSwap));
         assert!(matches!(off.claim().unwrap(), Claim::Taken));
         drop(holder);
+    }
+
+    /// What RAM can take back, with the room other swap areas have.
+    #[test]
+    fn a_swapoff_that_ram_cannot_take_is_refused_before_it_starts() {
+        let swaps = "Filename\tType\tSize\tUsed\tPriority\n/dev/nbd0 partition 786428 200000 100\n/dev/vda partition 100000 40000 -2\n";
+        let meminfo = |avail: u64| format!("MemTotal:         640000 kB\nMemFree:           5000 kB\nMemAvailable:     {avail} kB\n");
+        let nbd0 = Path::new("/dev/nbd0");
+        // Room: available + 60000 free on /dev/vda - 10000 (1/64 of RAM).
+        assert_eq!(shortage_in(swaps, &meminfo(100_000), nbd0), Some((200_000, 150_000)));
+        assert_eq!(shortage_in(swaps, &meminfo(150_000), nbd0), None, "just enough room");
+        assert_eq!(shortage_in(swaps, "MemTotal: 640000 kB\n", nbd0), None, "nothing refused where /proc cannot tell");
+        assert_eq!(shortage_in(swaps, &meminfo(0), Path::new("/dev/nbd1")), None, "not swap: nothing to read back");
     }
 
     #[test]

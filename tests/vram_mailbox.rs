@@ -272,3 +272,32 @@ fn as_many_sms_as_serving_threads_get_no_mailbox_kernel() {
     assert!(server.logged("may use 3 SMs: no mailbox kernel, as 3 of them would hold all"), "{}", server.log());
     assert_eq!(mailbox_counts(&server)[2], 0, "{}", server.cuda_log());
 }
+
+/// A serve client that stops reading its replies holds no mailbox kernel
+/// on the GPU while the loop waits for it: the kernel parks before a send
+/// that would wait, and the connection costs nothing beyond itself.
+#[test]
+fn a_client_that_stops_reading_holds_no_mailbox_kernel() {
+    use std::io::Write;
+    let Some(mut server) = mailbox_server(&[]) else { return };
+    let mut nbd = Nbd::connect(&server.sock);
+    // 4 MiB of replies, more than the socket takes.
+    let burst: Vec<u8> = (0..1024u64).flat_map(|i| common::raw::header(0, CMD_READ, i, (i % 2048) * 4096, 4096)).collect();
+    nbd.s.write_all(&burst).unwrap();
+    let mut counts = mailbox_counts(&server);
+    for _ in 0..50 {
+        if counts[2] > 0 && counts[2] == counts[3] {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        counts = mailbox_counts(&server);
+    }
+    let [_, _, launched, ended] = counts;
+    assert!(launched > 0, "the burst never started the kernel: this test proves nothing\n{}", server.cuda_log());
+    assert_eq!(launched, ended, "the mailbox kernel runs on for a client that reads nothing\n{}", server.cuda_log());
+    // It reads them all in the end, and serving goes on.
+    let mut rest = vec![0u8; 1024 * (16 + 4096)];
+    nbd.s.read_exact(&mut rest).unwrap();
+    assert_eq!(nbd.read(0, 4096).map(|d| d.len()), Ok(4096));
+    server.assert_alive();
+}

@@ -32,7 +32,7 @@ use std::time::Instant;
 use crate::uapi as sys;
 use super::proto::{self, broken, Export, Request, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, MAX_PAYLOAD, REPLY_LEN};
 use super::input::{Got, Input};
-use crate::sock::queued;
+use crate::sock::{queued, send_nowait};
 use crate::stats::{Phases, Stats};
 use crate::store::{Done, Store, Unfenced};
 use crate::tuning::Tuning;
@@ -530,9 +530,16 @@ impl<S: Store, T: Write + AsFd> Link<'_, S, T> {
             return Ok(false);
         }
         let at = Instant::now();
-        self.conn.write_all(&slot.reply)?;
+        // A client not reading gets it with the data instead (`send`).
+        let told = match send_nowait(self.conn.as_fd(), &[IoSlice::new(&slot.reply)])? {
+            None => false,
+            Some(n) => {
+                self.conn.write_all(&slot.reply[n..])?;
+                true
+            }
+        };
         self.phases.send += nanos(at);
-        Ok(true)
+        Ok(told)
     }
 
     /// Sends the replies of `slots`, with read data (without the first
@@ -541,8 +548,21 @@ impl<S: Store, T: Write + AsFd> Link<'_, S, T> {
     /// `UIO_FASTIOV` iovecs, which the kernel keeps on its stack: a longer
     /// vector is kmalloc'ed, and under memory pressure that allocation (no
     /// I/O allowed, no OOM kill for it) waits for ever while the kernel
-    /// waits for this very reply.
+    /// waits for this very reply. A client that leaves no room for them
+    /// (one that stopped reading) is waited for with the store idle, so
+    /// that it holds no mailbox kernel on the GPU meanwhile.
     fn send(&mut self, slots: Range<usize>, told: bool) -> io::Result<()> {
+        if let Some(sent) = self.send_from(slots.clone(), told, None)? {
+            self.store.idle();
+            self.send_from(slots, told, Some(sent))?;
+        }
+        Ok(())
+    }
+
+    /// `send`'s work: all of it without waiting (`skip` none), `Some` of
+    /// what it sent if the socket then had no room; or, after `skip`
+    /// bytes, the rest, waiting for room.
+    fn send_from(&mut self, slots: Range<usize>, told: bool, skip: Option<usize>) -> io::Result<Option<usize>> {
         let b = &mut *self.bufs;
         let store = &*self.store;
         let heads = &mut b.replies.heads[slots.start * REPLY_LEN..slots.end * REPLY_LEN];
@@ -570,16 +590,28 @@ impl<S: Store, T: Write + AsFd> Link<'_, S, T> {
             count += 1;
         }
         let mut iov = &mut iov[..count];
+        IoSlice::advance_slices(&mut iov, skip.unwrap_or(0));
+        let mut sent = skip.unwrap_or(0);
         while !iov.is_empty() {
             let take = iov.len().min(UIO_FASTIOV);
-            match self.conn.write_vectored(&iov[..take]) {
+            let wrote = match skip {
+                None => match send_nowait(self.conn.as_fd(), &iov[..take])? {
+                    Some(n) => Ok(n),
+                    None => return Ok(Some(sent)),
+                },
+                Some(_) => self.conn.write_vectored(&iov[..take]),
+            };
+            match wrote {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(sent) => IoSlice::advance_slices(&mut iov, sent),
+                Ok(n) => {
+                    IoSlice::advance_slices(&mut iov, n);
+                    sent += n;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
         }
-        Ok(())
+        Ok(None)
     }
 
     /// Reads more input, waiting only if `wait` (`Input::fill`).
