@@ -38,6 +38,12 @@ pub struct Nvml {
     device: NvmlDevice,
 }
 
+// SAFETY: NVML is thread-safe (its reference: "NVML is thread-safe so it
+// is safe to make simultaneous NVML calls from multiple threads"), and the
+// device handle is an opaque token any thread may pass; one thread at a
+// time owns an `Nvml` (the GPU watcher in store/neighbours.rs).
+unsafe impl Send for Nvml {}
+
 /// The entry point `name` of `lib`.
 ///
 /// # Safety

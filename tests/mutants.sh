@@ -53,6 +53,7 @@ swapoff-in-daemon	src/swap.rs	match child::swapoff\(self\.dev, fds\) \{	match Er
 flush-failed-by-later	src/nbd/transmit.rs	if req\.command == sys::NBD_CMD_FLUSH \{\n(\s*// Nor does)	if false {\n\1
 stuck-client-holds-kernel	src/nbd/transmit.rs	            self\.store\.idle\(\);\n(\s*self\.send_from)	\1
 no-ram-check	src/swap.rs	        if let Some\(short\) = shortage\(self\.path\) \{	        if let Some(short) = None::<io::Error> {	known gap: only the kernel shows it: the VM test's stop_short_of_ram fails (the OOM killer kills during a stop that RAM cannot take), which this script does not run
+no-gpu-watcher	src/store/neighbours.rs	                    neighbours\.look\(ctx\);\n	
 untouched-stack	src/nbd/transmit.rs	    crate::touch::stack\(\);\n	\n
 untouched-batch	src/cuda/mod.rs	        crate::touch::spare\(&mut b\.srcs\);\n	\n
 calloc-input	src/nbd/input.rs	buf: crate::touch::zeroed\(INPUT_LEN\)\?,	buf: vec![0u8; INPUT_LEN].into_boxed_slice(),

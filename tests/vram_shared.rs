@@ -130,3 +130,27 @@ fn a_process_there_before_us_keeps_our_kernels_off() {
         our_kernels_return_once_it_leaves(nbd, &mut server, &others, [0; 3]);
     }
 }
+
+/// NVML is asked by a thread of its own, never by a serving thread, which
+/// must not wait on whatever the library does (an allocation) while the
+/// kernel swaps: the fake logs each caller.
+#[test]
+fn the_gpu_is_watched_off_the_serving_threads() {
+    let dir = common::TempDir::new();
+    let log = dir.path("nvml.log");
+    let nvml = fake_cuda_env::nvml_dir().to_str().unwrap();
+    let mut server = Serve::new(8).env("LD_LIBRARY_PATH", nvml).env("FAKE_NVML_LOG", log.to_str().unwrap()).start();
+    let mut nbd = Nbd::connect(&server.sock);
+    let start = std::time::Instant::now();
+    let mut round = 0;
+    while start.elapsed() < Duration::from_millis(2500) {
+        mixed_traffic(&mut nbd, round);
+        round = round.wrapping_add(1);
+    }
+    nbd.disconnect();
+    server.assert_alive();
+    let calls = fs::read_to_string(&log).unwrap_or_default();
+    let by = |who: &str| calls.lines().filter(|l| l.starts_with(&format!("list by {who}"))).count();
+    assert_eq!(by("nbd-serve"), 0, "a serving thread asked NVML\n{calls}");
+    assert!(by("nbd-gpu-watch") >= 2, "NVML was not asked again while serving: this test proves nothing\n{calls}");
+}

@@ -6,6 +6,7 @@ use std::path::Path;
 
 use crate::cuda::{self, Context, Cuda, InitError, LoadError};
 use crate::fail::{Code, Failure};
+use super::neighbours::Seen;
 use super::{AllocError, StoreOpts, VramBacking};
 use crate::tuning::Tuning;
 
@@ -63,8 +64,8 @@ pub fn open(cuda: &Cuda, gpu: u32) -> Result<Context, Failure> {
 
 /// Allocates the store with the fallback of `--step` and `--min-size`,
 /// for `connections` at once.
-pub fn allocate<'c>(ctx: &'c Context, opts: &StoreOpts, connections: usize, tuning: &Tuning) -> Result<VramBacking<'c>, Failure> {
-    VramBacking::allocate(ctx, opts.size, opts.step, opts.min_size, connections, tuning).map_err(|e| match e {
+pub fn allocate<'c>(ctx: &'c Context, seen: &'c Seen, opts: &StoreOpts, connections: usize, tuning: &Tuning) -> Result<VramBacking<'c>, Failure> {
+    VramBacking::allocate(ctx, seen, opts.size, opts.step, opts.min_size, connections, tuning).map_err(|e| match e {
         AllocError::Cuda(e) => cuda_failure(e),
         AllocError::NoVram(n) => Failure::new(
             Code::NoVram,

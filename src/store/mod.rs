@@ -3,7 +3,7 @@
 
 pub mod gpu;
 mod host;
-mod neighbours;
+pub mod neighbours;
 mod vram;
 
 use std::io;
@@ -196,8 +196,10 @@ pub fn with_store<U: UseStore>(opts: &StoreOpts, connections: usize, tuning: &Tu
         StoreKind::Vram => {
             let cuda = gpu::init(opts.libcuda.as_deref(), tuning)?;
             let ctx = gpu::open(&cuda, opts.gpu)?;
-            let backing = gpu::allocate(&ctx, opts, connections, tuning)?;
-            user.run(&backing)
+            neighbours::watching(&ctx, tuning.watch_neighbours, |seen| {
+                let backing = gpu::allocate(&ctx, seen, opts, connections, tuning)?;
+                user.run(&backing)
+            })
         }
     }
 }
@@ -239,6 +241,7 @@ impl Tier for HostTier {
 /// VRAM of one GPU, in one context that lives as long as the tier.
 struct VramTier<'c> {
     ctx: &'c cuda::Context,
+    seen: &'c neighbours::Seen,
     opts: &'c StoreOpts,
     connections: usize,
     tuning: &'c Tuning,
@@ -251,7 +254,7 @@ impl Tier for VramTier<'_> {
         Self: 't;
 
     fn allocate(&self, size: u64, step: u64, min: u64) -> Result<VramBacking<'_>, Failure> {
-        gpu::allocate(self.ctx, &StoreOpts { size, step, min_size: min, ..self.opts.clone() }, self.connections, self.tuning)
+        gpu::allocate(self.ctx, self.seen, &StoreOpts { size, step, min_size: min, ..self.opts.clone() }, self.connections, self.tuning)
     }
 
     fn free(&self) -> Option<u64> {
@@ -267,7 +270,7 @@ pub fn with_tier<U: UseTier>(opts: &StoreOpts, connections: usize, tuning: &Tuni
         StoreKind::Vram => {
             let cuda = gpu::init(opts.libcuda.as_deref(), tuning)?;
             let ctx = gpu::open(&cuda, opts.gpu)?;
-            user.run(&VramTier { ctx: &ctx, opts, connections, tuning })
+            neighbours::watching(&ctx, tuning.watch_neighbours, |seen| user.run(&VramTier { ctx: &ctx, seen, opts, connections, tuning }))
         }
     }
 }

@@ -9,28 +9,79 @@
 //! memory tells of those that come later: a process that computes on the
 //! GPU holds some of it.
 
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Condvar, Mutex, PoisonError};
+use std::time::Duration;
 
 use crate::cuda::Context;
 use crate::nvml::Nvml;
 use crate::{info, warn};
 
+/// What the watcher last saw, for the serving threads, which only read it:
+/// NVML and `cuMemGetInfo` are no calls for a thread that must never wait
+/// on an allocation.
+#[derive(Default)]
+pub struct Seen {
+    present: AtomicBool,
+}
+
+impl Seen {
+    /// Whether another process uses the GPU, as of the last look.
+    pub fn present(&self) -> bool {
+        self.present.load(Relaxed)
+    }
+}
+
+/// Runs `run` with what the GPU shows of other processes: looked at once
+/// now, so that one already there counts from the first request, then
+/// every `RECHECK` on a thread of its own until `run` returns. `watch`
+/// false (`NBD_VRAM_SHARED=0`): the GPU is ours alone.
+pub fn watching<R>(ctx: &Context, watch: bool, run: impl FnOnce(&Seen) -> R) -> R {
+    let seen = Seen::default();
+    if !watch {
+        return run(&seen);
+    }
+    let mut neighbours = Neighbours::new(ctx);
+    seen.present.store(neighbours.present, Relaxed);
+    let done = (Mutex::new(false), Condvar::new());
+    std::thread::scope(|s| {
+        let watcher = std::thread::Builder::new().name("nbd-gpu-watch".into()).spawn_scoped(s, || {
+            if let Err(e) = ctx.make_current() {
+                warn!("watching the GPU for other processes: {e}");
+                return;
+            }
+            let (stop, told) = &done;
+            let mut stop = stop.lock().unwrap_or_else(PoisonError::into_inner);
+            while !*stop {
+                stop = told.wait_timeout(stop, RECHECK).unwrap_or_else(PoisonError::into_inner).0;
+                if !*stop {
+                    neighbours.look(ctx);
+                    seen.present.store(neighbours.present, Relaxed);
+                }
+            }
+        });
+        if let Err(e) = &watcher {
+            warn!("no thread to watch the GPU for other processes ({e}): what it showed at start stands");
+        }
+        let result = run(&seen);
+        *done.0.lock().unwrap_or_else(PoisonError::into_inner) = true;
+        done.1.notify_all();
+        result
+    })
+}
+
 /// How often to look: NVML's answer took 6–430 µs (H200, 2026-12-02), and
 /// looking once a second cost nothing measurable (docs/performance.md,
-/// "Sharing the GPU with another process"); a newcomer meets our kernels for a second at most.
+/// "Sharing the GPU with another process"); a newcomer meets our kernels
+/// for a second at most.
 const RECHECK: Duration = Duration::from_secs(1);
 /// Less free memory than this below the mark is not a neighbour: room for
 /// the driver's own growth in our context.
 const SLACK: u64 = 256 << 20;
 
-pub struct Neighbours {
+struct Neighbours {
     watch: Watch,
-    asked: Instant,
     present: bool,
-    /// `NBD_VRAM_SHARED=0`: the GPU is ours alone, whatever it says.
-    ignored: bool,
-    /// Says what it sees: one copier of a store does, for all.
-    tells: bool,
 }
 
 enum Watch {
@@ -42,52 +93,34 @@ enum Watch {
 }
 
 /// What one look found: other processes, or MiB of memory taken.
-enum Seen {
+enum Found {
     Listed(usize),
     Taken(u64),
 }
 
 impl Neighbours {
-    /// Looks once now, so that a process already there counts from the
-    /// first request; call once the store holds all its memory.
-    /// `watch` false (`NBD_VRAM_SHARED=0`): the GPU is ours alone.
-    pub fn new(ctx: &Context, watch: bool, tells: bool) -> Neighbours {
-        let ignored = !watch;
+    /// Looks once now; call while the context is current.
+    fn new(ctx: &Context) -> Neighbours {
         let bus = ctx.pci_bus_id().ok_or_else(|| "the CUDA driver gave no PCI address for the GPU".to_string());
         let watch = match bus.and_then(|bus| Nvml::open(&bus)) {
             Ok(nvml) => Watch::Listed(nvml),
             Err(e) => {
-                if tells {
-                    info!("NVML: {e}: another process on this GPU is seen only by the memory it takes after us");
-                }
+                info!("NVML: {e}: another process on this GPU is seen only by the memory it takes after us");
                 Watch::Memory { mark: free(ctx).unwrap_or(0) }
             }
         };
-        let mut neighbours = Neighbours { watch, asked: Instant::now(), present: false, ignored, tells };
-        if !ignored {
-            neighbours.look(ctx);
-        }
+        let mut neighbours = Neighbours { watch, present: false };
+        neighbours.look(ctx);
         neighbours
     }
 
-    /// Whether another process uses the GPU; looks at most once per
-    /// `RECHECK`, and says when the answer changes.
-    pub fn present(&mut self, ctx: &Context) -> bool {
-        if !self.ignored && self.asked.elapsed() >= RECHECK {
-            self.look(ctx);
-        }
-        self.present
-    }
-
+    /// Looks, and says when the answer changes.
     fn look(&mut self, ctx: &Context) {
-        self.asked = Instant::now();
-        let seen = match &mut self.watch {
+        let found = match &mut self.watch {
             Watch::Listed(nvml) => match nvml.others() {
-                Ok(n) => Seen::Listed(n),
+                Ok(n) => Found::Listed(n),
                 Err(e) => {
-                    if self.tells {
-                        warn!("NVML: {e}: watching the GPU's free memory instead");
-                    }
+                    warn!("NVML: {e}: watching the GPU's free memory instead");
                     self.watch = Watch::Memory { mark: free(ctx).unwrap_or(0) };
                     return;
                 }
@@ -95,20 +128,20 @@ impl Neighbours {
             Watch::Memory { mark } => {
                 let Some(free) = free(ctx) else { return };
                 *mark = (*mark).max(free);
-                Seen::Taken((*mark - free) >> 20)
+                Found::Taken((*mark - free) >> 20)
             }
         };
-        let present = match seen {
-            Seen::Listed(n) => n > 0,
-            Seen::Taken(mib) => mib << 20 > SLACK,
+        let present = match found {
+            Found::Listed(n) => n > 0,
+            Found::Taken(mib) => mib << 20 > SLACK,
         };
-        if present != self.present && self.tells {
-            match (present, seen) {
-                (true, Seen::Listed(n)) => info!(
+        if present != self.present {
+            match (present, found) {
+                (true, Found::Listed(n)) => info!(
                     "{n} other process(es) use this GPU (NVML): copies stay on the copy engines while they are there, \
                      as work on the compute engine would take turns with theirs (NBD_VRAM_SHARED=0 ignores them)"
                 ),
-                (true, Seen::Taken(mib)) => info!(
+                (true, Found::Taken(mib)) => info!(
                     "another process took {mib} MiB of this GPU's memory: copies stay on the copy engines while it is \
                      there, as work on the compute engine would take turns with its own (NBD_VRAM_SHARED=0 ignores it)"
                 ),

@@ -5,10 +5,13 @@
  * FAKE_NVML_OTHERS_FILE says (no file: none), read at every call; the
  * graphics list is empty. With FAKE_NVML_HOST_PIDS set, the caller is
  * listed under another PID, as NVML lists host PIDs in a container.
+ * With FAKE_NVML_LOG set, each list call appends "list by THREAD" there,
+ * THREAD the calling thread's name: serving threads must never call.
  * Tests put its directory on LD_LIBRARY_PATH. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <unistd.h>
+#include <sys/prctl.h>
 
 #define API __attribute__((visibility("default")))
 enum { OK = 0, UNINITIALIZED = 1, INVALID_ARGUMENT = 2, NOT_FOUND = 6, INSUFFICIENT_SIZE = 7 };
@@ -54,8 +57,19 @@ static unsigned others(void)
     return n;
 }
 
+static void log_caller(void)
+{
+    const char *path = getenv("FAKE_NVML_LOG");
+    FILE *f = path ? fopen(path, "a") : NULL;
+    char name[17] = "";
+    if (!f) return;
+    prctl(PR_GET_NAME, name);
+    fprintf(f, "list by %s\n", name);
+    fclose(f);
+}
 static int list(void *dev, unsigned *n, proc *p, unsigned want)
 {
+    log_caller();
     if (!inits) return UNINITIALIZED;
     if (!dev || !n || (*n && !p)) return INVALID_ARGUMENT;
     if (*n < want) { *n = want; return INSUFFICIENT_SIZE; }

@@ -15,7 +15,7 @@ use super::fences::Fences;
 use super::lanes::{Lane, Span};
 use super::resident::Resident;
 use crate::cuda::{Context, CopyBatch, DeviceMem, Error, Mailbox, Mover, Pinned, Stream};
-use crate::store::neighbours::Neighbours;
+use crate::store::neighbours::Seen;
 use crate::store::Unfenced;
 use crate::tuning::{MailboxUse, Tuning};
 use crate::{error, info, warn};
@@ -41,7 +41,8 @@ pub struct Copier<'c> {
     changed: Span,
     /// Another process computing on the GPU keeps copies off our kernels
     /// and off the compute engine.
-    neighbours: Neighbours,
+    /// Whether another process uses the GPU, as last seen.
+    seen: &'c Seen,
     /// Zeroes by copy while another process computes: a memset runs on
     /// the compute engine, taking turns with its kernels (as small copies
     /// do, see `as_rows`).
@@ -80,8 +81,8 @@ struct Batch {
 impl<'c> Copier<'c> {
     /// Sets up the stream, the copy paths `tuning` allows, the fence events
     /// and the zero source; call once `memory` holds all it will. One
-    /// copier of a store `tells` (logs) what it chose and sees, for all.
-    pub fn new(ctx: &'c Context, memory: &VramMemory<'c>, lane: Option<Lane<'c>>, tuning: &Tuning, tells: bool) -> Result<Copier<'c>, Error> {
+    /// copier of a store `tells` (logs) what it chose, for all.
+    pub fn new(ctx: &'c Context, seen: &'c Seen, memory: &VramMemory<'c>, lane: Option<Lane<'c>>, tuning: &Tuning, tells: bool) -> Result<Copier<'c>, Error> {
         let stream = ctx.stream()?;
         let CopyPath { batched, mover, mailbox, lists } = copy_path(ctx, &stream, memory.chunks(), tuning, tells);
         let batch = batched.then(|| Batch {
@@ -100,7 +101,7 @@ impl<'c> Copier<'c> {
             uncached: tuning.uncached,
             touched: Span::EMPTY,
             changed: Span::EMPTY,
-            neighbours: Neighbours::new(ctx, tuning.watch_neighbours, tells), // all our memory is taken by now
+            seen,
             zeros: ctx.pinned(ZEROS)?,
         };
         copier.zeros.fill(0);
@@ -120,7 +121,7 @@ impl<'c> Copier<'c> {
         if self.batch.as_ref().is_none_or(|b| b.copies.is_empty()) {
             return;
         }
-        let shared = self.neighbours.present(self.ctx);
+        let shared = self.seen.present();
         // Another connection's published changes come first: the stream
         // waits for them, and the mailbox kernel would not.
         let news = self.lane.as_ref().is_some_and(|lane| lane.news(self.touched));
@@ -216,7 +217,7 @@ impl<'c> Copier<'c> {
             return Ok(());
         }
         self.hand_over().map_err(eio)?;
-        let shared = self.neighbours.present(self.ctx);
+        let shared = self.seen.present();
         let mut rest = buf;
         for (chunk, inner, n) in memory.pieces(offset, rest.len() as u64) {
             let (now, later) = rest.split_at(n as usize);
@@ -231,7 +232,7 @@ impl<'c> Copier<'c> {
         self.changed.add(offset, len);
         self.flush(); // the memset is ordered after queued copies only once they are issued
         self.hand_over().map_err(eio)?;
-        let shared = self.neighbours.present(self.ctx);
+        let shared = self.seen.present();
         for (chunk, inner, n) in memory.pieces(offset, len) {
             if !shared {
                 self.stream.zero(chunk, inner, n as usize).map_err(eio)?;

@@ -71,7 +71,8 @@ fn two_connections(len: usize, rounds: impl FnOnce(&mut VramStore, &mut [u8], &m
     let _turn = crate::cuda::gate::serial();
     let ctx = fake_context();
     let tuning = Tuning { watch_neighbours: false, ..Tuning::default() };
-    let Ok(backing) = VramBacking::allocate(&ctx, 16 << 20, 0, 16 << 20, 2, &tuning) else { panic!("16 MiB on the fake") };
+    let alone = crate::store::neighbours::Seen::default();
+    let Ok(backing) = VramBacking::allocate(&ctx, &alone, 16 << 20, 0, 16 << 20, 2, &tuning) else { panic!("16 MiB on the fake") };
     let (mut a, mut b) = (backing.open().expect("a"), backing.open().expect("b"));
     let (mut sa, mut sb) = (a.staging(len).expect("staging"), b.staging(BLOCK).expect("staging"));
     let outcome = rounds(&mut a, &mut sa, &mut b, &mut sb);

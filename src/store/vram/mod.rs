@@ -16,6 +16,7 @@ use std::sync::Arc;
 use self::copier::Copier;
 use self::lanes::Lanes;
 use self::memory::VramMemory;
+use super::neighbours::Seen;
 use super::{Backing, Done, Store, Unfenced};
 use crate::cuda::{Context, Error, Pinned};
 use crate::info;
@@ -26,6 +27,8 @@ const MIB: u64 = 1 << 20;
 /// The store's VRAM and what each connection needs to open a copier on it.
 pub struct VramBacking<'c> {
     ctx: &'c Context,
+    /// Whether another process uses the GPU (`neighbours`).
+    seen: &'c Seen,
     memory: VramMemory<'c>,
     /// How its connections see each other's answered changes.
     lanes: Arc<Lanes<'c>>,
@@ -67,7 +70,7 @@ impl<'c> VramBacking<'c> {
     /// Allocates `want` bytes, or `step` less each time it cannot, down to
     /// `min`, and clears them, for up to `connections` at once; logs each
     /// step and the size obtained.
-    pub fn allocate(ctx: &'c Context, want: u64, step: u64, min: u64, connections: usize, tuning: &Tuning) -> Result<VramBacking<'c>, AllocError> {
+    pub fn allocate(ctx: &'c Context, seen: &'c Seen, want: u64, step: u64, min: u64, connections: usize, tuning: &Tuning) -> Result<VramBacking<'c>, AllocError> {
         let lanes = Arc::new(Lanes::new(ctx, connections)?);
         let mut size = want;
         loop {
@@ -76,7 +79,7 @@ impl<'c> VramBacking<'c> {
                 if let Some(memory) = VramMemory::allocate(ctx, size)? {
                     info!("allocated {} MiB of VRAM in {} chunk(s); {} MiB of {} MiB were free", size / MIB, memory.chunks().len(), free / MIB, total / MIB);
                     memory.clear()?;
-                    return Ok(VramBacking { ctx, memory, lanes, tuning: tuning.clone(), told: AtomicBool::new(false) });
+                    return Ok(VramBacking { ctx, seen, memory, lanes, tuning: tuning.clone(), told: AtomicBool::new(false) });
                 }
             }
             let failed = format!("cannot allocate {} MiB of VRAM ({} MiB free of {} MiB)", size / MIB, free / MIB, total / MIB);
@@ -112,7 +115,7 @@ impl<'c> Backing for VramBacking<'c> {
         if lane.is_none() && self.lanes.len() > 0 {
             return Err(io::Error::other(format!("more than {} connections to one store", self.lanes.len())));
         }
-        let copier = Copier::new(self.ctx, &self.memory, lane, &self.tuning, tells).map_err(cuda)?;
+        let copier = Copier::new(self.ctx, self.seen, &self.memory, lane, &self.tuning, tells).map_err(cuda)?;
         Ok(VramStore { copier, memory: &self.memory })
     }
 }
