@@ -63,11 +63,19 @@ pub fn watching<R>(ctx: &Context, watch: bool, run: impl FnOnce(&Seen) -> R) -> 
         if let Err(e) = &watcher {
             warn!("no thread to watch the GPU for other processes ({e}): what it showed at start stands");
         }
-        let result = run(&seen);
-        *done.0.lock().unwrap_or_else(PoisonError::into_inner) = true;
-        done.1.notify_all();
-        result
+        let _stop = Stop(&done); // however `run` ends: the scope waits for the watcher
+        run(&seen)
     })
+}
+
+/// Tells the watcher to end, when dropped.
+struct Stop<'a>(&'a (Mutex<bool>, Condvar));
+
+impl Drop for Stop<'_> {
+    fn drop(&mut self) {
+        *self.0 .0.lock().unwrap_or_else(PoisonError::into_inner) = true;
+        self.0 .1.notify_all();
+    }
 }
 
 /// How often to look: NVML's answer took 6–430 µs (H200, 2026-12-02), and
