@@ -30,20 +30,9 @@ pub fn recv_wait(fd: BorrowedFd, buf: &mut [u8]) -> io::Result<usize> {
 }
 
 fn recv(fd: BorrowedFd, buf: &mut [u8], flags: libc::c_int) -> io::Result<Option<usize>> {
-    loop {
-        // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the
-        // whole call, and `fd` is a live descriptor borrowed for it.
-        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), flags) };
-        if n >= 0 {
-            return Ok(Some(n as usize));
-        }
-        let err = io::Error::last_os_error();
-        match err.kind() {
-            io::ErrorKind::WouldBlock => return Ok(None),
-            io::ErrorKind::Interrupted => continue,
-            _ => return Err(err),
-        }
-    }
+    // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the
+    // whole call, and `fd` is a live descriptor borrowed for it.
+    retried(|| unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), flags) })
 }
 
 /// Sends what a socket has room for now, without blocking: `Ok(None)`
@@ -55,10 +44,16 @@ pub fn send_nowait(fd: BorrowedFd, iov: &[io::IoSlice]) -> io::Result<Option<usi
     // sendmsg only reads through the pointer.
     msg.msg_iov = iov.as_ptr().cast_mut().cast();
     msg.msg_iovlen = iov.len() as _;
+    // SAFETY: `msg` points at `iov`, valid for reads for the whole call,
+    // and `fd` is a live descriptor borrowed for it.
+    retried(|| unsafe { libc::sendmsg(fd.as_raw_fd(), &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) })
+}
+
+/// A transfer `call` (recv or send, -1 and errno on failure), made again
+/// when a signal cut it short: `Ok(None)` when the socket would block.
+fn retried(mut call: impl FnMut() -> isize) -> io::Result<Option<usize>> {
     loop {
-        // SAFETY: `msg` points at `iov`, valid for reads for the whole
-        // call, and `fd` is a live descriptor borrowed for it.
-        let n = unsafe { libc::sendmsg(fd.as_raw_fd(), &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+        let n = call();
         if n >= 0 {
             return Ok(Some(n as usize));
         }
