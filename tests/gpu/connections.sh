@@ -13,6 +13,9 @@
 # plugin (plugins/) and the libraries they need (lib/), copied from the
 # build machine, as the device machine has no package registry. Prints
 # every figure, then each server's account of where its loops' time went.
+# If target/probe/socket-probe is there (tests/gpu/socket-probe.c), it
+# runs before and after the curve: how far the socket copies alone scale
+# on this machine, the yardstick for the servers' sequential writes.
 set -u
 B=${B:-target/release/nbd-vram}
 BEFORE=${BEFORE:-target/gpu/nbd-vram-before}
@@ -39,6 +42,12 @@ if [ -x "$BEFORE" ]; then
 	before=(--connect "unix:$T/before.sock" --label vram-before)
 fi
 for s in vram cached host nbdkit; do listening "$T/$s.sock"; done
+socket_probe() {
+	[ -x target/probe/socket-probe ] || return 0
+	echo; echo "== the socket copies alone, $1 the curve (1 MiB messages into a 32 MiB ring)"
+	target/probe/socket-probe "$SECONDS_PER" 32
+}
+socket_probe before
 for n in 1 2 4 8; do
 	echo; echo "== $n connection(s) each"
 	extra=()
@@ -49,6 +58,7 @@ for n in 1 2 4 8; do
 		--connect "unix:$T/host.sock" --label host \
 		--connect "unix:$T/nbdkit.sock" --label nbdkit | tee "$T/bench-$n.txt" | grep -v '^bench: conn='
 done
+socket_probe after
 echo; echo "== where each VRAM client's loop spent its time (one line per client, in order)"
 grep 'client done' "$T/vram.log"
 echo; echo "== host store"
