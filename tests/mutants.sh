@@ -52,6 +52,7 @@ stop-misses-given-back	src/stop.rs	if let Some\(\(pid, name\)\) = status::starte
 swapoff-in-daemon	src/swap.rs	match child::swapoff\(self\.dev, fds\) \{	match Err::<io::Result<()>, _>(io::Error::from_raw_os_error(libc::ENOENT)) {
 flush-failed-by-later	src/nbd/transmit.rs	if req\.command == sys::NBD_CMD_FLUSH \{\n(\s*// Nor does)	if false {\n\1
 stuck-client-holds-kernel	src/nbd/transmit.rs	            self\.store\.idle\(\);\n(\s*self\.send_from)	\1
+failed-counted-done	src/nbd/transmit.rs	self\.stats\.record\(slot\.command, slot\.len, slot\.error\(\)\);	self.stats.record(slot.command, slot.len, 0);
 no-ram-check	src/swap.rs	        if let Some\(short\) = shortage\(self\.path\) \{	        if let Some(short) = None::<io::Error> {	known gap: only the kernel shows it: the VM test's stop_short_of_ram fails (the OOM killer kills during a stop that RAM cannot take), which this script does not run
 no-gpu-watcher	src/store/neighbours.rs	                    neighbours\.look\(ctx\);\n	
 untouched-stack	src/nbd/transmit.rs	    crate::touch::stack\(\);\n	\n

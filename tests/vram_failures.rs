@@ -6,9 +6,11 @@ mod common;
 mod fake_cuda_env;
 
 use std::io::Read;
+use std::process::Command;
+use std::time::Duration;
 
 use common::raw::{Nbd, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES};
-use common::{pattern, KIB, MIB};
+use common::{pattern, run, BIN, KIB, MIB};
 use fake_cuda_env::*;
 
 /// FAKE_CUDA_FAIL_COPY=N fails the Nth copy or memset of the process. The
@@ -155,6 +157,41 @@ fn a_device_failure_after_handing_over_fails_every_request() {
             read_eio(&mut nbd, 0, 4096, "the read whose wait fails");
         }
         assert_lost(&mut server, nbd, "CUDA_ERROR_ILLEGAL_ADDRESS", &what);
+    }
+}
+
+/// `status` counts a request by its answer: a read answered EIO because
+/// its wait failed, or cut after its header went out early, is an error,
+/// not bytes read; the write acknowledged before the failure counts as
+/// written.
+#[test]
+fn status_counts_what_was_answered() {
+    for early in ["0", "1"] {
+        let server = Serve::new(8).env("FAKE_CUDA_FAIL_SYNC", "1").env("NBD_VRAM_EARLY_HEADER", early).start();
+        let mut nbd = Nbd::connect(&server.sock);
+        assert_eq!(nbd.write(0, &pattern(3, 4 * KIB as usize)), 0, "the write is acknowledged before any sync");
+        if early == "1" {
+            assert_eq!(read_or_cut(&mut nbd, 0, 4096, "early header"), None, "the read whose wait fails");
+        } else {
+            read_eio(&mut nbd, 0, 4096, "the read whose wait fails");
+        }
+        let target = format!("unix:{}", server.sock.display());
+        let counters = || {
+            let out = run(Command::new(BIN).args(["status", "--json"]), Duration::from_secs(30));
+            let entry = out.stdout.split("},").find(|e| e.contains(&target))?.to_string();
+            let num = |key: &str| entry.split(&format!("\"{key}\":")).nth(1)?.split([',', '}']).next()?.parse::<u64>().ok();
+            Some([num("requests")?, num("read_bytes")?, num("written_bytes")?, num("errors")?])
+        };
+        // Published once a second.
+        let mut seen = None;
+        for _ in 0..40 {
+            seen = counters();
+            if seen.is_some_and(|c| c[0] == 2) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert_eq!(seen, Some([2, 0, 4096, 1]), "NBD_VRAM_EARLY_HEADER={early}: requests, read, written, errors");
     }
 }
 

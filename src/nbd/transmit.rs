@@ -97,13 +97,20 @@ struct Slot {
     /// Its reply waits until the store has done the work: a read's data,
     /// or a write with FUA.
     waits: bool,
+    /// The request's command and length, counted once its reply is final.
+    command: u32,
+    len: u32,
 }
 
 impl Slot {
-    const EMPTY: Slot = Slot { reply: [0; REPLY_LEN], data: 0..0, done: None, waits: false };
+    const EMPTY: Slot = Slot { reply: [0; REPLY_LEN], data: 0..0, done: None, waits: false, command: 0, len: 0 };
 
     fn ok(&self) -> bool {
         self.reply[4..8] == [0; 4]
+    }
+
+    fn error(&self) -> u32 {
+        u32::from_be_bytes([self.reply[4], self.reply[5], self.reply[6], self.reply[7]])
     }
 
     fn lent(&self) -> bool {
@@ -401,7 +408,7 @@ impl<S: Store, T: Write + AsFd> Link<'_, S, T> {
 
     /// Hands one request to the store. `Err` only for a broken stream.
     fn execute(&mut self, req: &Request, stage: Range<usize>) -> io::Result<Slot> {
-        let mut slot = Slot::EMPTY;
+        let mut slot = Slot { command: req.command, len: req.len, ..Slot::EMPTY };
         let mut error = self.check(req);
         let mut landed = false;
         if req.command == sys::NBD_CMD_WRITE {
@@ -409,7 +416,6 @@ impl<S: Store, T: Write + AsFd> Link<'_, S, T> {
             (error, landed) = self.take_write(req, error, stage.clone())?;
         }
         if error != 0 {
-            self.stats.record(req.command, req.len, error);
             slot.reply = proto::reply(error, req.cookie);
             return Ok(slot);
         }
@@ -445,7 +451,6 @@ impl<S: Store, T: Write + AsFd> Link<'_, S, T> {
                 }
             }
         }
-        self.stats.record(req.command, req.len, error);
         slot.reply = proto::reply(error, req.cookie);
         Ok(slot)
     }
@@ -495,6 +500,8 @@ impl<S: Store, T: Write + AsFd> Link<'_, S, T> {
                 if waited.is_err() {
                     self.lose();
                     if told {
+                        let read = &self.bufs.replies.slots[start];
+                        self.stats.record(read.command, read.len, EIO);
                         return Err(broken("a read failed after its reply header was sent, and its data cannot follow"));
                     }
                 }
@@ -507,6 +514,11 @@ impl<S: Store, T: Write + AsFd> Link<'_, S, T> {
             // for its timeout.
             if self.shared.lost() && !told {
                 self.bufs.replies.slots[start..end].iter_mut().for_each(Slot::fail);
+            }
+            // Counted as answered: a success turned EIO above, or when its
+            // group could not start, is an error in `status`.
+            for slot in &self.bufs.replies.slots[start..end] {
+                self.stats.record(slot.command, slot.len, slot.error());
             }
             let at = Instant::now();
             let sent = self.send(start..end, told);
