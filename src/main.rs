@@ -55,6 +55,9 @@ fn main() -> ExitCode {
     if serves {
         signals::Signals::block();
     }
+    if matches!(parsed.command, Command::Swap(_)) {
+        signals::Signals::ignore_job_control();
+    }
     log::init(parsed.log_level);
     if serves {
         log::start_relay(); // a thread, so after the mask

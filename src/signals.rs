@@ -55,6 +55,19 @@ impl Signals {
         (sig > 0).then_some(sig)
     }
 
+    /// Job control must not stop the swap daemon: a stop wakes the thread
+    /// in NBD_DO_IT, whose wait the kernel then takes for interrupted, and
+    /// it ends the device under swap (drivers/block/nbd.c). So the
+    /// terminal's stop signals are ignored; SIGSTOP, a debugger attaching
+    /// and a cgroup freeze do the same and cannot be refused.
+    pub fn ignore_job_control() {
+        for sig in [libc::SIGTSTP, libc::SIGTTIN, libc::SIGTTOU] {
+            // SAFETY: sets a catchable signal to be ignored; no handler is
+            // installed, so nothing runs in any thread because of it.
+            unsafe { libc::signal(sig, libc::SIG_IGN) };
+        }
+    }
+
     /// Sends `sig` to this process, for the thread that waits to take.
     pub fn raise(sig: libc::c_int) {
         // SAFETY: kill on our own pid with a valid signal number.

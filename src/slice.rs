@@ -314,12 +314,13 @@ fn serve<'b, B: Backing>(
 ) -> Ended {
     let n = setup.opts.connections;
     let stats = &board.stats;
+    let path = dev.path();
+    let link = |i: usize| if n > 1 { format!("{} link {i}", path.display()) } else { format!("{} link", path.display()) };
     let serve_other = |i: usize, mut conn: Conn<B>| {
         crate::log::relay_here();
         pressure::realtime();
-        serve_link(&mut conn.store, &mut conn.bufs, shared, &stats[i], &ours[i])
+        serve_link(&mut conn.store, &mut conn.bufs, shared, &stats[i], &ours[i], &|| link(i))
     };
-    let path = dev.path();
     // Before this slice's other threads start, so that every one inherits
     // it; after attaching, so that an instance that finds the device busy
     // exits before it locks all its memory.
@@ -351,18 +352,22 @@ fn serve<'b, B: Backing>(
         pressure::realtime();
         // Until every link has ended: the kernel sends the requests of one
         // that broke down the others, and ends them all at disconnect.
-        let mut served = vec![serve_link(&mut first.store, &mut first.bufs, shared, &stats[0], &ours[0])];
-        let ended = |h: thread::ScopedJoinHandle<'_, Option<io::Result<End>>>| h.join().ok().flatten().unwrap_or_else(|| Err(io::Error::other("its thread failed")));
-        served.extend(others.into_iter().map(ended));
+        let mut served = vec![serve_link(&mut first.store, &mut first.bufs, shared, &stats[0], &ours[0], &|| link(0))];
+        let ended = |i: usize, h: thread::ScopedJoinHandle<'_, Option<io::Result<End>>>| {
+            h.join().ok().flatten().unwrap_or_else(|| {
+                error!("{} broke: its thread failed", link(i));
+                Err(io::Error::other("its thread failed"))
+            })
+        };
+        served.extend(others.into_iter().enumerate().map(|(k, h)| ended(k + 1, h)));
         board.link_ended();
         let kernel = join(kernel, "NBD_DO_IT");
         let control = join(control, "control");
         let broke = served.iter().any(Result::is_err);
-        for (i, served) in served.into_iter().enumerate() {
-            let which = if n > 1 { format!("{} link {i}", path.display()) } else { format!("{} link", path.display()) };
-            match served {
-                Ok(end) => info!("{which} closed ({end:?})"),
-                Err(e) => error!("{which} broke: {e}"),
+        // What broke was said when it did.
+        for (i, end) in served.iter().enumerate() {
+            if let Ok(end) = end {
+                info!("{} closed ({end:?})", link(i));
             }
         }
         match (control, kernel) {
@@ -396,10 +401,15 @@ const PATIENT_TIMEOUT: u32 = 7 * 24 * 3600;
 /// Serves one kernel connection until it closes, then shuts our end: the
 /// kernel sees end of stream only when every descriptor of it is shut,
 /// the kernel thread's copy included.
-fn serve_link<S: Store>(store: &mut S, bufs: &mut Buffers<S::Buf>, shared: &Shared, stats: &Stats, ours: &UnixStream) -> io::Result<End> {
+/// Serves one link until it ends; says at once if it broke, while the
+/// others may serve on for long.
+fn serve_link<S: Store>(store: &mut S, bufs: &mut Buffers<S::Buf>, shared: &Shared, stats: &Stats, ours: &UnixStream, link: &dyn Fn() -> String) -> io::Result<End> {
     let mut conn = ours;
     let served = transmit::run(store, bufs, shared, stats, &mut conn);
     let _ = ours.shutdown(std::net::Shutdown::Both);
+    if let Err(e) = &served {
+        error!("{} broke: {e}", link());
+    }
     served
 }
 
