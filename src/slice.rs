@@ -400,9 +400,8 @@ const PATIENT_TIMEOUT: u32 = 7 * 24 * 3600;
 
 /// Serves one kernel connection until it closes, then shuts our end: the
 /// kernel sees end of stream only when every descriptor of it is shut,
-/// the kernel thread's copy included.
-/// Serves one link until it ends; says at once if it broke, while the
-/// others may serve on for long.
+/// the kernel thread's copy included. A link that broke is said at once:
+/// the others may serve on for long.
 fn serve_link<S: Store>(store: &mut S, bufs: &mut Buffers<S::Buf>, shared: &Shared, stats: &Stats, ours: &UnixStream, link: &dyn Fn() -> String) -> io::Result<End> {
     let mut conn = ours;
     let served = transmit::run(store, bufs, shared, stats, &mut conn);
