@@ -156,6 +156,9 @@ fn render(s: &mut String, inst: &Instance, stats: &[&Stats], started: u64) {
         let _ = writeln!(s, "{k}={v}");
     };
     let sum = |f: fn(&Stats) -> &AtomicU64| stats.iter().map(|c| f(c).load(Relaxed)).sum::<u64>();
+    // Read once: the totals are these lines' sums, however the loops count on.
+    let conns: Vec<[u64; 4]> = stats.iter().map(|c| [&c.requests, &c.read_bytes, &c.written_bytes, &c.errors].map(|n| n.load(Relaxed))).collect();
+    let total = |k: usize| conns.iter().map(|c| c[k]).sum::<u64>();
     kv("pid", &std::process::id());
     kv("target", &inst.target);
     kv("store", &inst.store);
@@ -167,10 +170,10 @@ fn render(s: &mut String, inst: &Instance, stats: &[&Stats], started: u64) {
     kv("started", &started);
     kv("updated", &now());
     kv("connections", &stats.len());
-    kv("requests", &sum(|c| &c.requests));
-    kv("read_bytes", &sum(|c| &c.read_bytes));
-    kv("written_bytes", &sum(|c| &c.written_bytes));
-    kv("errors", &sum(|c| &c.errors));
+    kv("requests", &total(0));
+    kv("read_bytes", &total(1));
+    kv("written_bytes", &total(2));
+    kv("errors", &total(3));
     kv("batches", &sum(|c| &c.batches));
     kv("busy_ns", &sum(|c| &c.busy_ns));
     kv("max_batch_ns", &stats.iter().map(|c| c.max_batch_ns.load(Relaxed)).max().unwrap_or(0));
@@ -179,8 +182,7 @@ fn render(s: &mut String, inst: &Instance, stats: &[&Stats], started: u64) {
     kv("store_ns", &sum(|c| &c.store_ns));
     kv("send_ns", &sum(|c| &c.send_ns));
     kv("failed", &u8::from(stats.iter().any(|c| c.failed.load(Relaxed))));
-    for (i, c) in stats.iter().enumerate() {
-        let [r, rb, wb, e] = [&c.requests, &c.read_bytes, &c.written_bytes, &c.errors].map(|n| n.load(Relaxed));
+    for (i, [r, rb, wb, e]) in conns.iter().enumerate() {
         let _ = writeln!(s, "conn.{i}={r} {rb} {wb} {e}");
     }
 }
@@ -415,6 +417,46 @@ impl Row {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The totals are the sums of the connection lines of the same file,
+    /// however fast the loops count meanwhile.
+    #[test]
+    fn totals_agree_with_the_connections_under_traffic() {
+        let stats: Vec<Stats> = (0..2).map(|_| Stats::default()).collect();
+        let inst = Instance { name: "nbd7".into(), target: "/dev/nbd7".into(), store: "host".into(), size: 1 << 20, priority: None };
+        let done = std::sync::atomic::AtomicBool::new(false);
+        // Ends the counting thread however this one leaves the scope.
+        struct Done<'a>(&'a std::sync::atomic::AtomicBool);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Relaxed);
+            }
+        }
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                while !done.load(Relaxed) {
+                    for c in &stats {
+                        c.record(crate::uapi::NBD_CMD_READ, 4096, 0);
+                        c.record(crate::uapi::NBD_CMD_WRITE, 4096, 5);
+                    }
+                }
+            });
+            let _done = Done(&done);
+            let counted = || stats[0].requests.load(Relaxed);
+            while counted() < 1000 {
+                std::thread::yield_now();
+            }
+            let (mut disagreed, from) = (0, counted());
+            // Renders while at least 100000 more requests are counted.
+            while counted() < from + 100_000 {
+                let mut text = String::new();
+                render(&mut text, &inst, &stats.iter().collect::<Vec<_>>(), 0);
+                let lines: Vec<u64> = (0..2).map(|i| field(&text, &format!("conn.{i}")).split(' ').next().unwrap().parse().unwrap()).collect();
+                disagreed += usize::from(lines.iter().sum::<u64>() != num(&text, "requests"));
+            }
+            assert_eq!(disagreed, 0, "renders whose total differs from its connections' sum");
+        });
+    }
 
     /// The file sums the connections' counters and lists each one, and
     /// `status` reads each back.
