@@ -50,8 +50,8 @@ impl UseStore for Serve<'_> {
 /// This thread accepts clients and hands each to a serving thread that is
 /// free (`Desk`). With one serving thread a client waits until it is free,
 /// as clients always did (no `CAN_MULTI_CONN`: none opens two). With
-/// several, a client that finds every one busy for `GRACE` is turned away
-/// with a line in the log: the export says `CAN_MULTI_CONN`, and a client
+/// several, a client that finds every one busy for `GRACE` is turned away,
+/// told why in the handshake, with a line in the log: the export says `CAN_MULTI_CONN`, and a client
 /// told so may open more connections than there are threads and wait for
 /// ever on the last (nbdcopy opens four); the grace lets a client that
 /// reconnects while its last connection is still closing in.
@@ -135,6 +135,9 @@ fn serve<B: Backing>(backing: &B, how: &Serve) -> Result<(), Failure> {
 /// several, before it is turned away.
 const GRACE: Duration = Duration::from_secs(1);
 
+/// How long a client turned away has to hear why.
+const REFUSAL: Duration = Duration::from_millis(500);
+
 /// A TCP client silent this long is probed (`sock::set_keepalive`): an
 /// idle one answers, a vanished one frees its serving thread.
 const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
@@ -161,13 +164,24 @@ fn front_desk(listener: &Listener, desk: &Desk<Client>, grace: Option<Duration>)
         match client {
             Ok(client) => {
                 if let Err(turned_away) = desk.hand(client, grace) {
-                    warn!("a client was turned away: every one of the {} connections is in use", desk.threads());
-                    drop(turned_away);
+                    let n = desk.threads();
+                    warn!("a client was turned away: every one of the {n} connections is in use");
+                    turn_away(turned_away, &format!("nbd-vram: every one of the {n} connections is in use; open {n} at most"));
                 }
             }
             Err(e) => accept_failed(e, &mut warned)?,
         }
     }
+}
+
+/// Tells a client turned away why, in the handshake (`proto::refuse`),
+/// within `REFUSAL`, as the next client waits meanwhile.
+fn turn_away(client: Client, why: &str) {
+    let at = Instant::now() + REFUSAL;
+    let _ = match client {
+        Client::Unix(mut c) => proto::refuse(&mut Deadline { conn: &mut c, at }, why),
+        Client::Tcp(mut c, _) => proto::refuse(&mut Deadline { conn: &mut c, at }, why),
+    };
 }
 
 enum Listener {

@@ -6,7 +6,6 @@
 mod common;
 mod fake_cuda_env;
 
-use std::os::unix::net::UnixStream;
 use std::sync::Barrier;
 use std::time::Duration;
 
@@ -179,20 +178,27 @@ fn a_device_failure_on_one_connection_fails_them_all() {
 }
 
 /// A client beyond `--connections` is turned away after a grace of 1 s,
-/// with a line in the log: the export says CAN_MULTI_CONN, and a client
-/// told so may open more connections than the server serves and would wait
-/// for ever on the last. One that comes while a connection is closing is
-/// served.
+/// told why in the handshake, with a line in the log: the export says
+/// CAN_MULTI_CONN, and a client told so may open more connections than the
+/// server serves and would wait for ever on the last. One that comes while
+/// a connection is closing is served.
 #[test]
 fn a_client_beyond_the_limit_is_turned_away() {
+    use common::raw::{send_option, option_reply, OPT_ABORT, OPT_GO, REP_ACK, REP_ERR_POLICY};
     let server = Serve::new(8).arg("--connections").arg("2").start();
     let (first, second) = (connect(&server.sock), connect(&server.sock));
-    let mut third = UnixStream::connect(&server.sock).unwrap();
-    third.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let started = std::time::Instant::now();
-    let mut byte = [0u8; 1];
-    assert_eq!(std::io::Read::read(&mut third, &mut byte).ok(), Some(0), "a third client was not turned away");
+    let mut third = greet(&server.sock);
     assert!(started.elapsed() >= Duration::from_millis(900), "turned away before the grace: {:?}", started.elapsed());
+    send_option(&mut third, OPT_GO, &[0, 0, 0, 0, 0, 0]);
+    let (option, kind, why) = option_reply(&mut third);
+    let why = String::from_utf8_lossy(&why);
+    assert_eq!((option, kind), (OPT_GO, REP_ERR_POLICY), "a third client was not turned away: {why}");
+    assert_eq!(why, "nbd-vram: every one of the 2 connections is in use; open 2 at most");
+    send_option(&mut third, OPT_ABORT, &[]);
+    assert_eq!(option_reply(&mut third).1, REP_ACK);
+    let mut byte = [0u8; 1];
+    assert_eq!(std::io::Read::read(&mut third, &mut byte).ok(), Some(0), "the turned-away client was not closed");
     assert!(server.logged("a client was turned away: every one of the 2 connections is in use"), "{}", server.log());
     first.disconnect();
     let mut third = connect(&server.sock);

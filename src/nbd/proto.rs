@@ -27,6 +27,7 @@ pub const REP_ACK: u32 = 1;
 const REP_SERVER: u32 = 2;
 pub const REP_INFO: u32 = 3;
 pub const REP_ERR_UNSUP: u32 = 0x8000_0001;
+pub const REP_ERR_POLICY: u32 = 0x8000_0002;
 const REP_ERR_INVALID: u32 = 0x8000_0003;
 const REP_ERR_TOO_BIG: u32 = 0x8000_0009;
 
@@ -153,31 +154,14 @@ pub fn broken(what: &'static str) -> io::Error {
 /// negotiation"), fixed or not. Protocol violations are errors: the caller
 /// closes.
 pub fn handshake<S: Read + Write>(s: &mut S, export: &Export) -> io::Result<Negotiated> {
-    let mut hello = [0u8; 18];
-    hello[0..8].copy_from_slice(&NBDMAGIC.to_be_bytes());
-    hello[8..16].copy_from_slice(&IHAVEOPT.to_be_bytes());
-    hello[16..18].copy_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
-    s.write_all(&hello)?;
-
-    let mut word = [0u8; 4];
-    s.read_exact(&mut word)?;
-    let client_flags = u32::from_be_bytes(word);
-    if client_flags & !CLIENT_FLAGS_KNOWN != 0 {
-        return Err(broken("client sent unknown handshake flags"));
-    }
+    let client_flags = greet(s)?;
     // Without it the client speaks plain newstyle, as older nbd-client did:
     // it may send only NBD_OPT_EXPORT_NAME, and gets no option replies.
     let fixed = client_flags & u32::from(FLAG_FIXED_NEWSTYLE) != 0;
     let no_zeroes = client_flags & u32::from(FLAG_NO_ZEROES) != 0;
 
     loop {
-        let mut head = [0u8; 16];
-        s.read_exact(&mut head)?;
-        if u64::from_be_bytes(head[0..8].try_into().unwrap_or_default()) != IHAVEOPT {
-            return Err(broken("bad option magic"));
-        }
-        let option = be32(&head[8..12]);
-        let len = be32(&head[12..16]);
+        let (option, len) = option_head(s)?;
         // "Option haggling": a plain newstyle client that sends anything but
         // EXPORT_NAME must be disconnected, without a reply.
         if !fixed && option != OPT_EXPORT_NAME {
@@ -229,6 +213,54 @@ pub fn handshake<S: Read + Write>(s: &mut S, export: &Export) -> io::Result<Nego
             _ => option_reply(s, option, REP_ERR_UNSUP, &[])?,
         }
     }
+}
+
+/// Turns a client away in the handshake, so that it learns `why`: the
+/// greeting, then `why` in an error reply (`NBD_REP_ERR_POLICY`) to each of
+/// its first options, until it aborts or asks what has no error reply
+/// (plain newstyle, `NBD_OPT_EXPORT_NAME`), which only a close answers.
+pub fn refuse<S: Read + Write>(s: &mut S, why: &str) -> io::Result<()> {
+    const OPTIONS: usize = 8;
+    let fixed = greet(s)? & u32::from(FLAG_FIXED_NEWSTYLE) != 0;
+    for _ in 0..OPTIONS {
+        let (option, len) = option_head(s)?;
+        if !fixed || option == OPT_EXPORT_NAME || len > MAX_OPTION_LEN {
+            break;
+        }
+        discard(s, len)?;
+        if option == OPT_ABORT {
+            let _ = option_reply(s, option, REP_ACK, &[]);
+            break;
+        }
+        option_reply(s, option, REP_ERR_POLICY, why.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// Sends the greeting and returns the client's flags.
+fn greet<S: Read + Write>(s: &mut S) -> io::Result<u32> {
+    let mut hello = [0u8; 18];
+    hello[0..8].copy_from_slice(&NBDMAGIC.to_be_bytes());
+    hello[8..16].copy_from_slice(&IHAVEOPT.to_be_bytes());
+    hello[16..18].copy_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+    s.write_all(&hello)?;
+    let mut word = [0u8; 4];
+    s.read_exact(&mut word)?;
+    let client_flags = u32::from_be_bytes(word);
+    if client_flags & !CLIENT_FLAGS_KNOWN != 0 {
+        return Err(broken("client sent unknown handshake flags"));
+    }
+    Ok(client_flags)
+}
+
+/// An option's code and data length.
+fn option_head<S: Read>(s: &mut S) -> io::Result<(u32, u32)> {
+    let mut head = [0u8; 16];
+    s.read_exact(&mut head)?;
+    if u64::from_be_bytes(head[0..8].try_into().unwrap_or_default()) != IHAVEOPT {
+        return Err(broken("bad option magic"));
+    }
+    Ok((be32(&head[8..12]), be32(&head[12..16])))
 }
 
 /// Reads and drops `len` bytes of option data, a page at a time.
@@ -339,6 +371,26 @@ mod tests {
             at += 20 + len;
         }
         v
+    }
+
+    /// A client turned away hears why in answer to each option, until it
+    /// aborts; one that cannot hear it (plain newstyle, EXPORT_NAME) gets
+    /// the greeting and a close.
+    #[test]
+    fn a_refused_client_is_told_why_until_it_aborts() {
+        let refuse_with = |flags: u32, options: &[Vec<u8>]| {
+            let mut input = flags.to_be_bytes().to_vec();
+            options.iter().for_each(|o| input.extend(o));
+            let mut d = Duplex { input: Cursor::new(input), output: Vec::new() };
+            refuse(&mut d, "all busy").map(|()| replies(&d.output))
+        };
+        let go = [0, 0, 0, 0, 0, 0];
+        let told = refuse_with(3, &[option(OPT_LIST, &[]), option(OPT_GO, &go), option(OPT_ABORT, &[]), option(OPT_GO, &go)]).unwrap();
+        let policy = (REP_ERR_POLICY, b"all busy".to_vec());
+        assert_eq!(told, [(OPT_LIST, policy.0, policy.1.clone()), (OPT_GO, policy.0, policy.1), (OPT_ABORT, REP_ACK, vec![])]);
+        assert_eq!(refuse_with(3, &[option(OPT_EXPORT_NAME, &[])]).unwrap(), []);
+        assert_eq!(refuse_with(0, &[option(OPT_GO, &go)]).unwrap(), []);
+        assert!(refuse_with(3, &[option(OPT_GO, &go)]).is_err(), "a client gone mid-handshake is an error");
     }
 
     #[test]
