@@ -51,10 +51,11 @@ impl UseStore for Serve<'_> {
 /// free (`Desk`). With one serving thread a client waits until it is free,
 /// as clients always did (no `CAN_MULTI_CONN`: none opens two). With
 /// several, a client that finds every one busy for `GRACE` is turned away,
-/// told why in the handshake, with a line in the log: the export says `CAN_MULTI_CONN`, and a client
-/// told so may open more connections than there are threads and wait for
-/// ever on the last (nbdcopy opens four); the grace lets a client that
-/// reconnects while its last connection is still closing in.
+/// told why in the handshake, with a line in the log: the export says
+/// `CAN_MULTI_CONN`, and a client told so may open more connections than
+/// there are threads and wait for ever on the last (nbdcopy opens four);
+/// the grace lets a client that reconnects while its last connection is
+/// still closing in.
 fn serve<B: Backing>(backing: &B, how: &Serve) -> Result<(), Failure> {
     let signals = Signals::taken();
     pressure::set_loops(how.connections);
