@@ -106,7 +106,7 @@ impl Slot {
     const EMPTY: Slot = Slot { reply: [0; REPLY_LEN], data: 0..0, done: None, waits: false, command: 0, len: 0 };
 
     fn ok(&self) -> bool {
-        self.reply[4..8] == [0; 4]
+        self.error() == 0
     }
 
     fn error(&self) -> u32 {
