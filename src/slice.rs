@@ -353,6 +353,8 @@ fn serve<'b, B: Backing>(
         // Until every link has ended: the kernel sends the requests of one
         // that broke down the others, and ends them all at disconnect.
         let mut served = vec![serve_link(&mut first.store, &mut first.bufs, shared, &stats[0], &ours[0], &|| link(0))];
+        // Freed now, as the other links free theirs: they may serve on for long.
+        drop(first);
         let ended = |i: usize, h: thread::ScopedJoinHandle<'_, Option<io::Result<End>>>| {
             h.join().ok().flatten().unwrap_or_else(|| {
                 error!("{} broke: its thread failed", link(i));

@@ -1,6 +1,7 @@
 //! Swap by itself, no util-linux: the swap header, swapon(2), swapoff(2)
 //! and what /proc/swaps says.
 
+use std::cell::Cell;
 use std::ffi::{CStr, CString};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
@@ -97,6 +98,8 @@ pub struct Swapoff<'a> {
     /// /proc was not mounted when this was made: then the name is all
     /// there is.
     dirs: Option<(OwnedFd, OwnedFd)>,
+    /// Said once that no child could be had: a stop retries for long.
+    told_no_child: Cell<bool>,
 }
 
 /// What one swapoff found.
@@ -121,7 +124,7 @@ impl<'a> Swapoff<'a> {
     pub fn new(path: &'a Path, dev: BorrowedFd<'a>) -> Swapoff<'a> {
         let dir = |p: &CStr| crate::dirfd::openat(None, p, libc::O_PATH | libc::O_DIRECTORY);
         let dirs = dir(c"/proc/self/fd").and_then(|fds| Ok((fds, dir(c".")?))).ok();
-        Swapoff { path, dev, dirs }
+        Swapoff { path, dev, dirs, told_no_child: Cell::new(false) }
     }
 
     /// The device's name, for messages.
@@ -152,7 +155,9 @@ impl<'a> Swapoff<'a> {
                 Ok(done) => done,
                 Err(e) if matches!(e.raw_os_error(), Some(libc::ENOMEM | libc::EAGAIN)) => Err(e),
                 Err(e) => {
-                    crate::warn!("{}: no process for its swapoff ({e}): swapping off from the daemon itself", self.path.display());
+                    if !self.told_no_child.replace(true) {
+                        crate::warn!("{}: no process for its swapoff ({e}): swapping off from the daemon itself", self.path.display());
+                    }
                     by_descriptor(self.dev, fds, cwd)
                 }
             },
@@ -358,7 +363,7 @@ mod tests {
             Some(_) => panic!("a name that leads nowhere was taken for an answer"),
         }
         // A name that leads to a file /proc/swaps does not list: not swap.
-        let named = Swapoff { path: &path, dev: file.as_fd(), dirs: None };
+        let named = Swapoff { dirs: None, ..Swapoff::new(&path, file.as_fd()) };
         assert!(matches!(judged(named.run()), None | Some(Outcome::NotSwap)));
         std::fs::remove_file(&path).unwrap();
     }
