@@ -374,7 +374,9 @@ fn serve<'b, B: Backing>(
         }
         match (control, kernel) {
             (Err(f), _) if !controlled => Ended::NotStarted(f),
-            // Its requests then failed, or went down another link.
+            // Its requests then failed, or went down another link; then a
+            // write held up on it may have landed late, over newer ones,
+            // which a clean swapoff since cannot tell.
             (Ok(Ended::Off), Ok(())) if broke => Ended::Lost(Failure::new(Code::Other, format!("{}: a link broke while serving: data sent to it may be lost", path.display()))),
             (Ok(Ended::Off), Ok(())) => Ended::Off,
             (Ok(Ended::NotStarted(f)), _) => Ended::NotStarted(f),
