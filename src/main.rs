@@ -57,6 +57,7 @@ fn main() -> ExitCode {
     }
     if matches!(parsed.command, Command::Swap(_)) {
         signals::Signals::ignore_job_control();
+        signals::Signals::wait_for_children();
     }
     log::init(parsed.log_level);
     if serves {

@@ -68,6 +68,16 @@ impl Signals {
         }
     }
 
+    /// The swap daemon waits for its swapoff children, whose end tells
+    /// whether RAM took the pages back (`swap::child`): a SIGCHLD ignored
+    /// by whoever started it, which exec keeps, would have the kernel
+    /// reap them unseen.
+    pub fn wait_for_children() {
+        // SAFETY: sets SIGCHLD to its default action, which ignores it
+        // without reaping; no handler is installed.
+        unsafe { libc::signal(libc::SIGCHLD, libc::SIG_DFL) };
+    }
+
     /// Sends `sig` to this process, for the thread that waits to take.
     pub fn raise(sig: libc::c_int) {
         // SAFETY: kill on our own pid with a valid signal number.

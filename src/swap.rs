@@ -390,6 +390,36 @@ mod tests {
         }
     }
 
+    /// Started with SIGCHLD ignored, the daemon still sees what became of
+    /// its swapoff child: were it reaped unseen, a swapoff the OOM killer
+    /// ended would be run again by the daemon itself, which the OOM killer
+    /// then picks first. Run in a process of its own, as the disposition
+    /// is the whole process's and other tests wait for children.
+    #[test]
+    fn an_inherited_ignored_sigchld_does_not_hide_the_swapoff_child() {
+        let exe = std::env::current_exe().unwrap();
+        let status = std::process::Command::new(exe)
+            .args(["swap::tests::sigchld_ignored_at_start", "--exact", "--ignored", "--test-threads=1"])
+            .env(SIGCHLD_IGNORED, "1")
+            .status()
+            .unwrap();
+        assert!(status.success(), "the test in a process of its own failed: {status}");
+    }
+
+    const SIGCHLD_IGNORED: &str = "NBD_VRAM_TEST_SIGCHLD_IGNORED";
+
+    #[test]
+    #[ignore = "run in a process of its own by an_inherited_ignored_sigchld_does_not_hide_the_swapoff_child"]
+    fn sigchld_ignored_at_start() {
+        if std::env::var_os(SIGCHLD_IGNORED).is_none() {
+            return;
+        }
+        // SAFETY: this process runs this test alone.
+        unsafe { libc::signal(libc::SIGCHLD, libc::SIG_IGN) };
+        crate::signals::Signals::wait_for_children();
+        a_swapoff_killed_by_the_oom_killer_costs_only_its_own_process();
+    }
+
     /// Two slices swap off at once at a stop, from the daemon itself where
     /// no child can be had: each thread's lookup by descriptor must find
     /// its own file, never the other's working directory (ENOENT) or a

@@ -25,7 +25,8 @@ const ARG: &str = "--swapoff-child";
 /// Runs swapoff of `dev`, a descriptor of this process, in a child whose
 /// working directory is `fds` (this process's /proc/PID/fd): `Err` if no
 /// child could be started, else what its swapoff returned. A child killed
-/// by a signal (the OOM killer) counts as out of memory.
+/// by a signal (the OOM killer) counts as out of memory; one that could
+/// not be waited for, as a failure: it ran, and may have been killed.
 pub fn swapoff(dev: BorrowedFd, fds: &OwnedFd) -> io::Result<io::Result<()>> {
     let fd = CString::new(dev.as_raw_fd().to_string()).map_err(io::Error::other)?;
     let (argv, env) = command(&fd);
@@ -34,7 +35,10 @@ pub fn swapoff(dev: BorrowedFd, fds: &OwnedFd) -> io::Result<io::Result<()>> {
     let mut envp: Vec<*mut libc::c_char> = env.iter().map(|e| e.as_ptr().cast_mut()).collect();
     envp.push(std::ptr::null_mut());
     let pid = spawn(fds, &argv, &envp)?;
-    let status = reap(pid)?;
+    let status = match reap(pid) {
+        Ok(status) => status,
+        Err(e) => return Ok(Err(io::Error::new(e.kind(), format!("waiting for its process: {e}")))),
+    };
     Ok(match (libc::WIFEXITED(status), libc::WEXITSTATUS(status), libc::WTERMSIG(status)) {
         (true, 0, _) => Ok(()),
         (true, errno, _) => Err(io::Error::from_raw_os_error(errno)),
