@@ -6,7 +6,8 @@ use std::ffi::{CStr, CString};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
 
 use crate::uapi;
 
@@ -147,9 +148,10 @@ impl<'a> Swapoff<'a> {
     /// child can be had: without /proc at start, or without the program's
     /// loader in a root the daemon could not leave at switch_root.
     pub fn run(&self) -> Outcome {
-        if let Some(short) = shortage(self.path) {
-            return Outcome::Failed(short);
-        }
+        let _room = match UnderWay::take(self.path) {
+            Ok(room) => room,
+            Err(short) => return Outcome::Failed(short),
+        };
         let result = match &self.dirs {
             Some((fds, cwd)) => match child::swapoff(self.dev, fds) {
                 Ok(done) => done,
@@ -247,31 +249,65 @@ fn claim_by(dev: BorrowedFd, fds: &OwnedFd) -> io::Result<Option<OwnedFd>> {
 /// the last reserves, and others may go with it. Room is what
 /// /proc/meminfo counts available, less 1/64 of RAM, plus what the other
 /// swap areas have free; nothing is refused where /proc cannot tell.
-fn shortage(path: &Path) -> Option<io::Error> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let (need, room) = shortage_in(&table(), &meminfo, path)?;
-    Some(io::Error::new(
-        io::ErrorKind::OutOfMemory,
-        format!("{} MiB to read back, room for {} MiB in RAM and other swap", need >> 10, room >> 10),
-    ))
+///
+/// A stop swaps every slice off at once: what one swapoff under way will
+/// read back is no room for another, nor is its area's free space. So
+/// each is looked at in turn and, let through, counted here until it ends.
+struct UnderWay<'a>(&'a Path);
+
+/// This process's swapoffs under way, with the KiB each reads back.
+static UNDER_WAY: Mutex<Vec<(PathBuf, u64)>> = Mutex::new(Vec::new());
+
+impl<'a> UnderWay<'a> {
+    /// `path`'s room, counted until the guard drops; `Err` if too little.
+    fn take(path: &'a Path) -> io::Result<UnderWay<'a>> {
+        let mut under_way = UNDER_WAY.lock().unwrap_or_else(PoisonError::into_inner);
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let swaps = table();
+        if let Some((need, room)) = shortage_in(&swaps, &meminfo, path, &under_way) {
+            let others = match under_way.len() {
+                0 => String::new(),
+                n => format!(", while {n} other swapoff(s) of this daemon run"),
+            };
+            return Err(io::Error::new(
+                io::ErrorKind::OutOfMemory,
+                format!("{} MiB to read back, room for {} MiB in RAM and other swap{others}", need >> 10, room >> 10),
+            ));
+        }
+        let need = entry(&swaps, path).map_or(0, |a| a.used_kib);
+        under_way.push((path.to_path_buf(), need));
+        Ok(UnderWay(path))
+    }
 }
 
-/// `shortage` on copies of /proc/swaps and /proc/meminfo: KiB needed and
-/// KiB of room, if too little.
-fn shortage_in(swaps: &str, meminfo: &str, path: &Path) -> Option<(u64, u64)> {
+impl Drop for UnderWay<'_> {
+    fn drop(&mut self) {
+        let mut under_way = UNDER_WAY.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(i) = under_way.iter().position(|(p, _)| p == self.0) {
+            under_way.swap_remove(i);
+        }
+    }
+}
+
+/// The shortage for `path` on copies of /proc/swaps and /proc/meminfo,
+/// with `under_way` (other swapoffs and what they read back): KiB needed
+/// and KiB of room, if too little.
+fn shortage_in(swaps: &str, meminfo: &str, path: &Path, under_way: &[(PathBuf, u64)]) -> Option<(u64, u64)> {
     let need = entry(swaps, path)?.used_kib;
     let kib = |key: &str| meminfo.lines().find_map(|l| l.strip_prefix(key)?.trim().strip_suffix("kB")?.trim().parse::<u64>().ok());
     let (available, total) = (kib("MemAvailable:")?, kib("MemTotal:")?);
+    let going = |p: &Path| p == path || under_way.iter().any(|(u, _)| u == p);
     let elsewhere: u64 = swaps
         .lines()
         .skip(1)
         .filter_map(|line| {
             let f: Vec<&str> = line.split_whitespace().collect();
             let (size, used): (u64, u64) = (f.get(2)?.parse().ok()?, f.get(3)?.parse().ok()?);
-            (Path::new(f[0]) != path).then(|| size.saturating_sub(used))
+            (!going(Path::new(f[0]))).then(|| size.saturating_sub(used))
         })
         .sum();
-    let room = (available + elsewhere).saturating_sub(total / 64);
+    let taken: u64 = under_way.iter().map(|(_, kib)| kib).sum();
+    let room = (available + elsewhere).saturating_sub(total / 64 + taken);
     (need > room).then_some((need, room))
 }
 
@@ -503,10 +539,28 @@ mod tests {
         let meminfo = |avail: u64| format!("MemTotal:         640000 kB\nMemFree:           5000 kB\nMemAvailable:     {avail} kB\n");
         let nbd0 = Path::new("/dev/nbd0");
         // Room: available + 60000 free on /dev/vda - 10000 (1/64 of RAM).
-        assert_eq!(shortage_in(swaps, &meminfo(100_000), nbd0), Some((200_000, 150_000)));
-        assert_eq!(shortage_in(swaps, &meminfo(150_000), nbd0), None, "just enough room");
-        assert_eq!(shortage_in(swaps, "MemTotal: 640000 kB\n", nbd0), None, "nothing refused where /proc cannot tell");
-        assert_eq!(shortage_in(swaps, &meminfo(0), Path::new("/dev/nbd1")), None, "not swap: nothing to read back");
+        assert_eq!(shortage_in(swaps, &meminfo(100_000), nbd0, &[]), Some((200_000, 150_000)));
+        assert_eq!(shortage_in(swaps, &meminfo(150_000), nbd0, &[]), None, "just enough room");
+        assert_eq!(shortage_in(swaps, "MemTotal: 640000 kB\n", nbd0, &[]), None, "nothing refused where /proc cannot tell");
+        assert_eq!(shortage_in(swaps, &meminfo(0), Path::new("/dev/nbd1"), &[]), None, "not swap: nothing to read back");
+    }
+
+    /// At a stop every slice swaps off at once: a swapoff under way reads
+    /// its pages back into the same RAM, and its area takes no more.
+    #[test]
+    fn a_swapoff_under_way_is_no_room_for_another() {
+        let swaps = "Filename\tType\tSize\tUsed\tPriority\n/dev/nbd0 partition 786428 393214 100\n/dev/nbd1 partition 786428 393214 100\n";
+        let meminfo = "MemTotal:  640000 kB\nMemAvailable:  500000 kB\n";
+        let (nbd0, nbd1) = (Path::new("/dev/nbd0"), Path::new("/dev/nbd1"));
+        // Alone, either fits, and would even without the other's free space.
+        assert_eq!(shortage_in(swaps, meminfo, nbd0, &[]), None);
+        // 500000 - 10000 (1/64 of RAM) - 393214 (the first's): its free
+        // space, which would make up for it, is going too.
+        let first = [(nbd0.to_path_buf(), 393_214)];
+        assert_eq!(shortage_in(swaps, meminfo, nbd1, &first), Some((393_214, 96_786)), "room taken by the first");
+        let small = "Filename\tType\tSize\tUsed\tPriority\n/dev/nbd0 partition 786428 1000 100\n/dev/nbd1 partition 786428 1000 100\n";
+        let first = [(nbd0.to_path_buf(), 1000)];
+        assert_eq!(shortage_in(small, meminfo, nbd1, &first), None, "room for both");
     }
 
     #[test]
