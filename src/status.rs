@@ -102,11 +102,14 @@ fn failed_in(dir: &std::path::Path, pid: u32) -> bool {
 }
 
 /// Publishes after each `tick` (which waits about a second) until it
-/// returns false, then removes the file; `more` adds lines of its own (the
-/// swap daemon's slices). Besides what `more` does, after the first round
-/// it allocates nothing: one open file rewritten in place from one reused
-/// buffer, since under memory pressure even this thread should not wait
-/// in reclaim.
+/// returns false, then once more, and removes the file, unless the store
+/// failed: then it is left for `stop`, which reads it once the daemon has
+/// exited (a store that fails during the last swapoff fails within the
+/// last second), and for `status` to clear. `more` adds lines of its own
+/// (the swap daemon's slices). Besides what `more` does, after the first
+/// round it allocates nothing: one open file rewritten in place from one
+/// reused buffer, since under memory pressure even this thread should not
+/// wait in reclaim.
 pub fn publish(inst: &Instance, stats: &[&Stats], more: &dyn Fn(&mut String), mut tick: impl FnMut() -> bool) {
     let name = format!("{}.status", inst.name);
     let path = PathBuf::from(DIR).join(&name);
@@ -119,6 +122,7 @@ pub fn publish(inst: &Instance, stats: &[&Stats], more: &dyn Fn(&mut String), mu
     };
     let started = now();
     let mut text = String::with_capacity(4096);
+    let mut last = false;
     loop {
         text.clear();
         render(&mut text, inst, stats, started);
@@ -127,9 +131,13 @@ pub fn publish(inst: &Instance, stats: &[&Stats], more: &dyn Fn(&mut String), mu
         if let Err(e) = written {
             crate::debug!("{}: {e}", path.display());
         }
-        if !tick() {
+        if last {
             break;
         }
+        last = !tick();
+    }
+    if stats.iter().any(|c| c.failed.load(Relaxed)) {
+        return;
     }
     match CString::new(name) {
         Ok(name) => unlink_in(&dir, &name),
@@ -456,6 +464,30 @@ mod tests {
             }
             assert_eq!(disagreed, 0, "renders whose total differs from its connections' sum");
         });
+    }
+
+    /// A store that fails in the daemon's last second, as one may in the
+    /// last swapoff of a stop, is published, and its file outlives the
+    /// daemon for `stop` to read; a clean end leaves no file.
+    #[test]
+    fn a_failure_in_the_last_second_outlives_the_daemon() {
+        let path = |name: &str| PathBuf::from(DIR).join(format!("{name}.status"));
+        for fails in [true, false] {
+            let stats = Stats::default();
+            let name = format!("test-last-second-{}-{fails}", std::process::id());
+            let inst = Instance { name: name.clone(), target: "/dev/nbd9".into(), store: "host".into(), size: 1 << 20, priority: Some(1) };
+            publish(&inst, &[&stats], &|_: &mut String| {}, || {
+                stats.failed.store(fails, Relaxed);
+                false
+            });
+            assert_eq!(path(&name).exists(), fails, "a file left behind: {fails} expected");
+            if fails {
+                let text = fs::read_to_string(path(&name)).unwrap();
+                fs::remove_file(path(&name)).unwrap();
+                assert_eq!(num(&text, "failed"), 1, "{text}");
+                assert_eq!(num(&text, "pid"), u64::from(std::process::id()), "{text}");
+            }
+        }
     }
 
     /// The file sums the connections' counters and lists each one, and

@@ -59,6 +59,8 @@ fn terminate(pid: u32, dev: &Path) -> Result<(), Failure> {
         }
         thread::sleep(Duration::from_millis(100));
     }
+    // A failure in its last second is in the file it leaves behind.
+    failed |= status::failed(pid);
     if failed {
         return Err(Failure::new(Code::Other, format!("{} stopped, but its store had failed: pages swapped to it may be lost (see the daemon's log)", dev.display())));
     }
@@ -73,4 +75,36 @@ fn running(pid: u32) -> bool {
     // The state follows the command name, which is in parentheses.
     let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
     state != Some("Z")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A daemon whose store fails in its last moment, after the last look
+    /// at its status file while it ran, is still reported failed: the
+    /// file it leaves behind is read once it has exited.
+    #[test]
+    fn a_failure_published_as_the_daemon_exits_is_seen() {
+        std::fs::create_dir_all(status::DIR).unwrap();
+        let ready = std::env::temp_dir().join(format!("nbd-vram-stop-ready-{}", std::process::id()));
+        // Writes its file on SIGTERM, and exits at once.
+        let script = format!(
+            "trap 'printf \"pid=%s\\nfailed=1\\n\" $$ > {dir}/test-stop-$$.status; exit 0' TERM; : > {ready}; while :; do sleep 0.02; done",
+            dir = status::DIR,
+            ready = ready.display()
+        );
+        let mut daemon = std::process::Command::new("sh").args(["-c", &script]).spawn().unwrap();
+        let started = Instant::now();
+        while !ready.exists() {
+            assert!(started.elapsed() < Duration::from_secs(10), "the stand-in daemon never got ready");
+            thread::sleep(Duration::from_millis(10));
+        }
+        let stopped = terminate(daemon.id(), Path::new("/dev/nbd-test"));
+        let _ = daemon.wait();
+        let _ = std::fs::remove_file(&ready);
+        let _ = std::fs::remove_file(format!("{}/test-stop-{}.status", status::DIR, daemon.id()));
+        let e = stopped.expect_err("a store that failed was reported stopped cleanly");
+        assert!(e.to_string().contains("its store had failed"), "{e}");
+    }
 }
