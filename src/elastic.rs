@@ -136,6 +136,12 @@ impl Policy {
             if self.drain_after.is_some_and(|t| now < t) {
                 return None;
             }
+            if why == Why::Reserve {
+                // Others need the memory the ask was for: what comes back
+                // waits its hold-off again, lest a job whose use dips and
+                // returns make the tier grow and give back at every dip.
+                self.asked = false;
+            }
             // The slice with the fewest pages: the least for swapoff to move.
             let fewest = slices.iter().enumerate().filter(|(_, s)| s.state == State::Serving).min_by_key(|(_, s)| s.used_pages);
             return fewest.map(|(i, _)| (Change::Drain(i), why));
@@ -277,6 +283,24 @@ mod tests {
         assert_eq!(p.decide(t, Some(0), &s3), Some((Change::Grow(1), Why::Asked)));
         p.grow_failed(t);
         assert_eq!(p.decide(t + RETRY / 2, Some(64 << 30), &s3), None, "too soon after a failure");
+    }
+
+    /// A grow asked for with no room is made once there is room, at once;
+    /// after the reserve took that slice back, the next waits its hold-off.
+    #[test]
+    fn an_ask_ends_when_the_reserve_takes_its_slice_back() {
+        let mut p = Policy::new(1024 * MIB, 512 * MIB, HOLD, 2);
+        let t = Instant::now();
+        let room = Some(1536 * MIB + MARGIN);
+        p.set_target(3);
+        let s = slices(&[(Serving, 5), (Released, 0), (Released, 0)]);
+        assert_eq!(p.decide(t, Some(1200 * MIB), &s), None, "no room yet");
+        let later = t + HOLD * 100;
+        assert_eq!(p.decide(later, room, &s), Some((Change::Grow(1), Why::Asked)), "room: at once, as asked");
+        let grown = slices(&[(Serving, 5), (Serving, 0), (Released, 0)]);
+        assert_eq!(p.decide(later, Some(900 * MIB), &grown), Some((Change::Drain(1), Why::Reserve)));
+        assert_eq!(p.decide(later + Duration::from_secs(1), room, &s), None, "the ask ended with the drain");
+        assert_eq!(p.decide(later + HOLD + Duration::from_secs(1), room, &s), Some((Change::Grow(1), Why::Room)));
     }
 
     #[test]
