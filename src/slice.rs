@@ -339,14 +339,11 @@ fn serve<'b, B: Backing>(
             n => format!(", {n} connections"),
         });
         let kernel = spawn(s, "nbd-do-it", || run_device(dev, ours));
-        let control = spawn(s, "nbd-control", || control(dev, setup.opts, board));
+        let control = spawn(s, "nbd-control", || control(dev, setup.opts, board, ours));
         let controlled = control.is_ok();
         if !controlled {
-            // Nothing would swap on, nor ever end the device: end it now,
-            // or at least its links.
-            if dev.disconnect().is_err() {
-                shut_all(ours);
-            }
+            // Nothing would swap on, nor ever end the device: end it now.
+            end_device(dev, ours);
         }
         crate::log::relay_here();
         pressure::realtime();
@@ -414,6 +411,16 @@ fn serve_link<S: Store>(store: &mut S, bufs: &mut Buffers<S::Buf>, shared: &Shar
         error!("{} broke: {e}", link());
     }
     served
+}
+
+/// Ends the device, which is not swap: by NBD_DISCONNECT, or where the
+/// kernel refuses that, by ending our side of its links, lest the serving
+/// threads, and a stop that waits for them, wait for ever.
+fn end_device(dev: &NbdDevice, ours: &[UnixStream]) {
+    if let Err(e) = dev.disconnect() {
+        warn!("{}: NBD_DISCONNECT: {e}; ending its links instead", dev.path().display());
+        shut_all(ours);
+    }
 }
 
 /// Ends every link: the device is gone.
@@ -545,7 +552,7 @@ fn run_device(dev: &NbdDevice, ours: &[UnixStream]) -> Result<(), Failure> {
 }
 
 /// swapon, wait for an order, swapoff, disconnect.
-fn control(dev: &NbdDevice, opts: &SwapOpts, board: &Board) -> Result<Ended, Failure> {
+fn control(dev: &NbdDevice, opts: &SwapOpts, board: &Board, ours: &[UnixStream]) -> Result<Ended, Failure> {
     let path = dev.path();
     // Made now, while /proc resolves: after a switch_root it may not.
     let off = swap::Swapoff::new(path, dev.as_fd());
@@ -555,12 +562,12 @@ fn control(dev: &NbdDevice, opts: &SwapOpts, board: &Board) -> Result<Ended, Fai
         board.lock().link_down || (kernel::server_of(path).is_some() && kernel::sectors(path) > 0)
     });
     if !started || board.lock().link_down {
-        let _ = dev.disconnect();
+        end_device(dev, ours);
         return Ok(Ended::NotStarted(Failure::new(Code::Other, format!("{}: the kernel did not start the device", path.display()))));
     }
     if opts.swap {
         if let Err(e) = swap::swapon(path, opts.priority, opts.discard) {
-            let _ = dev.disconnect();
+            end_device(dev, ours);
             return Ok(Ended::NotStarted(swapon_failure(path, e)));
         }
         info!("swap on {} with priority {}", path.display(), opts.priority);
@@ -595,7 +602,8 @@ fn control(dev: &NbdDevice, opts: &SwapOpts, board: &Board) -> Result<Ended, Fai
             }
         }
     };
-    dev.disconnect().map_err(|e| Failure::os(format!("{}: NBD_DISCONNECT", path.display()), e))?;
+    // Swapped off and claimed: nothing is left to lose.
+    end_device(dev, ours);
     drop(claim);
     Ok(Ended::Off)
 }
