@@ -24,7 +24,7 @@ use crate::signals::{Signals, STOP};
 use crate::slice::{self, Board, Ended, Setup};
 use crate::stats::Stats;
 use crate::status::{self, Instance};
-use crate::store::{Tier, UseTier};
+use crate::store::{Backing, Tier, UseTier};
 use crate::tuning::Tuning;
 use crate::{error, info, notify, pressure, swap, warn};
 
@@ -200,7 +200,7 @@ fn instance(opts: &SwapOpts, boards: &[Board]) -> Instance {
 }
 
 /// Starts slice `i`'s thread on `backing`.
-fn start<'s, 'e, B: crate::store::Backing + Send + 's>(
+fn start<'s, 'e, B: Backing + Send + 's>(
     s: &'s Scope<'s, 'e>,
     setup: &'s Setup<'s>,
     backing: B,
@@ -208,13 +208,14 @@ fn start<'s, 'e, B: crate::store::Backing + Send + 's>(
     i: usize,
 ) -> Result<ScopedJoinHandle<'s, (Ended, B)>, Failure> {
     board.starting();
+    board.size.store(backing.size(), Ordering::Relaxed);
     let spawned = thread::Builder::new().name(format!("nbd-slice-{i}")).stack_size(STACK).spawn_scoped(s, move || {
         let ended = slice::run(setup, &backing, board);
-        board.ending();
+        board.mark_ending();
         (ended, backing)
     });
     spawned.map_err(|e| {
-        board.released();
+        board.mark_released();
         Failure::os("starting a slice's thread", e)
     })
 }
@@ -228,7 +229,7 @@ fn wait_started<B>(signals: &Signals, board: &Board, slot: &mut Slot<'_, B>) -> 
         }
         if slot.as_ref().is_some_and(|h| h.is_finished()) {
             let joined = slot.take().map(ScopedJoinHandle::join);
-            board.released();
+            board.mark_released();
             return match joined {
                 Some(Ok((Ended::NotStarted(f) | Ended::Lost(f), _))) => Err(f),
                 _ => Err(Failure::new(Code::Other, "a slice ended before it served")),
@@ -246,7 +247,7 @@ fn wait_started<B>(signals: &Signals, board: &Board, slot: &mut Slot<'_, B>) -> 
 fn reap<B>(board: &Board, h: ScopedJoinHandle<'_, (Ended, B)>, i: usize) -> Result<(), Failure> {
     let device = board.device();
     let joined = h.join();
-    board.released();
+    board.mark_released();
     let Ok((ended, backing)) = joined else {
         return Err(Failure::new(Code::Other, format!("slice {i}'s thread panicked")));
     };
@@ -391,8 +392,20 @@ impl<'a, 't, T: Tier> Steer<'a, 't, T> {
             if let Some(req) = resize::take(&self.name) {
                 self.resize(req);
             }
+            self.refresh_usage();
             if watch || self.pending() {
                 self.step(s, now, slots);
+            }
+        }
+    }
+
+    /// Each slice's pages in swap, for the policy and `status`.
+    fn refresh_usage(&self) {
+        let swaps = swap::table();
+        for board in self.boards {
+            if let Some(dev) = board.device() {
+                let used = swap::entry(&swaps, &dev).map_or(0, |a| a.used_kib / 4);
+                board.used_pages.store(used, Ordering::Relaxed);
             }
         }
     }
@@ -404,13 +417,6 @@ impl<'a, 't, T: Tier> Steer<'a, 't, T> {
         'a: 's,
         't: 's,
     {
-        let swaps = swap::table();
-        for board in self.boards {
-            if let Some(dev) = board.device() {
-                let used = swap::entry(&swaps, &dev).map_or(0, |a| a.used_kib / 4);
-                board.used_pages.store(used, Ordering::Relaxed);
-            }
-        }
         // States first, refusals after: a slice stores its refusal before
         // it serves on, so one seen serving here with its refusal not yet
         // taken is held off by it all the same.
@@ -451,12 +457,13 @@ impl<'a, 't, T: Tier> Steer<'a, 't, T> {
                         return self.answer(format!("failed: {f}"));
                     }
                 };
-                self.report.tell(format!("taking slice {i} again ({} MiB): {}", self.opts.slice / MIB, reason(why, free, self.opts)));
+                self.report.tell(format!("taking slice {i} again ({} MiB): {}", backing.size() / MIB, reason(why, free, self.opts)));
                 match start(s, self.setup_for(i), backing, &self.boards[i], i) {
                     Ok(h) => slots[i] = Some(h),
                     Err(f) => {
                         error!("{f}");
                         self.policy.grow_failed(now);
+                        self.answer(format!("failed: {f}"));
                     }
                 }
             }
@@ -464,7 +471,8 @@ impl<'a, 't, T: Tier> Steer<'a, 't, T> {
                 let busy = view.iter().any(|v| matches!(v.state, State::Starting | State::Draining));
                 let serving = view.iter().filter(|v| v.state == State::Serving).count();
                 if !busy && serving == self.policy.target() && self.pending() {
-                    self.answer(format!("done: {serving} slice(s), {} MiB", serving as u64 * self.opts.slice / MIB));
+                    let size: u64 = self.boards.iter().filter(|b| b.state() == State::Serving).map(|b| b.size.load(Ordering::Relaxed)).sum();
+                    self.answer(format!("done: {serving} slice(s), {} MiB", size / MIB));
                 }
                 let (reserve, slice) = (self.opts.reserve, self.opts.slice);
                 if let Some(f) = free.filter(|&f| !busy && serving < self.policy.target() && reserve > 0 && !elastic::room(f, reserve, slice)) {

@@ -11,7 +11,8 @@
 use std::time::Duration;
 
 pub const STOP: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
-/// Sent by the daemon to itself when the kernel link ends on its own.
+/// Wakes the thread that takes signals: sent by a slice whose state
+/// changed or whose thread ends, and by `resize` with a request.
 pub const WAKE: libc::c_int = libc::SIGUSR1;
 
 #[derive(Clone, Copy)]

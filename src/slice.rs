@@ -86,6 +86,8 @@ pub struct Board {
     device: AtomicU32,
     /// Pages the kernel keeps in it, as the daemon last read /proc/swaps.
     pub used_pages: AtomicU64,
+    /// Bytes of memory it was last started on.
+    pub size: AtomicU64,
     /// Why a drain did not give the slice back, since the daemon last
     /// looked (`Refusal`); 0: none.
     refused: AtomicU8,
@@ -111,6 +113,7 @@ impl Board {
             state: AtomicU8::new(State::Released as u8),
             device: AtomicU32::new(NO_DEVICE),
             used_pages: AtomicU64::new(0),
+            size: AtomicU64::new(0),
             refused: AtomicU8::new(0),
             moved: (AtomicU64::new(0), AtomicU64::new(0)),
             ending: AtomicBool::new(false),
@@ -144,7 +147,7 @@ impl Board {
 
     /// Its thread's last act: a freed slice's memory goes back now, not
     /// at the daemon's next look.
-    pub fn ending(&self) {
+    pub fn mark_ending(&self) {
         self.ending.store(true, Ordering::SeqCst);
         Signals::raise(WAKE);
     }
@@ -155,7 +158,7 @@ impl Board {
     }
 
     /// After its thread has ended and its memory is freed.
-    pub fn released(&self) {
+    pub fn mark_released(&self) {
         self.device.store(NO_DEVICE, Ordering::SeqCst);
         self.used_pages.store(0, Ordering::SeqCst);
         self.state.store(State::Released as u8, Ordering::SeqCst);
@@ -588,6 +591,14 @@ fn control(dev: &NbdDevice, opts: &SwapOpts, board: &Board, ours: &[UnixStream])
                 board.set_state(State::Draining);
                 if let Some(claim) = give_back(&off, board) {
                     break claim;
+                }
+                if !board.lock().link_down && swap::active(path).is_none() {
+                    // Swapped off but not given back (it could not be
+                    // claimed): swap again, as the daemon counts it.
+                    match swap::swapon(path, opts.priority, opts.discard) {
+                        Ok(()) => info!("swap on {} again with priority {}", path.display(), opts.priority),
+                        Err(e) => warn!("{}", swapon_failure(path, e)),
+                    }
                 }
                 board.serve_on();
                 board.set_state(State::Serving);
