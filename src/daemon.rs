@@ -422,6 +422,22 @@ impl<'a, 't, T: Tier> Steer<'a, 't, T> {
         // taken is held off by it all the same.
         let view: Vec<elastic::Slice> =
             self.boards.iter().map(|b| elastic::Slice { state: b.state(), used_pages: b.used_pages.load(Ordering::Relaxed) }).collect();
+        self.take_refusals(now);
+        let free = self.tier.free();
+        match self.policy.decide(now, free, &view) {
+            Some((Change::Drain(i), why)) => {
+                let dev = self.boards[i].device().map_or_else(|| "-".into(), |d| d.display().to_string());
+                self.report.tell(format!("giving back slice {i} ({dev}, {} pages in swap): {}", view[i].used_pages, reason(why, free, self.opts)));
+                self.boards[i].drain();
+                self.chosen[i] = Some(now);
+            }
+            Some((Change::Grow(i), why)) => self.grow(s, i, reason(why, free, self.opts), now, slots),
+            None => self.answer_unchanged(&view, free),
+        }
+    }
+
+    /// Drains that did not give their slice back, since the last look.
+    fn take_refusals(&mut self, now: Instant) {
         for (i, board) in self.boards.iter().enumerate() {
             if let Some(refusal) = board.take_refusal() {
                 self.chosen[i] = None;
@@ -434,54 +450,56 @@ impl<'a, 't, T: Tier> Steer<'a, 't, T> {
                 self.answer(format!("failed: slice {i} not given back: {}; the daemon tries again", refusal.why()));
             }
         }
-        let free = self.tier.free();
-        match self.policy.decide(now, free, &view) {
-            Some((Change::Drain(i), why)) => {
-                let dev = self.boards[i].device().map_or_else(|| "-".into(), |d| d.display().to_string());
-                self.report.tell(format!("giving back slice {i} ({dev}, {} pages in swap): {}", view[i].used_pages, reason(why, free, self.opts)));
-                self.boards[i].drain();
-                self.chosen[i] = Some(now);
+    }
+
+    /// Takes slice `i` again, for `why`.
+    fn grow<'s>(&mut self, s: &'s Scope<'s, '_>, i: usize, why: String, now: Instant, slots: &mut [Slot<'s, T::Backing<'t>>])
+    where
+        'a: 's,
+        't: 's,
+    {
+        // One slice is the whole tier, with the fallback it had at start.
+        let store = &self.opts.store;
+        let allocated = match self.boards.len() {
+            1 => self.tier.allocate(store.size, store.step, store.min_size),
+            _ => self.tier.allocate(self.opts.slice, 0, self.opts.slice),
+        };
+        let backing = match allocated {
+            Ok(b) => b,
+            Err(f) => {
+                warn!("taking slice {i} again: {f}");
+                self.policy.grow_failed(now);
+                return self.answer(format!("failed: {f}"));
             }
-            Some((Change::Grow(i), why)) => {
-                // One slice is the whole tier, with the fallback it had at start.
-                let store = &self.opts.store;
-                let allocated = match self.boards.len() {
-                    1 => self.tier.allocate(store.size, store.step, store.min_size),
-                    _ => self.tier.allocate(self.opts.slice, 0, self.opts.slice),
-                };
-                let backing = match allocated {
-                    Ok(b) => b,
-                    Err(f) => {
-                        warn!("taking slice {i} again: {f}");
-                        self.policy.grow_failed(now);
-                        return self.answer(format!("failed: {f}"));
-                    }
-                };
-                self.report.tell(format!("taking slice {i} again ({} MiB): {}", backing.size() / MIB, reason(why, free, self.opts)));
-                match start(s, self.setup_for(i), backing, &self.boards[i], i) {
-                    Ok(h) => slots[i] = Some(h),
-                    Err(f) => {
-                        error!("{f}");
-                        self.policy.grow_failed(now);
-                        self.answer(format!("failed: {f}"));
-                    }
-                }
+        };
+        self.report.tell(format!("taking slice {i} again ({} MiB): {why}", backing.size() / MIB));
+        match start(s, self.setup_for(i), backing, &self.boards[i], i) {
+            Ok(h) => slots[i] = Some(h),
+            Err(f) => {
+                error!("{f}");
+                self.policy.grow_failed(now);
+                self.answer(format!("failed: {f}"));
             }
-            None => {
-                let busy = view.iter().any(|v| matches!(v.state, State::Starting | State::Draining));
-                let serving = view.iter().filter(|v| v.state == State::Serving).count();
-                if !busy && serving == self.policy.target() && self.pending() {
-                    let size: u64 = self.boards.iter().filter(|b| b.state() == State::Serving).map(|b| b.size.load(Ordering::Relaxed)).sum();
-                    self.answer(format!("done: {serving} slice(s), {} MiB", size / MIB));
-                }
-                let (reserve, slice) = (self.opts.reserve, self.opts.slice);
-                if let Some(f) = free.filter(|&f| !busy && serving < self.policy.target() && reserve > 0 && !elastic::room(f, reserve, slice)) {
-                    self.answer(format!(
-                        "failed: {} MiB of VRAM free, and a slice above --reserve {} MiB needs {} MiB; it is taken once there is room",
-                        f / MIB, reserve / MIB, (reserve + slice + elastic::MARGIN) / MIB
-                    ));
-                }
-            }
+        }
+    }
+
+    /// With no change to make, a pending `resize` is done, or cannot be
+    /// done until there is room.
+    fn answer_unchanged(&self, view: &[elastic::Slice], free: Option<u64>) {
+        let busy = view.iter().any(|v| matches!(v.state, State::Starting | State::Draining));
+        let serving = view.iter().filter(|v| v.state == State::Serving).count();
+        if !busy && serving == self.policy.target() && self.pending() {
+            let size: u64 = self.boards.iter().filter(|b| b.state() == State::Serving).map(|b| b.size.load(Ordering::Relaxed)).sum();
+            self.answer(format!("done: {serving} slice(s), {} MiB", size / MIB));
+        }
+        let (reserve, slice) = (self.opts.reserve, self.opts.slice);
+        if let Some(f) = free.filter(|&f| !busy && serving < self.policy.target() && reserve > 0 && !elastic::room(f, reserve, slice)) {
+            self.answer(format!(
+                "failed: {} MiB of VRAM free, and a slice above --reserve {} MiB needs {} MiB; it is taken once there is room",
+                f / MIB,
+                reserve / MIB,
+                (reserve + slice + elastic::MARGIN) / MIB
+            ));
         }
     }
 
