@@ -349,6 +349,8 @@ inst_multiple() {{ log inst_multiple "$@"; }}
 inst_hook() {{ log inst_hook "$@"; }}
 instmods() {{ log instmods "hostonly=$hostonly" "$@"; }}
 dwarn() {{ log dwarn "$@"; }}
+dracut_module_included() {{ [ "$1" = systemd ] && [ -n "$WITH_SYSTEMD" ]; }}
+WITH_SYSTEMD=
 hostonly=yes
 moddir="{moddir}"
 initdir="{initdir}"
@@ -362,6 +364,10 @@ check; echo "check-on=$?"
 depends; echo "depends=$?"
 installkernel; echo "installkernel=$?"
 install; echo "install=$?"
+echo with-systemd >>"{log}"
+WITH_SYSTEMD=1
+installkernel; echo "installkernel-systemd=$?"
+install; echo "install-systemd=$?"
 NBD_VRAM_BIN=/nonexistent/nbd-vram
 check; echo "check-no-binary=$?"
 "#,
@@ -388,6 +394,8 @@ check; echo "check-no-binary=$?"
             "depends=0",
             "installkernel=0",
             "install=0",
+            "installkernel-systemd=0",
+            "install-systemd=0",
             "check-no-binary=1"
         ],
         "stderr: {}",
@@ -395,7 +403,7 @@ check; echo "check-no-binary=$?"
     );
     let calls = text(&log);
     let expected = [
-        "instmods hostonly=yes nbd".to_string(),
+        "instmods hostonly= nbd".to_string(),
         "instmods hostonly= nvidia nvidia_uvm".to_string(),
         format!("inst_binary {} /usr/bin/nbd-vram", dest.join("usr/bin/nbd-vram").display()),
         format!("inst_simple {} /etc/default/nbd-vram", config.display()),
@@ -403,6 +411,10 @@ check; echo "check-no-binary=$?"
         format!("inst_library {}", ptxjit.display()),
         "inst_multiple -o nvidia-modprobe mknod sed grep".to_string(),
         format!("inst_hook pre-mount 50 {}/nbd-vram-start.sh", moddir.display()),
+        // An image that runs systemd gets nothing: it would stop the
+        // daemon at switch_root.
+        "with-systemd".to_string(),
+        "dwarn nbd-vram: not started from this image, which runs systemd: systemd stops every process at switch_root, which would end the device under swap; the systemd units start it after boot".to_string(),
     ];
     assert_eq!(calls.lines().collect::<Vec<_>>(), expected);
     assert_eq!(

@@ -29,13 +29,24 @@ check() {
     return 255
 }
 
+# Whether the image runs systemd: at switch_root it stops every process
+# (SIGSTOP, then SIGCONT, '@' or not), and a stop ends an NBD device whose
+# server waits in NBD_DO_IT, under swap. Such an image does not start the
+# daemon; the systemd units do, after boot.
+nbd_vram_systemd_image() {
+    dracut_module_included systemd
+}
+
 depends() {
     # Nothing but the base; udev (for /dev/nbdN) is part of every image.
     return 0
 }
 
 installkernel() {
-    instmods nbd
+    nbd_vram_systemd_image && return 0
+    # Whether or not it is loaded now: hostonly leaves out modules that
+    # are not, and nbd is loaded only by the daemon or at the next boot.
+    hostonly='' instmods nbd
     # nvidia-uvm pulls in nvidia; cuInit needs both (nvidia-modeset and
     # nvidia-drm are display-only). instmods also installs the firmware
     # the modules list: the GSP images under /lib/firmware/nvidia/VERSION/
@@ -61,6 +72,10 @@ nbd_vram_libcuda() {
 
 install() {
     local libcuda
+    if nbd_vram_systemd_image; then
+        dwarn "nbd-vram: not started from this image, which runs systemd: systemd stops every process at switch_root, which would end the device under swap; the systemd units start it after boot"
+        return 0
+    fi
     nbd_vram_config
     inst_binary "$NBD_VRAM_BIN" /usr/bin/nbd-vram
     inst_simple "$NBD_VRAM_CONFIG" /etc/default/nbd-vram

@@ -2,12 +2,14 @@
 # dracut pre-mount hook (sourced, not run: no `exit`): starts the nbd-vram
 # swap daemon in the background and waits, bounded, for its swap.
 #
-# The daemon must outlive the initramfs. With systemd in the initrd,
-# switch_root sends SIGTERM to every process left, except root processes
-# whose argv[0] starts with '@' (systemd.io/ROOT_STORAGE_DAEMONS): so it
-# is started as '@nbd-vram' where the shell can do that (bash, busybox;
-# not dash), else it would swapoff and exit at switch_root. systemd's
-# final shutdown spree spares it too; systemd swaps the device off before.
+# The daemon must outlive the initramfs. An image that runs systemd does
+# not start it (module-setup.sh): at switch_root systemd stops every
+# process, which ends the device, before it spares root processes whose
+# argv[0] starts with '@' (systemd.io/ROOT_STORAGE_DAEMONS) from its
+# SIGTERM. dracut's own init kills nothing at switch_root. The daemon is
+# started as '@nbd-vram' where the shell can do that (bash, busybox; not
+# dash) all the same, for systemd's final shutdown spree, which comes
+# after systemd has swapped the device off.
 # The units cannot adopt it and skip themselves while
 # /run/nbd-vram/initramfs exists (written below; /run moves to the real
 # root). At switch_root it follows init into the real root, and it serves,
@@ -22,9 +24,22 @@ nbd_vram_start() {
     NBD_VRAM_LIBCUDA=
     NBD_VRAM_LIBCUDA_IMAGE=
     [ -x /usr/bin/nbd-vram ] && [ -r /etc/default/nbd-vram ] || return 0
+    # module-setup.sh leaves the daemon out of an image that runs systemd,
+    # which stops every process at switch_root (see there).
+    if [ -n "$DRACUT_SYSTEMD" ]; then
+        warn "nbd-vram: not started from an initramfs that runs systemd; the systemd units start it after boot"
+        return 0
+    fi
     . /etc/default/nbd-vram
     [ -r /etc/nbd-vram/initramfs.conf ] && . /etc/nbd-vram/initramfs.conf
     NBD_VRAM_LIBCUDA=${NBD_VRAM_LIBCUDA:-$NBD_VRAM_LIBCUDA_IMAGE}
+    # A wait that is no number would never end: boot must go on.
+    case "$NBD_VRAM_WAIT" in
+    '' | *[!0-9]*)
+        warn "nbd-vram: NBD_VRAM_WAIT='$NBD_VRAM_WAIT' is no number of seconds; waiting 30"
+        NBD_VRAM_WAIT=30
+        ;;
+    esac
     [ -e /run/nbd-vram/initramfs ] && return 0
 
     modprobe -q nbd || warn "nbd-vram: modprobe nbd failed"
