@@ -59,6 +59,14 @@ fn for_the_kernel(opts: &SwapOpts, tuning: &Tuning) -> Tuning {
 type Slot<'s, B> = Option<ScopedJoinHandle<'s, (Ended, B)>>;
 
 fn run<T: Tier>(opts: &SwapOpts, tuning: &Tuning, tier: &T) -> Result<(), Failure> {
+    let served = serve(opts, tuning, tier);
+    crate::reroot::forget_marker();
+    served
+}
+
+/// Allocates, attaches and serves every slice until a stop, then takes
+/// them down.
+fn serve<T: Tier>(opts: &SwapOpts, tuning: &Tuning, tier: &T) -> Result<(), Failure> {
     let signals = Signals::taken();
     // Looked at now, while /proc still resolves.
     let root = InitRoot::watch();

@@ -50,6 +50,25 @@ impl InitRoot {
     }
 }
 
+/// Where the initramfs scripts note the PID of the daemon they started,
+/// which keeps the systemd units from starting another.
+const MARKER: &str = "/run/nbd-vram/initramfs";
+
+/// Removes the note of this daemon as it ends, so that the units can
+/// start one again; after switch_root it is found where init's root went.
+pub fn forget_marker() {
+    forget_marker_at(std::path::Path::new(MARKER));
+}
+
+fn forget_marker_at(path: &std::path::Path) {
+    let ours = std::fs::read_to_string(path).is_ok_and(|pid| pid.trim() == std::process::id().to_string());
+    if ours {
+        if let Err(e) = std::fs::remove_file(path) {
+            warn!("{}: {e}; the systemd units skip themselves while it exists", path.display());
+        }
+    }
+}
+
 /// The device and inode `name` (under `proc`) leads to.
 fn identity(proc: &OwnedFd, name: &CStr) -> io::Result<(u64, u64)> {
     let mut st = MaybeUninit::<libc::stat>::uninit();
@@ -99,6 +118,19 @@ mod tests {
             return;
         }
         assert!(InitRoot::watch().is_none());
+    }
+
+    /// Only this daemon's own note goes: another daemon may have started
+    /// from the initramfs, and its note keeps the units off still.
+    #[test]
+    fn only_this_daemons_note_is_forgotten() {
+        let path = std::env::temp_dir().join(format!("nbd-vram-marker-{}", std::process::id()));
+        std::fs::write(&path, format!("{}\n", std::process::id() + 1)).unwrap();
+        forget_marker_at(&path);
+        assert!(path.exists(), "another daemon's note was removed");
+        std::fs::write(&path, format!("{}\n", std::process::id())).unwrap();
+        forget_marker_at(&path);
+        assert!(!path.exists(), "this daemon's note was kept");
     }
 
     #[test]
