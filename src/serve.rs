@@ -30,6 +30,9 @@ use crate::{error, info, pressure, warn};
 
 /// How long a client may take to negotiate, from connect to transmission.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client may stop in the middle of a request, or leave a
+/// reply untaken: as long as TCP gives a reply (`sock::set_keepalive`).
+const STALL: Duration = Duration::from_secs(60);
 
 pub struct Serve<'a> {
     pub addr: &'a Addr,
@@ -198,11 +201,12 @@ where
 {
     // A worker serves one client at a time: one that says nothing,
     // trickles its bytes or never reads its replies must not hold it, so the whole
-    // negotiation has one deadline. Transmission has no such limit, as the
-    // kernel's client may idle for hours between requests.
+    // negotiation has one deadline. In transmission a client may idle for
+    // hours between requests, but not stop half-way through one, nor
+    // leave a reply untaken: each read or send then waits `STALL` at most.
     let negotiated = proto::handshake(&mut Deadline { conn: &mut *client, at: Instant::now() + HANDSHAKE_TIMEOUT }, &shared.export);
-    let _ = set_recv_timeout(client.as_fd(), None);
-    let _ = set_send_timeout(client.as_fd(), None);
+    let _ = set_recv_timeout(client.as_fd(), Some(STALL));
+    let _ = set_send_timeout(client.as_fd(), Some(STALL));
     match negotiated {
         Ok(Negotiated::Transmission) => {}
         Ok(Negotiated::Aborted) => return,
@@ -214,6 +218,9 @@ where
     let then = stats.snapshot();
     match transmit::run(&mut conn.store, &mut conn.bufs, shared, stats, client) {
         Ok(end) => info!("client done ({end:?}): {}", stats.since(&then)),
+        Err(e) if e.kind() == ErrorKind::WouldBlock => {
+            warn!("connection dropped: the client stopped for {} s in the middle of a request or reply; {}", STALL.as_secs(), stats.since(&then))
+        }
         Err(e) => warn!("connection dropped: {}; {}", crate::log::ErrorText(&e), stats.since(&then)),
     }
 }

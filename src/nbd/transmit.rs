@@ -634,7 +634,15 @@ impl<S: Store, T: Write + AsFd> Link<'_, S, T> {
             return self.bufs.input.fill(conn, false, || {});
         }
         let at = Instant::now();
-        let got = self.bufs.input.fill(conn, true, || store.idle());
+        let got = loop {
+            match self.bufs.input.fill(conn, true, || store.idle()) {
+                // A receive timeout (the serve mode's stall limit) with no
+                // part of a request here: the client is only idle, as it
+                // may be for hours.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && self.bufs.input.available() == 0 => {}
+                got => break got,
+            }
+        };
         self.phases.idle += nanos(at);
         got
     }

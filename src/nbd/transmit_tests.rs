@@ -365,3 +365,41 @@ fn a_store_lost_after_an_early_header_still_sends_the_data() {
         server.join().unwrap().unwrap();
     });
 }
+
+/// With a receive and send timeout on the socket (as `serve` sets one), a
+/// client idle between requests for longer is waited for; one that stops
+/// in the middle of a request, or leaves its replies untaken, ends its
+/// connection at the timeout, so that its thread can serve another.
+#[test]
+fn a_client_may_idle_between_requests_but_not_stop_within_one() {
+    const LIMIT: Duration = Duration::from_millis(100);
+    let write = |cookie: u8, len: u32| Request { flags: 0, command: sys::NBD_CMD_WRITE, cookie: [cookie; 8], offset: 0, len }.encode();
+    let read = |cookie: u8| Request { flags: 0, command: sys::NBD_CMD_READ, cookie: [cookie; 8], offset: 0, len: 1 << 20 }.encode();
+    // What the client sends after idling for longer than the limit and
+    // having its first write answered: it then stops within a header,
+    // within a payload, or sends reads whose replies it never takes.
+    let stops: [Vec<u8>; 3] = [write(2, 4096)[..10].to_vec(), [&write(2, 65536)[..], &[7u8; 1000]].concat(), (0..16).flat_map(read).collect()];
+    for stop in stops {
+        let (mut ours, mut theirs) = UnixStream::pair().unwrap();
+        ours.set_read_timeout(Some(LIMIT)).unwrap();
+        ours.set_write_timeout(Some(LIMIT)).unwrap();
+        let client = thread::spawn(move || {
+            thread::sleep(LIMIT * 4);
+            theirs.write_all(&[&write(1, 4096)[..], &[1u8; 4096]].concat()).unwrap();
+            let mut head = [0u8; REPLY_LEN];
+            theirs.read_exact(&mut head).unwrap();
+            assert_eq!((&head[4..8], &head[8..16]), (&[0u8; 4][..], &[1u8; 8][..]), "the write after the idle time");
+            theirs.write_all(&stop).unwrap();
+            thread::sleep(LIMIT * 12);
+        });
+        let backing = HostBacking::new(SIZE).unwrap();
+        let mut store = backing.open().unwrap();
+        let mut bufs = Buffers::new(&mut store, &crate::tuning::Tuning::default()).unwrap();
+        let started = std::time::Instant::now();
+        let ended = run(&mut store, &mut bufs, &Shared::new(Export::new(SIZE), 1), &Stats::default(), &mut ours);
+        let e = ended.expect_err("a client that stopped within a request kept its connection");
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock, "{e}");
+        assert!(started.elapsed() < LIMIT * 10, "ended only when the client left: {:?}", started.elapsed());
+        client.join().unwrap();
+    }
+}
