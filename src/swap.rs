@@ -434,12 +434,14 @@ mod tests {
     #[test]
     fn an_inherited_ignored_sigchld_does_not_hide_the_swapoff_child() {
         let exe = std::env::current_exe().unwrap();
-        let status = std::process::Command::new(exe)
+        let out = std::process::Command::new(exe)
             .args(["swap::tests::sigchld_ignored_at_start", "--exact", "--ignored", "--test-threads=1"])
             .env(SIGCHLD_IGNORED, "1")
-            .status()
+            .output()
             .unwrap();
-        assert!(status.success(), "the test in a process of its own failed: {status}");
+        let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "the test in a process of its own failed ({}):\n{said}", out.status);
+        assert!(said.contains("1 passed"), "the test in a process of its own did not run:\n{said}");
     }
 
     const SIGCHLD_IGNORED: &str = "NBD_VRAM_TEST_SIGCHLD_IGNORED";
