@@ -58,15 +58,9 @@ fn for_the_kernel(opts: &SwapOpts, tuning: &Tuning) -> Tuning {
 /// A slice's thread hands its backing back, to be freed on this thread.
 type Slot<'s, B> = Option<ScopedJoinHandle<'s, (Ended, B)>>;
 
-fn run<T: Tier>(opts: &SwapOpts, tuning: &Tuning, tier: &T) -> Result<(), Failure> {
-    let served = serve(opts, tuning, tier);
-    crate::reroot::forget_marker();
-    served
-}
-
 /// Allocates, attaches and serves every slice until a stop, then takes
 /// them down.
-fn serve<T: Tier>(opts: &SwapOpts, tuning: &Tuning, tier: &T) -> Result<(), Failure> {
+fn run<T: Tier>(opts: &SwapOpts, tuning: &Tuning, tier: &T) -> Result<(), Failure> {
     let signals = Signals::taken();
     // Looked at now, while /proc still resolves.
     let root = InitRoot::watch();

@@ -136,15 +136,16 @@ impl Policy {
             if self.drain_after.is_some_and(|t| now < t) {
                 return None;
             }
+            // The slice with the fewest pages: the least for swapoff to move.
+            let fewest = slices.iter().enumerate().filter(|(_, s)| s.state == State::Serving).min_by_key(|(_, s)| s.used_pages);
+            let (i, _) = fewest?;
             if why == Why::Reserve {
                 // Others need the memory the ask was for: what comes back
                 // waits its hold-off again, lest a job whose use dips and
                 // returns make the tier grow and give back at every dip.
                 self.asked = false;
             }
-            // The slice with the fewest pages: the least for swapoff to move.
-            let fewest = slices.iter().enumerate().filter(|(_, s)| s.state == State::Serving).min_by_key(|(_, s)| s.used_pages);
-            return fewest.map(|(i, _)| (Change::Drain(i), why));
+            return Some((Change::Drain(i), why));
         }
         if serving >= self.target {
             self.asked = false;

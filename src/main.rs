@@ -74,6 +74,7 @@ fn main() -> ExitCode {
         }
     };
     tuning.log();
+    let swap = matches!(parsed.command, Command::Swap(_));
     let code = match run(parsed.command, &tuning) {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
@@ -81,6 +82,10 @@ fn main() -> ExitCode {
             ExitCode::from(f.code as u8)
         }
     };
+    if swap {
+        // However it ended, even before it served.
+        reroot::forget_marker();
+    }
     log::flush(); // what the log thread still holds
     code
 }

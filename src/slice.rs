@@ -589,16 +589,8 @@ fn control(dev: &NbdDevice, opts: &SwapOpts, board: &Board, ours: &[UnixStream])
             (Want::Serve, false) => continue,
             (Want::Drain, false) if opts.swap => {
                 board.set_state(State::Draining);
-                if let Some(claim) = give_back(&off, board) {
+                if let Some(claim) = give_back(&off, board, opts) {
                     break claim;
-                }
-                if !board.lock().link_down && swap::active(path).is_none() {
-                    // Swapped off but not given back (it could not be
-                    // claimed): swap again, as the daemon counts it.
-                    match swap::swapon(path, opts.priority, opts.discard) {
-                        Ok(()) => info!("swap on {} again with priority {}", path.display(), opts.priority),
-                        Err(e) => warn!("{}", swapon_failure(path, e)),
-                    }
                 }
                 board.serve_on();
                 board.set_state(State::Serving);
@@ -622,12 +614,14 @@ fn control(dev: &NbdDevice, opts: &SwapOpts, board: &Board, ours: &[UnixStream])
 /// One swapoff to give the slice back; `None` if the kernel refused it, or
 /// something took the device right after (the daemon tries again later,
 /// or another slice).
-fn give_back(off: &swap::Swapoff, board: &Board) -> Option<Claim> {
+fn give_back(off: &swap::Swapoff, board: &Board, opts: &SwapOpts) -> Option<Claim> {
     let path = off.path();
     let pages = board.used_pages.load(Ordering::SeqCst);
     info!("giving back {}: swapoff of its {pages} page(s)", path.display());
     let t = Instant::now();
-    let why = match off.run() {
+    let outcome = off.run();
+    let ours = matches!(outcome, Outcome::Off);
+    let why = match outcome {
         Outcome::Off | Outcome::NotSwap => match off.claim() {
             Ok(Claim::Taken) => Refusal::Taken,
             // What the kernel could not read back, it gave up on.
@@ -658,6 +652,14 @@ fn give_back(off: &swap::Swapoff, board: &Board) -> Option<Claim> {
         }
     };
     warn!("{} not given back: {}; it is served on, and tried again later", path.display(), why.why());
+    if ours && !board.lock().link_down && swap::active(path).is_none() {
+        // Our swapoff, but no claim after it: swap again, as the daemon
+        // counts the slice.
+        match swap::swapon(path, opts.priority, opts.discard) {
+            Ok(()) => info!("swap on {} again with priority {}", path.display(), opts.priority),
+            Err(e) => warn!("{}", swapon_failure(path, e)),
+        }
+    }
     // Also held off a while: the state's change wakes the daemon at once.
     board.refuse(why);
     None

@@ -90,15 +90,22 @@ fn started_on_in(dir: &std::path::Path, dev: &std::path::Path) -> Option<(u32, S
     found.next().is_none().then_some(first)
 }
 
-/// Whether the instance `pid` says its store failed (its status file's
-/// `failed`), as last published.
-pub fn failed(pid: u32) -> bool {
-    failed_in(std::path::Path::new(DIR), pid)
+/// The status files of the running instance `pid`, for `failed` to read
+/// as it ends: taken while it publishes, as a file left by a daemon whose
+/// store failed outlives it, and its pid may go to another process.
+pub fn files_of(pid: u32) -> Vec<PathBuf> {
+    files_of_in(std::path::Path::new(DIR), pid)
 }
 
-fn failed_in(dir: &std::path::Path, pid: u32) -> bool {
-    let Ok(files) = fs::read_dir(dir) else { return false };
-    files.filter_map(|e| fs::read_to_string(e.ok()?.path()).ok()).any(|text| num(&text, "pid") == u64::from(pid) && num(&text, "failed") != 0)
+fn files_of_in(dir: &std::path::Path, pid: u32) -> Vec<PathBuf> {
+    let Ok(files) = fs::read_dir(dir) else { return Vec::new() };
+    let ours = |path: &PathBuf| fs::read_to_string(path).is_ok_and(|t| num(&t, "pid") == u64::from(pid) && publishing(&t));
+    files.filter_map(|e| Some(e.ok()?.path())).filter(ours).collect()
+}
+
+/// Whether any of `files` says its store failed, as last published.
+pub fn failed(files: &[PathBuf]) -> bool {
+    files.iter().any(|path| fs::read_to_string(path).is_ok_and(|t| num(&t, "failed") != 0))
 }
 
 /// Publishes after each `tick` (which waits about a second) until it
@@ -378,8 +385,8 @@ impl Row {
     }
 
     fn health(&self) -> &'static str {
-        let alive = std::path::Path::new(&format!("/proc/{}", self.pid)).exists();
-        if !alive {
+        // Its pid may have gone to another process since it died.
+        if !is_nbd_vram(self.pid) {
             "dead"
         } else if self.failed {
             "failed"
@@ -586,16 +593,23 @@ mod tests {
         fs::remove_dir_all(&dir).unwrap();
     }
 
-    /// `stop` learns of a failed store from the daemon's own file only.
+    /// `stop` learns of a failed store from the daemon's own file only,
+    /// never from one a dead daemon of the same pid left behind.
     #[test]
     fn a_failed_store_is_read_from_its_daemons_file() {
-        let dir = std::env::temp_dir().join(format!("nbd-vram-failed-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
-        fs::write(dir.join("a.status"), "pid=7\nfailed=0\n").unwrap();
-        fs::write(dir.join("b.status"), "pid=8\nfailed=1\n").unwrap();
-        assert!(!failed_in(&dir, 7));
-        assert!(failed_in(&dir, 8));
-        assert!(!failed_in(&dir, 9), "no file, nothing known");
+        let (dir, mut daemon) = with_a_daemon("failed");
+        let pid = daemon.id();
+        fs::write(dir.join("a.status"), format!("pid={pid}\nupdated={}\nfailed=0\n", now())).unwrap();
+        fs::write(dir.join("b.status"), format!("pid={pid}\nupdated={}\nfailed=1\n", now() - 3600)).unwrap();
+        fs::write(dir.join("c.status"), format!("pid={}\nupdated={}\nfailed=1\n", pid + 1, now())).unwrap();
+        let files = files_of_in(&dir, pid);
+        assert_eq!(files, vec![dir.join("a.status")], "only the live instance's own file");
+        assert!(!failed(&files));
+        fs::write(dir.join("a.status"), format!("pid={pid}\nupdated={}\nfailed=1\n", now())).unwrap();
+        assert!(failed(&files), "its store failed since");
+        assert!(!failed(&files_of_in(&dir, pid + 2)), "no file, nothing known");
+        daemon.kill().unwrap();
+        daemon.wait().unwrap();
         fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -612,7 +626,8 @@ mod tests {
         // A dead daemon whose slice 1 a live one has taken since.
         let row = |pid: u64, slices: Vec<(String, String, u64)>| Row { pid, updated: now(), slices, ..Row::default() };
         let dead = 1 << 23; // above any pid_max
-        let mut rows = [row(dead, slices(["-", "/dev/nbd1", "/dev/nbd2"])), row(std::process::id().into(), slices(["/dev/nbd1", "-", "-"]))];
+        let (dir, mut live) = with_a_daemon("slices");
+        let mut rows = [row(dead, slices(["-", "/dev/nbd1", "/dev/nbd2"])), row(live.id().into(), slices(["/dev/nbd1", "-", "-"]))];
         disown(&mut rows, table);
         assert_eq!(rows[0].health(), "dead");
         assert_eq!(rows[0].swap.as_ref().map(|a| a.used_kib), Some(2), "only /dev/nbd2 is still the dead one's");
@@ -620,5 +635,8 @@ mod tests {
         disown(&mut rows, table);
         assert!(rows[0].swap.is_none(), "a device another serves kept a dead file");
         assert!(rows[1].swap.is_none(), "a live row is left as read");
+        live.kill().unwrap();
+        live.wait().unwrap();
+        fs::remove_dir_all(&dir).unwrap();
     }
 }

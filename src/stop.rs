@@ -39,6 +39,7 @@ pub fn stop(dev: &Path) -> Result<(), Failure> {
 
 /// SIGTERM to the daemon `pid`, then waits until it has exited.
 fn terminate(pid: u32, dev: &Path) -> Result<(), Failure> {
+    let files = status::files_of(pid);
     // SAFETY: kill with the pid of an nbd-vram (the kernel's server of
     // the device, or a live instance's status) and a valid signal.
     if unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) } < 0 {
@@ -50,7 +51,7 @@ fn terminate(pid: u32, dev: &Path) -> Result<(), Failure> {
     // meanwhile is ours.
     let mut failed = false;
     while running(pid) {
-        failed |= status::failed(pid);
+        failed |= status::failed(&files);
         if start.elapsed() > PATIENCE {
             return Err(Failure::new(
                 Code::Swap,
@@ -60,7 +61,7 @@ fn terminate(pid: u32, dev: &Path) -> Result<(), Failure> {
         thread::sleep(Duration::from_millis(100));
     }
     // A failure in its last second is in the file it leaves behind.
-    failed |= status::failed(pid);
+    failed |= status::failed(&files);
     if failed {
         return Err(Failure::new(Code::Other, format!("{} stopped, but its store had failed: pages swapped to it may be lost (see the daemon's log)", dev.display())));
     }
@@ -87,14 +88,16 @@ mod tests {
     #[test]
     fn a_failure_published_as_the_daemon_exits_is_seen() {
         std::fs::create_dir_all(status::DIR).unwrap();
-        let ready = std::env::temp_dir().join(format!("nbd-vram-stop-ready-{}", std::process::id()));
-        // Writes its file on SIGTERM, and exits at once.
-        let script = format!(
-            "trap 'printf \"pid=%s\\nfailed=1\\n\" $$ > {dir}/test-stop-$$.status; exit 0' TERM; : > {ready}; while :; do sleep 0.02; done",
-            dir = status::DIR,
-            ready = ready.display()
-        );
-        let mut daemon = std::process::Command::new("sh").args(["-c", &script]).spawn().unwrap();
+        let dir = std::env::temp_dir().join(format!("nbd-vram-stop-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // A shell named nbd-vram, as the kernel names a process after the
+        // file it runs, that publishes a healthy file and, on SIGTERM, a
+        // failed one, and exits at once.
+        std::os::unix::fs::symlink("/bin/sh", dir.join("nbd-vram")).unwrap();
+        let ready = dir.join("ready");
+        let file = |state: u8| format!("printf \"pid=%s\\nupdated=%s\\nfailed={state}\\n\" $$ $(date +%s) > {}/test-stop-$$.status", status::DIR);
+        let script = format!("trap '{}; exit 0' TERM; {}; : > {}; while :; do sleep 0.02; done", file(1), file(0), ready.display());
+        let mut daemon = std::process::Command::new(dir.join("nbd-vram")).args(["-c", &script]).spawn().unwrap();
         let started = Instant::now();
         while !ready.exists() {
             assert!(started.elapsed() < Duration::from_secs(10), "the stand-in daemon never got ready");
@@ -102,8 +105,8 @@ mod tests {
         }
         let stopped = terminate(daemon.id(), Path::new("/dev/nbd-test"));
         let _ = daemon.wait();
-        let _ = std::fs::remove_file(&ready);
         let _ = std::fs::remove_file(format!("{}/test-stop-{}.status", status::DIR, daemon.id()));
+        let _ = std::fs::remove_dir_all(&dir);
         let e = stopped.expect_err("a store that failed was reported stopped cleanly");
         assert!(e.to_string().contains("its store had failed"), "{e}");
     }

@@ -7,6 +7,7 @@ use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 use crate::uapi;
@@ -253,19 +254,20 @@ fn claim_by(dev: BorrowedFd, fds: &OwnedFd) -> io::Result<Option<OwnedFd>> {
 /// A stop swaps every slice off at once: what one swapoff under way will
 /// read back is no room for another, nor is its area's free space. So
 /// each is looked at in turn and, let through, counted here until it ends.
-struct UnderWay<'a>(&'a Path);
+struct UnderWay(u64);
 
-/// This process's swapoffs under way, with the KiB each reads back.
-static UNDER_WAY: Mutex<Vec<(PathBuf, u64)>> = Mutex::new(Vec::new());
+/// This process's swapoffs under way, each with an id of its own.
+static UNDER_WAY: Mutex<Vec<(u64, PathBuf)>> = Mutex::new(Vec::new());
+static NEXT: AtomicU64 = AtomicU64::new(0);
 
-impl<'a> UnderWay<'a> {
+impl UnderWay {
     /// `path`'s room, counted until the guard drops; `Err` if too little.
-    fn take(path: &'a Path) -> io::Result<UnderWay<'a>> {
+    fn take(path: &Path) -> io::Result<UnderWay> {
         let mut under_way = UNDER_WAY.lock().unwrap_or_else(PoisonError::into_inner);
         let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-        let swaps = table();
-        if let Some((need, room)) = shortage_in(&swaps, &meminfo, path, &under_way) {
-            let others = match under_way.len() {
+        let going: Vec<&Path> = under_way.iter().map(|(_, p)| p.as_path()).collect();
+        if let Some((need, room)) = shortage_in(&table(), &meminfo, path, &going) {
+            let others = match going.len() {
                 0 => String::new(),
                 n => format!(", while {n} other swapoff(s) of this daemon run"),
             };
@@ -274,39 +276,38 @@ impl<'a> UnderWay<'a> {
                 format!("{} MiB to read back, room for {} MiB in RAM and other swap{others}", need >> 10, room >> 10),
             ));
         }
-        let need = entry(&swaps, path).map_or(0, |a| a.used_kib);
-        under_way.push((path.to_path_buf(), need));
-        Ok(UnderWay(path))
+        let id = NEXT.fetch_add(1, Ordering::Relaxed);
+        under_way.push((id, path.to_path_buf()));
+        Ok(UnderWay(id))
     }
 }
 
-impl Drop for UnderWay<'_> {
+impl Drop for UnderWay {
     fn drop(&mut self) {
         let mut under_way = UNDER_WAY.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(i) = under_way.iter().position(|(p, _)| p == self.0) {
-            under_way.swap_remove(i);
-        }
+        under_way.retain(|(id, _)| *id != self.0);
     }
 }
 
 /// The shortage for `path` on copies of /proc/swaps and /proc/meminfo,
-/// with `under_way` (other swapoffs and what they read back): KiB needed
-/// and KiB of room, if too little.
-fn shortage_in(swaps: &str, meminfo: &str, path: &Path, under_way: &[(PathBuf, u64)]) -> Option<(u64, u64)> {
+/// beside the swapoffs under way of `going`, which will read back what
+/// their areas still hold (what they read back so far is in RAM, and
+/// counts against what is available): KiB needed and KiB of room, if too
+/// little.
+fn shortage_in(swaps: &str, meminfo: &str, path: &Path, going: &[&Path]) -> Option<(u64, u64)> {
     let need = entry(swaps, path)?.used_kib;
     let kib = |key: &str| meminfo.lines().find_map(|l| l.strip_prefix(key)?.trim().strip_suffix("kB")?.trim().parse::<u64>().ok());
     let (available, total) = (kib("MemAvailable:")?, kib("MemTotal:")?);
-    let going = |p: &Path| p == path || under_way.iter().any(|(u, _)| u == p);
-    let elsewhere: u64 = swaps
-        .lines()
-        .skip(1)
-        .filter_map(|line| {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            let (size, used): (u64, u64) = (f.get(2)?.parse().ok()?, f.get(3)?.parse().ok()?);
-            (!going(Path::new(f[0]))).then(|| size.saturating_sub(used))
-        })
-        .sum();
-    let taken: u64 = under_way.iter().map(|(_, kib)| kib).sum();
+    let (mut elsewhere, mut taken) = (0, 0);
+    for line in swaps.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (Some(size), Some(used)) = (f.get(2).and_then(|v| v.parse::<u64>().ok()), f.get(3).and_then(|v| v.parse::<u64>().ok())) else { continue };
+        match Path::new(f[0]) {
+            p if p == path => {}
+            p if going.contains(&p) => taken += used,
+            _ => elsewhere += size.saturating_sub(used),
+        }
+    }
     let room = (available + elsewhere).saturating_sub(total / 64 + taken);
     (need > room).then_some((need, room))
 }
@@ -558,11 +559,9 @@ mod tests {
         assert_eq!(shortage_in(swaps, meminfo, nbd0, &[]), None);
         // 500000 - 10000 (1/64 of RAM) - 393214 (the first's): its free
         // space, which would make up for it, is going too.
-        let first = [(nbd0.to_path_buf(), 393_214)];
-        assert_eq!(shortage_in(swaps, meminfo, nbd1, &first), Some((393_214, 96_786)), "room taken by the first");
+        assert_eq!(shortage_in(swaps, meminfo, nbd1, &[nbd0]), Some((393_214, 96_786)), "room taken by the first");
         let small = "Filename\tType\tSize\tUsed\tPriority\n/dev/nbd0 partition 786428 1000 100\n/dev/nbd1 partition 786428 1000 100\n";
-        let first = [(nbd0.to_path_buf(), 1000)];
-        assert_eq!(shortage_in(small, meminfo, nbd1, &first), None, "room for both");
+        assert_eq!(shortage_in(small, meminfo, nbd1, &[nbd0]), None, "room for both");
     }
 
     #[test]

@@ -62,7 +62,7 @@ failed-file-removed	src/status.rs	(?s)    if stats\.iter\(\)\.any\(\|c\| c\.fail
 ask-outlives-reserve	src/elastic.rs	(?s)(at every dip\.\n)                self\.asked = false;\n	\1
 usage-unread	src/daemon.rs	            self\.refresh_usage\(\);\n	            let _ = Self::refresh_usage;\n	known gap: only the kernel shows it: the VM test's stop_during_swapoff fails (status shows no pages in swap with 81 MiB there), which this script does not run
 idle-is-stall	src/nbd/transmit.rs	if e\.kind\(\) == io::ErrorKind::WouldBlock && self\.bufs\.input\.available\(\) == 0 =>	if false =>
-no-ram-check	src/swap.rs	        if let Some\(short\) = shortage\(self\.path\) \{	        if let Some(short) = None::<io::Error> {	known gap: only the kernel shows it: the VM test's stop_short_of_ram fails (the OOM killer kills during a stop that RAM cannot take), which this script does not run
+no-ram-check	src/swap.rs	if let Some\(\(need, room\)\) = shortage_in\(&table\(\), &meminfo, path, &going\) \{	if let Some((need, room)) = None::<(u64, u64)> {	known gap: only the kernel shows it: the VM test's stop_short_of_ram fails (the OOM killer kills during a stop that RAM cannot take), which this script does not run
 no-gpu-watcher	src/store/neighbours.rs	                    neighbours\.look\(ctx\);\n	
 untouched-stack	src/nbd/transmit.rs	    crate::touch::stack\(\);\n	\n
 untouched-batch	src/cuda/mod.rs	        crate::touch::spare\(&mut b\.srcs\);\n	\n

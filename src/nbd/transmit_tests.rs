@@ -390,7 +390,7 @@ fn a_client_may_idle_between_requests_but_not_stop_within_one() {
             theirs.read_exact(&mut head).unwrap();
             assert_eq!((&head[4..8], &head[8..16]), (&[0u8; 4][..], &[1u8; 8][..]), "the write after the idle time");
             theirs.write_all(&stop).unwrap();
-            thread::sleep(LIMIT * 12);
+            thread::sleep(LIMIT * 20);
         });
         let backing = HostBacking::new(SIZE).unwrap();
         let mut store = backing.open().unwrap();
@@ -399,7 +399,7 @@ fn a_client_may_idle_between_requests_but_not_stop_within_one() {
         let ended = run(&mut store, &mut bufs, &Shared::new(Export::new(SIZE), 1), &Stats::default(), &mut ours);
         let e = ended.expect_err("a client that stopped within a request kept its connection");
         assert_eq!(e.kind(), io::ErrorKind::WouldBlock, "{e}");
-        assert!(started.elapsed() < LIMIT * 10, "ended only when the client left: {:?}", started.elapsed());
+        assert!(started.elapsed() < LIMIT * 15, "ended only when the client left: {:?}", started.elapsed());
         drop(ours); // a client still waiting for its first reply must not wait for ever
         client.join().expect("the client's first write was not answered");
     }
