@@ -13,6 +13,8 @@
 //! Either way manual_add_modules is replaced by a logger, since the test
 //! machine has no /lib/modules for the modules it names. dracut is never
 //! installed: module-setup.sh is sourced with stubbed inst_* functions.
+//! The initramfs-tools boot script itself runs under busybox in a root of
+//! its own (chroot: that test needs root, and says it skipped otherwise).
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -449,4 +451,91 @@ fn the_binary_needs_only_libc() {
     let text = String::from_utf8_lossy(&out.stdout);
     let needed: Vec<&str> = text.lines().filter(|l| l.contains("(NEEDED)")).filter_map(|l| l.split('[').nth(1)).map(|l| l.trim_end_matches(']')).collect();
     assert_eq!(needed, ["libc.so.6"], "{text}");
+}
+
+/// The initramfs-tools boot script itself, run by busybox in a root of
+/// its own (chroot, so root only) with a stand-in daemon: it waits for
+/// swap a bounded time whatever NBD_VRAM_WAIT says, notes the daemon's
+/// PID for the units, and notes nothing for a daemon that exited.
+#[test]
+fn the_boot_script_waits_a_bounded_time_and_notes_the_daemon() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return eprintln!("skipped: chroot needs root");
+    }
+    let busybox = ["/bin/busybox", "/usr/bin/busybox"].into_iter().find(|p| Path::new(p).exists()).expect("busybox (tests/deps.sh installs it)");
+    // (daemon, NBD_VRAM_WAIT, what the script says, seconds at least, at most, noted)
+    let cases = [
+        ("exit", "5", "exited at start", 0, 5, false),
+        ("live", "2", "no swap after 2 s", 2, 10, true),
+        ("swap", "20", "Starting nbd-vram", 1, 10, true),
+        ("live", "30s", "NBD_VRAM_WAIT='30s' is no number of seconds; waiting 30", 30, 50, true),
+    ];
+    let runs: Vec<_> = cases
+        .into_iter()
+        .enumerate()
+        .map(|(i, case)| std::thread::spawn(move || boot_script(&scratch(&format!("boot{i}")), busybox, case)))
+        .collect();
+    for run in runs {
+        run.join().unwrap();
+    }
+}
+
+fn boot_script(root: &Path, busybox: &str, (daemon, wait, says, least, most, noted): (&str, &str, &str, u64, u64, bool)) {
+    for dir in ["bin", "sbin", "usr/bin", "etc/default", "scripts/init-premount", "proc", "dev", "run"] {
+        fs::create_dir_all(root.join(dir)).unwrap();
+    }
+    fs::copy(busybox, root.join("bin/busybox")).unwrap();
+    for tool in ["sh", "sleep", "grep", "sed", "mkdir", "cat", "mknod", "echo"] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(tool)).unwrap();
+    }
+    let script = |path: &str, text: &str| {
+        fs::write(root.join(path), text).unwrap();
+        fs::set_permissions(root.join(path), fs::Permissions::from_mode(0o755)).unwrap();
+    };
+    script("sbin/modprobe", "#!/bin/sh\nexit 1\n");
+    script("scripts/functions", "log_warning_msg() { echo \"warning: $*\"; }\nlog_failure_msg() { echo \"failure: $*\"; }\nlog_begin_msg() { echo \"$*\"; }\nlog_end_msg() { :; }\n");
+    // The stand-in daemon: exits at once, lives without swap, or makes
+    // its device swap after a second (in the file the script reads).
+    let body = match daemon {
+        "exit" => "exit 3",
+        "live" => "exec sleep 120",
+        _ => "sleep 1; echo '/dev/nbd0 partition 1000 0 100' >> /proc/swaps; exec sleep 120",
+    };
+    script("usr/bin/nbd-vram", &format!("#!/bin/sh\n[ \"$1\" = --version ] && exit 0\n{body}\n"));
+    fs::write(root.join("proc/swaps"), "Filename Type Size Used Priority\n").unwrap();
+    fs::write(root.join("etc/default/nbd-vram"), format!("NBD_VRAM_ARGS='--size 64 --device /dev/nbd0'\nNBD_VRAM_WAIT='{wait}'\n")).unwrap();
+    fs::copy(Path::new(ROOT).join("dist/initramfs-tools/scripts/init-premount/nbd-vram"), root.join("scripts/init-premount/nbd-vram")).unwrap();
+
+    let started = std::time::Instant::now();
+    let mut boot = Command::new("chroot")
+        .arg(root)
+        .args(["/bin/sh", "/scripts/init-premount/nbd-vram"])
+        .env_clear()
+        .env("PATH", "/sbin:/bin")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    while boot.try_wait().unwrap().is_none() {
+        if started.elapsed().as_secs() > most + 30 {
+            let _ = boot.kill();
+            panic!("{daemon}, NBD_VRAM_WAIT={wait}: the boot script still waits after {} s", started.elapsed().as_secs());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let took = started.elapsed().as_secs();
+    let out = boot.wait_with_output().unwrap();
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let note = fs::read_to_string(root.join("run/nbd-vram/initramfs")).ok();
+    if let Some(pid) = note.as_deref().and_then(|n| n.trim().parse::<i32>().ok()) {
+        // SAFETY: a signal to the stand-in daemon the script started.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    let case = format!("{daemon}, NBD_VRAM_WAIT={wait}");
+    assert!(out.status.success(), "{case}: the boot script failed ({}): {said}", out.status);
+    assert!(said.contains(says), "{case}: the boot script did not say {says:?}: {said}");
+    assert!((least..=most).contains(&took), "{case}: the boot script took {took} s, not {least} to {most}: {said}");
+    assert_eq!(note.is_some(), noted, "{case}: noted {note:?}: {said}");
+    let _ = fs::remove_dir_all(root);
 }
