@@ -453,23 +453,29 @@ fn the_binary_needs_only_libc() {
     assert_eq!(needed, ["libc.so.6"], "{text}");
 }
 
-/// The initramfs-tools boot script itself, run by busybox in a root of
-/// its own (chroot, so root only) with a stand-in daemon: it waits for
-/// swap a bounded time whatever NBD_VRAM_WAIT says, notes the daemon's
-/// PID for the units, and notes nothing for a daemon that exited.
+/// The boot scripts themselves, initramfs-tools' and dracut's, run by
+/// busybox in a root of their own (chroot, so root only) with a stand-in
+/// daemon: each waits for swap a bounded time whatever NBD_VRAM_WAIT says,
+/// notes the daemon's PID for the units, and notes nothing for a daemon
+/// that exited; dracut's starts nothing in an initramfs that runs systemd.
 #[test]
-fn the_boot_script_waits_a_bounded_time_and_notes_the_daemon() {
+fn the_boot_scripts_wait_a_bounded_time_and_note_the_daemon() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return eprintln!("skipped: chroot needs root");
     }
     let busybox = ["/bin/busybox", "/usr/bin/busybox"].into_iter().find(|p| Path::new(p).exists()).expect("busybox (tests/deps.sh installs it)");
-    // (daemon, NBD_VRAM_WAIT, what the script says, seconds at least, at most, noted)
+    // (boot script, daemon, NBD_VRAM_WAIT, under systemd, what the script
+    // says, seconds at least, at most, noted)
     let cases = [
-        ("exit", "5", "exited at start", 0, 5, false),
-        ("live", "2", "no swap after 2 s", 2, 10, true),
-        ("swap", "20", "Starting nbd-vram", 1, 10, true),
-        ("live", "30s", "NBD_VRAM_WAIT='30s' is no number of seconds; waiting 30", 30, 50, true),
+        (TOOLS, "exit", "5", false, "exited at start", 0, 5, false),
+        (TOOLS, "live", "2", false, "no swap after 2 s", 2, 10, true),
+        (TOOLS, "swap", "20", false, "Starting nbd-vram", 1, 10, true),
+        (TOOLS, "live", "30s", false, "NBD_VRAM_WAIT='30s' is no number of seconds; waiting 30", 30, 50, true),
+        (DRACUT, "exit", "5", false, "exited at start", 0, 5, false),
+        (DRACUT, "swap", "20", false, "nbd-vram: starting", 1, 10, true),
+        (DRACUT, "live", "", false, "NBD_VRAM_WAIT='' is no number of seconds; waiting 30", 30, 50, true),
+        (DRACUT, "live", "2", true, "not started from an initramfs that runs systemd", 0, 2, false),
     ];
     let runs: Vec<_> = cases
         .into_iter()
@@ -481,7 +487,11 @@ fn the_boot_script_waits_a_bounded_time_and_notes_the_daemon() {
     }
 }
 
-fn boot_script(root: &Path, busybox: &str, (daemon, wait, says, least, most, noted): (&str, &str, &str, u64, u64, bool)) {
+const TOOLS: &str = "dist/initramfs-tools/scripts/init-premount/nbd-vram";
+const DRACUT: &str = "dist/dracut/90nbd-vram/nbd-vram-start.sh";
+
+#[allow(clippy::type_complexity)]
+fn boot_script(root: &Path, busybox: &str, (flavour, daemon, wait, systemd, says, least, most, noted): (&str, &str, &str, bool, &str, u64, u64, bool)) {
     for dir in ["bin", "sbin", "usr/bin", "etc/default", "scripts/init-premount", "proc", "dev", "run"] {
         fs::create_dir_all(root.join(dir)).unwrap();
     }
@@ -494,7 +504,11 @@ fn boot_script(root: &Path, busybox: &str, (daemon, wait, says, least, most, not
         fs::set_permissions(root.join(path), fs::Permissions::from_mode(0o755)).unwrap();
     };
     script("sbin/modprobe", "#!/bin/sh\nexit 1\n");
-    script("scripts/functions", "log_warning_msg() { echo \"warning: $*\"; }\nlog_failure_msg() { echo \"failure: $*\"; }\nlog_begin_msg() { echo \"$*\"; }\nlog_end_msg() { :; }\n");
+    // initramfs-tools' and dracut's message functions.
+    script(
+        "scripts/functions",
+        "log_warning_msg() { echo \"warning: $*\"; }\nlog_failure_msg() { echo \"failure: $*\"; }\nlog_begin_msg() { echo \"$*\"; }\nlog_end_msg() { :; }\nwarn() { echo \"warning: $*\"; }\ninfo() { echo \"$*\"; }\n",
+    );
     // The stand-in daemon: exits at once, lives without swap, or makes
     // its device swap after a second (in the file the script reads).
     let body = match daemon {
@@ -505,14 +519,21 @@ fn boot_script(root: &Path, busybox: &str, (daemon, wait, says, least, most, not
     script("usr/bin/nbd-vram", &format!("#!/bin/sh\n[ \"$1\" = --version ] && exit 0\n{body}\n"));
     fs::write(root.join("proc/swaps"), "Filename Type Size Used Priority\n").unwrap();
     fs::write(root.join("etc/default/nbd-vram"), format!("NBD_VRAM_ARGS='--size 64 --device /dev/nbd0'\nNBD_VRAM_WAIT='{wait}'\n")).unwrap();
-    fs::copy(Path::new(ROOT).join("dist/initramfs-tools/scripts/init-premount/nbd-vram"), root.join("scripts/init-premount/nbd-vram")).unwrap();
+    fs::copy(Path::new(ROOT).join(flavour), root.join("scripts/init-premount/nbd-vram")).unwrap();
 
     let started = std::time::Instant::now();
+    // initramfs-tools runs its script; dracut sources its hook, after
+    // its own library.
+    let run = match flavour {
+        TOOLS => "exec /bin/sh /scripts/init-premount/nbd-vram",
+        _ => ". /scripts/functions; . /scripts/init-premount/nbd-vram",
+    };
     let mut boot = Command::new("chroot")
         .arg(root)
-        .args(["/bin/sh", "/scripts/init-premount/nbd-vram"])
+        .args(["/bin/sh", "-c", run])
         .env_clear()
         .env("PATH", "/sbin:/bin")
+        .env("DRACUT_SYSTEMD", if systemd { "1" } else { "" })
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -520,7 +541,7 @@ fn boot_script(root: &Path, busybox: &str, (daemon, wait, says, least, most, not
     while boot.try_wait().unwrap().is_none() {
         if started.elapsed().as_secs() > most + 30 {
             let _ = boot.kill();
-            panic!("{daemon}, NBD_VRAM_WAIT={wait}: the boot script still waits after {} s", started.elapsed().as_secs());
+            panic!("{flavour}: {daemon}, NBD_VRAM_WAIT={wait:?}: the boot script still waits after {} s", started.elapsed().as_secs());
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
@@ -532,7 +553,7 @@ fn boot_script(root: &Path, busybox: &str, (daemon, wait, says, least, most, not
         // SAFETY: a signal to the stand-in daemon the script started.
         unsafe { libc::kill(pid, libc::SIGKILL) };
     }
-    let case = format!("{daemon}, NBD_VRAM_WAIT={wait}");
+    let case = format!("{flavour}: {daemon}, NBD_VRAM_WAIT={wait:?}, under systemd: {systemd}");
     assert!(out.status.success(), "{case}: the boot script failed ({}): {said}", out.status);
     assert!(said.contains(says), "{case}: the boot script did not say {says:?}: {said}");
     assert!((least..=most).contains(&took), "{case}: the boot script took {took} s, not {least} to {most}: {said}");
