@@ -141,7 +141,7 @@ fn run<T: Tier>(opts: &SwapOpts, tuning: &Tuning, tier: &T) -> Result<(), Failur
         // Swapoff succeeds over pages it could not read back (the kernel
         // poisons them, and their processes get SIGBUS): after a store
         // failed, no stop is a clean one.
-        let failed = boards.iter().any(|b| b.stats.iter().any(|c| c.failed.load(Ordering::Relaxed)));
+        let failed = crate::stats::any_failed(&stats);
         match outcome {
             Ok(()) if failed => Err(Failure::new(Code::Other, "a store failed while serving: pages swapped to it may be lost")),
             outcome => outcome,

@@ -123,12 +123,7 @@ fn daemon(device: Option<&Path>) -> Result<(String, u32), Failure> {
     let device = device.map(crate::nbd::kernel::resolve);
     let device = device.as_deref();
     let mut found = Vec::new();
-    for entry in fs::read_dir(DIR).into_iter().flatten().flatten() {
-        let path = entry.path();
-        if path.extension().is_none_or(|x| x != "status") {
-            continue;
-        }
-        let Ok(text) = fs::read_to_string(&path) else { continue };
+    for (path, text) in crate::status::files() {
         if !crate::status::swap_daemon(&text) {
             continue; // serve mode
         }

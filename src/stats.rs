@@ -32,6 +32,11 @@ pub struct Stats {
     pub failed: AtomicBool,
 }
 
+/// Whether the store failed, as any of its connections found.
+pub fn any_failed(stats: &[&Stats]) -> bool {
+    stats.iter().any(|c| c.failed.load(Relaxed))
+}
+
 /// The serve loop's time for one batch, by phase (see `Stats`).
 #[derive(Clone, Copy, Default)]
 pub struct Phases {

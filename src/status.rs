@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::fail::{Code, Failure};
-use crate::stats::Stats;
+use crate::stats::{any_failed, Stats};
 use crate::swap;
 
 pub const DIR: &str = "/run/nbd-vram";
@@ -77,10 +77,21 @@ pub fn started_on(dev: &std::path::Path) -> Option<(u32, String)> {
     started_on_in(std::path::Path::new(DIR), dev)
 }
 
+/// The instances' status files, each with its text as read now.
+pub fn files() -> impl Iterator<Item = (PathBuf, String)> {
+    files_in(std::path::Path::new(DIR))
+}
+
+fn files_in(dir: &std::path::Path) -> impl Iterator<Item = (PathBuf, String)> {
+    let paths = fs::read_dir(dir).into_iter().flatten().flatten().map(|e| e.path());
+    paths.filter(|p| p.extension().is_some_and(|x| x == "status")).filter_map(|p| {
+        let text = fs::read_to_string(&p).ok()?;
+        Some((p, text))
+    })
+}
+
 fn started_on_in(dir: &std::path::Path, dev: &std::path::Path) -> Option<(u32, String)> {
-    let mut found = fs::read_dir(dir).ok()?.filter_map(|e| {
-        let path = e.ok()?.path();
-        let text = fs::read_to_string(&path).ok().filter(|_| path.extension().is_some_and(|x| x == "status"))?;
+    let mut found = files_in(dir).filter_map(|(path, text)| {
         if !(swap_daemon(&text) && std::path::Path::new(field(&text, "target")) == dev && publishing(&text)) {
             return None;
         }
@@ -98,9 +109,7 @@ pub fn files_of(pid: u32) -> Vec<PathBuf> {
 }
 
 fn files_of_in(dir: &std::path::Path, pid: u32) -> Vec<PathBuf> {
-    let Ok(files) = fs::read_dir(dir) else { return Vec::new() };
-    let ours = |path: &PathBuf| fs::read_to_string(path).is_ok_and(|t| num(&t, "pid") == u64::from(pid) && publishing(&t));
-    files.filter_map(|e| Some(e.ok()?.path())).filter(ours).collect()
+    files_in(dir).filter(|(_, text)| num(text, "pid") == u64::from(pid) && publishing(text)).map(|(path, _)| path).collect()
 }
 
 /// Whether any of `files` says its store failed, as last published.
@@ -143,7 +152,7 @@ pub fn publish(inst: &Instance, stats: &[&Stats], more: &dyn Fn(&mut String), mu
         }
         last = !tick();
     }
-    if stats.iter().any(|c| c.failed.load(Relaxed)) {
+    if any_failed(stats) {
         return;
     }
     match CString::new(name) {
@@ -196,7 +205,7 @@ fn render(s: &mut String, inst: &Instance, stats: &[&Stats], started: u64) {
     kv("idle_ns", &sum(|c| &c.idle_ns));
     kv("store_ns", &sum(|c| &c.store_ns));
     kv("send_ns", &sum(|c| &c.send_ns));
-    kv("failed", &u8::from(stats.iter().any(|c| c.failed.load(Relaxed))));
+    kv("failed", &u8::from(any_failed(stats)));
     for (i, [r, rb, wb, e]) in conns.iter().enumerate() {
         let _ = writeln!(s, "conn.{i}={r} {rb} {wb} {e}");
     }
