@@ -58,7 +58,8 @@ impl UseStore for Serve<'_> {
 /// `CAN_MULTI_CONN`, and a client told so may open more connections than
 /// there are threads and wait for ever on the last (nbdcopy opens four);
 /// the grace lets a client that reconnects while its last connection is
-/// still closing in.
+/// still closing in. Such a client waits on a thread of its own (one of
+/// `WAITING`), so that the clients after it are taken meanwhile.
 fn serve<B: Backing>(backing: &B, how: &Serve) -> Result<(), Failure> {
     let signals = Signals::taken();
     pressure::set_loops(how.connections);
@@ -99,6 +100,7 @@ fn serve<B: Backing>(backing: &B, how: &Serve) -> Result<(), Failure> {
         .map_err(|e| Failure::os("starting the status thread", e))?;
     let n = how.connections;
     let desk = Desk::new(n);
+    let waiting = Desk::new(if n > 1 { WAITING } else { 0 });
     let work = |i: usize, mut conn: Conn<B>| {
         crate::log::relay_here();
         pressure::realtime();
@@ -122,10 +124,23 @@ fn serve<B: Backing>(backing: &B, how: &Serve) -> Result<(), Failure> {
             n => info!("serving {} MiB on {addr}, {n} clients at once", shared.export.size >> 20),
         }
         pressure::realtime();
-        let grace = (n > 1).then_some(GRACE);
+        for i in 0..waiting.threads() {
+            let (desk, waiting) = (&desk, &waiting);
+            let wait = move || loop {
+                let client = waiting.next(i);
+                if let Err(turned_away) = desk.hand(client, Some(GRACE)) {
+                    turn_away(turned_away, n);
+                }
+            };
+            // Not fatal: a client that finds no waiting thread free is
+            // turned away without a grace.
+            if let Err(e) = thread::Builder::new().name(format!("nbd-wait-{i}")).stack_size(64 * 1024).spawn_scoped(s, wait) {
+                warn!("starting a thread for waiting clients: {e}");
+            }
+        }
         // Only a failed accept ends this; the serving threads would wait
         // for clients for ever, so the process ends with its error.
-        let Err(f) = front_desk(&listener, &desk, grace);
+        let Err(f) = front_desk(&listener, &desk, &waiting);
         error!("{f}");
         Signals::exit_now(f.code as i32)
     });
@@ -138,6 +153,10 @@ fn serve<B: Backing>(backing: &B, how: &Serve) -> Result<(), Failure> {
 /// How long a client waits for a free serving thread when there are
 /// several, before it is turned away.
 const GRACE: Duration = Duration::from_secs(1);
+
+/// Clients that wait out `GRACE` at once, each on a thread of its own;
+/// one more than these is turned away without a grace.
+const WAITING: usize = 4;
 
 /// How long a client turned away has to hear why.
 const REFUSAL: Duration = Duration::from_millis(500);
@@ -156,35 +175,40 @@ enum Client {
     Tcp(TcpStream, SocketAddr),
 }
 
-/// Accepts clients and hands each to a free serving thread, until
-/// accepting fails.
-fn front_desk(listener: &Listener, desk: &Desk<Client>, grace: Option<Duration>) -> Result<Infallible, Failure> {
+/// Accepts clients and hands each to a free serving thread, or to a
+/// `waiting` thread to wait for one, until accepting fails. Without
+/// waiting threads (one serving thread) a client waits here.
+fn front_desk(listener: &Listener, desk: &Desk<Client>, waiting: &Desk<Client>) -> Result<Infallible, Failure> {
     let mut warned = None;
     loop {
         let client = match listener {
             Listener::Unix(listener) => listener.accept().map(|(c, _)| Client::Unix(c)),
             Listener::Tcp(listener) => listener.accept().map(|(c, peer)| Client::Tcp(c, peer)),
         };
-        match client {
-            Ok(client) => {
-                if let Err(turned_away) = desk.hand(client, grace) {
-                    let n = desk.threads();
-                    warn!("a client was turned away: every one of the {n} connections is in use");
-                    turn_away(turned_away, &format!("nbd-vram: every one of the {n} connections is in use; open {n} at most"));
-                }
+        let client = match client {
+            Ok(client) if waiting.threads() == 0 => desk.hand(client, None),
+            Ok(client) => desk.hand(client, Some(Duration::ZERO)).or_else(|c| waiting.hand(c, Some(Duration::ZERO))),
+            Err(e) => {
+                accept_failed(e, &mut warned)?;
+                continue;
             }
-            Err(e) => accept_failed(e, &mut warned)?,
+        };
+        if let Err(turned_away) = client {
+            turn_away(turned_away, desk.threads());
         }
     }
 }
 
-/// Tells a client turned away why, in the handshake (`proto::refuse`),
-/// within `REFUSAL`, as the next client waits meanwhile.
-fn turn_away(client: Client, why: &str) {
+/// Tells a client turned away, every one of the `n` serving threads busy,
+/// why, in the handshake (`proto::refuse`), within `REFUSAL`; a line in the
+/// log says so too.
+fn turn_away(client: Client, n: usize) {
+    warn!("a client was turned away: every one of the {n} connections is in use");
+    let why = format!("nbd-vram: every one of the {n} connections is in use; open {n} at most");
     let at = Instant::now() + REFUSAL;
     let _ = match client {
-        Client::Unix(mut c) => proto::refuse(&mut Deadline { conn: &mut c, at }, why),
-        Client::Tcp(mut c, _) => proto::refuse(&mut Deadline { conn: &mut c, at }, why),
+        Client::Unix(mut c) => proto::refuse(&mut Deadline { conn: &mut c, at }, &why),
+        Client::Tcp(mut c, _) => proto::refuse(&mut Deadline { conn: &mut c, at }, &why),
     };
 }
 

@@ -207,6 +207,33 @@ fn a_client_beyond_the_limit_is_turned_away() {
     second.disconnect();
 }
 
+/// Clients beyond `--connections` wait out their grace side by side: each
+/// hears the greeting (here, the refusal) about a second after it came,
+/// however many came before it, where one at a time the fourth heard it
+/// after 5.5 s. They say nothing, as a stalled client would.
+#[test]
+fn clients_beyond_the_limit_wait_side_by_side() {
+    use std::io::Read;
+    let mut server = Serve::new(8).arg("--connections").arg("2").start();
+    let (first, second) = (connect(&server.sock), connect(&server.sock));
+    let started = std::time::Instant::now();
+    let mut silent: Vec<_> = (0..4).map(|_| std::os::unix::net::UnixStream::connect(&server.sock).unwrap()).collect();
+    for (i, client) in silent.iter_mut().enumerate() {
+        client.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut hello = [0u8; 18];
+        client.read_exact(&mut hello).unwrap_or_else(|e| panic!("silent client {i}: no greeting: {e}"));
+        let at = started.elapsed();
+        assert!(at >= Duration::from_millis(900), "silent client {i} turned away before the grace: {at:?}");
+        assert!(at < Duration::from_millis(3500), "silent client {i} heard the greeting after {at:?}: it waited for the clients before it");
+    }
+    first.disconnect();
+    let mut third = connect(&server.sock);
+    read_ok(&mut third, 0, &[0; 4096], "a client once the first left");
+    third.disconnect();
+    second.disconnect();
+    server.assert_alive();
+}
+
 /// `bench --verify --connections N`, the GPU script's check that a write
 /// answered on one connection is seen on another at once: the whole store
 /// in 4 MiB requests and, every other chunk, 128 KiB ones (which land in
