@@ -119,9 +119,14 @@ fn serve<B: Backing>(backing: &B, how: &Serve) -> Result<(), Failure> {
     };
     let served = thread::scope(|s| {
         let _workers = workers::spawn(s, backing, how.tuning, MAX_PAYLOAD as usize, "nbd-serve", 0..n, &work)?;
+        // The address bound, where a name or port 0 left it open.
+        let on = match &listener {
+            Listener::Tcp(l) => l.local_addr().map_or_else(|_| addr.to_string(), |a| format!("tcp:{a}")),
+            Listener::Unix(_) => addr.to_string(),
+        };
         match n {
-            1 => info!("serving {} MiB on {addr}", shared.export.size >> 20),
-            n => info!("serving {} MiB on {addr}, {n} clients at once", shared.export.size >> 20),
+            1 => info!("serving {} MiB on {on}", shared.export.size >> 20),
+            n => info!("serving {} MiB on {on}, {n} clients at once", shared.export.size >> 20),
         }
         pressure::realtime();
         for i in 0..waiting.threads() {

@@ -106,6 +106,18 @@ fn serves_over_tcp() {
     server.assert_alive();
 }
 
+/// A name or port 0 is served where it bound, and the log says where.
+#[test]
+fn the_log_names_the_tcp_address_bound() {
+    let mut server = Server::start_listen(TempDir::new(), Default::default(), "tcp:localhost:0", MIB);
+    let log = server.log();
+    let bound = log.lines().find_map(|l| l.strip_prefix("nbd-vram: serving 1 MiB on tcp:")).unwrap_or_else(|| panic!("no address bound in the log:\n{log}"));
+    assert!(!bound.ends_with(":0"), "port 0 logged, not the port bound: {bound}");
+    let info = run(Command::new("nbdinfo").args(["--size", &format!("nbd://{bound}")]), Duration::from_secs(30));
+    assert_eq!(info.stdout.trim(), MIB.to_string(), "{}", info.stderr);
+    server.assert_alive();
+}
+
 /// NBD has no authentication: listening where other hosts reach it must be
 /// asked for by name, and is then warned about.
 #[test]
