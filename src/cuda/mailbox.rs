@@ -490,7 +490,9 @@ impl Mailbox<'_> {
             if self.u32_at(DONE).load(Ordering::Acquire) == seq {
                 break;
             }
-            match ended? {
+            // An error: the kernel may still hold the job, so it is
+            // never given another (the landing buffer or list it reads).
+            match ended.inspect_err(|_| self.abandon())? {
                 // Finished without an error, yet the job is not done.
                 true => return Err(self.ctx.cuda.error("nbd_vram_mailbox ended early", sys::CUDA_ERROR_UNKNOWN)),
                 false if start.elapsed() > PATIENCE => {

@@ -546,6 +546,11 @@ impl<S: Store, T: Write + AsFd> Link<'_, S, T> {
         let told = match send_nowait(self.conn.as_fd(), &[IoSlice::new(&slot.reply)])? {
             None => false,
             Some(n) => {
+                if n < slot.reply.len() {
+                    // No room for the rest: waited for with the store
+                    // idle, as in `send`.
+                    self.store.idle();
+                }
                 self.conn.write_all(&slot.reply[n..])?;
                 true
             }

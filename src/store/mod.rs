@@ -98,9 +98,13 @@ pub trait Store {
     type Buf: DerefMut<Target = [u8]>;
 
     /// Allocates `len` bytes of staging memory, once, before serving.
-    /// The loop's buffers for `read` and `write` lie in it: a GPU store
-    /// merges copies that run on end to end, right for any buffer but
-    /// fast only for memory the driver knows pinned.
+    /// The loop's buffers for `read` and `write` lie in it, and a GPU store
+    /// needs them there whenever requests come several between waits: it
+    /// merges copies that run on end to end, and moves batches of small
+    /// ones with a kernel, which reaches only pinned memory mapped for the
+    /// device (any other address faults, and the fault ends the context
+    /// for every store of it). A lone request followed by its wait may use
+    /// any memory, as the swap header's write does.
     fn staging(&mut self, len: usize) -> io::Result<Self::Buf>;
     /// Reads into `buf`, or answers `Lent` and leaves `buf` alone.
     fn read(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<Done>;
