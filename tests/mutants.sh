@@ -26,6 +26,7 @@ cached-loads	src/cuda/mailbox.rs	ld\.global\.cv\.v4\.u32 \{%r6, %r7, %r8, %r9\},
 torn-job	src/cuda/mailbox.rs	(?s)        self\.job\(\)\.store\(u64::from\(self\.seq\) \| word, Ordering::Release\);	        self.job().store(word, Ordering::Relaxed);\n        self.u32_at(JOB).store(self.seq, Ordering::Release);
 data-after-post	src/cuda/mailbox.rs	(?s)        self\.landing\[\.\.data\.len\(\)\]\.copy_from_slice\(data\);\n        self\.post\(self\.lone\(dst, data\.len\(\)\) \| WRITE\)	        let seq = self.post(self.lone(dst, data.len()) | WRITE);\n        self.landing[..data.len()].copy_from_slice(data);\n        seq
 no-deadline	src/cuda/mailbox.rs	false if start\.elapsed\(\) > PATIENCE =>	false if false =>
+query-ignored	src/store/vram/resident.rs	!stream\.is_done\(\)\.unwrap_or\(false\)	stream.is_done().is_err()
 late-job-races	src/store/vram/copier.rs	        self\.resident\.forget_abandoned\(\)\?;\n	
 sync-hides-failed-batch	src/store/vram/copier.rs	        if failed \{\n            return Err\(io::Error::from_raw_os_error\(libc::EIO\)\);\n        \}\n        finished	        let _ = failed;\n        finished
 unrecorded-fence-done	src/store/vram/fences.rs	                    self\.unrecorded = Some\(token\);\n	

@@ -1075,6 +1075,15 @@ static void s_streams(void)
     EQ(cu.cuStreamSynchronize(b), 0);
     EQ(all(dev, 64, 3), 1);
 
+    /* a query may say that work just queued still runs, and leaves it
+     * unrun; the next look runs it */
+    memset(buf[0], 5, 64);
+    EQ(cu.cuMemcpyHtoDAsync_v2(d, buf[0], 64, a), 0);
+    EQ(cu.cuStreamQuery(a), 600);
+    EQ(all(dev, 64, 3), 1);
+    EQ(cu.cuStreamQuery(a), 0);
+    EQ(all(dev, 64, 5), 1);
+
     /* an event recorded on b, synchronized on another thread: b's work up
      * to it runs, not b's later work nor a's */
     memset(buf[1], 4, 64);

@@ -86,7 +86,9 @@ struct CUctx_st { int dev, refs; };        /* a device's primary context */
 enum copy_kind { H2D, D2H, SET, WAIT, FAULT };
 struct op { enum copy_kind kind; unsigned char val; char *dev; void *host; size_t n; };
 #define QCAP 4096
-struct queue { struct op *ops; unsigned long long done, queued; };
+/* busy_told: `queued` when a query last looked at pending work; turns:
+ * how often it did (every other time, it said the work still runs). */
+struct queue { struct op *ops; unsigned long long done, queued, busy_told; unsigned turns; };
 /* The mailbox kernel resident on a stream, if any (see "The SMs" below):
  * `last` is the sequence it took last; `on_sm` while an SM thread runs it;
  * `started` once it may write `alive` (FAKE_CUDA_LATE_START: at the first
@@ -367,7 +369,7 @@ static void held_back(const char *call);
  * sync or event runs that stream's work only. An event records its queue
  * and `queued` there. */
 static struct op legacy_ops[QCAP];
-static struct queue legacy = {legacy_ops, 0, 0};
+static struct queue legacy = {legacy_ops, 0, 0, 0, 0};
 
 static void run_until(struct queue *q, unsigned long long seq);
 static void run_op(const struct op *o)
@@ -1282,9 +1284,12 @@ static int start_sms(void)
     return 0;
 }
 
-/* A query runs the stream's pending async work (CUDA may run it any time)
- * unless a mailbox kernel still runs on the stream; it lets a late one
- * start. */
+/* A query says NOT_READY while a mailbox kernel runs on the stream (and
+ * lets a late one start), and at every other first look at work queued
+ * since the last, leaving it unrun: a GPU may or may not be done with a
+ * copy just queued, and a caller that takes "not ready" for "done" must
+ * see the damage. Else it runs the stream's pending async work (CUDA may
+ * run it any time). */
 static CUresult stream_query(CUstream s)
 {
     CUresult rc = need_ctx() ? need_ctx() : stream_ok(s) ? OK : E_HANDLE;
@@ -1294,6 +1299,11 @@ static CUresult stream_query(CUstream s)
             pthread_cond_broadcast(&sm_kick);
         }
         return 600;
+    }
+    struct queue *q = rc ? NULL : queue_of(s);
+    if (q && q->done < q->queued && q->busy_told != q->queued) {
+        q->busy_told = q->queued;
+        if (!(q->turns++ & 1)) return 600;
     }
     if (!rc) drain_queue(queue_of(s));
     if (!rc && (uintptr_t)s <= 2) drain_blocking();
@@ -1366,7 +1376,7 @@ static CUresult stream_create(CUstream *ps, unsigned flags)
     if (!rc && !ops) { free(s); rc = E_OOM; }
     if (rc) return rc;
     memset(ops, 0, QCAP * sizeof *ops);   /* faulted in now, not while serving swap */
-    *s = (struct CUstream_st){cur()->dev, flags, {0}, {ops, 0, 0}, streams};
+    *s = (struct CUstream_st){cur()->dev, flags, {0}, {ops, 0, 0, 0, 0}, streams};
     streams = *ps = s;
     return OK;
 }
