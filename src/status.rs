@@ -3,11 +3,11 @@
 //! loop); `status` reads them back.
 
 use std::ffi::{CStr, CString};
-use std::fmt::Write as _;
+use std::fmt::{self, Write as _};
 use std::fs;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -38,7 +38,7 @@ fn now() -> u64 {
 /// name publishes: a daemon that gave its first device back keeps its
 /// name, and one that took the device since must not share its files.
 pub fn free_name(name: &str) -> String {
-    free_name_in(std::path::Path::new(DIR), name)
+    free_name_in(Path::new(DIR), name)
 }
 
 fn free_name_in(dir: &std::path::Path, name: &str) -> String {
@@ -74,12 +74,12 @@ fn publishing(text: &str) -> bool {
 /// The running swap daemon that started on `dev` (its status file's
 /// `target`), as pid and name; none if no such one, or several.
 pub fn started_on(dev: &std::path::Path) -> Option<(u32, String)> {
-    started_on_in(std::path::Path::new(DIR), dev)
+    started_on_in(Path::new(DIR), dev)
 }
 
 /// The instances' status files, each with its text as read now.
 pub fn files() -> impl Iterator<Item = (PathBuf, String)> {
-    files_in(std::path::Path::new(DIR))
+    files_in(Path::new(DIR))
 }
 
 fn files_in(dir: &std::path::Path) -> impl Iterator<Item = (PathBuf, String)> {
@@ -105,7 +105,7 @@ fn started_on_in(dir: &std::path::Path, dev: &std::path::Path) -> Option<(u32, S
 /// as it ends: taken while it publishes, as a file left by a daemon whose
 /// store failed outlives it, and its pid may go to another process.
 pub fn files_of(pid: u32) -> Vec<PathBuf> {
-    files_of_in(std::path::Path::new(DIR), pid)
+    files_of_in(Path::new(DIR), pid)
 }
 
 fn files_of_in(dir: &std::path::Path, pid: u32) -> Vec<PathBuf> {
@@ -126,15 +126,25 @@ pub fn failed(files: &[PathBuf]) -> bool {
 /// round it allocates nothing: one open file rewritten in place from one
 /// reused buffer, since under memory pressure even this thread should not
 /// wait in reclaim.
-pub fn publish(inst: &Instance, stats: &[&Stats], more: &dyn Fn(&mut String), mut tick: impl FnMut() -> bool) {
+/// Without a file to publish in, it only waits for the ticks to end: the
+/// caller's end comes after it all the same.
+pub fn publish(inst: &Instance, stats: &[&Stats], more: &dyn Fn(&mut String), tick: impl FnMut() -> bool) {
+    publish_in(Path::new(DIR), inst, stats, more, tick)
+}
+
+fn publish_in(at: &Path, inst: &Instance, stats: &[&Stats], more: &dyn Fn(&mut String), mut tick: impl FnMut() -> bool) {
     let name = format!("{}.status", inst.name);
-    let path = PathBuf::from(DIR).join(&name);
+    let path = at.join(&name);
     // The directory by descriptor too: a daemon started from the initramfs
     // sees /run move away at switch_root, and must still remove its file.
-    let opened = fs::create_dir_all(DIR).and_then(|()| Ok((fs::File::open(DIR)?, fs::File::create(&path)?)));
+    let opened = fs::create_dir_all(at).and_then(|()| Ok((fs::File::open(at)?, fs::File::create(&path)?)));
     let (dir, file) = match opened {
         Ok(both) => both,
-        Err(e) => return crate::warn!("{}: {e}; `nbd-vram status` will not see this instance", path.display()),
+        Err(e) => {
+            crate::warn!("{}: {e}; `nbd-vram status` will not see this instance", path.display());
+            while tick() {}
+            return;
+        }
     };
     let started = now();
     let mut text = String::with_capacity(4096);
@@ -422,7 +432,7 @@ impl Row {
         let slices: Vec<String> = self
             .slices
             .iter()
-            .map(|(d, s, u)| format!("{{\"device\":{d:?},\"state\":{s:?},\"used_pages\":{u}}}"))
+            .map(|(d, s, u)| format!("{{\"device\":{},\"state\":{},\"used_pages\":{u}}}", Json(d), Json(s)))
             .collect();
         let conns: Vec<String> = self
             .conns
@@ -430,11 +440,30 @@ impl Row {
             .map(|[r, rb, wb, e]| format!("{{\"requests\":{r},\"read_bytes\":{rb},\"written_bytes\":{wb},\"errors\":{e}}}"))
             .collect();
         format!(
-            "{{\"name\":{:?},\"target\":{:?},\"store\":{:?},\"pid\":{},\"size_bytes\":{},\"swap\":{swap},\"requests\":{},\
-             \"read_bytes\":{},\"written_bytes\":{},\"errors\":{},\"mean_batch_us\":{},\"health\":{:?},\"connections\":[{}],\"slices\":[{}],\"change\":{:?}}}",
-            self.name, self.target, self.store, self.pid, self.size, self.requests,
-            self.read, self.written, self.errors, self.latency_us(), self.health(), conns.join(","), slices.join(","), self.change
+            "{{\"name\":{},\"target\":{},\"store\":{},\"pid\":{},\"size_bytes\":{},\"swap\":{swap},\"requests\":{},\
+             \"read_bytes\":{},\"written_bytes\":{},\"errors\":{},\"mean_batch_us\":{},\"health\":{},\"connections\":[{}],\"slices\":[{}],\"change\":{}}}",
+            Json(&self.name), Json(&self.target), Json(&self.store), self.pid, self.size, self.requests,
+            self.read, self.written, self.errors, self.latency_us(), Json(self.health()), conns.join(","), slices.join(","), Json(&self.change)
         )
+    }
+}
+
+/// A JSON string: what a socket path or a message may hold (quotes,
+/// backslashes, control characters) escaped as JSON has it.
+struct Json<'a>(&'a str);
+
+impl fmt::Display for Json<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_char('"')?;
+        for c in self.0.chars() {
+            match c {
+                '"' => f.write_str("\\\"")?,
+                '\\' => f.write_str("\\\\")?,
+                c if u32::from(c) < 0x20 => write!(f, "\\u{:04x}", u32::from(c))?,
+                c => f.write_char(c)?,
+            }
+        }
+        f.write_char('"')
     }
 }
 
@@ -482,6 +511,20 @@ mod tests {
         });
     }
 
+    /// Without a place for its file (a user not allowed to write /run), the
+    /// publisher still waits for the end, as the serve loop's stop hangs
+    /// on it: it stopped serving at once.
+    #[test]
+    fn without_a_file_the_publisher_waits_for_the_end() {
+        let inst = Instance { name: "nbd7".into(), target: "/dev/nbd7".into(), store: "host".into(), size: 1 << 20, priority: None };
+        let ticks = std::cell::Cell::new(0);
+        publish_in(Path::new("/dev/null/nbd-vram"), &inst, &[], &|_| {}, || {
+            ticks.set(ticks.get() + 1);
+            ticks.get() < 3
+        });
+        assert_eq!(ticks.get(), 3, "the publisher returned before its ticks ended");
+    }
+
     /// A store that fails in the daemon's last second, as one may in the
     /// last swapoff of a stop, is published, and its file outlives the
     /// daemon for `stop` to read; a clean end leaves no file.
@@ -504,6 +547,20 @@ mod tests {
                 assert_eq!(num(&text, "pid"), u64::from(std::process::id()), "{text}");
             }
         }
+    }
+
+    /// `--json` escapes what a socket path may hold as JSON does (Rust's
+    /// own escapes, `\u{1}`, are no JSON).
+    #[test]
+    fn json_strings_are_escaped_as_json_has_it() {
+        let inst = Instance { name: "serve-1".into(), target: "unix:/tmp/a\"b\\c\u{1}d".into(), store: "host".into(), size: 1 << 20, priority: None };
+        let mut text = String::new();
+        render(&mut text, &inst, &[&Stats::default()], 0);
+        let path = std::env::temp_dir().join(format!("nbd-vram-json-test-{}.status", std::process::id()));
+        fs::write(&path, &text).unwrap();
+        let row = Row::read(&path, "").unwrap();
+        fs::remove_file(&path).unwrap();
+        assert!(row.json().contains(r#""target":"unix:/tmp/a\"b\\c\u0001d""#), "{}", row.json());
     }
 
     /// The file sums the connections' counters and lists each one, and
