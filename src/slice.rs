@@ -531,6 +531,7 @@ fn open_device(device: Option<&Path>, skip: &[PathBuf]) -> Result<NbdDevice, Fai
             "every /dev/nbdN is in use: load more with `modprobe nbd nbds_max=N` (after unloading it)",
         ),
         OpenError::Os(p, e) => Failure::os(p.display(), e),
+        OpenError::NotNbd(why) => Failure::new(Code::Usage, format!("--device {why}")),
     })
 }
 

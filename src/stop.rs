@@ -15,6 +15,12 @@ const PATIENCE: Duration = Duration::from_secs(600);
 
 pub fn stop(dev: &Path) -> Result<(), Failure> {
     let dev = &kernel::resolve(dev);
+    if !dev.exists() {
+        return Err(Failure::new(Code::Usage, format!("{}: no such device", dev.display())));
+    }
+    if let Some(why) = kernel::not_nbd(dev) {
+        return Err(Failure::new(Code::Usage, why));
+    }
     let Some((pid, comm)) = kernel::server_of(dev) else {
         if swap::active(dev).is_some() {
             return Err(Failure::new(

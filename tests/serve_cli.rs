@@ -118,6 +118,17 @@ fn the_log_names_the_tcp_address_bound() {
     server.assert_alive();
 }
 
+/// `stop` and `--device` take NBD devices only: another block device,
+/// a file or a name that is not there is the caller's mistake (exit 2),
+/// not a daemon that died nor a module to load.
+#[test]
+fn stop_and_device_refuse_what_is_no_nbd_device() {
+    assert_fails(&nbd_vram(&["stop", "/dev/null"]), 2, &["/dev/null", "not an NBD device"]);
+    assert_fails(&nbd_vram(&["stop", "/tmp"]), 2, &["/tmp", "not an NBD device"]);
+    assert_fails(&nbd_vram(&["stop", "/dev/nbd-vram-no-such-device"]), 2, &["no such device"]);
+    assert_fails(&nbd_vram(&["--store", "host", "--size", "1M", "--device", "/dev/null"]), 2, &["--device /dev/null", "not an NBD device"]);
+}
+
 /// NBD has no authentication: listening where other hosts reach it must be
 /// asked for by name, and is then warned about.
 #[test]

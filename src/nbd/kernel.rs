@@ -4,6 +4,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use crate::uapi as sys;
@@ -25,6 +26,8 @@ pub enum OpenError {
     Os(PathBuf, io::Error),
     /// `auto` found every device in use.
     NoneFree,
+    /// No such device, or one that is no NBD device: why.
+    NotNbd(String),
 }
 
 impl NbdDevice {
@@ -32,7 +35,13 @@ impl NbdDevice {
     /// error, never taken over.
     pub fn open(path: &Path) -> Result<NbdDevice, OpenError> {
         if !path.exists() {
-            return Err(OpenError::NoModule(path.to_path_buf()));
+            return Err(match Path::new("/sys/module/nbd").exists() {
+                true => OpenError::NotNbd(format!("{}: no such device", path.display())),
+                false => OpenError::NoModule(path.to_path_buf()),
+            });
+        }
+        if let Some(why) = not_nbd(path) {
+            return Err(OpenError::NotNbd(why));
         }
         if let Some((pid, comm)) = server_of(path) {
             return Err(OpenError::Busy { path: path.to_path_buf(), pid, comm });
@@ -145,6 +154,19 @@ impl AsFd for NbdDevice {
 /// the kernel's sysfs and /proc/swaps know it only as /dev/nbdN.
 pub fn resolve(path: &Path) -> PathBuf {
     fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+/// The nbd driver's block major (include/uapi/linux/major.h).
+const NBD_MAJOR: u32 = 43;
+
+/// Why `path`, which exists, is no NBD device (a disk, zram, a file), if
+/// it is none: a swap area there is someone else's.
+pub fn not_nbd(path: &Path) -> Option<String> {
+    let meta = fs::metadata(path).ok()?;
+    match meta.file_type().is_block_device() && libc::major(meta.rdev()) == NBD_MAJOR {
+        true => None,
+        false => Some(format!("{}: not an NBD device (/dev/nbdN)", path.display())),
+    }
 }
 
 /// /sys/block/nbdN for /dev/nbdN.
