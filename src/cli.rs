@@ -281,7 +281,8 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed, String> 
             _ => (arg.clone(), None),
         };
         let mut value = |name: &str| -> Result<String, String> {
-            inline.clone().or_else(|| args.next()).ok_or_else(|| format!("{name} needs a value (see nbd-vram --help)"))
+            // An empty one (`--libcuda ""`, an unset variable) is none.
+            inline.clone().or_else(|| args.next()).filter(|v| !v.is_empty()).ok_or_else(|| format!("{name} needs a value (see nbd-vram --help)"))
         };
         // A switch is on by being there: `--allow-remote=no` must not turn it on.
         let switch = || match &inline {
@@ -392,6 +393,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed, String> 
             }
             _ if !arg.starts_with('-') && matches!(mode, Mode::Stop | Mode::Resize) && positional.is_none() => positional = Some(arg.clone()),
             _ if !arg.starts_with('-') && mode == Mode::Resize && second.is_none() => second = Some(PathBuf::from(&arg)),
+            _ if MODES.iter().any(|(name, _)| *name == arg) => return Err(format!("'{arg}' must come first: nbd-vram {arg} [OPTIONS]")),
             _ => return Err(format!("unknown argument '{arg}' (see nbd-vram --help)")),
         }
         if let Some((_, modes)) = FLAGS.iter().find(|(name, _)| *name == flag) {
@@ -602,6 +604,9 @@ mod tests {
         assert!(p("--size 99999999999T").unwrap_err().contains("too large"));
         assert!(p("--priority 40000").unwrap_err().contains("0 to 32767"));
         assert!(p("--bogus").unwrap_err().contains("unknown argument"));
+        assert_eq!(p("-v status").unwrap_err(), "'status' must come first: nbd-vram status [OPTIONS]");
+        assert!(parse(["gpus", "--libcuda", ""].map(String::from)).is_err_and(|e| e.contains("--libcuda needs a value")));
+        assert!(p("gpus --libcuda=").unwrap_err().contains("--libcuda needs a value"));
         assert!(p("--size").unwrap_err().contains("needs a value"));
         assert!(p("serve --size 4").unwrap_err().contains("--listen"));
         assert!(p("serve --listen foo").unwrap_err().contains("unix:PATH"));
