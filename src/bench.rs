@@ -222,6 +222,12 @@ pub fn run(servers: &Servers, seconds: u32) -> Result<(), Failure> {
 /// printing a table and `bench: server=LABEL ...` lines for each, then,
 /// with `svg`, plots MB/s against request size for them all.
 pub fn sweep(servers: &Servers, seconds: u32, svg: Option<&Path>) -> Result<(), Failure> {
+    // Opened first: a path that cannot be written fails now, not after
+    // the whole sweep.
+    let mut file = match svg {
+        Some(path) => Some(std::fs::File::create(path).map_err(|e| Failure::os(format!("writing {}", path.display()), e))?),
+        None => None,
+    };
     let mut series = Vec::new();
     for (i, (connect, label)) in servers.list.iter().enumerate() {
         say(&format!("nbd-vram bench --sweep: {label} ({}{}), {seconds} s per point", Shown(connect), servers.several("")));
@@ -240,10 +246,10 @@ pub fn sweep(servers: &Servers, seconds: u32, svg: Option<&Path>) -> Result<(), 
             series.push(plot::Series { name: format!("{label} {dir}"), color: i, dashed: write, points });
         }
     }
-    if let Some(path) = svg {
+    if let (Some(path), Some(file)) = (svg, &mut file) {
         let title = format!("Sequential throughput at queue depth 8, {seconds} s per point{}", servers.several(" each"));
         let doc = plot::svg(&title, "request size (bytes, log2 scale)", "MB/s (10^6 bytes/s)", &series);
-        std::fs::write(path, doc).map_err(|e| Failure::os(format!("writing {}", path.display()), e))?;
+        std::io::Write::write_all(file, doc.as_bytes()).map_err(|e| Failure::os(format!("writing {}", path.display()), e))?;
         info!("wrote {}", path.display());
     }
     Ok(())

@@ -280,6 +280,12 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed, String> 
             Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
             _ => (arg.clone(), None),
         };
+        // Before its value is read: a value is no matter where the flag is.
+        if let Some((_, modes)) = FLAGS.iter().find(|(name, _)| *name == flag) {
+            if !modes.contains(&mode) {
+                return Err(format!("{flag} does not apply to {} (see nbd-vram --help)", mode.name()));
+            }
+        }
         let mut value = |name: &str| -> Result<String, String> {
             // An empty one (`--libcuda ""`, an unset variable) is none.
             inline.clone().or_else(|| args.next()).filter(|v| !v.is_empty()).ok_or_else(|| format!("{name} needs a value (see nbd-vram --help)"))
@@ -395,11 +401,6 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed, String> 
             _ if !arg.starts_with('-') && mode == Mode::Resize && second.is_none() => second = Some(PathBuf::from(&arg)),
             _ if MODES.iter().any(|(name, _)| *name == arg) => return Err(format!("'{arg}' must come first: nbd-vram {arg} [OPTIONS]")),
             _ => return Err(format!("unknown argument '{arg}' (see nbd-vram --help)")),
-        }
-        if let Some((_, modes)) = FLAGS.iter().find(|(name, _)| *name == flag) {
-            if !modes.contains(&mode) {
-                return Err(format!("{flag} does not apply to {} (see nbd-vram --help)", mode.name()));
-            }
         }
     }
     if store.min_size > store.size {
@@ -593,6 +594,8 @@ mod tests {
         assert!(p("--connections 0").unwrap_err().contains("from 1 to 16"));
         assert!(p("--connections 17").unwrap_err().contains("from 1 to 16"));
         assert!(p("status --connections 2").unwrap_err().contains("does not apply"));
+        assert!(p("status --listen foo").unwrap_err().contains("--listen does not apply to status"));
+        assert!(p("gpus --store bogus").unwrap_err().contains("--store does not apply to gpus"));
     }
 
     #[test]

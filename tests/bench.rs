@@ -152,6 +152,18 @@ fn no_server_is_a_clear_error() {
     assert!(stderr.contains("no such socket: is the server running?"), "{stderr}");
 }
 
+/// A plot that cannot be written fails before the sweep, which takes
+/// half a minute a server or more, not after it.
+#[test]
+fn an_unwritable_plot_fails_first() {
+    let sock = std::env::temp_dir().join(format!("nbd-vram-bench-{}-plot.sock", std::process::id()));
+    let connect = format!("unix:{}", sock.display());
+    let out = Command::new(BIN).args(["bench", "--sweep", "--svg", "/dev/null/plot.svg", "--connect", &connect]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("/dev/null/plot.svg"), "{stderr}");
+}
+
 /// The number after `key=` in a `bench:` line.
 fn value(line: &str, key: &str) -> f64 {
     let v = line.split(' ').find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='));
