@@ -460,14 +460,34 @@ fn settle_slices(mut swap: SwapOpts) -> Result<SwapOpts, String> {
         return Err("--reserve and --slice-size give memory back by swapoff: they need swap (leave out --no-swap)".into());
     }
     if swap.slice > size {
-        return Err(format!("--slice-size {} MiB is larger than --size {} MiB", swap.slice / MIB, size / MIB));
+        return Err(format!("--slice-size {} is larger than --size {}", Shown(swap.slice), Shown(size)));
     }
     if size / swap.slice > MAX_SLICES {
-        return Err(format!("--size {} MiB in slices of {} MiB makes more than {MAX_SLICES}: give a larger --slice-size", size / MIB, swap.slice / MIB));
+        return Err(format!("--size {} in slices of {} makes more than {MAX_SLICES}: give a larger --slice-size", Shown(size), Shown(swap.slice)));
+    }
+    // Checked here, before any memory is taken: mkswap's own minimum.
+    if swap.swap && swap.slice < SWAP_MIN {
+        let what = if swap.slice == size { "--size" } else { "each slice (--slice-size, or a quarter of --size with --reserve)" };
+        return Err(format!("{what} is {}: swap needs at least {} (10 pages)", Shown(swap.slice), Shown(SWAP_MIN)));
     }
     swap.store.size = size / swap.slice * swap.slice;
     swap.store.min_size = swap.store.min_size.min(swap.store.size);
     Ok(swap)
+}
+
+/// The smallest swap area (`swap::header`).
+const SWAP_MIN: u64 = 40 * 1024;
+
+/// A size in MiB, or in KiB where it is no whole number of MiB.
+struct Shown(u64);
+
+impl std::fmt::Display for Shown {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        match self.0 % MIB {
+            0 => write!(f, "{} MiB", self.0 / MIB),
+            _ => write!(f, "{} KiB", self.0 / 1024),
+        }
+    }
 }
 
 /// `Err` unless every address of `tcp:HOSTPORT` is loopback: NBD has no
@@ -541,6 +561,16 @@ mod tests {
 
     fn p(s: &str) -> Result<Command, String> {
         parse(s.split_whitespace().map(String::from)).map(|p| p.command)
+    }
+
+    /// Too small for swap is said before any memory is taken, naming what
+    /// is too small, in the unit it was given in.
+    #[test]
+    fn a_slice_too_small_for_swap_is_refused_at_once() {
+        assert_eq!(p("--size 16K").unwrap_err(), "--size is 16 KiB: swap needs at least 40 KiB (10 pages)");
+        assert!(p("--size 64K --reserve 16K").unwrap_err().starts_with("each slice (--slice-size, or a quarter of --size with --reserve) is 16 KiB"));
+        assert!(p("--size 16K --no-swap").is_ok(), "no swap, no minimum");
+        assert_eq!(p("--size 2G --slice-size 1536K").unwrap_err(), "--size 2048 MiB in slices of 1536 KiB makes more than 16: give a larger --slice-size");
     }
 
     #[test]

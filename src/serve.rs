@@ -299,7 +299,10 @@ fn bind_tcp(hostport: &str, allow_remote: bool) -> Result<TcpListener, Failure> 
              who can reach the port can read and write the whole export; prefer a unix socket or loopback with an SSH or TLS tunnel"
         ),
     }
-    TcpListener::bind(&addrs[..]).map_err(|e| Failure::os(&what, e))
+    TcpListener::bind(&addrs[..]).map_err(|e| match e.kind() {
+        ErrorKind::AddrInUse => Failure::new(Code::Busy, format!("{what}: {e}: another server is listening there")),
+        _ => Failure::os(&what, e),
+    })
 }
 
 /// Binds `path` mode 0600. A socket left by a dead server is replaced; one

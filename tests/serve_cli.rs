@@ -106,6 +106,16 @@ fn serves_over_tcp() {
     server.assert_alive();
 }
 
+/// A port in use is "busy" (exit 6), as a unix socket another server
+/// listens on is.
+#[test]
+fn a_tcp_port_in_use_is_busy() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let listen = format!("tcp:{}", taken.local_addr().unwrap());
+    let out = nbd_vram(&["serve", "--listen", &listen, "--store", "host", "--size", "1"]);
+    assert_fails(&out, 6, &[&listen, "another server is listening there"]);
+}
+
 /// A name or port 0 is served where it bound, and the log says where.
 #[test]
 fn the_log_names_the_tcp_address_bound() {
