@@ -262,8 +262,12 @@ pub struct DeviceMem<'c> {
 }
 
 impl DeviceMem<'_> {
-    /// Zeroes the whole allocation now, synchronously (after all work
-    /// queued before it, on any stream).
+    /// Zeroes the whole allocation on the legacy stream. It may still run
+    /// when this returns (a memset of device memory does not wait for the
+    /// device), but every blocking stream (`Context::stream`, the
+    /// copiers') runs its later work after it, and a mailbox kernel takes
+    /// a job only once its copier's stream is idle: nothing reads or
+    /// writes the memory before it is zeroed.
     pub fn clear(&self) -> Result<(), Error> {
         // SAFETY: the range is exactly the allocation; no host memory involved.
         let r = unsafe { (self.ctx.cuda.api.cuMemsetD8_v2)(self.ptr, 0, self.len as usize) };
