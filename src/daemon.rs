@@ -196,7 +196,12 @@ fn instance(opts: &SwapOpts, boards: &[Board]) -> Instance {
         name: status::free_name(&name),
         target: first.display().to_string(),
         store: opts.store.describe(),
-        size: opts.store.size,
+        // One slice is the whole tier, with the fallback it had at start:
+        // what it took, not what was asked.
+        size: match boards {
+            [one] => one.size.load(Ordering::Relaxed),
+            _ => opts.store.size,
+        },
         priority: opts.swap.then_some(opts.priority),
     }
 }
@@ -584,6 +589,22 @@ mod tests {
             ask(id, 4 * MIB);
         }
         assert_eq!(rendered().matches("resize=").count(), EARLIER + 1, "{}", rendered());
+    }
+
+    /// `status` shows a tier of one slice at the size it took, which a
+    /// fallback may have made less than `--size`; slices are taken whole.
+    #[test]
+    fn a_tier_is_shown_at_the_size_it_took() {
+        let opts = |args: &str| match parse(args.split_whitespace().map(String::from)).map(|p| p.command) {
+            Ok(Command::Swap(opts)) => opts,
+            other => panic!("{args}: {other:?}"),
+        };
+        let one = [Board::new(1)];
+        one[0].size.store(6656 * MIB, Ordering::Relaxed);
+        assert_eq!(instance(&opts("--size 7168"), &one).size, 6656 * MIB);
+        let two = [Board::new(1), Board::new(1)];
+        two[0].size.store(512 * MIB, Ordering::Relaxed);
+        assert_eq!(instance(&opts("--size 1024 --slice-size 512"), &two).size, 1024 * MIB);
     }
 
     /// One connection keeps the early header; several leave it out, as a
