@@ -521,32 +521,43 @@ fn boot_script(root: &Path, busybox: &str, (flavour, daemon, wait, systemd, says
     fs::write(root.join("etc/default/nbd-vram"), format!("NBD_VRAM_ARGS='--size 64 --device /dev/nbd0'\nNBD_VRAM_WAIT='{wait}'\n")).unwrap();
     fs::copy(Path::new(ROOT).join(flavour), root.join("scripts/init-premount/nbd-vram")).unwrap();
 
-    let started = std::time::Instant::now();
     // initramfs-tools runs its script; dracut sources its hook, after
     // its own library.
     let run = match flavour {
         TOOLS => "exec /bin/sh /scripts/init-premount/nbd-vram",
         _ => ". /scripts/functions; . /scripts/init-premount/nbd-vram",
     };
-    let mut boot = Command::new("chroot")
-        .arg(root)
-        .args(["/bin/sh", "-c", run])
-        .env_clear()
-        .env("PATH", "/sbin:/bin")
-        .env("DRACUT_SYSTEMD", if systemd { "1" } else { "" })
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    while boot.try_wait().unwrap().is_none() {
-        if started.elapsed().as_secs() > most + 30 {
-            let _ = boot.kill();
-            panic!("{flavour}: {daemon}, NBD_VRAM_WAIT={wait:?}: the boot script still waits after {} s", started.elapsed().as_secs());
+    let mut tries = 0;
+    let (took, out) = loop {
+        let started = std::time::Instant::now();
+        let mut boot = Command::new("chroot")
+            .arg(root)
+            .args(["/bin/sh", "-c", run])
+            .env_clear()
+            .env("PATH", "/sbin:/bin")
+            .env("DRACUT_SYSTEMD", if systemd { "1" } else { "" })
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        while boot.try_wait().unwrap().is_none() {
+            if started.elapsed().as_secs() > most + 30 {
+                let _ = boot.kill();
+                panic!("{flavour}: {daemon}, NBD_VRAM_WAIT={wait:?}: the boot script still waits after {} s", started.elapsed().as_secs());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
         }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    let took = started.elapsed().as_secs();
-    let out = boot.wait_with_output().unwrap();
+        let out = boot.wait_with_output().unwrap();
+        // A process another thread forked while busybox was being copied
+        // holds it open for writing until that process execs: exec then
+        // fails (ETXTBSY) for a moment, before the script ran at all.
+        tries += 1;
+        if tries < 5 && out.status.code() == Some(126) && String::from_utf8_lossy(&out.stderr).contains("Text file busy") {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            continue;
+        }
+        break (started.elapsed().as_secs(), out);
+    };
     let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     let note = fs::read_to_string(root.join("run/nbd-vram/initramfs")).ok();
     if let Some(pid) = note.as_deref().and_then(|n| n.trim().parse::<i32>().ok()) {
