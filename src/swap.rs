@@ -299,13 +299,11 @@ fn shortage_in(swaps: &str, meminfo: &str, path: &Path, going: &[&Path]) -> Opti
     let kib = |key: &str| meminfo.lines().find_map(|l| l.strip_prefix(key)?.trim().strip_suffix("kB")?.trim().parse::<u64>().ok());
     let (available, total) = (kib("MemAvailable:")?, kib("MemTotal:")?);
     let (mut elsewhere, mut taken) = (0, 0);
-    for line in swaps.lines().skip(1) {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        let (Some(size), Some(used)) = (f.get(2).and_then(|v| v.parse::<u64>().ok()), f.get(3).and_then(|v| v.parse::<u64>().ok())) else { continue };
-        match Path::new(f[0]) {
+    for (p, area) in areas(swaps) {
+        match p {
             p if p == path => {}
-            p if going.contains(&p) => taken += used,
-            _ => elsewhere += size.saturating_sub(used),
+            p if going.contains(&p) => taken += area.used_kib,
+            _ => elsewhere += area.size_kib.saturating_sub(area.used_kib),
         }
     }
     let room = (available + elsewhere).saturating_sub(total / 64 + taken);
@@ -338,12 +336,17 @@ pub fn table() -> String {
 
 /// `path`'s line in `text`, a copy of /proc/swaps.
 pub fn entry(text: &str, path: &Path) -> Option<Active> {
-    text.lines().skip(1).find_map(|line| {
+    areas(text).find_map(|(p, area)| (p == path).then_some(area))
+}
+
+/// Every area of `text`, a copy of /proc/swaps, by path.
+fn areas(text: &str) -> impl Iterator<Item = (&Path, Active)> {
+    text.lines().skip(1).filter_map(|line| {
         let f: Vec<&str> = line.split_whitespace().collect();
-        if f.len() < 5 || Path::new(f[0]) != path {
+        if f.len() < 5 {
             return None;
         }
-        Some(Active { size_kib: f[2].parse().ok()?, used_kib: f[3].parse().ok()?, priority: f[4].parse().ok()? })
+        Some((Path::new(f[0]), Active { size_kib: f[2].parse().ok()?, used_kib: f[3].parse().ok()?, priority: f[4].parse().ok()? }))
     })
 }
 
