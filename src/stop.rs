@@ -15,9 +15,6 @@ const PATIENCE: Duration = Duration::from_secs(600);
 
 pub fn stop(dev: &Path) -> Result<(), Failure> {
     let dev = &kernel::resolve(dev);
-    if !dev.exists() {
-        return Err(Failure::new(Code::Usage, format!("{}: no such device", dev.display())));
-    }
     if let Some(why) = kernel::not_nbd(dev) {
         return Err(Failure::new(Code::Usage, why));
     }

@@ -34,11 +34,8 @@ impl NbdDevice {
     /// Opens `path` if no server is attached to it. A device in use is an
     /// error, never taken over.
     pub fn open(path: &Path) -> Result<NbdDevice, OpenError> {
-        if !path.exists() {
-            return Err(match Path::new("/sys/module/nbd").exists() {
-                true => OpenError::NotNbd(format!("{}: no such device", path.display())),
-                false => OpenError::NoModule(path.to_path_buf()),
-            });
+        if !path.exists() && !Path::new("/sys/module/nbd").exists() {
+            return Err(OpenError::NoModule(path.to_path_buf()));
         }
         if let Some(why) = not_nbd(path) {
             return Err(OpenError::NotNbd(why));
@@ -159,10 +156,10 @@ pub fn resolve(path: &Path) -> PathBuf {
 /// The nbd driver's block major (include/uapi/linux/major.h).
 const NBD_MAJOR: u32 = 43;
 
-/// Why `path`, which exists, is no NBD device (a disk, zram, a file), if
-/// it is none: a swap area there is someone else's.
+/// Why `path` is no NBD device (not there, a disk, zram, a file), if it
+/// is none: a swap area there is someone else's.
 pub fn not_nbd(path: &Path) -> Option<String> {
-    let meta = fs::metadata(path).ok()?;
+    let Ok(meta) = fs::metadata(path) else { return Some(format!("{}: no such device", path.display())) };
     match meta.file_type().is_block_device() && libc::major(meta.rdev()) == NBD_MAJOR {
         true => None,
         false => Some(format!("{}: not an NBD device (/dev/nbdN)", path.display())),
