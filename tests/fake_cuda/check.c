@@ -448,6 +448,33 @@ static void s_async(void)   /* deferred async work and events */
     EQ(cu.cuMemsetD8_v2(d, 6, 64), 0);
     EQ(all(out, 64, 5), 1);   /* the copy ran before the memset */
 
+    /* a memset of device memory does not wait for the device: it runs on
+     * the legacy stream, before a blocking stream's later work and after
+     * a non-blocking stream's, which nothing orders with it */
+    CUdeviceptr f;
+    CUstream nb;
+    EQ(cu.cuMemAlloc_v2(&f, 64), 0);
+    EQ(cu.cuStreamCreate(&nb, 1), 0);
+    unsigned char *fdev = (unsigned char *)(uintptr_t)f;
+    memset(buf, 13, 64);
+    EQ(cu.cuMemsetD8_v2(f, 12, 64), 0);
+    EQ(all(fdev, 64, 12), 0);
+    EQ(cu.cuMemcpyHtoDAsync_v2(f, buf, 64, st), 0);
+    EQ(cu.cuStreamSynchronize(st), 0);
+    EQ(all(fdev, 64, 13), 1);
+    EQ(cu.cuMemsetD8_v2(f, 12, 64), 0);
+    EQ(cu.cuMemcpyHtoDAsync_v2(f, buf, 64, nb), 0);
+    EQ(cu.cuStreamSynchronize(nb), 0);
+    EQ(all(fdev, 64, 12), 1);   /* the copy's bytes, zeroed late */
+    EQ(cu.cuMemsetD8_v2(f, 14, 64), 0);
+    EQ(cu.cuStreamQuery(nb), 0);   /* nothing queued on it: done, the memset not */
+    EQ(cu.cuStreamSynchronize(nb), 0);
+    EQ(all(fdev, 64, 12), 1);
+    EQ(cu.cuStreamSynchronize(NULL), 0);
+    EQ(all(fdev, 64, 14), 1);
+    EQ(cu.cuStreamDestroy_v2(nb), 0);
+    EQ(cu.cuMemFree_v2(f), 0);
+
     /* events: a sync runs the work recorded before it, no more */
     EQ(cu.cuEventCreate(NULL, 0), 1);
     EQ(cu.cuEventCreate(&ev, 8), 1);
@@ -630,6 +657,7 @@ static CUstream mailbox(void **fn, unsigned char **slot, unsigned char **landing
     EQ(cu.cuMemHostAlloc((void **)landing, 65536, 2), 0);
     EQ(cu.cuMemAlloc_v2(d, 8192), 0);
     EQ(cu.cuMemsetD8_v2(*d, 7, 8192), 0);
+    EQ(cu.cuStreamSynchronize(NULL), 0);   /* the memset may still run, beside the kernel */
     EQ(cu.cuStreamCreate(&st, 1), 0);
     __atomic_store_n((unsigned *)(*slot + 128), ~0u, __ATOMIC_RELEASE);
     base = *d;
@@ -1171,6 +1199,7 @@ static void s_backing(void)   /* BACKING tmp/backing, 64 MiB */
     EQ(d[3] - d[0], 48 * MIB);
     EQ(cu.cuMemAlloc_v2(&e, 4096), 2);
     EQ(cu.cuMemsetD8_v2(d[2] + 5, 0x5a, 1), 0);
+    EQ(cu.cuStreamSynchronize(NULL), 0);
     EQ(file_byte(path, 32 * MIB + 5), 0x5a);   /* device memory is the file */
     EQ(cu.cuMemFree_v2(d[1]), 0);
     EQ(cu.cuMemAlloc_v2(&x, 5000), 0);          /* first fit reuses the hole */
@@ -1206,6 +1235,7 @@ static void s_ivshmem(void)   /* a fake sysfs with an ivshmem device */
     EQ(total, 8 * MIB);
     EQ(cu.cuMemAlloc_v2(&d, 8 * MIB), 0);
     EQ(cu.cuMemsetD8_v2(d + 8 * MIB - 1, 0x77, 1), 0);
+    EQ(cu.cuStreamSynchronize(NULL), 0);
     snprintf(path, sizeof path, "%s/pci/0000:00:05.0/resource2", tmp);
     EQ(file_byte(path, 8 * MIB - 1), 0x77);
     snprintf(path, sizeof path, "%s/pci/0000:00:05.0/enable", tmp);

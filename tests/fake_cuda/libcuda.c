@@ -417,6 +417,18 @@ static void enqueue(CUstream s, const struct op *o)
     q->ops[q->queued++ % QCAP] = *o;
 }
 
+/* Runs q's ops below seq. Work on a non-blocking stream is ordered with
+ * none of the legacy stream's: legacy work still pending (a device
+ * memset, say) runs after any that ran, the order that shows a caller who
+ * needed it first. */
+static void run_unordered(struct queue *q, unsigned long long seq)
+{
+    unsigned long long before = q->done;
+    run_until(q, seq);
+    for (struct CUstream_st *t = streams; t; t = t->next)
+        if (&t->q == q && (t->flags & 1) && q->done > before) drain_queue(&legacy);
+}
+
 /* A sync call that passed its checks, waiting for q's ops below seq (q
  * NULL: none). FAKE_CUDA_FAIL_SYNC: as when a kernel faults, the pending
  * work of every stream is lost and the context is poisoned until it is
@@ -429,7 +441,7 @@ static CUresult sync_to(struct queue *q, unsigned long long seq)
         sticky = E_ILLEGAL;
         return E_ILLEGAL;
     }
-    if (q) run_until(q, seq);
+    if (q) run_unordered(q, seq);
     return sticky;   /* a fault among the work run */
 }
 
@@ -752,9 +764,11 @@ static CUresult check_copy(const struct op *o, int async, CUstream s)
     return rc;
 }
 
-/* Async forms are queued on their stream; synchronous ones run after all
- * pending work of every stream (the legacy stream waits for the blocking
- * ones; the fake waits for the non-blocking ones too). */
+/* Async forms are queued on their stream. So is a synchronous memset, on
+ * the legacy stream: CUDA's memsets of device memory do not wait for the
+ * device ("API synchronization behavior"). Synchronous copies run after
+ * all pending work of every stream (the legacy stream waits for the
+ * blocking ones; the fake waits for the non-blocking ones too). */
 static CUresult copy(enum copy_kind kind, CUdeviceptr dptr, void *host, unsigned char val,
                      size_t n, int async, CUstream s)
 {
@@ -762,6 +776,7 @@ static CUresult copy(enum copy_kind kind, CUdeviceptr dptr, void *host, unsigned
     CUresult rc = check_copy(&o, async, s);
     if (rc || !n) return rc;
     if (async) enqueue(s, &o);
+    else if (kind == SET) enqueue(NULL, &o);
     else { drain(); run_op(&o); }
     return OK;
 }
@@ -1305,7 +1320,7 @@ static CUresult stream_query(CUstream s)
         q->busy_told = q->queued;
         if (!(q->turns++ & 1)) return 600;
     }
-    if (!rc) drain_queue(queue_of(s));
+    if (!rc) run_unordered(q, q->queued);
     if (!rc && (uintptr_t)s <= 2) drain_blocking();
     return rc;
 }
