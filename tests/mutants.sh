@@ -27,7 +27,7 @@ torn-job	src/cuda/mailbox.rs	(?s)        self\.job\(\)\.store\(u64::from\(self\.
 data-after-post	src/cuda/mailbox.rs	(?s)        self\.landing\[\.\.data\.len\(\)\]\.copy_from_slice\(data\);\n        self\.post\(self\.lone\(dst, data\.len\(\)\) \| WRITE\)	        let seq = self.post(self.lone(dst, data.len()) | WRITE);\n        self.landing[..data.len()].copy_from_slice(data);\n        seq
 no-deadline	src/cuda/mailbox.rs	false if start\.elapsed\(\) > PATIENCE =>	false if false =>
 query-ignored	src/store/vram/resident.rs	!stream\.is_done\(\)\.unwrap_or\(false\)	stream.is_done().is_err()
-copier-stream-non-blocking	src/cuda/mod.rs	        self\.stream_with\(0\)\n	        self.stream_with(sys::CU_STREAM_NON_BLOCKING)\n	known gap: the fake runs cuMemsetD8 at the call, after every stream's work; on a GPU it runs on the legacy stream, which a non-blocking copier stream does not wait for, so the first writes could land before the zeroing
+copier-stream-non-blocking	src/cuda/mod.rs	        self\.stream_with\(0\)\n	        self.stream_with(sys::CU_STREAM_NON_BLOCKING)\n
 late-job-races	src/store/vram/copier.rs	        self\.resident\.forget_abandoned\(\)\?;\n	
 sync-hides-failed-batch	src/store/vram/copier.rs	        if failed \{\n            return Err\(io::Error::from_raw_os_error\(libc::EIO\)\);\n        \}\n        finished	        let _ = failed;\n        finished
 unrecorded-fence-done	src/store/vram/fences.rs	                    self\.unrecorded = Some\(token\);\n	
