@@ -6,10 +6,11 @@
 mod common;
 mod fake_cuda_env;
 
+use std::io::{Read, Write};
 use std::sync::Barrier;
 use std::time::Duration;
 
-use common::raw::{greet, Nbd, CMD_FLUSH, CMD_WRITE, CMD_WRITE_ZEROES};
+use common::raw::{greet, header, Nbd, CMD_FLUSH, CMD_READ, CMD_WRITE, CMD_WRITE_ZEROES};
 use common::{pattern, Server, TempDir, KIB, MIB};
 use fake_cuda_env::*;
 
@@ -155,6 +156,94 @@ fn a_change_answered_on_one_connection_is_seen_on_another() {
     a.disconnect();
     b.disconnect();
     server.assert_alive();
+}
+
+/// The same on the kernels' paths, which take only small copies that
+/// come without a pause on their connection: two clients at once, each
+/// sending its requests in groups, writes of 4 KiB blocks apart (a batch,
+/// for the copy kernel or as a list for the mailbox kernel) and writes
+/// and reads in turn (lone copies in a row, the mailbox kernel's), and
+/// reading the other's blocks back the same two ways as soon as they are
+/// answered, with no flush between.
+#[test]
+fn what_kernels_wrote_for_one_connection_another_reads() {
+    const GROUP: u64 = 16;
+    // Every other block, so that no two requests merge into one copy.
+    let block = |i: usize, k: u64| (i as u64 * 1024 + 2 * k) * 4096;
+    let data = |i: usize, round: u64, k: u64| pattern(i as u64 * 1_000_000 + round * 1000 + k, 4096);
+    // A loaded machine can keep one connection's requests apart, so that
+    // no kernel starts: up to three tries, data checked on every one.
+    for _ in 0..3 {
+        let mut server = Serve::new(8).arg("--connections").arg("2").env("NBD_VRAM_BATCH", "1").env("NBD_VRAM_SPIN", SPIN_US).start();
+        let barrier = Barrier::new(2);
+        std::thread::scope(|s| {
+            for i in 0..2 {
+                let (barrier, sock) = (&barrier, &server.sock);
+                s.spawn(move || {
+                    let mut nbd = connect(sock);
+                    let j = 1 - i;
+                    let scratch = vec![0x5a; 4096];
+                    for round in 0..4 {
+                        let mine: Vec<Vec<u8>> = (0..2 * GROUP).map(|k| data(i, round, k)).collect();
+                        let theirs: Vec<Vec<u8>> = (0..2 * GROUP).map(|k| data(j, round, k)).collect();
+                        let what = format!("client {i} round {round}");
+                        let batch: Vec<Op> = (0..GROUP).map(|k| Op::Write(block(i, k), &mine[k as usize])).collect();
+                        together(&mut nbd, &batch, &what);
+                        let in_turn: Vec<Op> = (0..GROUP).flat_map(|k| [Op::Write(block(i, GROUP + k), &mine[(GROUP + k) as usize]), Op::Read(block(i, k), &mine[k as usize])]).collect();
+                        together(&mut nbd, &in_turn, &what);
+                        barrier.wait(); // both answered: each reads the other's now
+                        let what = format!("client {i} round {round}, client {j}'s blocks");
+                        let batch: Vec<Op> = (0..GROUP).map(|k| Op::Read(block(j, k), &theirs[k as usize])).collect();
+                        together(&mut nbd, &batch, &what);
+                        let in_turn: Vec<Op> = (0..GROUP).flat_map(|k| [Op::Read(block(j, GROUP + k), &theirs[(GROUP + k) as usize]), Op::Write(block(i, 3 * GROUP + k), &scratch)]).collect();
+                        together(&mut nbd, &in_turn, &what);
+                        barrier.wait(); // both read: the next round writes again
+                    }
+                    nbd.disconnect();
+                });
+            }
+        });
+        server.assert_alive();
+        if !polls() {
+            eprintln!("one CPU: requests are never back to back, so the mailbox kernel never starts");
+            return;
+        }
+        let [reads, writes, ..] = mailbox_counts(&server);
+        let (lists, launches) = (mailbox_lists(&server), server.cuda_log().matches("launch nbd_vram_copy").count());
+        if reads > 0 && writes > 0 && lists + launches > 0 {
+            return;
+        }
+        eprintln!("by the mailbox kernel {reads} lone reads, {writes} lone writes, {lists} lists; {launches} copy kernel launches:\n{}", server.cuda_log());
+    }
+    panic!("three tries, and the kernels never took both lone copies and batches");
+}
+
+/// A request of `together`: a write of the data, or a read that must
+/// find it.
+enum Op<'a> {
+    Write(u64, &'a [u8]),
+    Read(u64, &'a [u8]),
+}
+
+/// Sends `ops` in one go (as one client would queue them), then takes
+/// their answers and checks what the reads found.
+fn together(nbd: &mut Nbd, ops: &[Op], what: &str) {
+    let mut all = Vec::new();
+    for (cookie, op) in (1..).zip(ops) {
+        match *op {
+            Op::Write(at, data) => all.extend([&header(0, CMD_WRITE, cookie, at, data.len() as u32)[..], data].concat()),
+            Op::Read(at, want) => all.extend(header(0, CMD_READ, cookie, at, want.len() as u32)),
+        }
+    }
+    nbd.s.write_all(&all).unwrap();
+    for (cookie, op) in (1..).zip(ops) {
+        assert_eq!(nbd.reply(), (0, cookie), "{what}: a request sent together with others");
+        if let Op::Read(at, want) = *op {
+            let mut got = vec![0u8; want.len()];
+            nbd.s.read_exact(&mut got).unwrap();
+            assert!(got == want, "{what}: the block at {at}");
+        }
+    }
 }
 
 /// FAKE_CUDA_FAIL_SYNC=1: the first wait for handed-over work fails, on

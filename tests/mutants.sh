@@ -34,6 +34,7 @@ unrecorded-fence-done	src/store/vram/fences.rs	                    self\.unrecor
 failed-batch-kept	src/store/vram/copier.rs	                b\.copies\.clear\(\);\n	\n
 one-sm-kernel	src/cuda/mailbox.rs	Ok\(sms\) if \(sms as usize\) < resident \+ 1 =>	Ok(sms) if (sms as usize) < resident =>
 no-follow	src/store/vram/lanes.rs	                stream\.wait_for\(&self\.lanes\.lanes\[j\]\.event\)\?;\n	
+mailbox-write-unawaited	src/store/vram/copier.rs	(?s)            if let Err\(e\) = self\.resident\.finish_writes\(&mut self\.fences\) \{\n                error!\("\{e\}"\);\n            \}\n	
 flush-own-only	src/store/vram/copier.rs	if self\.lane\.as_ref\(\)\.is_some_and\(\|lane\| lane\.news\(Span::ALL\)\) \{	if false {
 no-streaming-stores	src/uncached.rs	        stream\(&mut self\.dst\[self\.at\.\.self\.at \+ src\.len\(\)\], src\);\n	
 no-store-fence	src/uncached.rs	std::arch::x86_64::_mm_sfence\(\);	std::arch::x86_64::_mm_lfence();	known gap: x86 makes streaming stores visible soon without it, and the fake driver's copies start after a lock handover; only a rare race on real hardware would show it
