@@ -175,34 +175,41 @@ fn what_kernels_wrote_for_one_connection_another_reads() {
     // no kernel starts: up to three tries, data checked on every one.
     for _ in 0..3 {
         let mut server = Serve::new(8).arg("--connections").arg("2").env("NBD_VRAM_BATCH", "1").env("NBD_VRAM_SPIN", SPIN_US).start();
-        let barrier = Barrier::new(2);
-        std::thread::scope(|s| {
-            for i in 0..2 {
-                let (barrier, sock) = (&barrier, &server.sock);
-                s.spawn(move || {
-                    let mut nbd = connect(sock);
-                    let j = 1 - i;
-                    let scratch = vec![0x5a; 4096];
-                    for round in 0..4 {
+        let mut clients = [connect(&server.sock), connect(&server.sock)];
+        let scratch = vec![0x5a; 4096];
+        for round in 0..4 {
+            // Both write at once, then both read the other's at once: a
+            // scope each, so that a failure ends the test, not a wait.
+            std::thread::scope(|s| {
+                for (i, nbd) in clients.iter_mut().enumerate() {
+                    s.spawn(move || {
                         let mine: Vec<Vec<u8>> = (0..2 * GROUP).map(|k| data(i, round, k)).collect();
-                        let theirs: Vec<Vec<u8>> = (0..2 * GROUP).map(|k| data(j, round, k)).collect();
                         let what = format!("client {i} round {round}");
+                        let in_turn: Vec<Op> = (GROUP..2 * GROUP).flat_map(|k| [Op::Write(block(i, k), &mine[k as usize]), Op::Read(block(i, k), &mine[k as usize])]).collect();
+                        together(nbd, &in_turn, &what);
+                        // Last, so that the other reads them while they
+                        // may still be queued: writes are answered then.
                         let batch: Vec<Op> = (0..GROUP).map(|k| Op::Write(block(i, k), &mine[k as usize])).collect();
-                        together(&mut nbd, &batch, &what);
-                        let in_turn: Vec<Op> = (0..GROUP).flat_map(|k| [Op::Write(block(i, GROUP + k), &mine[(GROUP + k) as usize]), Op::Read(block(i, k), &mine[k as usize])]).collect();
-                        together(&mut nbd, &in_turn, &what);
-                        barrier.wait(); // both answered: each reads the other's now
+                        together(nbd, &batch, &what);
+                    });
+                }
+            });
+            std::thread::scope(|s| {
+                for (i, nbd) in clients.iter_mut().enumerate() {
+                    let scratch = &scratch;
+                    s.spawn(move || {
+                        let j = 1 - i;
+                        let theirs: Vec<Vec<u8>> = (0..2 * GROUP).map(|k| data(j, round, k)).collect();
                         let what = format!("client {i} round {round}, client {j}'s blocks");
                         let batch: Vec<Op> = (0..GROUP).map(|k| Op::Read(block(j, k), &theirs[k as usize])).collect();
-                        together(&mut nbd, &batch, &what);
-                        let in_turn: Vec<Op> = (0..GROUP).flat_map(|k| [Op::Read(block(j, GROUP + k), &theirs[(GROUP + k) as usize]), Op::Write(block(i, 3 * GROUP + k), &scratch)]).collect();
-                        together(&mut nbd, &in_turn, &what);
-                        barrier.wait(); // both read: the next round writes again
-                    }
-                    nbd.disconnect();
-                });
-            }
-        });
+                        together(nbd, &batch, &what);
+                        let in_turn: Vec<Op> = (GROUP..2 * GROUP).flat_map(|k| [Op::Read(block(j, k), &theirs[k as usize]), Op::Write(block(i, 2 * GROUP + k), scratch)]).collect();
+                        together(nbd, &in_turn, &what);
+                    });
+                }
+            });
+        }
+        clients.into_iter().for_each(Nbd::disconnect);
         server.assert_alive();
         if !polls() {
             eprintln!("one CPU: requests are never back to back, so the mailbox kernel never starts");

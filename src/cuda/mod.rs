@@ -299,6 +299,8 @@ impl Drop for DeviceMem<'_> {
             unsafe { (self.ctx.cuda.api.cuMemFree_v2)(self.ptr) }
         });
         if let Err(e) = self.ctx.cuda.check("cuMemFree_v2", r) {
+            // Still ours: not counted as another process's.
+            HELD.fetch_add(self.len, Ordering::Relaxed);
             crate::error!("{e}");
         }
     }

@@ -782,6 +782,26 @@ static void s_fail_mailbox_job(void)   /* FAIL_MAILBOX 2 */
     EQ(cu.cuMemsetD8_v2(d, 0, 16), 700);
 }
 
+/* A fault in other work ends the kernel too, as every kernel of a context
+ * ends with its sticky error: a job posted after it is never done. */
+static void s_fault_ends_mailbox(void)   /* FAIL_SYNC 2 */
+{
+    void *fn;
+    unsigned char *slot, *landing;
+    CUdeviceptr d;
+    CUstream other;
+    CUstream st = mailbox(&fn, &slot, &landing, &d);   /* its sync is the first */
+    post(slot, d, 1, 4096);
+    EQ(flag_becomes(slot, 64, 1), 1);
+    EQ(cu.cuStreamCreate(&other, 1), 0);
+    EQ(cu.cuStreamSynchronize(other), 700);
+    post(slot, d, 2, 4096);
+    usleep(100 * 1000);
+    EQ(flag(slot, 64), 1);
+    EQ(cu.cuStreamQuery(st), 700);
+    EQ(cu.cuStreamDestroy_v2(st), 0);   /* nothing runs on it for ever */
+}
+
 /* Mailbox jobs beside other streams' pending work: a race only where both
  * touch the same memory, one writing it. stderr goes to a file, to check
  * what the fake said. */
@@ -1338,20 +1358,21 @@ static void s_fail_record(void)   /* FAIL_RECORD 2: that record and the next syn
     EQ(cu.cuStreamSynchronize(st), 0);
 }
 
+extern char **environ;
 static int run(const char *name, void (*fn)(void), const char *env)
 {
     fflush(stdout);
     pid_t pid = fork();
     if (pid == 0) {
         scenario = name;
-        static const char *const knobs[] = {"DEVICES", "TOTAL_MIB", "FREE_MIB", "MAX_ALLOC_MIB",
-            "INIT_ERROR", "FAIL_COPY", "FAIL_SYNC", "LOG", "BACKING", "PCI_DIR", "NO_JIT",
-            "EXEC_TIMEOUT", "FAIL_MAILBOX", "LATE_START", "FAIL_RECORD"};
-        char var[32], *e = strdup(env), *save = NULL;   /* "K=V K=V" */
-        for (size_t i = 0; i < sizeof knobs / sizeof *knobs; i++) {
-            snprintf(var, sizeof var, "FAKE_CUDA_%s", knobs[i]);
-            unsetenv(var);
-        }
+        char var[64], *e = strdup(env), *save = NULL;   /* "K=V K=V" */
+        for (char **v = environ; *v;)   /* every knob the caller had set; unsetenv moves the rest up */
+            if (!strncmp(*v, "FAKE_CUDA_", 10)) {
+                snprintf(var, sizeof var, "%.*s", (int)strcspn(*v, "="), *v);
+                unsetenv(var);
+            } else {
+                v++;
+            }
         for (char *kv = strtok_r(e, " ", &save), *eq; kv; kv = strtok_r(NULL, " ", &save))
             if ((eq = strchr(kv, '='))) { *eq = 0; setenv(kv, eq + 1, 1); }
         free(e);
@@ -1417,6 +1438,7 @@ int main(int argc, char **argv)
     bad |= run("mailbox_list", s_mailbox_list, "");
     bad |= run("mailbox_misalign", s_fail_mailbox, "FAKE_CUDA_EXEC_TIMEOUT=1");
     bad |= run("fail_mailbox", s_fail_mailbox_job, "FAKE_CUDA_FAIL_MAILBOX=2");
+    bad |= run("fault_ends_mailbox", s_fault_ends_mailbox, "FAKE_CUDA_FAIL_SYNC=2");
     bad |= run("mailbox_overlap", s_mailbox_overlap, "");
     bad |= run("mailbox_overlap_list", s_mailbox_overlap_list, "");
     bad |= run("mailbox_overlap_host", s_mailbox_overlap_host, "");

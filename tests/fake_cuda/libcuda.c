@@ -1234,6 +1234,7 @@ static void resident(struct sm *sm, struct mailbox *m)
         if (seq == m->last) {
             if (++idle > SPINS) pause_us(sm, 20);
             pthread_mutex_lock(&lock);
+            if (sticky) break;   /* a fault elsewhere in the context ends every kernel in it */
             continue;
         }
         idle = 0;
@@ -1253,6 +1254,7 @@ static void resident(struct sm *sm, struct mailbox *m)
             sleep(3);
             pthread_mutex_lock(&lock);
         }
+        if (sticky) break;   /* the job is never done */
         if (mailbox_job(sm, m, seq, (char *)(uintptr_t)vram, len)) break;
         pthread_cond_broadcast(&sm_done);
     }

@@ -43,6 +43,17 @@ else
 	echo "target/probe/blocking-probe not carried (gcc -O2 -o target/probe/blocking-probe tests/gpu/blocking-probe.c -ldl -lpthread)"
 fi
 
+# A store's first copies come after the zeroing of fresh VRAM only
+# because its copier streams are blocking (DeviceMem::clear); the other
+# lines are what the fake driver models, printed for comparison.
+step "a memset's order with the streams"
+if [ -x target/probe/ordering-probe ]; then
+	target/probe/ordering-probe 8192 | tee "$T/ordering.txt"
+	check grep -q "^a blocking stream's copy waits for it: yes" "$T/ordering.txt"
+else
+	echo "target/probe/ordering-probe not carried (gcc -O2 -o target/probe/ordering-probe tests/gpu/ordering-probe.c -ldl)"
+fi
+
 step "invalid --gpu"
 n=$(nvidia-smi -L | wc -l)
 "$B" serve --listen "unix:$T/bad.sock" --gpu "$n" --size 1024; rc=$?
