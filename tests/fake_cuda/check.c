@@ -1365,14 +1365,13 @@ static int run(const char *name, void (*fn)(void), const char *env)
     pid_t pid = fork();
     if (pid == 0) {
         scenario = name;
-        char var[64], *e = strdup(env), *save = NULL;   /* "K=V K=V" */
-        for (char **v = environ; *v;)   /* every knob the caller had set; unsetenv moves the rest up */
-            if (!strncmp(*v, "FAKE_CUDA_", 10)) {
-                snprintf(var, sizeof var, "%.*s", (int)strcspn(*v, "="), *v);
-                unsetenv(var);
-            } else {
-                v++;
-            }
+        char *e = strdup(env), *save = NULL;   /* "K=V K=V" */
+        for (char **v = environ; *v;) {   /* every knob the caller had set */
+            char *was = *v, *var = strncmp(was, "FAKE_CUDA_", 10) ? NULL : strndup(was, strcspn(was, "="));
+            if (var) unsetenv(var);   /* moves the rest up */
+            free(var);
+            if (*v == was) v++;       /* kept: no knob, or one unsetenv cannot take */
+        }
         for (char *kv = strtok_r(e, " ", &save), *eq; kv; kv = strtok_r(NULL, " ", &save))
             if ((eq = strchr(kv, '='))) { *eq = 0; setenv(kv, eq + 1, 1); }
         free(e);

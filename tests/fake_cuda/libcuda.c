@@ -366,8 +366,9 @@ static void held_back(const char *call);
  * running it as late as allowed makes a caller that reads a host buffer
  * before its sync, reuses one before its copy ran, or waits for one stream
  * where the work it needs went through another, see the damage. A stream's
- * sync or event runs that stream's work only. An event records its queue
- * and `queued` there. */
+ * sync or event runs that stream's work (and, after a non-blocking
+ * stream's, the legacy stream's pending work: run_unordered), no other
+ * stream's. An event records its queue and `queued` there. */
 static struct op legacy_ops[QCAP];
 static struct queue legacy = {legacy_ops, 0, 0, 0, 0};
 
@@ -1404,8 +1405,9 @@ API CUresult cuStreamCreate(CUstream *ps, unsigned flags)
 }
 
 /* A stream's sync runs its own pending work, no other stream's (the legacy
- * stream's, the blocking streams' too). A mailbox kernel that was not told
- * to end would make it wait for ever. */
+ * stream's, the blocking streams' too; a non-blocking stream's, the legacy
+ * stream's after it). A mailbox kernel that was not told to end would make
+ * it wait for ever. */
 static CUresult stream_sync(CUstream s)
 {
     CUresult rc = need_ctx() ? need_ctx() : stream_ok(s) ? OK : E_HANDLE;
