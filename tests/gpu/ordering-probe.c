@@ -39,6 +39,27 @@ static int all(const unsigned char *p, size_t n, unsigned char c)
     return 1;
 }
 
+/* Sets `size` bytes at d to `value` with cuMemsetD8, then copies 4 KiB of
+ * 7s on `stream` to the last 4 KiB, which the memset reaches last; returns
+ * how long that stream's sync took, and in *out what those bytes hold
+ * once the memset is done too. */
+static double behind_memset(DP d, size_t size, unsigned char value, H stream, unsigned char **out)
+{
+    static unsigned char *h;
+    if (!h) C(cuMemHostAlloc((void **)&h, 4096, 0));
+    DP last = d + size - 4096;
+    memset(h, 7, 4096);
+    C(cuMemsetD8_v2(d, value, size));
+    double t = now();
+    C(cuMemcpyHtoDAsync_v2(last, h, 4096, stream));
+    C(cuStreamSynchronize(stream));
+    double ms = ms_since(t);
+    C(cuStreamSynchronize(NULL));
+    C(cuMemcpyDtoH_v2(h, last, 4096));
+    *out = h;
+    return ms;
+}
+
 int main(int argc, char **argv)
 {
     size_t size = (size_t)(argc > 1 ? atoi(argv[1]) : 8192) << 20;
@@ -51,10 +72,9 @@ int main(int argc, char **argv)
     int dev;
     H ctx, blocking, non_blocking;
     DP d;
-    unsigned char *h;
     C(cuInit(0)); C(cuDeviceGet(&dev, 0)); C(cuDevicePrimaryCtxRetain(&ctx, dev)); C(cuCtxSetCurrent(ctx));
     C(cuStreamCreate(&blocking, 0)); C(cuStreamCreate(&non_blocking, 1));
-    C(cuMemAlloc_v2(&d, size)); C(cuMemHostAlloc((void **)&h, 4096, 0));
+    C(cuMemAlloc_v2(&d, size));
     C(cuMemsetD8_v2(d, 0, size)); C(cuStreamSynchronize(NULL));   // first touch out of the way
     printf("ordering-probe: memsets of %zu MiB on the legacy stream\n", size >> 20);
 
@@ -67,27 +87,11 @@ int main(int argc, char **argv)
     printf("memset returns before done: %s (call %.2f ms, then the legacy stream's sync %.2f ms)\n",
            call < rest ? "yes" : "no", call, rest);
 
-    // The copy goes to the memset's last 4 KiB, which it reaches last.
-    DP last = d + size - 4096;
-    memset(h, 7, 4096);
-    C(cuMemsetD8_v2(d, 2, size));
-    t = now();
-    C(cuMemcpyHtoDAsync_v2(last, h, 4096, blocking));
-    C(cuStreamSynchronize(blocking));
-    double after = ms_since(t);
-    C(cuStreamSynchronize(NULL));
-    C(cuMemcpyDtoH_v2(h, last, 4096));
+    unsigned char *h;
+    double after = behind_memset(d, size, 2, blocking, &h);
     printf("a blocking stream's copy waits for it: %s (its sync %.2f ms; its bytes %s)\n",
            all(h, 4096, 7) ? "yes" : "no", after, all(h, 4096, 7) ? "kept" : "overwritten");
-
-    memset(h, 7, 4096);
-    C(cuMemsetD8_v2(d, 3, size));
-    t = now();
-    C(cuMemcpyHtoDAsync_v2(last, h, 4096, non_blocking));
-    C(cuStreamSynchronize(non_blocking));
-    double apart = ms_since(t);
-    C(cuStreamSynchronize(NULL));
-    C(cuMemcpyDtoH_v2(h, last, 4096));
+    double apart = behind_memset(d, size, 3, non_blocking, &h);
     printf("a non-blocking stream's copy does not wait, and the memset lands over it: %s (its sync %.2f ms; its bytes %s)\n",
            all(h, 4096, 3) ? "yes" : "no", apart, all(h, 4096, 3) ? "overwritten" : all(h, 4096, 7) ? "kept" : "torn");
 
