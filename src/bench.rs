@@ -224,8 +224,8 @@ pub fn run(servers: &Servers, seconds: u32) -> Result<(), Failure> {
 pub fn sweep(servers: &Servers, seconds: u32, svg: Option<&Path>) -> Result<(), Failure> {
     // Opened first: a path that cannot be written fails now, not after
     // the whole sweep.
-    let mut file = match svg {
-        Some(path) => Some(std::fs::File::create(path).map_err(|e| Failure::os(format!("writing {}", path.display()), e))?),
+    let mut plot = match svg {
+        Some(path) => Some((path, std::fs::File::create(path).map_err(|e| Failure::os(format!("writing {}", path.display()), e))?)),
         None => None,
     };
     let mut series = Vec::new();
@@ -246,7 +246,7 @@ pub fn sweep(servers: &Servers, seconds: u32, svg: Option<&Path>) -> Result<(), 
             series.push(plot::Series { name: format!("{label} {dir}"), color: i, dashed: write, points });
         }
     }
-    if let (Some(path), Some(file)) = (svg, &mut file) {
+    if let Some((path, file)) = &mut plot {
         let title = format!("Sequential throughput at queue depth 8, {seconds} s per point{}", servers.several(" each"));
         let doc = plot::svg(&title, "request size (bytes, log2 scale)", "MB/s (10^6 bytes/s)", &series);
         std::io::Write::write_all(file, doc.as_bytes()).map_err(|e| Failure::os(format!("writing {}", path.display()), e))?;

@@ -466,17 +466,14 @@ fn settle_slices(mut swap: SwapOpts) -> Result<SwapOpts, String> {
         return Err(format!("--size {} in slices of {} makes more than {MAX_SLICES}: give a larger --slice-size", Shown(size), Shown(swap.slice)));
     }
     // Checked here, before any memory is taken: mkswap's own minimum.
-    if swap.swap && swap.slice < SWAP_MIN {
+    if swap.swap && swap.slice < crate::swap::MIN_SIZE {
         let what = if swap.slice == size { "--size" } else { "each slice (--slice-size, or a quarter of --size with --reserve)" };
-        return Err(format!("{what} is {}: swap needs at least {} (10 pages)", Shown(swap.slice), Shown(SWAP_MIN)));
+        return Err(format!("{what} is {}: swap needs at least {} (10 pages)", Shown(swap.slice), Shown(crate::swap::MIN_SIZE)));
     }
     swap.store.size = size / swap.slice * swap.slice;
     swap.store.min_size = swap.store.min_size.min(swap.store.size);
     Ok(swap)
 }
-
-/// The smallest swap area (`swap::header`).
-const SWAP_MIN: u64 = 40 * 1024;
 
 /// A size in MiB, or in KiB where it is no whole number of MiB.
 struct Shown(u64);

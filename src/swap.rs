@@ -16,6 +16,8 @@ mod child;
 pub use child::run_if_asked as run_child_if_asked;
 
 pub const PAGE: usize = 4096;
+/// The smallest swap area: mkswap's minimum of 10 pages.
+pub const MIN_SIZE: u64 = 10 * PAGE as u64;
 const LABEL: &[u8] = b"nbd-vram";
 
 /// The first page of a swap area, as mkswap writes it: `SWAPSPACE2`
@@ -24,7 +26,7 @@ const LABEL: &[u8] = b"nbd-vram";
 /// include/linux/swap.h).
 pub fn header(size: u64) -> io::Result<[u8; PAGE]> {
     let pages = size / PAGE as u64;
-    if pages < 10 {
+    if size < MIN_SIZE {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "swap needs at least 10 pages (40 KiB)"));
     }
     let last = u32::try_from(pages - 1)
