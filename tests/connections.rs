@@ -225,6 +225,47 @@ fn what_kernels_wrote_for_one_connection_another_reads() {
     panic!("three tries, and the kernels never took both lone copies and batches");
 }
 
+/// A lone write the mailbox kernel has is answered only once it is done,
+/// as no stream of the other connection waits for it: there a read comes
+/// as soon as the answer is in, while the fake runs every job up to 400 µs
+/// late (`FAKE_CUDA_LATE_JOBS=1`), as a GPU whose time slice another
+/// context has may.
+#[test]
+fn a_lone_write_by_the_mailbox_kernel_is_done_once_answered() {
+    if !polls() {
+        eprintln!("one CPU: requests are never back to back, so the mailbox kernel never starts");
+        return;
+    }
+    const TRIALS: u64 = 32;
+    let block = |k: usize| k as u64 * 8192; // apart: no two merge
+    // A loaded machine can keep requests apart, so that the kernel takes
+    // few: up to three tries, data checked on every one.
+    for _ in 0..3 {
+        let serve = Serve::new(8).arg("--connections").arg("2").env("NBD_VRAM_BATCH", "1").env("NBD_VRAM_SPIN", SPIN_US);
+        // A reply group ends at each read, so that no read's wait covers
+        // the write after it.
+        let mut server = serve.env("NBD_VRAM_GROUP", "1").env("FAKE_CUDA_LATE_JOBS", "1").start();
+        let [mut a, mut b] = [connect(&server.sock), connect(&server.sock)];
+        for trial in 0..TRIALS {
+            let (writer, reader) = if trial % 2 == 0 { (&mut a, &mut b) } else { (&mut b, &mut a) };
+            let data: Vec<Vec<u8>> = (0..5).map(|k| pattern(trial * 10 + k, 4096)).collect();
+            // Writes and reads in turn, the kernel's lone copies; a write last.
+            let ops: Vec<Op> = (0..4).flat_map(|k| [Op::Write(block(k), &data[k]), Op::Read(block(k), &data[k])]).chain([Op::Write(block(4), &data[4])]).collect();
+            together(writer, &ops, &format!("trial {trial}"));
+            read_ok(reader, block(4), &data[4], &format!("trial {trial}: the last write, read on the other connection once answered"));
+        }
+        a.disconnect();
+        b.disconnect();
+        server.assert_alive();
+        let [_, writes, ..] = mailbox_counts(&server);
+        if writes >= TRIALS as usize {
+            return;
+        }
+        eprintln!("{writes} lone writes by the mailbox kernel in {TRIALS} trials:\n{}", server.cuda_log());
+    }
+    panic!("three tries, and the mailbox kernel never took a write a trial");
+}
+
 /// A request of `together`: a write of the data, or a read that must
 /// find it.
 enum Op<'a> {

@@ -131,7 +131,7 @@ static void unmap_block(char *p, size_t size)
     }
 }
 static unsigned long long fail_copy, copies, fail_sync, syncs, no_jit, exec_timeout, fail_mailbox, mailbox_jobs, late_start;
-static unsigned long long sms = 132, stall_job, jobs_seen, stream_delay_ms, fail_record, records;
+static unsigned long long sms = 132, stall_job, jobs_seen, stream_delay_ms, fail_record, records, late_jobs = 8;
 static int short_sync;                    /* FAKE_CUDA_FAIL_RECORD: the next stream sync fails too */
 static CUresult sticky;                   /* FAKE_CUDA_FAIL_SYNC's error, once it fired */
 static char log_path[PATH_MAX], others_path[PATH_MAX];
@@ -301,6 +301,7 @@ static CUresult do_init(void)
         knob("FAKE_CUDA_NO_JIT", &no_jit) < 0 || knob("FAKE_CUDA_EXEC_TIMEOUT", &exec_timeout) < 0 ||
         knob("FAKE_CUDA_FAIL_MAILBOX", &fail_mailbox) < 0 || knob("FAKE_CUDA_LATE_START", &late_start) < 0 ||
         knob("FAKE_CUDA_SMS", &sms) < 0 || knob("FAKE_CUDA_MAILBOX_STALL", &stall_job) < 0 ||
+        knob("FAKE_CUDA_LATE_JOBS", &late_jobs) < 0 ||
         knob("FAKE_CUDA_STREAM_DELAY_MS", &stream_delay_ms) < 0 || knob("FAKE_CUDA_FAIL_RECORD", &fail_record) < 0)
         return E_UNKNOWN;
     if (backing && *backing) {
@@ -1099,7 +1100,8 @@ static CUresult mailbox_list(const unsigned char *rows, unsigned count, unsigned
  *   write job reads the landing buffer as it was at the kernel's first job;
  * - it reads a write job's data right after seeing its job word, and
  *   reports a landing buffer changed after the job was posted as a race;
- * - it pauses for random microseconds between its steps. */
+ * - it pauses for random microseconds between its steps, and before one
+ *   job in eight (FAKE_CUDA_LATE_JOBS) for up to 400. */
 #define SMS 4
 #define SPINS 2000   /* polls without a pause after a job: jobs come back to back */
 
@@ -1248,7 +1250,9 @@ static void resident(struct sm *sm, struct mailbox *m)
                      !m->fresh && cached);
         }
         cached = 1;
-        pause_us(sm, 5);
+        /* Now and then a job runs late, as when another context has the
+         * GPU's time slice: long after its answer could have gone out. */
+        pause_us(sm, late_jobs && sm->rnd % late_jobs == 0 ? 400 : 5);
         pthread_mutex_lock(&lock);
         if (++jobs_seen == stall_job) {   /* FAKE_CUDA_MAILBOX_STALL: not scheduled for a while */
             pthread_mutex_unlock(&lock);

@@ -54,6 +54,17 @@ else
 	echo "target/probe/ordering-probe not carried (gcc -O2 -o target/probe/ordering-probe tests/gpu/ordering-probe.c -ldl)"
 fi
 
+# A mailbox job that a fault elsewhere in the context ended is never
+# done, and the store must report it by its deadline, as the fake driver
+# makes it do: that a fault ends such a kernel is what this checks.
+step "a fault ends a kernel on another stream"
+if [ -x target/probe/fault-probe ]; then
+	timeout 60 target/probe/fault-probe | tee "$T/fault.txt"
+	check grep -q "^it ends the kernel spinning on another stream, .*: yes" "$T/fault.txt"
+else
+	echo "target/probe/fault-probe not carried (gcc -O2 -o target/probe/fault-probe tests/gpu/fault-probe.c -ldl)"
+fi
+
 step "invalid --gpu"
 n=$(nvidia-smi -L | wc -l)
 "$B" serve --listen "unix:$T/bad.sock" --gpu "$n" --size 1024; rc=$?
