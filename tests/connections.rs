@@ -6,11 +6,10 @@
 mod common;
 mod fake_cuda_env;
 
-use std::io::{Read, Write};
 use std::sync::Barrier;
 use std::time::Duration;
 
-use common::raw::{greet, header, Nbd, CMD_FLUSH, CMD_READ, CMD_WRITE, CMD_WRITE_ZEROES};
+use common::raw::{greet, Nbd, Req, CMD_FLUSH, CMD_WRITE, CMD_WRITE_ZEROES};
 use common::{pattern, Server, TempDir, KIB, MIB};
 use fake_cuda_env::*;
 
@@ -276,20 +275,18 @@ enum Op<'a> {
 /// Sends `ops` in one go (as one client would queue them), then takes
 /// their answers and checks what the reads found.
 fn together(nbd: &mut Nbd, ops: &[Op], what: &str) {
-    let mut all = Vec::new();
-    for (cookie, op) in (1..).zip(ops) {
-        match *op {
-            Op::Write(at, data) => all.extend([&header(0, CMD_WRITE, cookie, at, data.len() as u32)[..], data].concat()),
-            Op::Read(at, want) => all.extend(header(0, CMD_READ, cookie, at, want.len() as u32)),
-        }
-    }
-    nbd.s.write_all(&all).unwrap();
+    let reqs: Vec<Req> = ops
+        .iter()
+        .map(|op| match *op {
+            Op::Write(at, data) => Req::Write(at, data),
+            Op::Read(at, want) => Req::Read(at, want.len() as u32),
+        })
+        .collect();
+    nbd.queue(1, &reqs);
     for (cookie, op) in (1..).zip(ops) {
         assert_eq!(nbd.reply(), (0, cookie), "{what}: a request sent together with others");
         if let Op::Read(at, want) = *op {
-            let mut got = vec![0u8; want.len()];
-            nbd.s.read_exact(&mut got).unwrap();
-            assert!(got == want, "{what}: the block at {at}");
+            assert!(nbd.data(want.len()) == want, "{what}: the block at {at}");
         }
     }
 }

@@ -5,11 +5,10 @@
 mod common;
 mod fake_cuda_env;
 
-use std::io::Read;
 use std::process::Command;
 use std::time::Duration;
 
-use common::raw::{Nbd, CMD_READ, CMD_WRITE};
+use common::raw::{Nbd, Req};
 use common::run;
 use fake_cuda_env::*;
 
@@ -76,34 +75,29 @@ fn batched_copies_read_what_was_just_written() {
 }
 
 fn read_what_was_just_written(server: &mut VramServer) {
-    use std::io::Write;
     let mut nbd = Nbd::connect(&server.sock);
-    let mut wire = Vec::new();
-    let mut cookie = 0;
-    for fill in [0x11u8, 0x22] {
-        for block in 0..8u64 {
-            wire.extend(common::raw::header(0, CMD_WRITE, cookie, block * 8192, 4096));
-            wire.extend([fill + block as u8; 4096]);
-            cookie += 1;
-        }
-        for block in 0..8u64 {
-            wire.extend(common::raw::header(0, CMD_READ, cookie, block * 8192, 4096));
-            cookie += 1;
-        }
+    // Blocks 8 KiB apart, each a copy of its own: eight writes, then eight
+    // reads of them, twice, with other bytes the second time.
+    let fills = [0x11u8, 0x22];
+    let blocks: Vec<Vec<[u8; 4096]>> = fills.iter().map(|&fill| (0..8).map(|b| [fill + b; 4096]).collect()).collect();
+    let at = |block: usize| block as u64 * 8192;
+    let mut reqs = Vec::new();
+    for round in &blocks {
+        reqs.extend(round.iter().enumerate().map(|(block, data)| Req::Write(at(block), data)));
+        reqs.extend((0..8).map(|block| Req::Read(at(block), 4096)));
     }
-    nbd.s.write_all(&wire).unwrap();
+    nbd.queue(0, &reqs);
     let mut cookie = 0;
-    for fill in [0x11u8, 0x22] {
+    for round in &blocks {
         for _ in 0..8 {
             assert_eq!(nbd.reply(), (0, cookie), "reply to a write");
             cookie += 1;
         }
-        for block in 0..8u8 {
+        for (block, want) in round.iter().enumerate() {
             assert_eq!(nbd.reply(), (0, cookie), "reply to a read");
             cookie += 1;
-            let mut got = vec![0u8; 4096];
-            nbd.s.read_exact(&mut got).unwrap();
-            assert!(got.iter().all(|&b| b == fill + block), "block {block} read {:#x}, not {:#x}", got[0], fill + block);
+            let got = nbd.data(4096);
+            assert!(got == want, "block {block} read {:#x}, not {:#x}", got[0], want[0]);
         }
     }
     server.assert_alive();
@@ -128,20 +122,17 @@ fn bench_patterns_read_back_what_they_wrote() {
 /// rather than start the ring again over its data.
 #[test]
 fn a_held_batch_keeps_its_staging() {
-    use std::io::Write;
     const LEN: u32 = 2 << 20;
     let server = Serve::new(64).env("NBD_VRAM_BATCH", "1").start();
     let mut nbd = Nbd::connect(&server.sock);
     for i in 0..32u64 {
         assert_eq!(nbd.write(i * u64::from(LEN), &vec![i as u8 + 1; LEN as usize]), 0, "a 2 MiB write");
     }
-    let reads: Vec<u8> = (0..32u64).flat_map(|i| common::raw::header(0, CMD_READ, 100 + i, i * u64::from(LEN), LEN)).collect();
-    nbd.s.write_all(&reads).unwrap();
-    let mut data = vec![0u8; LEN as usize];
+    nbd.queue(100, &(0..32u64).map(|i| Req::Read(i * u64::from(LEN), LEN)).collect::<Vec<_>>());
     for _ in 0..32 {
         let (error, cookie) = nbd.reply();
         assert_eq!(error, 0, "a 2 MiB read");
-        nbd.s.read_exact(&mut data).unwrap();
+        let data = nbd.data(LEN as usize);
         let want = (cookie - 100) as u8 + 1;
         let wrong = data.iter().position(|&b| b != want);
         assert!(wrong.is_none(), "read {cookie}: byte {wrong:?} is not {want}");

@@ -5,11 +5,10 @@
 mod common;
 mod fake_cuda_env;
 
-use std::io::Read;
 use std::process::Command;
 use std::time::Duration;
 
-use common::raw::{Nbd, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES};
+use common::raw::{Nbd, Req, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE_ZEROES};
 use common::{pattern, run, BIN, KIB, MIB};
 use fake_cuda_env::*;
 
@@ -53,9 +52,7 @@ fn a_failed_copy_fails_that_request_only() {
             continue;
         }
         assert_eq!(error, 0, "read {} of those in flight", i + 1);
-        let mut data = vec![0u8; a.len()];
-        nbd.s.read_exact(&mut data).expect("read data");
-        assert!(data == a, "read {} of those in flight returned other data", i + 1);
+        assert!(nbd.data(a.len()) == a, "read {} of those in flight returned other data", i + 1);
     }
     nbd.disconnect();
     server.assert_alive();
@@ -87,13 +84,7 @@ fn a_failed_copy_fails_that_request_only() {
     // flush after them succeeds, and the store is trusted still.
     let mut server = Serve::new(8).env("NBD_VRAM_BATCH", "1").env("FAKE_CUDA_FAIL_COPY", "3").start();
     let mut nbd = Nbd::connect(&server.sock);
-    let mut wire = Vec::new();
-    for (i, data) in [&a, &b].into_iter().enumerate() {
-        wire.extend(common::raw::header(0, CMD_WRITE, i as u64, i as u64 * MIB, data.len() as u32));
-        wire.extend(data);
-    }
-    wire.extend(common::raw::header(0, CMD_FLUSH, 2, 0, 0));
-    std::io::Write::write_all(&mut nbd.s, &wire).unwrap();
+    nbd.queue(0, &[Req::Write(0, &a), Req::Write(MIB, &b), Req::Flush]);
     assert_eq!(nbd.reply(), (EIO, 0), "the first write of the failed batch");
     assert_eq!(nbd.reply(), (EIO, 1), "the second");
     assert_eq!(nbd.reply(), (0, 2), "the flush after them");
@@ -200,11 +191,9 @@ fn status_counts_what_was_answered() {
 /// EIO like the rest, its header not sent ahead of a failure already known.
 #[test]
 fn a_lone_read_after_a_failed_group_answers_eio() {
-    use std::io::Write;
     let mut server = Serve::new(8).env("FAKE_CUDA_FAIL_SYNC", "1").env("NBD_VRAM_GROUP", "8").start();
     let mut nbd = Nbd::connect(&server.sock);
-    let wire: Vec<u8> = (0..9).flat_map(|i| common::raw::header(0, CMD_READ, i, i * 4096, 4096)).collect();
-    nbd.s.write_all(&wire).unwrap();
+    nbd.queue(0, &(0..9).map(|i| Req::Read(i * 4096, 4096)).collect::<Vec<_>>());
     let mut cookies: Vec<u64> = (0..9).map(|_| nbd.reply()).inspect(|&(e, c)| assert_eq!(e, EIO, "read {c}")).map(|(_, c)| c).collect();
     cookies.sort();
     assert_eq!(cookies, (0..9).collect::<Vec<u64>>());
@@ -219,15 +208,11 @@ fn a_lone_read_after_a_failed_group_answers_eio() {
 /// before that write was even queued, success.
 #[test]
 fn a_write_that_could_not_start_after_a_flush_fails_alone() {
-    use std::io::Write;
     // Copy 1 zeroes the store; copy 2 is the write after the flush.
     let mut server = Serve::new(8).env("FAKE_CUDA_FAIL_COPY", "2").env("NBD_VRAM_MAILBOX", "0").env("NBD_VRAM_BATCH", "1").start();
     let mut nbd = Nbd::connect(&server.sock);
     // One send, so that both are one batch.
-    let mut wire = common::raw::header(0, CMD_FLUSH, 1, 0, 0).to_vec();
-    wire.extend(common::raw::header(0, CMD_WRITE, 2, 0, 4096));
-    wire.extend(pattern(1, 4096));
-    nbd.s.write_all(&wire).unwrap();
+    nbd.queue(1, &[Req::Flush, Req::Write(0, &pattern(1, 4096))]);
     let (flush, write) = (nbd.reply(), nbd.reply());
     assert_eq!(write, (EIO, 2), "the write whose copy could not start");
     assert_eq!(flush, (0, 1), "the flush, done before the write was queued");
@@ -246,7 +231,6 @@ fn record_failures() -> impl Iterator<Item = (&'static str, u32)> {
 /// gets its own data or EIO, and serving goes on.
 #[test]
 fn a_fence_whose_event_was_not_recorded_still_waits() {
-    use std::io::Write;
     let data = pattern(10, MIB as usize);
     let part = |i: usize| &data[i * 64 * KIB as usize..][..64 * KIB as usize];
     let mut failed = Vec::new();
@@ -260,8 +244,7 @@ fn a_fence_whose_event_was_not_recorded_still_waits() {
             .start();
         let mut nbd = Nbd::connect(&server.sock);
         while nbd.write(0, &data) != 0 {} // the failure may meet the write
-        let wire: Vec<u8> = (0..16).flat_map(|i| common::raw::header(0, CMD_READ, i, i * 64 * KIB, 64 * KIB as u32)).collect();
-        nbd.s.write_all(&wire).unwrap();
+        nbd.queue(0, &(0..16).map(|i| Req::Read(i * 64 * KIB, 64 * KIB as u32)).collect::<Vec<_>>());
         for _ in 0..16 {
             let (error, cookie) = nbd.reply();
             if error == EIO {
@@ -269,9 +252,7 @@ fn a_fence_whose_event_was_not_recorded_still_waits() {
                 continue;
             }
             assert_eq!(error, 0, "{what}: read {cookie}");
-            let mut got = vec![0u8; 64 * KIB as usize];
-            nbd.s.read_exact(&mut got).unwrap();
-            assert!(got == part(cookie as usize), "{what}: read {cookie} answered before its copy ran");
+            assert!(nbd.data(64 * KIB as usize) == part(cookie as usize), "{what}: read {cookie} answered before its copy ran");
         }
         // The failure may meet these reads instead, once.
         let mut again = nbd.read(0, MIB as u32);

@@ -8,7 +8,7 @@ mod fake_cuda_env;
 use std::io::Read;
 use std::time::Duration;
 
-use common::raw::{Nbd, CMD_READ};
+use common::raw::{Nbd, Req};
 use common::pattern;
 use fake_cuda_env::*;
 
@@ -17,16 +17,12 @@ use fake_cuda_env::*;
 /// returns their errors, checking the data of those that succeed against
 /// `data` (what the store holds from 0).
 fn read_pair(nbd: &mut Nbd, at: u64, data: &[u8]) -> [u32; 2] {
-    use std::io::Write;
-    let pair = [common::raw::header(0, CMD_READ, 1, at, 4096), common::raw::header(0, CMD_READ, 2, at + 8192, 4096)].concat();
-    nbd.s.write_all(&pair).unwrap();
+    nbd.queue(1, &[Req::Read(at, 4096), Req::Read(at + 8192, 4096)]);
     [(1, at as usize), (2, at as usize + 8192)].map(|(cookie, at)| {
         let (error, got) = nbd.reply();
         assert_eq!(got, cookie, "replies in order");
         if error == 0 {
-            let mut read = [0u8; 4096];
-            nbd.s.read_exact(&mut read).unwrap();
-            assert!(read[..] == data[at..at + 4096], "read {cookie} of a pair at {at}");
+            assert!(nbd.data(4096) == data[at..at + 4096], "read {cookie} of a pair at {at}");
         }
         error
     })
@@ -176,19 +172,15 @@ fn batches_it_cannot_take_park_the_mailbox_kernel() {
 /// kernel, which lone reads in a row start again.
 #[test]
 fn requests_end_to_end_too_long_together_park_the_mailbox_kernel() {
-    use std::io::Write;
     let data = pattern(11, 128 << 10);
     let lone = |nbd: &mut Nbd| (0..4).for_each(|_| read_ok(nbd, 4096, &data[4096..8192], "a lone read"));
     on_a_quiet_try(&[], |server, mut nbd| {
         assert_eq!(nbd.write(0, &data), 0);
         lone(&mut nbd);
-        let both = [common::raw::header(0, CMD_READ, 1, 0, 64 << 10), common::raw::header(0, CMD_READ, 2, 64 << 10, 64 << 10)].concat();
-        nbd.s.write_all(&both).unwrap();
+        nbd.queue(1, &[Req::Read(0, 64 << 10), Req::Read(64 << 10, 64 << 10)]);
         for (cookie, at) in [(1, 0), (2, 64 << 10)] {
             assert_eq!(nbd.reply(), (0, cookie));
-            let mut read = vec![0u8; 64 << 10];
-            nbd.s.read_exact(&mut read).unwrap();
-            assert!(read[..] == data[at..at + (64 << 10)], "the read at {at}");
+            assert!(nbd.data(64 << 10) == data[at..at + (64 << 10)], "the read at {at}");
         }
         lone(&mut nbd);
         nbd.disconnect();
@@ -278,12 +270,11 @@ fn as_many_sms_as_serving_threads_get_no_mailbox_kernel() {
 /// that would wait, and the connection costs nothing beyond itself.
 #[test]
 fn a_client_that_stops_reading_holds_no_mailbox_kernel() {
-    use std::io::Write;
     let Some(mut server) = mailbox_server(&[]) else { return };
     let mut nbd = Nbd::connect(&server.sock);
     // 4 MiB of replies, more than the socket takes.
-    let burst: Vec<u8> = (0..1024u64).flat_map(|i| common::raw::header(0, CMD_READ, i, (i % 2048) * 4096, 4096)).collect();
-    nbd.s.write_all(&burst).unwrap();
+    let burst: Vec<Req> = (0..1024u64).map(|i| Req::Read((i % 2048) * 4096, 4096)).collect();
+    nbd.queue(0, &burst);
     let mut counts = mailbox_counts(&server);
     for _ in 0..50 {
         if counts[2] > 0 && counts[2] == counts[3] {

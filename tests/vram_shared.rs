@@ -6,37 +6,28 @@ mod common;
 mod fake_cuda_env;
 
 use std::fs;
-use std::io::Read;
 use std::path::Path;
 use std::time::Duration;
 
-use common::raw::{Nbd, CMD_READ, CMD_WRITE, CMD_WRITE_ZEROES};
+use common::raw::{Nbd, Req, CMD_WRITE_ZEROES};
 use fake_cuda_env::*;
 
 /// Lone reads and writes, eight writes together and eight reads of them
 /// together (8 KiB apart, so that each is a copy of its own), and a write
 /// of zeroes, each checked; `round` picks the data.
 fn mixed_traffic(nbd: &mut Nbd, round: u8) {
-    use std::io::Write;
     for block in 0..4u64 {
         assert_eq!(nbd.write(block * 4096, &[round; 4096]), 0, "a lone write");
         read_ok(nbd, block * 4096, &[round; 4096], "a lone read");
     }
     let data = |i: u64| [round ^ (i as u8 + 1); 4096];
-    let mut writes = Vec::new();
-    for i in 0..8 {
-        writes.extend(common::raw::header(0, CMD_WRITE, 1000 + i, (8 + 2 * i) * 4096, 4096));
-        writes.extend(data(i));
-    }
-    nbd.s.write_all(&writes).unwrap();
+    let blocks: Vec<[u8; 4096]> = (0..8).map(data).collect();
+    nbd.queue(1000, &(0..8).map(|i| Req::Write((8 + 2 * i) * 4096, &blocks[i as usize])).collect::<Vec<_>>());
     (0..8).for_each(|i| assert_eq!(nbd.reply(), (0, 1000 + i), "one of eight writes"));
-    let reads: Vec<u8> = (0..8).flat_map(|i| common::raw::header(0, CMD_READ, 2000 + i, (8 + 2 * i) * 4096, 4096)).collect();
-    nbd.s.write_all(&reads).unwrap();
+    nbd.queue(2000, &(0..8).map(|i| Req::Read((8 + 2 * i) * 4096, 4096)).collect::<Vec<_>>());
     for i in 0..8 {
         assert_eq!(nbd.reply(), (0, 2000 + i), "one of eight reads");
-        let mut got = [0u8; 4096];
-        nbd.s.read_exact(&mut got).unwrap();
-        assert_eq!(got, data(i), "one of eight reads");
+        assert!(nbd.data(4096) == data(i), "one of eight reads");
     }
     assert_eq!(nbd.command(0, CMD_WRITE_ZEROES, 4096, 8192), 0, "a write of zeroes");
     read_ok(nbd, 0, &[[round; 4096], [0; 4096], [0; 4096], [round; 4096]].concat(), "around the zeroes");

@@ -97,6 +97,13 @@ fn be32(b: &[u8]) -> u32 {
     u32::from_be_bytes(b.try_into().unwrap())
 }
 
+/// A request that `Nbd::queue` sends with others.
+pub enum Req<'a> {
+    Read(u64, u32),
+    Write(u64, &'a [u8]),
+    Flush,
+}
+
 /// A connection in the transmission phase.
 pub struct Nbd {
     pub s: UnixStream,
@@ -154,6 +161,29 @@ impl Nbd {
         self.cookie
     }
 
+    /// Sends `reqs` in one write, cookies `first` on, as a client that
+    /// queues requests does: the server finds them together.
+    pub fn queue(&mut self, first: u64, reqs: &[Req]) {
+        let mut wire = Vec::new();
+        for (cookie, req) in (first..).zip(reqs) {
+            let (cmd, offset, len, payload) = match *req {
+                Req::Read(offset, len) => (CMD_READ, offset, len, &[][..]),
+                Req::Write(offset, data) => (CMD_WRITE, offset, data.len() as u32, data),
+                Req::Flush => (CMD_FLUSH, 0, 0, &[][..]),
+            };
+            wire.extend(header(0, cmd, cookie, offset, len));
+            wire.extend(payload);
+        }
+        self.s.write_all(&wire).expect("sending requests");
+    }
+
+    /// The `len` bytes of data after a read's successful reply.
+    pub fn data(&mut self, len: usize) -> Vec<u8> {
+        let mut data = vec![0u8; len];
+        self.s.read_exact(&mut data).expect("reading read data");
+        data
+    }
+
     /// One simple reply header: (error, cookie).
     pub fn reply(&mut self) -> (u32, u64) {
         let mut h = [0u8; 16];
@@ -181,11 +211,7 @@ impl Nbd {
     pub fn read(&mut self, offset: u64, len: u32) -> Result<Vec<u8>, u32> {
         let cookie = self.send(0, CMD_READ, offset, len, &[]);
         match self.answer(cookie) {
-            0 => {
-                let mut data = vec![0u8; len as usize];
-                self.s.read_exact(&mut data).expect("reading read data");
-                Ok(data)
-            }
+            0 => Ok(self.data(len as usize)),
             e => Err(e),
         }
     }
