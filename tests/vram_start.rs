@@ -247,7 +247,7 @@ fn startup_failures_exit_3_with_advice() {
         (
             "zeroing the new VRAM fails",
             Serve::new(64).env("FAKE_CUDA_FAIL_COPY", "1"),
-            vec!["cuMemsetD8_v2", "CUDA_ERROR_ILLEGAL_ADDRESS"],
+            vec!["cuMemsetD8_v2", "CUDA_ERROR_OUT_OF_MEMORY"],
         ),
     ];
     for (what, serve, wants) in cases {

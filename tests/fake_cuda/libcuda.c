@@ -762,7 +762,10 @@ static CUresult check_copy(const struct op *o, int async, CUstream s)
         while (b && !(p >= b->p && p < b->p + b->size)) b = b->next;
         if (!b || o->n > b->size - (size_t)(p - b->p)) rc = E_VALUE;
     }
-    if (!rc && ++copies == fail_copy) rc = E_ILLEGAL;   /* CUDA makes this sticky; we don't */
+    /* A call that fails at once and leaves the context usable: a driver
+     * short of memory for its own bookkeeping may answer so. (An illegal
+     * address shows only at a sync, and sticks: FAKE_CUDA_FAIL_SYNC.) */
+    if (!rc && ++copies == fail_copy) rc = E_OOM;
     return rc;
 }
 

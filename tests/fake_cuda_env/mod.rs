@@ -205,12 +205,13 @@ pub fn read_or_cut(nbd: &mut Nbd, offset: u64, len: u32, what: &str) -> Option<V
 }
 
 /// Asserts the server logged exactly one CUDA failure, `call` failing with
-/// CUDA_ERROR_ILLEGAL_ADDRESS, and that it said which request failed.
+/// CUDA_ERROR_OUT_OF_MEMORY (`FAKE_CUDA_FAIL_COPY`), and that it said which
+/// request failed.
 pub fn assert_one_copy_error(server: &VramServer, call: &str, request: &str) {
     let log = server.log();
     let errors: Vec<&str> = log.lines().filter(|l| l.contains("CUDA_ERROR_")).collect();
     assert_eq!(errors.len(), 1, "one CUDA error expected:\n{log}");
-    assert!(errors[0].contains(&format!("{call}: CUDA_ERROR_ILLEGAL_ADDRESS")), "{log}");
+    assert!(errors[0].contains(&format!("{call}: CUDA_ERROR_OUT_OF_MEMORY")), "{log}");
     assert!(log.contains(request), "{request:?} missing from:\n{log}");
 }
 
