@@ -2,8 +2,8 @@
 // kernel that runs until told to end (as the mailbox kernel does) on
 // another stream of the same context. The fake driver assumes it does
 // (tests/fake_cuda/README.md: a sticky error ends every running mailbox
-// kernel, whose job is then never done), and nbd-vram relies on a job
-// never done being reported by its deadline rather than done late.
+// kernel, whose job is then never done), and nbd-vram relies on such a
+// job being reported failed, never done late over newer writes.
 // A kernel spinning on a flag in mapped pinned memory is started on a
 // non-blocking stream; once it runs, a kernel that stores to an address
 // nothing maps runs on a second stream; then the flag is lifted, and the
@@ -70,6 +70,9 @@ int main(void)
     DP nowhere = 16;   // page 0: nothing maps it
     void *fault_args[] = {&nowhere};
     C(cuLaunchKernel(fault, 1, 1, 1, 1, 1, 1, 0, faulting, fault_args, NULL));
+    t = now();
+    while (cuStreamQuery(faulting) == 600 && now() - t < 5) {}
+    if (cuStreamQuery(faulting) == 600) { printf("the faulting kernel did not run beside the spinning one in 5 s\n"); return 1; }
     R faulted = cuStreamSynchronize(faulting);
     printf("a store to an unmapped address faults its stream's sync: %s (it said %d)\n", faulted == 700 ? "yes" : "no", faulted);
 

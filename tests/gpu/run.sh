@@ -55,8 +55,8 @@ else
 fi
 
 # A mailbox job that a fault elsewhere in the context ended is never
-# done, and the store must report it by its deadline, as the fake driver
-# makes it do: that a fault ends such a kernel is what this checks.
+# done, and the store reports it failed, as the fake driver makes it do:
+# that a fault ends such a kernel is what this checks.
 step "a fault ends a kernel on another stream"
 if [ -x target/probe/fault-probe ]; then
 	timeout 60 target/probe/fault-probe | tee "$T/fault.txt"
