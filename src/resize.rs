@@ -121,20 +121,31 @@ fn place(tmp: &Path, path: &Path, patience: Duration) -> std::io::Result<()> {
 /// only one running.
 fn daemon(device: Option<&Path>) -> Result<(String, u32), Failure> {
     let device = device.map(crate::nbd::kernel::resolve);
-    let device = device.as_deref();
+    daemon_among(crate::status::files(), device.as_deref())
+}
+
+/// `daemon` among the status `files` given.
+fn daemon_among(files: impl Iterator<Item = (PathBuf, String)>, device: Option<&Path>) -> Result<(String, u32), Failure> {
     let mut found = Vec::new();
-    for (path, text) in crate::status::files() {
-        if !crate::status::swap_daemon(&text) {
-            continue; // serve mode
-        }
-        let serves = |d: &Path| text.lines().any(|l| l.starts_with("slice.") && l.split(['=', ' ']).nth(1) == Some(&*d.to_string_lossy()));
-        if device.is_some_and(|d| !serves(d)) {
-            continue;
-        }
+    // `--no-swap` daemons, by device and pid: named if none is found.
+    let mut kept = Vec::new();
+    for (path, text) in files {
         // A file a dead daemon left, or whose pid now names another
         // process, is not asked: the signal would end that process.
         let pid: u32 = text.lines().find_map(|l| l.strip_prefix("pid=")?.parse().ok()).unwrap_or(0);
         if !crate::status::is_nbd_vram(pid.into()) {
+            continue;
+        }
+        let target = text.lines().find_map(|l| l.strip_prefix("target=")).unwrap_or_default();
+        if !crate::status::swap_daemon(&text) {
+            // Slices but no priority: a `--no-swap` daemon.
+            if text.lines().any(|l| l.starts_with("slices=")) && device.is_none_or(|d| Path::new(target) == d) {
+                kept.push(format!("{target} is served by a --no-swap daemon (pid {pid}), whose device is never resized"));
+            }
+            continue; // serve mode, or --no-swap
+        }
+        let serves = |d: &Path| text.lines().any(|l| l.starts_with("slice.") && l.split(['=', ' ']).nth(1) == Some(&*d.to_string_lossy()));
+        if device.is_some_and(|d| !serves(d)) {
             continue;
         }
         let name = path.file_stem().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -142,6 +153,7 @@ fn daemon(device: Option<&Path>) -> Result<(String, u32), Failure> {
     }
     match (found.len(), device) {
         (1, _) => Ok(found.remove(0)),
+        (0, _) if !kept.is_empty() => Err(Failure::new(Code::Other, format!("no swap daemon to resize: {}", kept.join("; ")))),
         (0, Some(d)) => Err(Failure::new(Code::Other, format!("no running swap daemon serves {}", d.display()))),
         (0, None) => Err(Failure::new(Code::Other, "no swap daemon is running")),
         _ => Err(Failure::new(Code::Usage, "several swap daemons run: name one by a device it serves, e.g. nbd-vram resize 8G /dev/nbd0")),
@@ -178,6 +190,32 @@ mod tests {
         assert!(path.exists(), "another client's request was withdrawn");
         withdraw(&path, 2);
         assert!(!path.exists(), "our own request stayed");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A `--no-swap` daemon is never asked, and is named when no swap
+    /// daemon is found, rather than said not to run.
+    #[test]
+    fn a_no_swap_daemon_is_named_not_asked() {
+        let (dir, mut other) = crate::status::tests::with_a_daemon("no-swap");
+        let pid = other.id();
+        let file = |name: &str, text: String| (PathBuf::from(format!("{name}.status")), text);
+        let kept = file("nbd5", format!("pid={pid}\ntarget=/dev/nbd5\npriority=-\nslices=1\nslice.0=/dev/nbd5 serving 0\n"));
+        let serve = file("serve-1", format!("pid={pid}\ntarget=unix:/tmp/s\npriority=-\n"));
+        let swap = file("nbd0", format!("pid={pid}\ntarget=/dev/nbd0\npriority=100\nslices=1\nslice.0=/dev/nbd0 serving 0\n"));
+        let ask = |files: &[&(PathBuf, String)], device: Option<&str>| {
+            daemon_among(files.iter().map(|&f| f.clone()), device.map(Path::new)).map_err(|e| e.to_string())
+        };
+        let named = format!("no swap daemon to resize: /dev/nbd5 is served by a --no-swap daemon (pid {pid}), whose device is never resized");
+        assert_eq!(ask(&[&kept, &serve], None), Err(named.clone()));
+        assert_eq!(ask(&[&kept], Some("/dev/nbd5")), Err(named));
+        assert_eq!(ask(&[&kept], Some("/dev/nbd1")), Err("no running swap daemon serves /dev/nbd1".into()));
+        assert_eq!(ask(&[&serve], None), Err("no swap daemon is running".into()), "serve mode is no daemon");
+        assert_eq!(ask(&[&kept, &swap, &serve], None), Ok(("nbd0".into(), pid)));
+        let dead = file("nbd6", "pid=1\ntarget=/dev/nbd6\npriority=-\nslices=1\n".into());
+        assert_eq!(ask(&[&dead], None), Err("no swap daemon is running".into()), "pid 1 is no nbd-vram");
+        other.kill().unwrap();
+        other.wait().unwrap();
         fs::remove_dir_all(&dir).unwrap();
     }
 

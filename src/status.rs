@@ -468,7 +468,7 @@ impl fmt::Display for Json<'_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// The totals are the sums of the connection lines of the same file,
@@ -597,11 +597,9 @@ mod tests {
         assert!(row.json().contains(r#""change":"giving back slice 1""#), "{}", row.json());
     }
 
-    /// A daemon that gave its first device back and one that took that
-    /// device since would share one name: the later one takes another.
     /// A directory for status files, and a process in it whose command
     /// name is nbd-vram, as the kernel takes it from the path executed.
-    fn with_a_daemon(what: &str) -> (std::path::PathBuf, std::process::Child) {
+    pub(crate) fn with_a_daemon(what: &str) -> (std::path::PathBuf, std::process::Child) {
         let dir = std::env::temp_dir().join(format!("nbd-vram-{what}-{}", std::process::id()));
         fs::create_dir_all(&dir).unwrap();
         std::os::unix::fs::symlink("/bin/sleep", dir.join("nbd-vram")).unwrap();
@@ -615,6 +613,8 @@ mod tests {
         (dir, other)
     }
 
+    /// A daemon that gave its first device back and one that took that
+    /// device since would share one name: the later one takes another.
     #[test]
     fn a_name_a_live_instance_publishes_under_is_not_taken_again() {
         let (dir, mut other) = with_a_daemon("names");
