@@ -128,7 +128,7 @@ fn daemon(device: Option<&Path>) -> Result<(String, u32), Failure> {
 fn daemon_among(files: impl Iterator<Item = (PathBuf, String)>, device: Option<&Path>) -> Result<(String, u32), Failure> {
     let mut found = Vec::new();
     // `--no-swap` daemons, by device and pid: named if none is found.
-    let mut kept = Vec::new();
+    let mut no_swap = Vec::new();
     for (path, text) in files {
         // A file a dead daemon left, or whose pid now names another
         // process, is not asked: the signal would end that process.
@@ -140,7 +140,7 @@ fn daemon_among(files: impl Iterator<Item = (PathBuf, String)>, device: Option<&
         if !crate::status::swap_daemon(&text) {
             // Slices but no priority: a `--no-swap` daemon.
             if text.lines().any(|l| l.starts_with("slices=")) && device.is_none_or(|d| Path::new(target) == d) {
-                kept.push(format!("{target} is served by a --no-swap daemon (pid {pid}), whose device is never resized"));
+                no_swap.push(format!("{target} is served by a --no-swap daemon (pid {pid}), whose device is never resized"));
             }
             continue; // serve mode, or --no-swap
         }
@@ -153,7 +153,7 @@ fn daemon_among(files: impl Iterator<Item = (PathBuf, String)>, device: Option<&
     }
     match (found.len(), device) {
         (1, _) => Ok(found.remove(0)),
-        (0, _) if !kept.is_empty() => Err(Failure::new(Code::Other, format!("no swap daemon to resize: {}", kept.join("; ")))),
+        (0, _) if !no_swap.is_empty() => Err(Failure::new(Code::Other, format!("no swap daemon to resize: {}", no_swap.join("; ")))),
         (0, Some(d)) => Err(Failure::new(Code::Other, format!("no running swap daemon serves {}", d.display()))),
         (0, None) => Err(Failure::new(Code::Other, "no swap daemon is running")),
         _ => Err(Failure::new(Code::Usage, "several swap daemons run: name one by a device it serves, e.g. nbd-vram resize 8G /dev/nbd0")),
@@ -193,27 +193,33 @@ mod tests {
         fs::remove_dir_all(&dir).unwrap();
     }
 
-    /// A `--no-swap` daemon is never asked, and is named when no swap
-    /// daemon is found, rather than said not to run.
+    /// The daemon asked is a live swap daemon: the only one, or the one
+    /// serving the device named. A `--no-swap` daemon is never asked, and
+    /// is named when no swap daemon is found, rather than said not to run.
     #[test]
-    fn a_no_swap_daemon_is_named_not_asked() {
+    fn a_live_swap_daemon_is_asked_and_a_no_swap_one_named() {
         let (dir, mut other) = crate::status::tests::with_a_daemon("no-swap");
         let pid = other.id();
         let file = |name: &str, text: String| (PathBuf::from(format!("{name}.status")), text);
-        let kept = file("nbd5", format!("pid={pid}\ntarget=/dev/nbd5\npriority=-\nslices=1\nslice.0=/dev/nbd5 serving 0\n"));
+        let no_swap = file("nbd5", format!("pid={pid}\ntarget=/dev/nbd5\npriority=-\nslices=1\nslice.0=/dev/nbd5 serving 0\n"));
         let serve = file("serve-1", format!("pid={pid}\ntarget=unix:/tmp/s\npriority=-\n"));
         let swap = file("nbd0", format!("pid={pid}\ntarget=/dev/nbd0\npriority=100\nslices=1\nslice.0=/dev/nbd0 serving 0\n"));
         let ask = |files: &[&(PathBuf, String)], device: Option<&str>| {
             daemon_among(files.iter().map(|&f| f.clone()), device.map(Path::new)).map_err(|e| e.to_string())
         };
         let named = format!("no swap daemon to resize: /dev/nbd5 is served by a --no-swap daemon (pid {pid}), whose device is never resized");
-        assert_eq!(ask(&[&kept, &serve], None), Err(named.clone()));
-        assert_eq!(ask(&[&kept], Some("/dev/nbd5")), Err(named));
-        assert_eq!(ask(&[&kept], Some("/dev/nbd1")), Err("no running swap daemon serves /dev/nbd1".into()));
+        assert_eq!(ask(&[&no_swap, &serve], None), Err(named.clone()));
+        assert_eq!(ask(&[&no_swap], Some("/dev/nbd5")), Err(named));
+        assert_eq!(ask(&[&no_swap], Some("/dev/nbd1")), Err("no running swap daemon serves /dev/nbd1".into()));
         assert_eq!(ask(&[&serve], None), Err("no swap daemon is running".into()), "serve mode is no daemon");
-        assert_eq!(ask(&[&kept, &swap, &serve], None), Ok(("nbd0".into(), pid)));
+        assert_eq!(ask(&[&no_swap, &swap, &serve], None), Ok(("nbd0".into(), pid)));
+        assert_eq!(ask(&[&no_swap, &swap], Some("/dev/nbd0")), Ok(("nbd0".into(), pid)));
         let dead = file("nbd6", "pid=1\ntarget=/dev/nbd6\npriority=-\nslices=1\n".into());
-        assert_eq!(ask(&[&dead], None), Err("no swap daemon is running".into()), "pid 1 is no nbd-vram");
+        let dead_swap = file("nbd7", "pid=1\ntarget=/dev/nbd7\npriority=100\nslices=1\nslice.0=/dev/nbd7 serving 0\n".into());
+        assert_eq!(ask(&[&dead, &dead_swap], None), Err("no swap daemon is running".into()), "pid 1 is no nbd-vram");
+        let second = file("nbd8", format!("pid={pid}\ntarget=/dev/nbd8\npriority=5\nslices=1\nslice.0=/dev/nbd8 serving 0\n"));
+        assert!(ask(&[&swap, &second], None).is_err_and(|e| e.starts_with("several swap daemons run")));
+        assert_eq!(ask(&[&swap, &second], Some("/dev/nbd8")), Ok(("nbd8".into(), pid)));
         other.kill().unwrap();
         other.wait().unwrap();
         fs::remove_dir_all(&dir).unwrap();
