@@ -132,16 +132,15 @@ fn daemon_among(files: impl Iterator<Item = (PathBuf, String)>, device: Option<&
     for (path, text) in files {
         // A file a dead daemon left, or whose pid now names another
         // process, is not asked: the signal would end that process.
-        let pid: u32 = text.lines().find_map(|l| l.strip_prefix("pid=")?.parse().ok()).unwrap_or(0);
+        let pid = u32::try_from(crate::status::num(&text, "pid")).unwrap_or(0);
         if !crate::status::is_nbd_vram(pid.into()) {
             continue;
         }
-        let target = text.lines().find_map(|l| l.strip_prefix("target=")).unwrap_or_default();
+        let target = crate::status::field(&text, "target");
+        if crate::status::no_swap_daemon(&text) && device.is_none_or(|d| Path::new(target) == d) {
+            no_swap.push(format!("{target} is served by a --no-swap daemon (pid {pid}), whose device is never resized"));
+        }
         if !crate::status::swap_daemon(&text) {
-            // Slices but no priority: a `--no-swap` daemon.
-            if text.lines().any(|l| l.starts_with("slices=")) && device.is_none_or(|d| Path::new(target) == d) {
-                no_swap.push(format!("{target} is served by a --no-swap daemon (pid {pid}), whose device is never resized"));
-            }
             continue; // serve mode, or --no-swap
         }
         let serves = |d: &Path| text.lines().any(|l| l.starts_with("slice.") && l.split(['=', ' ']).nth(1) == Some(&*d.to_string_lossy()));

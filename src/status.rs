@@ -61,7 +61,16 @@ pub fn is_nbd_vram(pid: u64) -> bool {
 /// has a priority), not serve mode's or a `--no-swap` daemon's, whose one
 /// device is never given back or resized.
 pub fn swap_daemon(text: &str) -> bool {
-    text.lines().any(|l| l.starts_with("slices=")) && !matches!(field(text, "priority"), "-" | "")
+    has_slices(text) && !matches!(field(text, "priority"), "-" | "")
+}
+
+/// Whether a status file is a `--no-swap` daemon's: slices, no priority.
+pub fn no_swap_daemon(text: &str) -> bool {
+    has_slices(text) && matches!(field(text, "priority"), "-" | "")
+}
+
+fn has_slices(text: &str) -> bool {
+    text.lines().any(|l| l.starts_with("slices="))
 }
 
 /// Whether a status file's instance still publishes: its pid is an
@@ -221,11 +230,12 @@ fn render(s: &mut String, inst: &Instance, stats: &[&Stats], started: u64) {
     }
 }
 
-fn field<'a>(text: &'a str, key: &str) -> &'a str {
+/// The value of `key=` in a status file's text, "" if none.
+pub fn field<'a>(text: &'a str, key: &str) -> &'a str {
     text.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix('=')).unwrap_or("")
 }
 
-fn num(text: &str, key: &str) -> u64 {
+pub fn num(text: &str, key: &str) -> u64 {
     field(text, key).parse().unwrap_or(0)
 }
 
