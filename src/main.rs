@@ -54,6 +54,8 @@ fn main() -> ExitCode {
     let serves = matches!(parsed.command, Command::Serve { .. } | Command::Swap(_));
     if serves {
         signals::Signals::block();
+    } else {
+        signals::Signals::block_wake();
     }
     if matches!(parsed.command, Command::Swap(_)) {
         signals::Signals::ignore_job_control();

@@ -24,25 +24,40 @@ impl Signals {
     /// Blocks `STOP` and `WAKE` in this thread and the threads it starts:
     /// the first thing `main` does, before any library is loaded.
     pub fn block() -> Signals {
-        let signals = Signals::taken();
-        // SAFETY: `set` is a live, initialised sigset_t; no old mask wanted.
-        unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &signals.set, std::ptr::null_mut()) };
-        signals
+        Signals::taken().blocked()
+    }
+
+    /// Blocks `WAKE` alone, in a command that serves nothing: `resize`
+    /// wakes the pid a daemon's status file names, and should a daemon
+    /// have died and its pid gone to this process since, the signal's
+    /// default action would end it. The stop signals keep theirs.
+    pub fn block_wake() {
+        Signals::of(&[WAKE]).blocked();
     }
 
     /// The signals `block` blocked, to wait for; changes no mask.
     pub fn taken() -> Signals {
+        Signals::of(&[STOP[0], STOP[1], STOP[2], WAKE])
+    }
+
+    fn of(sigs: &[libc::c_int]) -> Signals {
         // SAFETY: sigset_t is plain data that sigemptyset initialises.
         let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
         // SAFETY: `set` is a live sigset_t; the signal numbers are valid, so
         // these calls cannot fail.
         unsafe {
             libc::sigemptyset(&mut set);
-            for sig in STOP.iter().chain([&WAKE]) {
+            for sig in sigs {
                 libc::sigaddset(&mut set, *sig);
             }
         }
         Signals { set }
+    }
+
+    fn blocked(self) -> Signals {
+        // SAFETY: `set` is a live, initialised sigset_t; no old mask wanted.
+        unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &self.set, std::ptr::null_mut()) };
+        self
     }
 
     /// The next blocked signal, or `None` after `timeout`.

@@ -570,11 +570,22 @@ fn control(dev: &NbdDevice, opts: &SwapOpts, board: &Board, ours: &[UnixStream])
         return Ok(Ended::NotStarted(Failure::new(Code::Other, format!("{}: the kernel did not start the device", path.display()))));
     }
     if opts.swap {
-        if let Err(e) = swap::swapon(path, opts.priority, opts.discard) {
-            end_device(dev, ours);
-            return Ok(Ended::NotStarted(swapon_failure(path, e)));
+        match swap::swapon(path, opts.priority, opts.discard) {
+            Ok(()) => info!("swap on {} with priority {}", path.display(), opts.priority),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => match beaten_to_swapon(&off, board) {
+                Beaten::Adopted => {}
+                Beaten::Released(claim) => {
+                    end_device(dev, ours);
+                    drop(claim);
+                    return Ok(Ended::NotStarted(swapon_failure(path, e)));
+                }
+                Beaten::Lost => return Err(Failure::new(Code::Other, format!("{}: kernel link lost while the device was in use", path.display()))),
+            },
+            Err(e) => {
+                end_device(dev, ours);
+                return Ok(Ended::NotStarted(swapon_failure(path, e)));
+            }
         }
-        info!("swap on {} with priority {}", path.display(), opts.priority);
     }
     board.set_state(State::Serving);
     // Kept until the link is cut: nothing can take the device meanwhile.
@@ -610,6 +621,50 @@ fn control(dev: &NbdDevice, opts: &SwapOpts, board: &Board, ours: &[UnixStream])
     end_device(dev, ours);
     drop(claim);
     Ok(Ended::Off)
+}
+
+enum Beaten {
+    /// Made swap by another swapon: served as our own.
+    Adopted,
+    /// Nothing holds it any more, and nothing can take it now.
+    Released(Claim),
+    /// The link ended first: what was kept there is lost.
+    Lost,
+}
+
+/// After our swapon was refused as busy: something else holds the device,
+/// most likely a swapon by our label (an fstab entry, a udev rule) that
+/// came first, and cutting the link now would lose what it keeps there.
+/// So the device is served until it is swap, which is then served as ours
+/// (swapped off at a stop like our own), or until nothing holds it, when
+/// it is claimed so that nothing takes it before the link is cut.
+fn beaten_to_swapon(off: &swap::Swapoff, board: &Board) -> Beaten {
+    let path = off.path();
+    let mut told = false;
+    loop {
+        if let Some(area) = swap::active(path) {
+            warn!(
+                "{}: made swap by another swapon first (a swap entry naming its label?), with priority {}: serving it as ours",
+                path.display(),
+                area.priority
+            );
+            return Beaten::Adopted;
+        }
+        if board.lock().link_down {
+            error!("{}: the link ended while something else held the device; what it kept there is lost", path.display());
+            return Beaten::Lost;
+        }
+        match off.claim() {
+            Ok(claim @ (Claim::Ours { .. } | Claim::Unknown)) => return Beaten::Released(claim),
+            // Taken by a swapon not yet listed, or by anything else: look again.
+            Ok(Claim::Taken) | Err(_) if !told => {
+                info!("{}: in use by something else, not swap yet: serving it until it is swap or released", path.display());
+                told = true;
+            }
+            Ok(Claim::Taken) | Err(_) => {}
+        }
+        board.wait_link(Duration::from_millis(200));
+    }
 }
 
 /// One swapoff to give the slice back; `None` if the kernel refused it, or

@@ -117,3 +117,26 @@ fn a_server_under_traffic_stops_cleanly() {
         assert!(done.load(Ordering::Relaxed) > 0, "no request was served before the stop");
     }
 }
+
+/// `resize` wakes a daemon by the pid its status file names; should that
+/// daemon have died and the pid gone to another nbd-vram since (here a
+/// bench, as long-lived as any), the wake-up must not end that process.
+#[test]
+fn a_wake_up_meant_for_a_daemon_does_not_end_another_command() {
+    let server = common::Server::start(64 << 20);
+    let bench = std::process::Command::new(common::BIN)
+        .args(["bench", "--seconds", "1", "--connect"])
+        .arg(format!("unix:{}", server.sock.display()))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("running nbd-vram bench");
+    thread::sleep(Duration::from_millis(500));
+    // SAFETY: kill with our child's pid, not yet waited for, and a valid
+    // signal number.
+    assert_eq!(unsafe { libc::kill(bench.id() as libc::pid_t, libc::SIGUSR1) }, 0);
+    let out = bench.wait_with_output().expect("waiting for nbd-vram bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "SIGUSR1 ended nbd-vram bench with {}:\n{stdout}", out.status);
+    assert_eq!(stdout.lines().filter(|l| l.starts_with("bench: pattern=")).count(), 8, "{stdout}");
+}

@@ -5,7 +5,8 @@
 # with 256 MiB of RAM and an initramfs holding nbd-vram, a fake libcuda whose
 # "VRAM" is an ivshmem BAR (memory outside guest RAM, as VRAM is), and a
 # memory hog; tests/vm/init does the work in the guest:
-#   (default)  two instances claiming devices at once; nbd-vram as swap
+#   (default)  a swapon beaten to the device by another; two instances
+#              claiming devices at once; nbd-vram as swap
 #              (--discard) under a hog 1.5x guest RAM, then
 #              stopped while swap holds pages RAM cannot take back; again,
 #              stopped while another swapoff reads its pages back; again,
@@ -72,6 +73,7 @@ mkdir -p $R/bin $R/lib/modules $R/proc $R/sys $R/dev $R/tmp
 cp /bin/busybox $R/bin/ # busybox-static: needs no libraries
 for a in $(busybox --list); do [ -e $R/bin/$a ] || ln -s busybox $R/bin/$a; done
 gcc -static -O2 -Wall -o $R/bin/hog tests/vm/hog.c
+gcc -static -O2 -Wall -o $R/bin/hold tests/vm/hold.c
 cc -shared -fPIC -O2 -o $R/lib/libcuda.so.1 tests/fake_cuda/libcuda.c
 cp target/release/nbd-vram $R/bin/
 # A dynamic program needs the loader and every library ldd lists, at the
