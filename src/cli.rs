@@ -4,7 +4,7 @@
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 
-use crate::store::{check_size, StoreKind, StoreOpts};
+use crate::store::{check_size, StoreKind, StoreOpts, MIB};
 
 pub const HELP: &str = "\
 nbd-vram: idle NVIDIA GPU memory as a Linux swap tier, through /dev/nbdN
@@ -175,7 +175,6 @@ pub struct Parsed {
     pub log_level: u8,
 }
 
-const MIB: u64 = 1 << 20;
 /// Connections per device at most: each costs a thread, 32 MiB of pinned
 /// staging and, while busy, an SM for its mailbox kernel.
 pub const MAX_CONNECTIONS: u32 = 16;

@@ -24,7 +24,7 @@ use crate::signals::{Signals, STOP};
 use crate::slice::{self, Board, Ended, Setup};
 use crate::stats::Stats;
 use crate::status::{self, Instance};
-use crate::store::{Backing, Tier, UseTier};
+use crate::store::{Backing, Tier, UseTier, MIB};
 use crate::tuning::Tuning;
 use crate::{error, info, notify, pressure, swap, warn};
 
@@ -36,7 +36,6 @@ const TICK: Duration = Duration::from_secs(1);
 const SLICE_STAGING: usize = 8 << 20;
 /// A serving thread's stack (the first connection's loop runs on it).
 const STACK: usize = 1024 * 1024;
-const MIB: u64 = 1 << 20;
 
 pub struct Daemon<'a>(pub &'a SwapOpts, pub &'a Tuning);
 

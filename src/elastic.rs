@@ -172,7 +172,7 @@ impl Policy {
 mod tests {
     use super::*;
 
-    const MIB: u64 = 1 << 20;
+    use crate::store::MIB;
     const HOLD: Duration = Duration::from_secs(30);
 
     fn slices(states: &[(State, u64)]) -> Vec<Slice> {

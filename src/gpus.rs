@@ -4,9 +4,8 @@ use std::path::Path;
 
 use crate::fail::Failure;
 use crate::store::gpu::{cuda_failure, init};
+use crate::store::MIB;
 use crate::tuning::Tuning;
-
-const MIB: u64 = 1 << 20;
 
 /// `nbd-vram gpus`: index, name, total and free memory.
 pub fn list(libcuda: Option<&Path>, tuning: &Tuning) -> Result<(), Failure> {

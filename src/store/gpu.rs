@@ -7,10 +7,8 @@ use std::path::Path;
 use crate::cuda::{self, Context, Cuda, InitError, LoadError};
 use crate::fail::{Code, Failure};
 use super::neighbours::Seen;
-use super::{AllocError, StoreOpts, VramBacking};
+use super::{AllocError, StoreOpts, VramBacking, MIB};
 use crate::tuning::Tuning;
-
-const MIB: u64 = 1 << 20;
 
 /// Loads `--libcuda`, else `NBD_VRAM_LIBCUDA`, else the default names.
 pub fn init(libcuda: Option<&Path>, tuning: &Tuning) -> Result<Cuda, Failure> {

@@ -19,6 +19,10 @@ pub use host::HostBacking;
 pub use host::HostStore;
 pub use vram::{AllocError, VramBacking};
 
+/// The unit sizes are given and shown in, on the command line and in every
+/// message.
+pub const MIB: u64 = 1 << 20;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StoreKind {
     Host,

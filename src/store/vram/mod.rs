@@ -17,12 +17,10 @@ use self::copier::Copier;
 use self::lanes::Lanes;
 use self::memory::VramMemory;
 use super::neighbours::Seen;
-use super::{Backing, Done, Store, Unfenced};
+use super::{Backing, Done, Store, Unfenced, MIB};
 use crate::cuda::{Context, Error, Pinned};
 use crate::info;
 use crate::tuning::Tuning;
-
-const MIB: u64 = 1 << 20;
 
 /// The store's VRAM and what each connection needs to open a copier on it.
 pub struct VramBacking<'c> {
