@@ -570,21 +570,8 @@ fn control(dev: &NbdDevice, opts: &SwapOpts, board: &Board, ours: &[UnixStream])
         return Ok(Ended::NotStarted(Failure::new(Code::Other, format!("{}: the kernel did not start the device", path.display()))));
     }
     if opts.swap {
-        match swap::swapon(path, opts.priority, opts.discard) {
-            Ok(()) => info!("swap on {} with priority {}", path.display(), opts.priority),
-            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => match beaten_to_swapon(&off, board) {
-                Beaten::Adopted => {}
-                Beaten::Released(claim) => {
-                    end_device(dev, ours);
-                    drop(claim);
-                    return Ok(Ended::NotStarted(swapon_failure(path, e)));
-                }
-                Beaten::Lost => return Err(Failure::new(Code::Other, format!("{}: kernel link lost while the device was in use", path.display()))),
-            },
-            Err(e) => {
-                end_device(dev, ours);
-                return Ok(Ended::NotStarted(swapon_failure(path, e)));
-            }
+        if let Some(ended) = swap_on(dev, opts, board, ours, &off)? {
+            return Ok(ended);
         }
     }
     board.set_state(State::Serving);
@@ -623,10 +610,45 @@ fn control(dev: &NbdDevice, opts: &SwapOpts, board: &Board, ours: &[UnixStream])
     Ok(Ended::Off)
 }
 
+/// Our swapon, with what a refusal as busy needs (`beaten_to_swapon`);
+/// `Some` if the device was detached instead.
+fn swap_on(dev: &NbdDevice, opts: &SwapOpts, board: &Board, ours: &[UnixStream], off: &swap::Swapoff) -> Result<Option<Ended>, Failure> {
+    let path = dev.path();
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match swap::swapon(path, opts.priority, opts.discard) {
+            Ok(()) => {
+                info!("swap on {} with priority {}", path.display(), opts.priority);
+                return Ok(None);
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => match beaten_to_swapon(off, board) {
+                Beaten::Adopted => return Ok(None),
+                // Held only for a while (a tool probing the new device): ours again.
+                Beaten::Released(claim) if tries < SWAPON_TRIES => drop(claim),
+                Beaten::Released(claim) => {
+                    end_device(dev, ours);
+                    drop(claim);
+                    return Ok(Some(Ended::NotStarted(swapon_failure(path, e))));
+                }
+                Beaten::Lost => return Err(Failure::new(Code::Other, format!("{}: kernel link lost while the device was in use", path.display()))),
+            },
+            Err(e) => {
+                end_device(dev, ours);
+                return Ok(Some(Ended::NotStarted(swapon_failure(path, e))));
+            }
+        }
+    }
+}
+
+/// Our swapons refused as busy, each time by something that let go of the
+/// device later, before the daemon detaches it and gives up.
+const SWAPON_TRIES: u32 = 3;
+
 enum Beaten {
     /// Made swap by another swapon: served as our own.
     Adopted,
-    /// Nothing holds it any more, and nothing can take it now.
+    /// Nothing held it a moment ago (or, without /proc, nobody can tell).
     Released(Claim),
     /// The link ended first: what was kept there is lost.
     Lost,
@@ -636,8 +658,8 @@ enum Beaten {
 /// most likely a swapon by our label (an fstab entry, a udev rule) that
 /// came first, and cutting the link now would lose what it keeps there.
 /// So the device is served until it is swap, which is then served as ours
-/// (swapped off at a stop like our own), or until nothing holds it, when
-/// it is claimed so that nothing takes it before the link is cut.
+/// (swapped off at a stop like our own), or until nothing holds it. A stop
+/// meanwhile waits for that too.
 fn beaten_to_swapon(off: &swap::Swapoff, board: &Board) -> Beaten {
     let path = off.path();
     let mut told = false;
@@ -654,15 +676,14 @@ fn beaten_to_swapon(off: &swap::Swapoff, board: &Board) -> Beaten {
             error!("{}: the link ended while something else held the device; what it kept there is lost", path.display());
             return Beaten::Lost;
         }
+        // Taken by a swapon not yet listed, or by anything else: look again.
         match off.claim() {
             Ok(claim @ (Claim::Ours { .. } | Claim::Unknown)) => return Beaten::Released(claim),
-            // Taken by a swapon not yet listed, or by anything else: look again.
-            Ok(Claim::Taken) | Err(_) if !told => {
-                info!("{}: in use by something else, not swap yet: serving it until it is swap or released", path.display());
-                told = true;
-            }
+            Ok(Claim::Taken) if !told => info!("{}: in use by something else, not swap yet: serving it until it is swap or let go", path.display()),
+            Err(e) if !told => info!("{}: cannot tell whether it is in use ({e}): serving it until it is swap or let go", path.display()),
             Ok(Claim::Taken) | Err(_) => {}
         }
+        told = true;
         board.wait_link(Duration::from_millis(200));
     }
 }

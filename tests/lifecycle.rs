@@ -7,6 +7,7 @@ mod common;
 mod fake_cuda_env;
 
 use std::fs;
+use std::io::{BufRead, BufReader, Read};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -124,19 +125,23 @@ fn a_server_under_traffic_stops_cleanly() {
 #[test]
 fn a_wake_up_meant_for_a_daemon_does_not_end_another_command() {
     let server = common::Server::start(64 << 20);
-    let bench = std::process::Command::new(common::BIN)
+    let mut bench = std::process::Command::new(common::BIN)
         .args(["bench", "--seconds", "1", "--connect"])
         .arg(format!("unix:{}", server.sock.display()))
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("running nbd-vram bench");
-    thread::sleep(Duration::from_millis(500));
+    // Its first figures: well past the start, so the signal meets the
+    // command itself, not the moments before its mask is set.
+    let mut stdout = BufReader::new(bench.stdout.take().expect("bench's stdout"));
+    let mut text = String::new();
+    while !text.contains("bench: pattern=") && stdout.read_line(&mut text).is_ok_and(|n| n > 0) {}
     // SAFETY: kill with our child's pid, not yet waited for, and a valid
     // signal number.
     assert_eq!(unsafe { libc::kill(bench.id() as libc::pid_t, libc::SIGUSR1) }, 0);
-    let out = bench.wait_with_output().expect("waiting for nbd-vram bench");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "SIGUSR1 ended nbd-vram bench with {}:\n{stdout}", out.status);
-    assert_eq!(stdout.lines().filter(|l| l.starts_with("bench: pattern=")).count(), 8, "{stdout}");
+    stdout.read_to_string(&mut text).expect("reading bench's output");
+    let status = bench.wait().expect("waiting for nbd-vram bench");
+    assert!(status.success(), "SIGUSR1 ended nbd-vram bench with {status}:\n{text}");
+    assert_eq!(text.lines().filter(|l| l.starts_with("bench: pattern=")).count(), 8, "{text}");
 }

@@ -8,7 +8,7 @@
  * starts on DEVICE, it makes that daemon's swapon fail as busy every
  * time, as a swapon by the daemon's label that came first does; with -s
  * the swap area then appears while the daemon serves the device. Exit 0,
- * or 1 with a "hold: FAIL ..." line.
+ * 1 with a "hold: FAIL ..." line, 2 for bad arguments.
  *
  * Built static (gcc -static -O2) so the VM's initramfs needs no libraries.
  */
@@ -38,7 +38,9 @@ int main(int argc, char **argv)
     while (stat(file, &st) != 0)
         usleep(10000);
     close(fd);
-    /* At once: the daemon looks every 200 ms whether it may claim it. */
+    /* At once: the daemon looks every 200 ms whether it may claim it, and
+     * one look landing between close and swapon (microseconds) would make
+     * this swapon fail as busy, the daemon's own then succeeding. */
     if (swap && swapon(dev, 0) != 0) {
         printf("hold: FAIL swapon %s: %m\n", dev);
         return 1;
