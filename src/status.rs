@@ -277,7 +277,7 @@ pub fn show(json: bool) -> Result<(), Failure> {
             "NAME", "TARGET", "PID", "SIZE MiB", "PRIO", "SWAP USED", "REQUESTS", "READ MiB", "WROTE MiB", "ERRORS", "LAT µs");
         for r in &rows {
             println!("{:<10} {:<22} {:>7} {:>9} {:>5} {:>11} {:>10} {:>9} {:>9} {:>6} {:>8}  {}",
-                r.name, r.target, r.pid, r.size >> 20, r.priority, r.swap_used(), r.requests,
+                r.name, r.target, r.pid, r.size >> 20, r.priority(), r.swap_used(), r.requests,
                 r.read >> 20, r.written >> 20, r.errors, r.latency_us(), r.health());
             if r.conns.len() > 1 {
                 for (i, [requests, read, written, errors]) in r.conns.iter().enumerate() {
@@ -424,6 +424,12 @@ impl Row {
         } else {
             "ok"
         }
+    }
+
+    /// The kernel's while it swaps there: a swap area the daemon took as
+    /// its own (`slice::beaten_to_swapon`) keeps the priority it came with.
+    fn priority(&self) -> String {
+        self.swap.as_ref().map_or_else(|| self.priority.clone(), |a| a.priority.to_string())
     }
 
     fn swap_used(&self) -> String {
@@ -687,6 +693,14 @@ pub(crate) mod tests {
         daemon.kill().unwrap();
         daemon.wait().unwrap();
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_priority_shown_is_the_kernels_while_it_swaps_there() {
+        let mut row = Row { priority: "100".into(), ..Row::default() };
+        assert_eq!(row.priority(), "100");
+        row.swap = Some(swap::Active { size_kib: 1000, used_kib: 0, priority: -2 });
+        assert_eq!(row.priority(), "-2");
     }
 
     /// A dead daemon's file stays while any of its slices is swap, not
