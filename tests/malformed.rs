@@ -1,14 +1,19 @@
 //! Malformed and hostile input on a raw socket. Each test writes known data,
 //! misbehaves on a connection of its own, then checks that a fresh
-//! connection reads the known data back intact and the server still runs.
+//! connection reads the known data back intact and the server still runs;
+//! the host store, and for requests drawn at random the VRAM store too, on
+//! the fake driver.
 
 mod common;
+mod fake_cuda_env;
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::Shutdown;
+use std::time::Duration;
 
 use common::raw::*;
 use common::{pattern, Server, MIB};
+use fake_cuda_env::Serve;
 
 const SIZE: u64 = 4 * MIB;
 /// Known data: 64 KiB at an unaligned offset, and the store's last 4 KiB.
@@ -17,7 +22,10 @@ const LEN: u32 = 64 * 1024;
 const TAIL: u64 = SIZE - 4096;
 
 fn setup() -> Server {
-    let server = Server::start(SIZE);
+    with_known_data(Server::start(SIZE))
+}
+
+fn with_known_data(server: Server) -> Server {
     let mut c = Nbd::connect(&server.sock);
     assert_eq!(c.size, SIZE);
     assert_eq!(c.write(AT, &pattern(1, LEN as usize)), 0);
@@ -252,4 +260,119 @@ fn pipelined_requests_are_all_answered() {
     }
     c.disconnect();
     assert_intact(&mut server);
+}
+
+/// Requests drawn at random, each round on a connection of its own:
+/// commands and flags known and unknown, offsets in the free part of the
+/// store, across its end and far past it, lengths from 0 to 4 GiB, write
+/// payloads whole, cut short or never sent, and now and then a last word
+/// of garbage. A round ends with our end of the connection shut, once the
+/// server has closed its own. Every reply must answer a request sent, an
+/// error exactly where the request breaks the protocol's rules (`valid`);
+/// the server must live on, and the known data survive every round.
+/// Seeded, so a failure comes back the same; it names its round.
+fn random_rounds(server: &mut Server, rounds: u32) {
+    let mut state: [libc::c_ushort; 3] = [0x5eed, 0x5eed, 0x5eed];
+    // SAFETY: nrand48 only reads and writes the three words it is given.
+    let mut next = |n: u64| unsafe { libc::nrand48(state.as_mut_ptr()) } as u64 % n;
+    // Offsets and lengths in the store never reach the known data: it
+    // lies below FREE and from TAIL on, and a request that would cover it
+    // reaches past the end too, which the server must refuse whole.
+    const FREE: u64 = 256 * 1024;
+    for round in 0..rounds {
+        let mut s = Nbd::connect(&server.sock).s;
+        let (mut wire, mut sent) = (Vec::new(), Vec::new());
+        for cookie in 0..1 + next(12) {
+            // Mostly what a client sends, else anything.
+            let cmd = match next(10) {
+                0..=3 => CMD_READ,
+                4..=6 => CMD_WRITE,
+                7 => [CMD_FLUSH, CMD_TRIM, CMD_WRITE_ZEROES][next(3) as usize],
+                _ => [CMD_DISC, 5, 7, 8, next(1 << 16) as u16][next(5) as usize],
+            };
+            let flags = match next(6) {
+                0 => [1 << 1, 1 << 2, 1 << 3, 1 << 4, next(1 << 16) as u16][next(5) as usize],
+                _ => [0, FLAG_FUA][next(2) as usize],
+            };
+            let mut len = match next(4) {
+                0 => [0, 1, 32 * MIB, 32 * MIB + 1, u32::MAX as u64, next(1 << 31)][next(6) as usize],
+                _ => [512, 4096, 1 + next(65536), 65536, MIB][next(5) as usize],
+            };
+            let offset = match next(8) {
+                0 => SIZE - 100,
+                1 => SIZE + next(2) * 4096,
+                2 => [1 << 63, u64::MAX - 4095][next(2) as usize],
+                _ => FREE + next(3 * MIB),
+            };
+            if offset < SIZE && offset + len > TAIL {
+                len = len.max(SIZE - offset + 512);
+            }
+            wire.extend(header(flags, cmd, cookie, offset, len as u32));
+            sent.push((cmd, flags, offset, len as u32));
+            if cmd == CMD_WRITE && len <= 65536 {
+                let given = if next(4) == 0 { next(len + 1) } else { len };
+                wire.extend(pattern(u64::from(round), given as usize));
+            }
+        }
+        if next(8) == 0 {
+            wire.extend(pattern(u64::from(round) + 1, 1 + next(40) as usize));
+        }
+        // Replies are taken while requests go out: the server may stop
+        // reading until its replies are.
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut theirs = s.try_clone().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut replies = Vec::new();
+            let read = theirs.read_to_end(&mut replies);
+            (replies, read)
+        });
+        // Unless it closed the connection on something invalid.
+        if let Err(e) = s.write_all(&wire) {
+            assert!(e.kind() == std::io::ErrorKind::BrokenPipe, "round {round}: sending: {e}");
+        }
+        let _ = s.shutdown(Shutdown::Write);
+        let (replies, read) = reader.join().unwrap();
+        if let Err(e) = read {
+            assert!(e.kind() == std::io::ErrorKind::ConnectionReset, "round {round}: the server did not close the connection: {e}");
+        }
+        let mut at = 0;
+        while let Some(reply) = replies.get(at..at + 16) {
+            let word = |r: std::ops::Range<usize>| reply[r].iter().fold(0, |v, &b| v << 8 | u64::from(b));
+            assert_eq!(word(0..4), u64::from(SIMPLE_REPLY_MAGIC), "round {round}: a reply without its magic");
+            let (error, cookie) = (word(4..8), word(8..16));
+            let &(cmd, flags, offset, len) = sent.get(cookie as usize).unwrap_or_else(|| panic!("round {round}: a reply to no request: {cookie}"));
+            let what = format!("round {round}: command {cmd}, flags {flags:#x}, offset {offset}, length {len}: error {error}");
+            assert_eq!(error == 0, valid(cmd, flags, offset, len), "{what}");
+            at += 16 + if cmd == CMD_READ && error == 0 { len as usize } else { 0 };
+        }
+        if round % 25 == 24 {
+            assert_intact(server);
+        }
+    }
+    assert_intact(server);
+}
+
+/// Whether the server must do a request (the protocol's rules for it,
+/// with the largest payload the server takes).
+fn valid(cmd: u16, flags: u16, offset: u64, len: u32) -> bool {
+    let allowed = if cmd == CMD_WRITE_ZEROES { FLAG_FUA | 1 << 1 } else { FLAG_FUA };
+    let in_store = len > 0 && offset.checked_add(u64::from(len)).is_some_and(|end| end <= SIZE);
+    flags & !allowed == 0
+        && match cmd {
+            CMD_FLUSH => offset == 0 && len == 0,
+            CMD_READ | CMD_WRITE => in_store && u64::from(len) <= 32 * MIB,
+            CMD_TRIM | CMD_WRITE_ZEROES => in_store,
+            _ => false,
+        }
+}
+
+#[test]
+fn random_requests_hurt_neither_the_host_store_nor_its_data() {
+    random_rounds(&mut setup(), 1000);
+}
+
+#[test]
+fn random_requests_hurt_neither_the_vram_store_nor_its_data() {
+    let server = Serve::new(SIZE / MIB).env("NBD_VRAM_BATCH", "1").start();
+    random_rounds(&mut with_known_data(server), 1000);
 }
