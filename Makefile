@@ -67,7 +67,8 @@ REPREFIX = sed 's|/usr/local/bin|$(BINDIR)|g'
 install: $(BIN)
 	$(INSTALL) -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(MAN8DIR) $(DESTDIR)$(UNITDIR) \
 		$(DESTDIR)$(MODLOADDIR) $(DESTDIR)$(ITDIR)/hooks \
-		$(DESTDIR)$(ITDIR)/scripts/init-premount $(DESTDIR)$(DRACUTDIR) \
+		$(DESTDIR)$(ITDIR)/scripts/init-premount $(DESTDIR)$(ITDIR)/scripts/local-premount \
+		$(DESTDIR)$(DRACUTDIR) \
 		$(DESTDIR)$(DEFAULTDIR)
 	$(INSTALL) -m 0755 $(BIN) $(DESTDIR)$(BINDIR)/nbd-vram
 	$(REPREFIX) dist/nbd-vram.8 >$(DESTDIR)$(MAN8DIR)/nbd-vram.8 && chmod 0644 $(DESTDIR)$(MAN8DIR)/nbd-vram.8
@@ -77,6 +78,7 @@ install: $(BIN)
 	$(INSTALL) -m 0644 dist/modules-load.d/nbd-vram.conf $(DESTDIR)$(MODLOADDIR)/nbd-vram.conf
 	$(REPREFIX) dist/initramfs-tools/hooks/nbd-vram >$(DESTDIR)$(ITDIR)/hooks/nbd-vram && chmod 0755 $(DESTDIR)$(ITDIR)/hooks/nbd-vram
 	$(INSTALL) -m 0755 dist/initramfs-tools/scripts/init-premount/nbd-vram $(DESTDIR)$(ITDIR)/scripts/init-premount/nbd-vram
+	$(INSTALL) -m 0755 dist/initramfs-tools/scripts/local-premount/nbd-vram $(DESTDIR)$(ITDIR)/scripts/local-premount/nbd-vram
 	$(REPREFIX) dist/dracut/90nbd-vram/module-setup.sh >$(DESTDIR)$(DRACUTDIR)/module-setup.sh && chmod 0755 $(DESTDIR)$(DRACUTDIR)/module-setup.sh
 	$(INSTALL) -m 0755 dist/dracut/90nbd-vram/nbd-vram-start.sh $(DESTDIR)$(DRACUTDIR)/nbd-vram-start.sh
 	[ -e $(DESTDIR)$(DEFAULTDIR)/nbd-vram ] || $(INSTALL) -m 0644 dist/default/nbd-vram $(DESTDIR)$(DEFAULTDIR)/nbd-vram
@@ -86,7 +88,7 @@ uninstall:
 	rm -f $(DESTDIR)$(BINDIR)/nbd-vram $(DESTDIR)$(MAN8DIR)/nbd-vram.8 \
 		$(DESTDIR)$(UNITDIR)/nbd-vram.service $(DESTDIR)$(UNITDIR)/nbd-vram@.service \
 		$(DESTDIR)$(MODLOADDIR)/nbd-vram.conf $(DESTDIR)$(ITDIR)/hooks/nbd-vram \
-		$(DESTDIR)$(ITDIR)/scripts/init-premount/nbd-vram \
+		$(DESTDIR)$(ITDIR)/scripts/init-premount/nbd-vram $(DESTDIR)$(ITDIR)/scripts/local-premount/nbd-vram \
 		$(DESTDIR)$(DRACUTDIR)/module-setup.sh $(DESTDIR)$(DRACUTDIR)/nbd-vram-start.sh
 	rmdir $(DESTDIR)$(DRACUTDIR) 2>/dev/null || true
 	! cmp -s dist/default/nbd-vram $(DESTDIR)$(DEFAULTDIR)/nbd-vram || rm -f $(DESTDIR)$(DEFAULTDIR)/nbd-vram

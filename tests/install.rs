@@ -33,6 +33,7 @@ const FILES: &[(&str, u32)] = &[
     ("usr/lib/modules-load.d/nbd-vram.conf", 0o644),
     ("usr/share/initramfs-tools/hooks/nbd-vram", 0o755),
     ("usr/share/initramfs-tools/scripts/init-premount/nbd-vram", 0o755),
+    ("usr/share/initramfs-tools/scripts/local-premount/nbd-vram", 0o755),
     ("usr/lib/dracut/modules.d/90nbd-vram/module-setup.sh", 0o755),
     ("usr/lib/dracut/modules.d/90nbd-vram/nbd-vram-start.sh", 0o755),
     ("etc/default/nbd-vram", 0o644),
@@ -303,12 +304,14 @@ fn initramfs_tools(dest: &Path) {
     let modules = text(&work.join("modules"));
     assert_eq!(modules.lines().collect::<Vec<_>>(), ["nbd", "nvidia nvidia_uvm"], "modules asked for");
 
-    // The boot script: its prerequisite, and syntax for every shell an
-    // initramfs may run it with.
-    let script = dest.join("usr/share/initramfs-tools/scripts/init-premount/nbd-vram");
-    let prereqs = run(Command::new("sh").arg(&script).arg("prereqs"));
-    assert_eq!(String::from_utf8_lossy(&prereqs.stdout).trim(), "udev");
-    syntax(&script);
+    // The boot scripts: their prerequisites, and syntax for every shell an
+    // initramfs may run them with.
+    for (phase, prereq) in [("init-premount", "udev"), ("local-premount", "resume")] {
+        let script = dest.join("usr/share/initramfs-tools/scripts").join(phase).join("nbd-vram");
+        let prereqs = run(Command::new("sh").arg(&script).arg("prereqs"));
+        assert_eq!(String::from_utf8_lossy(&prereqs.stdout).trim(), prereq);
+        syntax(&script);
+    }
     let _ = fs::remove_dir_all(&work);
 }
 
@@ -457,8 +460,10 @@ fn the_binary_needs_only_libc() {
 /// busybox in a root of their own (chroot, so root only) with a stand-in
 /// daemon: each waits for swap a bounded time whatever NBD_VRAM_WAIT says,
 /// notes the daemon's PID for the units, and notes nothing for a daemon
-/// that exited; dracut's starts nothing in an initramfs that runs systemd.
-/// The daemon they start is named '@nbd-vram' (tests/boot/standin.c).
+/// that exited; dracut's starts nothing in an initramfs that runs systemd,
+/// and initramfs-tools' starts it only after the hibernation resume check
+/// where the boot names a resume device. The daemon they start is named
+/// '@nbd-vram' (tests/boot/standin.c).
 #[test]
 fn the_boot_scripts_wait_a_bounded_time_and_note_the_daemon() {
     // SAFETY: geteuid has no preconditions.
@@ -466,17 +471,22 @@ fn the_boot_scripts_wait_a_bounded_time_and_note_the_daemon() {
         return eprintln!("skipped: chroot needs root");
     }
     let busybox = ["/bin/busybox", "/usr/bin/busybox"].into_iter().find(|p| Path::new(p).exists()).expect("busybox (tests/deps.sh installs it)");
-    // (boot script, daemon, NBD_VRAM_WAIT, under systemd, what the script
-    // says, seconds at least, at most, noted)
+    let boot = |script, env, daemon, wait, says, secs, starts, noted| Boot { script, env, daemon, wait, says, secs, starts, noted };
+    const RESUME: &[(&str, &str)] = &[("resume", "UUID=5eed")];
     let cases = [
-        (TOOLS, "exit", "5", false, "exited at start", 0, 5, false),
-        (TOOLS, "live", "2", false, "no swap after 2 s", 2, 10, true),
-        (TOOLS, "swap", "20", false, "Starting nbd-vram", 1, 10, true),
-        (TOOLS, "live", "30s", false, "NBD_VRAM_WAIT='30s' is no number of seconds; waiting 30", 30, 50, true),
-        (DRACUT, "exit", "5", false, "exited at start", 0, 5, false),
-        (DRACUT, "swap", "20", false, "nbd-vram: starting", 1, 10, true),
-        (DRACUT, "live", "", false, "NBD_VRAM_WAIT='' is no number of seconds; waiting 30", 30, 50, true),
-        (DRACUT, "live", "2", true, "not started from an initramfs that runs systemd", 0, 2, false),
+        boot(TOOLS, &[], "exit", "5", "exited at start", 0..=5, true, false),
+        boot(TOOLS, &[], "live", "2", "no swap after 2 s", 2..=10, true, true),
+        boot(TOOLS, &[], "swap", "20", "Starting nbd-vram", 1..=10, true, true),
+        boot(TOOLS, &[], "live", "30s", "NBD_VRAM_WAIT='30s' is no number of seconds; waiting 30", 30..=50, true, true),
+        boot(TOOLS, RESUME, "swap", "20", "", 0..=2, false, false),
+        boot(TOOLS, &[("resume", "UUID=5eed"), ("noresume", "y")], "swap", "20", "Starting nbd-vram", 1..=10, true, true),
+        boot(TOOLS, &[("resume", "UUID=5eed"), ("BOOT", "nfs")], "swap", "20", "Starting nbd-vram", 1..=10, true, true),
+        boot(TOOLS_AFTER_RESUME, RESUME, "swap", "20", "Starting nbd-vram", 1..=10, true, true),
+        boot(TOOLS_AFTER_RESUME, &[], "swap", "20", "", 0..=2, false, false),
+        boot(DRACUT, &[], "exit", "5", "exited at start", 0..=5, true, false),
+        boot(DRACUT, &[], "swap", "20", "nbd-vram: starting", 1..=10, true, true),
+        boot(DRACUT, &[], "live", "", "NBD_VRAM_WAIT='' is no number of seconds; waiting 30", 30..=50, true, true),
+        boot(DRACUT, &[("DRACUT_SYSTEMD", "1")], "live", "2", "not started from an initramfs that runs systemd", 0..=2, false, false),
     ];
     let runs: Vec<_> = cases
         .into_iter()
@@ -489,11 +499,26 @@ fn the_boot_scripts_wait_a_bounded_time_and_note_the_daemon() {
 }
 
 const TOOLS: &str = "dist/initramfs-tools/scripts/init-premount/nbd-vram";
+const TOOLS_AFTER_RESUME: &str = "dist/initramfs-tools/scripts/local-premount/nbd-vram";
 const DRACUT: &str = "dist/dracut/90nbd-vram/nbd-vram-start.sh";
 
-#[allow(clippy::type_complexity)]
-fn boot_script(root: &Path, busybox: &str, (flavour, daemon, wait, systemd, says, least, most, noted): (&str, &str, &str, bool, &str, u64, u64, bool)) {
-    for dir in ["bin", "sbin", "usr/bin", "etc/default", "scripts/init-premount", "proc", "dev", "run"] {
+/// A boot script's run: which, with what environment, the stand-in
+/// daemon's behaviour (`tests/boot/standin.c`), NBD_VRAM_WAIT, what the
+/// script says, how long it takes, whether it starts the daemon and notes
+/// it for the units.
+struct Boot {
+    script: &'static str,
+    env: &'static [(&'static str, &'static str)],
+    daemon: &'static str,
+    wait: &'static str,
+    says: &'static str,
+    secs: std::ops::RangeInclusive<u64>,
+    starts: bool,
+    noted: bool,
+}
+
+fn boot_script(root: &Path, busybox: &str, case: Boot) {
+    for dir in ["bin", "sbin", "usr/bin", "etc/default", "scripts/init-premount", "scripts/local-premount", "proc", "dev", "run"] {
         fs::create_dir_all(root.join(dir)).unwrap();
     }
     fs::copy(busybox, root.join("bin/busybox")).unwrap();
@@ -514,17 +539,23 @@ fn boot_script(root: &Path, busybox: &str, (flavour, daemon, wait, systemd, says
     // its device swap after a second (in the file the script reads).
     let cc = Command::new("cc").args(["-static", "-O2", "-Wall", "-o"]).arg(root.join("usr/bin/nbd-vram")).arg(Path::new(ROOT).join("tests/boot/standin.c")).output().expect("running cc");
     assert!(cc.status.success(), "cc tests/boot/standin.c: {}", String::from_utf8_lossy(&cc.stderr));
-    fs::write(root.join("etc/standin"), daemon).unwrap();
+    fs::write(root.join("etc/standin"), case.daemon).unwrap();
     fs::write(root.join("proc/swaps"), "Filename Type Size Used Priority\n").unwrap();
-    fs::write(root.join("etc/default/nbd-vram"), format!("NBD_VRAM_ARGS='--size 64 --device /dev/nbd0'\nNBD_VRAM_WAIT='{wait}'\n")).unwrap();
+    fs::write(root.join("etc/default/nbd-vram"), format!("NBD_VRAM_ARGS='--size 64 --device /dev/nbd0'\nNBD_VRAM_WAIT='{}'\n", case.wait)).unwrap();
+    // Where initramfs-tools and dracut put them; the local-premount script
+    // runs the init-premount one.
+    let flavour = if case.script == DRACUT { DRACUT } else { TOOLS };
     fs::copy(Path::new(ROOT).join(flavour), root.join("scripts/init-premount/nbd-vram")).unwrap();
+    fs::copy(Path::new(ROOT).join(TOOLS_AFTER_RESUME), root.join("scripts/local-premount/nbd-vram")).unwrap();
 
     // initramfs-tools runs its script; dracut sources its hook, after
     // its own library.
-    let run = match flavour {
+    let run = match case.script {
         TOOLS => "exec /bin/sh /scripts/init-premount/nbd-vram",
+        TOOLS_AFTER_RESUME => "exec /bin/sh /scripts/local-premount/nbd-vram",
         _ => ". /scripts/functions; . /scripts/init-premount/nbd-vram",
     };
+    let what = format!("{}: {}, NBD_VRAM_WAIT={:?}, {:?}", case.script, case.daemon, case.wait, case.env);
     let mut tries = 0;
     let (took, out) = loop {
         let started = std::time::Instant::now();
@@ -533,15 +564,15 @@ fn boot_script(root: &Path, busybox: &str, (flavour, daemon, wait, systemd, says
             .args(["/bin/sh", "-c", run])
             .env_clear()
             .env("PATH", "/sbin:/bin")
-            .env("DRACUT_SYSTEMD", if systemd { "1" } else { "" })
+            .envs(case.env.iter().copied())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
         while boot.try_wait().unwrap().is_none() {
-            if started.elapsed().as_secs() > most + 30 {
+            if started.elapsed().as_secs() > case.secs.end() + 30 {
                 let _ = boot.kill();
-                panic!("{flavour}: {daemon}, NBD_VRAM_WAIT={wait:?}: the boot script still waits after {} s", started.elapsed().as_secs());
+                panic!("{what}: the boot script still waits after {} s", started.elapsed().as_secs());
             }
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
@@ -562,16 +593,14 @@ fn boot_script(root: &Path, busybox: &str, (flavour, daemon, wait, systemd, says
         // SAFETY: a signal to the stand-in daemon the script started.
         unsafe { libc::kill(pid, libc::SIGKILL) };
     }
-    let case = format!("{flavour}: {daemon}, NBD_VRAM_WAIT={wait:?}, under systemd: {systemd}");
-    assert!(out.status.success(), "{case}: the boot script failed ({}): {said}", out.status);
-    assert!(said.contains(says), "{case}: the boot script did not say {says:?}: {said}");
-    assert!((least..=most).contains(&took), "{case}: the boot script took {took} s, not {least} to {most}: {said}");
-    assert_eq!(note.is_some(), noted, "{case}: noted {note:?}: {said}");
+    assert!(out.status.success(), "{what}: the boot script failed ({}): {said}", out.status);
+    assert!(said.contains(case.says), "{what}: the boot script did not say {:?}: {said}", case.says);
+    assert!(case.secs.contains(&took), "{what}: the boot script took {took} s, not {:?}: {said}", case.secs);
+    assert_eq!(note.is_some(), case.noted, "{what}: noted {note:?}: {said}");
     // Started, the daemon is '@nbd-vram', which systemd's killing spree
     // at the end of shutdown spares (busybox's shell can name it so).
     let argv0 = fs::read_to_string(root.join("run/argv0")).ok();
-    let started = !(systemd && flavour == DRACUT);
-    assert_eq!(argv0.as_deref(), started.then_some("@nbd-vram"), "{case}: the daemon's argv[0]: {said}");
+    assert_eq!(argv0.as_deref(), case.starts.then_some("@nbd-vram"), "{what}: the daemon's argv[0]: {said}");
     let _ = fs::remove_dir_all(root);
 }
 
