@@ -471,7 +471,7 @@ fn the_boot_scripts_wait_a_bounded_time_and_note_the_daemon() {
         return eprintln!("skipped: chroot needs root");
     }
     let busybox = ["/bin/busybox", "/usr/bin/busybox"].into_iter().find(|p| Path::new(p).exists()).expect("busybox (tests/deps.sh installs it)");
-    let boot = |script, env, daemon, wait, says, secs, starts, noted| Boot { script, env, daemon, wait, says, secs, starts, noted };
+    let boot = |script, env, daemon, wait, says, secs, starts, noted| Boot { script, env, daemon, wait, says, secs, starts, noted, noted_before: false };
     const RESUME: &[(&str, &str)] = &[("resume", "UUID=5eed")];
     let cases = [
         boot(TOOLS, &[], "exit", "5", "exited at start", 0..=5, true, false),
@@ -481,8 +481,12 @@ fn the_boot_scripts_wait_a_bounded_time_and_note_the_daemon() {
         boot(TOOLS, RESUME, "swap", "20", "", 0..=2, false, false),
         boot(TOOLS, &[("resume", "UUID=5eed"), ("noresume", "y")], "swap", "20", "Starting nbd-vram", 1..=10, true, true),
         boot(TOOLS, &[("resume", "UUID=5eed"), ("BOOT", "nfs")], "swap", "20", "Starting nbd-vram", 1..=10, true, true),
+        boot(TOOLS, &[("resume", "UUID=5eed"), ("BOOT", "zfs")], "swap", "20", "", 0..=2, false, false),
         boot(TOOLS_AFTER_RESUME, RESUME, "swap", "20", "Starting nbd-vram", 1..=10, true, true),
         boot(TOOLS_AFTER_RESUME, &[], "swap", "20", "", 0..=2, false, false),
+        boot(TOOLS_AFTER_RESUME, &[("resume", "UUID=5eed"), ("noresume", "y")], "swap", "20", "", 0..=2, false, false),
+        // Run a second time, as some boot scripts run local-premount.
+        Boot { noted_before: true, ..boot(TOOLS_AFTER_RESUME, RESUME, "swap", "20", "", 0..=2, false, true) },
         boot(DRACUT, &[], "exit", "5", "exited at start", 0..=5, true, false),
         boot(DRACUT, &[], "swap", "20", "nbd-vram: starting", 1..=10, true, true),
         boot(DRACUT, &[], "live", "", "NBD_VRAM_WAIT='' is no number of seconds; waiting 30", 30..=50, true, true),
@@ -505,7 +509,7 @@ const DRACUT: &str = "dist/dracut/90nbd-vram/nbd-vram-start.sh";
 /// A boot script's run: which, with what environment, the stand-in
 /// daemon's behaviour (`tests/boot/standin.c`), NBD_VRAM_WAIT, what the
 /// script says, how long it takes, whether it starts the daemon and notes
-/// it for the units.
+/// it for the units, and whether an earlier run noted one.
 struct Boot {
     script: &'static str,
     env: &'static [(&'static str, &'static str)],
@@ -515,6 +519,7 @@ struct Boot {
     secs: std::ops::RangeInclusive<u64>,
     starts: bool,
     noted: bool,
+    noted_before: bool,
 }
 
 fn boot_script(root: &Path, busybox: &str, case: Boot) {
@@ -540,6 +545,10 @@ fn boot_script(root: &Path, busybox: &str, case: Boot) {
     let cc = Command::new("cc").args(["-static", "-O2", "-Wall", "-o"]).arg(root.join("usr/bin/nbd-vram")).arg(Path::new(ROOT).join("tests/boot/standin.c")).output().expect("running cc");
     assert!(cc.status.success(), "cc tests/boot/standin.c: {}", String::from_utf8_lossy(&cc.stderr));
     fs::write(root.join("etc/standin"), case.daemon).unwrap();
+    if case.noted_before {
+        fs::create_dir_all(root.join("run/nbd-vram")).unwrap();
+        fs::write(root.join("run/nbd-vram/initramfs"), "an earlier run's daemon").unwrap();
+    }
     fs::write(root.join("proc/swaps"), "Filename Type Size Used Priority\n").unwrap();
     fs::write(root.join("etc/default/nbd-vram"), format!("NBD_VRAM_ARGS='--size 64 --device /dev/nbd0'\nNBD_VRAM_WAIT='{}'\n", case.wait)).unwrap();
     // Where initramfs-tools and dracut put them; the local-premount script
@@ -595,6 +604,7 @@ fn boot_script(root: &Path, busybox: &str, case: Boot) {
     }
     assert!(out.status.success(), "{what}: the boot script failed ({}): {said}", out.status);
     assert!(said.contains(case.says), "{what}: the boot script did not say {:?}: {said}", case.says);
+    assert!(!case.says.is_empty() || said.is_empty(), "{what}: the boot script, which starts nothing, said: {said}");
     assert!(case.secs.contains(&took), "{what}: the boot script took {took} s, not {:?}: {said}", case.secs);
     assert_eq!(note.is_some(), case.noted, "{what}: noted {note:?}: {said}");
     // Started, the daemon is '@nbd-vram', which systemd's killing spree

@@ -267,9 +267,10 @@ fn pipelined_requests_are_all_answered() {
 /// store, across its end and far past it, lengths from 0 to 4 GiB, write
 /// payloads whole, cut short or never sent, and now and then a last word
 /// of garbage. A round ends with our end of the connection shut, once the
-/// server has closed its own. Every reply must answer a request sent, an
-/// error exactly where the request breaks the protocol's rules (`valid`);
-/// the server must live on, and the known data survive every round.
+/// server has closed its own. Every reply must answer a request sent, once,
+/// with the error `expected` says, and in a round whose requests all came
+/// whole, every request gets one; the server must live on, and the known
+/// data survive every round.
 /// Seeded, so a failure comes back the same; it names its round.
 fn random_rounds(server: &mut Server, rounds: u32) {
     let mut state: [libc::c_ushort; 3] = [0x5eed, 0x5eed, 0x5eed];
@@ -281,7 +282,7 @@ fn random_rounds(server: &mut Server, rounds: u32) {
     const FREE: u64 = 256 * 1024;
     for round in 0..rounds {
         let mut s = Nbd::connect(&server.sock).s;
-        let (mut wire, mut sent) = (Vec::new(), Vec::new());
+        let (mut wire, mut sent, mut whole) = (Vec::new(), Vec::new(), true);
         for cookie in 0..1 + next(12) {
             // Mostly what a client sends, else anything.
             let cmd = match next(10) {
@@ -299,6 +300,10 @@ fn random_rounds(server: &mut Server, rounds: u32) {
                 _ => [512, 4096, 1 + next(65536), 65536, MIB][next(5) as usize],
             };
             let offset = match next(8) {
+                _ if cmd == CMD_FLUSH && next(4) != 0 => {
+                    len = 0;
+                    0
+                }
                 0 => SIZE - 100,
                 1 => SIZE + next(2) * 4096,
                 2 => [1 << 63, u64::MAX - 4095][next(2) as usize],
@@ -312,10 +317,14 @@ fn random_rounds(server: &mut Server, rounds: u32) {
             if cmd == CMD_WRITE && len <= 65536 {
                 let given = if next(4) == 0 { next(len + 1) } else { len };
                 wire.extend(pattern(u64::from(round), given as usize));
+                whole &= given == len;
             }
+            // A payload never sent, or a disconnect: what follows is not answered.
+            whole &= !(cmd == CMD_WRITE && len > 65536) && cmd != CMD_DISC;
         }
         if next(8) == 0 {
             wire.extend(pattern(u64::from(round) + 1, 1 + next(40) as usize));
+            whole = false;
         }
         // Replies are taken while requests go out: the server may stop
         // reading until its replies are.
@@ -328,22 +337,27 @@ fn random_rounds(server: &mut Server, rounds: u32) {
         });
         // Unless it closed the connection on something invalid.
         if let Err(e) = s.write_all(&wire) {
-            assert!(e.kind() == std::io::ErrorKind::BrokenPipe, "round {round}: sending: {e}");
+            assert!(matches!(e.kind(), std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset), "round {round}: sending: {e}");
         }
         let _ = s.shutdown(Shutdown::Write);
         let (replies, read) = reader.join().unwrap();
         if let Err(e) = read {
             assert!(e.kind() == std::io::ErrorKind::ConnectionReset, "round {round}: the server did not close the connection: {e}");
         }
-        let mut at = 0;
+        let (mut at, mut answered) = (0, std::collections::HashSet::new());
         while let Some(reply) = replies.get(at..at + 16) {
             let word = |r: std::ops::Range<usize>| reply[r].iter().fold(0, |v, &b| v << 8 | u64::from(b));
             assert_eq!(word(0..4), u64::from(SIMPLE_REPLY_MAGIC), "round {round}: a reply without its magic");
-            let (error, cookie) = (word(4..8), word(8..16));
+            let (error, cookie) = (word(4..8) as u32, word(8..16));
             let &(cmd, flags, offset, len) = sent.get(cookie as usize).unwrap_or_else(|| panic!("round {round}: a reply to no request: {cookie}"));
-            let what = format!("round {round}: command {cmd}, flags {flags:#x}, offset {offset}, length {len}: error {error}");
-            assert_eq!(error == 0, valid(cmd, flags, offset, len), "{what}");
+            assert!(answered.insert(cookie), "round {round}: request {cookie} answered twice");
+            let what = format!("round {round}: command {cmd}, flags {flags:#x}, offset {offset}, length {len}");
+            assert_eq!(error, expected(cmd, flags, offset, len), "{what}");
             at += 16 + if cmd == CMD_READ && error == 0 { len as usize } else { 0 };
+        }
+        assert_eq!(at, replies.len(), "round {round}: a reply cut short");
+        if whole {
+            assert_eq!(answered.len(), sent.len(), "round {round}: requests sent whole went unanswered");
         }
         if round % 25 == 24 {
             assert_intact(server);
@@ -352,18 +366,27 @@ fn random_rounds(server: &mut Server, rounds: u32) {
     assert_intact(server);
 }
 
-/// Whether the server must do a request (the protocol's rules for it,
-/// with the largest payload the server takes).
-fn valid(cmd: u16, flags: u16, offset: u64, len: u32) -> bool {
+/// The error the server must answer a request with (the protocol's rules,
+/// with the largest payload the server takes): ENOSPC for a write that
+/// reaches past the end and is otherwise sound, EINVAL for anything else
+/// wrong, 0 where it must do it.
+fn expected(cmd: u16, flags: u16, offset: u64, len: u32) -> u32 {
     let allowed = if cmd == CMD_WRITE_ZEROES { FLAG_FUA | 1 << 1 } else { FLAG_FUA };
-    let in_store = len > 0 && offset.checked_add(u64::from(len)).is_some_and(|end| end <= SIZE);
-    flags & !allowed == 0
+    let fits = |most: u64| len > 0 && u64::from(len) <= most;
+    let sound = flags & !allowed == 0
         && match cmd {
             CMD_FLUSH => offset == 0 && len == 0,
-            CMD_READ | CMD_WRITE => in_store && u64::from(len) <= 32 * MIB,
-            CMD_TRIM | CMD_WRITE_ZEROES => in_store,
+            CMD_READ | CMD_WRITE => fits(32 * MIB),
+            CMD_TRIM | CMD_WRITE_ZEROES => fits(u64::MAX),
             _ => false,
-        }
+        };
+    let in_store = offset.checked_add(u64::from(len)).is_some_and(|end| end <= SIZE);
+    match cmd {
+        _ if !sound => EINVAL,
+        _ if in_store => 0,
+        CMD_WRITE | CMD_WRITE_ZEROES => ENOSPC,
+        _ => EINVAL,
+    }
 }
 
 #[test]
