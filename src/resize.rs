@@ -143,7 +143,7 @@ fn daemon_among(files: impl Iterator<Item = (PathBuf, String)>, device: Option<&
         if !crate::status::swap_daemon(&text) {
             continue; // serve mode, or --no-swap
         }
-        let serves = |d: &Path| text.lines().any(|l| l.starts_with("slice.") && l.split(['=', ' ']).nth(1) == Some(&*d.to_string_lossy()));
+        let serves = |d: &Path| crate::status::slices(&text).iter().any(|(slice, _, _)| Path::new(slice) == d);
         if device.is_some_and(|d| !serves(d)) {
             continue;
         }

@@ -230,6 +230,18 @@ fn render(s: &mut String, inst: &Instance, stats: &[&Stats], started: u64) {
     }
 }
 
+/// A status file's slices, `slice.I=DEVICE STATE USED_PAGES` each: device
+/// ("-" while given back), state, pages in swap.
+pub fn slices(text: &str) -> Vec<(String, String, u64)> {
+    (0..num(text, "slices").min(64))
+        .map(|i| {
+            let mut words = field(text, &format!("slice.{i}")).split(' ');
+            let mut word = || words.next().unwrap_or("-").to_string();
+            (word(), word(), word().parse().unwrap_or(0))
+        })
+        .collect()
+}
+
 /// The value of `key=` in a status file's text, "" if none.
 pub fn field<'a>(text: &'a str, key: &str) -> &'a str {
     text.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix('=')).unwrap_or("")
@@ -379,13 +391,7 @@ impl Row {
             return None;
         }
         let target = field(&t, "target").to_string();
-        let slices: Vec<(String, String, u64)> = (0..num(&t, "slices").min(64))
-            .map(|i| {
-                let mut words = field(&t, &format!("slice.{i}")).split(' ');
-                let mut word = || words.next().unwrap_or("-").to_string();
-                (word(), word(), word().parse().unwrap_or(0))
-            })
-            .collect();
+        let slices = slices(&t);
         Some(Row {
             name: path.file_stem()?.to_string_lossy().into_owned(),
             swap: swapped(table, &devices(&target, &slices)),
