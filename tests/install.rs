@@ -492,14 +492,25 @@ fn the_boot_scripts_wait_a_bounded_time_and_note_the_daemon() {
         boot(DRACUT, &[], "live", "", "NBD_VRAM_WAIT='' is no number of seconds; waiting 30", 30..=50, true, true),
         boot(DRACUT, &[("DRACUT_SYSTEMD", "1")], "live", "2", "not started from an initramfs that runs systemd", 0..=2, false, false),
     ];
+    // The stand-in daemon, linked into each root: a copy would be open for
+    // writing in this process, and a child another thread forks meanwhile
+    // would keep it so until it execs, making the daemon's exec fail.
+    let built = scratch("standin");
+    let standin = built.join("nbd-vram");
+    let cc = Command::new("cc").args(["-static", "-O2", "-Wall", "-o"]).arg(&standin).arg(Path::new(ROOT).join("tests/boot/standin.c")).output().expect("running cc");
+    assert!(cc.status.success(), "cc tests/boot/standin.c: {}", String::from_utf8_lossy(&cc.stderr));
     let runs: Vec<_> = cases
         .into_iter()
         .enumerate()
-        .map(|(i, case)| std::thread::spawn(move || boot_script(&scratch(&format!("boot{i}")), busybox, case)))
+        .map(|(i, case)| {
+            let standin = standin.clone();
+            std::thread::spawn(move || boot_script(&scratch(&format!("boot{i}")), busybox, &standin, case))
+        })
         .collect();
     for run in runs {
         run.join().unwrap();
     }
+    let _ = fs::remove_dir_all(built);
 }
 
 const TOOLS: &str = "dist/initramfs-tools/scripts/init-premount/nbd-vram";
@@ -522,7 +533,7 @@ struct Boot {
     noted_before: bool,
 }
 
-fn boot_script(root: &Path, busybox: &str, case: Boot) {
+fn boot_script(root: &Path, busybox: &str, standin: &Path, case: Boot) {
     for dir in ["bin", "sbin", "usr/bin", "etc/default", "scripts/init-premount", "scripts/local-premount", "proc", "dev", "run"] {
         fs::create_dir_all(root.join(dir)).unwrap();
     }
@@ -542,8 +553,7 @@ fn boot_script(root: &Path, busybox: &str, case: Boot) {
     );
     // The stand-in daemon: exits at once, lives without swap, or makes
     // its device swap after a second (in the file the script reads).
-    let cc = Command::new("cc").args(["-static", "-O2", "-Wall", "-o"]).arg(root.join("usr/bin/nbd-vram")).arg(Path::new(ROOT).join("tests/boot/standin.c")).output().expect("running cc");
-    assert!(cc.status.success(), "cc tests/boot/standin.c: {}", String::from_utf8_lossy(&cc.stderr));
+    fs::hard_link(standin, root.join("usr/bin/nbd-vram")).unwrap();
     fs::write(root.join("etc/standin"), case.daemon).unwrap();
     if case.noted_before {
         fs::create_dir_all(root.join("run/nbd-vram")).unwrap();

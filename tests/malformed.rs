@@ -345,10 +345,9 @@ fn random_rounds(server: &mut Server, rounds: u32) {
             assert!(e.kind() == std::io::ErrorKind::ConnectionReset, "round {round}: the server did not close the connection: {e}");
         }
         let (mut at, mut answered) = (0, std::collections::HashSet::new());
-        while let Some(reply) = replies.get(at..at + 16) {
-            let word = |r: std::ops::Range<usize>| reply[r].iter().fold(0, |v, &b| v << 8 | u64::from(b));
-            assert_eq!(word(0..4), u64::from(SIMPLE_REPLY_MAGIC), "round {round}: a reply without its magic");
-            let (error, cookie) = (word(4..8) as u32, word(8..16));
+        while let Some(Ok(reply)) = replies.get(at..at + 16).map(<&[u8; 16]>::try_from) {
+            let (magic, error, cookie) = reply_header(reply);
+            assert_eq!(magic, SIMPLE_REPLY_MAGIC, "round {round}: a reply without its magic");
             let &(cmd, flags, offset, len) = sent.get(cookie as usize).unwrap_or_else(|| panic!("round {round}: a reply to no request: {cookie}"));
             assert!(answered.insert(cookie), "round {round}: request {cookie} answered twice");
             let what = format!("round {round}: command {cmd}, flags {flags:#x}, offset {offset}, length {len}");

@@ -93,6 +93,11 @@ pub fn option_reply(s: &mut UnixStream) -> (u32, u32, Vec<u8>) {
     (be32(&h[8..12]), be32(&h[12..16]), data)
 }
 
+/// A simple reply's 16-byte header: (magic, error, cookie).
+pub fn reply_header(h: &[u8; 16]) -> (u32, u32, u64) {
+    (be32(&h[0..4]), be32(&h[4..8]), u64::from_be_bytes(h[8..16].try_into().unwrap()))
+}
+
 fn be32(b: &[u8]) -> u32 {
     u32::from_be_bytes(b.try_into().unwrap())
 }
@@ -188,8 +193,9 @@ impl Nbd {
     pub fn reply(&mut self) -> (u32, u64) {
         let mut h = [0u8; 16];
         self.s.read_exact(&mut h).expect("reading a reply");
-        assert_eq!(be32(&h[0..4]), SIMPLE_REPLY_MAGIC, "simple reply magic");
-        (be32(&h[4..8]), u64::from_be_bytes(h[8..16].try_into().unwrap()))
+        let (magic, error, cookie) = reply_header(&h);
+        assert_eq!(magic, SIMPLE_REPLY_MAGIC, "simple reply magic");
+        (error, cookie)
     }
 
     /// A request without payload or reply data: its error (0 for success).
