@@ -16,8 +16,9 @@ use crate::tuning::Tuning;
 const STACK: usize = 1024 * 1024;
 
 /// One connection's store and buffers, dropped in that order: the store
-/// ends its mailbox kernel before the staging is freed, as freeing waits
-/// until every kernel has been told to end (`cuda::gate`), this one too.
+/// waits for the copies it still has to or from staging, and ends its
+/// mailbox kernel, before the staging is freed (freeing waits until every
+/// kernel has been told to end, `cuda::gate`, this one too).
 pub struct Conn<'b, B: Backing + 'b> {
     pub store: B::Store<'b>,
     pub bufs: Buffers<<B::Store<'b> as Store>::Buf>,

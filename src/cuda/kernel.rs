@@ -122,8 +122,8 @@ impl Stream<'_> {
             // SAFETY: `params` points at the kernel's two parameters, laid
             // out as the PTX declares them (u32, then 128 × {u64, u64, u64});
             // the driver copies them at the call. Every piece lies inside a
-            // live allocation or pinned buffer that the caller keeps until
-            // `sync`, as with the copies.
+            // live allocation, or a pinned buffer kept until the kernel is
+            // done (the promise of `CopyBatch::read` and `write`).
             let r = unsafe { (mover.launch)(mover.function, count, 1, 1, THREADS, 1, 1, 0, self.stream, params.as_mut_ptr(), std::ptr::null_mut()) };
             self.ctx.cuda.check("cuLaunchKernel", r)?;
         }

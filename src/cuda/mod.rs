@@ -349,20 +349,31 @@ impl Stream<'_> {
         self.ctx.cuda.api
     }
 
-    /// Queues device → host. The caller keeps `dst` untouched until `sync`.
-    pub fn read(&self, src: &DeviceMem, offset: u64, dst: &mut [u8]) -> Result<(), Error> {
+    /// Queues device → host.
+    ///
+    /// # Safety
+    /// The device writes `dst` after this returns: the caller keeps it
+    /// allocated, and neither reads nor writes it, until the stream has
+    /// done this copy (`sync`, or an event recorded after it).
+    pub unsafe fn read(&self, src: &DeviceMem, offset: u64, dst: &mut [u8]) -> Result<(), Error> {
         let from = src.at(offset, dst.len());
         // SAFETY: `dst` is valid for `dst.len()` bytes and, by the caller's
-        // promise, stays so until `sync`; the device range is inside `src`.
+        // promise, stays so until the copy is done; the device range is
+        // inside `src`.
         let r = unsafe { (self.api().cuMemcpyDtoHAsync_v2)(dst.as_mut_ptr().cast(), from, dst.len(), self.stream) };
         self.ctx.cuda.check("cuMemcpyDtoHAsync_v2", r)
     }
 
-    /// Queues host → device. The caller keeps `src` unchanged until `sync`.
-    /// `rows`: as two rows where the driver can (see `htod`).
-    pub fn write(&self, dst: &DeviceMem, offset: u64, src: &[u8], rows: bool) -> Result<(), Error> {
+    /// Queues host → device. `rows`: as two rows where the driver can
+    /// (see `htod`).
+    ///
+    /// # Safety
+    /// The device reads `src` after this returns: the caller keeps it
+    /// allocated and unchanged until the stream has done this copy.
+    pub unsafe fn write(&self, dst: &DeviceMem, offset: u64, src: &[u8], rows: bool) -> Result<(), Error> {
         let to = dst.at(offset, src.len());
-        // SAFETY: as in `read`, with the roles swapped.
+        // SAFETY: the caller's promise covers `src` until the copy is done;
+        // the device range is inside `dst`.
         unsafe { self.htod(to, src.as_ptr().cast(), src.len(), rows) }
     }
 
@@ -537,20 +548,31 @@ impl CopyBatch {
         }
     }
 
-    /// Device → host; the same promise as `Stream::read` holds for `dst`.
-    /// Host sides end to end are taken for one range: the store's come
-    /// from one staging allocation (a range over two would still copy
-    /// right, at the driver's pace for memory it does not know pinned).
-    pub fn read(&mut self, src: &DeviceMem, offset: u64, dst: &mut [u8]) {
+    /// Device → host. Host sides end to end are taken for one range: the
+    /// store's come from one staging allocation (a range over two would
+    /// still copy right, at the driver's pace for memory it does not know
+    /// pinned).
+    ///
+    /// # Safety
+    /// As for `Stream::read`, until whatever runs the batch (a stream, or
+    /// the mailbox kernel) has done it, or the batch is cleared unissued:
+    /// the batch keeps only the address, and every way of running it
+    /// relies on this promise.
+    pub unsafe fn read(&mut self, src: &DeviceMem, offset: u64, dst: &mut [u8]) {
         self.push(dst.as_mut_ptr() as CUdeviceptr, src.at(offset, dst.len()), dst.len(), src.ptr);
     }
 
-    /// Host → device; the same promise as `Stream::write` holds for `src`,
-    /// and the same about host sides as in `read`.
-    pub fn write(&mut self, dst: &DeviceMem, offset: u64, src: &[u8]) {
+    /// Host → device, as `read` takes host sides.
+    ///
+    /// # Safety
+    /// As for `Stream::write`, for as long as `read` says.
+    pub unsafe fn write(&mut self, dst: &DeviceMem, offset: u64, src: &[u8]) {
         self.push(dst.at(offset, src.len()), src.as_ptr() as CUdeviceptr, src.len(), dst.ptr);
     }
 
+    /// Keeps the host side as a bare address: whoever runs the batch relies
+    /// on the promise made to `read` or `write` (or, in this module's
+    /// tests, on the test's own buffers).
     fn push(&mut self, dst: CUdeviceptr, src: CUdeviceptr, len: usize, mem: CUdeviceptr) {
         if let (Some(&d), Some(&s), Some(n)) = (self.dsts.last(), self.srcs.last(), self.sizes.last_mut()) {
             if mem == self.last_mem && d + *n as u64 == dst && s + *n as u64 == src {
@@ -593,9 +615,9 @@ impl Stream<'_> {
         };
         let mut first = 0usize;
         // SAFETY: the three arrays hold `len` entries each; every range lies
-        // inside a live allocation or a host buffer the caller keeps until
-        // `sync`, as with the single async copies; one attribute entry
-        // applies to all copies from index 0.
+        // inside a live allocation, or a host buffer kept until the copies
+        // are done (the promise of `CopyBatch::read` and `write`); one
+        // attribute entry applies to all copies from index 0.
         let r = unsafe {
             copy(
                 batch.dsts.as_mut_ptr(),
@@ -616,8 +638,9 @@ impl Stream<'_> {
     /// goes as two rows if `rows(len)` (see `htod`).
     pub fn copy_each(&self, batch: &CopyBatch, writes: bool, rows: impl Fn(usize) -> bool) -> Result<(), Error> {
         for ((&dst, &src), &len) in batch.dsts.iter().zip(&batch.srcs).zip(&batch.sizes) {
-            // SAFETY: as in `copy_batch_api`: each range was checked when
-            // queued, and the host side stays valid until `sync`.
+            // SAFETY: as in `copy_batch_api`: each device range was checked
+            // when queued, and its host side was promised until the copy is
+            // done.
             unsafe {
                 if writes {
                     self.htod(dst, src as *const c_void, len, rows(len))?;

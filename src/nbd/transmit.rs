@@ -422,9 +422,16 @@ impl<S: Store, T: Write + AsFd> Link<'_, S, T> {
         let len = u64::from(req.len);
         let at = Instant::now();
         let done = match req.command {
-            sys::NBD_CMD_READ => self.store.read(req.offset, &mut self.bufs.staging[stage.clone()]),
+            // SAFETY: `stage` is this request's own part of the ring, which
+            // the loop leaves alone until the store has done the copy: a
+            // read's reply is sent once its fence is waited for, and the
+            // ring comes round only after `settle` syncs the store. Staging
+            // outlives the store (`workers::Conn` drops the store first,
+            // which waits for its work).
+            sys::NBD_CMD_READ => unsafe { self.store.read(req.offset, &mut self.bufs.staging[stage.clone()]) },
             sys::NBD_CMD_WRITE if landed => Ok(Done::Lent),
-            sys::NBD_CMD_WRITE => self.store.write(req.offset, &self.bufs.staging[stage.clone()]),
+            // SAFETY: as for the read.
+            sys::NBD_CMD_WRITE => unsafe { self.store.write(req.offset, &self.bufs.staging[stage.clone()]) },
             sys::NBD_CMD_FLUSH => self.store.flush().map(|()| Done::Finished),
             sys::NBD_CMD_TRIM => self.store.trim(req.offset, len),
             _ => self.store.zero(req.offset, len), // check() let only WRITE_ZEROES through

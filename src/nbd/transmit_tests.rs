@@ -232,11 +232,13 @@ impl Store for Failing<'_> {
     fn staging(&mut self, len: usize) -> io::Result<Box<[u8]>> {
         self.inner.staging(len)
     }
-    fn read(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<Done> {
-        self.inner.read(offset, buf)
+    unsafe fn read(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<Done> {
+        // SAFETY: the caller's promise, passed on.
+        unsafe { self.inner.read(offset, buf) }
     }
-    fn write(&mut self, offset: u64, buf: &[u8]) -> io::Result<Done> {
-        self.inner.write(offset, buf)
+    unsafe fn write(&mut self, offset: u64, buf: &[u8]) -> io::Result<Done> {
+        // SAFETY: the caller's promise, passed on.
+        unsafe { self.inner.write(offset, buf) }
     }
     fn zero(&mut self, offset: u64, len: u64) -> io::Result<Done> {
         self.inner.zero(offset, len)
@@ -306,12 +308,14 @@ impl Store for LostDuringWait<'_> {
     fn staging(&mut self, len: usize) -> io::Result<Box<[u8]>> {
         self.inner.staging(len)
     }
-    fn read(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<Done> {
-        self.inner.read(offset, buf)?;
+    unsafe fn read(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<Done> {
+        // SAFETY: the caller's promise, passed on.
+        unsafe { self.inner.read(offset, buf) }?;
         Ok(Done::Queued)
     }
-    fn write(&mut self, offset: u64, buf: &[u8]) -> io::Result<Done> {
-        self.inner.write(offset, buf)
+    unsafe fn write(&mut self, offset: u64, buf: &[u8]) -> io::Result<Done> {
+        // SAFETY: the caller's promise, passed on.
+        unsafe { self.inner.write(offset, buf) }
     }
     fn zero(&mut self, offset: u64, len: u64) -> io::Result<Done> {
         self.inner.zero(offset, len)

@@ -66,8 +66,7 @@ pub trait Backing: Sync {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Done {
     /// Handed to the device: done once `wait` on a later fence, or `sync`,
-    /// returns. Until then the caller neither reads the buffer of a `read`
-    /// nor changes the buffer of a `write`.
+    /// returns. Until then the buffer is the device's (`Store::read`).
     Queued,
     /// Done.
     Finished,
@@ -111,8 +110,19 @@ pub trait Store {
     /// any memory, as the swap header's write does.
     fn staging(&mut self, len: usize) -> io::Result<Self::Buf>;
     /// Reads into `buf`, or answers `Lent` and leaves `buf` alone.
-    fn read(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<Done>;
-    fn write(&mut self, offset: u64, buf: &[u8]) -> io::Result<Done>;
+    ///
+    /// # Safety
+    /// On `Queued` the device writes `buf` later: the caller keeps it
+    /// allocated, and neither reads nor writes it, until a `wait` on a
+    /// later fence or a `sync` has returned (or the store is dropped,
+    /// which waits for its work).
+    unsafe fn read(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<Done>;
+    /// Writes `buf`.
+    ///
+    /// # Safety
+    /// On `Queued` the device reads `buf` later: the caller keeps it
+    /// allocated and unchanged for as long as `read` says.
+    unsafe fn write(&mut self, offset: u64, buf: &[u8]) -> io::Result<Done>;
     fn zero(&mut self, offset: u64, len: u64) -> io::Result<Done>;
     /// A discarded range reads back as zeroes: swap may trim, and a store
     /// that returned stale bytes there would leak one tenant's pages.

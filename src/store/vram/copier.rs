@@ -194,26 +194,37 @@ impl<'c> Copier<'c> {
     }
 
     /// The caller has checked the range (`VramMemory::check`).
-    pub fn read(&mut self, memory: &VramMemory, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+    ///
+    /// # Safety
+    /// As for `Store::read`: `buf` is the device's until a wait or sync
+    /// covers this read.
+    pub unsafe fn read(&mut self, memory: &VramMemory, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         let len = buf.len() as u64;
         self.touched.add(offset, len);
-        if self.queue(memory, offset, len, false, |b, chunk, inner, r| b.read(chunk, inner, &mut buf[r])) {
+        // SAFETY: the caller's promise, which lasts until this copier's
+        // stream or mailbox kernel has done the copies.
+        if self.queue(memory, offset, len, false, |b, chunk, inner, r| unsafe { b.read(chunk, inner, &mut buf[r]) }) {
             return Ok(());
         }
         self.hand_over().map_err(eio)?;
         let mut rest = buf;
         for (chunk, inner, n) in memory.pieces(offset, rest.len() as u64) {
             let (now, later) = rest.split_at_mut(n as usize);
-            self.stream.read(chunk, inner, now).map_err(eio)?;
+            // SAFETY: as above.
+            unsafe { self.stream.read(chunk, inner, now) }.map_err(eio)?;
             rest = later;
         }
         Ok(())
     }
 
-    pub fn write(&mut self, memory: &VramMemory, offset: u64, buf: &[u8]) -> io::Result<()> {
+    /// # Safety
+    /// As for `Store::write`: `buf` stays unchanged until a fence after
+    /// this write is waited for, or a sync.
+    pub unsafe fn write(&mut self, memory: &VramMemory, offset: u64, buf: &[u8]) -> io::Result<()> {
         self.touched.add(offset, buf.len() as u64);
         self.changed.add(offset, buf.len() as u64);
-        if self.queue(memory, offset, buf.len() as u64, true, |b, chunk, inner, r| b.write(chunk, inner, &buf[r])) {
+        // SAFETY: the caller's promise, as in `read`.
+        if self.queue(memory, offset, buf.len() as u64, true, |b, chunk, inner, r| unsafe { b.write(chunk, inner, &buf[r]) }) {
             return Ok(());
         }
         self.hand_over().map_err(eio)?;
@@ -221,7 +232,8 @@ impl<'c> Copier<'c> {
         let mut rest = buf;
         for (chunk, inner, n) in memory.pieces(offset, rest.len() as u64) {
             let (now, later) = rest.split_at(n as usize);
-            self.stream.write(chunk, inner, now, as_rows(shared, now.len())).map_err(eio)?;
+            // SAFETY: as above.
+            unsafe { self.stream.write(chunk, inner, now, as_rows(shared, now.len())) }.map_err(eio)?;
             rest = later;
         }
         Ok(())
@@ -240,7 +252,9 @@ impl<'c> Copier<'c> {
             }
             for at in (0..n).step_by(ZEROS) {
                 let piece = &self.zeros[..(n - at).min(ZEROS as u64) as usize];
-                self.stream.write(chunk, inner + at, piece, as_rows(true, piece.len())).map_err(eio)?;
+                // SAFETY: the zero source is never written after `new`, and
+                // `Drop` syncs the stream before it is freed.
+                unsafe { self.stream.write(chunk, inner + at, piece, as_rows(true, piece.len())) }.map_err(eio)?;
             }
         }
         Ok(())

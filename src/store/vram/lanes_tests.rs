@@ -2,6 +2,12 @@
 //! (tests/fake_cuda) loaded into this process: it runs each stream's
 //! copies as late as it may, the mailbox kernel's jobs on threads of their
 //! own, and fails a job that would race with copies still pending.
+//!
+//! Every read and write goes to or from the staging of `two_connections`,
+//! which outlives the stores, and no test changes a buffer a write still
+//! copies from, or looks at one a read still copies into, before the wait
+//! or sync that covers the copy: the promise `Store::read` and `write` ask
+//! for (each `SAFETY: staging` below).
 
 use std::time::{Duration, Instant};
 
@@ -27,7 +33,8 @@ fn kernel(store: &mut VramStore, buf: &mut [u8], serves: bool) -> Result<(), Str
         if store.copier.kernel_serves() {
             return Ok(());
         }
-        store.read(0, &mut buf[..BLOCK]).map_err(|e| format!("a read: {e}"))?;
+        // SAFETY: staging.
+        unsafe { store.read(0, &mut buf[..BLOCK]) }.map_err(|e| format!("a read: {e}"))?;
         let token = store.fence().map_err(|e| format!("a fence: {e}"))?;
         store.wait(token).map_err(|e| format!("a read's wait: {e}"))?;
     }
@@ -50,10 +57,12 @@ fn written_on_one_read_on_the_other(a_kernel: bool, b_kernel: bool, len: usize, 
             // publication must not hide an earlier one.
             for piece in 0..writes {
                 let to = at + (piece * len) as u64;
-                assert_eq!(a.write(to, sa).map_err(|e| format!("round {round}: a write: {e}"))?, Done::Queued);
+                // SAFETY: staging.
+                assert_eq!(unsafe { a.write(to, sa) }.map_err(|e| format!("round {round}: a write: {e}"))?, Done::Queued);
                 a.fence().map_err(|e| format!("round {round}: the fence a write's answer waits for: {e}"))?;
             }
-            b.read(at, sb).map_err(|e| format!("round {round}: the read: {e}"))?;
+            // SAFETY: staging.
+            unsafe { b.read(at, sb) }.map_err(|e| format!("round {round}: the read: {e}"))?;
             let token = b.fence().map_err(|e| format!("round {round}: the read's fence: {e}"))?;
             b.wait(token).map_err(|e| format!("round {round}: the read's wait: {e}"))?;
             if sb.iter().any(|&x| x != stamp) {
@@ -96,13 +105,16 @@ fn a_later_write_on_another_connection_lands_last() {
             let at = (1 + u64::from(round)) * BLOCK as u64;
             sa.fill(2 * round + 1);
             sb.fill(2 * round + 2);
-            a.write(at, sa).map_err(|e| format!("round {round}: the first write: {e}"))?;
+            // SAFETY: staging.
+            unsafe { a.write(at, sa) }.map_err(|e| format!("round {round}: the first write: {e}"))?;
             a.fence().map_err(|e| format!("round {round}: its fence: {e}"))?;
-            b.write(at, sb).map_err(|e| format!("round {round}: the second write: {e}"))?;
+            // SAFETY: staging.
+            unsafe { b.write(at, sb) }.map_err(|e| format!("round {round}: the second write: {e}"))?;
             b.fence().map_err(|e| format!("round {round}: its fence: {e}"))?;
             b.sync().map_err(|e| format!("round {round}: {e}"))?;
             a.sync().map_err(|e| format!("round {round}: {e}"))?;
-            a.read(at, sa).map_err(|e| format!("round {round}: the read: {e}"))?;
+            // SAFETY: staging.
+            unsafe { a.read(at, sa) }.map_err(|e| format!("round {round}: the read: {e}"))?;
             a.sync().map_err(|e| format!("round {round}: the read's sync: {e}"))?;
             if sa.iter().any(|&x| x != 2 * round + 2) {
                 return Err(format!("round {round}: the block holds {}, not the later write's {}", sa[0], 2 * round + 2));
@@ -153,7 +165,8 @@ fn payloads_go_around_the_caches_only_while_another_connection_writes() {
         let at = |ms| t0 + Duration::from_millis(ms);
         let mut write_on_b = || {
             b.idle(); // apart: by the copy engine, not a mailbox kernel started
-            b.write(0, sb).map_err(|e| format!("a write: {e}"))?;
+            // SAFETY: staging.
+            unsafe { b.write(0, sb) }.map_err(|e| format!("a write: {e}"))?;
             b.fence().map(|_| ()).map_err(|e| format!("its fence: {e}"))
         };
         if a.copier.uncached(small, || at(0)) {
@@ -200,13 +213,14 @@ fn late_write(read_after: bool) {
     if !knob_given("FAKE_CUDA_MAILBOX_STALL") {
         return;
     }
-    two_connections(BLOCK, |a, sa, _, _| {
+    two_connections(BLOCK, |a, sa, _, other| {
         kernel(a, sa, true)?;
         sa.fill(1);
-        a.write(0, sa).map_err(|e| format!("the write: {e}"))?;
+        // SAFETY: staging.
+        unsafe { a.write(0, sa) }.map_err(|e| format!("the write: {e}"))?;
         if read_after {
-            let mut other = vec![0u8; BLOCK];
-            a.read(5 * BLOCK as u64, &mut other).map_err(|e| format!("the read: {e}"))?;
+            // SAFETY: staging.
+            unsafe { a.read(5 * BLOCK as u64, other) }.map_err(|e| format!("the read: {e}"))?;
         }
         match a.fence() {
             Err(crate::store::Unfenced::Lost) => Ok(()),
@@ -242,25 +256,29 @@ fn write_before_a_copy_that_fails() {
     if !knob_given("FAKE_CUDA_FAIL_COPY") {
         return;
     }
-    two_connections(BLOCK, |a, sa, b, sb| {
+    two_connections(2 * BLOCK, |a, sa, b, sb| {
         a.idle();
         b.idle();
         let at = BLOCK as u64;
+        let (sa, other) = sa.split_at_mut(BLOCK);
         sa.fill(1);
-        a.write(at, sa).map_err(|e| format!("the write: {e}"))?;
+        // SAFETY: staging.
+        unsafe { a.write(at, sa) }.map_err(|e| format!("the write: {e}"))?;
         // Not a multiple of 16 bytes: the copy engine's, not the mailbox
         // kernel's. The change of direction issues the write first.
-        let mut other = vec![0u8; 4004];
-        a.read(5 * at, &mut other).map_err(|e| format!("the read: {e}"))?;
+        // SAFETY: staging.
+        unsafe { a.read(5 * at, &mut other[..4004]) }.map_err(|e| format!("the read: {e}"))?;
         if a.fence() != Err(crate::store::Unfenced::NotStarted) {
             return Err("the read's copy did not fail its group".into());
         }
         sb.fill(2);
-        b.write(at, sb).map_err(|e| format!("the later write: {e}"))?;
+        // SAFETY: staging.
+        unsafe { b.write(at, sb) }.map_err(|e| format!("the later write: {e}"))?;
         b.fence().map_err(|e| format!("its fence: {e}"))?;
         b.sync().map_err(|e| format!("its sync: {e}"))?;
         let _ = a.sync();
-        b.read(at, sb).map_err(|e| format!("the read back: {e}"))?;
+        // SAFETY: staging.
+        unsafe { b.read(at, sb) }.map_err(|e| format!("the read back: {e}"))?;
         let token = b.fence().map_err(|e| format!("its fence: {e}"))?;
         b.wait(token).map_err(|e| format!("its wait: {e}"))?;
         match sb[0] {

@@ -125,14 +125,16 @@ impl<'c> Store for VramStore<'_, 'c> {
         self.copier.staging(len)
     }
 
-    fn read(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<Done> {
+    unsafe fn read(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<Done> {
         self.memory.check(offset, buf.len() as u64)?;
-        self.copier.read(self.memory, offset, buf).map(|()| Done::Queued)
+        // SAFETY: the caller's promise, which `Queued` asks to keep.
+        unsafe { self.copier.read(self.memory, offset, buf) }.map(|()| Done::Queued)
     }
 
-    fn write(&mut self, offset: u64, buf: &[u8]) -> io::Result<Done> {
+    unsafe fn write(&mut self, offset: u64, buf: &[u8]) -> io::Result<Done> {
         self.memory.check(offset, buf.len() as u64)?;
-        self.copier.write(self.memory, offset, buf).map(|()| Done::Queued)
+        // SAFETY: as in `read`.
+        unsafe { self.copier.write(self.memory, offset, buf) }.map(|()| Done::Queued)
     }
 
     fn zero(&mut self, offset: u64, len: u64) -> io::Result<Done> {

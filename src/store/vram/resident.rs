@@ -94,9 +94,9 @@ impl<'c> Resident<'c> {
         let (seq, read_into) = match lone {
             None => (mailbox.post_list(copies, writes), None),
             Some((dst, src, len)) if writes => {
-                // SAFETY: `src` is the staging given to `write`, which the
-                // caller leaves unchanged until a later wait or sync (the
-                // trait's contract); `len` bytes of it were queued.
+                // SAFETY: `len` bytes at `src` were queued by
+                // `CopyBatch::write`, whose caller keeps them allocated and
+                // unchanged until the copy is done (not yet: it starts here).
                 let data = unsafe { std::slice::from_raw_parts(src as *const u8, len) };
                 (mailbox.post_write(dst, data), None)
             }
