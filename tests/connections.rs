@@ -9,7 +9,7 @@ mod fake_cuda_env;
 use std::sync::Barrier;
 use std::time::Duration;
 
-use common::raw::{greet, Nbd, Req, CMD_FLUSH, CMD_WRITE, CMD_WRITE_ZEROES};
+use common::raw::{greet, header, Nbd, Req, CMD_FLUSH, CMD_WRITE, CMD_WRITE_ZEROES};
 use common::{pattern, Server, TempDir, KIB, MIB};
 use fake_cuda_env::*;
 
@@ -428,4 +428,56 @@ fn an_accept_out_of_memory_is_waited_out() {
     server.assert_alive();
     let log = server.log();
     assert!(log.contains("accept: No buffer space available"), "{log}");
+}
+
+/// A client that stops half-way through a write's payload, and one that
+/// sends reads and never takes their replies, are each dropped once the
+/// stall has lasted the minute a client may take (`serve.rs`, `STALL`),
+/// with a message that says so. A third client is served all the while,
+/// and the cut write changed nothing.
+#[test]
+fn stalled_clients_cost_only_their_own_connection() {
+    use std::io::{Read, Write};
+    use std::time::Instant;
+    const STALL: Duration = Duration::from_secs(60);
+    const DROPPED: &str = "connection dropped: the client stopped for 60 s in the middle of a request or reply";
+    let mut server = Serve::new(8).arg("--connections").arg("3").start();
+    let mut cut = connect(&server.sock);
+    cut.s.write_all(&header(0, CMD_WRITE, 1, 0, 4096)).unwrap();
+    cut.s.write_all(&[0xAA; 100]).unwrap();
+    let mut deaf = connect(&server.sock);
+    let reads: Vec<Req> = (0..64).map(|i| Req::Read(i * 64 * KIB, 64 * KIB as u32)).collect();
+    deaf.queue(1, &reads); // 4 MiB of replies: far more than a socket holds
+    let stalled = Instant::now();
+    let mut other = connect(&server.sock);
+    let mut rounds = 0;
+    while server.log_now().matches(DROPPED).count() < 2 {
+        assert!(stalled.elapsed() < 2 * STALL, "the stalled clients were not dropped within {:?}:\n{}", 2 * STALL, server.log_now());
+        let (at, want) = (MIB + rounds % 64 * 4 * KIB, pattern(rounds, 4 * KIB as usize));
+        assert_eq!(other.write(at, &want), 0, "the other client's write {rounds}");
+        read_ok(&mut other, at, &want, &format!("the other client's round {rounds}"));
+        rounds += 1;
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let after = stalled.elapsed();
+    assert!(after >= STALL - Duration::from_secs(2), "stalled clients dropped after {after:?}, before the minute a stall may last");
+    assert!(rounds as f64 >= after.as_secs_f64(), "the other client was served only {rounds} times in {after:?}");
+    cut.s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    cut.expect_closed();
+    // What the server had sent before it stopped sending, then the end (a
+    // reset, where it had not read every request).
+    deaf.s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let (mut taken, mut buf) = (0, vec![0u8; 64 * KIB as usize]);
+    loop {
+        match deaf.s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => taken += n,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("the client that took no replies, after {taken} bytes: {e}, not the end of the connection"),
+        }
+    }
+    assert!(taken < 4 * MIB as usize, "every reply was sent to a client that took none");
+    read_ok(&mut other, 0, &[0; 4096], "the block the cut write was for");
+    other.disconnect();
+    server.assert_alive();
 }

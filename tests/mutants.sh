@@ -73,6 +73,8 @@ untouched-batch	src/cuda/mod.rs	        crate::touch::spare\(&mut b\.srcs\);\n	\
 calloc-input	src/nbd/input.rs	buf: crate::touch::zeroed\(INPUT_LEN\)\?,	buf: vec![0u8; INPUT_LEN].into_boxed_slice(),
 failed-store-clean-exit	src/daemon.rs	Ok\(\(\)\) if failed =>	Ok(()) if false =>	known gap: only the kernel shows it: the VM test's store_failed fails (the daemon exits 0 after its store failed), which this script does not run
 accept-shortage-fatal	src/serve.rs	Some\(libc::EMFILE \| libc::ENFILE \| libc::ENOBUFS \| libc::ENOMEM\) =>	Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM) =>
+stall-unbounded-payload	src/serve.rs	set_recv_timeout\(client\.as_fd\(\), Some\(STALL\)\)	set_recv_timeout(client.as_fd(), None)
+stall-unbounded-reply	src/serve.rs	set_send_timeout\(client\.as_fd\(\), Some\(STALL\)\)	set_send_timeout(client.as_fd(), None)
 wake-ends-commands	src/main.rs	        signals::Signals::block_wake\(\);\n	
 busy-swapon-ends-device	src/slice.rs	Err\(e\) if e\.raw_os_error\(\) == Some\(libc::EBUSY\) => match beaten_to_swapon	Err(e) if false => match beaten_to_swapon	known gap: only the kernel shows it: the VM test's swapon_beaten fails (the daemon cut the link of a device something else held), which this script does not run
 beaten-never-adopts	src/slice.rs	if let Some\(area\) = swap::active\(path\) \{	if let Some(area) = swap::active(path).filter(|_| false) {	known gap: only the kernel shows it: the VM test's swapon_beaten fails (the daemon never takes another's swapon as its swap), which this script does not run
