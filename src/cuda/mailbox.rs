@@ -447,11 +447,15 @@ impl Mailbox<'_> {
         batch.small && (2..=LIST_MAX).contains(&batch.sizes.len())
     }
 
-    /// Posts every copy of `batch` (to VRAM if `writes`) as one list; the
-    /// caller has waited for the job before, and keeps the host side of
-    /// each piece, as for `Stream::read` and `write`, until it waits for
-    /// this one. Returns its sequence.
-    pub fn post_list(&mut self, batch: &CopyBatch, writes: bool) -> u32 {
+    /// Posts every copy of `batch` (to VRAM if `writes`) as one list.
+    /// Returns its sequence.
+    ///
+    /// # Safety
+    /// The job posted before is done (waited for): the rows rewritten here
+    /// under a kernel still reading them could pair one piece's host
+    /// address with another's length. The host sides are as
+    /// `CopyBatch::read` and `write` promised them.
+    pub unsafe fn post_list(&mut self, batch: &CopyBatch, writes: bool) -> u32 {
         debug_assert!(Mailbox::takes_list(batch));
         let rows = self.slot[LIST..].chunks_exact_mut(LIST_ROW);
         for (row, ((&dst, &src), &len)) in rows.zip(batch.dsts.iter().zip(&batch.srcs).zip(&batch.sizes)) {

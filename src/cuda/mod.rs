@@ -554,10 +554,10 @@ impl CopyBatch {
     /// pinned).
     ///
     /// # Safety
-    /// As for `Stream::read`, until whatever runs the batch (a stream, or
-    /// the mailbox kernel) has done it, or the batch is cleared unissued:
-    /// the batch keeps only the address, and every way of running it
-    /// relies on this promise.
+    /// As for `Stream::read`, until the batch is cleared and every run of
+    /// it (by a stream, or the mailbox kernel) is done: the batch keeps
+    /// only the address, and every way of running it relies on this
+    /// promise.
     pub unsafe fn read(&mut self, src: &DeviceMem, offset: u64, dst: &mut [u8]) {
         self.push(dst.as_mut_ptr() as CUdeviceptr, src.at(offset, dst.len()), dst.len(), src.ptr);
     }

@@ -206,7 +206,9 @@ impl<B: std::ops::DerefMut<Target = [u8]>> Buffers<B> {
 
 /// Serves one negotiated connection until the client disconnects.
 /// `Err` means a broken stream (bad magic, truncated request, socket error):
-/// the caller drops the connection, the store is intact and synced.
+/// the caller drops the connection, the store is intact and synced. A store
+/// that failed may still have work on `bufs`' staging until it is dropped:
+/// callers drop it first (`workers::Conn`).
 pub fn run<S, T>(store: &mut S, bufs: &mut Buffers<S::Buf>, shared: &Shared, stats: &Stats, conn: &mut T) -> io::Result<End>
 where
     S: Store,
@@ -425,9 +427,9 @@ impl<S: Store, T: Write + AsFd> Link<'_, S, T> {
             // SAFETY: `stage` is this request's own part of the ring, which
             // the loop leaves alone until the store has done the copy: a
             // read's reply is sent once its fence is waited for, and the
-            // ring comes round only after `settle` syncs the store. Staging
-            // outlives the store (`workers::Conn` drops the store first,
-            // which waits for its work).
+            // ring comes round only after `settle` syncs the store. Where a
+            // wait or sync fails, the store is lost (`lose`) and no request
+            // reaches staging again. Staging outlives the store (`run`).
             sys::NBD_CMD_READ => unsafe { self.store.read(req.offset, &mut self.bufs.staging[stage.clone()]) },
             sys::NBD_CMD_WRITE if landed => Ok(Done::Lent),
             // SAFETY: as for the read.

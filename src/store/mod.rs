@@ -87,7 +87,8 @@ pub enum Done {
 ///
 /// Errors come in two kinds. One returned by an operation, or
 /// `Unfenced::NotStarted` from `fence`, means that work was never started:
-/// its requests fail, the store is intact. One returned by `wait`, `sync`
+/// its requests fail, the store is intact (though a copy of part of it may
+/// still run, see `read`). One returned by `wait`, `sync`
 /// or `flush`, or `Unfenced::Lost` from `fence`, means queued work failed
 /// on the device after it was handed over: what it wrote is unknown.
 ///
@@ -112,16 +113,18 @@ pub trait Store {
     /// Reads into `buf`, or answers `Lent` and leaves `buf` alone.
     ///
     /// # Safety
-    /// On `Queued` the device writes `buf` later: the caller keeps it
-    /// allocated, and neither reads nor writes it, until a `wait` on a
-    /// later fence or a `sync` has returned (or the store is dropped,
-    /// which waits for its work).
+    /// Unless it answers `Finished` or `Lent`, the device may write `buf`
+    /// later (an error too may come after part of it was queued): the
+    /// caller keeps it allocated, and neither reads nor writes it, until a
+    /// `wait` on a later fence or a `sync` has returned `Ok`, or the store
+    /// is dropped (which waits for its work, also where a wait failed).
     unsafe fn read(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<Done>;
     /// Writes `buf`.
     ///
     /// # Safety
-    /// On `Queued` the device reads `buf` later: the caller keeps it
-    /// allocated and unchanged for as long as `read` says.
+    /// Unless it answers `Finished` or `Lent`, the device may read `buf`
+    /// later: the caller keeps it allocated and unchanged for as long as
+    /// `read` says.
     unsafe fn write(&mut self, offset: u64, buf: &[u8]) -> io::Result<Done>;
     fn zero(&mut self, offset: u64, len: u64) -> io::Result<Done>;
     /// A discarded range reads back as zeroes: swap may trim, and a store

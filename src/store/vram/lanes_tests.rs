@@ -58,7 +58,10 @@ fn written_on_one_read_on_the_other(a_kernel: bool, b_kernel: bool, len: usize, 
             for piece in 0..writes {
                 let to = at + (piece * len) as u64;
                 // SAFETY: staging.
-                assert_eq!(unsafe { a.write(to, sa) }.map_err(|e| format!("round {round}: a write: {e}"))?, Done::Queued);
+                let done = unsafe { a.write(to, sa) }.map_err(|e| format!("round {round}: a write: {e}"))?;
+                if done != Done::Queued {
+                    return Err(format!("round {round}: a write to VRAM answered {done:?}"));
+                }
                 a.fence().map_err(|e| format!("round {round}: the fence a write's answer waits for: {e}"))?;
             }
             // SAFETY: staging.
@@ -75,7 +78,8 @@ fn written_on_one_read_on_the_other(a_kernel: bool, b_kernel: bool, len: usize, 
 }
 
 /// Two stores of one backing for two connections, on this thread, with
-/// staging of `len` and 4 KiB; `rounds` runs on them and says what failed.
+/// staging of `len` and 4 KiB; `rounds` runs on them and says what failed,
+/// rather than panic: unwinding would free the staging before the stores.
 fn two_connections(len: usize, rounds: impl FnOnce(&mut VramStore, &mut [u8], &mut VramStore, &mut [u8]) -> Result<(), String>) {
     let _turn = crate::cuda::gate::serial();
     let ctx = fake_context();

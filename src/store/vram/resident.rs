@@ -92,7 +92,10 @@ impl<'c> Resident<'c> {
             return false;
         }
         let (seq, read_into) = match lone {
-            None => (mailbox.post_list(copies, writes), None),
+            // SAFETY: `finish` above returned `Ok`: the job before is done,
+            // or there was none; the host sides are the promise made to
+            // `CopyBatch`.
+            None => (unsafe { mailbox.post_list(copies, writes) }, None),
             Some((dst, src, len)) if writes => {
                 // SAFETY: `len` bytes at `src` were queued by
                 // `CopyBatch::write`, whose caller keeps them allocated and
@@ -128,9 +131,9 @@ impl<'c> Resident<'c> {
             return Err(e);
         }
         if let Some((dst, len)) = p.read_into {
-            // SAFETY: `dst` is the staging buffer given to `read`, which the
-            // caller leaves alone until a wait or sync returns (the trait's
-            // contract), and this is that wait.
+            // SAFETY: `dst` was queued by `CopyBatch::read`, whose caller
+            // leaves it alone until the copy is done: this is where it is
+            // done (whichever call waits for the job, a drop's included).
             let dst = unsafe { std::slice::from_raw_parts_mut(dst as *mut u8, len) };
             dst.copy_from_slice(mailbox.landed(len));
         }
