@@ -433,7 +433,7 @@ impl Row {
     }
 
     /// The kernel's while it swaps there: a swap area the daemon took as
-    /// its own (`slice::beaten_to_swapon`) keeps the priority it came with.
+    /// its own (`slice::control::beaten_to_swapon`) keeps the priority it came with.
     fn priority(&self) -> String {
         self.swap.as_ref().map_or_else(|| self.priority.clone(), |a| a.priority.to_string())
     }
