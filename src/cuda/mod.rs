@@ -10,7 +10,7 @@ mod sys;
 
 use std::ffi::{c_char, c_uint, c_void, CStr};
 use std::fmt;
-use std::ops::{Deref, DerefMut};
+use std::ops::{Deref, DerefMut, Range};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use sys::{Api, CUcontext, CUdevice, CUdeviceptr, CUevent, CUresult, CUstream};
@@ -311,6 +311,26 @@ pub struct Pinned<'c> {
     ctx: &'c Context,
     ptr: *mut u8,
     len: usize,
+}
+
+impl Pinned<'_> {
+    pub fn size(&self) -> usize {
+        self.len
+    }
+
+    /// Bytes `range`, with no reference made to the rest, which the device
+    /// may be copying to or from meanwhile (`Deref` makes one).
+    pub fn part(&self, range: Range<usize>) -> &[u8] {
+        assert!(range.start <= range.end && range.end <= self.len, "{range:?} of {} pinned bytes", self.len);
+        // SAFETY: inside the `len` bytes that `self` owns.
+        unsafe { std::slice::from_raw_parts(self.ptr.add(range.start), range.len()) }
+    }
+
+    pub fn part_mut(&mut self, range: Range<usize>) -> &mut [u8] {
+        assert!(range.start <= range.end && range.end <= self.len, "{range:?} of {} pinned bytes", self.len);
+        // SAFETY: as in `part`, and `&mut self` makes the access unique.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(range.start), range.len()) }
+    }
 }
 
 impl Deref for Pinned<'_> {

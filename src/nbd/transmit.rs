@@ -34,7 +34,7 @@ use super::proto::{self, broken, Export, Request, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE
 use super::input::{Got, Input};
 use crate::sock::{queued, send_nowait};
 use crate::stats::{Phases, Stats};
-use crate::store::{Done, Store, Unfenced};
+use crate::store::{Done, Staging, Store, Unfenced};
 use crate::tuning::Tuning;
 
 /// Requests in a batch at most. Fewer replies per burst keep the client's
@@ -172,7 +172,7 @@ impl Replies {
     }
 }
 
-impl<B: std::ops::DerefMut<Target = [u8]>> Buffers<B> {
+impl<B: Staging> Buffers<B> {
     /// With staging for the largest request NBD allows.
     #[cfg(test)]
     pub fn new<S: Store<Buf = B>>(store: &mut S, tuning: &Tuning) -> io::Result<Buffers<B>> {
@@ -304,7 +304,7 @@ impl<S: Store, T: Write + AsFd> Link<'_, S, T> {
                 break; // the read's reply goes first, from the store as it is
             }
             let len = self.staged_len(&req);
-            if self.bufs.ring + len > self.bufs.staging.len() {
+            if self.bufs.ring + len > self.bufs.staging.size() {
                 if n > 0 || base > 0 {
                     break; // the next batch starts with it, once nothing is held
                 }
@@ -430,10 +430,10 @@ impl<S: Store, T: Write + AsFd> Link<'_, S, T> {
             // ring comes round only after `settle` syncs the store. Where a
             // wait or sync fails, the store is lost (`lose`) and no request
             // reaches staging again. Staging outlives the store (`run`).
-            sys::NBD_CMD_READ => unsafe { self.store.read(req.offset, &mut self.bufs.staging[stage.clone()]) },
+            sys::NBD_CMD_READ => unsafe { self.store.read(req.offset, self.bufs.staging.part_mut(stage.clone())) },
             sys::NBD_CMD_WRITE if landed => Ok(Done::Lent),
             // SAFETY: as for the read.
-            sys::NBD_CMD_WRITE => unsafe { self.store.write(req.offset, &self.bufs.staging[stage.clone()]) },
+            sys::NBD_CMD_WRITE => unsafe { self.store.write(req.offset, self.bufs.staging.part(stage.clone())) },
             sys::NBD_CMD_FLUSH => self.store.flush().map(|()| Done::Finished),
             sys::NBD_CMD_TRIM => self.store.trim(req.offset, len),
             _ => self.store.zero(req.offset, len), // check() let only WRITE_ZEROES through
@@ -483,7 +483,7 @@ impl<S: Store, T: Write + AsFd> Link<'_, S, T> {
             _ => return EINVAL,
         };
         let staged = matches!(req.command, sys::NBD_CMD_READ | sys::NBD_CMD_WRITE);
-        if req.len == 0 || (staged && req.len as usize > self.bufs.staging.len()) {
+        if req.len == 0 || (staged && req.len as usize > self.bufs.staging.size()) {
             return EINVAL;
         }
         match req.offset.checked_add(u64::from(req.len)) {
@@ -603,7 +603,7 @@ impl<S: Store, T: Write + AsFd> Link<'_, S, T> {
                 let data = if slot.lent() {
                     store.bytes(slot.data.start as u64, slot.data.len()).ok_or_else(|| broken("read left the store"))?
                 } else {
-                    &b.staging[slot.data.clone()]
+                    b.staging.part(slot.data.clone())
                 };
                 iov[count] = IoSlice::new(&heads[run * REPLY_LEN..(i + 1) * REPLY_LEN]);
                 iov[count + 1] = IoSlice::new(data);
@@ -688,17 +688,17 @@ impl<S: Store, T: Write + AsFd> Link<'_, S, T> {
                 // A socket that cannot say counts as empty.
                 let whole = have == len || queued(conn).unwrap_or(0) >= len - have;
                 if whole || alone {
-                    let undo = &mut b.staging[if whole { 0..0 } else { stage }];
+                    let undo = b.staging.part_mut(if whole { 0..0 } else { stage });
                     input.take_payload(conn, dst, undo, &mut || {})?;
                     true
                 } else {
-                    input.take_payload(conn, &mut b.staging[stage], &mut [], &mut || {})?;
+                    input.take_payload(conn, b.staging.part_mut(stage), &mut [], &mut || {})?;
                     false
                 }
             }
             None => {
                 let store = &mut *self.store;
-                let dst = &mut b.staging[stage];
+                let dst = b.staging.part_mut(stage);
                 if store.uncached(len) {
                     input.take_payload_uncached(conn, dst, &mut || store.idle())?;
                 } else {
@@ -713,7 +713,7 @@ impl<S: Store, T: Write + AsFd> Link<'_, S, T> {
     /// Staging a request occupies: its payload, if it has one that fits.
     fn staged_len(&self, req: &Request) -> usize {
         match req.command {
-            sys::NBD_CMD_READ | sys::NBD_CMD_WRITE if req.len as usize <= self.bufs.staging.len() => req.len as usize,
+            sys::NBD_CMD_READ | sys::NBD_CMD_WRITE if req.len as usize <= self.bufs.staging.size() => req.len as usize,
             _ => 0,
         }
     }

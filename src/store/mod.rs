@@ -7,7 +7,7 @@ pub mod neighbours;
 mod vram;
 
 use std::io;
-use std::ops::DerefMut;
+use std::ops::Range;
 use std::path::PathBuf;
 
 use crate::cuda;
@@ -99,7 +99,7 @@ pub enum Done {
 /// on whichever connection its CPU maps to, with no flush between.
 pub trait Store {
     /// Staging memory the store copies from and to fastest (pinned for a GPU).
-    type Buf: DerefMut<Target = [u8]>;
+    type Buf: Staging;
 
     /// Allocates `len` bytes of staging memory, once, before serving.
     /// The loop's buffers for `read` and `write` lie in it, and a GPU store
@@ -173,6 +173,29 @@ pub trait Store {
     /// order writes.
     fn flush(&mut self) -> io::Result<()> {
         self.sync()
+    }
+}
+
+/// Staging, handed out a part at a time: the device may be copying to or
+/// from the other parts, so the serve loop makes no reference to the whole.
+pub trait Staging {
+    fn size(&self) -> usize;
+    fn part(&self, range: Range<usize>) -> &[u8];
+    fn part_mut(&mut self, range: Range<usize>) -> &mut [u8];
+}
+
+/// Host memory, which only the CPU touches.
+impl Staging for Box<[u8]> {
+    fn size(&self) -> usize {
+        self.len()
+    }
+
+    fn part(&self, range: Range<usize>) -> &[u8] {
+        &self[range]
+    }
+
+    fn part_mut(&mut self, range: Range<usize>) -> &mut [u8] {
+        &mut self[range]
     }
 }
 

@@ -10,6 +10,7 @@ mod memory;
 mod resident;
 
 use std::io;
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -17,7 +18,7 @@ use self::copier::Copier;
 use self::lanes::Lanes;
 use self::memory::VramMemory;
 use super::neighbours::Seen;
-use super::{Backing, Done, Store, Unfenced, MIB};
+use super::{Backing, Done, Staging, Store, Unfenced, MIB};
 use crate::cuda::{Context, Error, Pinned};
 use crate::info;
 use crate::tuning::Tuning;
@@ -115,6 +116,20 @@ impl<'c> Backing for VramBacking<'c> {
         }
         let copier = Copier::new(self.ctx, self.seen, &self.memory, lane, &self.tuning, tells).map_err(cuda)?;
         Ok(VramStore { copier, memory: &self.memory })
+    }
+}
+
+impl Staging for Pinned<'_> {
+    fn size(&self) -> usize {
+        Pinned::size(self)
+    }
+
+    fn part(&self, range: Range<usize>) -> &[u8] {
+        Pinned::part(self, range)
+    }
+
+    fn part_mut(&mut self, range: Range<usize>) -> &mut [u8] {
+        Pinned::part_mut(self, range)
     }
 }
 
