@@ -68,6 +68,9 @@ fn run<T: Tier>(opts: &SwapOpts, tuning: &Tuning, tier: &T) -> Result<(), Failur
     pressure::set_loops(k * opts.connections);
     let staging = if k > 1 { SLICE_STAGING } else { MAX_PAYLOAD as usize };
     let device = opts.device.as_deref().map(crate::nbd::kernel::resolve);
+    if let Some(path) = &device {
+        slice::refuse_if_served(path)?;
+    }
     let first = Setup { opts, tuning, staging, device: device.as_deref() };
     let others = Setup { device: None, ..first };
     let backings = allocate(opts, tier)?;

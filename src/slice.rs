@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use crate::cli::SwapOpts;
 use crate::elastic::State;
 use crate::fail::{Code, Failure};
-use crate::nbd::kernel::{NbdDevice, OpenError};
+use crate::nbd::kernel::{self, NbdDevice, OpenError};
 use crate::nbd::proto::Export;
 use crate::nbd::transmit::{self, Buffers, End, Shared};
 use crate::signals::{Signals, WAKE};
@@ -507,6 +507,20 @@ fn attach(setup: &Setup, export: &Export, theirs: &[OwnedFd]) -> Result<NbdDevic
     }
 }
 
+/// Refuses `path` if a server has it, as `attach` would, for a start that
+/// has allocated nothing yet: memory taken and locked first would come
+/// from a machine that may be swapping to that very device.
+pub fn refuse_if_served(path: &Path) -> Result<(), Failure> {
+    match kernel::server_of(path) {
+        Some((pid, comm)) => Err(busy(path, pid, &comm)),
+        None => Ok(()),
+    }
+}
+
+fn busy(path: &Path, pid: u32, comm: &str) -> Failure {
+    Failure::new(Code::Busy, format!("{} is busy: served by pid {pid} ({comm}); pick another with --device, or --device auto", path.display()))
+}
+
 fn open_device(device: Option<&Path>, skip: &[PathBuf]) -> Result<NbdDevice, Failure> {
     let opened = match device {
         Some(path) => NbdDevice::open(path).or_else(|e| match e {
@@ -523,10 +537,7 @@ fn open_device(device: Option<&Path>, skip: &[PathBuf]) -> Result<NbdDevice, Fai
             Code::NoNbd,
             format!("{}: no such device: nbd kernel module not loaded: run `modprobe nbd`", p.display()),
         ),
-        OpenError::Busy { path, pid, comm } => Failure::new(
-            Code::Busy,
-            format!("{} is busy: served by pid {pid} ({comm}); pick another with --device, or --device auto", path.display()),
-        ),
+        OpenError::Busy { path, pid, comm } => busy(&path, pid, &comm),
         OpenError::NoneFree => Failure::new(
             Code::Busy,
             "every /dev/nbdN is in use: load more with `modprobe nbd nbds_max=N` (after unloading it)",
