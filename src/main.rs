@@ -99,7 +99,7 @@ fn run(command: Command, tuning: &tuning::Tuning) -> Result<(), Failure> {
         Command::Serve { store, listen, allow_remote, connections } => {
             store::with_store(&store, connections, tuning, serve::Serve { addr: &listen, store: &store, allow_remote, connections, tuning })?
         }
-        Command::Swap(opts) => store::with_tier(&opts.store, opts.connections, tuning, daemon::Daemon(&opts, tuning))?,
+        Command::Swap(opts) => daemon::run(&opts, tuning)?,
         Command::Resize { size, device } => resize::resize(size, device.as_deref())?,
         Command::Gpus { libcuda } => gpus::list(libcuda.as_deref(), tuning)?,
         Command::Stop { device } => stop::stop(&device)?,

@@ -508,10 +508,10 @@ fn attach(setup: &Setup, export: &Export, theirs: &[OwnedFd]) -> Result<NbdDevic
 }
 
 /// Refuses `path` if a server has it, as `attach` would, for a start that
-/// has allocated nothing yet: memory taken and locked first would come
-/// from a machine that may be swapping to that very device.
+/// has allocated nothing yet (`daemon::run`). What is no NBD device at
+/// all is left to `attach` to say.
 pub fn refuse_if_served(path: &Path) -> Result<(), Failure> {
-    match kernel::server_of(path) {
+    match kernel::server_of(path).filter(|_| kernel::not_nbd(path).is_none()) {
         Some((pid, comm)) => Err(busy(path, pid, &comm)),
         None => Ok(()),
     }

@@ -457,7 +457,8 @@ impl Mailbox<'_> {
     /// `CopyBatch::read` and `write` promised them.
     pub unsafe fn post_list(&mut self, batch: &CopyBatch, writes: bool) -> u32 {
         debug_assert!(Mailbox::takes_list(batch));
-        let rows = self.slot[LIST..].chunks_exact_mut(LIST_ROW);
+        // Only the rows: the kernel may write its words before them meanwhile.
+        let rows = self.slot.part_mut(LIST..self.slot.size()).chunks_exact_mut(LIST_ROW);
         for (row, ((&dst, &src), &len)) in rows.zip(batch.dsts.iter().zip(&batch.srcs).zip(&batch.sizes)) {
             row[..8].copy_from_slice(&dst.to_ne_bytes());
             row[8..16].copy_from_slice(&src.to_ne_bytes());
