@@ -142,7 +142,7 @@ impl<'c> Store for VramStore<'_, 'c> {
 
     unsafe fn read(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<Done> {
         self.memory.check(offset, buf.len() as u64)?;
-        // SAFETY: the caller's promise, which `Queued` asks to keep.
+        // SAFETY: the caller's promise, passed on.
         unsafe { self.copier.read(self.memory, offset, buf) }.map(|()| Done::Queued)
     }
 
