@@ -8,6 +8,7 @@
 //! longer read it.
 
 use std::fmt::Write as _;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::thread::{self, Scope, ScopedJoinHandle};
@@ -37,22 +38,24 @@ const SLICE_STAGING: usize = 8 << 20;
 /// A serving thread's stack (the first connection's loop runs on it).
 const STACK: usize = 1024 * 1024;
 
-struct Daemon<'a>(&'a SwapOpts, &'a Tuning);
+/// The options, and `--device` resolved once (a link to it followed).
+struct Daemon<'a>(&'a SwapOpts, &'a Tuning, Option<&'a Path>);
 
 /// Runs the swap daemon on the tier `opts` names. A device named with
 /// `--device` that another server has is refused first, before the GPU or
 /// any memory is touched: memory taken and locked first would come from a
 /// machine that may be swapping to that very device.
 pub fn run(opts: &SwapOpts, tuning: &Tuning) -> Result<(), Failure> {
-    if let Some(path) = opts.device.as_deref().map(kernel::resolve) {
-        slice::refuse_if_served(&path)?;
+    let device = opts.device.as_deref().map(kernel::resolve);
+    if let Some(path) = &device {
+        slice::refuse_if_served(path)?;
     }
-    crate::store::with_tier(&opts.store, opts.connections, tuning, Daemon(opts, tuning))
+    crate::store::with_tier(&opts.store, opts.connections, tuning, Daemon(opts, tuning, device.as_deref()))
 }
 
 impl UseTier for Daemon<'_> {
     fn run<T: Tier>(self, tier: &T) -> Result<(), Failure> {
-        serve_tier(self.0, self.1, tier)
+        serve_tier(self.0, self.1, self.2, tier)
     }
 }
 
@@ -70,7 +73,7 @@ type Slot<'s, B> = Option<ScopedJoinHandle<'s, (Ended, B)>>;
 
 /// Allocates, attaches and serves every slice until a stop, then takes
 /// them down.
-fn serve_tier<T: Tier>(opts: &SwapOpts, tuning: &Tuning, tier: &T) -> Result<(), Failure> {
+fn serve_tier<T: Tier>(opts: &SwapOpts, tuning: &Tuning, device: Option<&Path>, tier: &T) -> Result<(), Failure> {
     let signals = Signals::taken();
     // Looked at now, while /proc still resolves.
     let root = InitRoot::watch();
@@ -78,8 +81,7 @@ fn serve_tier<T: Tier>(opts: &SwapOpts, tuning: &Tuning, tier: &T) -> Result<(),
     let k = opts.slices();
     pressure::set_loops(k * opts.connections);
     let staging = if k > 1 { SLICE_STAGING } else { MAX_PAYLOAD as usize };
-    let device = opts.device.as_deref().map(kernel::resolve);
-    let first = Setup { opts, tuning, staging, device: device.as_deref() };
+    let first = Setup { opts, tuning, staging, device };
     let others = Setup { device: None, ..first };
     let backings = allocate(opts, tier)?;
     let boards: Vec<Board> = (0..k).map(|_| Board::new(opts.connections)).collect();

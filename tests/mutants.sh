@@ -79,7 +79,7 @@ wake-ends-commands	src/main.rs	        signals::Signals::block_wake\(\);\n
 busy-swapon-ends-device	src/slice/control.rs	Err\(e\) if e\.raw_os_error\(\) == Some\(libc::EBUSY\) => match beaten_to_swapon	Err(e) if false => match beaten_to_swapon	known gap: only the kernel shows it: the VM test's swapon_beaten fails (the daemon cut the link of a device something else held), which this script does not run
 beaten-never-adopts	src/slice/control.rs	if let Some\(area\) = swap::active\(path\) \{	if let Some(area) = swap::active(path).filter(|_| false) {	known gap: only the kernel shows it: the VM test's swapon_beaten fails (the daemon never takes another's swapon as its swap), which this script does not run
 busy-swapon-not-retried	src/slice/control.rs	Beaten::Released\(claim\) if tries < SWAPON_TRIES => drop\(claim\),	Beaten::Released(claim) if false => drop(claim),	known gap: only the kernel shows it: the VM test's swapon_beaten fails (the daemon does not make a device swap once let go), which this script does not run
-busy-device-allocated-first	src/daemon.rs	        slice::refuse_if_served\(&path\)\?;\n	        let _ = path;\n	known gap: only the kernel shows it: the VM test's second_instance fails (a second server on a busy /dev/nbd0, given 16 MiB of address space, fails to allocate its store instead of refusing), which this script does not run
+busy-device-allocated-first	src/daemon.rs	        slice::refuse_if_served\(path\)\?;\n	        let _ = path;\n	known gap: only the kernel shows it: the VM test's second_instance fails (a second server on a busy /dev/nbd0, given 16 MiB of address space, fails to allocate its store instead of refusing), which this script does not run
 EOF
 }
 
